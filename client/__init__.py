@@ -1,0 +1,50 @@
+"""The Interlingua Python client (numpy in, numpy out) and the ``interlingua`` CLI.
+
+>>> from interlingua.client import Client
+>>> with Client("localhost:50051") as client:  # doctest: +SKIP
+...     D, I = client.search("gallery", xq, k=10, space="minilm-l6@1")
+
+Errors are :class:`InterlinguaError` subclasses (see ``_exceptions.py`` for the tree).
+"""
+
+from __future__ import annotations
+
+from ._client import Client
+from ._exceptions import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InterlinguaError,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unknown,
+)
+from ._types import CollectionInfo, PointRecord, Route, SearchResult, Space
+
+__all__ = [
+    "AlreadyExists",
+    "Cancelled",
+    "Client",
+    "CollectionInfo",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InterlinguaError",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "PointRecord",
+    "ResourceExhausted",
+    "Route",
+    "SearchResult",
+    "Space",
+    "Unauthenticated",
+    "Unavailable",
+    "Unknown",
+]

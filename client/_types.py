@@ -1,0 +1,147 @@
+"""Result types of the client (frozen dataclasses), each built from its protobuf message.
+
+Enums become lower-case strings (``METRIC_COSINE`` -> ``"cosine"``,
+``INDEX_STATE_READY`` -> ``"ready"``), packed vectors become float32 arrays and
+JSON payloads become dicts (``None`` for "no payload"). Covered by
+``tests/test_client.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from interlingua.v1 import collections_pb2, common_pb2, points_pb2
+
+from ._wire import Payload, decode_payload, unpack_vectors
+
+__all__ = [
+    "CollectionInfo",
+    "Payload",
+    "PointRecord",
+    "Route",
+    "SearchResult",
+    "Space",
+]
+
+METRICS: dict[str, common_pb2.Metric.ValueType] = {
+    "cosine": common_pb2.METRIC_COSINE,
+    "ip": common_pb2.METRIC_IP,
+    "l2": common_pb2.METRIC_L2,
+}
+
+
+@dataclass(frozen=True)
+class Space:
+    """A registered embedding space: ``metric`` is ``"cosine"``, ``"ip"`` or ``"l2"``."""
+
+    name: str
+    dim: int
+    metric: str
+    description: str
+    created_at: float  #: server time of registration, seconds since the Unix epoch
+
+    @classmethod
+    def from_proto(cls, msg: common_pb2.Space) -> Space:
+        metric = common_pb2.Metric.Name(msg.metric).removeprefix("METRIC_").lower()
+        return cls(msg.name, msg.dim, metric, msg.description, msg.created_at)
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    """Description and live state of a collection; ``state`` is ``"exact"``, ``"training"`` or ``"ready"``."""
+
+    name: str
+    home_space: str
+    index_spec: str
+    state: str
+    num_points: int
+    vectors_per_space: dict[str, int]
+    indexed_vectors: int
+    fresh_vectors: int
+    last_sequence: int
+    checkpoint_sequence: int
+    train_min_points: int
+    created_at: float
+    deleted_labels: int
+
+    @classmethod
+    def from_proto(cls, msg: collections_pb2.CollectionInfo) -> CollectionInfo:
+        return cls(
+            name=msg.name,
+            home_space=msg.home_space,
+            index_spec=msg.index_spec,
+            state=collections_pb2.IndexState.Name(msg.state).removeprefix("INDEX_STATE_").lower(),
+            num_points=msg.num_points,
+            vectors_per_space=dict(msg.vectors_per_space),
+            indexed_vectors=msg.indexed_vectors,
+            fresh_vectors=msg.fresh_vectors,
+            last_sequence=msg.last_sequence,
+            checkpoint_sequence=msg.checkpoint_sequence,
+            train_min_points=msg.train_min_points,
+            created_at=msg.created_at,
+            deleted_labels=msg.deleted_labels,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class PointRecord:
+    """A stored point: ``vectors`` maps space name -> array of shape (d,), float32."""
+
+    id: str
+    vectors: dict[str, npt.NDArray[np.float32]]
+    payload: Payload | None
+    sequence: int
+
+    @classmethod
+    def from_proto(cls, msg: points_pb2.Point) -> PointRecord:
+        vectors = {sv.space: unpack_vectors(sv.vector).reshape(-1) for sv in msg.vectors}
+        return cls(msg.id, vectors, decode_payload(msg.payload), msg.sequence)
+
+
+@dataclass(frozen=True)
+class Route:
+    """How a query batch was served: ``transform`` is ``"identity"`` or a transform's name."""
+
+    query_space: str
+    home_space: str
+    transform: str
+
+
+@dataclass(frozen=True, eq=False)
+class SearchResult:
+    """The k nearest neighbours of nq queries; unpacks as ``D, I = client.search(...)``.
+
+    ``scores`` : shape (nq, k), float32 -- inner products (cosine, ip; descending)
+    or squared L2 distances (ascending); padding is -inf (cosine, ip) or +inf (l2).
+    ``ids`` : shape (nq, k), dtype object (str) -- ``""`` pads a row when the
+    collection holds fewer than k points (FAISS would say -1).
+    ``payloads`` : nq lists of k decoded payloads, or ``None`` without ``with_payload``.
+    """
+
+    scores: npt.NDArray[np.float32]
+    ids: npt.NDArray[np.object_]
+    payloads: list[list[Payload | None]] | None
+    route: Route
+    exact: bool  #: True when the batch was served by brute force (index not trained yet)
+
+    def __iter__(self) -> Iterator[npt.NDArray[Any]]:
+        yield self.scores
+        yield self.ids
+
+    @classmethod
+    def from_proto(cls, msg: points_pb2.SearchResponse, with_payload: bool) -> SearchResult:
+        nq, k = msg.nq, msg.k
+        scores = np.frombuffer(msg.scores, dtype="<f4").astype(np.float32).reshape(nq, k)
+        ids = np.empty(nq * k, dtype=object)
+        ids[:] = list(msg.ids)
+        payloads = None
+        if with_payload:
+            flat = [decode_payload(p) for p in msg.payloads]
+            payloads = [flat[i * k : (i + 1) * k] for i in range(nq)]
+        route = Route(msg.route.query_space, msg.route.home_space, msg.route.transform)
+        return cls(scores, ids.reshape(nq, k), payloads, route, msg.exact)

@@ -1,0 +1,278 @@
+"""The ``interlingua`` command line: ``serve`` the service, or talk to one as a client.
+
+::
+
+    interlingua serve [--config server.toml] [--data-dir D] [--port P] [--no-metrics] ...
+    interlingua spaces {list,register,get} ...      interlingua collections {list,create,get,delete} ...
+    interlingua ingest COLLECTION --space S --vectors xb.npy [--ids ids.txt] [--payloads p.jsonl]
+    interlingua search COLLECTION --space S --vectors xq.npy [--rows 0:5] [-k 10] [--json]
+    interlingua stats [COLLECTION] [--json]         interlingua health
+
+Client commands read ``--target`` (default ``$INTERLINGUA_TARGET`` or
+``localhost:50051``) and ``--api-key`` (default ``$INTERLINGUA_API_KEY``). Exit
+codes: 0 ok, 1 the server refused (``error: <CODE>: <message>`` on stderr), 2 a
+usage or local-file error. The server is imported only by ``serve``, so client
+commands start fast. Covered by ``tests/test_cli.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, overload
+
+import numpy as np
+import numpy.typing as npt
+
+from ._client import Client
+from ._exceptions import InterlinguaError
+from ._output import print_collection, print_collections, print_search, print_spaces
+
+if TYPE_CHECKING:
+    from interlingua.server.config import ServerConfig
+
+__all__ = ["build_parser", "build_server_config", "main"]
+
+
+class UsageError(Exception):
+    """A bad argument or input file, found before any call: exit code 2."""
+
+
+class _RowIds(Sequence[str]):
+    """The ids "0".."n-1" of an ingest without ``--ids``, made on demand (no n strings in memory)."""
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[str]: ...
+    def __getitem__(self, i: int | slice) -> str | Sequence[str]:
+        if isinstance(i, slice):
+            return [str(j) for j in range(self._n)[i]]
+        return str(range(self._n)[i])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="interlingua", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    conn = argparse.ArgumentParser(add_help=False)
+    conn.add_argument("--target", help="server address (default: $INTERLINGUA_TARGET or localhost:50051)")
+    conn.add_argument("--api-key", help="API key (default: $INTERLINGUA_API_KEY)")
+    conn.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default: 30)")
+    conn.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+
+    serve = sub.add_parser("serve", help="run the server until SIGTERM/SIGINT")
+    serve.add_argument("--config", help="TOML file (default: $INTERLINGUA_CONFIG)")
+    serve.add_argument("--data-dir", help="data directory (default: ./data)")
+    serve.add_argument("--host", help="bind address (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="gRPC port, 0 = any free port (default: 50051)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = any free port (default: 9100)")
+    serve.add_argument("--no-metrics", action="store_true", help="serve no /metrics endpoint")
+    serve.add_argument("--api-key", help="require this API key on every call")
+    serve.add_argument("--workers", type=int, help="gRPC worker threads")
+    serve.add_argument("--omp-threads", type=int, help="FAISS OpenMP threads")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    spaces = sub.add_parser("spaces", help="embedding spaces").add_subparsers(dest="action", required=True)
+    spaces.add_parser("list", parents=[conn], help="list spaces")
+    p = spaces.add_parser("register", parents=[conn], help="register a space")
+    p.add_argument("name")
+    p.add_argument("--dim", type=int, required=True)
+    p.add_argument("--metric", choices=["cosine", "ip", "l2"], default="cosine")
+    p.add_argument("--description", default="")
+    spaces.add_parser("get", parents=[conn], help="show one space").add_argument("name")
+
+    colls = sub.add_parser("collections", help="collections").add_subparsers(dest="action", required=True)
+    colls.add_parser("list", parents=[conn], help="list collections")
+    p = colls.add_parser("create", parents=[conn], help="create a collection")
+    p.add_argument("name")
+    p.add_argument("--home-space", required=True)
+    p.add_argument("--index-spec", default="Flat", help="FAISS factory string (default: Flat)")
+    p.add_argument("--train-min-points", type=int, default=0, help="0 = the server's default for the spec")
+    colls.add_parser("get", parents=[conn], help="show one collection").add_argument("name")
+    colls.add_parser("delete", parents=[conn], help="delete a collection").add_argument("name")
+
+    p = sub.add_parser("ingest", parents=[conn], help="upsert vectors from a .npy file")
+    p.add_argument("collection")
+    p.add_argument("--space", required=True)
+    p.add_argument("--vectors", required=True, help=".npy of shape (n, d), float16/32/64")
+    p.add_argument("--ids", help="text file, one id per line (default: row numbers 0..n-1)")
+    p.add_argument("--payloads", help="JSON lines, one per row (empty line: no payload)")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--stream", action="store_true", help="one UpsertStream call instead of one call per batch")
+
+    p = sub.add_parser("search", parents=[conn], help="k-NN search with queries from a .npy file")
+    p.add_argument("collection")
+    p.add_argument("--space", required=True, help="space the queries were embedded in")
+    p.add_argument("--vectors", required=True, help=".npy of shape (nq, d) or (d,)")
+    p.add_argument("--rows", help="rows of the file to use: START:STOP or ROW (default: all)")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--ef-search", type=int)
+    p.add_argument("--nprobe", type=int)
+    p.add_argument("--with-payload", action="store_true")
+
+    p = sub.add_parser("stats", parents=[conn], help="state and counts of collections")
+    p.add_argument("collection", nargs="?", help="one collection (default: all)")
+    sub.add_parser("health", parents=[conn], help="print the server's health status")
+    return parser
+
+
+def build_server_config(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig of ``serve``: defaults < TOML < environment < flags (see ``_serve_config``)."""
+    from ._serve_config import build_server_config as build  # imports interlingua.server
+
+    return build(args)
+
+
+def _load(path: str, what: str) -> npt.NDArray[Any]:
+    """A float .npy, memory-mapped so that ingest streams it batch by batch."""
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot load {what} from {path}: {err}") from None
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
+        raise UsageError(f"{what} in {path} must be one float16/32/64 array")
+    return x
+
+
+def _lines(path: str, n: int, what: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"cannot read {what} from {path}: {err}") from None
+    if len(lines) != n:
+        raise UsageError(f"{path} has {len(lines)} {what} lines for {n} vectors")
+    return lines
+
+
+def _rows(spec: str | None, n: int) -> slice:
+    if spec is None:
+        return slice(0, n)
+    try:
+        parts = [int(p) if p else None for p in spec.split(":")]
+    except ValueError:
+        raise UsageError(f"--rows must be START:STOP or ROW, got {spec!r}") from None
+    if len(parts) == 1 and parts[0] is not None:
+        return slice(parts[0], parts[0] + 1)
+    if len(parts) == 2:
+        return slice(parts[0], parts[1])
+    raise UsageError(f"--rows must be START:STOP or ROW, got {spec!r}")
+
+
+def _ingest(client: Client, args: argparse.Namespace) -> None:
+    xb = _load(args.vectors, "vectors")
+    if xb.ndim != 2:
+        raise UsageError(f"vectors in {args.vectors} must have shape (n, d), got {xb.shape}")
+    n = xb.shape[0]
+    ids: Sequence[str] = _lines(args.ids, n, "id") if args.ids else _RowIds(n)
+    payloads = None
+    if args.payloads:
+        payloads = [line if line.strip() else None for line in _lines(args.payloads, n, "payload")]
+    upsert = client.upsert_stream if args.stream else client.upsert
+    seq = upsert(
+        args.collection,
+        ids,
+        xb,
+        space=args.space,
+        payloads=payloads,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    print(f"upserted {n} points into {args.collection} (sequence {seq})")
+
+
+def _search(client: Client, args: argparse.Namespace) -> None:
+    xq = _load(args.vectors, "queries")
+    xq = xq.reshape(1, -1) if xq.ndim == 1 else xq
+    rows = _rows(args.rows, xq.shape[0])
+    result = client.search(
+        args.collection,
+        np.asarray(xq[rows], dtype=np.float32),
+        args.k,
+        space=args.space,
+        ef_search=args.ef_search,
+        nprobe=args.nprobe,
+        with_payload=args.with_payload,
+    )
+    print_search(result, rows.indices(xq.shape[0])[0], args.json, sys.stdout)
+
+
+def _run_client(args: argparse.Namespace) -> None:
+    target = args.target or os.environ.get("INTERLINGUA_TARGET") or "localhost:50051"
+    api_key = args.api_key or os.environ.get("INTERLINGUA_API_KEY") or None
+    out, cmd = sys.stdout, (args.command, getattr(args, "action", None))
+    with Client(target, api_key=api_key, timeout=args.timeout) as client:
+        if cmd == ("spaces", "list"):
+            print_spaces(client.list_spaces(), args.json, out)
+        elif cmd == ("spaces", "register"):
+            space = client.register_space(args.name, args.dim, args.metric, args.description)
+            print_spaces([space], args.json, out)
+        elif cmd == ("spaces", "get"):
+            print_spaces([client.get_space(args.name)], args.json, out)
+        elif cmd == ("collections", "list"):
+            print_collections(client.list_collections(), args.json, out)
+        elif cmd == ("collections", "create"):
+            info = client.create_collection(args.name, args.home_space, args.index_spec, args.train_min_points)
+            print_collection(info, args.json, out)
+        elif cmd == ("collections", "get"):
+            print_collection(client.get_collection(args.name), args.json, out)
+        elif cmd == ("collections", "delete"):
+            client.delete_collection(args.name)
+            print(f"deleted collection {args.name}", file=out)
+        elif args.command == "ingest":
+            _ingest(client, args)
+        elif args.command == "search":
+            _search(client, args)
+        elif args.command == "stats":
+            infos = [client.get_collection(args.collection)] if args.collection else client.list_collections()
+            print_collections(infos, args.json, out)
+        elif args.command == "health":
+            print(client.health(), file=out)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from ._serve_config import ConfigError
+
+    try:
+        config = build_server_config(args)
+    except ConfigError as err:
+        raise UsageError(f"serve: {err}") from None
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from interlingua.server import serve
+
+    serve(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one command; returns the exit code (0 ok, 1 refused by the server, 2 usage error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2), already printed by argparse
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        if args.command == "serve":
+            _serve(args)
+        else:
+            _run_client(args)
+    except UsageError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    except InterlinguaError as err:
+        print(f"error: {err.code.name}: {err.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

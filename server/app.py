@@ -1,0 +1,181 @@
+"""Server assembly: ``create_server(config) -> (server, port)``, ``serve(config)``.
+
+The standard ``grpc.health.v1`` service reports NOT_SERVING while the engine
+loads and recovers (which runs in the background after :meth:`Server.start`)
+and while it drains, SERVING in between; every other RPC answers UNAVAILABLE
+until then. Server reflection is on, so ``grpcurl list`` works.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from types import FrameType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from interlingua.v1 import collections_pb2, points_pb2, spaces_pb2
+from interlingua.v1 import collections_pb2_grpc as cgrpc
+from interlingua.v1 import points_pb2_grpc as pgrpc
+from interlingua.v1 import spaces_pb2_grpc as sgrpc
+
+from .config import ServerConfig
+from .engine import Engine, Lifecycle
+from .metrics import Metrics, MetricsInterceptor
+from .servicers import CollectionServicer, PointServicer, SpaceServicer
+
+__all__ = ["Server", "create_server", "serve"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    spaces_pb2.DESCRIPTOR.services_by_name["SpaceService"].full_name,
+    collections_pb2.DESCRIPTOR.services_by_name["CollectionService"].full_name,
+    points_pb2.DESCRIPTOR.services_by_name["PointService"].full_name,
+)
+_OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
+    """Requires ``authorization: Bearer <key>`` (or ``x-api-key: <key>``) on every API call;
+    health checks and reflection stay open."""
+
+    def __init__(self, api_key: str) -> None:
+        self.key = api_key.encode()
+
+    def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
+        if details.method.startswith(_OPEN_PREFIXES):
+            return continuation(details)
+        md = dict(details.invocation_metadata or ())
+        given = md.get("x-api-key") or md.get("authorization", "").removeprefix("Bearer ").strip()
+        if given and hmac.compare_digest(str(given).encode(), self.key):
+            return continuation(details)
+        handler = continuation(details)
+        message = "missing API key" if not given else "wrong API key"
+
+        def deny(request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{message}: send 'authorization: Bearer <key>'")
+
+        if handler is not None and handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class Server:
+    """The gRPC server, its engine, health service and metrics endpoint."""
+
+    def __init__(self, config: ServerConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics(registry)
+        self.engine = Engine(config, self.metrics)
+        interceptors: list[grpc.ServerInterceptor[Any, Any]] = [MetricsInterceptor(self.metrics)]
+        if config.api_key:
+            interceptors.append(AuthInterceptor(config.api_key))
+        limit = config.limits.max_message_bytes
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="interlingua-rpc"),
+            interceptors=interceptors,
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        )
+        sgrpc.add_SpaceServiceServicer_to_server(SpaceServicer(self.engine), self.grpc)
+        cgrpc.add_CollectionServiceServicer_to_server(CollectionServicer(self.engine), self.grpc)
+        pgrpc.add_PointServiceServicer_to_server(PointServicer(self.engine), self.grpc)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.grpc,
+        )
+        self.engine.on_state.append(self._on_state)
+        self._on_state(Lifecycle.LOADING)
+        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind gRPC to {config.host}:{config.port}")
+        self.metrics_port: int | None = None
+        self._http: Any = None
+        self._ready = threading.Event()
+        self.load_error: BaseException | None = None
+
+    def _on_state(self, state: Lifecycle) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if state is Lifecycle.SERVING
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, status)
+
+    def start(self) -> None:
+        """Starts serving (health NOT_SERVING) and loads the engine in the background."""
+        if self.config.metrics_port is not None:
+            self._http, self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+        self.grpc.start()
+        threading.Thread(target=self._load, name="interlingua-load", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            self.engine.open()
+        except BaseException as e:
+            log.exception("loading failed; the service stays NOT_SERVING")
+            self.load_error = e
+        finally:
+            self._ready.set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Blocks until loading finished; True when the engine is serving."""
+        self._ready.wait(timeout)
+        return self.engine.state is Lifecycle.SERVING
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drains (health NOT_SERVING), stops gRPC, then merges, checkpoints and closes the store."""
+        self._on_state(Lifecycle.DRAINING)
+        self.grpc.stop(grace).wait()
+        self._ready.wait()
+        self.engine.close()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return bool(self.grpc.wait_for_termination(timeout))
+
+
+def create_server(config: ServerConfig, registry: CollectorRegistry | None = None) -> tuple[Server, int]:
+    """Builds the server bound to ``config.host:config.port`` (0: any free port); returns (server, port)."""
+    server = Server(config, registry)
+    return server, server.port
+
+
+def serve(config: ServerConfig) -> None:
+    """Runs the service until SIGTERM or SIGINT, then shuts down gracefully."""
+    server, port = create_server(config)
+    server.start()
+    log.info(
+        "interlingua serving gRPC on %s:%d, metrics on :%s, data in %s",
+        config.host,
+        port,
+        server.metrics_port,
+        config.data_dir,
+    )
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: draining", signum)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not done.wait(0.5):
+        if server.load_error is not None:
+            server.stop(0)
+            raise SystemExit(f"interlingua: loading failed: {server.load_error}")
+    server.stop(grace=5.0)
+    log.info("stopped")

@@ -1,0 +1,267 @@
+"""The domain core: spaces, collections and points, with no gRPC in sight.
+
+:class:`Engine` validates every request at its boundary (``validate.py``),
+dispatches to the :class:`~.collection.Collection`, and owns the lifecycle
+(loading -> serving -> draining -> stopped) that drives the health service.
+A query's path reads as the issue describes it::
+
+    validate -> resolve the route -> transform -> FAISS search -> labels to ids -> reply
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from . import validate as v
+from .collection import Collection, PointRecord
+from .config import ServerConfig
+from .errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from .metrics import Metrics
+from .routes import IDENTITY, Route, resolve
+from .segments import IndexSpec
+from .store import SpaceRow, Store
+
+__all__ = ["Engine", "Lifecycle", "SearchResult"]
+
+log = logging.getLogger(__name__)
+
+
+class Lifecycle(enum.Enum):
+    LOADING = "loading"  #: opening the store, loading checkpoints, replaying writes: NOT_SERVING
+    SERVING = "serving"  #: ready for every RPC: SERVING
+    DRAINING = "draining"  #: shutting down, finishing in-flight RPCs: NOT_SERVING
+    STOPPED = "stopped"  #: closed
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    D: np.ndarray  #: scores, shape (nq, k) float32
+    ids: np.ndarray  #: point ids, shape (nq, k) object ("" pads missing hits)
+    payloads: list[str] | None  #: nq*k JSON payloads, row-major, with with_payload
+    route: Route
+    exact: bool
+
+
+class Engine:
+    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.metrics = metrics
+        self.state = Lifecycle.LOADING
+        self.on_state: list[Callable[[Lifecycle], None]] = []
+        self.store: Store | None = None
+        self.spaces: dict[str, SpaceRow] = {}
+        self.collections: dict[str, Collection] = {}
+        self._registry_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._maintainer: threading.Thread | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def _set_state(self, state: Lifecycle) -> None:
+        self.state = state
+        for fn in self.on_state:
+            fn(state)
+
+    def open(self) -> None:
+        """Opens the store and recovers every collection, then serves. Idempotent per engine."""
+        start = time.perf_counter()
+        faiss.omp_set_num_threads(self.config.omp_threads)
+        data = Path(self.config.data_dir)
+        (data / "collections").mkdir(parents=True, exist_ok=True)
+        self.store = Store(data / "interlingua.db")
+        self.spaces = {s.name: s for s in self.store.spaces()}
+        replayed = 0
+        for row in self.store.collections():
+            col = Collection(row, self.spaces[row.home_space], self.store, self._folder(row.cid), self.metrics)
+            replayed += col.recover()
+            self.collections[row.name] = col
+        log.info(
+            "recovered %d spaces, %d collections, %d replayed vectors in %.2fs",
+            len(self.spaces),
+            len(self.collections),
+            replayed,
+            time.perf_counter() - start,
+        )
+        self._maintainer = threading.Thread(target=self._maintain_loop, name="interlingua-maintain", daemon=True)
+        self._maintainer.start()
+        self._set_state(Lifecycle.SERVING)
+
+    def close(self) -> None:
+        if self.state is Lifecycle.STOPPED:
+            return
+        self._set_state(Lifecycle.DRAINING)
+        self._stop.set()
+        if self._maintainer is not None:
+            self._maintainer.join()
+        for col in list(self.collections.values()):
+            try:
+                col.maintain(force=True, checkpoint_after=self.config.checkpoint_after_merge)
+            except Exception:  # shutting down: the store is the source of truth anyway
+                log.exception("final merge of %s failed", col.name)
+        if self.store is not None:
+            self.store.close()
+        self._set_state(Lifecycle.STOPPED)
+
+    def _maintain_loop(self) -> None:
+        c = self.config
+        while not self._stop.wait(0.1):
+            for col in list(self.collections.values()):
+                try:
+                    col.maintain(
+                        min_fresh=c.merge_min_fresh,
+                        fraction=c.merge_fraction,
+                        idle_seconds=c.merge_idle_seconds,
+                        checkpoint_after=c.checkpoint_after_merge,
+                    )
+                except Exception:
+                    log.exception("maintenance of collection %s failed; will retry", col.name)
+
+    def _folder(self, cid: int) -> Path:
+        return Path(self.config.data_dir) / "collections" / str(cid)
+
+    def _ready(self) -> Store:
+        if self.state is not Lifecycle.SERVING or self.store is None:
+            raise Unavailable(f"the service is {self.state.value}; retry when health reports SERVING")
+        return self.store
+
+    # -- spaces --------------------------------------------------------------------------------
+
+    def register_space(self, name: str, dim: int, metric: str, description: str) -> SpaceRow:
+        store = self._ready()
+        v.check_space_name(name)
+        v.check_dim(dim)
+        if metric not in v.METRICS:
+            raise InvalidArgument(f"metric {metric!r} is not one of {', '.join(v.METRICS)}")
+        if len(description.encode("utf-8")) > 1024:
+            raise InvalidArgument("description is longer than 1024 bytes")
+        with self._registry_lock:
+            if name in self.spaces:
+                raise AlreadyExists(f"space {name!r} is already registered (spaces are immutable)")
+            row = SpaceRow(name, dim, metric, description, time.time())
+            store.add_space(row)
+            self.spaces[name] = row
+        return row
+
+    def get_space(self, name: str) -> SpaceRow:
+        self._ready()
+        space = self.spaces.get(name)
+        if space is None:
+            raise NotFound(f"space {name!r} is not registered")
+        return space
+
+    def list_spaces(self) -> list[SpaceRow]:
+        self._ready()
+        return sorted(self.spaces.values(), key=lambda s: s.name)
+
+    # -- collections ---------------------------------------------------------------------------
+
+    def create_collection(self, name: str, home_space: str, index_spec: str, train_min_points: int) -> Collection:
+        store = self._ready()
+        v.check_collection_name(name)
+        home = self.get_space(home_space)
+        spec = IndexSpec.parse(index_spec, home.dim, home.metric)
+        with self._registry_lock:
+            if name in self.collections:
+                raise AlreadyExists(f"collection {name!r} already exists")
+            train_min = (train_min_points or spec.default_train_min) if spec.needs_training else 0
+            if spec.needs_training and train_min < max(spec.nlist, 1):
+                raise InvalidArgument(
+                    f"train_min_points is {train_min}; index {spec.spec!r} needs at least nlist={spec.nlist}"
+                )
+            row = store.add_collection(name, home_space, spec.spec, train_min)
+            col = Collection(row, home, store, self._folder(row.cid), self.metrics)
+            col.recover()
+            self.collections[name] = col
+        return col
+
+    def collection(self, name: str) -> Collection:
+        self._ready()
+        col = self.collections.get(name)
+        if col is None:
+            raise NotFound(f"collection {name!r} does not exist")
+        return col
+
+    def list_collections(self) -> list[Collection]:
+        self._ready()
+        return sorted(self.collections.values(), key=lambda c: c.name)
+
+    def delete_collection(self, name: str) -> None:
+        col = self.collection(name)
+        with self._registry_lock:
+            if self.collections.get(name) is not col:
+                raise NotFound(f"collection {name!r} does not exist")
+            del self.collections[name]
+        col.drop()
+
+    # -- points --------------------------------------------------------------------------------
+
+    def upsert(self, collection: str, space: str, ids: list[str], data: bytes, dim: int, payloads: list[str]) -> int:
+        col = self.collection(collection)
+        sp = self.get_space(space)
+        v.check_ids(ids, self.limits)
+        x = v.unpack_vectors(data, dim, sp.dim, what="vectors", limit=self.limits.max_batch)
+        if len(x) != len(ids):
+            raise InvalidArgument(f"vectors: {len(x)} vectors for {len(ids)} ids")
+        plds = v.check_payloads(payloads, len(ids), self.limits)
+        if sp.metric == "cosine":
+            x = v.normalize_rows(x, what="vectors")
+        return col.upsert(sp, ids, x, plds)
+
+    def delete_points(self, collection: str, ids: list[str], missing_ok: bool) -> tuple[int, int]:
+        col = self.collection(collection)
+        v.check_ids(ids, self.limits)
+        return col.delete(ids, missing_ok)
+
+    def get_points(
+        self, collection: str, ids: list[str], with_vectors: bool, with_payload: bool, spaces: list[str]
+    ) -> list[PointRecord]:
+        col = self.collection(collection)
+        v.check_ids(ids, self.limits)
+        for s in spaces:
+            self.get_space(s)
+        return col.get(ids, with_vectors, with_payload, set(spaces))
+
+    def search(
+        self,
+        collection: str,
+        query_space: str,
+        data: bytes,
+        dim: int,
+        k: int,
+        ef_search: int | None = None,
+        nprobe: int | None = None,
+        with_payload: bool = False,
+    ) -> SearchResult:
+        t0 = time.perf_counter()
+        col = self.collection(collection)
+        qspace = self.get_space(query_space)
+        route = resolve(col.name, col.home.name, qspace.name, col.routes)
+        v.check_k(k, self.limits)
+        xq = v.unpack_vectors(data, dim, qspace.dim, what="queries", limit=self.limits.max_nq)
+        col.segments.check_params(ef_search, nprobe)
+        t1 = time.perf_counter()
+        if route.transform == IDENTITY and qspace.metric == "cosine":
+            xq = v.normalize_rows(xq, what="queries")
+        t2 = time.perf_counter()
+        D, ids, snap = col.search(xq, k, ef_search, nprobe)
+        t3 = time.perf_counter()
+        payloads = col.payloads(ids) if with_payload else None
+        t4 = time.perf_counter()
+        m = self.metrics.search_seconds
+        m.labels(col.name, "validate").observe(t1 - t0)
+        m.labels(col.name, "transform").observe(t2 - t1)
+        m.labels(col.name, "index").observe(t3 - t2)
+        if with_payload:
+            m.labels(col.name, "fetch").observe(t4 - t3)
+        self.metrics.search_queries.labels(col.name, qspace.name, route.transform).inc(len(xq))
+        return SearchResult(D, ids, payloads, route, exact=snap.sealed is None)

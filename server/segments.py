@@ -1,0 +1,373 @@
+"""The live index of one collection: a sealed ANN index beside an exact fresh segment.
+
+As in Milvus (sealed and growing segments), a write is searchable as soon as it
+is acknowledged: its home-space vectors are appended to a small *fresh*
+segment searched by brute force, and a background merge later adds them to the
+*sealed* FAISS index. Searches read one immutable :class:`Snapshot`; writers
+and merges build the next one beside it and swap a single reference, so a
+search never waits on a write or a merge. Indexes that need training (IVF, PQ)
+keep every vector in the fresh segment, so search is exact, until
+``train_min_points`` exist.
+
+Labels are int64, allocated in order and never reused: label ``i`` is row
+``i`` of the sealed index (when ``i < nsealed``) or row ``i - nsealed`` of the
+fresh segment. Deleted or overwritten labels are cleared in the ``alive``
+bitmap and filtered with ``faiss.IDSelectorBitmap``. Covered by
+``tests/test_segments.py`` and the search tests in ``tests/test_points.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+
+from .errors import InvalidArgument
+
+__all__ = ["IndexSpec", "Segments", "Snapshot"]
+
+FAISS_METRIC = {"cosine": faiss.METRIC_INNER_PRODUCT, "ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+DEFAULT_EF_SEARCH = 64  #: HNSW efSearch when a request sets none
+DEFAULT_NPROBE = 16  #: IVF nprobe when a request sets none (capped at nlist)
+TRAIN_SAMPLE_MAX = 262144  #: most vectors used to train an index
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """A FAISS factory string checked against a dimension and metric."""
+
+    spec: str
+    d: int
+    metric: str
+    needs_training: bool
+    is_hnsw: bool
+    nlist: int  #: IVF lists, 0 for non-IVF indexes
+    default_train_min: int  #: points needed before training (0: no training needed)
+
+    @classmethod
+    def parse(cls, spec: str, d: int, metric: str) -> IndexSpec:
+        spec = spec.strip() or "Flat"
+        if "IDMap" in spec or spec.startswith("Refine"):
+            raise InvalidArgument(f"index spec {spec!r}: IDMap and Refine wrappers are managed by the service")
+        try:
+            index = faiss.index_factory(d, spec, FAISS_METRIC[metric])
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[-1] if str(e).strip() else "not a valid factory string"
+            raise InvalidArgument(f"index spec {spec!r} is not valid for d={d}: {first}") from None
+        ivf = faiss.try_extract_index_ivf(index)
+        nlist = int(ivf.nlist) if ivf is not None else 0
+        needs = not index.is_trained
+        default_min = 0
+        if needs:
+            default_min = max(39 * nlist, 256)
+            if re.search(r"PQ\d", spec) or "SQ" in spec:
+                default_min = max(default_min, 9984)
+        return cls(spec, d, metric, needs, isinstance(index, faiss.IndexHNSW), nlist, default_min)
+
+    def new_index(self) -> Any:
+        return faiss.index_factory(self.d, self.spec, FAISS_METRIC[self.metric])
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One consistent, immutable view of a collection's vectors for searches."""
+
+    sealed: Any | None  #: faiss.Index over labels [0, nsealed), or None while untrained
+    nsealed: int
+    fresh: np.ndarray  #: (capacity, d) float32; rows [0, nfresh) hold labels nsealed + row
+    fresh_sqnorm: np.ndarray  #: (capacity,) squared norms of the fresh rows (l2)
+    nfresh: int
+    alive: np.ndarray  #: uint8 bitmap over labels, bit set = alive (IDSelectorBitmap layout)
+    ids: np.ndarray  #: object array, label -> point id
+    ndead_sealed: int  #: dead labels below nsealed (a selector is needed when > 0)
+    ndead_fresh: int  #: dead labels in the fresh segment
+    sequence: int  #: last write applied
+
+    @property
+    def nlabels(self) -> int:
+        return self.nsealed + self.nfresh
+
+
+def _grow(a: np.ndarray, need: int) -> np.ndarray:
+    if need <= a.shape[0]:
+        return a
+    new = np.zeros((max(need, 2 * a.shape[0], 1024), *a.shape[1:]), dtype=a.dtype)
+    new[: a.shape[0]] = a
+    return new
+
+
+def _set_bits(alive: np.ndarray, start: int, stop: int) -> None:
+    """Sets the alive bits of labels start .. stop-1 in place."""
+    b0, b1 = start >> 3, (stop + 7) >> 3
+    bits = np.unpackbits(alive[b0:b1], bitorder="little")
+    bits[start - 8 * b0 : stop - 8 * b0] = 1
+    alive[b0:b1] = np.packbits(bits, bitorder="little")
+
+
+def _bit_slice(alive: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Alive flags (bool array) of labels start .. stop-1."""
+    b0 = start >> 3
+    bits = np.unpackbits(alive[b0 : (stop + 7) >> 3], bitorder="little")
+    return bits[start - 8 * b0 : stop - 8 * b0].astype(bool)
+
+
+class Segments:
+    """Sealed + fresh index of one collection. Writers call :meth:`append` and
+    :meth:`kill` under the collection's write lock; anyone may :meth:`search`."""
+
+    def __init__(self, spec: IndexSpec, train_min_points: int) -> None:
+        self.spec = spec
+        self.d = spec.d
+        self.largest = spec.metric != "l2"  # ip/cosine: higher is better
+        self.train_min_points = train_min_points if spec.needs_training else 0
+        self.training = False
+        self._merge_lock = threading.Lock()
+        self._swap_lock = threading.Lock()  # held only to publish a snapshot
+        sealed = None if spec.needs_training else spec.new_index()
+        self.snapshot = Snapshot(
+            sealed=sealed,
+            nsealed=0,
+            fresh=np.zeros((1024, self.d), dtype=np.float32),
+            fresh_sqnorm=np.zeros(1024, dtype=np.float32),
+            nfresh=0,
+            alive=np.zeros(128, dtype=np.uint8),
+            ids=np.empty(1024, dtype=object),
+            ndead_sealed=0,
+            ndead_fresh=0,
+            sequence=0,
+        )
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def restore(
+        self,
+        sealed: Any | None,
+        nlabels: int,
+        ids: list[str],
+        labels: np.ndarray,
+        fresh_x: np.ndarray,
+        seq: int,
+    ) -> None:
+        """Initial state at start-up. ``sealed`` holds labels [0, sealed.ntotal); ``nlabels`` labels
+        were ever allocated; ``ids``/``labels`` are every live home vector; ``fresh_x`` (nf, d) the
+        vectors of the live labels >= sealed.ntotal, in label order."""
+        nsealed = int(sealed.ntotal) if sealed is not None else 0
+        nlabels = max(nlabels, nsealed, int(labels.max()) + 1 if labels.size else 0)
+        alive = np.zeros((nlabels + 7) // 8 + 1, dtype=np.uint8)
+        bits = np.zeros(nlabels, dtype=bool)
+        bits[labels] = True
+        alive[: (nlabels + 7) // 8] = np.packbits(bits, bitorder="little")
+        id_arr = np.empty(max(nlabels, 1024), dtype=object)
+        id_arr[labels] = ids
+        # fresh rows cover labels nsealed .. nlabels-1; dead ones stay zero (and masked)
+        nfresh = nlabels - nsealed
+        fresh = np.zeros((max(nfresh, 1024), self.d), dtype=np.float32)
+        fresh_labels = labels[labels >= nsealed] - nsealed
+        fresh[fresh_labels] = fresh_x
+        if sealed is None and not self.spec.needs_training:
+            sealed = self.spec.new_index()
+        self.snapshot = Snapshot(
+            sealed=sealed,
+            nsealed=nsealed,
+            fresh=fresh,
+            fresh_sqnorm=np.einsum("ij,ij->i", fresh, fresh),
+            nfresh=nfresh,
+            alive=alive,
+            ids=id_arr,
+            ndead_sealed=int(nsealed - np.count_nonzero(bits[:nsealed])),
+            ndead_fresh=int(nfresh - np.count_nonzero(bits[nsealed:])),
+            sequence=seq,
+        )
+
+    def append(self, first_label: int, ids: list[str], x: np.ndarray, dead: list[int], seq: int) -> None:
+        """Adds n vectors (x: (n, d)) with labels first_label.., and kills the ``dead`` labels."""
+        n = len(ids)
+        with self._swap_lock:
+            s = self.snapshot
+            if first_label != s.nlabels:
+                raise RuntimeError(f"label {first_label} appended at {s.nlabels}")  # a bug, never input
+            fresh = _grow(s.fresh, s.nfresh + n)
+            sq = _grow(s.fresh_sqnorm, s.nfresh + n)
+            fresh[s.nfresh : s.nfresh + n] = x
+            sq[s.nfresh : s.nfresh + n] = np.einsum("ij,ij->i", x, x)
+            ids_arr = _grow(s.ids, first_label + n)
+            ids_arr[first_label : first_label + n] = ids
+            alive = _grow(s.alive, (first_label + n + 7) // 8 + 1)
+            _set_bits(alive, first_label, first_label + n)
+            s2 = dataclasses.replace(
+                s, fresh=fresh, fresh_sqnorm=sq, nfresh=s.nfresh + n, ids=ids_arr, alive=alive, sequence=seq
+            )
+            self.snapshot = self._killed(s2, dead)
+
+    def kill(self, labels: list[int], seq: int) -> None:
+        with self._swap_lock:
+            self.snapshot = dataclasses.replace(self._killed(self.snapshot, labels), sequence=seq)
+
+    @staticmethod
+    def _killed(s: Snapshot, labels: list[int]) -> Snapshot:
+        dead_sealed = dead_fresh = 0
+        for lab in labels:
+            s.alive[lab >> 3] &= np.uint8(~(1 << (lab & 7)) & 0xFF)
+            if lab < s.nsealed:
+                dead_sealed += 1
+            else:
+                dead_fresh += 1
+        if not labels:
+            return s
+        return dataclasses.replace(s, ndead_sealed=s.ndead_sealed + dead_sealed, ndead_fresh=s.ndead_fresh + dead_fresh)
+
+    # -- search --------------------------------------------------------------------------------
+
+    def _params(self, s: Snapshot, ef_search: int | None, nprobe: int | None) -> tuple[Any, Any]:
+        """FAISS SearchParameters for the sealed index (and the selector they reference)."""
+        sel = faiss.IDSelectorBitmap(s.nsealed, faiss.swig_ptr(s.alive)) if s.ndead_sealed else None
+        if self.spec.is_hnsw:
+            p = faiss.SearchParametersHNSW(efSearch=ef_search or DEFAULT_EF_SEARCH)  # type: ignore[attr-defined]
+        elif self.spec.nlist:
+            p = faiss.SearchParametersIVF(nprobe=min(nprobe or DEFAULT_NPROBE, self.spec.nlist))  # type: ignore[call-arg]
+        else:
+            p = faiss.SearchParameters()
+        if sel is not None:
+            p.sel = sel
+        if isinstance(s.sealed, faiss.IndexPreTransform):
+            p = faiss.SearchParametersPreTransform(index_params=p)  # type: ignore[call-arg]
+        return p, sel
+
+    def check_params(self, ef_search: int | None, nprobe: int | None) -> None:
+        if ef_search is not None:
+            if not self.spec.is_hnsw:
+                raise InvalidArgument(
+                    f"ef_search applies to HNSW indexes; this collection's index is {self.spec.spec!r}"
+                )
+            if not 1 <= ef_search <= 32768:
+                raise InvalidArgument(f"ef_search is {ef_search}; it must be between 1 and 32768")
+        if nprobe is not None:
+            if not self.spec.nlist:
+                raise InvalidArgument(f"nprobe applies to IVF indexes; this collection's index is {self.spec.spec!r}")
+            if not 1 <= nprobe <= self.spec.nlist:
+                raise InvalidArgument(f"nprobe is {nprobe}; it must be between 1 and nlist={self.spec.nlist}")
+
+    def search(
+        self, xq: np.ndarray, k: int, ef_search: int | None = None, nprobe: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, Snapshot]:
+        """k nearest live labels of each query.
+
+        xq : shape (nq, d) float32. Returns D, I of shape (nq, k) (I = -1 and D = -inf, or +inf for
+        l2, where fewer than k labels are live) and the snapshot they were computed on.
+        """
+        s = self.snapshot
+        worst = np.float32(-np.inf if self.largest else np.inf)
+        parts: list[tuple[np.ndarray, np.ndarray]] = []
+        if s.sealed is not None and s.nsealed > 0:
+            params, _sel = self._params(s, ef_search, nprobe)
+            D, I = s.sealed.search(xq, k, params=params)
+            D[I < 0] = worst
+            parts.append((D, I))
+        if s.nfresh > 0:
+            parts.append(self._search_fresh(s, xq, k, worst))
+        if not parts:
+            return np.full((len(xq), k), worst, dtype=np.float32), np.full((len(xq), k), -1, np.int64), s
+        if len(parts) == 1:
+            return parts[0][0], parts[0][1], s
+        D = np.hstack([parts[0][0], parts[1][0]])
+        I = np.hstack([parts[0][1], parts[1][1]])
+        order = np.argsort(-D if self.largest else D, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1), s
+
+    def _search_fresh(self, s: Snapshot, xq: np.ndarray, k: int, worst: np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over the fresh rows: scores (nq, nf) -> top-k, dead rows masked."""
+        F = s.fresh[: s.nfresh]
+        S = xq @ F.T
+        if not self.largest:  # squared L2 = |q|^2 - 2 q.f + |f|^2
+            S *= -2
+            S += s.fresh_sqnorm[: s.nfresh]
+            S += np.einsum("ij,ij->i", xq, xq)[:, None]
+            np.maximum(S, 0, out=S)
+        if s.ndead_fresh:
+            S[:, ~_bit_slice(s.alive, s.nsealed, s.nlabels)] = worst
+        nq, nf = S.shape
+        kk = min(k, nf)
+        key = -S if self.largest else S
+        part = np.argpartition(key, kk - 1, axis=1)[:, :kk] if kk < nf else np.tile(np.arange(nf), (nq, 1))
+        order = np.argsort(np.take_along_axis(key, part, axis=1), axis=1, kind="stable")
+        idx = np.take_along_axis(part, order, axis=1)
+        D = np.full((nq, k), worst, dtype=np.float32)
+        I = np.full((nq, k), -1, dtype=np.int64)
+        D[:, :kk] = np.take_along_axis(S, idx, axis=1)
+        I[:, :kk] = idx + s.nsealed
+        I[worst == D] = -1
+        return D, I
+
+    # -- maintenance (background) -------------------------------------------------------------
+
+    def state(self) -> str:
+        s = self.snapshot
+        if s.sealed is not None:
+            return "ready"
+        return "training" if self.training else "exact"
+
+    def live_fresh(self) -> int:
+        s = self.snapshot
+        return s.nfresh - s.ndead_fresh
+
+    def wants_merge(self, min_fresh: int, fraction: float, idle: bool) -> bool:
+        s = self.snapshot
+        if s.sealed is None:  # untrained: train once enough live points exist
+            return not self.training and self.spec.needs_training and self.live_fresh() >= self.train_min_points
+        return s.nfresh > 0 and (idle or s.nfresh >= max(min_fresh, int(fraction * s.nsealed)))
+
+    def merge(self) -> Snapshot | None:
+        """Builds the next sealed index beside the live one (training it first if needed), adds
+        the fresh rows to it and swaps it in. Returns the published snapshot (None: nothing to do)."""
+        with self._merge_lock:
+            s = self.snapshot
+            if s.nfresh == 0:
+                return None
+            rows = s.fresh[: s.nfresh]
+            if s.sealed is None:
+                self.training = True
+                try:
+                    index = self._trained(s, rows)
+                finally:
+                    self.training = False
+            else:
+                index = faiss.clone_index(s.sealed)
+            index.add(rows)
+            with self._swap_lock:
+                cur = self.snapshot
+                rest = cur.nfresh - s.nfresh
+                cap = max(2 * rest, 1024)
+                fresh = np.zeros((cap, self.d), dtype=np.float32)
+                fresh[:rest] = cur.fresh[s.nfresh : cur.nfresh]
+                sq = np.zeros(cap, dtype=np.float32)
+                sq[:rest] = cur.fresh_sqnorm[s.nfresh : cur.nfresh]
+                nsealed = s.nsealed + s.nfresh
+                bits = _bit_slice(cur.alive, 0, cur.nlabels) if cur.nlabels else np.zeros(0, bool)
+                new = dataclasses.replace(
+                    cur,
+                    sealed=index,
+                    nsealed=nsealed,
+                    fresh=fresh,
+                    fresh_sqnorm=sq,
+                    nfresh=rest,
+                    ndead_sealed=int(nsealed - np.count_nonzero(bits[:nsealed])),
+                    ndead_fresh=int(rest - np.count_nonzero(bits[nsealed:])),
+                    sequence=cur.sequence,
+                )
+                self.snapshot = new
+            # the checkpoint of this index covers the writes up to s.sequence
+            return dataclasses.replace(new, sequence=s.sequence)
+
+    def _trained(self, s: Snapshot, rows: np.ndarray) -> Any:
+        live = np.flatnonzero(_bit_slice(s.alive, s.nsealed, s.nlabels))
+        rng = np.random.default_rng(1234)
+        if live.size > TRAIN_SAMPLE_MAX:
+            live = np.sort(rng.choice(live, TRAIN_SAMPLE_MAX, replace=False))
+        index = self.spec.new_index()
+        index.train(np.ascontiguousarray(rows[live]))
+        return index

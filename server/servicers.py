@@ -1,0 +1,198 @@
+"""Thin gRPC servicers: convert the request, call the :class:`~.engine.Engine`, build the reply.
+
+Domain errors leave through ``context.abort`` with the code from the one table
+in ``errors.py``; an unexpected exception (a bug) leaves as INTERNAL with a
+log line, never as UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from interlingua.v1 import collections_pb2 as cpb
+from interlingua.v1 import collections_pb2_grpc as cgrpc
+from interlingua.v1 import common_pb2 as pb
+from interlingua.v1 import points_pb2 as ppb
+from interlingua.v1 import points_pb2_grpc as pgrpc
+from interlingua.v1 import spaces_pb2 as spb
+from interlingua.v1 import spaces_pb2_grpc as sgrpc
+
+from .collection import Collection
+from .engine import Engine
+from .errors import InterlinguaError, InvalidArgument, status_for
+from .store import SpaceRow
+
+__all__ = ["CollectionServicer", "PointServicer", "SpaceServicer"]
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+METRIC_TO_PB = {"cosine": pb.METRIC_COSINE, "ip": pb.METRIC_IP, "l2": pb.METRIC_L2}
+PB_TO_METRIC = {v: k for k, v in METRIC_TO_PB.items()}
+STATE_TO_PB = {"exact": cpb.INDEX_STATE_EXACT, "training": cpb.INDEX_STATE_TRAINING, "ready": cpb.INDEX_STATE_READY}
+
+
+def rpc(fn: F) -> F:
+    """Maps domain errors to their status code; anything else to INTERNAL."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except InterlinguaError as e:
+            context.abort(status_for(e), e.message)
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}; see the server log")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def space_pb(s: SpaceRow) -> pb.Space:
+    return pb.Space(
+        name=s.name, dim=s.dim, metric=METRIC_TO_PB[s.metric], description=s.description, created_at=s.created_at
+    )
+
+
+def collection_pb(c: Collection) -> cpb.CollectionInfo:
+    snap = c.segments.snapshot
+    return cpb.CollectionInfo(
+        name=c.name,
+        home_space=c.home.name,
+        index_spec=c.spec.spec,
+        state=STATE_TO_PB[c.segments.state()],
+        num_points=len(c.pids),
+        vectors_per_space=c.counts,
+        indexed_vectors=snap.nsealed - snap.ndead_sealed,
+        fresh_vectors=snap.nfresh - snap.ndead_fresh,
+        last_sequence=c.last_sequence,
+        checkpoint_sequence=c.checkpoint_sequence,
+        train_min_points=c.segments.train_min_points,
+        created_at=c.row.created_at,
+        deleted_labels=snap.ndead_sealed + snap.ndead_fresh,
+    )
+
+
+class SpaceServicer(sgrpc.SpaceServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @rpc
+    def RegisterSpace(self, request: spb.RegisterSpaceRequest, context: grpc.ServicerContext) -> pb.Space:
+        s = request.space
+        if s.metric not in PB_TO_METRIC:
+            raise InvalidArgument(f"space.metric must be METRIC_COSINE, METRIC_IP or METRIC_L2 (got {s.metric})")
+        return space_pb(self.engine.register_space(s.name, s.dim, PB_TO_METRIC[s.metric], s.description))
+
+    @rpc
+    def GetSpace(self, request: spb.GetSpaceRequest, context: grpc.ServicerContext) -> pb.Space:
+        return space_pb(self.engine.get_space(request.name))
+
+    @rpc
+    def ListSpaces(self, request: spb.ListSpacesRequest, context: grpc.ServicerContext) -> spb.ListSpacesResponse:
+        return spb.ListSpacesResponse(spaces=[space_pb(s) for s in self.engine.list_spaces()])
+
+
+class CollectionServicer(cgrpc.CollectionServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @rpc
+    def CreateCollection(self, request: cpb.CreateCollectionRequest, context: grpc.ServicerContext) -> Any:
+        r = request
+        return collection_pb(self.engine.create_collection(r.name, r.home_space, r.index_spec, r.train_min_points))
+
+    @rpc
+    def GetCollection(self, request: cpb.GetCollectionRequest, context: grpc.ServicerContext) -> Any:
+        return collection_pb(self.engine.collection(request.name))
+
+    @rpc
+    def ListCollections(self, request: cpb.ListCollectionsRequest, context: grpc.ServicerContext) -> Any:
+        return cpb.ListCollectionsResponse(collections=[collection_pb(c) for c in self.engine.list_collections()])
+
+    @rpc
+    def DeleteCollection(self, request: cpb.DeleteCollectionRequest, context: grpc.ServicerContext) -> Any:
+        self.engine.delete_collection(request.name)
+        return cpb.DeleteCollectionResponse()
+
+
+class PointServicer(pgrpc.PointServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def _upsert(self, r: ppb.UpsertRequest) -> int:
+        return self.engine.upsert(r.collection, r.space, list(r.ids), r.vectors.data, r.vectors.dim, list(r.payloads))
+
+    @rpc
+    def Upsert(self, request: ppb.UpsertRequest, context: grpc.ServicerContext) -> ppb.UpsertResponse:
+        seq = self._upsert(request)
+        return ppb.UpsertResponse(upserted=len(request.ids), sequence=seq)
+
+    @rpc
+    def UpsertStream(self, request_iterator: Iterator[ppb.UpsertRequest], context: grpc.ServicerContext) -> Any:
+        total = seq = 0
+        for i, r in enumerate(request_iterator):
+            try:
+                seq = self._upsert(r)
+            except InterlinguaError as e:
+                e.message = f"stream message {i}: {e.message} (messages 0..{i - 1}, {total} vectors, were committed)"
+                raise
+            total += len(r.ids)
+        return ppb.UpsertResponse(upserted=total, sequence=seq)
+
+    @rpc
+    def DeletePoints(self, request: ppb.DeletePointsRequest, context: grpc.ServicerContext) -> Any:
+        n, seq = self.engine.delete_points(request.collection, list(request.ids), request.missing_ok)
+        return ppb.DeletePointsResponse(deleted=n, sequence=seq)
+
+    @rpc
+    def GetPoints(self, request: ppb.GetPointsRequest, context: grpc.ServicerContext) -> ppb.GetPointsResponse:
+        r = request
+        recs = self.engine.get_points(r.collection, list(r.ids), r.with_vectors, r.with_payload, list(r.spaces))
+        dims = {name: s.dim for name, s in self.engine.spaces.items()}
+        return ppb.GetPointsResponse(
+            points=[
+                ppb.Point(
+                    id=p.id,
+                    vectors=[
+                        ppb.SpaceVector(space=s, vector=pb.Vectors(data=b, dim=dims[s])) for s, b in p.vectors.items()
+                    ],
+                    payload=p.payload or "",
+                    sequence=p.sequence,
+                )
+                for p in recs
+            ]
+        )
+
+    @rpc
+    def Search(self, request: ppb.SearchRequest, context: grpc.ServicerContext) -> ppb.SearchResponse:
+        r = request
+        params = r.params
+        res = self.engine.search(
+            r.collection,
+            r.query_space,
+            r.queries.data,
+            r.queries.dim,
+            r.k,
+            ef_search=params.ef_search if params.HasField("ef_search") else None,
+            nprobe=params.nprobe if params.HasField("nprobe") else None,
+            with_payload=r.with_payload,
+        )
+        nq, k = res.D.shape
+        return ppb.SearchResponse(
+            nq=nq,
+            k=k,
+            ids=res.ids.ravel().tolist(),
+            scores=np.ascontiguousarray(res.D, dtype="<f4").tobytes(),
+            payloads=res.payloads or [],
+            route=pb.Route(
+                query_space=res.route.query_space, home_space=res.route.home_space, transform=res.route.transform
+            ),
+            exact=res.exact,
+        )

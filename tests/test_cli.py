@@ -1,0 +1,182 @@
+"""The ``interlingua`` CLI in-process against a real server, and the layering of serve's config."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_data
+
+from interlingua.client import Client
+from interlingua.client._serve_config import ConfigError
+from interlingua.client.cli import build_parser, build_server_config, main
+from interlingua.server import Limits, Server, ServerConfig
+
+
+@pytest.fixture
+def target(server: tuple[Server, int], monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.delenv("INTERLINGUA_API_KEY", raising=False)
+    monkeypatch.setenv("INTERLINGUA_TARGET", f"127.0.0.1:{server[1]}")  # as a user would set it
+    return f"127.0.0.1:{server[1]}"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_spaces_and_collections(target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "spaces", "register", "m@1", "--dim", "8", "--metric", "ip", "--description", "v1")[0] == 0
+    code, out, _ = run(capsys, "spaces", "list", "--target", target)
+    assert code == 0 and out.splitlines()[0].split()[:3] == ["NAME", "DIM", "METRIC"]
+    assert out.splitlines()[1].split()[:3] == ["m@1", "8", "ip"]
+    code, out, _ = run(capsys, "spaces", "get", "m@1", "--json")
+    assert json.loads(out) | {"created_at": 0} == {
+        "name": "m@1", "dim": 8, "metric": "ip", "description": "v1", "created_at": 0,
+    }  # fmt: skip
+
+    code, out, _ = run(capsys, "collections", "create", "g", "--home-space", "m@1", "--json")
+    assert code == 0 and json.loads(out)["state"] == "ready"
+    code, out, _ = run(capsys, "collections", "get", "g")
+    assert code == 0 and "home_space" in out and "Flat" in out
+    code, out, _ = run(capsys, "collections", "list", "--json")
+    assert [json.loads(line)["name"] for line in out.splitlines()] == ["g"]
+    assert run(capsys, "collections", "delete", "g")[:2] == (0, "deleted collection g\n")
+
+
+def test_ingest_search_stats(target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    xb = make_data(300, 16, seed=5).astype(np.float16)  # float16 files are cast per batch
+    np.save(tmp_path / "xb.npy", xb)
+    (tmp_path / "ids.txt").write_text("".join(f"doc-{i}\n" for i in range(300)))
+    (tmp_path / "p.jsonl").write_text("".join(f'{{"i": {i}}}\n' if i % 2 else "\n" for i in range(300)))
+    main(["spaces", "register", "m@1", "--dim", "16"])
+    main(["collections", "create", "g", "--home-space", "m@1"])
+    capsys.readouterr()
+    code, out, _ = run(
+        capsys, "ingest", "g", "--space", "m@1", "--vectors", str(tmp_path / "xb.npy"),
+        "--ids", str(tmp_path / "ids.txt"), "--payloads", str(tmp_path / "p.jsonl"), "--batch-size", "128",
+    )  # fmt: skip
+    assert code == 0 and out.startswith("upserted 300 points into g")
+
+    code, out, _ = run(
+        capsys, "search", "g", "--space", "m@1", "--vectors", str(tmp_path / "xb.npy"),
+        "--rows", "2:5", "-k", "4", "--with-payload", "--json",
+    )  # fmt: skip
+    hits = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [h["query"] for h in hits] == [2, 3, 4]
+    assert [h["ids"][0] for h in hits] == ["doc-2", "doc-3", "doc-4"]  # each query finds itself first
+    assert all(len(h["scores"]) == 4 and h["scores"] == sorted(h["scores"], reverse=True) for h in hits)
+    assert [h["payloads"][0] for h in hits] == [None, {"i": 3}, None]
+    assert hits[0]["route"] == {"query_space": "m@1", "home_space": "m@1", "transform": "identity"}
+
+    code, out, _ = run(capsys, "search", "g", "--space", "m@1", "--vectors", str(tmp_path / "xb.npy"), "--rows", "7")
+    assert code == 0 and out.startswith("query 7  (m@1 -> m@1 via identity") and "doc-7" in out
+
+    code, out, _ = run(capsys, "stats", "--json")
+    assert code == 0 and json.loads(out)["num_points"] == 300
+    code, out, _ = run(capsys, "stats", "g")
+    assert code == 0 and out.splitlines()[1].split()[:5] == ["g", "m@1", "Flat", "ready", "300"]
+    assert run(capsys, "health")[:2] == (0, "SERVING\n")
+
+
+def test_ingest_without_ids_uses_row_numbers(target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    np.save(tmp_path / "xb.npy", make_data(50, 4, seed=6))
+    main(["spaces", "register", "m@1", "--dim", "4"])
+    main(["collections", "create", "g", "--home-space", "m@1"])
+    code, _, _ = run(capsys, "ingest", "g", "--space", "m@1", "--vectors", str(tmp_path / "xb.npy"), "--stream")
+    assert code == 0
+    with Client(target) as c:
+        assert [p.id for p in c.get("g", ["0", "49"])] == ["0", "49"]
+
+
+def test_errors_and_exit_codes(target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "spaces", "get", "nope@1")
+    assert (code, out) == (1, "") and err.startswith("error: NOT_FOUND: ")
+    assert run(capsys, "spaces")[0] == 2  # missing action: argparse usage error
+    assert run(capsys, "--help")[0] == 0
+    np.save(tmp_path / "xb.npy", make_data(3, 4))
+    (tmp_path / "ids.txt").write_text("a\nb\n")
+    code, _, err = run(capsys, "ingest", "g", "--space", "s", "--vectors", str(tmp_path / "xb.npy"),
+                       "--ids", str(tmp_path / "ids.txt"))  # fmt: skip
+    assert code == 2 and "2 id lines for 3 vectors" in err
+    code, _, err = run(capsys, "search", "g", "--space", "s", "--vectors", str(tmp_path / "missing.npy"))
+    assert code == 2 and "cannot load queries" in err
+
+
+def test_module_entry_point() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "interlingua.client.cli", "stats", "--help"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "--json" in proc.stdout
+
+
+# -- serve's configuration: defaults < TOML < environment < flags -------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for var in ("CONFIG", "DATA_DIR", "HOST", "PORT", "METRICS_PORT", "API_KEY", "WORKERS"):
+        monkeypatch.delenv(f"INTERLINGUA_{var}", raising=False)
+    return monkeypatch
+
+
+def config_of(*argv: str) -> ServerConfig:
+    return build_server_config(build_parser().parse_args(["serve", *argv]))
+
+
+def test_serve_config_layers(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert config_of() == ServerConfig()
+    toml = tmp_path / "server.toml"
+    toml.write_text(
+        'data_dir = "/srv/il"\nport = 6000\nmetrics_port = 9200\nworkers = 3\nmerge_fraction = 1\n'
+        'api_key = "from-toml"\n[limits]\nmax_k = 50\n'
+    )
+    cfg = config_of("--config", str(toml))
+    assert (cfg.data_dir, cfg.port, cfg.metrics_port, cfg.workers) == (Path("/srv/il"), 6000, 9200, 3)
+    assert cfg.api_key == "from-toml" and cfg.merge_fraction == 1.0
+    assert cfg.limits == Limits(max_k=50) and cfg.host == "127.0.0.1"
+
+    clean_env.setenv("INTERLINGUA_CONFIG", str(toml))  # the file named by the environment
+    clean_env.setenv("INTERLINGUA_PORT", "7000")
+    clean_env.setenv("INTERLINGUA_METRICS_PORT", "off")
+    cfg = config_of()
+    assert (cfg.port, cfg.metrics_port, cfg.workers, cfg.limits.max_k) == (7000, None, 3, 50)
+
+    cfg = config_of("--port", "8000", "--metrics-port", "0", "--data-dir", "d", "--api-key", "flag")
+    assert (cfg.port, cfg.metrics_port, cfg.data_dir, cfg.api_key) == (8000, 0, Path("d"), "flag")
+    assert config_of("--no-metrics", "--metrics-port", "1").metrics_port is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("prot = 1\n", "unknown key(s) prot"),
+        ("[limits]\nmax_kk = 1\n", "[limits]: unknown key(s) max_kk"),
+        ('port = "50051"\n', "port must be int"),
+        ("workers = true\n", "workers must be int"),
+        ("port = \n", "invalid TOML"),
+    ],
+)
+def test_serve_config_rejects(clean_env: pytest.MonkeyPatch, tmp_path: Path, text: str, message: str) -> None:
+    toml = tmp_path / "bad.toml"
+    toml.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_of("--config", str(toml))
+
+
+def test_serve_bad_config_exits_2(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "bad.toml").write_text("colour = 'blue'\n")
+    code, _, err = run(capsys, "serve", "--config", str(tmp_path / "bad.toml"))
+    assert code == 2 and "unknown key(s) colour" in err
+    clean_env.setenv("INTERLINGUA_PORT", "many")
+    code, _, err = run(capsys, "serve")
+    assert code == 2 and "INTERLINGUA_PORT: port: cannot parse 'many'" in err
+    assert run(capsys, "serve", "--config", str(tmp_path / "missing.toml"))[0] == 2
