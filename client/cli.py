@@ -207,7 +207,7 @@ def _search(client: Client, args: argparse.Namespace) -> None:
     print_search(result, rows.indices(xq.shape[0])[0], args.json, sys.stdout)
 
 
-def _run_client(args: argparse.Namespace) -> None:
+def _run_client(args: argparse.Namespace) -> int:
     target = args.target or os.environ.get("INTERLINGUA_TARGET") or "localhost:50051"
     api_key = args.api_key or os.environ.get("INTERLINGUA_API_KEY") or None
     out, cmd = sys.stdout, (args.command, getattr(args, "action", None))
@@ -237,7 +237,10 @@ def _run_client(args: argparse.Namespace) -> None:
             infos = [client.get_collection(args.collection)] if args.collection else client.list_collections()
             print_collections(infos, args.json, out)
         elif args.command == "health":
-            print(client.health(), file=out)
+            status = client.health()
+            print(status, file=out)
+            return 0 if status == "SERVING" else 1  # usable as a container health check
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             _serve(args)
         else:
-            _run_client(args)
+            return _run_client(args)
     except UsageError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
