@@ -18,6 +18,8 @@ and the durability tests in ``tests/test_durability.py``.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import sqlite3
 import threading
 import time
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CollectionRow", "SpaceRow", "Store"]
+__all__ = ["CollectionRow", "RouteRow", "SpaceRow", "Store", "TransformRow"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -47,6 +49,15 @@ CREATE TABLE IF NOT EXISTS vectors (
     cid INTEGER NOT NULL, pid TEXT NOT NULL, space TEXT NOT NULL, label INTEGER,
     sequence INTEGER NOT NULL, vec BLOB NOT NULL, PRIMARY KEY (cid, pid, space));
 CREATE INDEX IF NOT EXISTS vectors_by_label ON vectors (cid, label) WHERE label IS NOT NULL;
+CREATE TABLE IF NOT EXISTS transforms (
+    name TEXT PRIMARY KEY, kind TEXT NOT NULL, source_space TEXT NOT NULL, target_space TEXT NOT NULL,
+    config TEXT NOT NULL, report TEXT NOT NULL, checksum TEXT NOT NULL, d_in INTEGER NOT NULL,
+    d_out INTEGER NOT NULL, created_at REAL NOT NULL, doc_pairs INTEGER NOT NULL, query_pairs INTEGER NOT NULL,
+    weights BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS routes (
+    rid INTEGER PRIMARY KEY AUTOINCREMENT, cid INTEGER NOT NULL, query_space TEXT NOT NULL,
+    transform TEXT NOT NULL, activated_at REAL NOT NULL, deactivated_at REAL NOT NULL DEFAULT 0,
+    forced INTEGER NOT NULL DEFAULT 0, shadow TEXT NOT NULL DEFAULT '', shadow_rate REAL NOT NULL DEFAULT 0);
 """
 
 _CHUNK = 900  # bound host parameters per statement
@@ -59,6 +70,35 @@ class SpaceRow:
     metric: str
     description: str
     created_at: float
+
+
+@dataclass(frozen=True)
+class TransformRow:
+    name: str
+    kind: str
+    source_space: str
+    target_space: str
+    config: str  #: JSON
+    report: str  #: JSON
+    checksum: str
+    d_in: int
+    d_out: int
+    created_at: float
+    doc_pairs: int
+    query_pairs: int
+    weights: bytes  #: np.savez archive of the transform's arrays
+
+
+@dataclass(frozen=True)
+class RouteRow:
+    rid: int
+    query_space: str
+    transform: str  #: "" for a removal
+    activated_at: float
+    deactivated_at: float  #: 0 while live
+    forced: int
+    shadow: str
+    shadow_rate: float
 
 
 @dataclass(frozen=True)
@@ -110,56 +150,46 @@ class Store:
 
     # -- writes: each is one durable transaction and returns its sequence number ----------------
 
-    def _begin(self) -> int:
-        self._w.execute("BEGIN IMMEDIATE")
-        return self.sequence + 1
-
-    def _commit(self, seq: int) -> int:
-        self._w.execute("UPDATE meta SET value=? WHERE key='sequence'", (seq,))
-        self._w.execute("COMMIT")
-        self.sequence = seq
-        return seq
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[int]:
+        """One write transaction: yields its sequence number; durable once the block exits."""
+        with self._lock:
+            self._w.execute("BEGIN IMMEDIATE")
+            seq = self.sequence + 1
+            try:
+                yield seq
+                self._w.execute("UPDATE meta SET value=? WHERE key='sequence'", (seq,))
+            except BaseException:
+                self._w.execute("ROLLBACK")
+                raise
+            self._w.execute("COMMIT")
+            self.sequence = seq
 
     def add_space(self, row: SpaceRow) -> int:
-        with self._lock:
-            seq = self._begin()
-            try:
-                self._w.execute(
-                    "INSERT INTO spaces VALUES (?,?,?,?,?)",
-                    (row.name, row.dim, row.metric, row.description, row.created_at),
-                )
-            except BaseException:
-                self._w.execute("ROLLBACK")
-                raise
-            return self._commit(seq)
+        with self._tx() as seq:
+            self._w.execute(
+                "INSERT INTO spaces VALUES (?,?,?,?,?)",
+                (row.name, row.dim, row.metric, row.description, row.created_at),
+            )
+        return seq
 
     def add_collection(self, name: str, home_space: str, index_spec: str, train_min_points: int) -> CollectionRow:
-        with self._lock:
-            seq = self._begin()
-            try:
-                self._w.execute(
-                    "INSERT INTO collections (name, home_space, index_spec, train_min_points, created_at,"
-                    " last_sequence) VALUES (?,?,?,?,?,?)",
-                    (name, home_space, index_spec, train_min_points, time.time(), seq),
-                )
-            except BaseException:
-                self._w.execute("ROLLBACK")
-                raise
-            self._commit(seq)
+        with self._tx() as seq:
+            self._w.execute(
+                "INSERT INTO collections (name, home_space, index_spec, train_min_points, created_at,"
+                " last_sequence) VALUES (?,?,?,?,?,?)",
+                (name, home_space, index_spec, train_min_points, time.time(), seq),
+            )
         row = self.collection(name)
-        assert row is not None
+        if row is None:
+            raise RuntimeError(f"collection {name!r} vanished after its commit")  # a bug, not input
         return row
 
     def drop_collection(self, cid: int) -> int:
-        with self._lock:
-            seq = self._begin()
-            try:
-                for table in ("vectors", "points", "collections"):
-                    self._w.execute(f"DELETE FROM {table} WHERE cid=?", (cid,))
-            except BaseException:
-                self._w.execute("ROLLBACK")
-                raise
-            return self._commit(seq)
+        with self._tx() as seq:
+            for table in ("vectors", "points", "routes", "collections"):
+                self._w.execute(f"DELETE FROM {table} WHERE cid=?", (cid,))
+        return seq
 
     def upsert(
         self,
@@ -177,43 +207,33 @@ class Store:
         """
         n = len(ids)
         blobs = [memoryview(row).cast("B") for row in np.ascontiguousarray(x, dtype="<f4")]
-        with self._lock:
-            seq = self._begin()
-            try:
-                self._w.executemany(
-                    "INSERT INTO points (cid, pid, payload, sequence) VALUES (?,?,?,?)"
-                    " ON CONFLICT (cid, pid) DO UPDATE SET sequence=excluded.sequence,"
-                    " payload=COALESCE(excluded.payload, points.payload)",
-                    [(cid, pid, payloads[i], seq) for i, pid in enumerate(ids)],
-                )
-                labels: Sequence[int | None] = (
-                    range(first_label, first_label + n) if first_label is not None else [None] * n
-                )
-                self._w.executemany(
-                    "INSERT OR REPLACE INTO vectors (cid, pid, space, label, sequence, vec) VALUES (?,?,?,?,?,?)",
-                    [(cid, ids[i], space, labels[i], seq, blobs[i]) for i in range(n)],
-                )
-                self._w.execute(
-                    "UPDATE collections SET next_label=next_label+?, last_sequence=? WHERE cid=?",
-                    (n if first_label is not None else 0, seq, cid),
-                )
-            except BaseException:
-                self._w.execute("ROLLBACK")
-                raise
-            return self._commit(seq)
+        with self._tx() as seq:
+            self._w.executemany(
+                "INSERT INTO points (cid, pid, payload, sequence) VALUES (?,?,?,?)"
+                " ON CONFLICT (cid, pid) DO UPDATE SET sequence=excluded.sequence,"
+                " payload=COALESCE(excluded.payload, points.payload)",
+                [(cid, pid, payloads[i], seq) for i, pid in enumerate(ids)],
+            )
+            labels: Sequence[int | None] = (
+                range(first_label, first_label + n) if first_label is not None else [None] * n
+            )
+            self._w.executemany(
+                "INSERT OR REPLACE INTO vectors (cid, pid, space, label, sequence, vec) VALUES (?,?,?,?,?,?)",
+                [(cid, ids[i], space, labels[i], seq, blobs[i]) for i in range(n)],
+            )
+            self._w.execute(
+                "UPDATE collections SET next_label=next_label+?, last_sequence=? WHERE cid=?",
+                (n if first_label is not None else 0, seq, cid),
+            )
+        return seq
 
     def delete(self, cid: int, ids: Sequence[str]) -> int:
-        with self._lock:
-            seq = self._begin()
-            try:
-                rows = [(cid, pid) for pid in ids]
-                self._w.executemany("DELETE FROM vectors WHERE cid=? AND pid=?", rows)
-                self._w.executemany("DELETE FROM points WHERE cid=? AND pid=?", rows)
-                self._w.execute("UPDATE collections SET last_sequence=? WHERE cid=?", (seq, cid))
-            except BaseException:
-                self._w.execute("ROLLBACK")
-                raise
-            return self._commit(seq)
+        with self._tx() as seq:
+            rows = [(cid, pid) for pid in ids]
+            self._w.executemany("DELETE FROM vectors WHERE cid=? AND pid=?", rows)
+            self._w.executemany("DELETE FROM points WHERE cid=? AND pid=?", rows)
+            self._w.execute("UPDATE collections SET last_sequence=? WHERE cid=?", (seq, cid))
+        return seq
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -298,3 +318,44 @@ class Store:
             for space, n in self._r.execute(q, (cid, *chunk)):
                 out[space] = out.get(space, 0) + int(n)
         return out
+
+    # -- transforms and routes -----------------------------------------------------------------
+
+    def add_transform(self, row: TransformRow) -> int:
+        with self._tx() as seq:
+            self._w.execute("INSERT INTO transforms VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", dataclasses.astuple(row))
+        return seq
+
+    def transforms(self) -> list[TransformRow]:
+        return [TransformRow(*r) for r in self._r.execute("SELECT * FROM transforms ORDER BY name")]
+
+    def set_route(self, cid: int, query_space: str, transform: str, forced: bool, now: float) -> int:
+        """Closes the live route of (cid, query_space), if any, and opens one to ``transform``
+        ("" records a removal). Returns the sequence."""
+        with self._tx() as seq:
+            self._w.execute(
+                "UPDATE routes SET deactivated_at=? WHERE cid=? AND query_space=? AND deactivated_at=0",
+                (now, cid, query_space),
+            )
+            self._w.execute(
+                "INSERT INTO routes (cid, query_space, transform, activated_at, forced) VALUES (?,?,?,?,?)",
+                (cid, query_space, transform, now, int(forced)),
+            )
+        return seq
+
+    def set_shadow(self, cid: int, query_space: str, shadow: str, rate: float) -> int:
+        with self._tx() as seq:
+            self._w.execute(
+                "UPDATE routes SET shadow=?, shadow_rate=? WHERE cid=? AND query_space=? AND deactivated_at=0",
+                (shadow, rate, cid, query_space),
+            )
+        return seq
+
+    def routes(self, cid: int) -> list[RouteRow]:
+        """Every route version of a collection, newest first."""
+        rows = self._r.execute(
+            "SELECT rid, query_space, transform, activated_at, deactivated_at, forced, shadow, shadow_rate"
+            " FROM routes WHERE cid=? ORDER BY rid DESC",
+            (cid,),
+        )
+        return [RouteRow(*r) for r in rows]
