@@ -13,7 +13,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +49,7 @@ class Collection:
         self.metrics = metrics
         self.spec = IndexSpec.parse(row.index_spec, home.dim, home.metric)
         self.segments = Segments(self.spec, row.train_min_points)
-        self.routes: dict[str, Route] = {}
+        self.routes: Mapping[str, Route] = {}  #: replaced whole on every change (one reference swap)
         self.lock = threading.Lock()  # serializes writes (and drop)
         self.maint_lock = threading.Lock()  # serializes merges, checkpoints and drop
         self.dropped = False
@@ -73,6 +73,14 @@ class Collection:
             ck = None
         nsealed = ck.nsealed if ck else 0
         fresh_labels, fresh_x = self.store.home_vectors_from(cid, nsealed, d)
+        # Compact the tail: live labels past the checkpoint become nsealed, nsealed+1, ... so no
+        # placeholder row for a dead label ever enters an index (HNSW graphs degrade on them).
+        dense = np.arange(nsealed, nsealed + len(fresh_labels), dtype=np.int64)
+        if not np.array_equal(fresh_labels, dense) or self.next_label != nsealed + len(fresh_labels):
+            self.store.relabel(cid, fresh_labels, dense, next_label=nsealed + len(fresh_labels))
+            labels = labels.copy()
+            labels[labels >= nsealed] = dense
+            self.next_label = nsealed + len(fresh_labels)
         sealed = ck.index if ck else None
         self.segments.restore(sealed, self.next_label, ids, labels, fresh_x, self.last_sequence)
         self.checkpoint_sequence = ck.sequence if ck else 0

@@ -227,6 +227,16 @@ class Store:
             )
         return seq
 
+    def relabel(self, cid: int, old: np.ndarray, new: np.ndarray, *, next_label: int) -> int:
+        """Moves home vectors from labels ``old`` to ``new`` (both (n,) int64, ascending, new <= old)."""
+        with self._tx() as seq:
+            self._w.executemany(
+                "UPDATE vectors SET label=? WHERE cid=? AND label=?",
+                [(int(b), cid, int(a)) for a, b in zip(old.tolist(), new.tolist(), strict=True) if a != b],
+            )
+            self._w.execute("UPDATE collections SET next_label=? WHERE cid=?", (next_label, cid))
+        return seq
+
     def delete(self, cid: int, ids: Sequence[str]) -> int:
         with self._tx() as seq:
             rows = [(cid, pid) for pid in ids]
