@@ -22,15 +22,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from interlingua.v1 import collections_pb2, points_pb2, spaces_pb2
+from interlingua.v1 import collections_pb2, points_pb2, spaces_pb2, transforms_pb2
 from interlingua.v1 import collections_pb2_grpc as cgrpc
 from interlingua.v1 import points_pb2_grpc as pgrpc
 from interlingua.v1 import spaces_pb2_grpc as sgrpc
+from interlingua.v1 import transforms_pb2_grpc as tgrpc
 
 from .config import ServerConfig
 from .engine import Engine, Lifecycle
 from .metrics import Metrics, MetricsInterceptor
 from .servicers import CollectionServicer, PointServicer, SpaceServicer
+from .transform_servicer import TransformServicer
 
 __all__ = ["Server", "create_server", "serve"]
 
@@ -40,6 +42,7 @@ SERVICE_NAMES = (
     spaces_pb2.DESCRIPTOR.services_by_name["SpaceService"].full_name,
     collections_pb2.DESCRIPTOR.services_by_name["CollectionService"].full_name,
     points_pb2.DESCRIPTOR.services_by_name["PointService"].full_name,
+    transforms_pb2.DESCRIPTOR.services_by_name["TransformService"].full_name,
 )
 _OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
@@ -88,6 +91,7 @@ class Server:
         sgrpc.add_SpaceServiceServicer_to_server(SpaceServicer(self.engine), self.grpc)
         cgrpc.add_CollectionServiceServicer_to_server(CollectionServicer(self.engine), self.grpc)
         pgrpc.add_PointServiceServicer_to_server(PointServicer(self.engine), self.grpc)
+        tgrpc.add_TransformServiceServicer_to_server(TransformServicer(self.engine), self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(

@@ -42,3 +42,4 @@ class ServerConfig:
     merge_fraction: float = 0.1  #: ...or this fraction of the indexed rows, whichever is larger
     merge_idle_seconds: float = 1.0  #: merge any fresh rows after this long without writes
     checkpoint_after_merge: bool = True  #: write an index checkpoint after each merge
+    min_retention: float = 0.5  #: activation gate: retention M(T(new), home) / M(new, new) at least this

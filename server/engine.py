@@ -23,6 +23,7 @@ import numpy as np
 
 from . import validate as v
 from .collection import Collection, PointRecord
+from .compat import Compat
 from .config import ServerConfig
 from .errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from .metrics import Metrics
@@ -64,6 +65,7 @@ class Engine:
         self._registry_lock = threading.Lock()
         self._stop = threading.Event()
         self._maintainer: threading.Thread | None = None
+        self.compat: Compat | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -85,6 +87,8 @@ class Engine:
             col = Collection(row, self.spaces[row.home_space], self.store, self._folder(row.cid), self.metrics)
             replayed += col.recover()
             self.collections[row.name] = col
+        self.compat = Compat(self.store, self.metrics, min_retention=self.config.min_retention)
+        self.compat.load(self.collections)
         log.info(
             "recovered %d spaces, %d collections, %d replayed vectors in %.2fs",
             len(self.spaces),
@@ -103,6 +107,8 @@ class Engine:
         self._stop.set()
         if self._maintainer is not None:
             self._maintainer.join()
+        if self.compat is not None:
+            self.compat.close()
         for col in list(self.collections.values()):
             try:
                 col.maintain(force=True, checkpoint_after=self.config.checkpoint_after_merge)
@@ -133,6 +139,13 @@ class Engine:
         if self.state is not Lifecycle.SERVING or self.store is None:
             raise Unavailable(f"the service is {self.state.value}; retry when health reports SERVING")
         return self.store
+
+    def require_compat(self) -> Compat:
+        """The compatibility layer, once the service is serving."""
+        self._ready()
+        if self.compat is None:
+            raise Unavailable("the compatibility layer is not loaded yet")
+        return self.compat
 
     # -- spaces --------------------------------------------------------------------------------
 
@@ -250,11 +263,17 @@ class Engine:
         xq = v.unpack_vectors(data, dim, qspace.dim, what="queries", limit=self.limits.max_nq)
         col.segments.check_params(ef_search, nprobe)
         t1 = time.perf_counter()
-        if route.transform == IDENTITY and qspace.metric == "cosine":
+        if qspace.metric == "cosine":
             xq = v.normalize_rows(xq, what="queries")
+        xq_in = xq
+        if route.transform != IDENTITY:
+            xq = route.to_home(xq, col.home.metric, col.home.dim)
+            self.metrics.transform_seconds.labels(route.transform).observe(time.perf_counter() - t1)
         t2 = time.perf_counter()
         D, ids, snap = col.search(xq, k, ef_search, nprobe)
         t3 = time.perf_counter()
+        if route.shadow is not None and self.compat is not None:
+            self.compat.shadow_search(col, route, xq_in, ids, k, (ef_search, nprobe))
         payloads = col.payloads(ids) if with_payload else None
         t4 = time.perf_counter()
         m = self.metrics.search_seconds

@@ -86,6 +86,46 @@ class Metrics:
             registry=r,
         )
 
+        self.route_active = Gauge(
+            "interlingua_route_active",
+            "1 for the transform that serves a query space on a collection, 0 for retired ones.",
+            ["collection", "query_space", "transform"],
+            registry=r,
+        )
+        self.transform_seconds = Histogram(
+            "interlingua_transform_seconds",
+            "Time to map a query batch through a transform.",
+            ["transform"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ecc_margin = Gauge(
+            "interlingua_transform_ecc_margin",
+            "ECC margin M(T(new), home) - M(home, home) of a transform's report (Recall@10).",
+            ["transform"],
+            registry=r,
+        )
+        self.retention = Gauge(
+            "interlingua_transform_retention",
+            "Retention M(T(new), home) / M(new, new) of a transform's report (Recall@10).",
+            ["transform"],
+            registry=r,
+        )
+        self.shadow_agreement = Histogram(
+            "interlingua_shadow_agreement",
+            "Top-k overlap of a shadow candidate's results with the live route's, per query.",
+            ["collection", "query_space", "transform"],
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0),
+            registry=r,
+        )
+        self.shadow_seconds = Histogram(
+            "interlingua_shadow_seconds",
+            "Time of a shadow candidate's transform and search for one batch.",
+            ["collection", "query_space", "transform"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
     def serve_http(self, port: int, host: str = "") -> tuple[Any, int]:
         """Starts the ``/metrics`` HTTP server; returns (server, bound port)."""
         server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=self.registry)

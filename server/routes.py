@@ -3,20 +3,35 @@
 A query names the space of its vectors. The home space is served natively
 (transform ``identity``); any other space must have an active route, or the
 search fails with FAILED_PRECONDITION naming both spaces. Silent mixing of
-embedding spaces is impossible by construction. The routing table is empty
-until compatibility transforms are activated on a collection.
+embedding spaces is impossible by construction.
+
+A collection's routing table is an immutable mapping that activation and
+rollback replace whole (one reference swap), so a search resolves its route
+without a lock and never sees a half-built table.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from .errors import NoRoute
 
-__all__ = ["IDENTITY", "Route", "resolve"]
+__all__ = ["IDENTITY", "Route", "Shadow", "resolve"]
 
 IDENTITY = "identity"
+
+
+@dataclass(frozen=True)
+class Shadow:
+    """A candidate transform mirrored on a fraction of a route's live queries."""
+
+    transform: str
+    fn: Any  #: the candidate Transform
+    sample_rate: float
 
 
 @dataclass(frozen=True)
@@ -25,7 +40,22 @@ class Route:
 
     query_space: str
     home_space: str
-    transform: str
+    transform: str  #: "identity" or the active transform's name
+    fn: Any = None  #: the active Transform (None for identity)
+    shadow: Shadow | None = None
+
+    def to_home(self, xq: np.ndarray, home_metric: str, home_dim: int) -> np.ndarray:
+        """Maps a query batch xq (nq, d_query) into the home space: (nq, home_dim) float32."""
+        return map_queries(self.fn, xq, home_metric, home_dim)
+
+
+def map_queries(fn: Any, xq: np.ndarray, home_metric: str, home_dim: int) -> np.ndarray:
+    """Applies a transform to queries. A basis transform maps into (home + Δ) dims; against a
+    gallery of old items indexed as [x_old, 0] only its first ``home_dim`` coordinates score."""
+    y = fn.apply(xq, "query")[:, :home_dim]
+    if home_metric == "cosine":
+        y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(y, dtype=np.float32)
 
 
 def resolve(collection: str, home_space: str, query_space: str, table: Mapping[str, Route]) -> Route:

@@ -1,0 +1,405 @@
+"""The compatibility layer: fitted transforms, and the routes that put them in the query path.
+
+* **Fit** (:meth:`Compat.fit`): calibration pairs are checked on the request
+  thread (INVALID_ARGUMENT, nothing stored), then fitted and evaluated on a
+  dedicated worker thread while the service keeps serving; the transform is
+  ``fitting`` until it is ``ready`` (persisted with weights, config, report and
+  checksum) or ``failed``.
+* **Activate / roll back** (:meth:`Compat.activate`, :meth:`Compat.rollback`):
+  the new routing table is built beside the live one and swapped in with one
+  reference assignment; searches never wait on a lock. Activation is gated on
+  the report (ECC margin >= 0, retention >= ``min_retention``) unless forced.
+* **Shadow** (:meth:`Compat.shadow_search`): a candidate transform runs beside
+  the active one on sampled live queries, off the reply path; its top-k
+  agreement and latency are exported as metrics.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .collection import Collection
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .metrics import Metrics
+from .routes import Route, Shadow, map_queries
+from .store import RouteRow, SpaceRow, Store, TransformRow
+from .transforms import KINDS, Calibration, Transform, checksum, load_transform
+
+__all__ = ["Compat", "EvalSet", "TransformRecord"]
+
+log = logging.getLogger(__name__)
+_NAME = re.compile(r"^[A-Za-z0-9._@:-]{1,128}$")
+SHADOW_QUEUE_MAX = 64  #: pending shadow batches beyond which new ones are dropped
+
+
+@dataclass
+class EvalSet:
+    """Evaluation queries with relevant gallery rows: xq_* (nq, d), relevant: one index array per query
+    into the gallery xb_* (nb, d)."""
+
+    xq_new: np.ndarray
+    xq_home: np.ndarray
+    xb_new: np.ndarray
+    xb_home: np.ndarray
+    relevant: list[np.ndarray]
+
+
+@dataclass
+class TransformRecord:
+    name: str
+    kind: str
+    source: str
+    target: str
+    config: dict[str, Any]
+    created_at: float
+    doc_pairs: int = 0
+    query_pairs: int = 0
+    state: str = "fitting"  #: fitting | ready | failed
+    error: str = ""
+    stage: str = "queued"
+    progress: float = 0.0
+    report: dict[str, Any] = field(default_factory=dict)
+    checksum: str = ""
+    fn: Transform | None = None
+
+    @property
+    def d_in(self) -> int:
+        return self.fn.d_in if self.fn is not None else 0
+
+    @property
+    def d_out(self) -> int:
+        return self.fn.d_out if self.fn is not None else 0
+
+
+def gate(report: dict[str, Any], min_retention: float) -> str | None:
+    """Why a report fails the activation gate, quoting its numbers; None when it passes."""
+    margin, retention = report.get("ecc_margin"), report.get("retention")
+    if margin is None or retention is None:
+        detail = ", ".join(f"{k}={v:.4f}" for k, v in report.items() if isinstance(v, float))
+        return (
+            "its report has no ECC margin or retention (label-free: fit with evaluation queries and their "
+            f"relevant ids to measure them){'; it shows ' + detail if detail else ''}"
+        )
+    problems = []
+    if margin < 0:
+        problems.append(f"ECC margin {margin:+.4f} < 0 (transformed new->home Recall@10 is below home->home)")
+    if retention < min_retention:
+        problems.append(f"retention {retention:.4f} < floor {min_retention:.4f}")
+    return "; ".join(problems) or None
+
+
+class Compat:
+    def __init__(self, store: Store, metrics: Metrics, *, min_retention: float) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.min_retention = min_retention
+        self.transforms: dict[str, TransformRecord] = {}
+        self._lock = threading.Lock()  # registry and route changes
+        self._fitter = ThreadPoolExecutor(1, thread_name_prefix="interlingua-fit")
+        self._shadow = ThreadPoolExecutor(1, thread_name_prefix="interlingua-shadow")
+        self._shadow_slots = threading.BoundedSemaphore(SHADOW_QUEUE_MAX)
+        self._rng = random.Random(0)
+
+    def close(self) -> None:
+        self._fitter.shutdown(wait=False, cancel_futures=True)
+        self._shadow.shutdown(wait=False, cancel_futures=True)
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def load(self, collections: dict[str, Collection]) -> None:
+        """Loads every stored transform (chains after their links) and every live route."""
+        rows = sorted(self.store.transforms(), key=lambda r: (r.kind == "chain", r.created_at))
+        for row in rows:
+            with np.load(io.BytesIO(row.weights)) as z:
+                arrays = {k: z[k] for k in z.files}
+            config = json.loads(row.config)
+            fn = load_transform(row.kind, row.d_in, row.d_out, config, arrays, self._link)
+            rec = TransformRecord(
+                row.name,
+                row.kind,
+                row.source_space,
+                row.target_space,
+                config,
+                row.created_at,
+                row.doc_pairs,
+                row.query_pairs,
+                "ready",
+                stage="done",
+                progress=1.0,
+                report=json.loads(row.report),
+                checksum=row.checksum,
+                fn=fn,
+            )
+            self.transforms[row.name] = rec
+            self._export_report(rec)
+        for col in collections.values():
+            live: dict[str, Route] = {}
+            for r in self.store.routes(col.row.cid):
+                if r.deactivated_at == 0 and r.transform and r.query_space not in live:
+                    live[r.query_space] = self._route(col, r.query_space, r.transform, r.shadow, r.shadow_rate)
+            col.routes = live
+            for qs, route in live.items():
+                self.metrics.route_active.labels(col.name, qs, route.transform).set(1)
+
+    def _link(self, name: str) -> Transform:
+        rec = self.transforms.get(name)
+        if rec is None or rec.fn is None:
+            raise NotFound(f"transform {name!r} does not exist or is not ready")
+        return rec.fn
+
+    def _export_report(self, rec: TransformRecord) -> None:
+        for key, gauge in (("ecc_margin", self.metrics.ecc_margin), ("retention", self.metrics.retention)):
+            value = rec.report.get(key)
+            if isinstance(value, float) and math.isfinite(value):
+                gauge.labels(rec.name).set(value)
+
+    # -- transforms ----------------------------------------------------------------------------
+
+    def get(self, name: str) -> TransformRecord:
+        rec = self.transforms.get(name)
+        if rec is None:
+            raise NotFound(f"transform {name!r} does not exist")
+        return rec
+
+    def list(self) -> list[TransformRecord]:
+        return sorted(self.transforms.values(), key=lambda r: r.name)
+
+    def fit(
+        self,
+        name: str,
+        kind: str,
+        source: SpaceRow,
+        target: SpaceRow,
+        config: dict[str, Any],
+        cal: Calibration,
+        eval_set: EvalSet | None,
+        holdout: float,
+        chain: list[str],
+    ) -> TransformRecord:
+        """Registers ``name`` as fitting and fits it in the background. Checks run here, first."""
+        from .transforms.fit import validate_calibration
+
+        if not _NAME.match(name):
+            raise InvalidArgument(f"transform name {name!r} is invalid: use 1 to 128 characters from [A-Za-z0-9._@:-]")
+        if kind not in (*KINDS, "chain"):
+            raise InvalidArgument(f"kind {kind!r} is not one of {', '.join((*KINDS, 'chain'))}")
+        if not 0 <= holdout < 0.9:
+            raise InvalidArgument(f"holdout is {holdout}; it must be in [0, 0.9)")
+        links = [self._link(n) for n in chain] if kind == "chain" else []
+        if kind == "chain":
+            if not chain:
+                raise InvalidArgument("a chain transform needs `chain`: the names of its links")
+            first, last = self.get(chain[0]), self.get(chain[-1])
+            if (first.source, last.target) != (source.name, target.name):
+                raise InvalidArgument(
+                    f"chain maps {first.source!r} -> {last.target!r}, not {source.name!r} -> {target.name!r}"
+                )
+        else:
+            try:
+                validate_calibration(cal, kind)
+            except ValueError as e:
+                raise InvalidArgument(f"calibration data: {e}") from None
+        with self._lock:
+            if name in self.transforms:
+                raise AlreadyExists(f"transform {name!r} already exists (transforms are immutable)")
+            if kind == "chain":
+                config = {**config, "chain": list(chain)}
+            rec = TransformRecord(
+                name, kind, source.name, target.name, config, time.time(), len(cal.doc_new), len(cal.query_new)
+            )
+            self.transforms[name] = rec
+        self._fitter.submit(self._fit_job, rec, target, cal, eval_set, holdout, links)
+        return rec
+
+    def _fit_job(
+        self,
+        rec: TransformRecord,
+        target: SpaceRow,
+        cal: Calibration,
+        eval_set: EvalSet | None,
+        holdout: float,
+        links: list[Transform],
+    ) -> None:
+        from .transforms.chain import compose
+        from .transforms.evaluate import evaluate
+        from .transforms.fit import fit_transform
+
+        def progress(stage: str, fraction: float) -> None:
+            rec.stage, rec.progress = stage, float(fraction)
+
+        try:
+            if rec.kind == "chain":
+                fn = compose(links)
+                report: dict[str, Any] = {}
+            else:
+                result, report = fit_transform(
+                    rec.kind, cal, rec.config, holdout=holdout or 0.1, home_metric=target.metric, progress=progress
+                )
+                fn = result.transform
+                report = {**report, "fit": result.info}
+            if eval_set is not None:
+                progress("evaluate", 0.95)
+                report = {
+                    **report,
+                    **evaluate(
+                        fn,
+                        home_metric=target.metric,
+                        xq_new=eval_set.xq_new,
+                        xq_home=eval_set.xq_home,
+                        xb_new=eval_set.xb_new,
+                        xb_home=eval_set.xb_home,
+                        relevant=eval_set.relevant,
+                    ),
+                }
+            arrays = fn.arrays()
+            buf = io.BytesIO()
+            np.savez(buf, **arrays)
+            config = {**rec.config, "kind": rec.kind}
+            rec.checksum = checksum(rec.kind, config, arrays)
+            report = json.loads(json.dumps(report, default=_jsonable))
+            self.store.add_transform(
+                TransformRow(
+                    rec.name,
+                    rec.kind,
+                    rec.source,
+                    rec.target,
+                    json.dumps(config),
+                    json.dumps(report),
+                    rec.checksum,
+                    fn.d_in,
+                    fn.d_out,
+                    rec.created_at,
+                    rec.doc_pairs,
+                    rec.query_pairs,
+                    buf.getvalue(),
+                )
+            )
+            rec.config, rec.report, rec.fn = config, report, fn
+            rec.state, rec.stage, rec.progress = "ready", "done", 1.0
+            self._export_report(rec)
+        except Exception as e:  # a failed fit is reported on the transform, never raised into a thread
+            log.exception("fitting transform %s failed", rec.name)
+            rec.state, rec.error = "failed", f"{type(e).__name__}: {e}"
+
+    # -- routes --------------------------------------------------------------------------------
+
+    def _route(self, col: Collection, query_space: str, transform: str, shadow: str = "", rate: float = 0.0) -> Route:
+        fn = self.get(transform).fn
+        sh = Shadow(shadow, self.get(shadow).fn, rate) if shadow and shadow in self.transforms else None
+        return Route(query_space, col.home.name, transform, fn, sh)
+
+    def activate(self, col: Collection, name: str, force: bool) -> Route:
+        rec = self.get(name)
+        if rec.state != "ready":
+            raise FailedPrecondition(f"transform {name!r} is {rec.state}{': ' + rec.error if rec.error else ''}")
+        if rec.target != col.home.name:
+            raise FailedPrecondition(
+                f"transform {name!r} maps {rec.source!r} -> {rec.target!r}, but collection {col.name!r} has home "
+                f"space {col.home.name!r}"
+            )
+        reason = gate(rec.report, self.min_retention)
+        if reason and not force:
+            raise FailedPrecondition(f"transform {name!r} is not activated: {reason}; set force to override")
+        with self._lock:
+            old = col.routes.get(rec.source)
+            self.store.set_route(col.row.cid, rec.source, name, bool(reason), time.time())
+            route = Route(rec.source, col.home.name, name, rec.fn, None)
+            col.routes = {**col.routes, rec.source: route}  # the swap: one reference
+        if old is not None:
+            self.metrics.route_active.labels(col.name, rec.source, old.transform).set(0)
+        self.metrics.route_active.labels(col.name, rec.source, name).set(1)
+        return route
+
+    def rollback(self, col: Collection, query_space: str) -> Route | None:
+        """Restores the route active before the current one; returns it (None: the route is removed)."""
+        with self._lock:
+            history = [r for r in self.store.routes(col.row.cid) if r.query_space == query_space]
+            if not history or history[0].deactivated_at != 0 or not history[0].transform:
+                raise FailedPrecondition(
+                    f"collection {col.name!r} has no active route from {query_space!r} to roll back"
+                )
+            live = history[0]
+            previous = next((r.transform for r in history[1:] if r.transform != live.transform), "")
+            self.store.set_route(col.row.cid, query_space, previous, False, time.time())
+            table = dict(col.routes)
+            route = self._route(col, query_space, previous) if previous else None
+            if route is None:
+                table.pop(query_space, None)
+            else:
+                table[query_space] = route
+            col.routes = table
+        self.metrics.route_active.labels(col.name, query_space, live.transform).set(0)
+        if route is not None:
+            self.metrics.route_active.labels(col.name, query_space, route.transform).set(1)
+        return route
+
+    def history(self, col: Collection) -> list[RouteRow]:
+        return self.store.routes(col.row.cid)
+
+    def set_shadow(self, col: Collection, query_space: str, name: str, rate: float) -> Route:
+        if not 0 <= rate <= 1:
+            raise InvalidArgument(f"sample_rate is {rate}; it must be in [0, 1]")
+        with self._lock:
+            route = col.routes.get(query_space)
+            if route is None:
+                raise FailedPrecondition(f"collection {col.name!r} has no active route from {query_space!r} to shadow")
+            shadow = None
+            if name:
+                rec = self.get(name)
+                if rec.state != "ready" or (rec.source, rec.target) != (query_space, col.home.name):
+                    raise FailedPrecondition(
+                        f"transform {name!r} ({rec.state}, {rec.source!r} -> {rec.target!r}) cannot shadow the route "
+                        f"{query_space!r} -> {col.home.name!r}"
+                    )
+                shadow = Shadow(name, rec.fn, rate or 1.0)
+            self.store.set_shadow(col.row.cid, query_space, name, shadow.sample_rate if shadow else 0.0)
+            new = Route(route.query_space, route.home_space, route.transform, route.fn, shadow)
+            col.routes = {**col.routes, query_space: new}
+        return new
+
+    def shadow_search(
+        self, col: Collection, route: Route, xq: np.ndarray, ids: np.ndarray, k: int, params: tuple[Any, Any]
+    ) -> None:
+        """Mirrors a routed batch to the route's shadow candidate (sampled, off the reply path)."""
+        sh = route.shadow
+        if sh is None or self._rng.random() >= sh.sample_rate or not self._shadow_slots.acquire(blocking=False):
+            return
+
+        def run() -> None:
+            try:
+                t0 = time.perf_counter()
+                xh = map_queries(sh.fn, xq, col.home.metric, col.home.dim)
+                _, cand, _ = col.search(xh, k, *params)
+                self.metrics.shadow_seconds.labels(col.name, route.query_space, sh.transform).observe(
+                    time.perf_counter() - t0
+                )
+                overlap = [len(set(a) & set(b) - {""}) / k for a, b in zip(ids.tolist(), cand.tolist(), strict=True)]
+                agreement = self.metrics.shadow_agreement.labels(col.name, route.query_space, sh.transform)
+                for o in overlap:
+                    agreement.observe(o)
+            except Exception:
+                log.exception("shadow search failed")
+            finally:
+                self._shadow_slots.release()
+
+        self._shadow.submit(run)
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)

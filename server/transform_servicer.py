@@ -1,0 +1,257 @@
+"""Thin gRPC servicer of ``TransformService``: assembles calibration streams, calls :class:`~.compat.Compat`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+
+from interlingua.v1 import transforms_pb2 as tpb
+from interlingua.v1 import transforms_pb2_grpc as tgrpc
+
+from . import validate as v
+from .compat import EvalSet, TransformRecord
+from .engine import Engine
+from .errors import InvalidArgument
+from .routes import Route
+from .servicers import rpc
+from .store import RouteRow, SpaceRow
+from .transforms import Calibration
+
+__all__ = ["TransformServicer"]
+
+KIND_TO_PB = {
+    "procrustes": tpb.TRANSFORM_KIND_PROCRUSTES,
+    "affine": tpb.TRANSFORM_KIND_AFFINE,
+    "lambda_orthogonal": tpb.TRANSFORM_KIND_LAMBDA_ORTHOGONAL,
+    "basis": tpb.TRANSFORM_KIND_BASIS,
+    "residual_mlp": tpb.TRANSFORM_KIND_RESIDUAL_MLP,
+    "chain": tpb.TRANSFORM_KIND_CHAIN,
+}
+PB_TO_KIND = {value: key for key, value in KIND_TO_PB.items()}
+STATE_TO_PB = {
+    "fitting": tpb.TRANSFORM_STATE_FITTING,
+    "ready": tpb.TRANSFORM_STATE_READY,
+    "failed": tpb.TRANSFORM_STATE_FAILED,
+}
+
+
+def transform_pb(r: TransformRecord) -> tpb.TransformInfo:
+    return tpb.TransformInfo(
+        name=r.name,
+        kind=KIND_TO_PB[r.kind],
+        source_space=r.source,
+        target_space=r.target,
+        state=STATE_TO_PB[r.state],
+        error=r.error,
+        config_json=json.dumps(r.config),
+        report_json=json.dumps(r.report),
+        checksum=r.checksum,
+        d_in=r.d_in,
+        d_out=r.d_out,
+        created_at=r.created_at,
+        progress=r.progress,
+        stage=r.stage,
+        doc_pairs=r.doc_pairs,
+        query_pairs=r.query_pairs,
+    )
+
+
+def route_pb(collection: str, home: str, row: RouteRow) -> tpb.RouteInfo:
+    return tpb.RouteInfo(
+        collection=collection,
+        query_space=row.query_space,
+        home_space=home,
+        transform=row.transform,
+        shadow=row.shadow,
+        activated_at=row.activated_at,
+        deactivated_at=row.deactivated_at,
+        forced=bool(row.forced),
+    )
+
+
+def live_route_pb(collection: str, route: Route | None, query_space: str, home: str) -> tpb.RouteInfo:
+    if route is None:
+        return tpb.RouteInfo(collection=collection, query_space=query_space, home_space=home)
+    return tpb.RouteInfo(
+        collection=collection,
+        query_space=route.query_space,
+        home_space=route.home_space,
+        transform=route.transform,
+        shadow=route.shadow.transform if route.shadow else "",
+    )
+
+
+class _Assembler:
+    """Collects a FitTransform stream into a Calibration and an optional EvalSet, checking each part."""
+
+    def __init__(self, source: SpaceRow, target: SpaceRow) -> None:
+        self.source, self.target = source, target
+        self.parts: dict[str, list[np.ndarray]] = {k: [] for k in ("dn", "dh", "qn", "qh", "en", "eh")}
+        self.labels: dict[str, list[int]] = {"doc": [], "query": []}
+        self.doc_ids: list[str] = []
+        self.gallery: dict[str, list[Any]] = {"ids": [], "new": [], "home": []}
+        self.eval_q: list[tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = []
+        self.eval_ids: list[list[str]] = []
+
+    def _pair(self, batch: tpb.PairBatch, i: int) -> tuple[np.ndarray, np.ndarray]:
+        what = f"message {i}"
+        xn = v.unpack_vectors(batch.source.data, batch.source.dim, self.source.dim, what=f"{what} source")
+        xh = v.unpack_vectors(batch.target.data, batch.target.dim, self.target.dim, what=f"{what} target")
+        if len(xn) != len(xh):
+            raise InvalidArgument(f"{what}: {len(xn)} source vectors but {len(xh)} target vectors")
+        if self.source.metric == "cosine":
+            xn = v.normalize_rows(xn, what=f"{what} source")
+        if self.target.metric == "cosine":
+            xh = v.normalize_rows(xh, what=f"{what} target")
+        return xn, xh
+
+    def add_pairs(self, batch: tpb.PairBatch, i: int) -> None:
+        if batch.side not in (tpb.PAIR_SIDE_DOC, tpb.PAIR_SIDE_QUERY):
+            raise InvalidArgument(f"message {i}: pairs.side must be PAIR_SIDE_DOC or PAIR_SIDE_QUERY")
+        xn, xh = self._pair(batch, i)
+        n = len(xn)
+        for name, values in (("labels", batch.labels), ("ids", batch.ids)):
+            if values and len(values) != n:
+                raise InvalidArgument(f"message {i}: {len(values)} {name} for {n} pairs")
+        if batch.ids:
+            self.gallery["ids"].extend(batch.ids)
+            self.gallery["new"].append(xn)
+            self.gallery["home"].append(xh)
+        if batch.eval_only:
+            if batch.side != tpb.PAIR_SIDE_DOC or not batch.ids:
+                raise InvalidArgument(f"message {i}: eval_only pairs must be doc pairs with ids")
+            return
+        side = "doc" if batch.side == tpb.PAIR_SIDE_DOC else "query"
+        self.parts["dn" if side == "doc" else "qn"].append(xn)
+        self.parts["dh" if side == "doc" else "qh"].append(xh)
+        self.labels[side].extend(batch.labels)
+
+    def add_eval(self, e: tpb.EvalQueries, i: int) -> None:
+        xn, xh = self._pair(tpb.PairBatch(source=e.source, target=e.target), i)
+        offsets = list(e.relevant_offsets)
+        if len(offsets) != len(xn) + 1 or offsets[0] != 0 or offsets[-1] != len(e.relevant_ids):
+            raise InvalidArgument(
+                f"message {i}: relevant_offsets needs nq+1 = {len(xn) + 1} entries from 0 to len(relevant_ids)"
+            )
+        if any(b < a for a, b in itertools.pairwise(offsets)):
+            raise InvalidArgument(f"message {i}: relevant_offsets must not decrease")
+        ids = list(e.relevant_ids)
+        self.eval_q.append((xn, xh, []))
+        self.eval_ids.extend(ids[a:b] for a, b in itertools.pairwise(offsets))
+
+    def calibration(self) -> Calibration:
+        def stack(key: str, d: int) -> np.ndarray:
+            return np.vstack(self.parts[key]) if self.parts[key] else np.zeros((0, d), np.float32)
+
+        s, t = self.source.dim, self.target.dim
+        labels = {}
+        for side, n in (("doc", sum(map(len, self.parts["dn"]))), ("query", sum(map(len, self.parts["qn"])))):
+            got = self.labels[side]
+            if got and len(got) != n:
+                raise InvalidArgument(f"{side} pairs: labels were given for {len(got)} of {n} pairs; give all or none")
+            labels[side] = np.asarray(got, dtype=np.int64) if got else None
+        return Calibration(
+            stack("dn", s), stack("dh", t), stack("qn", s), stack("qh", t), labels["doc"], labels["query"]
+        )
+
+    def eval_set(self) -> EvalSet | None:
+        if not self.eval_q:
+            return None
+        index = {pid: j for j, pid in enumerate(self.gallery["ids"])}
+        if len(index) != len(self.gallery["ids"]):
+            raise InvalidArgument("doc pair ids must be unique")
+        relevant = []
+        for qi, ids in enumerate(self.eval_ids):
+            missing = [pid for pid in ids if pid not in index]
+            if missing:
+                raise InvalidArgument(f"evaluation query {qi}: relevant ids not among the doc pairs: {missing[:3]!r}")
+            relevant.append(np.array([index[pid] for pid in ids], dtype=np.int64))
+        return EvalSet(
+            np.vstack([q[0] for q in self.eval_q]),
+            np.vstack([q[1] for q in self.eval_q]),
+            np.vstack(self.gallery["new"]),
+            np.vstack(self.gallery["home"]),
+            relevant,
+        )
+
+
+class TransformServicer(tgrpc.TransformServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @rpc
+    def FitTransform(self, request_iterator: Iterator[tpb.FitTransformRequest], context: grpc.ServicerContext) -> Any:
+        compat = self.engine.require_compat()
+        it = iter(request_iterator)
+        first = next(it, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("the first FitTransform message must be a header")
+        h = first.header
+        if h.kind not in PB_TO_KIND:
+            raise InvalidArgument("header.kind must be set to a TransformKind")
+        source, target = self.engine.get_space(h.source_space), self.engine.get_space(h.target_space)
+        try:
+            config = json.loads(h.config_json) if h.config_json else {}
+        except ValueError as e:
+            raise InvalidArgument(f"header.config_json is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise InvalidArgument("header.config_json must be a JSON object")
+        asm = _Assembler(source, target)
+        for i, msg in enumerate(it, start=1):
+            part = msg.WhichOneof("part")
+            if part == "pairs":
+                asm.add_pairs(msg.pairs, i)
+            elif part == "eval":
+                asm.add_eval(msg.eval, i)
+            else:
+                raise InvalidArgument(f"message {i}: only the first message may be a header")
+        rec = compat.fit(
+            h.name,
+            PB_TO_KIND[h.kind],
+            source,
+            target,
+            config,
+            asm.calibration(),
+            asm.eval_set(),
+            h.holdout,
+            list(h.chain),
+        )
+        return transform_pb(rec)
+
+    @rpc
+    def GetTransform(self, request: tpb.GetTransformRequest, context: grpc.ServicerContext) -> Any:
+        return transform_pb(self.engine.require_compat().get(request.name))
+
+    @rpc
+    def ListTransforms(self, request: tpb.ListTransformsRequest, context: grpc.ServicerContext) -> Any:
+        return tpb.ListTransformsResponse(transforms=[transform_pb(r) for r in self.engine.require_compat().list()])
+
+    @rpc
+    def ActivateRoute(self, request: tpb.ActivateRouteRequest, context: grpc.ServicerContext) -> Any:
+        compat, col = self.engine.require_compat(), self.engine.collection(request.collection)
+        route = compat.activate(col, request.transform, request.force)
+        return live_route_pb(col.name, route, route.query_space, col.home.name)
+
+    @rpc
+    def RollbackRoute(self, request: tpb.RollbackRouteRequest, context: grpc.ServicerContext) -> Any:
+        compat, col = self.engine.require_compat(), self.engine.collection(request.collection)
+        route = compat.rollback(col, request.query_space)
+        return live_route_pb(col.name, route, request.query_space, col.home.name)
+
+    @rpc
+    def ListRoutes(self, request: tpb.ListRoutesRequest, context: grpc.ServicerContext) -> Any:
+        compat, col = self.engine.require_compat(), self.engine.collection(request.collection)
+        active = [live_route_pb(col.name, r, qs, col.home.name) for qs, r in sorted(col.routes.items())]
+        history = [route_pb(col.name, col.home.name, r) for r in compat.history(col)]
+        return tpb.ListRoutesResponse(active=active, history=history)
+
+    @rpc
+    def SetShadow(self, request: tpb.SetShadowRequest, context: grpc.ServicerContext) -> Any:
+        compat, col = self.engine.require_compat(), self.engine.collection(request.collection)
+        route = compat.set_shadow(col, request.query_space, request.transform, request.sample_rate)
+        return live_route_pb(col.name, route, route.query_space, col.home.name)

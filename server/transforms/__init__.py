@@ -1,0 +1,62 @@
+"""Compatibility transforms: one module per kind, fitted offline or by the service.
+
+================  ==========================================================  ==================
+kind              what it is                                                   module
+================  ==========================================================  ==================
+procrustes        orthogonal map from the SVD of XᵀY (centred, scaled)          ``procrustes.py``
+affine            ridge least squares W, b                                     ``affine.py``
+lambda_orthogonal λ-orthogonality regularized affine map (Ricci et al. 2025)   ``lambda_orthogonal.py``
+basis             post-hoc orthonormal basis transformation (after BT²)        ``basis.py``
+residual_mlp      affine map plus a small residual MLP (after Drift-Adapter)   ``residual_mlp.py``
+chain             composition of registered transforms                        ``chain.py``
+================  ==========================================================  ==================
+
+Torch is imported only by the modules that train with it, and only when they fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .base import SIDES, AffineTransform, Calibration, FitResult, Transform, apply_to_home, checksum
+
+__all__ = [
+    "KINDS",
+    "SIDES",
+    "AffineTransform",
+    "Calibration",
+    "FitResult",
+    "Transform",
+    "apply_to_home",
+    "checksum",
+    "load_transform",
+]
+
+KINDS = ("procrustes", "affine", "lambda_orthogonal", "basis", "residual_mlp")  #: kinds that are fitted
+
+
+def load_transform(
+    kind: str,
+    d_in: int,
+    d_out: int,
+    config: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    link: Callable[[str], Transform],
+) -> Transform:
+    """Rebuilds a stored transform; ``link(name)`` resolves a chain's links."""
+    if kind == "basis":
+        from .basis import BasisTransform
+
+        return BasisTransform.from_arrays(d_in, d_out, config, arrays)
+    if kind == "residual_mlp":
+        from .residual_mlp import ResidualMLPTransform
+
+        return ResidualMLPTransform.from_arrays(d_in, d_out, config, arrays)
+    if kind == "chain" and not arrays.get("W_query", np.zeros(0)).size:
+        from .chain import compose
+
+        return compose([link(name) for name in config["chain"]])
+    return AffineTransform.from_arrays(d_in, d_out, {**config, "kind": kind}, arrays)

@@ -1,0 +1,156 @@
+"""Compatibility transforms: maps from a new model's space into a collection's home space.
+
+A transform is an immutable, versioned artefact: its kind, its configuration,
+its weights (numpy arrays), its fit report and a checksum over all of them. At
+serve time it maps a whole query batch at once: one matmul plus a bias for the
+linear kinds (every kind but ``residual_mlp``), which also lets ``chain``
+precompute a composition into one matrix. Re-normalization for cosine home
+spaces is the caller's job (:func:`apply_to_home`).
+
+Queries and gallery items have different distributions, so the linear maps are
+kept per *side* (``"query"`` and ``"doc"``): with centering, the means differ
+per side, hence so does the bias (and the matrix may too). A side fitted without
+its own pairs falls back to the other side's map.
+
+Shapes use FAISS vocabulary: ``x`` is (n, d_in), the result (n, d_out).
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+__all__ = ["SIDES", "AffineTransform", "Calibration", "Transform", "apply_to_home", "checksum"]
+
+SIDES = ("query", "doc")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Items embedded by both models, row-aligned: row i of ``*_new`` and ``*_home`` is one item.
+
+    doc_new : (n, d_new), doc_home : (n, d_home)  -- gallery items (doc pairs), may be empty
+    query_new : (m, d_new), query_home : (m, d_home) -- logged queries (query pairs), may be empty
+    doc_labels : (n,) int64 or None -- class labels of the doc pairs (SupCon, CMC, mAP)
+    query_labels : (m,) int64 or None
+    """
+
+    doc_new: np.ndarray
+    doc_home: np.ndarray
+    query_new: np.ndarray
+    query_home: np.ndarray
+    doc_labels: np.ndarray | None = None
+    query_labels: np.ndarray | None = None
+
+    @property
+    def d_new(self) -> int:
+        return int((self.doc_new if len(self.doc_new) else self.query_new).shape[1])
+
+    @property
+    def d_home(self) -> int:
+        return int((self.doc_home if len(self.doc_home) else self.query_home).shape[1])
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """All pairs stacked (docs first): X (n+m, d_new), Y (n+m, d_home)."""
+        return np.vstack([self.doc_new, self.query_new]), np.vstack([self.doc_home, self.query_home])
+
+
+class Transform(abc.ABC):
+    """A fitted map R^d_in -> R^d_out. Subclasses are immutable once built."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, d_in: int, d_out: int, config: dict[str, Any]) -> None:
+        self.d_in, self.d_out, self.config = d_in, d_out, dict(config)
+
+    @abc.abstractmethod
+    def apply(self, x: np.ndarray, side: str = "query") -> np.ndarray:
+        """x : (n, d_in) float32 -> (n, d_out) float32 (not normalized)."""
+
+    def affine(self, side: str = "query") -> tuple[np.ndarray, np.ndarray] | None:
+        """(W (d_in, d_out), b (d_out,)) with apply(x) = x @ W + b, or None for a non-linear kind."""
+        return None
+
+    @abc.abstractmethod
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every weight, by name, for persistence (``np.savez``)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_arrays(cls, d_in: int, d_out: int, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> Transform:
+        """Rebuilds the transform saved by :meth:`arrays`."""
+
+
+class AffineTransform(Transform):
+    """x -> x @ W[side] + b[side]: the serve-time form of every linear kind."""
+
+    kind = "affine"
+
+    def __init__(
+        self, W: dict[str, np.ndarray], b: dict[str, np.ndarray], config: dict[str, Any], kind: str | None = None
+    ) -> None:
+        w0 = next(iter(W.values()))
+        super().__init__(int(w0.shape[0]), int(w0.shape[1]), config)
+        if kind is not None:
+            self.kind = kind  # type: ignore[misc]
+        self.W = {s: np.ascontiguousarray(W.get(s, w0), dtype=np.float32) for s in SIDES}
+        b0 = next(iter(b.values()))
+        self.b = {s: np.ascontiguousarray(b.get(s, b0), dtype=np.float32) for s in SIDES}
+        for s in SIDES:
+            if self.W[s].shape != (self.d_in, self.d_out) or self.b[s].shape != (self.d_out,):
+                raise ValueError(f"side {s}: W {self.W[s].shape} and b {self.b[s].shape} do not match")
+
+    def apply(self, x: np.ndarray, side: str = "query") -> np.ndarray:
+        y = x @ self.W[side]
+        y += self.b[side]
+        return y
+
+    def affine(self, side: str = "query") -> tuple[np.ndarray, np.ndarray]:
+        return self.W[side], self.b[side]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {**{f"W_{s}": self.W[s] for s in SIDES}, **{f"b_{s}": self.b[s] for s in SIDES}}
+
+    @classmethod
+    def from_arrays(
+        cls, d_in: int, d_out: int, config: dict[str, Any], arrays: dict[str, np.ndarray]
+    ) -> AffineTransform:
+        return cls(
+            {s: arrays[f"W_{s}"] for s in SIDES},
+            {s: arrays[f"b_{s}"] for s in SIDES},
+            config,
+            kind=config.get("kind"),
+        )
+
+
+def apply_to_home(t: Transform, x: np.ndarray, home_metric: str, side: str = "query") -> np.ndarray:
+    """Maps x (n, d_in) into the home space, re-normalized when the home metric is cosine."""
+    y = t.apply(np.ascontiguousarray(x, dtype=np.float32), side)
+    if home_metric == "cosine":
+        y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(y, dtype=np.float32)
+
+
+def checksum(kind: str, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over kind, config (canonical JSON) and every array (name, dtype, shape, bytes)."""
+    h = hashlib.sha256(kind.encode())
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class FitResult:
+    """What a fit returns: the transform, the numbers that describe the fit, and its loss history."""
+
+    transform: Transform
+    info: dict[str, Any] = field(default_factory=dict)  #: e.g. chosen ridge/lambda, final ||W^T W - I||_F
+    history: list[dict[str, float]] = field(default_factory=list)  #: named loss terms per epoch
