@@ -15,6 +15,7 @@ from ._exceptions import (
     Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
+    FitFailed,
     InterlinguaError,
     Internal,
     InvalidArgument,
@@ -25,7 +26,7 @@ from ._exceptions import (
     Unavailable,
     Unknown,
 )
-from ._types import CollectionInfo, PointRecord, Route, SearchResult, Space
+from ._types import CollectionInfo, PointRecord, Route, RouteInfo, RoutesListing, SearchResult, Space, TransformInfo
 
 __all__ = [
     "AlreadyExists",
@@ -34,6 +35,7 @@ __all__ = [
     "CollectionInfo",
     "DeadlineExceeded",
     "FailedPrecondition",
+    "FitFailed",
     "InterlinguaError",
     "Internal",
     "InvalidArgument",
@@ -42,8 +44,11 @@ __all__ = [
     "PointRecord",
     "ResourceExhausted",
     "Route",
+    "RouteInfo",
+    "RoutesListing",
     "SearchResult",
     "Space",
+    "TransformInfo",
     "Unauthenticated",
     "Unavailable",
     "Unknown",

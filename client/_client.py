@@ -5,19 +5,24 @@ set, sends the API key as ``authorization: Bearer <key>`` metadata on every
 call, and turns each :class:`grpc.RpcError` into an
 :class:`~interlingua.client.InterlinguaError` subclass (raised ``from`` it).
 Large upserts are split into batches of ``batch_size`` rows, sliced lazily so a
-memory-mapped ``.npy`` streams. Covered by ``tests/test_client.py``.
+memory-mapped ``.npy`` streams; so are the calibration pairs of
+:meth:`Client.fit_transform`, which then polls the background fit until it is
+ready (or raises :class:`~interlingua.client.FitFailed`). Covered by
+``tests/test_client.py`` and ``tests/test_client_transforms.py``.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tqdm import tqdm
 
 from interlingua.v1 import (
     collections_pb2,
@@ -27,15 +32,30 @@ from interlingua.v1 import (
     points_pb2_grpc,
     spaces_pb2,
     spaces_pb2_grpc,
+    transforms_pb2,
+    transforms_pb2_grpc,
 )
 
-from ._exceptions import DeadlineExceeded, InterlinguaError, InvalidArgument, Unavailable, from_rpc_error
-from ._types import METRICS, CollectionInfo, PointRecord, SearchResult, Space
+from ._calibration import Gallery, Pairs, fit_requests
+from ._exceptions import DeadlineExceeded, FitFailed, InterlinguaError, InvalidArgument, Unavailable, from_rpc_error
+from ._types import (
+    KINDS,
+    METRICS,
+    CollectionInfo,
+    PointRecord,
+    RouteInfo,
+    RoutesListing,
+    SearchResult,
+    Space,
+    TransformInfo,
+)
 from ._wire import PayloadArg, as_matrix, pack_vectors, upsert_requests
 
 __all__ = ["Client"]
 
 _T = TypeVar("_T")
+#: tqdm layout of a fit's progress (the server reports a fraction and a stage name, not counts).
+FIT_BAR = "{desc} {percentage:3.0f}%|{bar}| [{elapsed}]"
 
 
 class Client:
@@ -60,6 +80,7 @@ class Client:
         self._spaces = spaces_pb2_grpc.SpaceServiceStub(self._channel)
         self._collections = collections_pb2_grpc.CollectionServiceStub(self._channel)
         self._points = points_pb2_grpc.PointServiceStub(self._channel)
+        self._transforms = transforms_pb2_grpc.TransformServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def __enter__(self) -> Client:
@@ -231,6 +252,160 @@ class Client:
         )
         resp: points_pb2.SearchResponse = self._call(self._points.Search, req)
         return SearchResult.from_proto(resp, with_payload)
+
+    # -- transforms and routes -----------------------------------------------------------------------
+
+    def fit_transform(
+        self,
+        name: str,
+        kind: str,
+        *,
+        source_space: str,
+        target_space: str,
+        doc_pairs: Pairs | None = None,
+        query_pairs: Pairs | None = None,
+        doc_labels: npt.ArrayLike | None = None,
+        query_labels: npt.ArrayLike | None = None,
+        doc_ids: Sequence[str] | None = None,
+        eval_queries: Pairs | None = None,
+        eval_relevant: Sequence[Sequence[str]] | None = None,
+        eval_gallery: Gallery | None = None,
+        config: Mapping[str, Any] | None = None,
+        holdout: float = 0.0,
+        chain: Sequence[str] = (),
+        batch_size: int = 4096,
+        wait: bool = True,
+        poll: float = 0.2,
+        timeout: float | None = None,
+        progress: bool = False,
+    ) -> TransformInfo:
+        """Fits ``name``, a transform of ``kind`` from ``source_space`` (new model) into ``target_space``.
+
+        Pairs are row-aligned tuples (source (n, d_source), target (n, d_target)),
+        any float dtype; ``*_labels`` give one int class per pair. Evaluation:
+        ``eval_queries`` (nq source, nq target) with ``eval_relevant`` (nq lists of
+        ids) scored against a gallery of every doc pair with ids: ``doc_ids`` name
+        the fitted doc pairs, ``eval_gallery`` (ids, source (n, d), target (n, d))
+        adds pairs used only for evaluation. ``config`` is the kind's
+        hyper-parameters; ``holdout`` 0 means the server's default (0.1); ``chain``
+        names the links of a ``"chain"``.
+
+        The pairs are streamed in one FitTransform call (the client's per-call
+        timeout covers it). With ``wait`` this then polls :meth:`wait_transform`
+        every ``poll`` seconds for at most ``timeout`` seconds (None: no limit) and
+        returns the ready transform; raises FitFailed if the fit failed and
+        DeadlineExceeded past ``timeout``. Without ``wait`` it returns the
+        transform in state ``"fitting"``. ``progress`` shows the upload and the
+        server's fit stages as tqdm bars.
+        """
+        if kind not in KINDS:
+            raise InvalidArgument(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+        if poll <= 0:
+            raise InvalidArgument(f"poll must be > 0 seconds, got {poll}")
+        header = transforms_pb2.FitHeader(
+            name=name,
+            kind=KINDS[kind],
+            source_space=source_space,
+            target_space=target_space,
+            config_json=json.dumps(dict(config)) if config else "",
+            chain=list(chain),
+            holdout=holdout,
+        )
+        requests = fit_requests(
+            header,
+            doc_pairs=doc_pairs,
+            query_pairs=query_pairs,
+            doc_labels=doc_labels,
+            query_labels=query_labels,
+            doc_ids=doc_ids,
+            eval_queries=eval_queries,
+            eval_relevant=eval_relevant,
+            eval_gallery=eval_gallery,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        msg: transforms_pb2.TransformInfo = self._call(self._transforms.FitTransform, requests)
+        info = TransformInfo.from_proto(msg)
+        if not wait:
+            return info
+        return self.wait_transform(name, poll=poll, timeout=timeout, progress=progress)
+
+    def wait_transform(
+        self, name: str, *, poll: float = 0.2, timeout: float | None = None, progress: bool = False
+    ) -> TransformInfo:
+        """Polls :meth:`get_transform` until ``name`` is ready and returns it.
+
+        Raises FitFailed (carrying the transform as ``info``) when its fit failed,
+        DeadlineExceeded when it is still fitting after ``timeout`` seconds (None:
+        no limit). ``progress`` shows the server's stage and progress as a tqdm bar.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with tqdm(total=100, disable=not progress, desc=name, bar_format=FIT_BAR) as bar:
+            while True:
+                info = self.get_transform(name)
+                bar.set_description_str(f"{name}: {info.stage or info.state}")
+                bar.update(round(100 * info.progress) - bar.n)
+                if info.state == "ready":
+                    return info
+                if info.state == "failed":
+                    raise FitFailed(f"fitting transform {name!r} failed: {info.error}", info=info)
+                if deadline is not None and time.monotonic() + poll > deadline:
+                    raise DeadlineExceeded(
+                        f"transform {name!r} is still {info.state} after {timeout:g} s "
+                        f"(stage {info.stage!r}, {info.progress:.0%})"
+                    )
+                time.sleep(poll)
+
+    def get_transform(self, name: str) -> TransformInfo:
+        """One transform with its config and report; NotFound if unknown."""
+        req = transforms_pb2.GetTransformRequest(name=name)
+        msg: transforms_pb2.TransformInfo = self._call(self._transforms.GetTransform, req)
+        return TransformInfo.from_proto(msg)
+
+    def list_transforms(self) -> list[TransformInfo]:
+        """All transforms (fitting, ready and failed), ordered by name."""
+        req = transforms_pb2.ListTransformsRequest()
+        resp: transforms_pb2.ListTransformsResponse = self._call(self._transforms.ListTransforms, req)
+        return [TransformInfo.from_proto(t) for t in resp.transforms]
+
+    def activate_route(self, collection: str, transform: str, *, force: bool = False) -> RouteInfo:
+        """Routes ``transform``'s source space into ``collection`` through it, atomically.
+
+        FailedPrecondition when the transform is not ready, does not map into the
+        collection's home space, or its report fails the gate (unless ``force``).
+        """
+        req = transforms_pb2.ActivateRouteRequest(collection=collection, transform=transform, force=force)
+        msg: transforms_pb2.RouteInfo = self._call(self._transforms.ActivateRoute, req)
+        return RouteInfo.from_proto(msg)
+
+    def rollback_route(self, collection: str, query_space: str) -> RouteInfo:
+        """Restores the previous route from ``query_space``; its ``transform`` is ``""`` when the
+        route is removed. FailedPrecondition when there is no active route to roll back."""
+        req = transforms_pb2.RollbackRouteRequest(collection=collection, query_space=query_space)
+        msg: transforms_pb2.RouteInfo = self._call(self._transforms.RollbackRoute, req)
+        return RouteInfo.from_proto(msg)
+
+    def list_routes(self, collection: str) -> RoutesListing:
+        """The live routes of a collection and every activation, newest first."""
+        req = transforms_pb2.ListRoutesRequest(collection=collection)
+        resp: transforms_pb2.ListRoutesResponse = self._call(self._transforms.ListRoutes, req)
+        return RoutesListing.from_proto(resp)
+
+    def set_shadow(
+        self, collection: str, query_space: str, transform: str | None, *, sample_rate: float = 1.0
+    ) -> RouteInfo:
+        """Mirrors a fraction ``sample_rate`` in (0, 1] of the route's live queries to the candidate
+        ``transform`` (replies do not change); ``None`` or ``""`` stops the shadow."""
+        if transform and not 0 < sample_rate <= 1:
+            raise InvalidArgument(f"sample_rate must be in (0, 1], got {sample_rate}")
+        req = transforms_pb2.SetShadowRequest(
+            collection=collection,
+            query_space=query_space,
+            transform=transform or "",
+            sample_rate=sample_rate if transform else 0.0,
+        )
+        msg: transforms_pb2.RouteInfo = self._call(self._transforms.SetShadow, req)
+        return RouteInfo.from_proto(msg)
 
     # -- health ---------------------------------------------------------------------------------------
 

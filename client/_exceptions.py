@@ -14,7 +14,8 @@
     ├── DeadlineExceeded             DEADLINE_EXCEEDED    retriable: the call ran past its timeout
     ├── Internal                     INTERNAL
     ├── Unknown                      UNKNOWN
-    └── Cancelled                    CANCELLED
+    ├── Cancelled                    CANCELLED
+    └── FitFailed                    (none)               the calls succeeded, the transform's fit failed
 
 ``retriable`` says whether the same call may succeed if sent again later;
 ``is_input_error`` says the request itself is wrong and must be changed. Every
@@ -22,20 +23,27 @@
 of these with :func:`from_rpc_error` and raises it ``from`` the original error.
 Client-side checks (shapes, lengths) raise :class:`InvalidArgument` too, so one
 ``except`` clause serves a mistake whether the client or the server caught it.
-Covered by ``tests/test_client.py``.
+:class:`FitFailed` is the one class no status code maps to: a transform whose
+background fit ended in state ``failed`` (:meth:`Client.wait_transform`); it
+carries the transform's :class:`~interlingua.client.TransformInfo` as ``info``.
+Covered by ``tests/test_client.py`` and ``tests/test_client_transforms.py``.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import grpc
+
+if TYPE_CHECKING:
+    from ._types import TransformInfo
 
 __all__ = [
     "AlreadyExists",
     "Cancelled",
     "DeadlineExceeded",
     "FailedPrecondition",
+    "FitFailed",
     "InterlinguaError",
     "Internal",
     "InvalidArgument",
@@ -138,6 +146,17 @@ class Cancelled(InterlinguaError):
     """The call was cancelled, usually by the caller."""
 
     default_code = grpc.StatusCode.CANCELLED
+
+
+class FitFailed(InterlinguaError):
+    """A transform's background fit failed; ``info`` is the transform (state ``"failed"``, ``error`` set).
+
+    Not a status code: FitTransform and GetTransform both succeeded. ``code`` is UNKNOWN.
+    """
+
+    def __init__(self, message: str, *, info: TransformInfo) -> None:
+        super().__init__(message)
+        self.info = info
 
 
 # The one table: status code -> exception class. Codes not listed (UNIMPLEMENTED,

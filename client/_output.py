@@ -1,27 +1,57 @@
 """Output of the CLI: aligned text tables by default, one JSON object per line with ``--json``.
 
 Score padding (ids ``""``, scores +-inf) is dropped from search output, so the
-JSON stays strict (no ``Infinity``). Covered by ``tests/test_cli.py``.
+JSON stays strict (no ``Infinity``). A transform's report (the flat dict of
+``interlingua.server.transforms.evaluate``) prints as a before/after table:
+one row per metric, one column per way of searching (home->home is the service
+before the transform, T(new)->home after it), then the compatibility figures.
+Covered by ``tests/test_cli.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from ._types import CollectionInfo, SearchResult, Space
+from ._types import CollectionInfo, RouteInfo, RoutesListing, SearchResult, Space, TransformInfo
 
 __all__ = [
     "print_collection",
     "print_collections",
     "print_json",
+    "print_report",
+    "print_routes",
+    "print_routes_listing",
     "print_search",
     "print_spaces",
     "print_table",
+    "print_transform",
+    "print_transforms",
+    "report_recall",
 ]
+
+#: Columns of the before/after table: report key prefix -> heading.
+_MODES = {
+    "home": "HOME->HOME (BEFORE)",
+    "new": "NEW->NEW (RE-INDEX)",
+    "raw": "NEW->HOME (RAW)",
+    "transformed": "T(NEW)->HOME (AFTER)",
+}
+#: Compatibility figures of a report, in print order: key -> label.
+_FIGURES = {
+    "ecc_margin": "ECC margin (after - before R@k, >= 0 passes)",
+    "retention": "retention (after / re-index R@k)",
+    "neg_flip": "negative flips (top-1 right before, wrong after)",
+    "nbr_agreement": "top-k agreement of after with re-index",
+    "ortho_error": "||W^T W - I||_F",
+    "us_per_query": "microseconds per query",
+    "nq": "evaluation queries",
+    "nb": "evaluation gallery",
+}
 
 
 def _when(ts: float) -> str:
@@ -119,3 +149,128 @@ def print_search(result: SearchResult, first_row: int, as_json: bool, out: TextI
             for rank, (id_, score) in enumerate(zip(ids, scores, strict=True))
         ]
         print_table(header, rows, out)
+
+
+def _or_dash(value: Any) -> Any:
+    return "-" if value is None or value == "" else value
+
+
+def _k(report: dict[str, Any]) -> int:
+    k = report.get("k")
+    return k if isinstance(k, int) else 10
+
+
+def report_recall(report: dict[str, Any]) -> float | None:
+    """R@k (k of the report, 10 by default) of transformed new->home queries, or None without evaluation."""
+    value = report.get(f"transformed_r{_k(report)}")
+    return float(value) if isinstance(value, int | float) else None
+
+
+def print_report(report: dict[str, Any], out: TextIO) -> None:
+    """The before/after table of an evaluation, the label-free held-out figures and the fit's numbers,
+    as tables separated by blank lines."""
+    tables: list[tuple[Sequence[str], Sequence[Sequence[Any]]]] = []
+    k = _k(report)
+    metrics = {"r1": "R@1", f"r{k}": f"R@{k}", f"mrr{k}": f"MRR@{k}", "cmc1": "CMC@1", "cmc5": "CMC@5", "map": "mAP"}
+    rows: list[Sequence[Any]] = [
+        [label, *(_or_dash(report.get(f"{mode}_{m}")) for mode in _MODES)]
+        for m, label in metrics.items()
+        if any(f"{mode}_{m}" in report for mode in _MODES)
+    ]
+    if rows:
+        tables.append((("METRIC", *_MODES.values()), rows))
+        figures = [(label, _or_dash(report[key])) for key, label in _FIGURES.items() if key in report]
+        tables.append((("FIGURE", "VALUE"), figures))
+    sides = [s for s in ("query", "doc") if any(key.startswith(f"{s}_xid_") for key in report)]
+    if sides:
+        kx = next((int(m.group(1)) for key in report if (m := re.fullmatch(r"\w+_xid_mrr(\d+)", key))), 10)
+        keys = ("n", "xid_r1", f"xid_r{kx}", f"xid_mrr{kx}", "nbr_agreement")
+        header = ("HELD-OUT PAIRS", "N", "XID R@1", f"XID R@{kx}", f"XID MRR@{kx}", "TOP-K AGREEMENT")
+        tables.append((header, [[s, *(_or_dash(report.get(f"{s}_{m}")) for m in keys)] for s in sides]))
+    fit = report.get("fit")
+    if isinstance(fit, dict):
+        scalars = [(f"fit.{key}", _or_dash(v)) for key, v in fit.items() if isinstance(v, int | float | str | None)]
+        if scalars:
+            tables.append((("FIT", "VALUE"), scalars))
+    if not tables:
+        print("(no report)", file=out)
+    for i, table in enumerate(tables):
+        if i:
+            print(file=out)
+        print_table(*table, out)
+
+
+def _state(t: TransformInfo) -> str:
+    if t.state == "fitting":
+        return f"fitting: {t.stage} {t.progress:.0%}"
+    return t.state
+
+
+def print_transforms(infos: Sequence[TransformInfo], as_json: bool, out: TextIO) -> None:
+    if as_json:
+        print_json(infos, out)
+        return
+    header = ("NAME", "KIND", "SOURCE -> TARGET", "STATE", "R@10 T(NEW)->HOME", "ECC MARGIN", "CREATED (UTC)")
+    rows = [
+        (
+            t.name,
+            t.kind,
+            f"{t.source_space} -> {t.target_space}",
+            _state(t),
+            _or_dash(report_recall(t.report)),
+            _or_dash(t.report.get("ecc_margin")),
+            _when(t.created_at),
+        )
+        for t in infos
+    ]
+    print_table(header, rows, out)
+
+
+def print_transform(info: TransformInfo, as_json: bool, out: TextIO) -> None:
+    """One transform, one field per line (config as JSON), then its report (:func:`print_report`)."""
+    if as_json:
+        print_json([info], out)
+        return
+    fields = dataclasses.asdict(info)
+    del fields["report"]
+    fields["config"] = json.dumps(info.config, sort_keys=True)
+    fields["created_at"] = _when(info.created_at) + " UTC"
+    fields["progress"] = f"{info.progress:.0%}"
+    print_table(("FIELD", "VALUE"), [(k, str(v)) for k, v in fields.items()], out)
+    if info.state == "ready":
+        print(file=out)
+        print_report(info.report, out)
+
+
+def print_routes(routes: Sequence[RouteInfo], as_json: bool, out: TextIO) -> None:
+    if as_json:
+        print_json(routes, out)
+        return
+    header = ("COLLECTION", "QUERY SPACE", "HOME SPACE", "TRANSFORM", "SHADOW", "ACTIVATED (UTC)", "DEACTIVATED (UTC)")
+    rows = [
+        (
+            r.collection,
+            r.query_space,
+            r.home_space,
+            (r.transform or "(removed)") + (" (forced)" if r.forced else ""),
+            _or_dash(r.shadow),
+            _when(r.activated_at),
+            _when(r.deactivated_at),
+        )
+        for r in routes
+    ]
+    print_table(header, rows, out)
+
+
+def print_routes_listing(listing: RoutesListing, as_json: bool, out: TextIO) -> None:
+    """The live routes, then the history (newest first); with ``--json`` one object per route with ``"live"``."""
+    if as_json:
+        for live, routes in ((True, listing.active), (False, listing.history)):
+            print_json([{**dataclasses.asdict(r), "live": live} for r in routes], out)
+        return
+    for title, routes in (("active routes:", listing.active), ("history (newest first):", listing.history)):
+        print(title, file=out)
+        if routes:
+            print_routes(routes, False, out)
+        else:
+            print("  (none)", file=out)

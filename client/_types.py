@@ -1,13 +1,15 @@
 """Result types of the client (frozen dataclasses), each built from its protobuf message.
 
 Enums become lower-case strings (``METRIC_COSINE`` -> ``"cosine"``,
-``INDEX_STATE_READY`` -> ``"ready"``), packed vectors become float32 arrays and
-JSON payloads become dicts (``None`` for "no payload"). Covered by
-``tests/test_client.py``.
+``INDEX_STATE_READY`` -> ``"ready"``, ``TRANSFORM_KIND_PROCRUSTES`` ->
+``"procrustes"``), packed vectors become float32 arrays and JSON payloads become
+dicts (``None`` for "no payload"; a transform's config and report are ``{}`` when
+empty). Covered by ``tests/test_client.py`` and ``tests/test_client_transforms.py``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,23 +17,33 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from interlingua.v1 import collections_pb2, common_pb2, points_pb2
+from interlingua.v1 import collections_pb2, common_pb2, points_pb2, transforms_pb2
 
 from ._wire import Payload, decode_payload, unpack_vectors
 
 __all__ = [
+    "KINDS",
     "CollectionInfo",
     "Payload",
     "PointRecord",
     "Route",
+    "RouteInfo",
+    "RoutesListing",
     "SearchResult",
     "Space",
+    "TransformInfo",
 ]
 
 METRICS: dict[str, common_pb2.Metric.ValueType] = {
     "cosine": common_pb2.METRIC_COSINE,
     "ip": common_pb2.METRIC_IP,
     "l2": common_pb2.METRIC_L2,
+}
+#: Transform kinds by their client name (``"procrustes"``, ...), as FitHeader.kind values.
+KINDS: dict[str, transforms_pb2.TransformKind.ValueType] = {
+    transforms_pb2.TransformKind.Name(v).removeprefix("TRANSFORM_KIND_").lower(): v
+    for v in transforms_pb2.TransformKind.values()
+    if v != transforms_pb2.TRANSFORM_KIND_UNSPECIFIED
 }
 
 
@@ -145,3 +157,98 @@ class SearchResult:
             payloads = [flat[i * k : (i + 1) * k] for i in range(nq)]
         route = Route(msg.route.query_space, msg.route.home_space, msg.route.transform)
         return cls(scores, ids.reshape(nq, k), payloads, route, msg.exact)
+
+
+@dataclass(frozen=True)
+class TransformInfo:
+    """A fitted (or fitting) transform; ``state`` is ``"fitting"``, ``"ready"`` or ``"failed"``.
+
+    ``kind`` is ``"procrustes"``, ``"affine"``, ``"lambda_orthogonal"``, ``"basis"``,
+    ``"residual_mlp"`` or ``"chain"``; ``config`` and ``report`` are the decoded JSON
+    objects (the report holds the evaluation numbers once ready); ``progress`` in
+    [0, 1] and ``stage`` follow the background fit.
+    """
+
+    name: str
+    kind: str
+    source_space: str
+    target_space: str
+    state: str
+    error: str  #: why the fit failed ("" unless failed)
+    config: dict[str, Any]
+    report: dict[str, Any]
+    checksum: str  #: SHA-256 of kind, config and weights ("" until ready)
+    d_in: int
+    d_out: int
+    created_at: float  #: server time, seconds since the Unix epoch
+    progress: float
+    stage: str
+    doc_pairs: int
+    query_pairs: int
+
+    @classmethod
+    def from_proto(cls, msg: transforms_pb2.TransformInfo) -> TransformInfo:
+        return cls(
+            name=msg.name,
+            kind=transforms_pb2.TransformKind.Name(msg.kind).removeprefix("TRANSFORM_KIND_").lower(),
+            source_space=msg.source_space,
+            target_space=msg.target_space,
+            state=transforms_pb2.TransformState.Name(msg.state).removeprefix("TRANSFORM_STATE_").lower(),
+            error=msg.error,
+            config=_json_object(msg.config_json),
+            report=_json_object(msg.report_json),
+            checksum=msg.checksum,
+            d_in=msg.d_in,
+            d_out=msg.d_out,
+            created_at=msg.created_at,
+            progress=msg.progress,
+            stage=msg.stage,
+            doc_pairs=msg.doc_pairs,
+            query_pairs=msg.query_pairs,
+        )
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """One route of a collection, live or historical: queries of ``query_space`` reach ``home_space``
+    through ``transform`` (``""``: the route was removed), with ``shadow`` (``""``: none) mirrored."""
+
+    collection: str
+    query_space: str
+    home_space: str
+    transform: str
+    shadow: str
+    activated_at: float  #: seconds since the Unix epoch (0 when the server does not say)
+    deactivated_at: float  #: 0 while live
+    forced: bool  #: activated despite a failing gate
+
+    @classmethod
+    def from_proto(cls, msg: transforms_pb2.RouteInfo) -> RouteInfo:
+        return cls(
+            msg.collection,
+            msg.query_space,
+            msg.home_space,
+            msg.transform,
+            msg.shadow,
+            msg.activated_at,
+            msg.deactivated_at,
+            msg.forced,
+        )
+
+
+@dataclass(frozen=True)
+class RoutesListing:
+    """A collection's routing table: ``active`` (one per routed query space) and ``history``
+    (every activation, newest first)."""
+
+    active: list[RouteInfo]
+    history: list[RouteInfo]
+
+    @classmethod
+    def from_proto(cls, msg: transforms_pb2.ListRoutesResponse) -> RoutesListing:
+        return cls([RouteInfo.from_proto(r) for r in msg.active], [RouteInfo.from_proto(r) for r in msg.history])
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    value = json.loads(text) if text else {}
+    return value if isinstance(value, dict) else {"value": value}

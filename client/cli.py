@@ -7,12 +7,19 @@
     interlingua ingest COLLECTION --space S --vectors xb.npy [--ids ids.txt] [--payloads p.jsonl]
     interlingua search COLLECTION --space S --vectors xq.npy [--rows 0:5] [-k 10] [--json]
     interlingua stats [COLLECTION] [--json]         interlingua health
+    interlingua transforms {list,get NAME} [--json]
+    interlingua fit NAME --kind K --source-space S --target-space T --doc-pairs NEW.npy HOME.npy
+                    [--query-pairs NEW.npy HOME.npy] [--eval-dir DIR] [--config JSON] [--holdout F]
+                    [--chain A B ...] [--no-wait] [--offline OUT.npz [--home-metric M]]
+    interlingua routes {list COLLECTION, activate COLLECTION TRANSFORM [--force],
+                        rollback COLLECTION QUERY_SPACE, shadow COLLECTION QUERY_SPACE {TRANSFORM [--rate R] | --stop}}
 
 Client commands read ``--target`` (default ``$INTERLINGUA_TARGET`` or
 ``localhost:50051``) and ``--api-key`` (default ``$INTERLINGUA_API_KEY``). Exit
 codes: 0 ok, 1 the server refused (``error: <CODE>: <message>`` on stderr), 2 a
-usage or local-file error. The server is imported only by ``serve``, so client
-commands start fast. Covered by ``tests/test_cli.py``.
+usage or local-file error (``fit --offline``: also a fit the library refused).
+The server is imported only by ``serve`` and ``fit --offline`` (see
+``_fit_cli.py``), so client commands start fast. Covered by ``tests/test_cli.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,17 @@ import numpy.typing as npt
 
 from ._client import Client
 from ._exceptions import InterlinguaError
-from ._output import print_collection, print_collections, print_search, print_spaces
+from ._output import (
+    print_collection,
+    print_collections,
+    print_routes,
+    print_routes_listing,
+    print_search,
+    print_spaces,
+    print_transform,
+    print_transforms,
+)
+from ._types import KINDS, METRICS
 
 if TYPE_CHECKING:
     from interlingua.server.config import ServerConfig
@@ -123,6 +140,47 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", parents=[conn], help="state and counts of collections")
     p.add_argument("collection", nargs="?", help="one collection (default: all)")
     sub.add_parser("health", parents=[conn], help="print the server's health status")
+
+    trs = sub.add_parser("transforms", help="compatibility transforms").add_subparsers(dest="action", required=True)
+    trs.add_parser("list", parents=[conn], help="list transforms with their state and R@10")
+    trs.add_parser("get", parents=[conn], help="show one transform and its report").add_argument("name")
+
+    p = sub.add_parser("fit", parents=[conn], help="fit a transform from a new model's space into a home space")
+    p.add_argument("name")
+    p.add_argument("--kind", required=True, choices=list(KINDS))
+    p.add_argument("--source-space", required=True, help="space of the new model's vectors")
+    p.add_argument("--target-space", required=True, help="home space the transform maps into")
+    p.add_argument("--doc-pairs", nargs=2, metavar=("NEW.npy", "HOME.npy"), help="row-aligned gallery items")
+    p.add_argument("--query-pairs", nargs=2, metavar=("NEW.npy", "HOME.npy"), help="row-aligned logged queries")
+    p.add_argument(
+        "--eval-dir", help="folder with {old,new}_{doc,query}.npy to report on (query i's relevant doc is doc i)"
+    )
+    p.add_argument("--config", help="hyper-parameters as a JSON object, e.g. '{\"lam\": 12}'")
+    p.add_argument("--holdout", type=float, default=0.0, help="fraction of pairs held out (default 0: 0.1)")
+    p.add_argument("--chain", nargs="+", default=[], metavar="TRANSFORM", help="links of a --kind chain, in order")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--no-wait", action="store_true", help="return while the server fits")
+    p.add_argument("--wait-timeout", type=float, help="seconds to wait for the fit (default: no limit)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--offline", metavar="OUT.npz", help="fit here without a server; write OUT.npz and OUT.json")
+    p.add_argument("--home-metric", choices=list(METRICS), default="cosine", help="--offline: the target metric")
+    p.add_argument("--source-metric", choices=list(METRICS), help="--offline: the source metric (default: home's)")
+
+    routes = sub.add_parser("routes", help="query routes of a collection").add_subparsers(dest="action", required=True)
+    routes.add_parser("list", parents=[conn], help="live routes and history").add_argument("collection")
+    p = routes.add_parser("activate", parents=[conn], help="route a transform's source space into a collection")
+    p.add_argument("collection")
+    p.add_argument("transform")
+    p.add_argument("--force", action="store_true", help="activate even when the report fails the gate")
+    p = routes.add_parser("rollback", parents=[conn], help="restore the previous route from a query space")
+    p.add_argument("collection")
+    p.add_argument("query_space")
+    p = routes.add_parser("shadow", parents=[conn], help="run a candidate transform in shadow, or --stop it")
+    p.add_argument("collection")
+    p.add_argument("query_space")
+    p.add_argument("transform", nargs="?", help="the candidate (omit with --stop)")
+    p.add_argument("--rate", type=float, default=1.0, help="fraction of live queries mirrored (default: 1)")
+    p.add_argument("--stop", action="store_true", help="stop the route's shadow")
     return parser
 
 
@@ -240,7 +298,33 @@ def _run_client(args: argparse.Namespace) -> int:
             status = client.health()
             print(status, file=out)
             return 0 if status == "SERVING" else 1  # usable as a container health check
+        elif cmd == ("transforms", "list"):
+            print_transforms(client.list_transforms(), args.json, out)
+        elif cmd == ("transforms", "get"):
+            print_transform(client.get_transform(args.name), args.json, out)
+        elif args.command == "fit":
+            from ._fit_cli import fit_online  # imports this module
+
+            fit_online(client, args)
+        elif args.command == "routes":
+            _routes(client, args)
     return 0
+
+
+def _routes(client: Client, args: argparse.Namespace) -> None:
+    out = sys.stdout
+    if args.action == "list":
+        print_routes_listing(client.list_routes(args.collection), args.json, out)
+        return
+    if args.action == "activate":
+        route = client.activate_route(args.collection, args.transform, force=args.force)
+    elif args.action == "rollback":
+        route = client.rollback_route(args.collection, args.query_space)
+    else:
+        if args.stop == bool(args.transform):
+            raise UsageError("routes shadow needs a TRANSFORM or --stop (not both)")
+        route = client.set_shadow(args.collection, args.query_space, args.transform, sample_rate=args.rate)
+    print_routes([route], args.json, out)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -266,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             _serve(args)
+        elif args.command == "fit" and args.offline:
+            from ._fit_cli import fit_offline  # imports this module and the server's transforms
+
+            fit_offline(args)
         else:
             return _run_client(args)
     except UsageError as err:

@@ -110,11 +110,14 @@ class Compat:
         self._fitter = ThreadPoolExecutor(1, thread_name_prefix="interlingua-fit")
         self._shadow = ThreadPoolExecutor(1, thread_name_prefix="interlingua-shadow")
         self._shadow_slots = threading.BoundedSemaphore(SHADOW_QUEUE_MAX)
+        self._closing = threading.Event()
         self._rng = random.Random(0)
 
     def close(self) -> None:
-        self._fitter.shutdown(wait=False, cancel_futures=True)
-        self._shadow.shutdown(wait=False, cancel_futures=True)
+        """Cancels queued fits, stops a running one at its next progress step, and waits for both pools."""
+        self._closing.set()
+        self._fitter.shutdown(wait=True, cancel_futures=True)
+        self._shadow.shutdown(wait=True, cancel_futures=True)
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -173,7 +176,7 @@ class Compat:
             raise NotFound(f"transform {name!r} does not exist")
         return rec
 
-    def list(self) -> list[TransformRecord]:
+    def list_transforms(self) -> list[TransformRecord]:
         return sorted(self.transforms.values(), key=lambda r: r.name)
 
     def fit(
@@ -189,7 +192,7 @@ class Compat:
         chain: list[str],
     ) -> TransformRecord:
         """Registers ``name`` as fitting and fits it in the background. Checks run here, first."""
-        from .transforms.fit import validate_calibration
+        from .transforms.fit import validate_calibration, validate_config
 
         if not _NAME.match(name):
             raise InvalidArgument(f"transform name {name!r} is invalid: use 1 to 128 characters from [A-Za-z0-9._@:-]")
@@ -208,11 +211,16 @@ class Compat:
                 )
         else:
             try:
+                validate_config(kind, config)
+            except ValueError as e:
+                raise InvalidArgument(f"config: {e}") from None
+            try:
                 validate_calibration(cal, kind)
             except ValueError as e:
                 raise InvalidArgument(f"calibration data: {e}") from None
         with self._lock:
-            if name in self.transforms:
+            old = self.transforms.get(name)
+            if old is not None and old.state != "failed":  # a failed fit was never stored: its name is free
                 raise AlreadyExists(f"transform {name!r} already exists (transforms are immutable)")
             if kind == "chain":
                 config = {**config, "chain": list(chain)}
@@ -237,6 +245,8 @@ class Compat:
         from .transforms.fit import fit_transform
 
         def progress(stage: str, fraction: float) -> None:
+            if self._closing.is_set():
+                raise _Cancelled("the service is shutting down")
             rec.stage, rec.progress = stage, float(fraction)
 
         try:
@@ -265,8 +275,10 @@ class Compat:
                 }
             arrays = fn.arrays()
             buf = io.BytesIO()
-            np.savez(buf, **arrays)
-            config = {**rec.config, "kind": rec.kind}
+            np.savez(buf, **arrays)  # type: ignore[arg-type]
+            if self._closing.is_set():
+                raise _Cancelled("the service is shutting down")
+            config = {**fn.config, **rec.config, "kind": rec.kind}
             rec.checksum = checksum(rec.kind, config, arrays)
             report = json.loads(json.dumps(report, default=_jsonable))
             self.store.add_transform(
@@ -346,7 +358,15 @@ class Compat:
         return route
 
     def history(self, col: Collection) -> list[RouteRow]:
+        """Every route version of a collection, newest first."""
         return self.store.routes(col.row.cid)
+
+    def live_row(self, col: Collection, query_space: str) -> RouteRow | None:
+        """The stored row of the live route from ``query_space`` (None when there is none)."""
+        return next(
+            (r for r in self.history(col) if r.query_space == query_space and r.deactivated_at == 0 and r.transform),
+            None,
+        )
 
     def set_shadow(self, col: Collection, query_space: str, name: str, rate: float) -> Route:
         if not 0 <= rate <= 1:
@@ -395,6 +415,10 @@ class Compat:
                 self._shadow_slots.release()
 
         self._shadow.submit(run)
+
+
+class _Cancelled(Exception):
+    """Raised inside a fit job when the service shuts down."""
 
 
 def _jsonable(o: Any) -> Any:

@@ -14,10 +14,10 @@ from interlingua.v1 import transforms_pb2 as tpb
 from interlingua.v1 import transforms_pb2_grpc as tgrpc
 
 from . import validate as v
-from .compat import EvalSet, TransformRecord
+from .collection import Collection
+from .compat import Compat, EvalSet, TransformRecord
 from .engine import Engine
 from .errors import InvalidArgument
-from .routes import Route
 from .servicers import rpc
 from .store import RouteRow, SpaceRow
 from .transforms import Calibration
@@ -74,16 +74,12 @@ def route_pb(collection: str, home: str, row: RouteRow) -> tpb.RouteInfo:
     )
 
 
-def live_route_pb(collection: str, route: Route | None, query_space: str, home: str) -> tpb.RouteInfo:
-    if route is None:
-        return tpb.RouteInfo(collection=collection, query_space=query_space, home_space=home)
-    return tpb.RouteInfo(
-        collection=collection,
-        query_space=route.query_space,
-        home_space=route.home_space,
-        transform=route.transform,
-        shadow=route.shadow.transform if route.shadow else "",
-    )
+def live_route_pb(compat: Compat, col: Collection, query_space: str) -> tpb.RouteInfo:
+    """The live route from ``query_space`` as stored (transform "" when there is none)."""
+    row = compat.live_row(col, query_space)
+    if row is None:
+        return tpb.RouteInfo(collection=col.name, query_space=query_space, home_space=col.home.name)
+    return route_pb(col.name, col.home.name, row)
 
 
 class _Assembler:
@@ -91,7 +87,7 @@ class _Assembler:
 
     def __init__(self, source: SpaceRow, target: SpaceRow) -> None:
         self.source, self.target = source, target
-        self.parts: dict[str, list[np.ndarray]] = {k: [] for k in ("dn", "dh", "qn", "qh", "en", "eh")}
+        self.parts: dict[str, list[np.ndarray]] = {k: [] for k in ("dn", "dh", "qn", "qh")}
         self.labels: dict[str, list[int]] = {"doc": [], "query": []}
         self.doc_ids: list[str] = []
         self.gallery: dict[str, list[Any]] = {"ids": [], "new": [], "home": []}
@@ -229,29 +225,31 @@ class TransformServicer(tgrpc.TransformServiceServicer):
 
     @rpc
     def ListTransforms(self, request: tpb.ListTransformsRequest, context: grpc.ServicerContext) -> Any:
-        return tpb.ListTransformsResponse(transforms=[transform_pb(r) for r in self.engine.require_compat().list()])
+        return tpb.ListTransformsResponse(
+            transforms=[transform_pb(r) for r in self.engine.require_compat().list_transforms()]
+        )
 
     @rpc
     def ActivateRoute(self, request: tpb.ActivateRouteRequest, context: grpc.ServicerContext) -> Any:
         compat, col = self.engine.require_compat(), self.engine.collection(request.collection)
         route = compat.activate(col, request.transform, request.force)
-        return live_route_pb(col.name, route, route.query_space, col.home.name)
+        return live_route_pb(compat, col, route.query_space)
 
     @rpc
     def RollbackRoute(self, request: tpb.RollbackRouteRequest, context: grpc.ServicerContext) -> Any:
         compat, col = self.engine.require_compat(), self.engine.collection(request.collection)
-        route = compat.rollback(col, request.query_space)
-        return live_route_pb(col.name, route, request.query_space, col.home.name)
+        compat.rollback(col, request.query_space)
+        return live_route_pb(compat, col, request.query_space)
 
     @rpc
     def ListRoutes(self, request: tpb.ListRoutesRequest, context: grpc.ServicerContext) -> Any:
         compat, col = self.engine.require_compat(), self.engine.collection(request.collection)
-        active = [live_route_pb(col.name, r, qs, col.home.name) for qs, r in sorted(col.routes.items())]
         history = [route_pb(col.name, col.home.name, r) for r in compat.history(col)]
+        active = sorted((r for r in history if r.deactivated_at == 0 and r.transform), key=lambda r: r.query_space)
         return tpb.ListRoutesResponse(active=active, history=history)
 
     @rpc
     def SetShadow(self, request: tpb.SetShadowRequest, context: grpc.ServicerContext) -> Any:
         compat, col = self.engine.require_compat(), self.engine.collection(request.collection)
         route = compat.set_shadow(col, request.query_space, request.transform, request.sample_rate)
-        return live_route_pb(col.name, route, route.query_space, col.home.name)
+        return live_route_pb(compat, col, route.query_space)

@@ -180,3 +180,134 @@ def test_serve_bad_config_exits_2(
     code, _, err = run(capsys, "serve")
     assert code == 2 and "INTERLINGUA_PORT: port: cannot parse 'many'" in err
     assert run(capsys, "serve", "--config", str(tmp_path / "missing.toml"))[0] == 2
+
+
+# -- transforms, fit (online and --offline) and routes ------------------------------------------------
+
+
+def _split(folder: Path, n: int = 300, d: int = 16, seed: int = 21) -> None:
+    """A debdesc-like folder: {old,new}_{doc,query}.npy, float16, query i <-> doc i; new = rotated old + shift."""
+    model = np.random.default_rng(0)  # one "new model" for every split
+    Q, _ = np.linalg.qr(model.standard_normal((d, d)))
+    shift = 0.1 * model.standard_normal(d)
+    rng = np.random.default_rng(seed)
+    old_doc = make_data(n, d, seed=seed).astype(np.float64)
+    old_doc /= np.linalg.norm(old_doc, axis=1, keepdims=True)
+    old_query = old_doc + 0.05 * rng.standard_normal((n, d))
+    old_query /= np.linalg.norm(old_query, axis=1, keepdims=True)
+    folder.mkdir(parents=True)
+    for name, x in {"old_doc": old_doc, "old_query": old_query}.items():
+        np.save(folder / f"{name}.npy", x.astype(np.float16))
+        np.save(folder / f"{name.replace('old', 'new')}.npy", (x @ Q + shift).astype(np.float16))
+
+
+def _fit_args(tmp_path: Path, name: str = "t1") -> list[str]:
+    _split(tmp_path / "fit", seed=21)
+    _split(tmp_path / "dev", n=200, seed=22)
+    return [
+        "fit", name, "--kind", "procrustes", "--source-space", "new@1", "--target-space", "old@1",
+        "--doc-pairs", str(tmp_path / "fit" / "new_doc.npy"), str(tmp_path / "fit" / "old_doc.npy"),
+        "--query-pairs", str(tmp_path / "fit" / "new_query.npy"), str(tmp_path / "fit" / "old_query.npy"),
+        "--eval-dir", str(tmp_path / "dev"), "--no-progress",
+    ]  # fmt: skip
+
+
+def test_fit_online_transforms_and_routes(target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["spaces", "register", "old@1", "--dim", "16"])
+    main(["spaces", "register", "new@1", "--dim", "16"])
+    main(["collections", "create", "g", "--home-space", "old@1"])
+    capsys.readouterr()
+    code, out, err = run(capsys, *_fit_args(tmp_path), "--batch-size", "64")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "transform t1 (procrustes, new@1 -> old@1) is ready"
+    assert lines[1].split()[:2] == ["METRIC", "HOME->HOME"] and "T(NEW)->HOME (AFTER)" in lines[1]
+    r10 = next(line.split() for line in lines if line.startswith("R@10"))
+    assert float(r10[-1]) >= 0.95 and float(r10[3]) < 0.5  # after the transform vs raw new->home
+    assert any(line.startswith("ECC margin") for line in lines) and "fit.residual" in out
+
+    code, out, _ = run(capsys, "transforms", "list")
+    row = out.splitlines()[1].split()
+    assert code == 0 and row[:6] == ["t1", "procrustes", "new@1", "->", "old@1", "ready"] and float(row[6]) >= 0.95
+    code, out, _ = run(capsys, "transforms", "get", "t1", "--json")
+    info = json.loads(out)
+    assert (info["state"], info["report"]["nq"], info["report"]["nb"]) == ("ready", 200, 200)
+    assert info["report"]["ecc_margin"] >= 0 and info["doc_pairs"] == info["query_pairs"] == 300
+    code, out, _ = run(capsys, "transforms", "get", "t1")
+    assert code == 0 and "checksum" in out and "T(NEW)->HOME (AFTER)" in out
+
+    main(["ingest", "g", "--space", "old@1", "--vectors", str(tmp_path / "dev" / "old_doc.npy"), "--no-progress"])
+    capsys.readouterr()
+    code, out, _ = run(capsys, "routes", "activate", "g", "t1")
+    assert code == 0 and out.splitlines()[1].split()[:4] == ["g", "new@1", "old@1", "t1"]
+    code, out, _ = run(capsys, "search", "g", "--space", "new@1", "--vectors", str(tmp_path / "dev" / "new_doc.npy"),
+                       "--rows", "3:6", "-k", "1", "--json")  # fmt: skip
+    hits = [json.loads(line) for line in out.splitlines()]
+    assert [h["ids"][0] for h in hits] == ["3", "4", "5"] and hits[0]["route"]["transform"] == "t1"
+    code, out, _ = run(capsys, "routes", "shadow", "g", "new@1", "t1", "--rate", "0.5", "--json")
+    assert code == 0 and json.loads(out)["shadow"] == "t1"
+    code, out, _ = run(capsys, "routes", "list", "g")
+    assert code == 0 and out.splitlines()[0] == "active routes:" and "history (newest first):" in out
+    code, out, _ = run(capsys, "routes", "shadow", "g", "new@1", "--stop", "--json")
+    assert code == 0 and json.loads(out)["shadow"] == ""
+    code, out, _ = run(capsys, "routes", "list", "g", "--json")
+    routes = [json.loads(line) for line in out.splitlines()]
+    assert [(r["transform"], r["live"]) for r in routes] == [("t1", True), ("t1", False)]
+    code, out, _ = run(capsys, "routes", "rollback", "g", "new@1")
+    assert code == 0 and "(removed)" in out
+    code, _, err = run(capsys, "routes", "rollback", "g", "new@1")
+    assert code == 1 and err.startswith("error: FAILED_PRECONDITION: ")
+    assert run(capsys, "routes", "shadow", "g", "new@1")[0] == 2  # neither TRANSFORM nor --stop
+
+    code, out, _ = run(capsys, *_fit_args(tmp_path / "again", "t2"), "--no-wait", "--json")
+    assert code == 0 and json.loads(out)["name"] == "t2" and json.loads(out)["state"] in ("fitting", "ready")
+    with Client(target) as c:
+        assert c.wait_transform("t2", timeout=60).state == "ready"  # (not left fitting as the server stops)
+
+
+def test_fit_failure_and_usage_errors(target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["spaces", "register", "old@1", "--dim", "16"])
+    main(["spaces", "register", "new@1", "--dim", "16"])
+    args = _fit_args(tmp_path)
+    code, _, err = run(capsys, *args, "--config", '{"refine_steps": -1}')
+    assert code == 1 and "fitting transform 't1' failed" in err and "refine_steps" in err
+    code, _, err = run(capsys, *args[:-1], "--config", "[1]")
+    assert code == 2 and "--config must be a JSON object" in err
+    code, _, err = run(capsys, *args[:11], "--eval-dir", str(tmp_path))  # no .npy files there
+    assert code == 2 and "cannot load old_doc of --eval-dir" in err
+    code, _, err = run(capsys, *args[:8])
+    assert code == 2 and "needs --doc-pairs, --query-pairs or both" in err
+    code, _, err = run(capsys, *args[:10], str(tmp_path / "dev" / "old_doc.npy"))  # 300 new rows, 200 home rows
+    assert code == 2 and "with the same n" in err
+    code, _, err = run(capsys, *args[:11])  # t1 failed, so its name is free again: this fit succeeds
+    assert code == 0, err
+    code, _, err = run(capsys, *args[:11])
+    assert code == 1 and "error: ALREADY_EXISTS: " in err  # t1 is ready now; err also has the upload bar
+
+
+def test_fit_offline_writes_the_artefact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from interlingua.server.transforms import checksum, load_transform
+
+    out_npz = tmp_path / "t1.npz"
+    code, out, err = run(capsys, *_fit_args(tmp_path), "--offline", str(out_npz), "--target", "127.0.0.1:1")
+    assert code == 0, err
+    assert out.startswith(f"transform t1 (procrustes, d 16 -> 16) fitted offline: wrote {out_npz}")
+    assert "T(NEW)->HOME (AFTER)" in out and "HELD-OUT PAIRS" in out
+    meta = json.loads((tmp_path / "t1.json").read_text())
+    assert (meta["kind"], meta["d_in"], meta["d_out"], meta["home_metric"]) == ("procrustes", 16, 16, "cosine")
+    assert meta["config"] == {"kind": "procrustes"} and meta["report"]["transformed_r10"] >= 0.95
+    assert meta["report"]["ecc_margin"] >= 0 and meta["report"]["fit"]["residual"] < 0.05
+    with np.load(out_npz) as z:
+        arrays = {k: z[k] for k in z.files}
+    assert checksum("procrustes", meta["config"], arrays) == meta["checksum"]
+    t = load_transform("procrustes", 16, 16, meta["config"], arrays, lambda name: None)  # type: ignore[arg-type,return-value]
+    dev = tmp_path / "dev"
+    y = t.apply(np.load(dev / "new_doc.npy").astype(np.float32))
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    assert (np.argmax(y @ np.load(dev / "old_doc.npy").astype(np.float32).T, axis=1) == np.arange(200)).mean() > 0.95
+
+    code, out, _ = run(capsys, *_fit_args(tmp_path / "json"), "--offline", str(tmp_path / "t2.npz"), "--json")
+    assert code == 0 and json.loads(out)["checksum"] == json.loads((tmp_path / "t2.json").read_text())["checksum"]
+    code, _, err = run(capsys, *_fit_args(tmp_path / "bad"), "--offline", str(tmp_path / "t3.npz"),
+                       "--config", '{"refine_steps": -1}')  # fmt: skip
+    assert code == 2 and "refine_steps" in err and not (tmp_path / "t3.npz").exists()

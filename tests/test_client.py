@@ -53,8 +53,9 @@ def _check_knn(D: np.ndarray, ids: np.ndarray, Dref: np.ndarray, Iref: np.ndarra
 def test_public_names_are_pinned() -> None:
     assert sorted(interlingua.client.__all__) == [
         "AlreadyExists", "Cancelled", "Client", "CollectionInfo", "DeadlineExceeded", "FailedPrecondition",
-        "InterlinguaError", "Internal", "InvalidArgument", "NotFound", "PermissionDenied", "PointRecord",
-        "ResourceExhausted", "Route", "SearchResult", "Space", "Unauthenticated", "Unavailable", "Unknown",
+        "FitFailed", "InterlinguaError", "Internal", "InvalidArgument", "NotFound", "PermissionDenied",
+        "PointRecord", "ResourceExhausted", "Route", "RouteInfo", "RoutesListing", "SearchResult", "Space",
+        "TransformInfo", "Unauthenticated", "Unavailable", "Unknown",
     ]  # fmt: skip
 
 

@@ -1,0 +1,173 @@
+"""Fitting any kind by name: checks, a held-out slice, the fit and its label-free report.
+
+:func:`validate_calibration` runs on the request thread and raises ``ValueError`` with the reason
+(the service maps it to INVALID_ARGUMENT): misaligned pairs, dims that differ between the doc and
+query sides, NaN/Inf, missing pairs, or fewer pairs than d_new for the full-rank kinds
+(procrustes, affine, basis: XcᵀXc must be able to reach full rank). :func:`validate_config` checks
+the config keys against the fitter's keyword arguments.
+
+:func:`fit_transform` then sets aside a seeded ``holdout`` slice of each side's pairs
+(:func:`~.evaluate.split_calibration`), fits on the rest and returns the FitResult with the
+label-free report of the slice (:func:`~.evaluate.label_free_report`); relevance-based reports need
+evaluation queries and are the caller's (:func:`~.evaluate.evaluate`). ``progress(stage, fraction)``
+gets the overall fraction done in [0, 1]. The torch kinds (``lambda_orthogonal``, ``residual_mlp``)
+are imported only when fitted. Covered by ``tests/test_transforms_linear.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .base import Calibration, FitResult
+from .evaluate import METRICS, label_free_report, split_calibration
+from .procrustes import Progress
+
+__all__ = ["FULL_RANK_KINDS", "KINDS", "fit_transform", "fitter", "validate_calibration", "validate_config"]
+
+KINDS = ("procrustes", "affine", "lambda_orthogonal", "basis", "residual_mlp")  #: chain is built by compose
+FULL_RANK_KINDS = ("procrustes", "affine", "basis")  #: need n >= d_new pairs
+_FITTERS = {kind: (kind, f"fit_{kind}") for kind in KINDS}  #: kind -> (module, function)
+_FIT_SPAN = (0.05, 0.9)  #: the fitter's share of the overall progress
+
+
+def fitter(kind: str) -> Callable[..., FitResult]:
+    """The fit function of ``kind`` (``fit_<kind>(cal, **config) -> FitResult``), imported on first use."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    module, name = _FITTERS[kind]
+    fn: Callable[..., FitResult] = getattr(importlib.import_module(f".{module}", __package__), name)
+    return fn
+
+
+def _n_pairs(cal: Calibration) -> int:
+    return len(cal.doc_new) + len(cal.query_new)
+
+
+def validate_calibration(cal: Calibration, kind: str) -> None:
+    """Raises ValueError naming the first problem with ``cal`` for fitting ``kind``; returns None if fit-ready."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    arrays = {
+        "doc_new": cal.doc_new,
+        "doc_home": cal.doc_home,
+        "query_new": cal.query_new,
+        "query_home": cal.query_home,
+    }
+    for name, a in arrays.items():
+        if not isinstance(a, np.ndarray) or a.ndim != 2 or not np.issubdtype(a.dtype, np.number):
+            raise ValueError(f"{name} must be a 2-d numeric array, got {getattr(a, 'shape', type(a).__name__)}")
+    for side in ("doc", "query"):
+        n_new, n_home = len(arrays[f"{side}_new"]), len(arrays[f"{side}_home"])
+        if n_new != n_home:
+            raise ValueError(f"{side}_new has {n_new} rows but {side}_home has {n_home}: pairs must be row-aligned")
+    n_doc, n_query = len(cal.doc_new), len(cal.query_new)
+    if n_doc + n_query == 0:
+        raise ValueError("no calibration pairs: give doc pairs, query pairs or both")
+    if n_doc and n_query:
+        for model in ("new", "home"):
+            d_doc, d_query = arrays[f"doc_{model}"].shape[1], arrays[f"query_{model}"].shape[1]
+            if d_doc != d_query:
+                raise ValueError(f"doc_{model} has d={d_doc} but query_{model} has d={d_query}: one model, one dim")
+    for name, a in arrays.items():
+        if len(a) and not np.isfinite(a).all():
+            row = int(np.flatnonzero(~np.isfinite(a).all(1))[0])
+            raise ValueError(f"{name} has non-finite values (NaN or Inf), first in row {row}")
+    for side, labels, n in (("doc", cal.doc_labels, n_doc), ("query", cal.query_labels, n_query)):
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"{side}_labels has {len(labels)} entries for {n} {side} pairs")
+    if kind in FULL_RANK_KINDS and n_doc + n_query < cal.d_new:
+        raise ValueError(f"{kind} needs at least d_new={cal.d_new} pairs for a full-rank fit, got {n_doc + n_query}")
+
+
+def _accepted(fn: Callable[..., FitResult]) -> dict[str, inspect.Parameter]:
+    params = inspect.signature(fn).parameters
+    return {k: p for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def validate_config(kind: str, config: dict[str, Any]) -> None:
+    """Raises ValueError when ``config`` has keys that ``kind``'s fitter does not take (``progress`` is not config)."""
+    accepted = set(_accepted(fitter(kind))) - {"progress"}
+    unknown = sorted(set(config) - accepted - {"kind"})
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) for {kind}: {', '.join(unknown)}; accepted: {', '.join(sorted(accepted))}"
+        )
+
+
+def _scaled(progress: Progress, kind: str, epochs: Any) -> Callable[..., None]:
+    """Maps a fitter's progress onto the fit's share of the overall fraction. Takes (stage, fraction) as the
+    linear kinds call it, or one record per epoch as the torch kinds do: {"epoch": ..., "fraction": ..., ...}
+    (without ``fraction``, epoch / ``epochs`` stands in for it)."""
+    lo, hi = _FIT_SPAN
+    last = [lo]
+
+    def report(stage: str | dict[str, float], fraction: float | None = None) -> None:
+        if isinstance(stage, dict):
+            epoch = stage.get("epoch")
+            fraction = stage.get("fraction")
+            if fraction is None and epoch is not None and isinstance(epochs, int) and epochs > 0:
+                fraction = min(float(epoch) / epochs, 1.0)
+            stage = f"{kind} epoch {int(epoch)}" if epoch is not None else kind
+        if fraction is not None:
+            last[0] = max(last[0], lo + (hi - lo) * min(max(float(fraction), 0.0), 1.0))
+        progress(stage, last[0])
+
+    return report
+
+
+def fit_transform(
+    kind: str,
+    cal: Calibration,
+    config: dict[str, Any],
+    *,
+    holdout: float = 0.1,
+    seed: int = 0,
+    home_metric: str = "cosine",
+    progress: Progress | None = None,
+) -> tuple[FitResult, dict[str, Any]]:
+    """Validates, fits ``kind`` on all but a seeded ``holdout`` slice of each side's pairs, and reports on the slice.
+
+    ``config`` is passed to the fitter as keywords (plus ``seed`` when it takes one and config has none).
+    Returns (FitResult, report): :func:`~.evaluate.label_free_report` of the held-out slice plus ``holdout``,
+    ``seed``, ``fit_pairs``, ``heldout_pairs`` and ``fit_seconds``."""
+    validate_calibration(cal, kind)
+    validate_config(kind, config)
+    if isinstance(holdout, bool) or not isinstance(holdout, int | float) or not 0 <= holdout < 1:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout!r}")
+    if home_metric not in METRICS:
+        raise ValueError(f"home_metric must be one of {', '.join(METRICS)}, got {home_metric!r}")
+    if progress is not None:
+        progress("split", 0.0)
+    train, held = split_calibration(cal, holdout, seed)
+    n_train, n_held = _n_pairs(train), _n_pairs(held)
+    if kind in FULL_RANK_KINDS and n_train < cal.d_new:
+        raise ValueError(
+            f"{kind} needs at least d_new={cal.d_new} pairs for a full-rank fit; holdout {holdout} leaves {n_train} "
+            f"of {n_train + n_held}"
+        )
+    fn = fitter(kind)
+    params = _accepted(fn)
+    kwargs = {k: v for k, v in config.items() if k != "kind"}
+    if "seed" in params and "seed" not in kwargs:
+        kwargs["seed"] = seed
+    if "progress" in params and progress is not None:
+        epochs = kwargs.get("epochs", params["epochs"].default if "epochs" in params else None)
+        kwargs["progress"] = _scaled(progress, kind, epochs)
+    t0 = time.perf_counter()
+    result = fn(train, **kwargs)
+    fit_seconds = time.perf_counter() - t0
+    if progress is not None:
+        progress("report", _FIT_SPAN[1])
+    report: dict[str, Any] = {"label_free": True}
+    if n_held:
+        report = label_free_report(result.transform, held, home_metric)
+    report.update(holdout=float(holdout), seed=seed, fit_pairs=n_train, heldout_pairs=n_held, fit_seconds=fit_seconds)
+    if progress is not None:
+        progress("done", 1.0)
+    return result, report

@@ -1,0 +1,223 @@
+"""Affine map plus a small residual MLP (in the spirit of Drift-Adapter, Vejendla, EMNLP 2025).
+
+B(x) = A(x) + MLP(x) on per-side centred input x − mean_new[side], with the
+per-side home mean added to the output, where A is affine (initialized from the
+centred Procrustes solution) and MLP = Linear(d_new, h) → ReLU → Linear(h, d_home)
+with its last layer zero-initialized, so training starts exactly at Procrustes.
+Training is that of ``lambda_orthogonal.py`` (:func:`train_map`: w_fit·MSE +
+w_con·InfoNCE, or SupCon with labels, Adam), with an optional L_λ on A's W
+(``lam``, default inf: none).
+
+ReLU rather than GELU: the serve-time forward is plain numpy (no torch import),
+and ReLU is exact there. The centering is folded into the biases, so serving is::
+
+    y = x @ W + b[side] + relu(x @ W1 + b1[side]) @ W2 + b2
+
+with b[side] = mean_home[side] − mean_new[side] @ W + b_A and
+b1[side] = b_1 − mean_new[side] @ W1 (the same function as centring x first).
+
+Defaults measured on debdesc (fit → dev R@10 of T(new_query) vs the 20k old_doc
+gallery, as for ``lambda_orthogonal``): ``hidden = 512``, ``epochs = 10``,
+``batch_size = 512``, ``lr = 1e-3``, ``temperature = 0.05``; see the report in the
+change that added this file for the figures.
+
+Covered by ``tests/test_transforms_torch.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .base import SIDES, Calibration, FitResult, Transform
+
+if TYPE_CHECKING:
+    from .lambda_orthogonal import AffineMap
+
+__all__ = ["ResidualMLPTransform", "build_module", "fit_residual_mlp", "to_transform"]
+
+
+class ResidualMLPTransform(Transform):
+    """x -> x @ W + b[side] + relu(x @ W1 + b1[side]) @ W2 + b2 (numpy only; centering folded into biases).
+
+    W : (d_in, d_out), b[side] : (d_out,), W1 : (d_in, h), b1[side] : (h,), W2 : (h, d_out), b2 : (d_out,).
+    """
+
+    kind = "residual_mlp"
+
+    def __init__(
+        self,
+        W: np.ndarray,
+        b: dict[str, np.ndarray],
+        W1: np.ndarray,
+        b1: dict[str, np.ndarray],
+        W2: np.ndarray,
+        b2: np.ndarray,
+        config: dict[str, Any],
+    ) -> None:
+        if W.ndim != 2 or W1.ndim != 2 or W2.ndim != 2:
+            raise ValueError(f"W, W1 and W2 must be 2-d, got {W.shape}, {W1.shape} and {W2.shape}")
+        super().__init__(int(W.shape[0]), int(W.shape[1]), {**config, "kind": self.kind})
+        h = int(W1.shape[1])
+        self.W = np.ascontiguousarray(W, dtype=np.float32)
+        self.W1 = np.ascontiguousarray(W1, dtype=np.float32)
+        self.W2 = np.ascontiguousarray(W2, dtype=np.float32)
+        self.b2 = np.ascontiguousarray(b2, dtype=np.float32)
+        self.b = {s: np.ascontiguousarray(b[s], dtype=np.float32) for s in SIDES if s in b}
+        self.b1 = {s: np.ascontiguousarray(b1[s], dtype=np.float32) for s in SIDES if s in b1}
+        if set(self.b) != set(SIDES) or set(self.b1) != set(SIDES):
+            raise ValueError(f"b and b1 need one vector per side {SIDES}, got {sorted(b)} and {sorted(b1)}")
+        shapes_ok = (
+            self.W1.shape[0] == self.d_in
+            and self.W2.shape == (h, self.d_out)
+            and self.b2.shape == (self.d_out,)
+            and all(self.b[s].shape == (self.d_out,) and self.b1[s].shape == (h,) for s in SIDES)
+        )
+        if not shapes_ok:
+            raise ValueError(
+                f"shapes do not chain: W {self.W.shape}, W1 {self.W1.shape}, W2 {self.W2.shape}, b2 {self.b2.shape}, "
+                f"b {[self.b[s].shape for s in SIDES]}, b1 {[self.b1[s].shape for s in SIDES]}"
+            )
+
+    @property
+    def hidden(self) -> int:
+        return int(self.W1.shape[1])
+
+    def apply(self, x: np.ndarray, side: str = "query") -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.d_in:
+            raise ValueError(f"x must have shape (n, {self.d_in}), got {x.shape}")
+        hid = x @ self.W1
+        hid += self.b1[side]
+        np.maximum(hid, 0, out=hid)
+        y = hid @ self.W2
+        y += x @ self.W
+        y += self.b[side] + self.b2
+        return y
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "W": self.W,
+            "W1": self.W1,
+            "W2": self.W2,
+            "b2": self.b2,
+            **{f"b_{s}": self.b[s] for s in SIDES},
+            **{f"b1_{s}": self.b1[s] for s in SIDES},
+        }
+
+    @classmethod
+    def from_arrays(
+        cls, d_in: int, d_out: int, config: dict[str, Any], arrays: dict[str, np.ndarray]
+    ) -> ResidualMLPTransform:
+        t = cls(
+            arrays["W"],
+            {s: arrays[f"b_{s}"] for s in SIDES},
+            arrays["W1"],
+            {s: arrays[f"b1_{s}"] for s in SIDES},
+            arrays["W2"],
+            arrays["b2"],
+            config,
+        )
+        if (t.d_in, t.d_out) != (d_in, d_out):
+            raise ValueError(f"arrays map {t.d_in} -> {t.d_out}, expected {d_in} -> {d_out}")
+        return t
+
+
+def build_module(d_new: int, d_home: int, hidden: int, W0: np.ndarray, seed: int = 0) -> AffineMap:
+    """The torch model: AffineMap(W0) with residual Linear(d_new, hidden) → ReLU → Linear(hidden, d_home).
+
+    The first layer gets torch's default Linear init from a generator seeded with ``seed`` (the global
+    RNG is not touched); the last layer is all zeros, so the model starts as the affine map.
+    """
+    import torch
+    from torch import nn
+
+    from .lambda_orthogonal import AffineMap
+
+    if hidden < 1:
+        raise ValueError(f"hidden must be >= 1, got {hidden}")
+    first = nn.Linear(d_new, hidden, device="meta").to_empty(device="cpu")  # no init from the global RNG
+    last = nn.Linear(hidden, d_home, device="meta").to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(first.weight, a=math.sqrt(5), generator=gen)  # = nn.Linear's default
+        first.bias.uniform_(-1 / math.sqrt(d_new), 1 / math.sqrt(d_new), generator=gen)
+        last.weight.zero_()
+        last.bias.zero_()
+    return AffineMap(d_new, d_home, W0, residual=nn.Sequential(first, nn.ReLU(), last))
+
+
+def to_transform(
+    model: AffineMap, mean_new: dict[str, np.ndarray], mean_home: dict[str, np.ndarray], config: dict[str, Any]
+) -> ResidualMLPTransform:
+    """Folds the per-side centering (x − mean_new[side]) and the home mean into the serve-time biases."""
+    from torch import nn
+
+    mlp = model.residual
+    if not (isinstance(mlp, nn.Sequential) and len(mlp) == 3):
+        raise ValueError("model has no residual MLP: build it with build_module")
+    first, last = mlp[0], mlp[2]
+    if not (isinstance(first, nn.Linear) and isinstance(last, nn.Linear)):
+        raise ValueError("model has no residual MLP: build it with build_module")
+    W, b_a = model.W.detach().numpy(), model.b.detach().numpy()
+    W1, b_1 = first.weight.detach().numpy().T, first.bias.detach().numpy()
+    W2, b2 = last.weight.detach().numpy().T, last.bias.detach().numpy()
+    b = {s: mean_home[s] - mean_new[s] @ W + b_a for s in SIDES}
+    b1 = {s: b_1 - mean_new[s] @ W1 for s in SIDES}
+    return ResidualMLPTransform(W, b, W1, b1, W2, b2, config)
+
+
+def fit_residual_mlp(
+    cal: Calibration,
+    *,
+    hidden: int = 512,
+    lam: float = math.inf,
+    alpha: float = 1.0,
+    w_fit: float = 1.0,
+    w_con: float = 1.0,
+    temperature: float = 0.05,
+    symmetric: bool = False,
+    epochs: int = 10,
+    batch_size: int = 512,
+    lr: float = 1e-3,
+    seed: int = 0,
+    threads: int | None = None,
+    progress: Callable[[dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Fits B = A + MLP on all pairs (no held-out slice, no sweep).
+
+    Returns a FitResult with a :class:`ResidualMLPTransform`; ``info`` has ``hidden``, ``ortho_gap`` (of A's W),
+    ``procrustes_scale`` and ``seconds``; ``history`` the named loss terms per epoch.
+    """
+    import torch  # only fitting needs torch
+
+    from .lambda_orthogonal import (
+        LambdaOrthogonalityLoss,
+        Pairs,
+        TrainConfig,
+        orthogonality_gap,
+        procrustes_init,
+        torch_threads,
+        train_map,
+    )
+
+    if hidden < 1:
+        raise ValueError(f"hidden must be >= 1, got {hidden}")
+    cfg = TrainConfig(w_fit, w_con, temperature, symmetric, epochs, batch_size, lr, seed)
+    ortho = LambdaOrthogonalityLoss(lam, alpha)
+    pairs = Pairs.from_calibration(cal)
+    start = time.perf_counter()
+    with torch_threads(threads):
+        W0, scale = procrustes_init(cal)
+        model = build_module(W0.shape[0], W0.shape[1], hidden, W0, seed)
+        history = train_map(model, ortho, pairs, cfg, progress)
+        config = {"hidden": hidden, **ortho.get_config_dict(), **cfg.get_config_dict()}
+        transform = to_transform(model, pairs.mean_new, pairs.mean_home, config)
+        gap = float(orthogonality_gap(torch.tensor(transform.W, dtype=torch.float64)))
+    info = {"init": "procrustes", "hidden": hidden, "procrustes_scale": scale, "ortho_gap": gap}
+    info["seconds"] = time.perf_counter() - start
+    return FitResult(transform, info, history)
