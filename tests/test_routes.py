@@ -275,7 +275,7 @@ def test_routes_and_transforms_survive_restart(tmp_path: Path) -> None:
         # rolling back restores the residual MLP route, rebuilt from the stored weights
         assert t.RollbackRoute(tpb.RollbackRouteRequest(collection="gallery", query_space="new@2")).transform == "m1"
         D3, I3, _ = s.search("gallery", "new@2", docs_new[:10], 5)
-        assert (I3 == Im).all()
+        assert (Im == I3).all()
         np.testing.assert_allclose(D3, Dm, rtol=1e-5)
         s.channel.close()
     finally:
