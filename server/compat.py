@@ -273,6 +273,7 @@ class Compat:
                         relevant=eval_set.relevant,
                     ),
                 }
+                report["label_free"] = False  # relevance-based figures present; *_xid_* stay label-free
             arrays = fn.arrays()
             buf = io.BytesIO()
             np.savez(buf, **arrays)  # type: ignore[arg-type]
