@@ -13,7 +13,7 @@ debdesc split (``old_doc.npy``, ``new_doc.npy``, ``old_query.npy``,
   ``holdout`` 0 meaning 0.1, the eval-dir report merged in, the config saved
   with its ``kind``), and writes the weights to OUT.npz (``np.savez`` of
   ``Transform.arrays()``) and a JSON sidecar OUT.json with the kind, dims, config,
-  report and checksum (``interlingua.server.transforms.checksum``).
+  report and checksum (``interlingua.server.transforms.artefact.build_artefact``, as the server).
 
 Covered by ``tests/test_cli.py``.
 """
@@ -130,9 +130,8 @@ def _normalized(x: npt.NDArray[Any], metric: str, what: str) -> npt.NDArray[np.f
 
 def fit_offline(args: argparse.Namespace) -> None:
     """Fits with the server's library in this process and saves OUT.npz + OUT.json; no server involved."""
-    from interlingua.server.transforms import Calibration, checksum
-    from interlingua.server.transforms.evaluate import evaluate
-    from interlingua.server.transforms.fit import fit_transform
+    from interlingua.server.transforms import Calibration
+    from interlingua.server.transforms.artefact import EvalData, build_artefact
 
     if args.kind == "chain":
         raise UsageError("a chain composes registered transforms: it cannot be fitted --offline")
@@ -158,28 +157,24 @@ def fit_offline(args: argparse.Namespace) -> None:
             bar.set_description_str(f"{args.name}: {stage}")
             bar.update(round(100 * fraction) - bar.n)
 
+        eval_data = None
+        if ev is not None:
+            xb_new, xq_new = (_normalized(ev[f"new_{s}"], src, f"new_{s}") for s in ("doc", "query"))
+            xb_home, xq_home = (_normalized(ev[f"old_{s}"], home, f"old_{s}") for s in ("doc", "query"))
+            eval_data = EvalData(xq_new, xq_home, xb_new, xb_home)
         try:
-            result, report = fit_transform(
+            art = build_artefact(
                 args.kind,
                 Calibration(dn, dh, qn, qh),
                 config,
-                holdout=args.holdout or 0.1,
                 home_metric=home,
+                holdout=args.holdout or 0.1,
+                eval_data=eval_data,
                 progress=progress,
             )
-            t = result.transform
-            report = {**report, "fit": result.info}
-            if ev is not None:
-                bar.set_description_str(f"{args.name}: evaluate")
-                xb_new, xq_new = (_normalized(ev[f"new_{s}"], src, f"new_{s}") for s in ("doc", "query"))
-                xb_home, xq_home = (_normalized(ev[f"old_{s}"], home, f"old_{s}") for s in ("doc", "query"))
-                report.update(
-                    evaluate(t, home_metric=home, xq_new=xq_new, xq_home=xq_home, xb_new=xb_new, xb_home=xb_home)
-                )
         except ValueError as err:
             raise UsageError(f"fit {args.name}: {err}") from None
-    arrays: dict[str, Any] = t.arrays()  # Any: numpy's savez stub would match an array to allow_pickle
-    saved_config = {**config, "kind": args.kind}
+    t = art.transform
     meta = {
         "name": args.name,
         "kind": args.kind,
@@ -188,14 +183,13 @@ def fit_offline(args: argparse.Namespace) -> None:
         "home_metric": home,
         "d_in": t.d_in,
         "d_out": t.d_out,
-        "config": saved_config,
-        "report": report,
-        "checksum": checksum(args.kind, saved_config, arrays),
+        "config": art.config,
+        "report": art.report,
+        "checksum": art.checksum,
     }
-    meta = json.loads(json.dumps(meta, default=_jsonable))
     try:
         with open(out, "wb") as f:  # a file object: np.savez would add ".npz" to a bare path
-            np.savez(f, **arrays)
+            f.write(art.weights())
         sidecar.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     except OSError as err:
         raise UsageError(f"cannot write {out} or {sidecar}: {err}") from None
@@ -204,11 +198,3 @@ def fit_offline(args: argparse.Namespace) -> None:
         return
     print(f"transform {args.name} ({args.kind}, d {t.d_in} -> {t.d_out}) fitted offline: wrote {out} and {sidecar}")
     print_report(meta["report"], sys.stdout)
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)

@@ -35,25 +35,14 @@ from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .metrics import Metrics
 from .routes import Route, Shadow, map_queries
 from .store import RouteRow, SpaceRow, Store, TransformRow
-from .transforms import KINDS, Calibration, Transform, checksum, load_transform
+from .transforms import KINDS, Calibration, Transform, load_transform
+from .transforms.artefact import EvalData, build_artefact
 
-__all__ = ["Compat", "EvalSet", "TransformRecord"]
+__all__ = ["Compat", "TransformRecord"]
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9._@:-]{1,128}$")
 SHADOW_QUEUE_MAX = 64  #: pending shadow batches beyond which new ones are dropped
-
-
-@dataclass
-class EvalSet:
-    """Evaluation queries with relevant gallery rows: xq_* (nq, d), relevant: one index array per query
-    into the gallery xb_* (nb, d)."""
-
-    xq_new: np.ndarray
-    xq_home: np.ndarray
-    xb_new: np.ndarray
-    xb_home: np.ndarray
-    relevant: list[np.ndarray]
 
 
 @dataclass
@@ -187,7 +176,7 @@ class Compat:
         target: SpaceRow,
         config: dict[str, Any],
         cal: Calibration,
-        eval_set: EvalSet | None,
+        eval_set: EvalData | None,
         holdout: float,
         chain: list[str],
     ) -> TransformRecord:
@@ -236,70 +225,48 @@ class Compat:
         rec: TransformRecord,
         target: SpaceRow,
         cal: Calibration,
-        eval_set: EvalSet | None,
+        eval_set: EvalData | None,
         holdout: float,
         links: list[Transform],
     ) -> None:
-        from .transforms.chain import compose
-        from .transforms.evaluate import evaluate
-        from .transforms.fit import fit_transform
-
         def progress(stage: str, fraction: float) -> None:
             if self._closing.is_set():
                 raise _Cancelled("the service is shutting down")
             rec.stage, rec.progress = stage, float(fraction)
 
         try:
-            if rec.kind == "chain":
-                fn = compose(links)
-                report: dict[str, Any] = {}
-            else:
-                result, report = fit_transform(
-                    rec.kind, cal, rec.config, holdout=holdout or 0.1, home_metric=target.metric, progress=progress
-                )
-                fn = result.transform
-                report = {**report, "fit": result.info}
-            if eval_set is not None:
-                progress("evaluate", 0.95)
-                report = {
-                    **report,
-                    **evaluate(
-                        fn,
-                        home_metric=target.metric,
-                        xq_new=eval_set.xq_new,
-                        xq_home=eval_set.xq_home,
-                        xb_new=eval_set.xb_new,
-                        xb_home=eval_set.xb_home,
-                        relevant=eval_set.relevant,
-                    ),
-                }
-                report["label_free"] = False  # relevance-based figures present; *_xid_* stay label-free
-            arrays = fn.arrays()
-            buf = io.BytesIO()
-            np.savez(buf, **arrays)  # type: ignore[arg-type]
+            art = build_artefact(
+                rec.kind,
+                cal,
+                rec.config,
+                home_metric=target.metric,
+                holdout=holdout or 0.1,
+                eval_data=eval_set,
+                links=links,
+                progress=progress,
+            )
+            weights = art.weights()
             if self._closing.is_set():
                 raise _Cancelled("the service is shutting down")
-            config = {**fn.config, **rec.config, "kind": rec.kind}
-            rec.checksum = checksum(rec.kind, config, arrays)
-            report = json.loads(json.dumps(report, default=_jsonable))
+            fn = art.transform
             self.store.add_transform(
                 TransformRow(
                     rec.name,
                     rec.kind,
                     rec.source,
                     rec.target,
-                    json.dumps(config),
-                    json.dumps(report),
-                    rec.checksum,
+                    json.dumps(art.config),
+                    json.dumps(art.report),
+                    art.checksum,
                     fn.d_in,
                     fn.d_out,
                     rec.created_at,
                     rec.doc_pairs,
                     rec.query_pairs,
-                    buf.getvalue(),
+                    weights,
                 )
             )
-            rec.config, rec.report, rec.fn = config, report, fn
+            rec.config, rec.report, rec.checksum, rec.fn = art.config, art.report, art.checksum, fn
             rec.state, rec.stage, rec.progress = "ready", "done", 1.0
             self._export_report(rec)
         except Exception as e:  # a failed fit is reported on the transform, never raised into a thread
@@ -420,11 +387,3 @@ class Compat:
 
 class _Cancelled(Exception):
     """Raised inside a fit job when the service shuts down."""
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)

@@ -15,12 +15,13 @@ from interlingua.v1 import transforms_pb2_grpc as tgrpc
 
 from . import validate as v
 from .collection import Collection
-from .compat import Compat, EvalSet, TransformRecord
+from .compat import Compat, TransformRecord
 from .engine import Engine
 from .errors import InvalidArgument
 from .servicers import rpc
 from .store import RouteRow, SpaceRow
 from .transforms import Calibration
+from .transforms.artefact import EvalData
 
 __all__ = ["TransformServicer"]
 
@@ -83,7 +84,7 @@ def live_route_pb(compat: Compat, col: Collection, query_space: str) -> tpb.Rout
 
 
 class _Assembler:
-    """Collects a FitTransform stream into a Calibration and an optional EvalSet, checking each part."""
+    """Collects a FitTransform stream into a Calibration and an optional EvalData, checking each part."""
 
     def __init__(self, source: SpaceRow, target: SpaceRow) -> None:
         self.source, self.target = source, target
@@ -155,7 +156,7 @@ class _Assembler:
             stack("dn", s), stack("dh", t), stack("qn", s), stack("qh", t), labels["doc"], labels["query"]
         )
 
-    def eval_set(self) -> EvalSet | None:
+    def eval_set(self) -> EvalData | None:
         if not self.eval_q:
             return None
         index = {pid: j for j, pid in enumerate(self.gallery["ids"])}
@@ -167,7 +168,7 @@ class _Assembler:
             if missing:
                 raise InvalidArgument(f"evaluation query {qi}: relevant ids not among the doc pairs: {missing[:3]!r}")
             relevant.append(np.array([index[pid] for pid in ids], dtype=np.int64))
-        return EvalSet(
+        return EvalData(
             np.vstack([q[0] for q in self.eval_q]),
             np.vstack([q[1] for q in self.eval_q]),
             np.vstack(self.gallery["new"]),
