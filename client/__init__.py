@@ -9,7 +9,7 @@ Errors are :class:`InterlinguaError` subclasses (see ``_exceptions.py`` for the 
 
 from __future__ import annotations
 
-from ._client import Client
+from ._client import Client, SearchStream
 from ._exceptions import (
     AlreadyExists,
     Cancelled,
@@ -47,6 +47,7 @@ __all__ = [
     "RouteInfo",
     "RoutesListing",
     "SearchResult",
+    "SearchStream",
     "Space",
     "TransformInfo",
     "Unauthenticated",

@@ -14,6 +14,7 @@ ready (or raises :class:`~interlingua.client.FitFailed`). Covered by
 from __future__ import annotations
 
 import json
+import queue
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -51,7 +52,7 @@ from ._types import (
 )
 from ._wire import PayloadArg, as_matrix, pack_vectors, upsert_requests
 
-__all__ = ["Client"]
+__all__ = ["Client", "SearchStream"]
 
 _T = TypeVar("_T")
 #: tqdm layout of a fit's progress (the server reports a fraction and a stage name, not counts).
@@ -239,19 +240,15 @@ class Client:
         Returns a :class:`SearchResult` with ``scores`` (D) and ``ids`` (I) of shape
         (nq, k) -- (1, k) for a single query; ``scores, ids = client.search(...)``.
         """
-        xq = np.asarray(queries)
-        xq = as_matrix(xq.reshape(1, -1) if xq.ndim == 1 else xq, "queries")
-        params = common_pb2.SearchParams(ef_search=ef_search, nprobe=nprobe)
-        req = points_pb2.SearchRequest(
-            collection=collection,
-            query_space=space,
-            queries=pack_vectors(xq),
-            k=k,
-            params=params,
-            with_payload=with_payload,
-        )
+        req = search_request(collection, queries, k, space, ef_search, nprobe, with_payload)
         resp: points_pb2.SearchResponse = self._call(self._points.Search, req)
         return SearchResult.from_proto(resp, with_payload)
+
+    def search_stream(self) -> SearchStream:
+        """A :class:`SearchStream`: searches over one long-lived SearchStream RPC, for high rates of
+        small batches (it saves the per-call cost of a unary RPC). Use it from one thread, as a
+        context manager."""
+        return SearchStream(self._points, self._metadata)
 
     # -- transforms and routes -----------------------------------------------------------------------
 
@@ -433,3 +430,72 @@ class Client:
                 raise DeadlineExceeded(f"{self.target} not SERVING after {timeout:g} s (last: {status})")
             time.sleep(delay)
             delay = min(2 * delay, 0.5)
+
+
+def search_request(
+    collection: str,
+    queries: npt.ArrayLike,
+    k: int,
+    space: str,
+    ef_search: int | None,
+    nprobe: int | None,
+    with_payload: bool,
+) -> points_pb2.SearchRequest:
+    """A SearchRequest for xq of shape (nq, d) or (d,), packed as little-endian float32."""
+    xq = np.asarray(queries)
+    xq = as_matrix(xq.reshape(1, -1) if xq.ndim == 1 else xq, "queries")
+    return points_pb2.SearchRequest(
+        collection=collection,
+        query_space=space,
+        queries=pack_vectors(xq),
+        k=k,
+        params=common_pb2.SearchParams(ef_search=ef_search, nprobe=nprobe),
+        with_payload=with_payload,
+    )
+
+
+class SearchStream:
+    """Searches sent one after the other over one bidirectional SearchStream call.
+
+    Each :meth:`search` sends one request and waits for its reply. The first error ends the
+    stream: it is raised as a typed exception and later calls raise it again.
+    """
+
+    _END = object()
+
+    def __init__(self, points: points_pb2_grpc.PointServiceStub, metadata: Sequence[tuple[str, str]]) -> None:
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._replies = points.SearchStream(iter(self._requests.get, self._END), metadata=metadata)
+        self._error: InterlinguaError | None = None
+
+    def __enter__(self) -> SearchStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Ends the stream (the server finishes it cleanly)."""
+        self._requests.put(self._END)
+
+    def search(
+        self,
+        collection: str,
+        queries: npt.ArrayLike,
+        k: int = 10,
+        *,
+        space: str,
+        ef_search: int | None = None,
+        nprobe: int | None = None,
+        with_payload: bool = False,
+    ) -> SearchResult:
+        """As :meth:`Client.search`, over the stream."""
+        if self._error is not None:
+            raise self._error
+        self._requests.put(search_request(collection, queries, k, space, ef_search, nprobe, with_payload))
+        try:
+            resp: points_pb2.SearchResponse = next(self._replies)
+        except grpc.RpcError as err:
+            self._error = from_rpc_error(err)
+            raise self._error from err
+        return SearchResult.from_proto(resp, with_payload)

@@ -17,6 +17,7 @@ from concurrent import futures
 from types import FrameType
 from typing import Any
 
+import faiss
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -84,7 +85,13 @@ class Server:
             interceptors.append(AuthInterceptor(config.api_key))
         limit = config.limits.max_message_bytes
         self.grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="interlingua-rpc"),
+            futures.ThreadPoolExecutor(
+                max_workers=config.workers,
+                thread_name_prefix="interlingua-rpc",
+                # omp_set_num_threads is per calling thread: set it on every worker that searches
+                initializer=faiss.omp_set_num_threads,
+                initargs=(config.omp_threads,),
+            ),
             interceptors=interceptors,
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )

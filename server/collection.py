@@ -26,7 +26,9 @@ from .routes import Route
 from .segments import IndexSpec, Segments, Snapshot
 from .store import CollectionRow, SpaceRow, Store
 
-__all__ = ["Collection", "PointRecord"]
+__all__ = ["SEARCH_STAGES", "Collection", "PointRecord"]
+
+SEARCH_STAGES = ("validate", "transform", "index", "fetch")  #: stages of interlingua_search_seconds
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ class Collection:
         self.last_sequence = row.last_sequence
         self.checkpoint_sequence = 0
         self.last_write = time.monotonic()
+        #: interlingua_search_seconds children, looked up once rather than per search
+        self.stage_timers = {s: metrics.search_seconds.labels(self.name, s) for s in SEARCH_STAGES}
 
     # -- recovery ------------------------------------------------------------------------------
 
@@ -218,6 +222,8 @@ class Collection:
         for space in self.counts:
             self.metrics.points.remove(self.name, space)
         self.metrics.index_ready.remove(self.name)
+        for stage in SEARCH_STAGES:
+            self.metrics.search_seconds.remove(self.name, stage)
 
     def publish_gauges(self) -> None:
         for space, n in self.counts.items():

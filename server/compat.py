@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import faiss
 import numpy as np
 
 from .collection import Collection
@@ -90,14 +91,15 @@ def gate(report: dict[str, Any], min_retention: float) -> str | None:
 
 
 class Compat:
-    def __init__(self, store: Store, metrics: Metrics, *, min_retention: float) -> None:
+    def __init__(self, store: Store, metrics: Metrics, *, min_retention: float, omp_threads: int = 1) -> None:
         self.store = store
         self.metrics = metrics
         self.min_retention = min_retention
         self.transforms: dict[str, TransformRecord] = {}
         self._lock = threading.Lock()  # registry and route changes
-        self._fitter = ThreadPoolExecutor(1, thread_name_prefix="interlingua-fit")
-        self._shadow = ThreadPoolExecutor(1, thread_name_prefix="interlingua-shadow")
+        omp = {"initializer": faiss.omp_set_num_threads, "initargs": (omp_threads,)}
+        self._fitter = ThreadPoolExecutor(1, thread_name_prefix="interlingua-fit", **omp)  # type: ignore[arg-type]
+        self._shadow = ThreadPoolExecutor(1, thread_name_prefix="interlingua-shadow", **omp)  # type: ignore[arg-type]
         self._shadow_slots = threading.BoundedSemaphore(SHADOW_QUEUE_MAX)
         self._closing = threading.Event()
         self._rng = random.Random(0)

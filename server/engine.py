@@ -87,7 +87,9 @@ class Engine:
             col = Collection(row, self.spaces[row.home_space], self.store, self._folder(row.cid), self.metrics)
             replayed += col.recover()
             self.collections[row.name] = col
-        self.compat = Compat(self.store, self.metrics, min_retention=self.config.min_retention)
+        self.compat = Compat(
+            self.store, self.metrics, min_retention=self.config.min_retention, omp_threads=self.config.omp_threads
+        )
         self.compat.load(self.collections)
         log.info(
             "recovered %d spaces, %d collections, %d replayed vectors in %.2fs",
@@ -104,6 +106,7 @@ class Engine:
         if self.state is Lifecycle.STOPPED:
             return
         self._set_state(Lifecycle.DRAINING)
+        faiss.omp_set_num_threads(self.config.omp_threads)  # the final merges run on this thread
         self._stop.set()
         if self._maintainer is not None:
             self._maintainer.join()
@@ -120,6 +123,7 @@ class Engine:
 
     def _maintain_loop(self) -> None:
         c = self.config
+        faiss.omp_set_num_threads(c.omp_threads)  # per thread: merges and training honour the setting too
         while not self._stop.wait(0.1):
             for col in list(self.collections.values()):
                 try:
@@ -276,11 +280,11 @@ class Engine:
             self.compat.shadow_search(col, route, xq_in, ids, k, (ef_search, nprobe))
         payloads = col.payloads(ids) if with_payload else None
         t4 = time.perf_counter()
-        m = self.metrics.search_seconds
-        m.labels(col.name, "validate").observe(t1 - t0)
-        m.labels(col.name, "transform").observe(t2 - t1)
-        m.labels(col.name, "index").observe(t3 - t2)
+        timers = col.stage_timers
+        timers["validate"].observe(t1 - t0)
+        timers["transform"].observe(t2 - t1)
+        timers["index"].observe(t3 - t2)
         if with_payload:
-            m.labels(col.name, "fetch").observe(t4 - t3)
+            timers["fetch"].observe(t4 - t3)
         self.metrics.search_queries.labels(col.name, qspace.name, route.transform).inc(len(xq))
         return SearchResult(D, ids, payloads, route, exact=snap.sealed is None)

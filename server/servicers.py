@@ -32,24 +32,31 @@ __all__ = ["CollectionServicer", "PointServicer", "SpaceServicer"]
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
+R = TypeVar("R")
 
 METRIC_TO_PB = {"cosine": pb.METRIC_COSINE, "ip": pb.METRIC_IP, "l2": pb.METRIC_L2}
 PB_TO_METRIC = {v: k for k, v in METRIC_TO_PB.items()}
 STATE_TO_PB = {"exact": cpb.INDEX_STATE_EXACT, "training": cpb.INDEX_STATE_TRAINING, "ready": cpb.INDEX_STATE_READY}
 
 
+def rpc_call(fn: Callable[..., R], request: Any, context: grpc.ServicerContext, what: str) -> R:
+    """fn(request), with domain errors mapped to their status code and anything else to INTERNAL."""
+    try:
+        return fn(request)
+    except InterlinguaError as e:
+        context.abort(status_for(e), e.message)
+    except Exception:
+        log.exception("unexpected error in %s", what)
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error in {what}; see the server log")
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
 def rpc(fn: F) -> F:
-    """Maps domain errors to their status code; anything else to INTERNAL."""
+    """Decorates a unary (or stream-in) servicer method with :func:`rpc_call`."""
 
     @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return fn(self, request, context)
-        except InterlinguaError as e:
-            context.abort(status_for(e), e.message)
-        except Exception:
-            log.exception("unexpected error in %s", fn.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}; see the server log")
+        return rpc_call(lambda r: fn(self, r, context), request, context, fn.__name__)
 
     return wrapper  # type: ignore[return-value]
 
@@ -170,9 +177,7 @@ class PointServicer(pgrpc.PointServiceServicer):
             ]
         )
 
-    @rpc
-    def Search(self, request: ppb.SearchRequest, context: grpc.ServicerContext) -> ppb.SearchResponse:
-        r = request
+    def _search(self, r: ppb.SearchRequest) -> ppb.SearchResponse:
         params = r.params
         res = self.engine.search(
             r.collection,
@@ -196,3 +201,13 @@ class PointServicer(pgrpc.PointServiceServicer):
             ),
             exact=res.exact,
         )
+
+    @rpc
+    def Search(self, request: ppb.SearchRequest, context: grpc.ServicerContext) -> ppb.SearchResponse:
+        return self._search(request)
+
+    def SearchStream(
+        self, request_iterator: Iterator[ppb.SearchRequest], context: grpc.ServicerContext
+    ) -> Iterator[ppb.SearchResponse]:
+        for i, request in enumerate(request_iterator):
+            yield rpc_call(self._search, request, context, f"SearchStream request {i}")

@@ -54,8 +54,8 @@ def test_public_names_are_pinned() -> None:
     assert sorted(interlingua.client.__all__) == [
         "AlreadyExists", "Cancelled", "Client", "CollectionInfo", "DeadlineExceeded", "FailedPrecondition",
         "FitFailed", "InterlinguaError", "Internal", "InvalidArgument", "NotFound", "PermissionDenied",
-        "PointRecord", "ResourceExhausted", "Route", "RouteInfo", "RoutesListing", "SearchResult", "Space",
-        "TransformInfo", "Unauthenticated", "Unavailable", "Unknown",
+        "PointRecord", "ResourceExhausted", "Route", "RouteInfo", "RoutesListing", "SearchResult", "SearchStream",
+        "Space", "TransformInfo", "Unauthenticated", "Unavailable", "Unknown",
     ]  # fmt: skip
 
 
@@ -247,3 +247,21 @@ def test_health_and_wait_ready(client: Client) -> None:
     with Client(f"127.0.0.1:{port}") as down, pytest.raises(interlingua.client.DeadlineExceeded) as info:
         down.wait_ready(0.3)
     assert info.value.retriable and "UNREACHABLE" in info.value.message
+
+
+def test_search_stream_equals_unary_search_and_ends_on_error(client: Client) -> None:
+    xb = _gallery(client)
+    xq = make_data(30, 32, seed=2)
+    Dref, Iref = brute_force(xb, xq, 5)
+    with client.search_stream() as stream:
+        for i in range(len(xq)):  # one query per request, as a high-rate caller sends them
+            res = stream.search("g", xq[i], 5, space="m@1")
+            unary = client.search("g", xq[i], 5, space="m@1")
+            assert (res.ids == unary.ids).all() and np.array_equal(res.scores, unary.scores)
+            _check_knn(res.scores, res.ids, Dref[i : i + 1], Iref[i : i + 1])
+        with pytest.raises(NotFound, match="collection 'nope'"):
+            stream.search("nope", xq[0], 5, space="m@1")
+        with pytest.raises(NotFound):  # the stream ended with that error
+            stream.search("g", xq[0], 5, space="m@1")
+    with client.search_stream() as stream, pytest.raises(InvalidArgument, match="k is 0"):
+        stream.search("g", xq[0], 0, space="m@1")

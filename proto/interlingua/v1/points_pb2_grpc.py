@@ -61,6 +61,11 @@ class PointServiceStub:
                 request_serializer=interlingua_dot_v1_dot_points__pb2.SearchRequest.SerializeToString,
                 response_deserializer=interlingua_dot_v1_dot_points__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.SearchStream = channel.stream_stream(
+                '/interlingua.v1.PointService/SearchStream',
+                request_serializer=interlingua_dot_v1_dot_points__pb2.SearchRequest.SerializeToString,
+                response_deserializer=interlingua_dot_v1_dot_points__pb2.SearchResponse.FromString,
+                _registered_method=True)
 
 
 class PointServiceServicer:
@@ -106,6 +111,15 @@ class PointServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchStream(self, request_iterator, context):
+        """The same search over one long-lived stream: one reply per request, in order. For high
+        rates of small batches (single queries) it saves the per-call cost of a unary RPC. The
+        first failing request ends the stream with its status (earlier replies stand).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PointServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +145,11 @@ def add_PointServiceServicer_to_server(servicer, server):
             ),
             'Search': grpc.unary_unary_rpc_method_handler(
                     servicer.Search,
+                    request_deserializer=interlingua_dot_v1_dot_points__pb2.SearchRequest.FromString,
+                    response_serializer=interlingua_dot_v1_dot_points__pb2.SearchResponse.SerializeToString,
+            ),
+            'SearchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SearchStream,
                     request_deserializer=interlingua_dot_v1_dot_points__pb2.SearchRequest.FromString,
                     response_serializer=interlingua_dot_v1_dot_points__pb2.SearchResponse.SerializeToString,
             ),
@@ -270,6 +289,33 @@ class PointService:
             request,
             target,
             '/interlingua.v1.PointService/Search',
+            interlingua_dot_v1_dot_points__pb2.SearchRequest.SerializeToString,
+            interlingua_dot_v1_dot_points__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/interlingua.v1.PointService/SearchStream',
             interlingua_dot_v1_dot_points__pb2.SearchRequest.SerializeToString,
             interlingua_dot_v1_dot_points__pb2.SearchResponse.FromString,
             options,

@@ -50,6 +50,11 @@ class PointServiceStub:
     """Reads points by id; NOT_FOUND (naming the ids) if any id is unknown."""
     Search: _grpc.UnaryUnaryMultiCallable[_points_pb2.SearchRequest, _points_pb2.SearchResponse]
     """k-nearest-neighbour search for a batch of query vectors."""
+    SearchStream: _grpc.StreamStreamMultiCallable[_points_pb2.SearchRequest, _points_pb2.SearchResponse]
+    """The same search over one long-lived stream: one reply per request, in order. For high
+    rates of small batches (single queries) it saves the per-call cost of a unary RPC. The
+    first failing request ends the stream with its status (earlier replies stand).
+    """
 
 @_typing.type_check_only
 class PointServiceAsyncStub(PointServiceStub):
@@ -73,6 +78,11 @@ class PointServiceAsyncStub(PointServiceStub):
     """Reads points by id; NOT_FOUND (naming the ids) if any id is unknown."""
     Search: _aio.UnaryUnaryMultiCallable[_points_pb2.SearchRequest, _points_pb2.SearchResponse]  # type: ignore[assignment]
     """k-nearest-neighbour search for a batch of query vectors."""
+    SearchStream: _aio.StreamStreamMultiCallable[_points_pb2.SearchRequest, _points_pb2.SearchResponse]  # type: ignore[assignment]
+    """The same search over one long-lived stream: one reply per request, in order. For high
+    rates of small batches (single queries) it saves the per-call cost of a unary RPC. The
+    first failing request ends the stream with its status (earlier replies stand).
+    """
 
 class PointServiceServicer(metaclass=_abc_1.ABCMeta):
     """Writes, reads and searches points. Every write is acknowledged only after
@@ -123,5 +133,16 @@ class PointServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_points_pb2.SearchResponse, _abc.Awaitable[_points_pb2.SearchResponse]]:
         """k-nearest-neighbour search for a batch of query vectors."""
+
+    @_abc_1.abstractmethod
+    def SearchStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_points_pb2.SearchRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_points_pb2.SearchResponse], _abc.AsyncIterator[_points_pb2.SearchResponse]]:
+        """The same search over one long-lived stream: one reply per request, in order. For high
+        rates of small batches (single queries) it saves the per-call cost of a unary RPC. The
+        first failing request ends the stream with its status (earlier replies stand).
+        """
 
 def add_PointServiceServicer_to_server(servicer: PointServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
