@@ -463,9 +463,9 @@ class SearchStream:
 
     _END = object()
 
-    def __init__(self, points: points_pb2_grpc.PointServiceStub, metadata: Sequence[tuple[str, str]]) -> None:
+    def __init__(self, points: points_pb2_grpc.PointServiceStub, metadata: tuple[tuple[str, str], ...]) -> None:
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._replies = points.SearchStream(iter(self._requests.get, self._END), metadata=metadata)
+        self._replies = iter(points.SearchStream(iter(self._requests.get, self._END), metadata=metadata))
         self._error: InterlinguaError | None = None
 
     def __enter__(self) -> SearchStream:

@@ -97,9 +97,9 @@ class Compat:
         self.min_retention = min_retention
         self.transforms: dict[str, TransformRecord] = {}
         self._lock = threading.Lock()  # registry and route changes
-        omp = {"initializer": faiss.omp_set_num_threads, "initargs": (omp_threads,)}
-        self._fitter = ThreadPoolExecutor(1, thread_name_prefix="interlingua-fit", **omp)  # type: ignore[arg-type]
-        self._shadow = ThreadPoolExecutor(1, thread_name_prefix="interlingua-shadow", **omp)  # type: ignore[arg-type]
+        set_omp, omp = faiss.omp_set_num_threads, (omp_threads,)
+        self._fitter = ThreadPoolExecutor(1, "interlingua-fit", initializer=set_omp, initargs=omp)
+        self._shadow = ThreadPoolExecutor(1, "interlingua-shadow", initializer=set_omp, initargs=omp)
         self._shadow_slots = threading.BoundedSemaphore(SHADOW_QUEUE_MAX)
         self._closing = threading.Event()
         self._rng = random.Random(0)
