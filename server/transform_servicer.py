@@ -91,9 +91,10 @@ class _Assembler:
         self.parts: dict[str, list[np.ndarray]] = {k: [] for k in ("dn", "dh", "qn", "qh")}
         self.labels: dict[str, list[int]] = {"doc": [], "query": []}
         self.doc_ids: list[str] = []
-        self.gallery: dict[str, list[Any]] = {"ids": [], "new": [], "home": []}
+        self.gallery: dict[str, list[Any]] = {"ids": [], "new": [], "home": [], "labels": []}
         self.eval_q: list[tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = []
         self.eval_ids: list[list[str]] = []
+        self.eval_labels: list[int | None] = []
 
     def _pair(self, batch: tpb.PairBatch, i: int) -> tuple[np.ndarray, np.ndarray]:
         what = f"message {i}"
@@ -117,6 +118,7 @@ class _Assembler:
                 raise InvalidArgument(f"message {i}: {len(values)} {name} for {n} pairs")
         if batch.ids:
             self.gallery["ids"].extend(batch.ids)
+            self.gallery["labels"].extend(batch.labels or [None] * n)
             self.gallery["new"].append(xn)
             self.gallery["home"].append(xh)
         if batch.eval_only:
@@ -138,6 +140,9 @@ class _Assembler:
         if any(b < a for a, b in itertools.pairwise(offsets)):
             raise InvalidArgument(f"message {i}: relevant_offsets must not decrease")
         ids = list(e.relevant_ids)
+        if e.labels and len(e.labels) != len(xn):
+            raise InvalidArgument(f"message {i}: {len(e.labels)} labels for {len(xn)} evaluation queries")
+        self.eval_labels.extend(e.labels or [None] * len(xn))
         self.eval_q.append((xn, xh, []))
         self.eval_ids.extend(ids[a:b] for a, b in itertools.pairwise(offsets))
 
@@ -168,13 +173,30 @@ class _Assembler:
             if missing:
                 raise InvalidArgument(f"evaluation query {qi}: relevant ids not among the doc pairs: {missing[:3]!r}")
             relevant.append(np.array([index[pid] for pid in ids], dtype=np.int64))
+        q_labels, g_labels = _all_or_none(self.eval_labels), _all_or_none(self.gallery["labels"])
+        if (q_labels is None) != (g_labels is None):
+            raise InvalidArgument(
+                "class labels need both sides: label every evaluation query and every doc pair with an id, or none"
+            )
         return EvalData(
             np.vstack([q[0] for q in self.eval_q]),
             np.vstack([q[1] for q in self.eval_q]),
             np.vstack(self.gallery["new"]),
             np.vstack(self.gallery["home"]),
             relevant,
+            q_labels,
+            g_labels,
         )
+
+
+def _all_or_none(labels: list[int | None]) -> np.ndarray | None:
+    """(n,) int64 when every entry has a label, None when none has; a partial set is an error."""
+    given = [x for x in labels if x is not None]
+    if not given:
+        return None
+    if len(given) != len(labels):
+        raise InvalidArgument(f"labels were given for {len(given)} of {len(labels)} items; give all or none")
+    return np.asarray(given, dtype=np.int64)
 
 
 class TransformServicer(tgrpc.TransformServiceServicer):

@@ -354,3 +354,33 @@ def test_fit_input_errors(env: tuple[Stubs, tgrpc.TransformServiceStub, Server, 
     with pytest.raises(grpc.RpcError) as exc:
         t.ActivateRoute(tpb.ActivateRouteRequest(collection="gallery", transform="nope"))
     assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_labelled_evaluation_reports_cmc_and_map(env: tuple[Stubs, tgrpc.TransformServiceStub, Server, Path]) -> None:
+    _, t, _, _ = env
+    docs_old, docs_new, q_old, q_new = world()
+    nq = len(q_new)
+    msgs = list(
+        fit_stream(
+            "lab",
+            tpb.TRANSFORM_KIND_PROCRUSTES,
+            docs_new[:600],
+            docs_old[:600],
+            eval_q=(q_new, q_old),
+            gallery=(docs_new, docs_old),
+        )
+    )
+    msgs[-2].pairs.labels.extend(i % 40 for i in range(N))  # the eval gallery's class labels
+    msgs[-1].eval.labels.extend(i % 40 for i in range(nq))
+    t.FitTransform(iter(msgs))
+    info = wait_fitted(t, "lab")
+    assert info.state == tpb.TRANSFORM_STATE_READY, info.error
+    report = json.loads(info.report_json)
+    for key in ("home_cmc1", "home_cmc5", "home_map", "transformed_cmc1", "transformed_cmc5", "transformed_map"):
+        assert 0 <= report[key] <= 1, key
+    assert report["transformed_cmc5"] >= report["transformed_cmc1"]
+    msgs[-1].eval.ClearField("labels")  # labels on one side only
+    msgs[0].header.name = "lab2"
+    with pytest.raises(grpc.RpcError) as exc:
+        t.FitTransform(iter(msgs))
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "labels" in (exc.value.details() or "")

@@ -33,6 +33,8 @@ class EvalData:
     xb_new: np.ndarray
     xb_home: np.ndarray
     relevant: list[np.ndarray] | None = None
+    query_labels: np.ndarray | None = None  #: (nq,) int64 class labels (CMC, mAP), with gallery_labels
+    gallery_labels: np.ndarray | None = None  #: (nb,) int64
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ def build_artefact(
                 xb_new=e.xb_new,
                 xb_home=e.xb_home,
                 relevant=e.relevant,
+                query_labels=e.query_labels,
+                gallery_labels=e.gallery_labels,
             )
         )
         report["label_free"] = False  # relevance-based figures present; the *_xid_* ones stay label-free

@@ -219,6 +219,7 @@ class EvalQueries(_message.Message):
     TARGET_FIELD_NUMBER: _builtins.int
     RELEVANT_IDS_FIELD_NUMBER: _builtins.int
     RELEVANT_OFFSETS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def source(self) -> _common_pb2.Vectors:
         """nq queries in the source space."""
@@ -235,6 +236,12 @@ class EvalQueries(_message.Message):
 
     @_builtins.property
     def relevant_offsets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Optional class labels, one per query. With labelled doc pairs in the gallery the report adds
+        CMC top-1/top-5 and mAP (a gallery item is relevant when its label equals the query's).
+        """
+
     def __init__(
         self,
         *,
@@ -242,10 +249,11 @@ class EvalQueries(_message.Message):
         target: _common_pb2.Vectors | None = ...,
         relevant_ids: _abc.Iterable[_builtins.str] | None = ...,
         relevant_offsets: _abc.Iterable[_builtins.int] | None = ...,
+        labels: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["relevant_ids", b"relevant_ids", "relevant_offsets", b"relevant_offsets", "source", b"source", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "relevant_ids", b"relevant_ids", "relevant_offsets", b"relevant_offsets", "source", b"source", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
