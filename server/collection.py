@@ -21,6 +21,7 @@ import numpy as np
 
 from . import checkpoint
 from .errors import NotFound
+from .funnel import check_funnel, rerank, shrink
 from .metrics import Metrics
 from .routes import Route
 from .segments import IndexSpec, Segments, Snapshot
@@ -49,8 +50,12 @@ class Collection:
         self.store = store
         self.folder = folder
         self.metrics = metrics
-        self.spec = IndexSpec.parse(row.index_spec, home.dim, home.metric)
+        #: dimensions the index holds: a Matryoshka prefix, or all of them
+        self.index_dims = row.prefix_dims or home.dim
+        self.spec = IndexSpec.parse(row.index_spec, self.index_dims, home.metric)
         self.segments = Segments(self.spec, row.train_min_points)
+        #: prefix collections: every home vector by label, full dimension, for reranking
+        self.full = np.zeros((1024 if row.prefix_dims else 0, home.dim), dtype=np.float32)
         self.routes: Mapping[str, Route] = {}  #: replaced whole on every change (one reference swap)
         self.lock = threading.Lock()  # serializes writes (and drop)
         self.maint_lock = threading.Lock()  # serializes merges, checkpoints and drop
@@ -71,7 +76,7 @@ class Collection:
         Returns the number of replayed vectors."""
         d, cid = self.home.dim, self.row.cid
         ids, labels = self.store.home_labels(cid, self.home.name)
-        ck = checkpoint.load(self.folder, spec=self.spec.spec, d=d, metric=self.home.metric)
+        ck = checkpoint.load(self.folder, spec=self.spec.spec, d=self.index_dims, metric=self.home.metric)
         if ck is not None and ck.nsealed > self.next_label:
             log.warning("checkpoint of %s is ahead of the store; rebuilding", self.name)
             ck = None
@@ -85,6 +90,11 @@ class Collection:
             labels = labels.copy()
             labels[labels >= nsealed] = dense
             self.next_label = nsealed + len(fresh_labels)
+        if self.row.prefix_dims:  # the rerank cache holds every live vector; the index, their prefixes
+            all_labels, all_x = self.store.home_vectors_from(cid, 0, d)  # labels as relabelled above
+            self.full = np.zeros((max(self.next_label, 1024), d), dtype=np.float32)
+            self.full[all_labels] = all_x
+            fresh_x = self._index_view(fresh_x)
         sealed = ck.index if ck else None
         self.segments.restore(sealed, self.next_label, ids, labels, fresh_x, self.last_sequence)
         self.checkpoint_sequence = ck.sequence if ck else 0
@@ -113,7 +123,14 @@ class Collection:
                 new_vectors = len(ids) - len(self.store.existing_vectors(self.row.cid, space.name, ids))
             seq = self.store.upsert(self.row.cid, space.name, ids, x, payloads, first)
             if first is not None:
-                self.segments.append(first, ids, x, dead, seq)
+                if self.row.prefix_dims:  # full vectors first: a published label is always rerankable
+                    full = self.full
+                    if full.shape[0] < first + len(ids):
+                        full = np.zeros((max(2 * full.shape[0], first + len(ids)), full.shape[1]), np.float32)
+                        full[: self.full.shape[0]] = self.full
+                    full[first : first + len(ids)] = x
+                    self.full = full
+                self.segments.append(first, ids, self._index_view(x), dead, seq)
                 self.next_label += len(ids)
                 self.pids.update(zip(ids, range(first, first + len(ids)), strict=True))
             else:
@@ -165,11 +182,38 @@ class Collection:
             out.append(PointRecord(pid, v, payload if with_payload else None, seq))
         return out
 
+    def index_bytes_per_vector(self) -> int:
+        """FAISS code size of one vector in this collection's index."""
+        sealed = self.segments.snapshot.sealed
+        index = sealed if sealed is not None else self.spec.new_index()
+        try:
+            return int(index.sa_code_size())
+        except RuntimeError:  # HNSW and a few others do not implement sa_code_size: flat storage
+            return 4 * self.index_dims
+
+    def _index_view(self, x: np.ndarray) -> np.ndarray:
+        """What the index holds of vectors x (n, d): their Matryoshka prefix, or x itself."""
+        if not self.row.prefix_dims:
+            return x
+        return shrink(x, self.row.prefix_dims, normalize=self.home.metric != "l2")
+
     def search(
-        self, xq: np.ndarray, k: int, ef_search: int | None, nprobe: int | None
+        self,
+        xq: np.ndarray,
+        k: int,
+        ef_search: int | None,
+        nprobe: int | None,
+        funnel: tuple[int, list[tuple[int, int]]] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, Snapshot]:
-        """xq : (nq, d) in the home space. Returns D (nq, k), ids (nq, k) object array, snapshot."""
-        D, I, snap = self.segments.search(xq, k, ef_search, nprobe)
+        """xq : (nq, d) in the home space. Returns D (nq, k), ids (nq, k) object array, snapshot.
+
+        Prefix collections search ``funnel`` = (shortlist_k, stages) from :func:`~.funnel.check_funnel`."""
+        if self.row.prefix_dims:
+            shortlist_k, stages = funnel or check_funnel(self.home.dim, self.row.prefix_dims, k, None, [])
+            _, I0, snap = self.segments.search(self._index_view(xq), shortlist_k, ef_search, nprobe)
+            D, I = rerank(xq, self.full, I0, stages, self.home.metric)
+        else:
+            D, I, snap = self.segments.search(xq, k, ef_search, nprobe)
         ids = snap.ids[np.maximum(I, 0)]
         ids[I < 0] = ""
         return D, ids, snap

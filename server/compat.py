@@ -360,7 +360,7 @@ class Compat:
         return new
 
     def shadow_search(
-        self, col: Collection, route: Route, xq: np.ndarray, ids: np.ndarray, k: int, params: tuple[Any, Any]
+        self, col: Collection, route: Route, xq: np.ndarray, ids: np.ndarray, k: int, params: tuple[Any, ...]
     ) -> None:
         """Mirrors a routed batch to the route's shadow candidate (sampled, off the reply path)."""
         sh = route.shadow

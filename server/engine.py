@@ -14,7 +14,7 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from .collection import Collection, PointRecord
 from .compat import Compat
 from .config import ServerConfig
 from .errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from .funnel import check_funnel
 from .metrics import Metrics
 from .routes import IDENTITY, Route, resolve
 from .segments import IndexSpec
@@ -182,11 +183,17 @@ class Engine:
 
     # -- collections ---------------------------------------------------------------------------
 
-    def create_collection(self, name: str, home_space: str, index_spec: str, train_min_points: int) -> Collection:
+    def create_collection(
+        self, name: str, home_space: str, index_spec: str, train_min_points: int, prefix_dims: int = 0
+    ) -> Collection:
         store = self._ready()
         v.check_collection_name(name)
         home = self.get_space(home_space)
-        spec = IndexSpec.parse(index_spec, home.dim, home.metric)
+        if prefix_dims and not 0 < prefix_dims < home.dim:
+            raise InvalidArgument(
+                f"prefix_dims is {prefix_dims}; it must be between 1 and dim-1 = {home.dim - 1} (0 indexes all dims)"
+            )
+        spec = IndexSpec.parse(index_spec, prefix_dims or home.dim, home.metric)
         with self._registry_lock:
             if name in self.collections:
                 raise AlreadyExists(f"collection {name!r} already exists")
@@ -195,7 +202,7 @@ class Engine:
                 raise InvalidArgument(
                     f"train_min_points is {train_min}; index {spec.spec!r} needs at least nlist={spec.nlist}"
                 )
-            row = store.add_collection(name, home_space, spec.spec, train_min)
+            row = store.add_collection(name, home_space, spec.spec, train_min, prefix_dims)
             col = Collection(row, home, store, self._folder(row.cid), self.metrics)
             col.recover()
             self.collections[name] = col
@@ -258,6 +265,8 @@ class Engine:
         ef_search: int | None = None,
         nprobe: int | None = None,
         with_payload: bool = False,
+        shortlist_k: int | None = None,
+        funnel: Sequence[tuple[int, int]] = (),
     ) -> SearchResult:
         t0 = time.perf_counter()
         col = self.collection(collection)
@@ -266,6 +275,9 @@ class Engine:
         v.check_k(k, self.limits)
         xq = v.unpack_vectors(data, dim, qspace.dim, what="queries", limit=self.limits.max_nq)
         col.segments.check_params(ef_search, nprobe)
+        plan = check_funnel(col.home.dim, col.row.prefix_dims, k, shortlist_k, funnel) if col.row.prefix_dims else None
+        if plan is None and (shortlist_k is not None or funnel):
+            check_funnel(col.home.dim, 0, k, shortlist_k, funnel)  # raises: not a prefix collection
         t1 = time.perf_counter()
         if qspace.metric == "cosine":
             xq = v.normalize_rows(xq, what="queries")
@@ -274,10 +286,10 @@ class Engine:
             xq = route.to_home(xq, col.home.metric, col.home.dim)
             self.metrics.transform_seconds.labels(route.transform).observe(time.perf_counter() - t1)
         t2 = time.perf_counter()
-        D, ids, snap = col.search(xq, k, ef_search, nprobe)
+        D, ids, snap = col.search(xq, k, ef_search, nprobe, plan)
         t3 = time.perf_counter()
         if route.shadow is not None and self.compat is not None:
-            self.compat.shadow_search(col, route, xq_in, ids, k, (ef_search, nprobe))
+            self.compat.shadow_search(col, route, xq_in, ids, k, (ef_search, nprobe, plan))
         payloads = col.payloads(ids) if with_payload else None
         t4 = time.perf_counter()
         timers = col.stage_timers

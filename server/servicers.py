@@ -83,6 +83,9 @@ def collection_pb(c: Collection) -> cpb.CollectionInfo:
         train_min_points=c.segments.train_min_points,
         created_at=c.row.created_at,
         deleted_labels=snap.ndead_sealed + snap.ndead_fresh,
+        prefix_dims=c.index_dims,
+        index_bytes_per_vector=c.index_bytes_per_vector(),
+        rerank_bytes_per_vector=4 * c.home.dim if c.row.prefix_dims else 0,
     )
 
 
@@ -113,7 +116,9 @@ class CollectionServicer(cgrpc.CollectionServiceServicer):
     @rpc
     def CreateCollection(self, request: cpb.CreateCollectionRequest, context: grpc.ServicerContext) -> Any:
         r = request
-        return collection_pb(self.engine.create_collection(r.name, r.home_space, r.index_spec, r.train_min_points))
+        return collection_pb(
+            self.engine.create_collection(r.name, r.home_space, r.index_spec, r.train_min_points, r.prefix_dims)
+        )
 
     @rpc
     def GetCollection(self, request: cpb.GetCollectionRequest, context: grpc.ServicerContext) -> Any:
@@ -188,6 +193,8 @@ class PointServicer(pgrpc.PointServiceServicer):
             ef_search=params.ef_search if params.HasField("ef_search") else None,
             nprobe=params.nprobe if params.HasField("nprobe") else None,
             with_payload=r.with_payload,
+            shortlist_k=params.shortlist_k if params.HasField("shortlist_k") else None,
+            funnel=[(st.dims, st.keep) for st in params.funnel],
         )
         nq, k = res.D.shape
         return ppb.SearchResponse(

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS collections (
     cid INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
     home_space TEXT NOT NULL REFERENCES spaces(name), index_spec TEXT NOT NULL,
     train_min_points INTEGER NOT NULL, created_at REAL NOT NULL,
-    next_label INTEGER NOT NULL DEFAULT 0, last_sequence INTEGER NOT NULL DEFAULT 0);
+    next_label INTEGER NOT NULL DEFAULT 0, last_sequence INTEGER NOT NULL DEFAULT 0,
+    prefix_dims INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS points (
     cid INTEGER NOT NULL, pid TEXT NOT NULL, payload TEXT, sequence INTEGER NOT NULL,
     PRIMARY KEY (cid, pid));
@@ -111,6 +112,7 @@ class CollectionRow:
     created_at: float
     next_label: int
     last_sequence: int
+    prefix_dims: int  #: 0: the index holds every dimension
 
 
 def _chunks(seq: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -173,12 +175,14 @@ class Store:
             )
         return seq
 
-    def add_collection(self, name: str, home_space: str, index_spec: str, train_min_points: int) -> CollectionRow:
+    def add_collection(
+        self, name: str, home_space: str, index_spec: str, train_min_points: int, prefix_dims: int = 0
+    ) -> CollectionRow:
         with self._tx() as seq:
             self._w.execute(
                 "INSERT INTO collections (name, home_space, index_spec, train_min_points, created_at,"
-                " last_sequence) VALUES (?,?,?,?,?,?)",
-                (name, home_space, index_spec, train_min_points, time.time(), seq),
+                " last_sequence, prefix_dims) VALUES (?,?,?,?,?,?,?)",
+                (name, home_space, index_spec, train_min_points, time.time(), seq, prefix_dims),
             )
         row = self.collection(name)
         if row is None:
@@ -254,7 +258,7 @@ class Store:
     def collection(self, name: str) -> CollectionRow | None:
         r = self._r.execute(
             "SELECT cid, name, home_space, index_spec, train_min_points, created_at, next_label,"
-            " last_sequence FROM collections WHERE name=?",
+            " last_sequence, prefix_dims FROM collections WHERE name=?",
             (name,),
         ).fetchone()
         return CollectionRow(*r) if r else None
@@ -262,7 +266,7 @@ class Store:
     def collections(self) -> list[CollectionRow]:
         rows = self._r.execute(
             "SELECT cid, name, home_space, index_spec, train_min_points, created_at, next_label,"
-            " last_sequence FROM collections ORDER BY name"
+            " last_sequence, prefix_dims FROM collections ORDER BY name"
         )
         return [CollectionRow(*r) for r in rows]
 

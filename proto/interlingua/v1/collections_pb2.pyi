@@ -67,6 +67,7 @@ class CreateCollectionRequest(_message.Message):
     HOME_SPACE_FIELD_NUMBER: _builtins.int
     INDEX_SPEC_FIELD_NUMBER: _builtins.int
     TRAIN_MIN_POINTS_FIELD_NUMBER: _builtins.int
+    PREFIX_DIMS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name: 1 to 128 characters from [A-Za-z0-9._-]."""
     home_space: _builtins.str
@@ -79,6 +80,12 @@ class CreateCollectionRequest(_message.Message):
     """Points needed before an index that needs training is trained. 0 picks a
     default from the spec (39 points per IVF list, at least 9984 with PQ).
     """
+    prefix_dims: _builtins.int
+    """Matryoshka: index only the first `prefix_dims` dimensions of each home vector
+    (re-normalized for cosine and ip) and rerank a shortlist with the full vectors (funnel
+    search, see SearchParams). 0 (default) indexes every dimension. For models not trained
+    with a Matryoshka loss, map vectors through a `pca_basis` transform first.
+    """
     def __init__(
         self,
         *,
@@ -86,10 +93,11 @@ class CreateCollectionRequest(_message.Message):
         home_space: _builtins.str = ...,
         index_spec: _builtins.str = ...,
         train_min_points: _builtins.int = ...,
+        prefix_dims: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["home_space", b"home_space", "index_spec", b"index_spec", "name", b"name", "train_min_points", b"train_min_points"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["home_space", b"home_space", "index_spec", b"index_spec", "name", b"name", "prefix_dims", b"prefix_dims", "train_min_points", b"train_min_points"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -154,6 +162,9 @@ class CollectionInfo(_message.Message):
     TRAIN_MIN_POINTS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     DELETED_LABELS_FIELD_NUMBER: _builtins.int
+    PREFIX_DIMS_FIELD_NUMBER: _builtins.int
+    INDEX_BYTES_PER_VECTOR_FIELD_NUMBER: _builtins.int
+    RERANK_BYTES_PER_VECTOR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the collection."""
     home_space: _builtins.str
@@ -180,6 +191,12 @@ class CollectionInfo(_message.Message):
     """Index labels whose point was deleted or overwritten and which are
     filtered out at search time until the index is compacted.
     """
+    prefix_dims: _builtins.int
+    """Dimensions the index holds (the home space's dim unless created with prefix_dims)."""
+    index_bytes_per_vector: _builtins.int
+    """Bytes per vector in the ANN index (FAISS code size)."""
+    rerank_bytes_per_vector: _builtins.int
+    """Bytes per vector kept in memory for reranking (prefix collections; 0 otherwise)."""
     @_builtins.property
     def vectors_per_space(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Number of stored vectors per space name (a point may have vectors in
@@ -202,10 +219,13 @@ class CollectionInfo(_message.Message):
         train_min_points: _builtins.int = ...,
         created_at: _builtins.float = ...,
         deleted_labels: _builtins.int = ...,
+        prefix_dims: _builtins.int = ...,
+        index_bytes_per_vector: _builtins.int = ...,
+        rerank_bytes_per_vector: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_sequence", b"checkpoint_sequence", "created_at", b"created_at", "deleted_labels", b"deleted_labels", "fresh_vectors", b"fresh_vectors", "home_space", b"home_space", "index_spec", b"index_spec", "indexed_vectors", b"indexed_vectors", "last_sequence", b"last_sequence", "name", b"name", "num_points", b"num_points", "state", b"state", "train_min_points", b"train_min_points", "vectors_per_space", b"vectors_per_space"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_sequence", b"checkpoint_sequence", "created_at", b"created_at", "deleted_labels", b"deleted_labels", "fresh_vectors", b"fresh_vectors", "home_space", b"home_space", "index_bytes_per_vector", b"index_bytes_per_vector", "index_spec", b"index_spec", "indexed_vectors", b"indexed_vectors", "last_sequence", b"last_sequence", "name", b"name", "num_points", b"num_points", "prefix_dims", b"prefix_dims", "rerank_bytes_per_vector", b"rerank_bytes_per_vector", "state", b"state", "train_min_points", b"train_min_points", "vectors_per_space", b"vectors_per_space"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

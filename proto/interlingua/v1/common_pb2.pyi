@@ -7,8 +7,10 @@ Vectors never travel as repeated floats: a batch of n vectors of dimension
 d is one `bytes` field of n*d little-endian float32 values (row-major) plus d.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -132,30 +134,75 @@ class SearchParams(_message.Message):
 
     EF_SEARCH_FIELD_NUMBER: _builtins.int
     NPROBE_FIELD_NUMBER: _builtins.int
+    SHORTLIST_K_FIELD_NUMBER: _builtins.int
+    FUNNEL_FIELD_NUMBER: _builtins.int
     ef_search: _builtins.int
     """HNSW: size of the dynamic candidate list (>= k is sensible); 1 to 32768."""
     nprobe: _builtins.int
     """IVF: number of inverted lists visited; 1 to nlist."""
+    shortlist_k: _builtins.int
+    """Prefix (Matryoshka) collections: candidates taken from the prefix index before reranking;
+    k to 16384, default max(10*k, 100).
+    """
+    @_builtins.property
+    def funnel(self) -> _containers.RepeatedCompositeFieldContainer[Global___FunnelStage]:
+        """Prefix collections: intermediate rerank stages, dims increasing and keep non-increasing
+        (e.g. 64 dims keep 200, then 128 dims keep 50); a final stage with all dims keeping k is
+        always applied.
+        """
+
     def __init__(
         self,
         *,
         ef_search: _builtins.int | None = ...,
         nprobe: _builtins.int | None = ...,
+        shortlist_k: _builtins.int | None = ...,
+        funnel: _abc.Iterable[Global___FunnelStage] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_ef_search", b"_ef_search", "_nprobe", b"_nprobe", "ef_search", b"ef_search", "nprobe", b"nprobe"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ef_search", b"_ef_search", "_nprobe", b"_nprobe", "_shortlist_k", b"_shortlist_k", "ef_search", b"ef_search", "nprobe", b"nprobe", "shortlist_k", b"shortlist_k"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ef_search", b"_ef_search", "_nprobe", b"_nprobe", "ef_search", b"ef_search", "nprobe", b"nprobe"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ef_search", b"_ef_search", "_nprobe", b"_nprobe", "_shortlist_k", b"_shortlist_k", "ef_search", b"ef_search", "funnel", b"funnel", "nprobe", b"nprobe", "shortlist_k", b"shortlist_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__ef_search: _TypeAlias = _typing.Literal["ef_search"]  # noqa: Y015
     _WhichOneofArgType__ef_search: _TypeAlias = _typing.Literal["_ef_search", b"_ef_search"]  # noqa: Y015
     _WhichOneofReturnType__nprobe: _TypeAlias = _typing.Literal["nprobe"]  # noqa: Y015
     _WhichOneofArgType__nprobe: _TypeAlias = _typing.Literal["_nprobe", b"_nprobe"]  # noqa: Y015
+    _WhichOneofReturnType__shortlist_k: _TypeAlias = _typing.Literal["shortlist_k"]  # noqa: Y015
+    _WhichOneofArgType__shortlist_k: _TypeAlias = _typing.Literal["_shortlist_k", b"_shortlist_k"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ef_search) -> _WhichOneofReturnType__ef_search | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__nprobe) -> _WhichOneofReturnType__nprobe | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shortlist_k) -> _WhichOneofReturnType__shortlist_k | None: ...
 
 Global___SearchParams: _TypeAlias = SearchParams  # noqa: Y015
+
+@_typing.final
+class FunnelStage(_message.Message):
+    """One rerank stage of a funnel search."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIMS_FIELD_NUMBER: _builtins.int
+    KEEP_FIELD_NUMBER: _builtins.int
+    dims: _builtins.int
+    """Leading dimensions used to rescore the candidates."""
+    keep: _builtins.int
+    """Candidates kept for the next stage."""
+    def __init__(
+        self,
+        *,
+        dims: _builtins.int = ...,
+        keep: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dims", b"dims", "keep", b"keep"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FunnelStage: _TypeAlias = FunnelStage  # noqa: Y015
 
 @_typing.final
 class Route(_message.Message):

@@ -1,0 +1,143 @@
+"""Matryoshka prefix collections and funnel search, against a numpy brute-force reference."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import Stubs, brute_force, connect, make_data, start_server
+
+from interlingua.server.funnel import check_funnel, rerank, shrink
+from interlingua.v1 import collections_pb2 as cpb
+from interlingua.v1 import common_pb2 as pb
+from interlingua.v1 import points_pb2 as ppb
+
+D = 32
+
+
+def wait_merged(s: Stubs, name: str) -> cpb.CollectionInfo:
+    for _ in range(600):
+        info = s.info(name)
+        if info.fresh_vectors == 0 and info.state == cpb.INDEX_STATE_READY:
+            return info
+        time.sleep(0.05)
+    raise AssertionError(f"{name} not merged")
+
+
+def funnel_search(
+    s: Stubs,
+    col: str,
+    xq: np.ndarray,
+    k: int,
+    shortlist_k: int | None = None,
+    stages: list[tuple[int, int]] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    params = pb.SearchParams(funnel=[pb.FunnelStage(dims=a, keep=b) for a, b in stages or []])
+    if shortlist_k is not None:
+        params.shortlist_k = shortlist_k
+    r = s.points.Search(
+        ppb.SearchRequest(
+            collection=col,
+            query_space="s",
+            k=k,
+            params=params,
+            queries=pb.Vectors(data=np.ascontiguousarray(xq, "<f4").tobytes(), dim=xq.shape[1]),
+        )
+    )
+    return np.frombuffer(r.scores, "<f4").reshape(r.nq, r.k), np.array(list(r.ids), dtype=object).reshape(r.nq, r.k)
+
+
+def test_shrink_truncates_then_normalizes() -> None:
+    x = np.array([[3.0, 4.0, 12.0]], dtype=np.float32)
+    np.testing.assert_allclose(shrink(x, 2, normalize=True), [[0.6, 0.8]], rtol=1e-6)
+    np.testing.assert_allclose(shrink(x, 2, normalize=False), [[3.0, 4.0]])
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_rerank_with_every_candidate_equals_brute_force(metric: str) -> None:
+    xb, xq = make_data(300, D, seed=1), make_data(10, D, seed=2)
+    if metric == "cosine":
+        xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+        xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+    cand = np.tile(np.arange(300), (10, 1))
+    Dr, Ir = rerank(xq, xb, cand, [(8, 300), (16, 300), (D, 5)], metric)  # keep everything until the end
+    Dref, Iref = brute_force(xb, xq, 5, metric)
+    np.testing.assert_allclose(Dr, Dref, rtol=1e-4, atol=1e-4)
+    assert (Ir == Iref).mean() > 0.99
+
+
+@pytest.mark.parametrize(("metric", "spec"), [("cosine", "Flat"), ("cosine", "HNSW32"), ("l2", "Flat")])
+def test_funnel_with_large_shortlist_equals_full_search(tmp_path: Path, metric: str, spec: str) -> None:
+    srv, port = start_server(tmp_path / "d")
+    try:
+        s = connect(port)
+        s.register("s", D, pb.METRIC_COSINE if metric == "cosine" else pb.METRIC_L2)
+        info = s.collections.CreateCollection(
+            cpb.CreateCollectionRequest(name="mrl", home_space="s", index_spec=spec, prefix_dims=8)
+        )
+        assert info.prefix_dims == 8 and info.rerank_bytes_per_vector == 4 * D
+        decay = np.geomspace(4.0, 0.1, D).astype(np.float32)  # Matryoshka-like: leading dims carry most
+        xb, xq = make_data(1500, D, seed=3) * decay, make_data(40, D, seed=4) * decay
+        ids = np.array([f"p{i}" for i in range(len(xb))], dtype=object)
+        s.upsert("mrl", "s", list(ids[:1000]), xb[:1000])
+        wait_merged(s, "mrl")
+        s.upsert("mrl", "s", list(ids[1000:]), xb[1000:])  # some in the fresh segment
+        s.points.DeletePoints(ppb.DeletePointsRequest(collection="mrl", ids=list(ids[:50])))
+        live = np.ones(len(xb), bool)
+        live[:50] = False
+        Dref, Iref = brute_force(xb[live], xq, 10, metric)
+        Dg, Ig = funnel_search(s, "mrl", xq, 10, shortlist_k=1500, stages=[(16, 1000)])
+        np.testing.assert_allclose(Dg, Dref, rtol=1e-4, atol=1e-4)
+        assert (Ig == ids[live][Iref]).mean() > 0.99
+        # the default shortlist (max(10k, 100)) is approximate, and close when the prefix carries the structure
+        _, Id = funnel_search(s, "mrl", xq, 10)
+        assert np.mean([len(set(Id[i]) & set(ids[live][Iref[i]])) / 10 for i in range(len(xq))]) > 0.9
+        # it survives a restart (the rerank cache is rebuilt from the store)
+        s.channel.close()
+        srv.stop(None)
+        srv, port = start_server(tmp_path / "d")
+        s = connect(port)
+        Dg2, Ig2 = funnel_search(s, "mrl", xq, 10, shortlist_k=1500, stages=[(16, 1000)])
+        assert (Ig2 == Ig).all()
+        np.testing.assert_allclose(Dg2, Dg, rtol=1e-5, atol=1e-6)
+        s.channel.close()
+    finally:
+        srv.stop(None)
+
+
+def test_funnel_validation(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="shortlist_k is 5; it must be between k=10"):
+        check_funnel(D, 8, 10, 5, [])
+    with pytest.raises(Exception, match=r"funnel\[1\].dims is 12; stage dims must increase"):
+        check_funnel(D, 8, 10, 100, [(16, 50), (12, 20)])
+    with pytest.raises(Exception, match=r"funnel\[0\].keep is 200; it must be between k=10 and the previous 100"):
+        check_funnel(D, 8, 10, 100, [(16, 200)])
+    assert check_funnel(D, 8, 10, None, [(16, 50)]) == (100, [(16, 50), (D, 10)])
+    srv, port = start_server(tmp_path / "d")
+    try:
+        s = connect(port)
+        s.register("s", D)
+        for prefix, match in ((D, "prefix_dims is 32"), (40, "prefix_dims is 40")):
+            with pytest.raises(grpc.RpcError) as exc:
+                s.collections.CreateCollection(
+                    cpb.CreateCollectionRequest(name="x", home_space="s", prefix_dims=prefix)
+                )
+            assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and match in (exc.value.details() or "")
+        s.create("plain", "s")
+        s.upsert("plain", "s", ["a"], make_data(1, D))
+        with pytest.raises(grpc.RpcError) as exc:
+            funnel_search(s, "plain", make_data(1, D), 1, shortlist_k=10)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prefix_dims" in (exc.value.details() or "")
+        s.collections.CreateCollection(cpb.CreateCollectionRequest(name="mrl", home_space="s", prefix_dims=8))
+        s.upsert("mrl", "s", ["a"], make_data(1, D))
+        with pytest.raises(grpc.RpcError) as exc:
+            funnel_search(s, "mrl", make_data(1, D), 10, stages=[(4, 50)])
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "funnel[0].dims is 4" in (
+            exc.value.details() or ""
+        )
+        s.channel.close()
+    finally:
+        srv.stop(None)
