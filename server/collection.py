@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,9 +24,10 @@ from . import checkpoint
 from .errors import NotFound
 from .funnel import check_funnel, rerank, shrink
 from .metrics import Metrics
-from .routes import Route
+from .routes import Route, map_queries
 from .segments import IndexSpec, Segments, Snapshot
 from .store import CollectionRow, SpaceRow, Store
+from .transforms import Transform
 
 __all__ = ["SEARCH_STAGES", "Collection", "PointRecord"]
 
@@ -43,8 +45,20 @@ class PointRecord:
 
 
 class Collection:
-    def __init__(self, row: CollectionRow, home: SpaceRow, store: Store, folder: Path, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        row: CollectionRow,
+        home: SpaceRow,
+        store: Store,
+        folder: Path,
+        metrics: Metrics,
+        basis: Transform | None = None,
+        basis_report: dict[str, Any] | None = None,
+    ) -> None:
         self.row = row
+        #: home -> home transform (pca_basis, mrl_adapter) applied to every vector before indexing
+        self.basis = basis
+        self.basis_report = basis_report or {}
         self.name = row.name
         self.home = home
         self.store = store
@@ -93,8 +107,8 @@ class Collection:
         if self.row.prefix_dims:  # the rerank cache holds every live vector; the index, their prefixes
             all_labels, all_x = self.store.home_vectors_from(cid, 0, d)  # labels as relabelled above
             self.full = np.zeros((max(self.next_label, 1024), d), dtype=np.float32)
-            self.full[all_labels] = all_x
-            fresh_x = self._index_view(fresh_x)
+            self.full[all_labels] = self.to_basis(all_x)
+        fresh_x = self._index_view(self.to_basis(fresh_x))
         sealed = ck.index if ck else None
         self.segments.restore(sealed, self.next_label, ids, labels, fresh_x, self.last_sequence)
         self.checkpoint_sequence = ck.sequence if ck else 0
@@ -123,6 +137,7 @@ class Collection:
                 new_vectors = len(ids) - len(self.store.existing_vectors(self.row.cid, space.name, ids))
             seq = self.store.upsert(self.row.cid, space.name, ids, x, payloads, first)
             if first is not None:
+                x = self.to_basis(x)  # the store keeps the vectors as given; the index sees the basis
                 if self.row.prefix_dims:  # full vectors first: a published label is always rerankable
                     full = self.full
                     if full.shape[0] < first + len(ids):
@@ -190,6 +205,16 @@ class Collection:
             return int(index.sa_code_size())
         except RuntimeError:  # HNSW and a few others do not implement sa_code_size: flat storage
             return 4 * self.index_dims
+
+    def recall_at_dims(self) -> dict[int, float]:
+        """Recall@10 per prefix dimension from the basis transform's report (``recall_at_dims``), if any."""
+        return {int(m): float(r) for m, r in self.basis_report.get("recall_at_dims", {}).items()}
+
+    def to_basis(self, x: np.ndarray, side: str = "doc") -> np.ndarray:
+        """x (n, d) in the collection's basis (re-normalized for cosine), or x itself without one."""
+        if self.basis is None or not len(x):
+            return x
+        return map_queries(self.basis, x, self.home.metric, self.home.dim, side)
 
     def _index_view(self, x: np.ndarray) -> np.ndarray:
         """What the index holds of vectors x (n, d): their Matryoshka prefix, or x itself."""

@@ -112,8 +112,8 @@ class Compat:
 
     # -- persistence ---------------------------------------------------------------------------
 
-    def load(self, collections: dict[str, Collection]) -> None:
-        """Loads every stored transform (chains after their links) and every live route."""
+    def load_transforms(self) -> None:
+        """Loads every stored transform (chains after their links)."""
         rows = sorted(self.store.transforms(), key=lambda r: (r.kind == "chain", r.created_at))
         for row in rows:
             with np.load(io.BytesIO(row.weights)) as z:
@@ -138,6 +138,9 @@ class Compat:
             )
             self.transforms[row.name] = rec
             self._export_report(rec)
+
+    def load_routes(self, collections: dict[str, Collection]) -> None:
+        """Puts every live route back into its collection's routing table."""
         for col in collections.values():
             live: dict[str, Route] = {}
             for r in self.store.routes(col.row.cid):

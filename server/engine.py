@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -25,7 +26,7 @@ from . import validate as v
 from .collection import Collection, PointRecord
 from .compat import Compat
 from .config import ServerConfig
-from .errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .funnel import check_funnel
 from .metrics import Metrics
 from .routes import IDENTITY, Route, resolve
@@ -83,15 +84,17 @@ class Engine:
         (data / "collections").mkdir(parents=True, exist_ok=True)
         self.store = Store(data / "interlingua.db")
         self.spaces = {s.name: s for s in self.store.spaces()}
-        replayed = 0
-        for row in self.store.collections():
-            col = Collection(row, self.spaces[row.home_space], self.store, self._folder(row.cid), self.metrics)
-            replayed += col.recover()
-            self.collections[row.name] = col
         self.compat = Compat(
             self.store, self.metrics, min_retention=self.config.min_retention, omp_threads=self.config.omp_threads
         )
-        self.compat.load(self.collections)
+        self.compat.load_transforms()  # before the collections: a basis transform shapes their indexes
+        replayed = 0
+        for row in self.store.collections():
+            basis = self.compat.get(row.basis_transform).fn if row.basis_transform else None
+            col = Collection(row, self.spaces[row.home_space], self.store, self._folder(row.cid), self.metrics, basis)
+            replayed += col.recover()
+            self.collections[row.name] = col
+        self.compat.load_routes(self.collections)
         log.info(
             "recovered %d spaces, %d collections, %d replayed vectors in %.2fs",
             len(self.spaces),
@@ -184,11 +187,18 @@ class Engine:
     # -- collections ---------------------------------------------------------------------------
 
     def create_collection(
-        self, name: str, home_space: str, index_spec: str, train_min_points: int, prefix_dims: int = 0
+        self,
+        name: str,
+        home_space: str,
+        index_spec: str,
+        train_min_points: int,
+        prefix_dims: int = 0,
+        basis_transform: str = "",
     ) -> Collection:
         store = self._ready()
         v.check_collection_name(name)
         home = self.get_space(home_space)
+        basis = self._basis(basis_transform, home) if basis_transform else None  # (fn, report)
         if prefix_dims and not 0 < prefix_dims < home.dim:
             raise InvalidArgument(
                 f"prefix_dims is {prefix_dims}; it must be between 1 and dim-1 = {home.dim - 1} (0 indexes all dims)"
@@ -202,11 +212,23 @@ class Engine:
                 raise InvalidArgument(
                     f"train_min_points is {train_min}; index {spec.spec!r} needs at least nlist={spec.nlist}"
                 )
-            row = store.add_collection(name, home_space, spec.spec, train_min, prefix_dims)
-            col = Collection(row, home, store, self._folder(row.cid), self.metrics)
+            row = store.add_collection(name, home_space, spec.spec, train_min, prefix_dims, basis_transform)
+            col = Collection(row, home, store, self._folder(row.cid), self.metrics, *(basis if basis else (None, None)))
             col.recover()
             self.collections[name] = col
         return col
+
+    def _basis(self, name: str, home: SpaceRow) -> tuple[Any, dict[str, Any]]:
+        """(transform, report) of ``name`` if it is ready and maps the home space onto itself."""
+        rec = self.require_compat().get(name)
+        if rec.state != "ready" or rec.fn is None:
+            raise FailedPrecondition(f"basis transform {name!r} is {rec.state}")
+        if (rec.source, rec.target) != (home.name, home.name) or rec.fn.d_out != home.dim:
+            raise InvalidArgument(
+                f"basis transform {name!r} maps {rec.source!r} ({rec.d_in} dims) -> {rec.target!r} ({rec.d_out} dims);"
+                f" a collection's basis must map its home space {home.name!r} onto itself"
+            )
+        return rec.fn, rec.report
 
     def collection(self, name: str) -> Collection:
         self._ready()
@@ -285,6 +307,7 @@ class Engine:
         if route.transform != IDENTITY:
             xq = route.to_home(xq, col.home.metric, col.home.dim)
             self.metrics.transform_seconds.labels(route.transform).observe(time.perf_counter() - t1)
+        xq = col.to_basis(xq, "query")
         t2 = time.perf_counter()
         D, ids, snap = col.search(xq, k, ef_search, nprobe, plan)
         t3 = time.perf_counter()

@@ -49,10 +49,11 @@ class Route:
         return map_queries(self.fn, xq, home_metric, home_dim)
 
 
-def map_queries(fn: Any, xq: np.ndarray, home_metric: str, home_dim: int) -> np.ndarray:
-    """Applies a transform to queries. A basis transform maps into (home + Δ) dims; against a
-    gallery of old items indexed as [x_old, 0] only its first ``home_dim`` coordinates score."""
-    y = fn.apply(xq, "query")[:, :home_dim]
+def map_queries(fn: Any, xq: np.ndarray, home_metric: str, home_dim: int, side: str = "query") -> np.ndarray:
+    """Applies a transform to a batch (queries by default). A basis transform maps into (home + Δ)
+    dims; against a gallery of old items indexed as [x_old, 0] only its first ``home_dim``
+    coordinates score."""
+    y = fn.apply(xq, side)[:, :home_dim]
     if home_metric == "cosine":
         y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
     return np.ascontiguousarray(y, dtype=np.float32)

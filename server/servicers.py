@@ -86,6 +86,8 @@ def collection_pb(c: Collection) -> cpb.CollectionInfo:
         prefix_dims=c.index_dims,
         index_bytes_per_vector=c.index_bytes_per_vector(),
         rerank_bytes_per_vector=4 * c.home.dim if c.row.prefix_dims else 0,
+        basis_transform=c.row.basis_transform,
+        recall_at_dims=c.recall_at_dims(),
     )
 
 
@@ -117,7 +119,9 @@ class CollectionServicer(cgrpc.CollectionServiceServicer):
     def CreateCollection(self, request: cpb.CreateCollectionRequest, context: grpc.ServicerContext) -> Any:
         r = request
         return collection_pb(
-            self.engine.create_collection(r.name, r.home_space, r.index_spec, r.train_min_points, r.prefix_dims)
+            self.engine.create_collection(
+                r.name, r.home_space, r.index_spec, r.train_min_points, r.prefix_dims, r.basis_transform
+            )
         )
 
     @rpc

@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS collections (
     home_space TEXT NOT NULL REFERENCES spaces(name), index_spec TEXT NOT NULL,
     train_min_points INTEGER NOT NULL, created_at REAL NOT NULL,
     next_label INTEGER NOT NULL DEFAULT 0, last_sequence INTEGER NOT NULL DEFAULT 0,
-    prefix_dims INTEGER NOT NULL DEFAULT 0);
+    prefix_dims INTEGER NOT NULL DEFAULT 0, basis_transform TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS points (
     cid INTEGER NOT NULL, pid TEXT NOT NULL, payload TEXT, sequence INTEGER NOT NULL,
     PRIMARY KEY (cid, pid));
@@ -113,6 +113,7 @@ class CollectionRow:
     next_label: int
     last_sequence: int
     prefix_dims: int  #: 0: the index holds every dimension
+    basis_transform: str  #: "" or a home -> home transform applied before indexing (pca_basis, mrl_adapter)
 
 
 def _chunks(seq: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -176,13 +177,19 @@ class Store:
         return seq
 
     def add_collection(
-        self, name: str, home_space: str, index_spec: str, train_min_points: int, prefix_dims: int = 0
+        self,
+        name: str,
+        home_space: str,
+        index_spec: str,
+        train_min_points: int,
+        prefix_dims: int = 0,
+        basis_transform: str = "",
     ) -> CollectionRow:
         with self._tx() as seq:
             self._w.execute(
                 "INSERT INTO collections (name, home_space, index_spec, train_min_points, created_at,"
-                " last_sequence, prefix_dims) VALUES (?,?,?,?,?,?,?)",
-                (name, home_space, index_spec, train_min_points, time.time(), seq, prefix_dims),
+                " last_sequence, prefix_dims, basis_transform) VALUES (?,?,?,?,?,?,?,?)",
+                (name, home_space, index_spec, train_min_points, time.time(), seq, prefix_dims, basis_transform),
             )
         row = self.collection(name)
         if row is None:
@@ -258,7 +265,7 @@ class Store:
     def collection(self, name: str) -> CollectionRow | None:
         r = self._r.execute(
             "SELECT cid, name, home_space, index_spec, train_min_points, created_at, next_label,"
-            " last_sequence, prefix_dims FROM collections WHERE name=?",
+            " last_sequence, prefix_dims, basis_transform FROM collections WHERE name=?",
             (name,),
         ).fetchone()
         return CollectionRow(*r) if r else None
@@ -266,7 +273,7 @@ class Store:
     def collections(self) -> list[CollectionRow]:
         rows = self._r.execute(
             "SELECT cid, name, home_space, index_spec, train_min_points, created_at, next_label,"
-            " last_sequence, prefix_dims FROM collections ORDER BY name"
+            " last_sequence, prefix_dims, basis_transform FROM collections ORDER BY name"
         )
         return [CollectionRow(*r) for r in rows]
 

@@ -141,3 +141,84 @@ def test_funnel_validation(tmp_path: Path) -> None:
         s.channel.close()
     finally:
         srv.stop(None)
+
+
+def test_basis_transform_rotates_the_index_and_keeps_full_scores(tmp_path: Path) -> None:
+    from interlingua.v1 import transforms_pb2 as tpb
+    from interlingua.v1 import transforms_pb2_grpc as tgrpc
+
+    srv, port = start_server(tmp_path / "d")
+    try:
+        s = connect(port)
+        s.register("s", D)
+        s.register("other", D)
+        t = tgrpc.TransformServiceStub(s.channel)
+        rng = np.random.default_rng(7)
+        Q, _ = np.linalg.qr(rng.standard_normal((D, D)))
+        calib = make_data(400, D, seed=8)
+        calib /= np.linalg.norm(calib, axis=1, keepdims=True)
+
+        def vec(x: np.ndarray) -> pb.Vectors:
+            return pb.Vectors(data=np.ascontiguousarray(x, "<f4").tobytes(), dim=D)
+
+        def fit(name: str, target: str) -> None:
+            t.FitTransform(
+                iter(
+                    [
+                        tpb.FitTransformRequest(
+                            header=tpb.FitHeader(
+                                name=name,
+                                kind=tpb.TRANSFORM_KIND_PROCRUSTES,
+                                source_space="s",
+                                target_space=target,
+                                config_json='{"center": false, "scale": false}',
+                            )
+                        ),
+                        tpb.FitTransformRequest(
+                            pairs=tpb.PairBatch(side=tpb.PAIR_SIDE_DOC, source=vec(calib), target=vec(calib @ Q))
+                        ),
+                    ]
+                )
+            )
+            for _ in range(400):
+                if t.GetTransform(tpb.GetTransformRequest(name=name)).state == tpb.TRANSFORM_STATE_READY:
+                    return
+                time.sleep(0.05)
+            raise AssertionError(name)
+
+        fit("rot", "s")  # an orthogonal map of the home space onto itself
+        fit("elsewhere", "other")
+        info = s.collections.CreateCollection(
+            cpb.CreateCollectionRequest(name="rotated", home_space="s", prefix_dims=8, basis_transform="rot")
+        )
+        assert info.basis_transform == "rot"
+        s.create("plain", "s")
+        xb, xq = make_data(800, D, seed=9), make_data(20, D, seed=10)
+        ids = [f"p{i}" for i in range(len(xb))]
+        for col in ("rotated", "plain"):
+            s.upsert(col, "s", ids, xb)
+        Dr, Ir = funnel_search(s, "rotated", xq, 5, shortlist_k=800)
+        Dp, Ip, _ = s.search("plain", "s", xq, 5)
+        np.testing.assert_allclose(Dr, Dp, rtol=1e-4, atol=1e-4)  # a rotation keeps every full-dim score
+        assert (Ir == Ip).mean() > 0.98
+        got = s.points.GetPoints(ppb.GetPointsRequest(collection="rotated", ids=["p3"], with_vectors=True))
+        stored = np.frombuffer(got.points[0].vectors[0].vector.data, "<f4")
+        np.testing.assert_allclose(stored, xb[3] / np.linalg.norm(xb[3]), rtol=1e-5)  # the store keeps them as given
+        with pytest.raises(grpc.RpcError) as exc:
+            s.collections.CreateCollection(
+                cpb.CreateCollectionRequest(name="bad", home_space="s", basis_transform="elsewhere")
+            )
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "onto itself" in (exc.value.details() or "")
+        with pytest.raises(grpc.RpcError) as exc:
+            s.collections.CreateCollection(cpb.CreateCollectionRequest(name="bad", home_space="s", basis_transform="x"))
+        assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+        s.channel.close()
+        srv.stop(None)
+        srv, port = start_server(tmp_path / "d")  # the basis is reloaded before the collection recovers
+        s = connect(port)
+        Dr2, Ir2 = funnel_search(s, "rotated", xq, 5, shortlist_k=800)
+        assert (Ir2 == Ir).all()
+        np.testing.assert_allclose(Dr2, Dr, rtol=1e-5, atol=1e-6)
+        s.channel.close()
+    finally:
+        srv.stop(None)

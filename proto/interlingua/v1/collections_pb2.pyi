@@ -68,6 +68,7 @@ class CreateCollectionRequest(_message.Message):
     INDEX_SPEC_FIELD_NUMBER: _builtins.int
     TRAIN_MIN_POINTS_FIELD_NUMBER: _builtins.int
     PREFIX_DIMS_FIELD_NUMBER: _builtins.int
+    BASIS_TRANSFORM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name: 1 to 128 characters from [A-Za-z0-9._-]."""
     home_space: _builtins.str
@@ -86,6 +87,11 @@ class CreateCollectionRequest(_message.Message):
     search, see SearchParams). 0 (default) indexes every dimension. For models not trained
     with a Matryoshka loss, map vectors through a `pca_basis` transform first.
     """
+    basis_transform: _builtins.str
+    """Optional: a ready transform mapping the home space onto itself (kind pca_basis or
+    mrl_adapter) applied to every home vector and query before indexing, so that prefixes of
+    a model not trained with a Matryoshka loss carry its structure. Stored vectors stay as given.
+    """
     def __init__(
         self,
         *,
@@ -94,10 +100,11 @@ class CreateCollectionRequest(_message.Message):
         index_spec: _builtins.str = ...,
         train_min_points: _builtins.int = ...,
         prefix_dims: _builtins.int = ...,
+        basis_transform: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["home_space", b"home_space", "index_spec", b"index_spec", "name", b"name", "prefix_dims", b"prefix_dims", "train_min_points", b"train_min_points"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_transform", b"basis_transform", "home_space", b"home_space", "index_spec", b"index_spec", "name", b"name", "prefix_dims", b"prefix_dims", "train_min_points", b"train_min_points"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -149,6 +156,26 @@ class CollectionInfo(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class RecallAtDimsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     HOME_SPACE_FIELD_NUMBER: _builtins.int
     INDEX_SPEC_FIELD_NUMBER: _builtins.int
@@ -165,6 +192,8 @@ class CollectionInfo(_message.Message):
     PREFIX_DIMS_FIELD_NUMBER: _builtins.int
     INDEX_BYTES_PER_VECTOR_FIELD_NUMBER: _builtins.int
     RERANK_BYTES_PER_VECTOR_FIELD_NUMBER: _builtins.int
+    BASIS_TRANSFORM_FIELD_NUMBER: _builtins.int
+    RECALL_AT_DIMS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the collection."""
     home_space: _builtins.str
@@ -197,11 +226,17 @@ class CollectionInfo(_message.Message):
     """Bytes per vector in the ANN index (FAISS code size)."""
     rerank_bytes_per_vector: _builtins.int
     """Bytes per vector kept in memory for reranking (prefix collections; 0 otherwise)."""
+    basis_transform: _builtins.str
+    """The basis transform the index is built in ("" for none)."""
     @_builtins.property
     def vectors_per_space(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Number of stored vectors per space name (a point may have vectors in
         several spaces; only home-space vectors are indexed).
         """
+
+    @_builtins.property
+    def recall_at_dims(self) -> _containers.ScalarMap[_builtins.int, _builtins.float]:
+        """From the basis transform's last evaluation: Recall@10 at each prefix dimension."""
 
     def __init__(
         self,
@@ -222,10 +257,12 @@ class CollectionInfo(_message.Message):
         prefix_dims: _builtins.int = ...,
         index_bytes_per_vector: _builtins.int = ...,
         rerank_bytes_per_vector: _builtins.int = ...,
+        basis_transform: _builtins.str = ...,
+        recall_at_dims: _abc.Mapping[_builtins.int, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_sequence", b"checkpoint_sequence", "created_at", b"created_at", "deleted_labels", b"deleted_labels", "fresh_vectors", b"fresh_vectors", "home_space", b"home_space", "index_bytes_per_vector", b"index_bytes_per_vector", "index_spec", b"index_spec", "indexed_vectors", b"indexed_vectors", "last_sequence", b"last_sequence", "name", b"name", "num_points", b"num_points", "prefix_dims", b"prefix_dims", "rerank_bytes_per_vector", b"rerank_bytes_per_vector", "state", b"state", "train_min_points", b"train_min_points", "vectors_per_space", b"vectors_per_space"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_transform", b"basis_transform", "checkpoint_sequence", b"checkpoint_sequence", "created_at", b"created_at", "deleted_labels", b"deleted_labels", "fresh_vectors", b"fresh_vectors", "home_space", b"home_space", "index_bytes_per_vector", b"index_bytes_per_vector", "index_spec", b"index_spec", "indexed_vectors", b"indexed_vectors", "last_sequence", b"last_sequence", "name", b"name", "num_points", b"num_points", "prefix_dims", b"prefix_dims", "recall_at_dims", b"recall_at_dims", "rerank_bytes_per_vector", b"rerank_bytes_per_vector", "state", b"state", "train_min_points", b"train_min_points", "vectors_per_space", b"vectors_per_space"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
