@@ -125,11 +125,26 @@ class Client:
     # -- collections ----------------------------------------------------------------------------------
 
     def create_collection(
-        self, name: str, home_space: str, index_spec: str = "Flat", train_min_points: int = 0
+        self,
+        name: str,
+        home_space: str,
+        index_spec: str = "Flat",
+        train_min_points: int = 0,
+        *,
+        prefix_dims: int = 0,
+        basis_transform: str = "",
     ) -> CollectionInfo:
-        """Creates an empty collection indexed in ``home_space`` with a FAISS factory string."""
+        """Creates an empty collection indexed in ``home_space`` with a FAISS factory string.
+
+        ``prefix_dims`` indexes only that many leading dims (Matryoshka; searches rerank a shortlist
+        with the full vectors), after the optional home -> home ``basis_transform`` (e.g. pca_basis)."""
         req = collections_pb2.CreateCollectionRequest(
-            name=name, home_space=home_space, index_spec=index_spec, train_min_points=train_min_points
+            name=name,
+            home_space=home_space,
+            index_spec=index_spec,
+            train_min_points=train_min_points,
+            prefix_dims=prefix_dims,
+            basis_transform=basis_transform,
         )
         msg: collections_pb2.CollectionInfo = self._call(self._collections.CreateCollection, req)
         return CollectionInfo.from_proto(msg)
@@ -234,13 +249,17 @@ class Client:
         ef_search: int | None = None,
         nprobe: int | None = None,
         with_payload: bool = False,
+        shortlist_k: int | None = None,
+        funnel: Sequence[tuple[int, int]] = (),
     ) -> SearchResult:
         """k-NN search of xq, shape (nq, d) or (d,) (one query), embedded in ``space``.
 
         Returns a :class:`SearchResult` with ``scores`` (D) and ``ids`` (I) of shape
-        (nq, k) -- (1, k) for a single query; ``scores, ids = client.search(...)``.
+        (nq, k) -- (1, k) for a single query; ``scores, ids = client.search(...)``. On a prefix
+        collection, ``shortlist_k`` candidates come from the prefix index and each ``funnel`` stage
+        ``(dims, keep)`` reranks them before the final full-dimensional stage.
         """
-        req = search_request(collection, queries, k, space, ef_search, nprobe, with_payload)
+        req = search_request(collection, queries, k, space, ef_search, nprobe, with_payload, shortlist_k, funnel)
         resp: points_pb2.SearchResponse = self._call(self._points.Search, req)
         return SearchResult.from_proto(resp, with_payload)
 
@@ -440,6 +459,8 @@ def search_request(
     ef_search: int | None,
     nprobe: int | None,
     with_payload: bool,
+    shortlist_k: int | None = None,
+    funnel: Sequence[tuple[int, int]] = (),
 ) -> points_pb2.SearchRequest:
     """A SearchRequest for xq of shape (nq, d) or (d,), packed as little-endian float32."""
     xq = np.asarray(queries)
@@ -449,7 +470,12 @@ def search_request(
         query_space=space,
         queries=pack_vectors(xq),
         k=k,
-        params=common_pb2.SearchParams(ef_search=ef_search, nprobe=nprobe),
+        params=common_pb2.SearchParams(
+            ef_search=ef_search,
+            nprobe=nprobe,
+            shortlist_k=shortlist_k,
+            funnel=[common_pb2.FunnelStage(dims=dims, keep=keep) for dims, keep in funnel],
+        ),
         with_payload=with_payload,
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -80,6 +80,11 @@ class CollectionInfo:
     train_min_points: int
     created_at: float
     deleted_labels: int
+    prefix_dims: int = 0  #: dimensions the index holds
+    index_bytes_per_vector: int = 0
+    rerank_bytes_per_vector: int = 0  #: full vectors kept for reranking (prefix collections)
+    basis_transform: str = ""
+    recall_at_dims: dict[int, float] = field(default_factory=dict)
 
     @classmethod
     def from_proto(cls, msg: collections_pb2.CollectionInfo) -> CollectionInfo:
@@ -97,6 +102,11 @@ class CollectionInfo:
             train_min_points=msg.train_min_points,
             created_at=msg.created_at,
             deleted_labels=msg.deleted_labels,
+            prefix_dims=msg.prefix_dims,
+            index_bytes_per_vector=msg.index_bytes_per_vector,
+            rerank_bytes_per_vector=msg.rerank_bytes_per_vector,
+            basis_transform=msg.basis_transform,
+            recall_at_dims=dict(msg.recall_at_dims),
         )
 
 

@@ -265,3 +265,17 @@ def test_search_stream_equals_unary_search_and_ends_on_error(client: Client) -> 
             stream.search("g", xq[0], 5, space="m@1")
     with client.search_stream() as stream, pytest.raises(InvalidArgument, match="k is 0"):
         stream.search("g", xq[0], 0, space="m@1")
+
+
+def test_prefix_collection_and_funnel_through_the_client(client: Client) -> None:
+    client.register_space("m@1", 32, "cosine")
+    info = client.create_collection("mrl", "m@1", prefix_dims=8)
+    assert (info.prefix_dims, info.index_bytes_per_vector, info.rerank_bytes_per_vector) == (8, 32, 128)
+    xb = make_data(600, 32, seed=5)
+    client.upsert("mrl", [f"p{i}" for i in range(600)], xb, space="m@1")
+    xq = make_data(10, 32, seed=6)
+    res = client.search("mrl", xq, 5, space="m@1", shortlist_k=600, funnel=[(16, 300)])
+    Dref, Iref = brute_force(xb, xq, 5)
+    _check_knn(res.scores, res.ids, Dref, Iref)
+    with pytest.raises(InvalidArgument, match="funnel"):
+        client.search("mrl", xq, 5, space="m@1", funnel=[(40, 10)])
