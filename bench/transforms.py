@@ -1,11 +1,12 @@
 """Every fitted transform kind on debdesc: fit on ``fit/``, score new-model queries against the old gallery of ``dev/``.
 
-Each kind in :data:`KINDS` is fitted with its default config by :func:`fit_transform` on all 10k doc
-pairs and 10k query pairs of the fit split (``holdout=0``; the kinds that tune a hyper-parameter do
-it on their own seeded slice), then :func:`evaluate` searches the 20k dev docs with the 20k dev
-queries (query i's only relevant doc is doc i; cosine; exact ``faiss.knn``, k=10). The table has
-the baselines home->home (old_query vs old_doc), new->new (new_query vs new_doc) and raw
-new->home (new_query vs old_doc), then T(new)->home per kind; the baselines' searches are shared
+Each new -> home kind (``CROSS_KINDS``: the home -> home ``HOME_KINDS`` left out) is fitted with
+its default config by :func:`fit_transform` on all 10k doc pairs and 10k query pairs of the fit
+split (``holdout=0``; the kinds that tune a hyper-parameter do it on their own seeded slice),
+then :func:`evaluate` searches the 20k dev docs with the 20k dev queries (query i's only
+relevant doc is doc i; cosine; exact ``faiss.knn``, k=10). The table has the baselines
+home->home (old_query vs old_doc), new->new (new_query vs new_doc) and raw new->home
+(new_query vs old_doc), then T(new)->home per kind; the baselines' searches are shared
 across kinds (``evaluate(..., cache=)``). A torch kind that does not import is skipped with a note.
 Progress goes to stderr; the report to stdout, and its last line is one JSON object. Runs on one
 thread (torch, FAISS; set ``OPENBLAS_NUM_THREADS=1`` for numpy too) so it can share the machine.
@@ -29,7 +30,9 @@ import numpy as np
 
 from interlingua.server.transforms.base import Calibration
 from interlingua.server.transforms.evaluate import evaluate
-from interlingua.server.transforms.fit import KINDS, fit_transform, fitter
+from interlingua.server.transforms.fit import HOME_KINDS, KINDS, fit_transform, fitter
+
+CROSS_KINDS = tuple(k for k in KINDS if k not in HOME_KINDS)  #: new -> home maps (home -> home kinds excluded)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO / ".." / "shared" / "data" / "debdesc"
@@ -71,7 +74,7 @@ def row(name: str, r: dict[str, Any], prefix: str, fit_s: float | None = None) -
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with fit/ and dev/ (default %(default)s)")
-    p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated kinds to fit (default: all)")
+    p.add_argument("--kinds", default=",".join(CROSS_KINDS), help="comma-separated kinds to fit (default: all)")
     p.add_argument("--n", type=int, default=None, help="use only the first N rows of each split (quick runs)")
     p.add_argument("--threads", type=int, default=1, help="torch and FAISS threads (default 1)")
     return p.parse_args(argv)
@@ -81,9 +84,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     faiss.omp_set_num_threads(args.threads)
     kinds = [k for k in args.kinds.split(",") if k]
-    bad = sorted(set(kinds) - set(KINDS))
+    bad = sorted(set(kinds) - set(CROSS_KINDS))
     if bad:
-        raise SystemExit(f"unknown kind(s) {', '.join(bad)}; known: {', '.join(KINDS)}")
+        raise SystemExit(f"unknown kind(s) {', '.join(bad)}; known: {', '.join(CROSS_KINDS)}")
     fit, dev = load_split(args.data / "fit", args.n), load_split(args.data / "dev", args.n)
     cal = Calibration(fit["new_doc"], fit["old_doc"], fit["new_query"], fit["old_query"])
     eval_kw = {"xq_new": dev["new_query"], "xq_home": dev["old_query"], "xb_new": dev["new_doc"]}

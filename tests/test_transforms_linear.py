@@ -452,7 +452,7 @@ def test_fit_transform_bridges_the_torch_kinds_progress_records() -> None:
 
 def test_fitter_imports_the_torch_kinds_lazily() -> None:
     assert fitter("procrustes") is fit_procrustes
-    assert KINDS == ("procrustes", "affine", "lambda_orthogonal", "basis", "residual_mlp")
+    assert KINDS == ("procrustes", "affine", "lambda_orthogonal", "basis", "residual_mlp", "pca_basis", "mrl_adapter")
 
 
 SIDE_ARRAYS = ("doc_new", "doc_home", "query_new", "query_home")
@@ -474,7 +474,7 @@ def bad(**fields: Any) -> Calibration:
 @pytest.mark.parametrize(
     ("cal", "kind", "message"),
     [
-        (small_cal(), "chain", r"kind must be one of procrustes, affine, lambda_orthogonal, basis, residual_mlp, got"),
+        (small_cal(), "chain", r"kind must be one of procrustes, .*, mrl_adapter, got"),
         (bad(doc_new=np.ones(4)), "affine", r"doc_new must be a 2-d numeric array, got \(4,\)"),
         (bad(query_home=np.ones((3, 4))), "affine", r"query_new has 40 rows but query_home has 3"),
         (bad(**{name: np.ones((0, 4)) for name in SIDE_ARRAYS}), "affine", r"no calibration pairs"),

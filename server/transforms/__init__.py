@@ -9,6 +9,9 @@ lambda_orthogonal λ-orthogonality regularized affine map (Ricci et al. 2025)   
 basis             post-hoc orthonormal basis transformation (after BT²)        ``basis.py``
 residual_mlp      affine map plus a small residual MLP (after Drift-Adapter)   ``residual_mlp.py``
 chain             composition of registered transforms                        ``chain.py``
+matryoshka        keep the first m dims, re-normalized (built, not fitted)     ``matryoshka.py``
+pca_basis         rotation onto the principal axes (home -> home, b = 0)       ``pca_basis.py``
+mrl_adapter       learned Matryoshka adapter (home -> home)                    ``mrl_adapter.py``
 ================  ==========================================================  ==================
 
 Torch is imported only by the modules that train with it, and only when they fit.
@@ -35,7 +38,15 @@ __all__ = [
     "load_transform",
 ]
 
-KINDS = ("procrustes", "affine", "lambda_orthogonal", "basis", "residual_mlp")  #: kinds that are fitted
+KINDS = (
+    "procrustes",
+    "affine",
+    "lambda_orthogonal",
+    "basis",
+    "residual_mlp",
+    "pca_basis",
+    "mrl_adapter",
+)  #: kinds that are fitted
 
 
 def load_transform(
@@ -55,8 +66,16 @@ def load_transform(
         from .residual_mlp import ResidualMLPTransform
 
         return ResidualMLPTransform.from_arrays(d_in, d_out, config, arrays)
+    if kind == "matryoshka":
+        from .matryoshka import MatryoshkaTransform
+
+        return MatryoshkaTransform.from_arrays(d_in, d_out, config, arrays)
+    if kind == "mrl_adapter":
+        from .mrl_adapter import MRLAdapterTransform
+
+        return MRLAdapterTransform.from_arrays(d_in, d_out, config, arrays)
     if kind == "chain" and not arrays.get("W_query", np.zeros(0)).size:
         from .chain import compose
 
         return compose([link(name) for name in config["chain"]])
-    return AffineTransform.from_arrays(d_in, d_out, {**config, "kind": kind}, arrays)
+    return AffineTransform.from_arrays(d_in, d_out, {**config, "kind": kind}, arrays)  # pca_basis too: W = R, b = 0

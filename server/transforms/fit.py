@@ -10,8 +10,11 @@ the config keys against the fitter's keyword arguments.
 (:func:`~.evaluate.split_calibration`), fits on the rest and returns the FitResult with the
 label-free report of the slice (:func:`~.evaluate.label_free_report`); relevance-based reports need
 evaluation queries and are the caller's (:func:`~.evaluate.evaluate`). ``progress(stage, fraction)``
-gets the overall fraction done in [0, 1]. The torch kinds (``lambda_orthogonal``, ``residual_mlp``)
-are imported only when fitted. Covered by ``tests/test_transforms_linear.py``.
+gets the overall fraction done in [0, 1]. The torch kinds (``lambda_orthogonal``, ``residual_mlp``,
+``mrl_adapter``) are imported only when fitted. The paired kinds (``mrl_adapter``) train on row-aligned
+(query_home[i], doc_home[i]) positives, so they need as many query as doc pairs and their held-out slice
+takes the same rows from both sides. Covered by ``tests/test_transforms_linear.py`` (the Matryoshka kinds:
+``tests/test_matryoshka_transforms.py``).
 """
 
 from __future__ import annotations
@@ -28,10 +31,29 @@ from .base import Calibration, FitResult
 from .evaluate import METRICS, label_free_report, split_calibration
 from .procrustes import Progress
 
-__all__ = ["FULL_RANK_KINDS", "KINDS", "fit_transform", "fitter", "validate_calibration", "validate_config"]
+__all__ = [
+    "FULL_RANK_KINDS",
+    "HOME_KINDS",
+    "KINDS",
+    "PAIRED_KINDS",
+    "fit_transform",
+    "fitter",
+    "validate_calibration",
+    "validate_config",
+]
 
-KINDS = ("procrustes", "affine", "lambda_orthogonal", "basis", "residual_mlp")  #: chain is built by compose
+KINDS = (
+    "procrustes",
+    "affine",
+    "lambda_orthogonal",
+    "basis",
+    "residual_mlp",
+    "pca_basis",
+    "mrl_adapter",
+)  #: chain is built by compose, matryoshka by matryoshka.matryoshka(d, m)
 FULL_RANK_KINDS = ("procrustes", "affine", "basis")  #: need n >= d_new pairs
+PAIRED_KINDS = ("mrl_adapter",)  #: train on (query_home[i], doc_home[i]) positive pairs: both sides row-aligned
+HOME_KINDS = ("pca_basis", "mrl_adapter")  #: map a collection's own space to itself (gallery and queries alike)
 _FITTERS = {kind: (kind, f"fit_{kind}") for kind in KINDS}  #: kind -> (module, function)
 _FIT_SPAN = (0.05, 0.9)  #: the fitter's share of the overall progress
 
@@ -83,6 +105,10 @@ def validate_calibration(cal: Calibration, kind: str) -> None:
             raise ValueError(f"{side}_labels has {len(labels)} entries for {n} {side} pairs")
     if kind in FULL_RANK_KINDS and n_doc + n_query < cal.d_new:
         raise ValueError(f"{kind} needs at least d_new={cal.d_new} pairs for a full-rank fit, got {n_doc + n_query}")
+    if kind in PAIRED_KINDS and n_doc != n_query:
+        raise ValueError(
+            f"{kind} trains on (query_home[i], doc_home[i]) positive pairs: got {n_query} queries and {n_doc} docs"
+        )
 
 
 def _accepted(fn: Callable[..., FitResult]) -> dict[str, inspect.Parameter]:
@@ -121,6 +147,19 @@ def _scaled(progress: Progress, kind: str, epochs: Any) -> Callable[..., None]:
     return report
 
 
+def _split_paired(cal: Calibration, holdout: float, seed: int) -> tuple[Calibration, Calibration]:
+    """Like :func:`~.evaluate.split_calibration`, with one seeded permutation for both sides, so row i of the
+    query and doc arrays stays a positive pair in both parts (n_doc == n_query is checked before)."""
+    perm = np.random.default_rng(seed).permutation(len(cal.doc_new))
+    n_held = min(len(perm), round(holdout * len(perm)))
+
+    def take(rows: np.ndarray) -> Calibration:
+        labels = [None if v is None else v[rows] for v in (cal.doc_labels, cal.query_labels)]
+        return Calibration(cal.doc_new[rows], cal.doc_home[rows], cal.query_new[rows], cal.query_home[rows], *labels)
+
+    return take(np.sort(perm[n_held:])), take(np.sort(perm[:n_held]))
+
+
 def fit_transform(
     kind: str,
     cal: Calibration,
@@ -144,7 +183,7 @@ def fit_transform(
         raise ValueError(f"home_metric must be one of {', '.join(METRICS)}, got {home_metric!r}")
     if progress is not None:
         progress("split", 0.0)
-    train, held = split_calibration(cal, holdout, seed)
+    train, held = _split_paired(cal, holdout, seed) if kind in PAIRED_KINDS else split_calibration(cal, holdout, seed)
     n_train, n_held = _n_pairs(train), _n_pairs(held)
     if kind in FULL_RANK_KINDS and n_train < cal.d_new:
         raise ValueError(
