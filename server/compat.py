@@ -289,6 +289,11 @@ class Compat:
         rec = self.get(name)
         if rec.state != "ready":
             raise FailedPrecondition(f"transform {name!r} is {rec.state}{': ' + rec.error if rec.error else ''}")
+        if rec.source == rec.target:
+            raise FailedPrecondition(
+                f"transform {name!r} maps {rec.source!r} onto itself: use it as a collection's basis_transform, "
+                "not as a route"
+            )
         if rec.target != col.home.name:
             raise FailedPrecondition(
                 f"transform {name!r} maps {rec.source!r} -> {rec.target!r}, but collection {col.name!r} has home "

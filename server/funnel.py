@@ -2,7 +2,7 @@
 
 After Kusupati et al. (NeurIPS 2022, adaptive / funnel retrieval): a collection created with
 ``prefix_dims = m`` indexes only the first m dimensions of each home vector (re-normalized for
-cosine and ip, as :func:`shrink` does), which cuts index memory and search time by d/m; the full
+cosine and ip, as :func:`~.transforms.matryoshka.shrink` does), which cuts index memory and search time by d/m; the full
 vectors stay in the store and, by label, in memory. A search takes ``shortlist_k`` candidates from
 the prefix index, then each funnel stage ``(dims, keep)`` rescores the survivors with their first
 ``dims`` dimensions and keeps the best ``keep``; a last stage always rescores with all d dimensions
@@ -17,19 +17,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from .errors import InvalidArgument
+from .transforms.matryoshka import shrink
 
 __all__ = ["MAX_SHORTLIST", "check_funnel", "rerank", "shrink"]
 
 MAX_SHORTLIST = 16384  #: most candidates a request may ask the prefix index for
-
-
-def shrink(x: np.ndarray, m: int, normalize: bool) -> np.ndarray:
-    """First m dimensions of x (n, d), L2-normalized when ``normalize`` (cosine, ip): (n, m) float32."""
-    if not normalize:
-        return np.ascontiguousarray(x[:, :m], dtype=np.float32)
-    y = np.array(x[:, :m], dtype=np.float32)  # a copy: never normalize the caller's rows in place
-    y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
-    return y
 
 
 def check_funnel(

@@ -32,6 +32,8 @@ KIND_TO_PB = {
     "basis": tpb.TRANSFORM_KIND_BASIS,
     "residual_mlp": tpb.TRANSFORM_KIND_RESIDUAL_MLP,
     "chain": tpb.TRANSFORM_KIND_CHAIN,
+    "pca_basis": tpb.TRANSFORM_KIND_PCA_BASIS,
+    "mrl_adapter": tpb.TRANSFORM_KIND_MRL_ADAPTER,
 }
 PB_TO_KIND = {value: key for key, value in KIND_TO_PB.items()}
 STATE_TO_PB = {

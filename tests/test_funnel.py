@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -219,6 +220,83 @@ def test_basis_transform_rotates_the_index_and_keeps_full_scores(tmp_path: Path)
         Dr2, Ir2 = funnel_search(s, "rotated", xq, 5, shortlist_k=800)
         assert (Ir2 == Ir).all()
         np.testing.assert_allclose(Dr2, Dr, rtol=1e-5, atol=1e-6)
+        s.channel.close()
+    finally:
+        srv.stop(None)
+
+
+def test_pca_basis_fitted_by_the_service_backs_a_prefix_collection(tmp_path: Path) -> None:
+    from interlingua.v1 import transforms_pb2 as tpb
+    from interlingua.v1 import transforms_pb2_grpc as tgrpc
+
+    srv, port = start_server(tmp_path / "d")
+    try:
+        s = connect(port)
+        s.register("s", D)
+        t = tgrpc.TransformServiceStub(s.channel)
+        rng = np.random.default_rng(11)
+        mix = np.linalg.qr(rng.standard_normal((D, D)))[0] * np.geomspace(3, 0.1, D)  # structure spread over dims
+        xb = (make_data(600, D, seed=12) @ mix).astype(np.float32)
+        xq = xb[:100] + 0.05 * rng.standard_normal((100, D)).astype(np.float32)  # query i's relevant doc is i
+
+        def vec(x: np.ndarray) -> pb.Vectors:
+            return pb.Vectors(data=np.ascontiguousarray(x, "<f4").tobytes(), dim=D)
+
+        t.FitTransform(
+            iter(
+                [
+                    tpb.FitTransformRequest(
+                        header=tpb.FitHeader(
+                            name="pca", kind=tpb.TRANSFORM_KIND_PCA_BASIS, source_space="s", target_space="s"
+                        )
+                    ),
+                    tpb.FitTransformRequest(
+                        pairs=tpb.PairBatch(side=tpb.PAIR_SIDE_DOC, source=vec(xb), target=vec(xb))
+                    ),
+                    tpb.FitTransformRequest(
+                        pairs=tpb.PairBatch(
+                            side=tpb.PAIR_SIDE_DOC,
+                            source=vec(xb),
+                            target=vec(xb),
+                            ids=[f"g{i}" for i in range(600)],
+                            eval_only=True,
+                        )
+                    ),
+                    tpb.FitTransformRequest(
+                        eval=tpb.EvalQueries(
+                            source=vec(xq),
+                            target=vec(xq),
+                            relevant_ids=[f"g{i}" for i in range(100)],
+                            relevant_offsets=list(range(101)),
+                        )
+                    ),
+                ]
+            )
+        )
+        for _ in range(400):
+            info = t.GetTransform(tpb.GetTransformRequest(name="pca"))
+            if info.state != tpb.TRANSFORM_STATE_FITTING:
+                break
+            time.sleep(0.05)
+        assert info.state == tpb.TRANSFORM_STATE_READY, info.error
+        report = json.loads(info.report_json)
+        assert report["label_free"] is False and set(report["recall_at_dims"]) == {"16", str(D)}
+        col = s.collections.CreateCollection(
+            cpb.CreateCollectionRequest(name="mrl", home_space="s", prefix_dims=8, basis_transform="pca")
+        )
+        assert dict(col.recall_at_dims) == pytest.approx({int(m): r for m, r in report["recall_at_dims"].items()})
+        ids = np.array([f"g{i}" for i in range(600)], dtype=object)
+        s.upsert("mrl", "s", list(ids), xb)
+        Dg, Ig = funnel_search(s, "mrl", xq, 10, shortlist_k=600)
+        Dref, Iref = brute_force(xb, xq, 10)
+        np.testing.assert_allclose(Dg, Dref, rtol=1e-4, atol=1e-4)  # orthogonal basis: full-dim scores kept
+        assert (Ig == ids[Iref]).mean() > 0.98
+        s.create("plain", "s")
+        with pytest.raises(grpc.RpcError) as exc:
+            t.ActivateRoute(tpb.ActivateRouteRequest(collection="plain", transform="pca", force=True))
+        assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "basis_transform" in (
+            exc.value.details() or ""
+        )
         s.channel.close()
     finally:
         srv.stop(None)

@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 
 from .base import Calibration, Transform, checksum
-from .evaluate import evaluate
-from .fit import fit_transform
+from .evaluate import _prep, evaluate, hits, knn, ranking_metrics
+from .fit import HOME_KINDS, fit_transform
+from .matryoshka import shrink
+from .pca_basis import REPORT_DIMS
 from .procrustes import Progress
 
 __all__ = ["Artefact", "EvalData", "build_artefact", "jsonable"]
@@ -61,6 +63,27 @@ def jsonable(o: Any) -> Any:
     return str(o)
 
 
+_BOOKKEEPING = ("holdout", "seed", "fit_pairs", "heldout_pairs", "fit_seconds")
+
+
+def prefix_recall(
+    fn: Transform, e: EvalData, home_metric: str, dims: tuple[int, ...] = REPORT_DIMS, k: int = 10
+) -> dict[str, float]:
+    """Recall@k of the home-space evaluation queries against the gallery, both mapped by a home -> home
+    transform and cut to each prefix m (re-normalized unless l2): {m: recall}, plus the full dim."""
+    q, b = fn.apply(e.xq_home, "query"), fn.apply(e.xb_home, "doc")
+    out = {}
+    for m in [m for m in dims if m < fn.d_out] + [fn.d_out]:
+        normalize = home_metric != "l2"
+        I = knn(
+            _prep(shrink(q, m, normalize), home_metric), _prep(shrink(b, m, normalize), home_metric), k, home_metric
+        )
+        H = hits(I, e.relevant)
+        n_rel = np.ones(len(I)) if e.relevant is None else np.array([len(np.unique(r)) for r in e.relevant], float)
+        out[str(m)] = ranking_metrics(H, n_rel, k)[f"r{k}"]
+    return out
+
+
 def build_artefact(
     kind: str,
     cal: Calibration,
@@ -82,6 +105,14 @@ def build_artefact(
 
         fn = compose(links or [])
         report: dict[str, Any] = {"label_free": True}
+    elif kind in HOME_KINDS:  # home -> home (a collection basis): cross-space figures would mean nothing
+        result, fitted = fit_transform(kind, cal, config, holdout=holdout, home_metric=home_metric, progress=progress)
+        fn = result.transform
+        report = {key: fitted[key] for key in _BOOKKEEPING if key in fitted}
+        report.update(fit=result.info, label_free=eval_data is None)
+        if eval_data is not None:
+            report["recall_at_dims"] = prefix_recall(fn, eval_data, home_metric)
+        eval_data = None
     else:
         result, report = fit_transform(kind, cal, config, holdout=holdout, home_metric=home_metric, progress=progress)
         fn = result.transform

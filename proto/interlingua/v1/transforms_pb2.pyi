@@ -41,6 +41,15 @@ class _TransformKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Transfo
     """Affine map plus a small residual MLP (after Drift-Adapter, EMNLP 2025)."""
     TRANSFORM_KIND_CHAIN: _TransformKind.ValueType  # 6
     """Composition of registered transforms (`chain` lists them), one matrix when all are linear."""
+    TRANSFORM_KIND_PCA_BASIS: _TransformKind.ValueType  # 7
+    """Home -> home: orthogonal rotation onto the principal axes of the calibration vectors (every
+    prefix is then the best linear truncation; full-dimensional scores unchanged). Used as a
+    collection's basis_transform; fitted on pairs whose source and target are the same vectors.
+    """
+    TRANSFORM_KIND_MRL_ADAPTER: _TransformKind.ValueType  # 8
+    """Home -> home: a map trained with a Matryoshka loss over nesting dims on (query, doc) pairs of
+    one model (query pairs = queries, doc pairs = their relevant docs, row-aligned).
+    """
 
 class TransformKind(_TransformKind, metaclass=_TransformKindEnumTypeWrapper):
     """Transform families. See docs/TRANSFORMS.md for the mathematics of each."""
@@ -58,6 +67,15 @@ TRANSFORM_KIND_RESIDUAL_MLP: TransformKind.ValueType  # 5
 """Affine map plus a small residual MLP (after Drift-Adapter, EMNLP 2025)."""
 TRANSFORM_KIND_CHAIN: TransformKind.ValueType  # 6
 """Composition of registered transforms (`chain` lists them), one matrix when all are linear."""
+TRANSFORM_KIND_PCA_BASIS: TransformKind.ValueType  # 7
+"""Home -> home: orthogonal rotation onto the principal axes of the calibration vectors (every
+prefix is then the best linear truncation; full-dimensional scores unchanged). Used as a
+collection's basis_transform; fitted on pairs whose source and target are the same vectors.
+"""
+TRANSFORM_KIND_MRL_ADAPTER: TransformKind.ValueType  # 8
+"""Home -> home: a map trained with a Matryoshka loss over nesting dims on (query, doc) pairs of
+one model (query pairs = queries, doc pairs = their relevant docs, row-aligned).
+"""
 Global___TransformKind: _TypeAlias = TransformKind  # noqa: Y015
 
 class _TransformState:
