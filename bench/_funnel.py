@@ -26,12 +26,13 @@ from interlingua.server.funnel import rerank, shrink
 
 #: (prefix dims, shortlist_k, intermediate stages): the funnel configurations swept
 CONFIGS: tuple[tuple[int, int, tuple[tuple[int, int], ...]], ...] = (
-    (32, 200, ((64, 100), (128, 40))),
-    (32, 400, ((64, 200), (128, 50))),
     (32, 800, ((64, 300), (128, 60))),
-    (64, 200, ((128, 50),)),
-    (64, 400, ((128, 80),)),
-    (64, 800, ((128, 100),)),
+    (64, 1000, ((128, 200),)),
+    (64, 2000, ((128, 300),)),
+    (96, 1000, ((192, 150),)),
+    (96, 1500, ((192, 200),)),
+    (96, 2000, ((192, 200),)),
+    (128, 1000, ()),
 )
 K = 10
 NQ = 64
