@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .base import SIDES, AffineTransform, Calibration, FitResult, Transform, apply_to_home, checksum
+from .fit import KINDS  # the fitted kinds, one list (chain and matryoshka are built, not fitted)
 
 __all__ = [
     "KINDS",
@@ -37,16 +38,6 @@ __all__ = [
     "checksum",
     "load_transform",
 ]
-
-KINDS = (
-    "procrustes",
-    "affine",
-    "lambda_orthogonal",
-    "basis",
-    "residual_mlp",
-    "pca_basis",
-    "mrl_adapter",
-)  #: kinds that are fitted
 
 
 def load_transform(
