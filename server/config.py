@@ -37,6 +37,10 @@ class ServerConfig:
     api_key: str | None = None  #: when set, every RPC but health/reflection needs it
     workers: int = field(default_factory=lambda: max(4, 2 * (os.cpu_count() or 1)))  #: gRPC thread pool
     omp_threads: int = field(default_factory=lambda: os.cpu_count() or 1)  #: FAISS OpenMP threads
+    #: threads of numpy's own OpenBLAS (not FAISS's). It only runs the small matmuls of the request
+    #: path (transforms, the fresh segment); a multi-threaded pool there spins against FAISS's OpenMP
+    #: threads and cost routed queries ~35% QPS on 2 cores (bench/transform_overhead.py)
+    numpy_blas_threads: int = 1
     limits: Limits = field(default_factory=Limits)
     merge_min_fresh: int = 1024  #: fresh rows that trigger a merge into the ANN index...
     merge_fraction: float = 0.1  #: ...or this fraction of the indexed rows, whichever is larger

@@ -54,6 +54,15 @@ class SearchResult:
     exact: bool
 
 
+def limit_numpy_blas(threads: int) -> None:
+    """Sets the thread count of numpy's own BLAS library (FAISS bundles its own, left alone)."""
+    from threadpoolctl import ThreadpoolController
+
+    for lib in ThreadpoolController().lib_controllers:
+        if lib.user_api == "blas" and Path(lib.filepath).parent.name.startswith("numpy"):
+            lib.set_num_threads(threads)
+
+
 class Engine:
     def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
         self.config = config
@@ -80,6 +89,7 @@ class Engine:
         """Opens the store and recovers every collection, then serves. Idempotent per engine."""
         start = time.perf_counter()
         faiss.omp_set_num_threads(self.config.omp_threads)
+        limit_numpy_blas(self.config.numpy_blas_threads)
         data = Path(self.config.data_dir)
         (data / "collections").mkdir(parents=True, exist_ok=True)
         self.store = Store(data / "interlingua.db")

@@ -170,3 +170,14 @@ def test_api_key(tmp_path: Path) -> None:
 def test_create_server_returns_bound_port(server: tuple[Server, int]) -> None:
     srv, port = server
     assert port > 0 and srv.port == port
+
+
+def test_numpy_blas_threads_are_limited_and_faiss_blas_left_alone(tmp_path: Path) -> None:
+    from threadpoolctl import threadpool_info
+
+    srv, _ = start_server(tmp_path / "d", numpy_blas_threads=1)
+    try:
+        libs = {Path(i["filepath"]).parent.name: i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+        assert [n for name, n in libs.items() if name.startswith("numpy")] == [1]
+    finally:
+        srv.stop(None)
