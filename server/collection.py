@@ -95,7 +95,10 @@ class Collection:
             log.warning("checkpoint of %s is ahead of the store; rebuilding", self.name)
             ck = None
         nsealed = ck.nsealed if ck else 0
-        fresh_labels, fresh_x = self.store.home_vectors_from(cid, nsealed, d)
+        # Prefix collections keep every live vector for reranking: read them all once, else the tail.
+        read_labels, read_x = self.store.home_vectors_from(cid, 0 if self.row.prefix_dims else nsealed, d)
+        tail = read_labels >= nsealed
+        fresh_labels, fresh_x = read_labels[tail], read_x[tail]
         # Compact the tail: live labels past the checkpoint become nsealed, nsealed+1, ... so no
         # placeholder row for a dead label ever enters an index (HNSW graphs degrade on them).
         dense = np.arange(nsealed, nsealed + len(fresh_labels), dtype=np.int64)
@@ -104,10 +107,11 @@ class Collection:
             labels = labels.copy()
             labels[labels >= nsealed] = dense
             self.next_label = nsealed + len(fresh_labels)
-        if self.row.prefix_dims:  # the rerank cache holds every live vector; the index, their prefixes
-            all_labels, all_x = self.store.home_vectors_from(cid, 0, d)  # labels as relabelled above
+        if self.row.prefix_dims:
+            read_labels = read_labels.copy()
+            read_labels[tail] = dense  # as relabelled above
             self.full = np.zeros((max(self.next_label, 1024), d), dtype=np.float32)
-            self.full[all_labels] = self.to_basis(all_x)
+            self.full[read_labels] = self.to_basis(read_x)
         fresh_x = self._index_view(self.to_basis(fresh_x))
         sealed = ck.index if ck else None
         self.segments.restore(sealed, self.next_label, ids, labels, fresh_x, self.last_sequence)

@@ -307,9 +307,7 @@ class Engine:
         v.check_k(k, self.limits)
         xq = v.unpack_vectors(data, dim, qspace.dim, what="queries", limit=self.limits.max_nq)
         col.segments.check_params(ef_search, nprobe)
-        plan = check_funnel(col.home.dim, col.row.prefix_dims, k, shortlist_k, funnel) if col.row.prefix_dims else None
-        if plan is None and (shortlist_k is not None or funnel):
-            check_funnel(col.home.dim, 0, k, shortlist_k, funnel)  # raises: not a prefix collection
+        plan = check_funnel(col.home.dim, col.row.prefix_dims, k, shortlist_k, funnel)  # raises on misuse
         t1 = time.perf_counter()
         if qspace.metric == "cosine":
             xq = v.normalize_rows(xq, what="queries")

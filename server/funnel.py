@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .errors import InvalidArgument
+from .segments import best_k
 from .transforms.matryoshka import shrink
 
 __all__ = ["MAX_SHORTLIST", "check_funnel", "rerank", "shrink"]
@@ -76,10 +77,7 @@ def rerank(
             S = np.einsum("qcd,qcd->qc", diff, diff)
         S[I < 0] = worst
         kk = min(keep, S.shape[1])
-        key = -S if largest else S
-        part = np.argpartition(key, kk - 1, axis=1)[:, :kk] if kk < S.shape[1] else np.argsort(key, axis=1)
-        order = np.argsort(np.take_along_axis(key, part, axis=1), axis=1, kind="stable")
-        sel = np.take_along_axis(part, order, axis=1)
+        sel = best_k(-S if largest else S, kk)
         D = np.take_along_axis(S, sel, axis=1).astype(np.float32)
         I = np.take_along_axis(I, sel, axis=1)
         if kk < keep:  # fewer candidates than asked: pad

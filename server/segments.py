@@ -101,6 +101,16 @@ def _grow(a: np.ndarray, need: int) -> np.ndarray:
     return new
 
 
+def best_k(key: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of the k smallest ``key`` entries of each row, ascending: shape (nq, min(k, n))."""
+    nq, n = key.shape
+    kk = min(k, n)
+    part = np.argpartition(key, kk - 1, axis=1)[:, :kk] if kk < n else np.tile(np.arange(n), (nq, 1))
+    order = np.argsort(np.take_along_axis(key, part, axis=1), axis=1, kind="stable")
+    sel: np.ndarray = np.take_along_axis(part, order, axis=1)
+    return sel
+
+
 def _set_bits(alive: np.ndarray, start: int, stop: int) -> None:
     """Sets the alive bits of labels start .. stop-1 in place."""
     b0, b1 = start >> 3, (stop + 7) >> 3
@@ -292,10 +302,7 @@ class Segments:
             S[:, ~_bit_slice(s.alive, s.nsealed, s.nlabels)] = worst
         nq, nf = S.shape
         kk = min(k, nf)
-        key = -S if self.largest else S
-        part = np.argpartition(key, kk - 1, axis=1)[:, :kk] if kk < nf else np.tile(np.arange(nf), (nq, 1))
-        order = np.argsort(np.take_along_axis(key, part, axis=1), axis=1, kind="stable")
-        idx = np.take_along_axis(part, order, axis=1)
+        idx = best_k(-S if self.largest else S, kk)
         D = np.full((nq, k), worst, dtype=np.float32)
         I = np.full((nq, k), -1, dtype=np.int64)
         D[:, :kk] = np.take_along_axis(S, idx, axis=1)
