@@ -36,8 +36,17 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/check-proto
 
-bench: $(STAMP)
-	$(PY) bench/search_overhead.py --data ../shared/data/debdesc/dev
+# The benchmarks' own extra (plots, Chroma, Milvus Lite): installed here, never by run/test.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(PIP) install --quiet -e '.[test,dev,codegen,bench]'
+	touch $(BENCH_STAMP)
+
+DATA ?= ../shared/data/debdesc
+bench: $(BENCH_STAMP)
+	$(PY) bench/search_overhead.py --data $(DATA)/dev
+	$(PY) bench/transform_overhead.py --data $(DATA)
+	$(PY) bench/peers.py --data $(DATA)/dev --n 1000000 --plot docs/peers_qps_recall.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -133,11 +133,13 @@ class Client:
         *,
         prefix_dims: int = 0,
         basis_transform: str = "",
+        ef_construction: int = 0,
     ) -> CollectionInfo:
         """Creates an empty collection indexed in ``home_space`` with a FAISS factory string.
 
         ``prefix_dims`` indexes only that many leading dims (Matryoshka; searches rerank a shortlist
-        with the full vectors), after the optional home -> home ``basis_transform`` (e.g. pca_basis)."""
+        with the full vectors), after the optional home -> home ``basis_transform`` (e.g. pca_basis).
+        ``ef_construction`` sets an HNSW index's build-time candidate list (0: FAISS's default, 40)."""
         req = collections_pb2.CreateCollectionRequest(
             name=name,
             home_space=home_space,
@@ -145,6 +147,7 @@ class Client:
             train_min_points=train_min_points,
             prefix_dims=prefix_dims,
             basis_transform=basis_transform,
+            ef_construction=ef_construction,
         )
         msg: collections_pb2.CollectionInfo = self._call(self._collections.CreateCollection, req)
         return CollectionInfo.from_proto(msg)

@@ -4,7 +4,7 @@ Four layers, each overriding the one before: the dataclass defaults, a TOML
 file (``--config`` or ``INTERLINGUA_CONFIG``), ``INTERLINGUA_*`` environment
 variables, then flags. The TOML file takes any field of ``ServerConfig`` at top
 level (``data_dir``, ``host``, ``port``, ``metrics_port``, ``api_key``,
-``workers``, ``omp_threads``, the ``merge_*`` knobs) and the fields of
+``workers``, ``omp_threads``, ``device``, the ``merge_*`` knobs) and the fields of
 ``Limits`` in a ``[limits]`` table; an unknown key or a value of the wrong type
 is a :class:`ConfigError` (exit code 2), never silently ignored. Metrics are
 disabled by ``metrics_port = false`` (TOML), ``INTERLINGUA_METRICS_PORT=off``
@@ -33,6 +33,7 @@ ENV_VARS = {
     "INTERLINGUA_METRICS_PORT": "metrics_port",
     "INTERLINGUA_API_KEY": "api_key",
     "INTERLINGUA_WORKERS": "workers",
+    "INTERLINGUA_DEVICE": "device",
 }
 _OFF = frozenset({"off", "none", "false", "disabled"})
 
@@ -128,7 +129,7 @@ def build_server_config(args: argparse.Namespace, environ: Mapping[str, str] | N
     for var, name in ENV_VARS.items():
         if env.get(var):  # set and non-empty
             values[name] = _coerce(name, env[var], defaults[name], var, text=True)
-    for name in ("data_dir", "host", "port", "metrics_port", "api_key", "workers", "omp_threads"):
+    for name in ("data_dir", "host", "port", "metrics_port", "api_key", "workers", "omp_threads", "device"):
         flag = getattr(args, name, None)
         if flag is not None:
             values[name] = _coerce(name, flag, defaults[name], "--" + name.replace("_", "-"))

@@ -85,6 +85,7 @@ class CollectionInfo:
     rerank_bytes_per_vector: int = 0  #: full vectors kept for reranking (prefix collections)
     basis_transform: str = ""
     recall_at_dims: dict[int, float] = field(default_factory=dict)
+    ef_construction: int = 0  #: HNSW build-time candidate list (0: not HNSW)
 
     @classmethod
     def from_proto(cls, msg: collections_pb2.CollectionInfo) -> CollectionInfo:
@@ -107,6 +108,7 @@ class CollectionInfo:
             rerank_bytes_per_vector=msg.rerank_bytes_per_vector,
             basis_transform=msg.basis_transform,
             recall_at_dims=dict(msg.recall_at_dims),
+            ef_construction=msg.ef_construction,
         )
 
 

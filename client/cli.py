@@ -2,7 +2,7 @@
 
 ::
 
-    interlingua serve [--config server.toml] [--data-dir D] [--port P] [--no-metrics] ...
+    interlingua serve [--config server.toml] [--data-dir D] [--port P] [--no-metrics] [--device cuda] ...
     interlingua spaces {list,register,get} ...      interlingua collections {list,create,get,delete} ...
     interlingua ingest COLLECTION --space S --vectors xb.npy [--ids ids.txt] [--payloads p.jsonl]
     interlingua search COLLECTION --space S --vectors xq.npy [--rows 0:5] [-k 10] [--json]
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require this API key on every call")
     serve.add_argument("--workers", type=int, help="gRPC worker threads")
     serve.add_argument("--omp-threads", type=int, help="FAISS OpenMP threads")
+    serve.add_argument(
+        "--device", help="cpu, cuda or cuda:N: where indexes are searched (default: $INTERLINGUA_DEVICE or cpu)"
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     spaces = sub.add_parser("spaces", help="embedding spaces").add_subparsers(dest="action", required=True)
@@ -114,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home-space", required=True)
     p.add_argument("--index-spec", default="Flat", help="FAISS factory string (default: Flat)")
     p.add_argument("--train-min-points", type=int, default=0, help="0 = the server's default for the spec")
+    p.add_argument("--ef-construction", type=int, default=0, help="HNSW build candidate list (default 0: FAISS's 40)")
     colls.add_parser("get", parents=[conn], help="show one collection").add_argument("name")
     colls.add_parser("delete", parents=[conn], help="delete a collection").add_argument("name")
 
@@ -280,7 +284,9 @@ def _run_client(args: argparse.Namespace) -> int:
         elif cmd == ("collections", "list"):
             print_collections(client.list_collections(), args.json, out)
         elif cmd == ("collections", "create"):
-            info = client.create_collection(args.name, args.home_space, args.index_spec, args.train_min_points)
+            info = client.create_collection(
+                args.name, args.home_space, args.index_spec, args.train_min_points, ef_construction=args.ef_construction
+            )
             print_collection(info, args.json, out)
         elif cmd == ("collections", "get"):
             print_collection(client.get_collection(args.name), args.json, out)
@@ -336,8 +342,12 @@ def _serve(args: argparse.Namespace) -> None:
         raise UsageError(f"serve: {err}") from None
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from interlingua.server import serve
+    from interlingua.server.errors import InterlinguaError as Refused
 
-    serve(config)
+    try:
+        serve(config)
+    except Refused as err:  # refused to start, e.g. --device cuda where faiss sees no GPU
+        raise UsageError(f"serve: {err.message}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,9 +88,10 @@ class Server:
             futures.ThreadPoolExecutor(
                 max_workers=config.workers,
                 thread_name_prefix="interlingua-rpc",
-                # omp_set_num_threads is per calling thread: set it on every worker that searches
+                # omp_set_num_threads is per calling thread. Workers search single queries only
+                # (batches go to the one search thread, see server/search_thread.py): one thread each
                 initializer=faiss.omp_set_num_threads,
-                initargs=(config.omp_threads,),
+                initargs=(1,),
             ),
             interceptors=interceptors,
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],

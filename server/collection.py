@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint
+from .device import Device
 from .errors import NotFound
 from .funnel import check_funnel, rerank, shrink
 from .metrics import Metrics
@@ -54,8 +55,10 @@ class Collection:
         metrics: Metrics,
         basis: Transform | None = None,
         basis_report: dict[str, Any] | None = None,
+        device: Device | None = None,
     ) -> None:
         self.row = row
+        self.device = device or Device.parse("cpu")  #: where the sealed index and query maps run
         #: home -> home transform (pca_basis, mrl_adapter) applied to every vector before indexing
         self.basis = basis
         self.basis_report = basis_report or {}
@@ -66,8 +69,8 @@ class Collection:
         self.metrics = metrics
         #: dimensions the index holds: a Matryoshka prefix, or all of them
         self.index_dims = row.prefix_dims or home.dim
-        self.spec = IndexSpec.parse(row.index_spec, self.index_dims, home.metric)
-        self.segments = Segments(self.spec, row.train_min_points)
+        self.spec = IndexSpec.parse(row.index_spec, self.index_dims, home.metric, row.ef_construction)
+        self.segments = Segments(self.spec, row.train_min_points, self.device, row.name)
         #: prefix collections: every home vector by label, full dimension, for reranking
         self.full = np.zeros((1024 if row.prefix_dims else 0, home.dim), dtype=np.float32)
         self.routes: Mapping[str, Route] = {}  #: replaced whole on every change (one reference swap)
@@ -215,10 +218,13 @@ class Collection:
         return {int(m): float(r) for m, r in self.basis_report.get("recall_at_dims", {}).items()}
 
     def to_basis(self, x: np.ndarray, side: str = "doc") -> np.ndarray:
-        """x (n, d) in the collection's basis (re-normalized for cosine), or x itself without one."""
+        """x (n, d) in the collection's basis (re-normalized for cosine), or x itself without one.
+        Queries are mapped on the collection's device; documents always in numpy, so what the
+        index and its checkpoints hold does not depend on the device."""
         if self.basis is None or not len(x):
             return x
-        return map_queries(self.basis, x, self.home.metric, self.home.dim, side)
+        device = self.device if side == "query" else None
+        return map_queries(self.basis, x, self.home.metric, self.home.dim, side, device)
 
     def _index_view(self, x: np.ndarray) -> np.ndarray:
         """What the index holds of vectors x (n, d): their Matryoshka prefix, or x itself."""

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .device import Device
+
 __all__ = ["Limits", "ServerConfig"]
 
 
@@ -46,4 +48,13 @@ class ServerConfig:
     merge_fraction: float = 0.1  #: ...or this fraction of the indexed rows, whichever is larger
     merge_idle_seconds: float = 1.0  #: merge any fresh rows after this long without writes
     checkpoint_after_merge: bool = True  #: write an index checkpoint after each merge
+    #: added to the nice value of the maintenance thread (merges, training, checkpoints) and its
+    #: OpenMP team, so that background work yields to writes and searches; 0 keeps it equal (Linux)
+    maintenance_nice: int = 10
     min_retention: float = 0.5  #: activation gate: retention M(T(new), home) / M(new, new) at least this
+    #: where sealed indexes are searched and linear query maps run: "cpu", "cuda" or "cuda:N"
+    #: (needs faiss-gpu; checked at server start, see ``device.py``)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        Device.parse(self.device)  # ValueError for a malformed device; its GPU is checked at start

@@ -12,8 +12,15 @@ keep every vector in the fresh segment, so search is exact, until
 Labels are int64, allocated in order and never reused: label ``i`` is row
 ``i`` of the sealed index (when ``i < nsealed``) or row ``i - nsealed`` of the
 fresh segment. Deleted or overwritten labels are cleared in the ``alive``
-bitmap and filtered with ``faiss.IDSelectorBitmap``. Covered by
-``tests/test_segments.py`` and the search tests in ``tests/test_points.py``.
+bitmap and filtered with ``faiss.IDSelectorBitmap``.
+
+On a GPU :class:`~.device.Device` a snapshot keeps the CPU sealed index (merges,
+checkpoints) beside its search copy ``sealed_search`` (the GPU clone, or the CPU
+index itself where the GPU cannot hold it). GPU indexes take no IDSelector, so
+there the sealed index is asked for ``k + ndead_sealed`` labels and the dead ones
+are dropped on the host (:func:`drop_dead`); past the GPU's k limit the CPU index
+answers with its selector. Covered by ``tests/test_segments.py``, the search
+tests in ``tests/test_points.py`` and ``tests/test_gpu.py``.
 """
 
 from __future__ import annotations
@@ -27,13 +34,15 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .device import GPU_MAX_K, Device
 from .errors import InvalidArgument
 
-__all__ = ["IndexSpec", "Segments", "Snapshot"]
+__all__ = ["IndexSpec", "Segments", "Snapshot", "drop_dead"]
 
 FAISS_METRIC = {"cosine": faiss.METRIC_INNER_PRODUCT, "ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 DEFAULT_EF_SEARCH = 64  #: HNSW efSearch when a request sets none
 DEFAULT_NPROBE = 16  #: IVF nprobe when a request sets none (capped at nlist)
+MAX_EF_CONSTRUCTION = 4096  #: largest HNSW efConstruction a collection may ask for
 TRAIN_SAMPLE_MAX = 262144  #: most vectors used to train an index
 
 
@@ -48,9 +57,10 @@ class IndexSpec:
     is_hnsw: bool
     nlist: int  #: IVF lists, 0 for non-IVF indexes
     default_train_min: int  #: points needed before training (0: no training needed)
+    ef_construction: int = 0  #: HNSW efConstruction (0: FAISS's default, 40)
 
     @classmethod
-    def parse(cls, spec: str, d: int, metric: str) -> IndexSpec:
+    def parse(cls, spec: str, d: int, metric: str, ef_construction: int = 0) -> IndexSpec:
         spec = spec.strip() or "Flat"
         if "IDMap" in spec or spec.startswith("Refine"):
             raise InvalidArgument(f"index spec {spec!r}: IDMap and Refine wrappers are managed by the service")
@@ -67,17 +77,30 @@ class IndexSpec:
             default_min = max(39 * nlist, 256)
             if re.search(r"PQ\d", spec) or "SQ" in spec:
                 default_min = max(default_min, 9984)
-        return cls(spec, d, metric, needs, isinstance(index, faiss.IndexHNSW), nlist, default_min)
+        hnsw = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+        is_hnsw = isinstance(hnsw, faiss.IndexHNSW)
+        if ef_construction and not is_hnsw:
+            raise InvalidArgument(f"ef_construction applies to HNSW indexes; index spec {spec!r} is not one")
+        if not 0 <= ef_construction <= MAX_EF_CONSTRUCTION:
+            raise InvalidArgument(
+                f"ef_construction is {ef_construction}; it must be at most {MAX_EF_CONSTRUCTION} (0: the default, 40)"
+            )
+        return cls(spec, d, metric, needs, is_hnsw, nlist, default_min, ef_construction)
 
     def new_index(self) -> Any:
-        return faiss.index_factory(self.d, self.spec, FAISS_METRIC[self.metric])
+        index = faiss.index_factory(self.d, self.spec, FAISS_METRIC[self.metric])
+        if self.ef_construction:
+            hnsw: Any = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+            hnsw.hnsw.efConstruction = self.ef_construction
+        return index
 
 
 @dataclass(frozen=True)
 class Snapshot:
     """One consistent, immutable view of a collection's vectors for searches."""
 
-    sealed: Any | None  #: faiss.Index over labels [0, nsealed), or None while untrained
+    sealed: Any | None  #: faiss.Index over labels [0, nsealed), or None while untrained (always on the CPU)
+    sealed_search: Any | None  #: what searches use: ``sealed`` itself, or its GpuSearchIndex copy
     nsealed: int
     fresh: np.ndarray  #: (capacity, d) float32; rows [0, nfresh) hold labels nsealed + row
     fresh_sqnorm: np.ndarray  #: (capacity,) squared norms of the fresh rows (l2)
@@ -91,6 +114,11 @@ class Snapshot:
     @property
     def nlabels(self) -> int:
         return self.nsealed + self.nfresh
+
+    @property
+    def search_on_gpu(self) -> bool:
+        """True when the sealed index is searched through its GPU copy."""
+        return self.sealed_search is not self.sealed
 
 
 def _grow(a: np.ndarray, need: int) -> np.ndarray:
@@ -109,6 +137,30 @@ def best_k(key: np.ndarray, k: int) -> np.ndarray:
     order = np.argsort(np.take_along_axis(key, part, axis=1), axis=1, kind="stable")
     sel: np.ndarray = np.take_along_axis(part, order, axis=1)
     return sel
+
+
+def drop_dead(
+    D: np.ndarray, I: np.ndarray, alive: np.ndarray, k: int, worst: np.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k best live labels of each row of a search run without an IDSelector, in their order.
+
+    D, I : shape (nq, k'), best first (I = -1 for no hit); alive : uint8 bitmap over labels (bit
+    set = alive, the IDSelectorBitmap layout). Returns D, I of shape (nq, k), padded with ``worst``
+    and -1. Over k' >= k + (dead labels in the index) candidates of an exact index this equals the
+    IDSelector search (tests/test_gpu.py checks it on a Flat index).
+    """
+    nq, kp = I.shape
+    live = I >= 0
+    lab = I[live]
+    live[live] = ((alive[lab >> 3] >> (lab & 7).astype(np.uint8)) & 1) == 1
+    width = min(k, kp)
+    order = np.argsort(~live, axis=1, kind="stable")[:, :width]  # live first, each in its rank order
+    keep = np.take_along_axis(live, order, axis=1)
+    Dk = np.full((nq, k), worst, dtype=np.float32)
+    Ik = np.full((nq, k), -1, dtype=np.int64)
+    Dk[:, :width] = np.where(keep, np.take_along_axis(D, order, axis=1), worst)
+    Ik[:, :width] = np.where(keep, np.take_along_axis(I, order, axis=1), -1)
+    return Dk, Ik
 
 
 def _set_bits(alive: np.ndarray, start: int, stop: int) -> None:
@@ -130,8 +182,12 @@ class Segments:
     """Sealed + fresh index of one collection. Writers call :meth:`append` and
     :meth:`kill` under the collection's write lock; anyone may :meth:`search`."""
 
-    def __init__(self, spec: IndexSpec, train_min_points: int) -> None:
+    def __init__(self, spec: IndexSpec, train_min_points: int, device: Device | None = None, name: str = "") -> None:
         self.spec = spec
+        self.device = device or Device.parse("cpu")
+        self.name = name  #: the collection's, for the device's log lines
+        #: drop dead sealed labels on the host (as on a GPU) even on the CPU: tests compare the paths
+        self.host_filter = False
         self.d = spec.d
         self.largest = spec.metric != "l2"  # ip/cosine: higher is better
         self.train_min_points = train_min_points if spec.needs_training else 0
@@ -141,6 +197,7 @@ class Segments:
         sealed = None if spec.needs_training else spec.new_index()
         self.snapshot = Snapshot(
             sealed=sealed,
+            sealed_search=sealed,  # empty: nothing to search or copy yet
             nsealed=0,
             fresh=np.zeros((1024, self.d), dtype=np.float32),
             fresh_sqnorm=np.zeros(1024, dtype=np.float32),
@@ -183,6 +240,7 @@ class Segments:
             sealed = self.spec.new_index()
         self.snapshot = Snapshot(
             sealed=sealed,
+            sealed_search=self.device.to_search_index(sealed, self.name),
             nsealed=nsealed,
             fresh=fresh,
             fresh_sqnorm=np.einsum("ij,ij->i", fresh, fresh),
@@ -233,13 +291,23 @@ class Segments:
 
     # -- search --------------------------------------------------------------------------------
 
-    def _params(self, s: Snapshot, ef_search: int | None, nprobe: int | None) -> tuple[Any, Any]:
+    def _gpu_params(self, s: Snapshot, nprobe: int | None) -> Any:
+        """SearchParameters for a GPU copy (never HNSW): SearchParametersIVF, or None for Flat.
+        No selector: GPU indexes do not apply one."""
+        if not self.spec.nlist:
+            return None
+        p: Any = faiss.SearchParametersIVF(nprobe=self._nprobe(nprobe))  # type: ignore[call-arg]
+        if isinstance(s.sealed, faiss.IndexPreTransform):
+            p = faiss.SearchParametersPreTransform(index_params=p)  # type: ignore[call-arg]
+        return p
+
+    def _params(self, s: Snapshot, ef_search: int | None, nprobe: int | None, selector: bool = True) -> tuple[Any, Any]:
         """FAISS SearchParameters for the sealed index (and the selector they reference)."""
-        sel = faiss.IDSelectorBitmap(s.nsealed, faiss.swig_ptr(s.alive)) if s.ndead_sealed else None
+        sel = faiss.IDSelectorBitmap(s.nsealed, faiss.swig_ptr(s.alive)) if s.ndead_sealed and selector else None
         if self.spec.is_hnsw:
             p = faiss.SearchParametersHNSW(efSearch=ef_search or DEFAULT_EF_SEARCH)  # type: ignore[attr-defined]
         elif self.spec.nlist:
-            p = faiss.SearchParametersIVF(nprobe=min(nprobe or DEFAULT_NPROBE, self.spec.nlist))  # type: ignore[call-arg]
+            p = faiss.SearchParametersIVF(nprobe=self._nprobe(nprobe))  # type: ignore[call-arg]
         else:
             p = faiss.SearchParameters()
         if sel is not None:
@@ -247,6 +315,9 @@ class Segments:
         if isinstance(s.sealed, faiss.IndexPreTransform):
             p = faiss.SearchParametersPreTransform(index_params=p)  # type: ignore[call-arg]
         return p, sel
+
+    def _nprobe(self, nprobe: int | None) -> int:
+        return min(nprobe or DEFAULT_NPROBE, self.spec.nlist)
 
     def check_params(self, ef_search: int | None, nprobe: int | None) -> None:
         if ef_search is not None:
@@ -274,10 +345,7 @@ class Segments:
         worst = np.float32(-np.inf if self.largest else np.inf)
         parts: list[tuple[np.ndarray, np.ndarray]] = []
         if s.sealed is not None and s.nsealed > 0:
-            params, _sel = self._params(s, ef_search, nprobe)
-            D, I = s.sealed.search(xq, k, params=params)
-            D[I < 0] = worst
-            parts.append((D, I))
+            parts.append(self._search_sealed(s, xq, k, ef_search, nprobe, worst))
         if s.nfresh > 0:
             parts.append(self._search_fresh(s, xq, k, worst))
         if not parts:
@@ -288,6 +356,27 @@ class Segments:
         I = np.hstack([parts[0][1], parts[1][1]])
         order = np.argsort(-D if self.largest else D, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1), s
+
+    def _search_sealed(
+        self, s: Snapshot, xq: np.ndarray, k: int, ef_search: int | None, nprobe: int | None, worst: np.float32
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """D, I of shape (nq, k) from the sealed index, dead labels filtered: by an IDSelector on
+        the CPU, on the host (:func:`drop_dead` over k + ndead_sealed candidates) on a GPU."""
+        sealed: Any = s.sealed
+        search_copy: Any = s.sealed_search
+        kk = min(s.nsealed, k + s.ndead_sealed)
+        if s.search_on_gpu and kk <= GPU_MAX_K and not (self.spec.nlist and self._nprobe(nprobe) > GPU_MAX_K):
+            D, I = search_copy.search(xq, kk, params=self._gpu_params(s, nprobe))
+            return drop_dead(D, I, s.alive, k, worst)
+        # the CPU index (also past what a GPU index selects, k or nprobe > GPU_MAX_K)
+        if self.host_filter:
+            params, _ = self._params(s, ef_search, nprobe, selector=False)
+            D, I = self.device.search_cpu(sealed, xq, kk, params)
+            return drop_dead(D, I, s.alive, k, worst)
+        params, _sel = self._params(s, ef_search, nprobe)
+        D, I = self.device.search_cpu(sealed, xq, k, params)
+        D[I < 0] = worst
+        return D, I
 
     def _search_fresh(self, s: Snapshot, xq: np.ndarray, k: int, worst: np.float32) -> tuple[np.ndarray, np.ndarray]:
         """Brute force over the fresh rows: scores (nq, nf) -> top-k, dead rows masked."""
@@ -345,6 +434,7 @@ class Segments:
             else:
                 index = faiss.clone_index(s.sealed)
             index.add(rows)
+            search_copy = self.device.to_search_index(index, self.name)  # beside the live one, as the index
             with self._swap_lock:
                 cur = self.snapshot
                 rest = cur.nfresh - s.nfresh
@@ -358,6 +448,7 @@ class Segments:
                 new = dataclasses.replace(
                     cur,
                     sealed=index,
+                    sealed_search=search_copy,
                     nsealed=nsealed,
                     fresh=fresh,
                     fresh_sqnorm=sq,

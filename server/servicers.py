@@ -87,6 +87,7 @@ def collection_pb(c: Collection) -> cpb.CollectionInfo:
         index_bytes_per_vector=c.index_bytes_per_vector(),
         rerank_bytes_per_vector=4 * c.home.dim if c.row.prefix_dims else 0,
         basis_transform=c.row.basis_transform,
+        ef_construction=c.spec.ef_construction,
         recall_at_dims=c.recall_at_dims(),
     )
 
@@ -120,7 +121,13 @@ class CollectionServicer(cgrpc.CollectionServiceServicer):
         r = request
         return collection_pb(
             self.engine.create_collection(
-                r.name, r.home_space, r.index_spec, r.train_min_points, r.prefix_dims, r.basis_transform
+                r.name,
+                r.home_space,
+                r.index_spec,
+                r.train_min_points,
+                r.prefix_dims,
+                r.basis_transform,
+                r.ef_construction,
             )
         )
 

@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS collections (
     home_space TEXT NOT NULL REFERENCES spaces(name), index_spec TEXT NOT NULL,
     train_min_points INTEGER NOT NULL, created_at REAL NOT NULL,
     next_label INTEGER NOT NULL DEFAULT 0, last_sequence INTEGER NOT NULL DEFAULT 0,
-    prefix_dims INTEGER NOT NULL DEFAULT 0, basis_transform TEXT NOT NULL DEFAULT '');
+    prefix_dims INTEGER NOT NULL DEFAULT 0, basis_transform TEXT NOT NULL DEFAULT '',
+    ef_construction INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS points (
     cid INTEGER NOT NULL, pid TEXT NOT NULL, payload TEXT, sequence INTEGER NOT NULL,
     PRIMARY KEY (cid, pid));
@@ -60,6 +61,9 @@ CREATE TABLE IF NOT EXISTS routes (
     transform TEXT NOT NULL, activated_at REAL NOT NULL, deactivated_at REAL NOT NULL DEFAULT 0,
     forced INTEGER NOT NULL DEFAULT 0, shadow TEXT NOT NULL DEFAULT '', shadow_rate REAL NOT NULL DEFAULT 0);
 """
+
+#: collections columns added after the first release, with their declarations (see Store._migrate)
+_ADDED_COLUMNS = (("ef_construction", "INTEGER NOT NULL DEFAULT 0"),)
 
 _CHUNK = 900  # bound host parameters per statement
 
@@ -114,6 +118,7 @@ class CollectionRow:
     last_sequence: int
     prefix_dims: int  #: 0: the index holds every dimension
     basis_transform: str  #: "" or a home -> home transform applied before indexing (pca_basis, mrl_adapter)
+    ef_construction: int = 0  #: HNSW efConstruction (0: FAISS's default)
 
 
 def _chunks(seq: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -130,7 +135,15 @@ class Store:
         self._local = threading.local()
         self._w = self._connect()
         self._w.executescript(_SCHEMA)
+        self._migrate()
         self.sequence = int(self._w.execute("SELECT value FROM meta WHERE key='sequence'").fetchone()[0])
+
+    def _migrate(self) -> None:
+        """Adds the columns that later versions introduced to a store an earlier version created."""
+        have = {r[1] for r in self._w.execute("PRAGMA table_info(collections)")}
+        for column, decl in _ADDED_COLUMNS:
+            if column not in have:
+                self._w.execute(f"ALTER TABLE collections ADD COLUMN {column} {decl}")
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
@@ -184,12 +197,23 @@ class Store:
         train_min_points: int,
         prefix_dims: int = 0,
         basis_transform: str = "",
+        ef_construction: int = 0,
     ) -> CollectionRow:
         with self._tx() as seq:
             self._w.execute(
                 "INSERT INTO collections (name, home_space, index_spec, train_min_points, created_at,"
-                " last_sequence, prefix_dims, basis_transform) VALUES (?,?,?,?,?,?,?,?)",
-                (name, home_space, index_spec, train_min_points, time.time(), seq, prefix_dims, basis_transform),
+                " last_sequence, prefix_dims, basis_transform, ef_construction) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    name,
+                    home_space,
+                    index_spec,
+                    train_min_points,
+                    time.time(),
+                    seq,
+                    prefix_dims,
+                    basis_transform,
+                    ef_construction,
+                ),
             )
         row = self.collection(name)
         if row is None:
@@ -265,7 +289,7 @@ class Store:
     def collection(self, name: str) -> CollectionRow | None:
         r = self._r.execute(
             "SELECT cid, name, home_space, index_spec, train_min_points, created_at, next_label,"
-            " last_sequence, prefix_dims, basis_transform FROM collections WHERE name=?",
+            " last_sequence, prefix_dims, basis_transform, ef_construction FROM collections WHERE name=?",
             (name,),
         ).fetchone()
         return CollectionRow(*r) if r else None
@@ -273,7 +297,7 @@ class Store:
     def collections(self) -> list[CollectionRow]:
         rows = self._r.execute(
             "SELECT cid, name, home_space, index_spec, train_min_points, created_at, next_label,"
-            " last_sequence, prefix_dims, basis_transform FROM collections ORDER BY name"
+            " last_sequence, prefix_dims, basis_transform, ef_construction FROM collections ORDER BY name"
         )
         return [CollectionRow(*r) for r in rows]
 

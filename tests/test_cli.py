@@ -121,7 +121,7 @@ def test_module_entry_point() -> None:
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for var in ("CONFIG", "DATA_DIR", "HOST", "PORT", "METRICS_PORT", "API_KEY", "WORKERS"):
+    for var in ("CONFIG", "DATA_DIR", "HOST", "PORT", "METRICS_PORT", "API_KEY", "WORKERS", "DEVICE"):
         monkeypatch.delenv(f"INTERLINGUA_{var}", raising=False)
     return monkeypatch
 

@@ -69,6 +69,7 @@ class CreateCollectionRequest(_message.Message):
     TRAIN_MIN_POINTS_FIELD_NUMBER: _builtins.int
     PREFIX_DIMS_FIELD_NUMBER: _builtins.int
     BASIS_TRANSFORM_FIELD_NUMBER: _builtins.int
+    EF_CONSTRUCTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name: 1 to 128 characters from [A-Za-z0-9._-]."""
     home_space: _builtins.str
@@ -92,6 +93,11 @@ class CreateCollectionRequest(_message.Message):
     mrl_adapter) applied to every home vector and query before indexing, so that prefixes of
     a model not trained with a Matryoshka loss carry its structure. Stored vectors stay as given.
     """
+    ef_construction: _builtins.int
+    """HNSW indexes: candidate list size while building the graph (FAISS efConstruction).
+    Larger builds slower and reaches a given recall at a smaller ef_search. 0 (default)
+    keeps FAISS's default of 40. Must be 0 for other index types.
+    """
     def __init__(
         self,
         *,
@@ -101,10 +107,11 @@ class CreateCollectionRequest(_message.Message):
         train_min_points: _builtins.int = ...,
         prefix_dims: _builtins.int = ...,
         basis_transform: _builtins.str = ...,
+        ef_construction: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_transform", b"basis_transform", "home_space", b"home_space", "index_spec", b"index_spec", "name", b"name", "prefix_dims", b"prefix_dims", "train_min_points", b"train_min_points"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_transform", b"basis_transform", "ef_construction", b"ef_construction", "home_space", b"home_space", "index_spec", b"index_spec", "name", b"name", "prefix_dims", b"prefix_dims", "train_min_points", b"train_min_points"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -194,6 +201,7 @@ class CollectionInfo(_message.Message):
     RERANK_BYTES_PER_VECTOR_FIELD_NUMBER: _builtins.int
     BASIS_TRANSFORM_FIELD_NUMBER: _builtins.int
     RECALL_AT_DIMS_FIELD_NUMBER: _builtins.int
+    EF_CONSTRUCTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the collection."""
     home_space: _builtins.str
@@ -228,6 +236,8 @@ class CollectionInfo(_message.Message):
     """Bytes per vector kept in memory for reranking (prefix collections; 0 otherwise)."""
     basis_transform: _builtins.str
     """The basis transform the index is built in ("" for none)."""
+    ef_construction: _builtins.int
+    """HNSW build-time candidate list size the index is built with (0 for other index types)."""
     @_builtins.property
     def vectors_per_space(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Number of stored vectors per space name (a point may have vectors in
@@ -259,10 +269,11 @@ class CollectionInfo(_message.Message):
         rerank_bytes_per_vector: _builtins.int = ...,
         basis_transform: _builtins.str = ...,
         recall_at_dims: _abc.Mapping[_builtins.int, _builtins.float] | None = ...,
+        ef_construction: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_transform", b"basis_transform", "checkpoint_sequence", b"checkpoint_sequence", "created_at", b"created_at", "deleted_labels", b"deleted_labels", "fresh_vectors", b"fresh_vectors", "home_space", b"home_space", "index_bytes_per_vector", b"index_bytes_per_vector", "index_spec", b"index_spec", "indexed_vectors", b"indexed_vectors", "last_sequence", b"last_sequence", "name", b"name", "num_points", b"num_points", "prefix_dims", b"prefix_dims", "recall_at_dims", b"recall_at_dims", "rerank_bytes_per_vector", b"rerank_bytes_per_vector", "state", b"state", "train_min_points", b"train_min_points", "vectors_per_space", b"vectors_per_space"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_transform", b"basis_transform", "checkpoint_sequence", b"checkpoint_sequence", "created_at", b"created_at", "deleted_labels", b"deleted_labels", "ef_construction", b"ef_construction", "fresh_vectors", b"fresh_vectors", "home_space", b"home_space", "index_bytes_per_vector", b"index_bytes_per_vector", "index_spec", b"index_spec", "indexed_vectors", b"indexed_vectors", "last_sequence", b"last_sequence", "name", b"name", "num_points", b"num_points", "prefix_dims", b"prefix_dims", "recall_at_dims", b"recall_at_dims", "rerank_bytes_per_vector", b"rerank_bytes_per_vector", "state", b"state", "train_min_points", b"train_min_points", "vectors_per_space", b"vectors_per_space"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

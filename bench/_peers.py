@@ -1,0 +1,271 @@
+"""The four systems of ``bench/peers.py``, behind one small interface.
+
+Every system holds the same gallery xb (n, d) float32, L2-normalized, under inner product, in an HNSW
+graph of the same ``M`` and ``efConstruction``; ``set_ef`` changes the search-time candidate list and
+``search`` returns the row labels I of shape (nq, k) int64 of a query batch xq (nq, d).
+
+* :class:`Faiss` -- ``faiss.IndexHNSWFlat`` in this process: the limit.
+* :class:`Interlingua` -- ``interlingua serve`` in its own process, over gRPC through
+  :class:`interlingua.client.Client` (unary ``Search``; ``stream_search`` uses one ``SearchStream``).
+* :class:`Chroma` -- ``chroma run`` (its Rust server) in its own process, over HTTP through
+  ``chromadb.HttpClient``.
+* :class:`MilvusLite` -- ``pymilvus.MilvusClient`` on a ``.db`` path: milvus-lite's embedded server,
+  in this process by design.
+
+Peers come from the ``bench`` extra (``pip install -e '.[bench]'``), never from the core dependencies.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from interlingua.client import Client
+
+__all__ = ["Chroma", "Faiss", "Interlingua", "MilvusLite", "System"]
+
+NAME = "bench"  #: collection name on every server (Chroma wants 3+ characters)
+SPACE = "minilm-l6@1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on {port} after {timeout:g} s")
+
+
+class System:
+    """One system under test. ``ingest_s``: until the last write is acknowledged; ``ready_s``: until
+    every vector is in the HNSW graph (a query then runs at full index speed)."""
+
+    name = "?"
+    ingest_s = float("nan")
+    ready_s = float("nan")
+
+    def build(self, xb: np.ndarray, m: int, efc: int, batch: int) -> None:
+        raise NotImplementedError
+
+    def set_ef(self, ef: int) -> None:
+        raise NotImplementedError
+
+    def search(self, xq: np.ndarray, k: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class Faiss(System):
+    name = "faiss"
+
+    def __init__(self, omp_threads: int) -> None:
+        faiss.omp_set_num_threads(omp_threads)
+        self.omp_threads = omp_threads
+        self.params: Any = None
+
+    def build(self, xb: np.ndarray, m: int, efc: int, batch: int) -> None:
+        t0 = time.perf_counter()
+        self.index = faiss.IndexHNSWFlat(xb.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+        self.index.hnsw.efConstruction = efc
+        self.index.add(xb)
+        self.ingest_s = self.ready_s = time.perf_counter() - t0
+
+    def set_ef(self, ef: int) -> None:
+        self.params = faiss.SearchParametersHNSW(efSearch=ef)  # type: ignore[attr-defined]
+
+    def search(self, xq: np.ndarray, k: int) -> np.ndarray:
+        _, I = self.index.search(xq, k, params=self.params)
+        return I  # type: ignore[no-any-return]
+
+
+def labels_of(ids: np.ndarray) -> np.ndarray:
+    """Point ids ("17") back to row labels (17); "" (no hit) -> -1."""
+    return np.array([int(s) if s else -1 for s in ids.ravel()], dtype=np.int64).reshape(ids.shape)
+
+
+class Interlingua(System):
+    name = "interlingua"
+
+    def __init__(self, folder: Path, omp_threads: int) -> None:
+        self.port = free_port()
+        cmd = [
+            str(Path(sys.executable).with_name("interlingua")),
+            "serve",
+            "--data-dir",
+            str(folder / "interlingua"),
+            "--port",
+            str(self.port),
+            "--no-metrics",
+            "--omp-threads",
+            str(omp_threads),
+            "--log-level",
+            "WARNING",
+        ]
+        self.proc = subprocess.Popen(cmd)
+        self.client = Client(f"127.0.0.1:{self.port}", timeout=600)
+        self.client.wait_ready(120)
+        self.ef: int | None = None
+        self.stream: Any = None
+
+    def build(self, xb: np.ndarray, m: int, efc: int, batch: int) -> None:
+        c = self.client
+        c.register_space(SPACE, xb.shape[1], "cosine", description="bench: debdesc old_doc (MiniLM)")
+        c.create_collection(NAME, SPACE, f"HNSW{m}", ef_construction=efc)
+        ids = [str(i) for i in range(len(xb))]
+        t0 = time.perf_counter()
+        c.upsert(NAME, ids, xb, space=SPACE, batch_size=batch)
+        self.ingest_s = time.perf_counter() - t0
+        # each acknowledged batch is searchable: the last one, before any merge could move it
+        last = slice(len(xb) - min(batch, 64), len(xb))
+        got = labels_of(c.search(NAME, xb[last], 10, space=SPACE).ids)
+        want = np.arange(len(xb))[last]
+        self.searchable_after_ack = bool(np.all((got == want[:, None]).any(axis=1)))
+        while True:
+            info = c.get_collection(NAME)
+            if info.state == "ready" and info.fresh_vectors == 0 and info.indexed_vectors == len(xb):
+                break
+            time.sleep(0.2)
+        self.ready_s = time.perf_counter() - t0
+        while info.checkpoint_sequence < info.last_sequence:  # a checkpoint writing beside the sweep would skew it
+            time.sleep(0.2)
+            info = c.get_collection(NAME)
+
+    def set_ef(self, ef: int) -> None:
+        self.ef = ef
+
+    def search(self, xq: np.ndarray, k: int) -> np.ndarray:
+        return labels_of(self.client.search(NAME, xq, k, space=SPACE, ef_search=self.ef).ids)
+
+    def stream_search(self, xq: np.ndarray, k: int) -> np.ndarray:
+        if self.stream is None:
+            self.stream = self.client.search_stream()
+        return labels_of(self.stream.search(NAME, xq, k, space=SPACE, ef_search=self.ef).ids)
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+class Chroma(System):
+    name = "chroma"
+
+    def __init__(self, folder: Path) -> None:
+        exe = shutil.which("chroma", path=str(Path(sys.executable).parent)) or "chroma"
+        self.port = free_port()
+        self.cmd = [exe, "run", "--path", str(folder / "chroma"), "--port", str(self.port)]
+        self.log = folder / "chroma.log"
+        self.ef = 64
+        self._start()
+
+    def _start(self) -> None:
+        import chromadb
+
+        env = dict(os.environ, ANONYMIZED_TELEMETRY="False")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        wait_port(self.port, self.proc)
+        settings = chromadb.Settings(anonymized_telemetry=False)
+        self.client = chromadb.HttpClient(host="127.0.0.1", port=self.port, settings=settings)
+        self.client.heartbeat()
+
+    def build(self, xb: np.ndarray, m: int, efc: int, batch: int) -> None:
+        hnsw = {"space": "ip", "max_neighbors": m, "ef_construction": efc, "ef_search": self.ef}
+        self.probe = xb[:1].copy()
+        self.col = self.client.create_collection(NAME, configuration={"hnsw": hnsw}, embedding_function=None)
+        step = min(batch, int(self.client.get_max_batch_size()))
+        t0 = time.perf_counter()
+        for i in range(0, len(xb), step):
+            self.col.add(ids=[str(j) for j in range(i, min(i + step, len(xb)))], embeddings=xb[i : i + step])
+        self.ingest_s = time.perf_counter() - t0
+        while self.col.count() < len(xb):
+            time.sleep(0.2)
+        self.col.query(query_embeddings=xb[:1], n_results=10, include=[])
+        self.ready_s = time.perf_counter() - t0
+
+    def set_ef(self, ef: int) -> None:
+        """Chroma 1.5 stores a modified ef_search at once but its server keeps searching the loaded
+        graph with the old one (checked here: recall moves only after a restart), so restart it."""
+        if ef == self.ef:
+            return
+        self.col.modify(configuration={"hnsw": {"ef_search": ef}})
+        self.close()
+        self._start()
+        self.col = self.client.get_collection(NAME, embedding_function=None)
+        self.col.query(query_embeddings=self.probe, n_results=10, include=[])  # loads the graph
+        self.ef = ef
+
+    def search(self, xq: np.ndarray, k: int) -> np.ndarray:
+        r = self.col.query(query_embeddings=xq, n_results=k, include=[])
+        return np.array([[int(s) for s in row] + [-1] * (k - len(row)) for row in r["ids"]], dtype=np.int64)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+class MilvusLite(System):
+    name = "milvus_lite"
+
+    def __init__(self, folder: Path) -> None:
+        from pymilvus import MilvusClient
+
+        self.client = MilvusClient(str(folder / "milvus.db"))
+        self.params: dict[str, Any] = {"params": {"ef": 64}}
+
+    def build(self, xb: np.ndarray, m: int, efc: int, batch: int) -> None:
+        from pymilvus import DataType
+
+        c = self.client
+        schema = c.create_schema(auto_id=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("vec", DataType.FLOAT_VECTOR, dim=xb.shape[1])
+        index = c.prepare_index_params()
+        index.add_index(field_name="vec", index_type="HNSW", metric_type="IP", params={"M": m, "efConstruction": efc})
+        c.create_collection(NAME, schema=schema, index_params=index)
+        t0 = time.perf_counter()
+        for i in range(0, len(xb), batch):
+            c.insert(NAME, [{"id": j, "vec": xb[j]} for j in range(i, min(i + batch, len(xb)))])
+        self.ingest_s = time.perf_counter() - t0
+        c.flush(NAME)
+        while True:
+            info = c.describe_index(NAME, "vec")
+            if int(info.get("indexed_rows", 0)) >= len(xb) and int(info.get("pending_index_rows", 0)) == 0:
+                break
+            time.sleep(0.2)
+        c.load_collection(NAME)
+        self.search(xb[:1], 10)
+        self.ready_s = time.perf_counter() - t0
+
+    def set_ef(self, ef: int) -> None:
+        self.params = {"params": {"ef": ef}}
+
+    def search(self, xq: np.ndarray, k: int) -> np.ndarray:
+        hits = self.client.search(NAME, data=xq, limit=k, search_params=self.params, output_fields=["id"])
+        return np.array([[h["id"] for h in row] + [-1] * (k - len(row)) for row in hits], dtype=np.int64)
+
+    def close(self) -> None:
+        self.client.close()

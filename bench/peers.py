@@ -1,0 +1,258 @@
+"""Interlingua against its peers on one machine: in-process FAISS, a Chroma server, Milvus Lite (issue 5).
+
+All four hold the same gallery (:mod:`_data`: the debdesc dev docs in the MiniLM space, tiled with
+seeded noise to ``--n`` rows; seeded vectors without the folder) in an HNSW graph of the same ``M``
+and ``efConstruction`` under inner product (:mod:`_peers`). For each: build time (ingest until the
+last write is acknowledged, and until the graph holds every vector), then an efSearch sweep giving
+Recall@10 (against exact search) and batch QPS at nq=64. Each system's operating point is the
+smallest swept efSearch reaching Recall@10 >= ``--target-recall``; there, the systems are measured
+side by side in alternating slices (A B C D D C B A ...; :func:`search_overhead.interleaved`) so
+that the drift of a shared machine hits all alike: batch QPS at nq=64 and serial single-query
+latency (p50, p99). Ingest throughput is acknowledged, durable vectors per second through each
+client (Interlingua: SQLite WAL, synchronous=FULL; each acknowledged batch is searchable, checked on
+the last one). Servers run in their own processes (Interlingua, Chroma); Milvus Lite is embedded by
+design. Progress goes to stderr, the report to stdout; its last line is one JSON object. A PNG of
+QPS against Recall@10 goes to ``--plot``. Results and their reading: ``docs/BENCHMARKS.md``.
+
+    .venv/bin/python bench/peers.py --data ../shared/data/debdesc/dev [--n 1000000] [--plot FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from _data import DEFAULT_DATA, load
+from _peers import Chroma, Faiss, Interlingua, MilvusLite, System
+from search_overhead import Window, batches_of, interleaved, log, machine_info, recall_at, warm_up
+
+K = 10
+EF_SWEEP = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+TARGETS = {"qps_vs_chroma": 3.0, "qps_vs_faiss": 0.8, "p50_overhead_ms": 0.5, "p50_vs_chroma": 1 / 3, "ingest_vps": 2e4}
+
+
+def exact_top_k(xb: np.ndarray, xq: np.ndarray, k: int) -> np.ndarray:
+    index = faiss.IndexFlatIP(xb.shape[1])
+    index.add(xb)
+    return index.search(xq, k)[1]  # type: ignore[no-any-return]
+
+
+def sweep(
+    sys_: System, xq: np.ndarray, gt: np.ndarray, batches: list[np.ndarray], seconds: float, target: float
+) -> list[dict[str, Any]]:
+    """Recall@10 over xq and nq=64 QPS for each efSearch, until recall stops mattering (>= 0.995)
+    or two points have reached ``target`` (enough to place the operating point and draw the curve)."""
+    rows: list[dict[str, Any]] = []
+    for ef in EF_SWEEP:
+        sys_.set_ef(ef)
+        I = np.vstack([sys_.search(xq[i : i + 64], K) for i in range(0, len(xq), 64)])
+        w = interleaved({sys_.name: lambda x: sys_.search(x, K)}, batches, 64, seconds)[sys_.name]
+        rows.append({"system": sys_.name, "ef_search": ef, "recall_at_10": recall_at(I, gt), "qps_nq64": w.qps})
+        log(f"{sys_.name} ef={ef}: R@10 {rows[-1]['recall_at_10']:.4f}, {w.qps:.0f} QPS at nq=64")
+        if rows[-1]["recall_at_10"] >= 0.995 or sum(r["recall_at_10"] >= target for r in rows) >= 2:
+            break
+    return rows
+
+
+def operating_point(rows: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """The smallest efSearch reaching ``target`` recall (or the best recall reached, flagged)."""
+    for r in rows:
+        if r["recall_at_10"] >= target:
+            return dict(r, reached=True)
+    return dict(max(rows, key=lambda r: r["recall_at_10"]), reached=False)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing (pip install -e '.[bench]'): no plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r["system"] for r in rows):
+        pts = [r for r in rows if r["system"] == name]
+        ax.plot([p["recall_at_10"] for p in pts], [p["qps_nq64"] for p in pts], "o-", label=name)
+    ax.set_xlabel("Recall@10 (vs exact search)")
+    ax.set_ylabel("QPS (nq=64 batches, one client thread)")
+    ax.set_yscale("log")
+    ax.axvline(0.95, color="grey", lw=0.8, ls="--")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    log(f"plot: {path}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="debdesc split folder (default: %(default)s)")
+    ap.add_argument("--n", type=int, default=1_000_000, help="gallery rows (default: %(default)s)")
+    ap.add_argument("--nq-eval", type=int, default=1000, help="queries for recall (default: %(default)s)")
+    ap.add_argument("--m", type=int, default=32, help="HNSW M (default: %(default)s)")
+    ap.add_argument("--ef-construction", type=int, default=100, help="HNSW efConstruction (default: %(default)s)")
+    ap.add_argument("--batch", type=int, default=4096, help="ingest batch size (default: %(default)s)")
+    ap.add_argument("--sweep-seconds", type=float, default=1.0, help="QPS window per sweep point")
+    ap.add_argument("--seconds", type=float, default=8.0, help="window per system, side by side")
+    ap.add_argument("--target-recall", type=float, default=0.95)
+    ap.add_argument("--systems", default="faiss,interlingua,chroma,milvus_lite")
+    ap.add_argument("--plot", type=Path, help="PNG of QPS vs Recall@10")
+    ap.add_argument("--out", type=Path, help="also write the JSON here")
+    args = ap.parse_args()
+    omp = os.cpu_count() or 1
+    info = machine_info()
+    data = load(args.data, args.n)
+    xb, xq_all = data.xb, data.xq
+    xq = xq_all[: args.nq_eval]
+    log(f"data: {data.source}")
+    t0 = time.perf_counter()
+    gt = exact_top_k(xb, xq, K)
+    log(f"exact top-{K} of {len(xq)} queries in {time.perf_counter() - t0:.1f} s")
+    b64 = batches_of(xq_all, 64)[:64]
+    b1 = batches_of(xq_all, 1)[:2000]
+
+    folder = Path(tempfile.mkdtemp(prefix="peers-"))
+    makers = {
+        "faiss": lambda: Faiss(omp),
+        "interlingua": lambda: Interlingua(folder, omp),
+        "chroma": lambda: Chroma(folder),
+        "milvus_lite": lambda: MilvusLite(folder),
+    }
+    names = [s for s in args.systems.split(",") if s]
+    systems: dict[str, System] = {}
+    sweeps: list[dict[str, Any]] = []
+    build: dict[str, dict[str, float]] = {}
+    try:
+        for name in names:
+            s = systems[name] = makers[name]()
+            log(f"{name}: building {len(xb)} x {data.d} (M={args.m}, efConstruction={args.ef_construction})")
+            s.build(xb, args.m, args.ef_construction, args.batch)
+            build[name] = {"ingest_s": s.ingest_s, "ready_s": s.ready_s, "ingest_vps": len(xb) / s.ingest_s}
+            log(f"{name}: acknowledged in {s.ingest_s:.1f} s, graph complete after {s.ready_s:.1f} s")
+            sweeps += sweep(s, xq, gt, b64, args.sweep_seconds, args.target_recall)
+        ops = {n: operating_point([r for r in sweeps if r["system"] == n], args.target_recall) for n in names}
+        for n, s in systems.items():
+            s.set_ef(ops[n]["ef_search"])
+        calls = {n: (lambda x, s=s: s.search(x, K)) for n, s in systems.items()}
+        il = systems.get("interlingua")
+        if isinstance(il, Interlingua):
+            calls["interlingua_stream"] = lambda x: il.stream_search(x, K)
+        for c in calls.values():
+            warm_up(c, b64)
+        log("side by side: nq=64 batches")
+        batch_w = interleaved(calls, b64, 64, args.seconds)
+        log("side by side: serial single queries")
+        serial_w = interleaved(calls, b1, 1, args.seconds)
+    finally:
+        for s in systems.values():
+            s.close()
+    report(args, info, data.d, data.source, data.real, build, sweeps, ops, batch_w, serial_w, systems)
+    return 0
+
+
+def report(
+    args: argparse.Namespace,
+    info: dict[str, Any],
+    d: int,
+    source: str,
+    real: bool,
+    build: dict[str, dict[str, float]],
+    sweeps: list[dict[str, Any]],
+    ops: dict[str, dict[str, Any]],
+    batch_w: dict[str, Window],
+    serial_w: dict[str, Window],
+    systems: dict[str, System],
+) -> None:
+    print(f"# peers: n={args.n}, d={d}, k={K}, HNSW M={args.m} efConstruction={args.ef_construction}")
+    print(f"# {info['date']}, {info['cpu']}, {info['cores']} cores; data: {source}\n")
+    print("| system | ingest s | ingest vec/s | graph complete s |")
+    print("|---|---|---|---|")
+    for n, b in build.items():
+        print(f"| {n} | {b['ingest_s']:.1f} | {b['ingest_vps']:.0f} | {b['ready_s']:.1f} |")
+    print("\n| system | efSearch | Recall@10 | QPS nq=64 |")
+    print("|---|---|---|---|")
+    for r in sweeps:
+        print(f"| {r['system']} | {r['ef_search']} | {r['recall_at_10']:.4f} | {r['qps_nq64']:.0f} |")
+    print(f"\nSide by side at each system's smallest efSearch with Recall@10 >= {args.target_recall}:\n")
+    print("| system | efSearch | Recall@10 | QPS nq=64 | serial QPS | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for n, w in batch_w.items():
+        op = ops[n.removesuffix("_stream")]
+        s = serial_w[n]
+        flag = "" if op["reached"] else " (not reached)"
+        print(
+            f"| {n} | {op['ef_search']} | {op['recall_at_10']:.4f}{flag} | {w.qps:.0f} | {s.qps:.0f} | "
+            f"{s.pct_ms(50):.3f} | {s.pct_ms(99):.3f} |"
+        )
+    fig: dict[str, Any] = {}
+    il, fa, ch, mv = "interlingua", "faiss", "chroma", "milvus_lite"
+    if il in batch_w:
+        q = batch_w[il].qps
+        if ch in batch_w:
+            fig["qps_vs_chroma"] = q / batch_w[ch].qps
+            fig["p50_vs_chroma"] = serial_w[il].pct_ms(50) / serial_w[ch].pct_ms(50)
+        if mv in batch_w:
+            fig["qps_vs_milvus_lite"] = q / batch_w[mv].qps
+            fig["p50_vs_milvus_lite"] = serial_w[il].pct_ms(50) / serial_w[mv].pct_ms(50)
+        if fa in batch_w:
+            fig["qps_vs_faiss"] = q / batch_w[fa].qps
+            fig["p50_overhead_ms"] = serial_w[il].pct_ms(50) - serial_w[fa].pct_ms(50)
+            fig["p50_overhead_ms_stream"] = serial_w[il + "_stream"].pct_ms(50) - serial_w[fa].pct_ms(50)
+        fig["ingest_vps"] = build[il]["ingest_vps"]
+        fig["searchable_after_ack"] = getattr(systems[il], "searchable_after_ack", None)
+    if ch in build:
+        fig["ingest_vps_chroma"] = build[ch]["ingest_vps"]
+    met = {
+        "qps_vs_chroma": fig.get("qps_vs_chroma", 0) >= TARGETS["qps_vs_chroma"],
+        "qps_vs_faiss": fig.get("qps_vs_faiss", 0) >= TARGETS["qps_vs_faiss"],
+        "p50_overhead_ms": fig.get("p50_overhead_ms", 9e9) <= TARGETS["p50_overhead_ms"],
+        "p50_vs_chroma": fig.get("p50_vs_chroma", 9e9) <= TARGETS["p50_vs_chroma"],
+        "ingest_vps": fig.get("ingest_vps", 0) >= TARGETS["ingest_vps"],
+    }
+    print("\nTargets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items()))
+    if args.plot:
+        plot(sweeps, args.plot, f"HNSW M={args.m} efC={args.ef_construction}, {args.n:,} x {d}, {info['date']}")
+    out = dict(
+        fig,
+        targets_met=all(met.values()),
+        targets=met,
+        n=args.n,
+        d=d,
+        k=K,
+        m=args.m,
+        ef_construction=args.ef_construction,
+        operating_points={n: {"ef_search": o["ef_search"], "recall_at_10": o["recall_at_10"]} for n, o in ops.items()},
+        side_by_side={
+            n: {
+                "qps_nq64": w.qps,
+                "serial_qps": serial_w[n].qps,
+                "p50_ms": serial_w[n].pct_ms(50),
+                "p99_ms": serial_w[n].pct_ms(99),
+            }
+            for n, w in batch_w.items()
+        },
+        build=build,
+        sweep=sweeps,
+        data=source,
+        real_data=real,
+        machine=dict(info, loadavg_end=[round(x, 2) for x in os.getloadavg()]),
+    )
+    line = json.dumps(out)
+    if args.out:
+        args.out.write_text(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
