@@ -11,7 +11,8 @@ that the drift of a shared machine hits all alike: batch QPS at nq=64 and serial
 latency (p50, p99). Ingest throughput is acknowledged, durable vectors per second through each
 client (Interlingua: SQLite WAL, synchronous=FULL; each acknowledged batch is searchable, checked on
 the last one). Servers run in their own processes (Interlingua, Chroma); Milvus Lite is embedded by
-design. Progress goes to stderr, the report to stdout; its last line is one JSON object. A PNG of
+design, and built and measured alone after the others have stopped (``--solo``): its embedded
+server's background work slowed every system measured beside it. Progress goes to stderr, the report to stdout; its last line is one JSON object. A PNG of
 QPS against Recall@10 goes to ``--plot``. Results and their reading: ``docs/BENCHMARKS.md``.
 
     .venv/bin/python bench/peers.py --data ../shared/data/debdesc/dev [--n 1000000] [--plot FILE]
@@ -107,6 +108,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8.0, help="window per system, side by side")
     ap.add_argument("--target-recall", type=float, default=0.95)
     ap.add_argument("--systems", default="faiss,interlingua,chroma,milvus_lite")
+    ap.add_argument(
+        "--solo",
+        default="milvus_lite",
+        help="systems built and measured alone, after the others have stopped (default: %(default)s: its "
+        "embedded server works in the background and slowed every system measured beside it)",
+    )
     ap.add_argument("--plot", type=Path, help="PNG of QPS vs Recall@10")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
@@ -130,34 +137,58 @@ def main() -> int:
         "milvus_lite": lambda: MilvusLite(folder),
     }
     names = [s for s in args.systems.split(",") if s]
+    solo = [n for n in names if n in args.solo.split(",")]
+    together = [n for n in names if n not in solo]
     systems: dict[str, System] = {}
     sweeps: list[dict[str, Any]] = []
     build: dict[str, dict[str, float]] = {}
-    try:
-        for name in names:
-            s = systems[name] = makers[name]()
-            log(f"{name}: building {len(xb)} x {data.d} (M={args.m}, efConstruction={args.ef_construction})")
-            s.build(xb, args.m, args.ef_construction, args.batch)
-            build[name] = {"ingest_s": s.ingest_s, "ready_s": s.ready_s, "ingest_vps": len(xb) / s.ingest_s}
-            log(f"{name}: acknowledged in {s.ingest_s:.1f} s, graph complete after {s.ready_s:.1f} s")
-            sweeps += sweep(s, xq, gt, b64, args.sweep_seconds, args.target_recall)
-        ops = {n: operating_point([r for r in sweeps if r["system"] == n], args.target_recall) for n in names}
-        for n, s in systems.items():
+    searchable: dict[str, bool | None] = {}
+    ops: dict[str, dict[str, Any]] = {}
+    batch_w: dict[str, Window] = {}
+    serial_w: dict[str, Window] = {}
+
+    def build_and_sweep(name: str) -> System:
+        s = systems[name] = makers[name]()
+        log(f"{name}: building {len(xb)} x {data.d} (M={args.m}, efConstruction={args.ef_construction})")
+        s.build(xb, args.m, args.ef_construction, args.batch)
+        build[name] = {"ingest_s": s.ingest_s, "ready_s": s.ready_s, "ingest_vps": len(xb) / s.ingest_s}
+        searchable[name] = getattr(s, "searchable_after_ack", None)
+        log(f"{name}: acknowledged in {s.ingest_s:.1f} s, graph complete after {s.ready_s:.1f} s")
+        os.sync()  # the page cache's write-back of what it wrote would otherwise run into the sweep
+        rows = sweep(s, xq, gt, b64, args.sweep_seconds, args.target_recall)
+        sweeps.extend(rows)
+        ops[name] = operating_point(rows, args.target_recall)
+        return s
+
+    def side_by_side(names: list[str], label: str) -> None:
+        calls: dict[str, Any] = {}
+        for n in names:
+            s = systems[n]
             s.set_ef(ops[n]["ef_search"])
-        calls = {n: (lambda x, s=s: s.search(x, K)) for n, s in systems.items()}
-        il = systems.get("interlingua")
-        if isinstance(il, Interlingua):
-            calls["interlingua_stream"] = lambda x: il.stream_search(x, K)
+            calls[n] = lambda x, s=s: s.search(x, K)
+            if isinstance(s, Interlingua):
+                calls[n + "_stream"] = lambda x, s=s: s.stream_search(x, K)
         for c in calls.values():
             warm_up(c, b64)
-        log("side by side: nq=64 batches")
-        batch_w = interleaved(calls, b64, 64, args.seconds)
-        log("side by side: serial single queries")
-        serial_w = interleaved(calls, b1, 1, args.seconds)
+        log(f"{label}: nq=64 batches")
+        batch_w.update(interleaved(calls, b64, 64, args.seconds))
+        log(f"{label}: serial single queries")
+        serial_w.update(interleaved(calls, b1, 1, args.seconds))
+
+    try:
+        for name in together:
+            build_and_sweep(name)
+        side_by_side(together, "side by side")
+        for name in together:  # before the solo systems: none of them may run in the background then
+            systems.pop(name).close()
+        for name in solo:
+            build_and_sweep(name)
+            side_by_side([name], f"{name} alone")
+            systems.pop(name).close()
     finally:
         for s in systems.values():
             s.close()
-    report(args, info, data.d, data.source, data.real, build, sweeps, ops, batch_w, serial_w, systems)
+    report(args, info, data.d, data.source, data.real, build, sweeps, ops, batch_w, serial_w, searchable)
     return 0
 
 
@@ -172,7 +203,7 @@ def report(
     ops: dict[str, dict[str, Any]],
     batch_w: dict[str, Window],
     serial_w: dict[str, Window],
-    systems: dict[str, System],
+    searchable: dict[str, bool | None],
 ) -> None:
     print(f"# peers: n={args.n}, d={d}, k={K}, HNSW M={args.m} efConstruction={args.ef_construction}")
     print(f"# {info['date']}, {info['cpu']}, {info['cores']} cores; data: {source}\n")
@@ -185,6 +216,8 @@ def report(
     for r in sweeps:
         print(f"| {r['system']} | {r['ef_search']} | {r['recall_at_10']:.4f} | {r['qps_nq64']:.0f} |")
     print(f"\nSide by side at each system's smallest efSearch with Recall@10 >= {args.target_recall}:\n")
+    if args.solo:
+        print(f"({args.solo}: measured alone, after the others had stopped)\n")
     print("| system | efSearch | Recall@10 | QPS nq=64 | serial QPS | p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|---|")
     for n, w in batch_w.items():
@@ -210,7 +243,7 @@ def report(
             fig["p50_overhead_ms"] = serial_w[il].pct_ms(50) - serial_w[fa].pct_ms(50)
             fig["p50_overhead_ms_stream"] = serial_w[il + "_stream"].pct_ms(50) - serial_w[fa].pct_ms(50)
         fig["ingest_vps"] = build[il]["ingest_vps"]
-        fig["searchable_after_ack"] = getattr(systems[il], "searchable_after_ack", None)
+        fig["searchable_after_ack"] = searchable.get(il)
     if ch in build:
         fig["ingest_vps_chroma"] = build[ch]["ingest_vps"]
     met = {

@@ -2,8 +2,9 @@
 
 ``ServerConfig.device`` is ``"cpu"`` (the default), ``"cuda"`` or ``"cuda:N"``, parsed by
 :meth:`Device.parse` and checked once at server start by :meth:`Device.check_available`: a GPU
-device needs a faiss build that reports GPUs (``faiss-gpu``, not ``faiss-cpu``). On the CPU every
-method here is the identity or a no-op and torch is never imported.
+device needs a faiss build that reports GPUs (``faiss-gpu``, not ``faiss-cpu``). On the CPU
+:meth:`Device.search_cpu` sends batches to the one search thread (:mod:`.search_thread`), every GPU
+method is the identity or a no-op, and torch is never imported.
 
 On a GPU the segments keep every sealed index on the CPU (merges, checkpoints and
 ``clone_index`` work on it) and search a copy made by :meth:`Device.to_search_index` with
