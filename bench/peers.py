@@ -12,8 +12,9 @@ latency (p50, p99). Ingest throughput is acknowledged, durable vectors per secon
 client (Interlingua: SQLite WAL, synchronous=FULL; each acknowledged batch is searchable, checked on
 the last one). Servers run in their own processes (Interlingua, Chroma); Milvus Lite is embedded by
 design, and built and measured alone after the others have stopped (``--solo``): its embedded
-server's background work slowed every system measured beside it. Progress goes to stderr, the report to stdout; its last line is one JSON object. A PNG of
-QPS against Recall@10 goes to ``--plot``. Results and their reading: ``docs/BENCHMARKS.md``.
+server's background work slowed every system measured beside it. Progress goes to stderr, the
+report to stdout; its last line is one JSON object. A PNG of QPS against Recall@10 goes to
+``--plot``. Results and their reading: ``docs/BENCHMARKS.md``.
 
     .venv/bin/python bench/peers.py --data ../shared/data/debdesc/dev [--n 1000000] [--plot FILE]
 """
