@@ -46,6 +46,11 @@ MAX_EF_CONSTRUCTION = 4096  #: largest HNSW efConstruction a collection may ask 
 TRAIN_SAMPLE_MAX = 262144  #: most vectors used to train an index
 
 
+def _inner(index: Any) -> Any:
+    """The index inside an IndexPreTransform (``PCA64,HNSW32``), or ``index`` itself."""
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+
+
 @dataclass(frozen=True)
 class IndexSpec:
     """A FAISS factory string checked against a dimension and metric."""
@@ -77,8 +82,7 @@ class IndexSpec:
             default_min = max(39 * nlist, 256)
             if re.search(r"PQ\d", spec) or "SQ" in spec:
                 default_min = max(default_min, 9984)
-        hnsw = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
-        is_hnsw = isinstance(hnsw, faiss.IndexHNSW)
+        is_hnsw = isinstance(_inner(index), faiss.IndexHNSW)
         if ef_construction and not is_hnsw:
             raise InvalidArgument(f"ef_construction applies to HNSW indexes; index spec {spec!r} is not one")
         if not 0 <= ef_construction <= MAX_EF_CONSTRUCTION:
@@ -90,8 +94,7 @@ class IndexSpec:
     def new_index(self) -> Any:
         index = faiss.index_factory(self.d, self.spec, FAISS_METRIC[self.metric])
         if self.ef_construction:
-            hnsw: Any = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
-            hnsw.hnsw.efConstruction = self.ef_construction
+            _inner(index).hnsw.efConstruction = self.ef_construction
         return index
 
 

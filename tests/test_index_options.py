@@ -8,6 +8,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import faiss
 import grpc
 import numpy as np
 import pytest
@@ -100,6 +101,27 @@ def test_store_from_before_ef_construction_migrates(tmp_path: Path) -> None:
     try:
         assert stubs.info("old").ef_construction == 0
         assert create(stubs, "new", "HNSW16", 64).ef_construction == 64
+    finally:
+        stubs.channel.close()
+        server.stop(None)
+
+
+def test_ef_construction_inside_a_pretransform(tmp_path: Path) -> None:
+    """``PCA16,HNSW16``: the option reaches the HNSW graph inside the IndexPreTransform, and
+    ef_search applies to it too."""
+    server, port = start_server(tmp_path / "data", merge_idle_seconds=0.05)
+    stubs = connect(port)
+    try:
+        stubs.register("s", D)
+        assert create(stubs, "p", "PCA16,HNSW16", 64).ef_construction == 64
+        xb = make_data(1200, D, seed=5)
+        stubs.upsert("p", "s", [str(i) for i in range(len(xb))], xb)
+        wait_sealed(stubs, "p", len(xb))
+        sealed = server.engine.collection("p").segments.snapshot.sealed
+        assert sealed is not None
+        assert faiss.downcast_index(sealed.index).hnsw.efConstruction == 64
+        _, ids, _ = stubs.search("p", "s", xb[:5], 3, ef_search=32)
+        assert list(ids[:, 0]) == ["0", "1", "2", "3", "4"]
     finally:
         stubs.channel.close()
         server.stop(None)
