@@ -28,6 +28,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+from search_overhead import labels_of
 
 from interlingua.client import Client
 
@@ -97,11 +98,6 @@ class Faiss(System):
     def search(self, xq: np.ndarray, k: int) -> np.ndarray:
         _, I = self.index.search(xq, k, params=self.params)
         return I  # type: ignore[no-any-return]
-
-
-def labels_of(ids: np.ndarray) -> np.ndarray:
-    """Point ids ("17") back to row labels (17); "" (no hit) -> -1."""
-    return np.array([int(s) if s else -1 for s in ids.ravel()], dtype=np.int64).reshape(ids.shape)
 
 
 class Interlingua(System):

@@ -35,7 +35,7 @@ import numpy as np
 from .errors import FailedPrecondition
 from .search_thread import SearchThread
 
-__all__ = ["GPU_MAX_K", "Device", "GpuSearchIndex", "gpu_unsupported_reason"]
+__all__ = ["GPU_MAX_K", "Device", "GpuSearchIndex", "gpu_unsupported_reason", "inner_index"]
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,15 @@ def _gpu_types() -> tuple[type, ...]:
     )
 
 
+def inner_index(index: Any) -> Any:
+    """The index inside an IndexPreTransform (``PCA64,HNSW32``), or ``index`` itself."""
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+
+
 def gpu_unsupported_reason(index: Any) -> str | None:
     """Why ``index`` (a CPU faiss.Index, maybe inside an IndexPreTransform) cannot be searched on
     a GPU, or None when ``index_cpu_to_gpu`` supports it."""
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    inner = inner_index(index)
     name = type(inner).__name__
     if isinstance(inner, faiss.IndexHNSW):
         return f"{name}: FAISS has no GPU HNSW (only IndexHNSWCagra, with cuVS); searched on the CPU"

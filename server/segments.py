@@ -34,7 +34,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .device import GPU_MAX_K, Device
+from .device import GPU_MAX_K, Device, inner_index
 from .errors import InvalidArgument
 
 __all__ = ["IndexSpec", "Segments", "Snapshot", "drop_dead"]
@@ -44,11 +44,6 @@ DEFAULT_EF_SEARCH = 64  #: HNSW efSearch when a request sets none
 DEFAULT_NPROBE = 16  #: IVF nprobe when a request sets none (capped at nlist)
 MAX_EF_CONSTRUCTION = 4096  #: largest HNSW efConstruction a collection may ask for
 TRAIN_SAMPLE_MAX = 262144  #: most vectors used to train an index
-
-
-def _inner(index: Any) -> Any:
-    """The index inside an IndexPreTransform (``PCA64,HNSW32``), or ``index`` itself."""
-    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
 
 
 @dataclass(frozen=True)
@@ -82,7 +77,7 @@ class IndexSpec:
             default_min = max(39 * nlist, 256)
             if re.search(r"PQ\d", spec) or "SQ" in spec:
                 default_min = max(default_min, 9984)
-        is_hnsw = isinstance(_inner(index), faiss.IndexHNSW)
+        is_hnsw = isinstance(inner_index(index), faiss.IndexHNSW)
         if ef_construction and not is_hnsw:
             raise InvalidArgument(f"ef_construction applies to HNSW indexes; index spec {spec!r} is not one")
         if not 0 <= ef_construction <= MAX_EF_CONSTRUCTION:
@@ -94,7 +89,7 @@ class IndexSpec:
     def new_index(self) -> Any:
         index = faiss.index_factory(self.d, self.spec, FAISS_METRIC[self.metric])
         if self.ef_construction:
-            _inner(index).hnsw.efConstruction = self.ef_construction
+            inner_index(index).hnsw.efConstruction = self.ef_construction
         return index
 
 
