@@ -1,0 +1,593 @@
+"""deploy/ and packaging, checked offline (no Docker engine, no helm binary here).
+
+- The wheel holds every module of proto/interlingua/, server/ and client/, and installed alone
+  it imports them all and loads the ``interlingua`` entry point (setup.py finds the packages).
+- deploy/Dockerfile: non-root user owning a data VOLUME, ``pip install .`` (not editable), torch
+  pinned as in pyproject.toml, a HEALTHCHECK through the gRPC health service; its CLI calls
+  parse with the real parser and its environment names are ones ``interlingua serve`` reads.
+- deploy/compose.yaml validates against the compose-spec schema that check-jsonschema ships;
+  images are pinned and the Grafana password comes from the environment, with no default.
+- deploy/helm/interlingua renders with a small Go-template subset (:func:`render_chart`) and
+  the manifests validate against the Kubernetes schemas of kubernetes-validate, strictly (no
+  unknown fields), at the chart's oldest and the newest Kubernetes version it ships.
+- deploy/grafana/interlingua.json names only metrics that a running server exports.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from conftest import start_server
+from prometheus_client.metrics_core import Metric
+
+from interlingua.client._serve_config import ENV_VARS
+from interlingua.client.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+CHART = DEPLOY / "helm" / "interlingua"
+#: Source folder -> installed package folder (setup.py's ROOTS, as paths).
+SOURCE_ROOTS = {"proto/interlingua": "interlingua", "server": "interlingua/server", "client": "interlingua/client"}
+#: Environment variables the service reads besides ENV_VARS (TOML file; client target).
+OTHER_ENV = {"INTERLINGUA_CONFIG", "INTERLINGUA_TARGET"}
+
+
+def _pyproject() -> dict[str, Any]:
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        return tomllib.load(f)
+
+
+# --- packaging --------------------------------------------------------------------------------
+
+
+def _source_files() -> set[str]:
+    """Installed paths (interlingua/...) of every module, stub, .proto and py.typed in the sources."""
+    out = set()
+    for src, dst in SOURCE_ROOTS.items():
+        for f in (ROOT / src).rglob("*"):
+            if (f.suffix in {".py", ".pyi", ".proto"} or f.name == "py.typed") and "__pycache__" not in f.parts:
+                out.add(f"{dst}/{f.relative_to(ROOT / src).as_posix()}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel built from a copy of the package's sources (no stale build/ of the work tree)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for folder in ("proto", "server", "client"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src), "-w", str(tmp)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    (whl,) = tmp.glob("interlingua-*.whl")
+    return whl
+
+
+def test_wheel_holds_every_module(wheel: Path) -> None:
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = _source_files()
+    assert "interlingua/server/transforms/__init__.py" in expected
+    missing = sorted(expected - names)
+    assert not missing, f"left out of the wheel: {missing}"
+    extra = sorted(n for n in names - expected if not n.startswith("interlingua-"))
+    assert not extra, f"in the wheel but not in the sources: {extra}"
+
+
+_IMPORT_ALL = """
+import importlib, importlib.metadata as md, pkgutil, sys
+site = sys.argv[1]
+import interlingua
+names = [m.name for m in pkgutil.walk_packages(interlingua.__path__, "interlingua.")]
+for n in names:
+    importlib.import_module(n)
+# the work tree's editable install must not stand in for a module the wheel lacks
+mods = [m for n, m in sys.modules.items() if n == "interlingua" or n.startswith("interlingua.")]
+outside = [m.__name__ for m in mods if not (m.__file__ or "").startswith(site)]
+assert not outside, f"imported from outside the installed wheel: {outside}"
+(ep,) = [e for d in md.distributions(path=[site]) for e in d.entry_points
+         if e.group == "console_scripts" and e.name == "interlingua"]
+assert callable(ep.load())
+print(len(names))
+"""
+
+
+def test_installed_wheel_imports_everything_and_its_entry_point(wheel: Path, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)  # a pure wheel: unpacking is installing it
+    env = {"PYTHONPATH": str(site), "PATH": str(Path(sys.executable).parent), "OPENBLAS_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-c", _IMPORT_ALL, str(site)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    n_modules = sum(1 for f in _source_files() if f.endswith(".py") and not f.endswith("__init__.py"))
+    assert int(r.stdout.split()[-1]) >= n_modules
+
+
+# --- Dockerfile -------------------------------------------------------------------------------
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    logical = ""
+    for line in path.read_text().splitlines():
+        if not logical and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        logical += line.rstrip()
+        if logical.endswith("\\"):
+            logical = logical[:-1] + " "
+            continue
+        word, _, rest = logical.strip().partition(" ")
+        out.append((word.upper(), " ".join(rest.split())))
+        logical = ""
+    return out
+
+
+def _stages(path: Path) -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for ins in _instructions(path):
+        if ins[0] == "FROM":
+            stages.append([])
+        stages[-1].append(ins)
+    return stages
+
+
+def _env(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for word, rest in instructions:
+        if word == "ENV":
+            env.update(pair.split("=", 1) for pair in rest.split())
+    return env
+
+
+def test_dockerfile_runs_as_non_root_with_a_writable_volume() -> None:
+    *_, final = _stages(DEPLOY / "Dockerfile")
+    words = [w for w, _ in final]
+    user = dict(final)["USER"].split(":")[0]
+    assert user not in {"root", "0"}
+    (volume,) = json.loads(dict(final)["VOLUME"])
+    assert volume == _env(final)["INTERLINGUA_DATA_DIR"]
+    # created and chowned to the user in a RUN before VOLUME (a fresh named volume copies that)
+    runs = [rest for w, rest in final[: words.index("VOLUME")] if w == "RUN"]
+    assert any(f"chown -R {user}:" in r and volume.rsplit("/", 1)[0] in r for r in runs), runs
+    assert any(f"mkdir -p {volume}" in r for r in runs)
+    assert words.index("USER") > max(i for i, w in enumerate(words) if w in {"RUN", "COPY"})
+
+
+def test_dockerfile_installs_the_package_with_pinned_cpu_torch() -> None:
+    build, _final = _stages(DEPLOY / "Dockerfile")
+    args = dict(rest.split("=", 1) for w, rest in build if w == "ARG")
+    torch_pin = next(d for d in _pyproject()["project"]["dependencies"] if d.startswith("torch=="))
+    assert f"torch=={args['TORCH_VERSION']}" == torch_pin
+    assert args["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    runs = " ".join(rest for w, rest in build if w == "RUN")
+    assert re.search(r"pip install \.( |$)", runs) and "pip install -e" not in runs
+    assert '"torch==$TORCH_VERSION"' in runs
+    # everything setup.py/pyproject.toml read is copied, and the context lets it through
+    copied = {src for w, rest in build if w == "COPY" for src in rest.split()[:-1]}
+    needed = {"pyproject.toml", "setup.py", "README.md", "proto", "server", "client"}
+    assert needed <= copied, needed - copied
+    lines = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    ignore = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    assert ignore[0] == "*"  # nothing but what is let through: not .venv/, data/, .git/
+    assert needed <= {line.strip("!/") for line in ignore if line.startswith("!")}
+
+
+def test_dockerfile_health_check_and_entrypoint_use_the_real_cli() -> None:
+    *_, final = _stages(DEPLOY / "Dockerfile")
+    env = _env(final)
+    assert set(k for k in env if k.startswith("INTERLINGUA_")) <= set(ENV_VARS) | OTHER_ENV
+    healthcheck = dict(final)["HEALTHCHECK"]
+    cmd = json.loads(healthcheck.split(" CMD ", 1)[1])
+    assert cmd[0] == "interlingua"
+    args = build_parser().parse_args(cmd[1:])
+    assert args.command == "health" and args.target == f"127.0.0.1:{env['INTERLINGUA_PORT']}"
+    entry = json.loads(dict(final)["ENTRYPOINT"])
+    assert entry[0] == "interlingua" and build_parser().parse_args(entry[1:]).command == "serve"
+    assert env["INTERLINGUA_HOST"] == "0.0.0.0"  # reachable from outside the container
+    assert sorted(dict(final)["EXPOSE"].split()) == sorted([env["INTERLINGUA_PORT"], env["INTERLINGUA_METRICS_PORT"]])
+
+
+# --- compose ----------------------------------------------------------------------------------
+
+
+def _compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    return doc
+
+
+def test_every_yaml_file_parses() -> None:
+    files = [*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")]
+    templates = CHART / "templates"
+    assert len(files) >= 6
+    for f in files:
+        if templates not in f.parents:  # templates are YAML only once rendered (below)
+            list(yaml.safe_load_all(f.read_text()))
+
+
+def test_compose_matches_the_compose_spec() -> None:
+    schema = json.loads((resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json").read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(_compose())]
+    assert not errors
+    # the schema catches a misspelt key
+    broken = _compose()
+    broken["services"]["grafana"]["enviroment"] = {}
+    assert any("enviroment" in e.message for e in validator.iter_errors(broken))
+
+
+def test_compose_pins_images_and_takes_secrets_from_the_environment() -> None:
+    services = _compose()["services"]
+    for name, svc in services.items():
+        image = svc["image"]
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+(@sha256:[0-9a-f]{64})?", image), f"{name}: unpinned {image}"
+        assert not image.split("@")[0].endswith(":latest"), name
+        for key, value in svc.get("environment", {}).items():
+            if re.search(r"PASSWORD|KEY|TOKEN|SECRET", key):  # never a literal in the file
+                assert re.fullmatch(r"\$\{\w+:[?-][^}]*\}", str(value)), f"{name}: {key}={value}"
+    password = services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]+\}", password), "set from the environment, no default"
+    assert services["interlingua"]["image"].endswith(":" + _pyproject()["project"]["version"])
+    assert set(services["interlingua"].get("environment", {})) <= set(ENV_VARS) | OTHER_ENV
+
+
+def test_compose_mounts_exist_and_prometheus_scrapes_the_metrics_port() -> None:
+    for svc in _compose()["services"].values():
+        for volume in svc.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).is_file(), volume
+    *_, final = _stages(DEPLOY / "Dockerfile")
+    metrics_port = _env(final)["INTERLINGUA_METRICS_PORT"]
+    prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    targets = [t for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    assert targets == [f"interlingua:{metrics_port}"]
+    grafana = _compose()["services"]["grafana"]
+    provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning.yaml").read_text())["providers"][0]
+    dashboards = [v.split(":")[1] for v in grafana["volumes"] if v.startswith("./grafana/interlingua.json")]
+    assert [str(Path(d).parent) for d in dashboards] == [provider["options"]["path"]]
+
+
+# --- Helm chart: a Go-template subset, rendered and validated ----------------------------------
+
+_ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.S)
+_WORD = re.compile(r'"(?:[^"\\]|\\.)*"|[^\s|]+|\|')
+
+
+def _truthy(v: Any) -> bool:
+    return v not in (None, False, 0, "") and not (isinstance(v, dict | list) and not v)
+
+
+def _to_yaml(v: Any) -> str:
+    return yaml.safe_dump(v, default_flow_style=False, sort_keys=True).rstrip("\n")
+
+
+_FUNCS: dict[str, Any] = {
+    "quote": lambda v: json.dumps(v if isinstance(v, str) else _scalar(v)),
+    "default": lambda fallback, v: v if _truthy(v) else fallback,
+    "not": lambda v: not _truthy(v),
+    "toYaml": _to_yaml,
+    "indent": lambda n, s: "\n".join(" " * n + line for line in s.split("\n")),
+    "nindent": lambda n, s: "\n" + "\n".join(" " * n + line for line in s.split("\n")),
+}
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str | int | float):
+        return str(v)
+    raise ValueError(f"cannot print {v!r} (a missing value, or a map without toYaml)")
+
+
+def _pipeline(text: str, ctx: dict[str, Any]) -> Any:
+    """Evaluates ``arg | fn arg | ...``: paths (.Values.x), "strings", ints and _FUNCS."""
+
+    def atom(word: str) -> Any:
+        if word.startswith("."):
+            v: Any = ctx
+            for key in word[1:].split("."):
+                if not isinstance(v, dict) or key not in v:
+                    raise KeyError(f"{word}: no {key!r}")
+                v = v[key]
+            return v
+        if word.startswith('"'):
+            return json.loads(word)
+        if word.isdigit():
+            return int(word)
+        raise ValueError(f"unsupported template word {word!r}")
+
+    commands: list[list[str]] = [[]]
+    for word in _WORD.findall(text):
+        if word == "|":
+            commands.append([])
+        else:
+            commands[-1].append(word)
+    value: Any = None
+    for i, (name, *args) in enumerate(commands):
+        if name in _FUNCS:
+            vals = [atom(a) for a in args] + ([value] if i else [])
+            value = _FUNCS[name](*vals)
+        elif i == 0 and not args:
+            value = atom(name)
+        else:
+            raise ValueError(f"unsupported template command {' '.join([name, *args])!r}")
+    return value
+
+
+def _render(template: str, ctx: dict[str, Any]) -> str:
+    """Renders ``{{ pipeline }}`` and ``{{ if }} / {{ else }} / {{ end }}`` with Go's ``{{-``/``-}}`` trims."""
+    tokens: list[tuple[str, str]] = []
+    pos, trim_next = 0, False
+    for m in _ACTION.finditer(template):
+        text = template[pos : m.start()]
+        text = text.lstrip() if trim_next else text
+        tokens.append(("text", text.rstrip() if m.group(1) else text))
+        tokens.append(("action", m.group(2).strip()))
+        pos, trim_next = m.end(), bool(m.group(3))
+    tail = template[pos:]
+    tokens.append(("text", tail.lstrip() if trim_next else tail))
+
+    def block(it: Iterator[tuple[str, str]]) -> tuple[list[Any], str]:
+        nodes: list[Any] = []
+        for kind, body in it:
+            if kind == "text":
+                nodes.append(("text", body))
+            elif body in {"end", "else"}:
+                return nodes, body
+            elif body.startswith("if "):
+                then, closer = block(it)
+                otherwise, closer = block(it) if closer == "else" else ([], closer)
+                assert closer == "end", f"if {body!r} not closed"
+                nodes.append(("if", body[3:], then, otherwise))
+            elif re.match(r"(range|with|define|include|template|block|/\*)\b", body):
+                raise ValueError(f"outside the renderer's subset: {{{{ {body} }}}}")
+            else:
+                nodes.append(("expr", body))
+        return nodes, ""
+
+    def emit(nodes: list[Any]) -> str:
+        out = []
+        for node in nodes:
+            if node[0] == "text":
+                out.append(node[1])
+            elif node[0] == "expr":
+                out.append(_scalar(_pipeline(node[1], ctx)))
+            else:
+                out.append(emit(node[2] if _truthy(_pipeline(node[1], ctx)) else node[3]))
+        return "".join(out)
+
+    nodes, closer = block(iter(tokens))
+    assert closer == "", f"unmatched {{{{ {closer} }}}}"
+    return emit(nodes)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def render_chart(values: dict[str, Any] | None = None, release: str = "il") -> list[dict[str, Any]]:
+    """The chart's manifests for ``values`` over values.yaml, as ``helm template`` would give them."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    ctx = {
+        "Values": _merge(yaml.safe_load((CHART / "values.yaml").read_text()), values or {}),
+        "Release": {"Name": release, "Namespace": "default", "Service": "Helm"},
+        "Chart": {k[0].upper() + k[1:]: v for k, v in chart.items()},
+    }
+    docs = []
+    for template in sorted((CHART / "templates").iterdir()):
+        assert template.suffix == ".yaml", f"the renderer knows no {template.name}"
+        docs += [d for d in yaml.safe_load_all(_render(template.read_text(), ctx)) if d is not None]
+    return docs
+
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "api key": {"auth": {"apiKey": "s3cret"}, "persistence": {"storageClassName": "fast"}},
+    "existing secret": {
+        "auth": {"existingSecret": "my-keys"},
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
+    },
+    "monitor": {"serviceMonitor": {"enabled": True}, "image": {"tag": "dev"}},
+}
+
+
+def _by_kind(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for d in docs:
+        out.setdefault(d["kind"], []).append(d)
+    return out
+
+
+@pytest.mark.parametrize("case", VALUE_SETS)
+def test_chart_renders_valid_kubernetes_manifests(case: str) -> None:
+    docs = render_chart(VALUE_SETS[case])
+    floor = re.sub(r"[^\d.]", "", yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"])[:4]
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # a CRD: checked against the Service below
+        for version in (floor, kubernetes_validate.utils.latest_version()):
+            kubernetes_validate.validate(doc, version, strict=True)
+    kinds = _by_kind(docs)
+    assert len(kinds["StatefulSet"]) == 1 and len(kinds["Service"]) == 2
+    assert ("Secret" in kinds) == (case == "api key")
+    assert ("ServiceMonitor" in kinds) == (case in {"existing secret", "monitor"})
+    (sts,) = kinds["StatefulSet"]
+    tag = VALUE_SETS[case].get("image", {}).get("tag") or _pyproject()["project"]["version"]
+    assert sts["spec"]["template"]["spec"]["containers"][0]["image"] == f"interlingua:{tag}"
+
+
+def test_chart_statefulset_keeps_data_probes_grpc_health_and_runs_as_the_image_user() -> None:
+    docs = _by_kind(render_chart(VALUE_SETS["api key"]))
+    (sts,) = docs["StatefulSet"]
+    pod = sts["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert set(env) <= set(ENV_VARS) | OTHER_ENV
+    grpc_port = int(env["INTERLINGUA_PORT"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"] == {"port": grpc_port}, probe  # grpc.health.v1, overall status
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    (mount,) = container["volumeMounts"]
+    assert mount == {"name": claim["metadata"]["name"], "mountPath": env["INTERLINGUA_DATA_DIR"]}
+    assert claim["spec"]["storageClassName"] == "fast"
+    *_, final = _stages(DEPLOY / "Dockerfile")
+    assert env["INTERLINGUA_DATA_DIR"] == _env(final)["INTERLINGUA_DATA_DIR"]
+    uid = int(re.search(r"ARG UID=(\d+)", (DEPLOY / "Dockerfile").read_text()).group(1))  # type: ignore[union-attr]
+    assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["fsGroup"] == uid
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    # the API key comes from the chart's Secret, never as a literal
+    (secret,) = docs["Secret"]
+    ref = env["INTERLINGUA_API_KEY"]["secretKeyRef"]
+    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    assert "s3cret" not in json.dumps(sts)
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert (
+        container["image"]
+        == f"interlingua:{chart['appVersion']}"
+        == f"interlingua:{_pyproject()['project']['version']}"
+    )
+
+
+def test_chart_existing_secret_and_service_monitor_select_the_api_service() -> None:
+    docs = _by_kind(render_chart(VALUE_SETS["existing secret"]))
+    (sts,) = docs["StatefulSet"]
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["INTERLINGUA_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "my-keys"
+    (monitor,) = docs["ServiceMonitor"]
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    selected = [s for s in docs["Service"] if selector.items() <= s["metadata"]["labels"].items()]
+    assert [s["metadata"]["name"] for s in selected] == ["il"]  # not the headless one: no double scrape
+    (endpoint,) = monitor["spec"]["endpoints"]
+    ports = {p["name"]: p for p in selected[0]["spec"]["ports"]}
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[endpoint["port"]]["targetPort"] == "metrics" and "metrics" in container_ports
+    assert str(container_ports["metrics"]) == env["INTERLINGUA_METRICS_PORT"]["value"]
+    headless = next(s for s in docs["Service"] if s["spec"].get("clusterIP") == "None")
+    assert sts["spec"]["serviceName"] == headless["metadata"]["name"]
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    for svc in docs["Service"]:
+        assert svc["spec"]["selector"].items() <= pod_labels.items()
+
+
+def test_renderer_follows_go_template_trims_and_refuses_the_unknown() -> None:
+    ctx = {"Values": {"a": {"b": 1}, "m": {"x": "y"}, "s": ""}}
+    assert (
+        _render("k: {{ .Values.a.b | quote }}\n{{- if .Values.s }}\nno{{- else }}\nyes{{ end }}", ctx) == 'k: "1"\nyes'
+    )
+    assert _render("m:\n  {{- toYaml .Values.m | nindent 2 }}\n", ctx) == "m:\n  x: y\n"
+    assert _render('{{ .Values.s | default "d" }}', ctx) == "d"
+    with pytest.raises(KeyError):
+        _render("{{ .Values.a.c }}", ctx)
+    with pytest.raises(ValueError, match="subset"):
+        _render("{{ range .Values.m }}{{ end }}", ctx)
+
+
+# --- Grafana dashboard ------------------------------------------------------------------------
+
+_PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless"}
+_PROMQL_KEYWORDS |= {"offset", "inf", "nan"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric (series) names a PromQL expression selects."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings
+    expr = re.sub(r"\$\{?\w+\}?", "", expr)  # Grafana variables
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", expr)  # label matchers, ranges
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)  # label lists
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][\w:]*", expr):
+        word, after = m.group(), expr[m.end() :].lstrip()
+        if not after.startswith("(") and word.lower() not in _PROMQL_KEYWORDS:
+            names.add(word)
+    return names
+
+
+def _exported(family: Metric) -> set[str]:
+    """Series names a family exposes: counters end in _total, histograms in _bucket/_sum/_count."""
+    suffixes = {
+        "counter": ["_total", "_created"],
+        "histogram": ["_bucket", "_sum", "_count", "_created"],
+        "summary": ["", "_sum", "_count", "_created"],
+        "info": ["_info"],
+        "gaugehistogram": ["_bucket", "_gsum", "_gcount"],
+    }.get(family.type, [""])
+    return {family.name + s for s in suffixes}
+
+
+def _dashboard_exprs() -> list[tuple[str, str]]:
+    """(where, PromQL) of every panel target (rows' nested panels too) and template variable."""
+    dash = json.loads((DEPLOY / "grafana" / "interlingua.json").read_text())
+    out = []
+    stack = list(dash["panels"])
+    while stack:
+        panel = stack.pop()
+        stack += panel.get("panels", [])
+        out += [(panel["title"], t["expr"]) for t in panel.get("targets", [])]
+    for var in dash.get("templating", {}).get("list", []):
+        query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+        m = re.fullmatch(r"label_values\((.*),\s*\w+\)", query)
+        out.append((f"${var['name']}", m.group(1) if m else query))
+    return out
+
+
+def test_promql_metric_names() -> None:
+    e = 'sum by (le, stage) (rate(x_bucket{collection=~"$collection", a="b"}[5m])) / on (a) y_count > bool 0'
+    assert metric_names(e) == {"x_bucket", "y_count"}
+    assert metric_names("interlingua_points") == {"interlingua_points"}
+
+
+def test_dashboard_names_only_exported_metrics(tmp_path: Path) -> None:
+    srv, _port = start_server(tmp_path / "data")
+    try:
+        exported = set().union(*(_exported(f) for f in srv.metrics.registry.collect()))
+    finally:
+        srv.stop(None)
+    exprs = _dashboard_exprs()
+    used = {name: where for where, expr in exprs for name in metric_names(expr)}
+    unknown = {name: where for name, where in used.items() if name not in exported}
+    assert not unknown, f"dashboard queries name metrics the service does not export: {unknown}"
+    # the panels the compatibility features need
+    for metric in ("interlingua_route_active", "interlingua_transform_retention", "interlingua_transform_ecc_margin"):
+        assert metric in used, metric
+    assert {"interlingua_shadow_agreement_sum", "interlingua_shadow_agreement_bucket"} <= set(used)
+
+
+def test_dashboard_panels_are_well_formed() -> None:
+    dash = json.loads((DEPLOY / "grafana" / "interlingua.json").read_text())
+    datasource = yaml.safe_load((DEPLOY / "grafana" / "datasource.yaml").read_text())["datasources"][0]
+    ids, cells = set(), set()
+    for panel in dash["panels"]:
+        assert panel["id"] not in ids
+        ids.add(panel["id"])
+        g = panel["gridPos"]
+        assert g["x"] + g["w"] <= 24
+        cell = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not cell & cells, f"{panel['title']} overlaps another panel"
+        cells |= cell
+        refs = [t["refId"] for t in panel.get("targets", [])]
+        assert len(refs) == len(set(refs)) and (panel["type"] == "row" or refs)
+        for target in panel.get("targets", []):
+            assert target["datasource"]["uid"] == datasource["uid"]
