@@ -8,11 +8,9 @@ until then. Server reflection is on, so ``grpcurl list`` works.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import signal
 import threading
-from collections.abc import Callable
 from concurrent import futures
 from types import FrameType
 from typing import Any
@@ -29,13 +27,17 @@ from interlingua.v1 import points_pb2_grpc as pgrpc
 from interlingua.v1 import spaces_pb2_grpc as sgrpc
 from interlingua.v1 import transforms_pb2_grpc as tgrpc
 
-from .config import ServerConfig
+from .auth import Keyring
+from .config import ServerConfig, TLSConfig
 from .engine import Engine, Lifecycle
+from .gate import GateInterceptor
 from .metrics import Metrics, MetricsInterceptor
+from .rpcwrap import DecodeInterceptor
 from .servicers import CollectionServicer, PointServicer, SpaceServicer
+from .throttle import RateLimiter, StreamSlots
 from .transform_servicer import TransformServicer
 
-__all__ = ["Server", "create_server", "serve"]
+__all__ = ["Server", "create_server", "serve", "server_credentials"]
 
 log = logging.getLogger(__name__)
 
@@ -45,32 +47,6 @@ SERVICE_NAMES = (
     points_pb2.DESCRIPTOR.services_by_name["PointService"].full_name,
     transforms_pb2.DESCRIPTOR.services_by_name["TransformService"].full_name,
 )
-_OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-
-
-class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    """Requires ``authorization: Bearer <key>`` (or ``x-api-key: <key>``) on every API call;
-    health checks and reflection stay open."""
-
-    def __init__(self, api_key: str) -> None:
-        self.key = api_key.encode()
-
-    def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
-        if details.method.startswith(_OPEN_PREFIXES):
-            return continuation(details)
-        md = dict(details.invocation_metadata or ())
-        given = md.get("x-api-key") or md.get("authorization", "").removeprefix("Bearer ").strip()
-        if given and hmac.compare_digest(str(given).encode(), self.key):
-            return continuation(details)
-        handler = continuation(details)
-        message = "missing API key" if not given else "wrong API key"
-
-        def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{message}: send 'authorization: Bearer <key>'")
-
-        if handler is not None and handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
 
 
 class Server:
@@ -80,13 +56,22 @@ class Server:
         self.config = config
         self.metrics = Metrics(registry)
         self.engine = Engine(config, self.metrics)
-        interceptors: list[grpc.ServerInterceptor[Any, Any]] = [MetricsInterceptor(self.metrics)]
-        if config.api_key:
-            interceptors.append(AuthInterceptor(config.api_key))
-        limit = config.limits.max_message_bytes
+        self.keyring = Keyring.of(config)
+        limits = config.limits
+        self.slots = StreamSlots(limits.max_streams, limits.max_streams_per_client)  #: open streams
+        # The gate first: nothing reaches metrics or a handler before authentication; decoding last,
+        # so a request that does not parse answers INVALID_ARGUMENT from inside the handler.
+        interceptors: list[grpc.ServerInterceptor[Any, Any]] = [
+            GateInterceptor(self.keyring, RateLimiter(config.rate_limit), self.slots),
+            MetricsInterceptor(self.metrics),
+            DecodeInterceptor(),
+        ]
+        # Streams hold a worker each and are capped at max_streams: the other `workers` threads
+        # stay free for unary calls.
+        pool = config.workers + limits.max_streams
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(
-                max_workers=config.workers,
+                max_workers=pool,
                 thread_name_prefix="interlingua-rpc",
                 # omp_set_num_threads is per calling thread. Workers search single queries only
                 # (batches go to the one search thread, see server/search_thread.py): one thread each
@@ -94,7 +79,11 @@ class Server:
                 initargs=(1,),
             ),
             interceptors=interceptors,
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            options=[
+                ("grpc.max_receive_message_length", limits.receive_bytes),
+                ("grpc.max_send_message_length", limits.max_message_bytes),
+            ],
+            maximum_concurrent_rpcs=max(limits.max_concurrent_rpcs, pool),
         )
         sgrpc.add_SpaceServiceServicer_to_server(SpaceServicer(self.engine), self.grpc)
         cgrpc.add_CollectionServiceServicer_to_server(CollectionServicer(self.engine), self.grpc)
@@ -108,13 +97,20 @@ class Server:
         )
         self.engine.on_state.append(self._on_state)
         self._on_state(Lifecycle.LOADING)
-        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        if config.tls is None:
+            self.port = self.grpc.add_insecure_port(address)
+        else:
+            self.port = self.grpc.add_secure_port(address, server_credentials(config.tls))
         if self.port == 0:
             raise OSError(f"could not bind gRPC to {config.host}:{config.port}")
         self.metrics_port: int | None = None
         self._http: Any = None
         self._ready = threading.Event()
         self.load_error: BaseException | None = None
+
+    def _metrics_key(self, key: str) -> bool:
+        return self.keyring.lookup(key) is not None
 
     def _on_state(self, state: Lifecycle) -> None:
         status = (
@@ -128,7 +124,8 @@ class Server:
     def start(self) -> None:
         """Starts serving (health NOT_SERVING) and loads the engine in the background."""
         if self.config.metrics_port is not None:
-            self._http, self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            check = self._metrics_key if self.config.metrics_auth else None
+            self._http, self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host, check)
         self.grpc.start()
         threading.Thread(target=self._load, name="interlingua-load", daemon=True).start()
 
@@ -158,6 +155,16 @@ class Server:
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return bool(self.grpc.wait_for_termination(timeout))
+
+
+def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
+    """TLS credentials from PEM files; with ``client_ca`` clients must present a certificate it signed."""
+    try:
+        pair = (tls.key.read_bytes(), tls.cert.read_bytes())
+        client_ca = tls.client_ca.read_bytes() if tls.client_ca is not None else None
+    except OSError as e:
+        raise OSError(f"cannot read TLS file {e.filename}: {e.strerror}") from None
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
 def create_server(config: ServerConfig, registry: CollectorRegistry | None = None) -> tuple[Server, int]:

@@ -8,24 +8,84 @@ variables and flags (see ``interlingua.client.cli``).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .device import Device
 
-__all__ = ["Limits", "ServerConfig"]
+__all__ = ["ROLES", "ApiKey", "Limits", "RateLimit", "ServerConfig", "TLSConfig"]
+
+#: Roles of an API key, each including the ones before it: ``read`` searches and gets points,
+#: collections, spaces, transforms and routes; ``write`` also upserts and deletes points; ``admin``
+#: also registers spaces, creates and deletes collections, fits transforms and changes routes.
+ROLES = ("read", "write", "admin")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Caps on request sizes. Over a cap -> RESOURCE_EXHAUSTED (k -> INVALID_ARGUMENT)."""
+    """Caps on requests. Over a cap -> RESOURCE_EXHAUSTED (k, JSON depth -> INVALID_ARGUMENT)."""
 
     max_k: int = 1024  #: largest k a search may ask for
     max_batch: int = 65536  #: most points in one upsert, delete or get
     max_nq: int = 16384  #: most query vectors in one search
-    max_message_bytes: int = 256 * 1024 * 1024  #: gRPC send/receive message limit
+    max_message_bytes: int = 256 * 1024 * 1024  #: gRPC send limit, and the ceiling of the receive limit
+    max_vector_bytes: int = 64 * 1024 * 1024  #: packed float32 vectors in one request (e.g. 16384 x 1024-d)
     max_id_bytes: int = 256  #: longest point id, UTF-8 bytes
     max_payload_bytes: int = 64 * 1024  #: largest JSON payload, UTF-8 bytes
+    max_json_depth: int = 32  #: deepest nesting of [ and { in a JSON payload or config
+    max_streams: int = 32  #: streaming calls open at once (each holds a worker thread); more: RESOURCE_EXHAUSTED
+    max_streams_per_client: int = 8  #: streams open at once per API key (or per peer address without one)
+    max_concurrent_rpcs: int = 1024  #: calls running or queued for a worker; more: RESOURCE_EXHAUSTED
+
+    @property
+    def receive_bytes(self) -> int:
+        """The gRPC receive limit: the vector cap, every id at its cap, and 32 MiB for payloads and the rest.
+
+        A message over it is refused by gRPC before it is parsed (a 250 MB upsert under the old
+        256 MiB limit cost +705 MB of parsing before the batch cap refused it).
+        """
+        need = self.max_vector_bytes + self.max_batch * (self.max_id_bytes + 16) + 32 * 1024 * 1024
+        return min(self.max_message_bytes, need)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One API key, stored hashed: ``sha256`` is the hex SHA-256 of the key's UTF-8 bytes
+    (``printf %s KEY | sha256sum``); ``role`` is one of :data:`ROLES`."""
+
+    name: str  #: shown in logs and rate-limit messages, never the key itself
+    sha256: str
+    role: str = "read"
+    rate_per_second: float | None = None  #: this key's rate limit; None: the server's ``rate_limit``
+
+    def __post_init__(self) -> None:
+        if not _HEX64.match(self.sha256):
+            raise ValueError(f"key {self.name!r}: sha256 must be 64 lowercase hex digits")
+        if self.role not in ROLES:
+            raise ValueError(f"key {self.name!r}: role must be one of {', '.join(ROLES)}, got {self.role!r}")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Server TLS: PEM certificate chain and private key; with ``client_ca`` every client must
+    present a certificate signed by it (mutual TLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """Per-key token bucket: ``per_second`` calls refill, up to ``burst`` at once (0: unlimited).
+
+    A call over it answers RESOURCE_EXHAUSTED with ``retry-after`` (seconds) in trailing metadata.
+    """
+
+    per_second: float = 0.0
+    burst: int = 0  #: bucket size; 0: max(1, per_second)
 
 
 @dataclass(frozen=True)
@@ -36,7 +96,11 @@ class ServerConfig:
     host: str = "127.0.0.1"  #: gRPC bind address
     port: int = 50051  #: gRPC port; 0 picks a free one (tests)
     metrics_port: int | None = 9100  #: Prometheus /metrics port; None: no HTTP server, 0: any free port
-    api_key: str | None = None  #: when set, every RPC but health/reflection needs it
+    api_key: str | None = None  #: when set, every RPC but health/reflection needs it (an admin key)
+    keys: tuple[ApiKey, ...] = ()  #: hashed API keys with roles; any key set turns authentication on
+    tls: TLSConfig | None = None  #: None: plain-text gRPC
+    rate_limit: RateLimit = field(default_factory=RateLimit)
+    metrics_auth: bool = False  #: /metrics needs ``Authorization: Bearer <key>`` (any role)
     workers: int = field(default_factory=lambda: max(4, 2 * (os.cpu_count() or 1)))  #: gRPC thread pool
     omp_threads: int = field(default_factory=lambda: os.cpu_count() or 1)  #: FAISS OpenMP threads
     #: threads of numpy's own OpenBLAS (not FAISS's). It only runs the small matmuls of the request
@@ -58,3 +122,5 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         Device.parse(self.device)  # ValueError for a malformed device; its GPU is checked at start
+        if self.metrics_auth and not (self.keys or self.api_key):
+            raise ValueError("metrics_auth needs API keys (api_key or keys) to check the bearer against")

@@ -29,7 +29,19 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import AlreadyExists
+
 __all__ = ["CollectionRow", "RouteRow", "SpaceRow", "Store", "TransformRow"]
+
+
+@contextlib.contextmanager
+def _unique(kind: str, name: str) -> Iterator[None]:
+    """A unique-name violation as AlreadyExists (the engine's locks should make it unreachable)."""
+    try:
+        yield
+    except sqlite3.IntegrityError:
+        raise AlreadyExists(f"{kind} {name!r} already exists") from None
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -182,7 +194,7 @@ class Store:
             self.sequence = seq
 
     def add_space(self, row: SpaceRow) -> int:
-        with self._tx() as seq:
+        with _unique("space", row.name), self._tx() as seq:
             self._w.execute(
                 "INSERT INTO spaces VALUES (?,?,?,?,?)",
                 (row.name, row.dim, row.metric, row.description, row.created_at),
@@ -199,7 +211,7 @@ class Store:
         basis_transform: str = "",
         ef_construction: int = 0,
     ) -> CollectionRow:
-        with self._tx() as seq:
+        with _unique("collection", name), self._tx() as seq:
             self._w.execute(
                 "INSERT INTO collections (name, home_space, index_spec, train_min_points, created_at,"
                 " last_sequence, prefix_dims, basis_transform, ef_construction) VALUES (?,?,?,?,?,?,?,?,?)",

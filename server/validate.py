@@ -8,22 +8,29 @@ offending value; nothing past this module re-validates input.
 from __future__ import annotations
 
 import json
+import math
 import re
+from typing import Any
 
 import numpy as np
 
 from .config import Limits
-from .errors import InvalidArgument, ResourceExhausted
+from .errors import InvalidArgument, ResourceExhausted, shown
 
 __all__ = [
+    "MAX_NORM",
     "METRICS",
     "check_collection_name",
     "check_dim",
     "check_ids",
     "check_k",
+    "check_norms",
     "check_payloads",
     "check_space_name",
+    "json_depth",
     "normalize_rows",
+    "parse_json",
+    "parse_json_object",
     "unpack_vectors",
 ]
 
@@ -31,18 +38,84 @@ METRICS = ("cosine", "ip", "l2")
 _SPACE_NAME = re.compile(r"^[A-Za-z0-9._@:/-]{1,128}$")
 _COLLECTION_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 MAX_DIM = 65536
+#: Largest L2 norm of a vector: squared distances between two such vectors, (2 * 1e18)^2 = 4e36,
+#: and inner products stay finite in float32 (max 3.4e38); l2 vectors of 3e38 once gave NaN scores.
+MAX_NORM = 1e18
+_SPECIAL = re.compile(r'["\\\[\]{}]')
 
 
 def check_space_name(name: str) -> str:
     if not _SPACE_NAME.match(name):
-        raise InvalidArgument(f"space name {name!r} is invalid: use 1 to 128 characters from [A-Za-z0-9._@:/-]")
+        raise InvalidArgument(f"space name {shown(name)} is invalid: use 1 to 128 characters from [A-Za-z0-9._@:/-]")
     return name
 
 
 def check_collection_name(name: str) -> str:
     if not _COLLECTION_NAME.match(name):
-        raise InvalidArgument(f"collection name {name!r} is invalid: use 1 to 128 characters from [A-Za-z0-9._-]")
+        raise InvalidArgument(f"collection name {shown(name)} is invalid: use 1 to 128 characters from [A-Za-z0-9._-]")
     return name
+
+
+def json_depth(text: str) -> int:
+    """Deepest nesting of ``[`` and ``{`` in a JSON text (strings skipped), without parsing it.
+
+    One pass over the special characters, linear in the text whatever it holds.
+    """
+    depth = deepest = 0
+    in_string, escaped_until = False, -1
+    for m in _SPECIAL.finditer(text):
+        c, at = m.group(), m.start()
+        if in_string:
+            if at < escaped_until:
+                continue
+            if c == "\\":
+                escaped_until = at + 2
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth -= 1
+    return deepest
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidArgument(f"{name} is not a JSON number (NaN and Infinity are not allowed)")
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise InvalidArgument(f"number {shown(text, 32)} overflows a double")
+    return x
+
+
+def parse_json(text: str, what: str, max_depth: int, max_bytes: int) -> Any:
+    """``json.loads(text)`` with caps: at most ``max_bytes`` UTF-8 bytes and ``max_depth`` nesting,
+    no NaN or Infinity. Raises InvalidArgument naming ``what`` (never RecursionError)."""
+    size = len(text.encode("utf-8"))
+    if size > max_bytes:
+        raise InvalidArgument(f"{what} is {size} bytes; the limit is {max_bytes}")
+    depth = json_depth(text) if text.count("[") + text.count("{") > max_depth else 0
+    if depth > max_depth:
+        raise InvalidArgument(f"{what} nests {depth} levels deep; the limit is {max_depth}")
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except InvalidArgument as e:
+        raise InvalidArgument(f"{what}: {e.message}") from None
+    except (ValueError, RecursionError) as e:
+        raise InvalidArgument(f"{what} is not valid JSON: {shown(str(e), 200)}") from None
+
+
+def parse_json_object(text: str, what: str, max_depth: int = 32, max_bytes: int = 64 * 1024) -> dict[str, Any]:
+    """:func:`parse_json` of a text that must hold a JSON object (e.g. a FitTransform ``config_json``)."""
+    value = parse_json(text, what, max_depth, max_bytes)
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def unpack_vectors(data: bytes, dim: int, d: int, *, what: str, limit: int | None = None) -> np.ndarray:
@@ -50,7 +123,8 @@ def unpack_vectors(data: bytes, dim: int, d: int, *, what: str, limit: int | Non
 
     ``dim`` is the dimension the caller declared, ``d`` the space's. Rejects a
     dim mismatch, a byte length that is not a multiple of d*4, an empty batch and
-    NaN or Inf values. ``limit`` caps n (RESOURCE_EXHAUSTED above it).
+    NaN or Inf values and norms over :data:`MAX_NORM`. ``limit`` caps n (RESOURCE_EXHAUSTED
+    above it); gRPC's receive limit (``Limits.receive_bytes``) caps the bytes before parsing.
     """
     if dim != d:
         raise InvalidArgument(f"{what}: dim is {dim} but the space has dimension {d}")
@@ -69,7 +143,21 @@ def unpack_vectors(data: bytes, dim: int, d: int, *, what: str, limit: int | Non
     if not np.isfinite(x).all():
         bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
         raise InvalidArgument(f"{what}: vector {bad} contains NaN or Inf")
+    check_norms(x, what=what)
     return x
+
+
+def check_norms(x: np.ndarray, *, what: str) -> None:
+    """InvalidArgument when a row of x (shape (n, d)) has an L2 norm above :data:`MAX_NORM`."""
+    if len(x) == 0 or max(float(x.max()), -float(x.min())) * math.sqrt(x.shape[1]) <= MAX_NORM:
+        return  # every norm is below sqrt(d) * max|x|
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    bad = int(np.argmax(norms))
+    if norms[bad] > MAX_NORM:
+        raise InvalidArgument(
+            f"{what}: vector {bad} has L2 norm {norms[bad]:.3g}; the limit is {MAX_NORM:g} "
+            "(scores and squared distances must stay finite in float32)"
+        )
 
 
 def normalize_rows(x: np.ndarray, *, what: str) -> np.ndarray:
@@ -97,12 +185,13 @@ def check_ids(ids: list[str], limits: Limits, *, what: str = "ids") -> list[str]
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
         dup = next(p for p in ids if p in seen or seen.add(p))  # type: ignore[func-returns-value]
-        raise InvalidArgument(f"{what}: id {dup!r} appears more than once in the batch")
+        raise InvalidArgument(f"{what}: id {shown(dup)} appears more than once in the batch")
     return ids
 
 
 def check_payloads(payloads: list[str], n: int, limits: Limits) -> list[str | None]:
-    """Payloads aligned with n ids; empty list means none. Each must be a JSON document."""
+    """Payloads aligned with n ids; empty list means none. Each must be a JSON document of at most
+    ``limits.max_payload_bytes`` and ``limits.max_json_depth`` levels, without NaN or Infinity."""
     if not payloads:
         return [None] * n
     if len(payloads) != n:
@@ -112,13 +201,7 @@ def check_payloads(payloads: list[str], n: int, limits: Limits) -> list[str | No
         if not p:
             out.append(None)
             continue
-        size = len(p.encode("utf-8"))
-        if size > limits.max_payload_bytes:
-            raise InvalidArgument(f"payloads[{i}] is {size} bytes; the limit is {limits.max_payload_bytes}")
-        try:
-            json.loads(p)
-        except ValueError as e:
-            raise InvalidArgument(f"payloads[{i}] is not valid JSON: {e}") from None
+        parse_json(p, f"payloads[{i}]", limits.max_json_depth, limits.max_payload_bytes)
         out.append(p)
     return out
 

@@ -1,0 +1,80 @@
+"""The outermost interceptor: authentication, roles, rate limit, then open-stream slots.
+
+It runs before anything else looks at a call, so an unauthenticated caller creates
+no metric series and reaches no handler. Health checks and reflection stay open
+(load balancers call them without keys) but their streams take slots like any
+other: ``Watch`` streams and idle ``SearchStream`` calls are capped per caller
+(the API key's name, else the peer's address) and overall, and the worker pool
+holds ``workers + max_streams`` threads, so unary calls always find a worker.
+Covered by ``tests/test_hardening.py`` and ``tests/test_security.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from .auth import METHODS, OPEN_PREFIXES, Keyring, MethodKind, Principal
+from .errors import InterlinguaError
+from .rpcwrap import Behavior, abort_with, wrap_rpc_behavior
+from .throttle import RateLimiter, StreamSlots
+
+__all__ = ["GateInterceptor", "peer_host"]
+
+
+def peer_host(peer: str) -> str:
+    """``ipv4:1.2.3.4:5678`` -> ``ipv4:1.2.3.4``: one client, whatever port it calls from."""
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+
+
+def _deny(kind: MethodKind | None, exc: InterlinguaError) -> Any:
+    """A handler of the method's kind that ends the call with ``exc``'s status."""
+
+    def deny(request: Any, context: grpc.ServicerContext) -> Any:
+        abort_with(context, exc)
+
+    if kind is None or not (kind.request_streaming or kind.response_streaming):
+        return grpc.unary_unary_rpc_method_handler(deny)
+    if kind.request_streaming and kind.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny)
+    if kind.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(deny)
+    return grpc.unary_stream_rpc_method_handler(deny)
+
+
+class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
+    def __init__(self, keyring: Keyring, limiter: RateLimiter, slots: StreamSlots) -> None:
+        self.keyring, self.limiter, self.slots = keyring, limiter, slots
+
+    def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
+        method = details.method
+        principal: Principal | None = None
+        if self.keyring.enabled and not method.startswith(OPEN_PREFIXES):
+            try:
+                principal = self.keyring.authenticate(details.invocation_metadata)
+                self.keyring.authorize(principal, method)
+                self.limiter.take(principal.name, principal.rate_per_second)
+            except InterlinguaError as e:
+                return _deny(METHODS.get(method), e)
+        handler = continuation(details)
+        if handler is None or not (handler.request_streaming or handler.response_streaming):
+            return handler
+        caller = f"key:{principal.name}" if principal is not None else None
+        return wrap_rpc_behavior(handler, lambda behavior, _rq, _rs: self._slotted(behavior, caller))
+
+    def _slotted(self, behavior: Behavior, caller: str | None) -> Behavior:
+        slots = self.slots
+
+        def call(request: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
+            who = caller or peer_host(context.peer())
+            try:
+                slots.acquire(who)
+            except InterlinguaError as e:
+                abort_with(context, e)
+            if not context.add_callback(lambda: slots.release(who)):
+                slots.release(who)  # the call has ended already
+            return behavior(request, context, *callback)
+
+        return call
