@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -34,7 +35,7 @@ import yaml
 from conftest import start_server
 from prometheus_client.metrics_core import Metric
 
-from interlingua.client._serve_config import ENV_VARS
+from interlingua.client._serve_config import ENV_VARS, build_server_config
 from interlingua.client.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,6 +284,7 @@ _FUNCS: dict[str, Any] = {
     "quote": lambda v: json.dumps(v if isinstance(v, str) else _scalar(v)),
     "default": lambda fallback, v: v if _truthy(v) else fallback,
     "not": lambda v: not _truthy(v),
+    "sha256sum": lambda s: hashlib.sha256(s.encode()).hexdigest(),
     "toYaml": _to_yaml,
     "indent": lambda n, s: "\n".join(" " * n + line for line in s.split("\n")),
     "nindent": lambda n, s: "\n" + "\n".join(" " * n + line for line in s.split("\n")),
@@ -409,6 +411,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
     },
     "monitor": {"serviceMonitor": {"enabled": True}, "image": {"tag": "dev"}},
+    "config": {
+        "serverConfig": "workers = 8\nmin_retention = 0.75\n",
+        "serviceMonitor": {"enabled": True, "authorization": {"secretName": "scrape", "key": "api-key"}},
+    },
 }
 
 
@@ -430,8 +436,9 @@ def test_chart_renders_valid_kubernetes_manifests(case: str) -> None:
             kubernetes_validate.validate(doc, version, strict=True)
     kinds = _by_kind(docs)
     assert len(kinds["StatefulSet"]) == 1 and len(kinds["Service"]) == 2
-    assert ("Secret" in kinds) == (case == "api key")
-    assert ("ServiceMonitor" in kinds) == (case in {"existing secret", "monitor"})
+    secrets = sorted(s["metadata"]["name"] for s in kinds.get("Secret", []))
+    assert secrets == {"api key": ["il-auth"], "config": ["il-config"]}.get(case, [])
+    assert ("ServiceMonitor" in kinds) == (case in {"existing secret", "monitor", "config"})
     (sts,) = kinds["StatefulSet"]
     tag = VALUE_SETS[case].get("image", {}).get("tag") or _pyproject()["project"]["version"]
     assert sts["spec"]["template"]["spec"]["containers"][0]["image"] == f"interlingua:{tag}"
@@ -591,3 +598,34 @@ def test_dashboard_panels_are_well_formed() -> None:
         assert len(refs) == len(set(refs)) and (panel["type"] == "row" or refs)
         for target in panel.get("targets", []):
             assert target["datasource"]["uid"] == datasource["uid"]
+
+
+def test_chart_server_config_is_mounted_where_interlingua_config_points(tmp_path: Path) -> None:
+    docs = _by_kind(render_chart(VALUE_SETS["config"]))
+    (sts,) = docs["StatefulSet"]
+    pod = sts["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    path = Path(env["INTERLINGUA_CONFIG"])
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent))
+    assert mount["readOnly"] is True
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    (secret,) = [s for s in docs["Secret"] if s["metadata"]["name"] == volume["secret"]["secretName"]]
+    # the file the pod sees is one `interlingua serve` reads
+    (tmp_path / path.name).write_text(secret["stringData"][path.name])
+    args = build_parser().parse_args(["serve"])
+    config = build_server_config(args, {"INTERLINGUA_CONFIG": str(tmp_path / path.name)})
+    assert config.workers == 8 and config.min_retention == 0.75
+    (monitor,) = docs["ServiceMonitor"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": {"name": "scrape", "key": "api-key"}}
+
+
+def test_chart_restarts_the_pod_when_the_config_changes_and_shows_no_key_hash() -> None:
+    def annotations(values: dict[str, Any]) -> dict[str, str]:
+        (sts,) = _by_kind(render_chart(values))["StatefulSet"]
+        return dict(sts["spec"]["template"]["metadata"]["annotations"])
+
+    assert annotations(VALUE_SETS["config"]) != annotations({}) == annotations({"image": {"tag": "x"}})
+    key = VALUE_SETS["api key"]["auth"]["apiKey"]
+    assert hashlib.sha256(key.encode()).hexdigest() not in json.dumps(annotations(VALUE_SETS["api key"]))
