@@ -154,7 +154,9 @@ def _env(instructions: list[tuple[str, str]]) -> dict[str, str]:
     env: dict[str, str] = {}
     for word, rest in instructions:
         if word == "ENV":
-            env.update(pair.split("=", 1) for pair in rest.split())
+            for pair in rest.split():
+                name, _, value = pair.partition("=")
+                env[name] = value
     return env
 
 
@@ -277,7 +279,7 @@ def _truthy(v: Any) -> bool:
 
 
 def _to_yaml(v: Any) -> str:
-    return yaml.safe_dump(v, default_flow_style=False, sort_keys=True).rstrip("\n")
+    return str(yaml.safe_dump(v, default_flow_style=False, sort_keys=True)).rstrip("\n")
 
 
 _FUNCS: dict[str, Any] = {
@@ -585,7 +587,8 @@ def test_dashboard_names_only_exported_metrics(tmp_path: Path) -> None:
 def test_dashboard_panels_are_well_formed() -> None:
     dash = json.loads((DEPLOY / "grafana" / "interlingua.json").read_text())
     datasource = yaml.safe_load((DEPLOY / "grafana" / "datasource.yaml").read_text())["datasources"][0]
-    ids, cells = set(), set()
+    ids: set[int] = set()
+    cells: set[tuple[int, int]] = set()
     for panel in dash["panels"]:
         assert panel["id"] not in ids
         ids.add(panel["id"])
