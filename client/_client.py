@@ -1,14 +1,16 @@
 """The Python client: numpy in, numpy out, typed exceptions out of every call.
 
-``Client(target)`` opens one insecure channel with the message-size options
-set, sends the API key as ``authorization: Bearer <key>`` metadata on every
-call, and turns each :class:`grpc.RpcError` into an
-:class:`~interlingua.client.InterlinguaError` subclass (raised ``from`` it).
+``Client(target)`` opens one channel (plain text, or TLS with ``tls=TLS(...)``,
+client certificate optional) with the message-size options set, sends the API key
+as ``authorization: Bearer <key>`` metadata on every call, and turns each
+:class:`grpc.RpcError` into an :class:`~interlingua.client.InterlinguaError`
+subclass (raised ``from`` it).
 Large upserts are split into batches of ``batch_size`` rows, sliced lazily so a
 memory-mapped ``.npy`` streams; so are the calibration pairs of
 :meth:`Client.fit_transform`, which then polls the background fit until it is
 ready (or raises :class:`~interlingua.client.FitFailed`). Covered by
-``tests/test_client.py`` and ``tests/test_client_transforms.py``.
+``tests/test_client.py``, ``tests/test_client_transforms.py`` and (TLS)
+``tests/test_security.py``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import json
 import queue
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -52,11 +56,41 @@ from ._types import (
 )
 from ._wire import PayloadArg, as_matrix, pack_vectors, upsert_requests
 
-__all__ = ["Client", "SearchStream"]
+__all__ = ["TLS", "Client", "SearchStream"]
 
 _T = TypeVar("_T")
 #: tqdm layout of a fit's progress (the server reports a fraction and a stage name, not counts).
 FIT_BAR = "{desc} {percentage:3.0f}%|{bar}| [{elapsed}]"
+
+
+@dataclass(frozen=True)
+class TLS:
+    """TLS for a client's channel, from PEM files.
+
+    ``ca`` verifies the server's certificate (None: the system's roots); ``cert`` and ``key``
+    together present a client certificate (servers with ``client_ca`` require one);
+    ``server_name`` overrides the name checked against the server's certificate.
+    """
+
+    ca: str | Path | None = None
+    cert: str | Path | None = None
+    key: str | Path | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise InvalidArgument("TLS: give both cert and key for a client certificate, or neither")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | Path | None) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                return Path(path).read_bytes()
+            except OSError as e:
+                raise InvalidArgument(f"TLS: cannot read {path}: {e.strerror}") from None
+
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
 
 
 class Client:
@@ -69,14 +103,20 @@ class Client:
         api_key: str | None = None,
         timeout: float | None = 30.0,
         max_message_bytes: int = 256 * 1024 * 1024,
+        tls: TLS | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout  #: seconds per call (each batch of an upsert is one call); None: no limit
-        options = [
+        options: list[tuple[str, int | str]] = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        self._channel = grpc.insecure_channel(target, options=options)
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self._channel = grpc.secure_channel(target, tls.credentials(), options=options)
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._spaces = spaces_pb2_grpc.SpaceServiceStub(self._channel)
         self._collections = collections_pb2_grpc.CollectionServiceStub(self._channel)

@@ -7,9 +7,9 @@
     ├── NotFound                     NOT_FOUND            input error: unknown space, collection or id
     ├── AlreadyExists                ALREADY_EXISTS       input error: the name is taken
     ├── FailedPrecondition           FAILED_PRECONDITION  valid, but not in this state (e.g. no route)
-    ├── ResourceExhausted            RESOURCE_EXHAUSTED   retriable: over a cap, or overloaded
-    ├── Unauthenticated              UNAUTHENTICATED      missing or wrong API key
-    ├── PermissionDenied             PERMISSION_DENIED
+    ├── ResourceExhausted            RESOURCE_EXHAUSTED   retriable: over a cap, a rate limit, or overloaded
+    ├── Unauthenticated              UNAUTHENTICATED      missing or unknown API key
+    ├── PermissionDenied             PERMISSION_DENIED    the key's role does not allow the call
     ├── Unavailable                  UNAVAILABLE          retriable: loading, draining, unreachable
     ├── DeadlineExceeded             DEADLINE_EXCEEDED    retriable: the call ran past its timeout
     ├── Internal                     INTERNAL
@@ -17,7 +17,9 @@
     ├── Cancelled                    CANCELLED
     └── FitFailed                    (none)               the calls succeeded, the transform's fit failed
 
-``retriable`` says whether the same call may succeed if sent again later;
+``retriable`` says whether the same call may succeed if sent again later
+(:class:`ResourceExhausted` carries the server's ``retry-after`` hint, in seconds, as
+``retry_after`` when it sent one: a key over its rate limit);
 ``is_input_error`` says the request itself is wrong and must be changed. Every
 :class:`~interlingua.client.Client` method turns a :class:`grpc.RpcError` into one
 of these with :func:`from_rpc_error` and raises it ``from`` the original error.
@@ -31,7 +33,7 @@ Covered by ``tests/test_client.py`` and ``tests/test_client_transforms.py``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import grpc
 
@@ -98,14 +100,19 @@ class FailedPrecondition(InterlinguaError):
 
 
 class ResourceExhausted(InterlinguaError):
-    """A batch or message is over a configured cap, or the server is overloaded."""
+    """A batch or message is over a configured cap, the key over its rate limit, or the server is
+    overloaded; ``retry_after`` is the server's hint in seconds (None when it sent none)."""
 
     default_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     retriable = True
 
+    def __init__(self, message: str, *, code: grpc.StatusCode | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
 
 class Unauthenticated(InterlinguaError):
-    """The call carried no API key or a wrong one."""
+    """The call carried no API key or one the server does not know."""
 
     default_code = grpc.StatusCode.UNAUTHENTICATED
 
@@ -189,4 +196,18 @@ def from_rpc_error(err: grpc.RpcError) -> InterlinguaError:
     cls = EXCEPTION_TABLE.get(code)
     if cls is None:
         return InterlinguaError(message, code=code)
+    if cls is ResourceExhausted:
+        return ResourceExhausted(message, retry_after=_retry_after(err))
     return cls(message)
+
+
+def _retry_after(err: grpc.RpcError) -> float | None:
+    """The ``retry-after`` trailing metadata of a failed call, in seconds, if any."""
+    trailing: Any = err.trailing_metadata() if isinstance(err, grpc.Call) else None
+    for key, value in trailing or ():
+        if key == "retry-after":
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                return None
+    return None

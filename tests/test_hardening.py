@@ -102,13 +102,13 @@ def test_open_streams_leave_unary_calls_a_worker(tmp_path: Path) -> None:
         )
         s.collections.CreateCollection(cpb.CreateCollectionRequest(name="c", home_space="old@1"), metadata=AUTH)
         for _ in range(4):
-            watch = health.Watch(health_pb2.HealthCheckRequest())
+            watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
             calls.append(watch)
         for _ in range(4):
             q: queue.Queue[object] = queue.Queue()
             ends.append(q)
-            calls.append(s.points.SearchStream(iter(q.get, None), metadata=AUTH))
+            calls.append(s.points.SearchStream(iter(q.get, None), metadata=AUTH, timeout=60))
         wait_until(lambda: srv.slots.open == 8)
         start = time.monotonic()
         info = s.collections.GetCollection(cpb.GetCollectionRequest(name="c"), metadata=AUTH, timeout=1.0)
