@@ -19,8 +19,6 @@ import json
 import queue
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -43,6 +41,7 @@ from interlingua.v1 import (
 
 from ._calibration import Gallery, Pairs, fit_requests
 from ._exceptions import DeadlineExceeded, FitFailed, InterlinguaError, InvalidArgument, Unavailable, from_rpc_error
+from ._tls import TLS
 from ._types import (
     KINDS,
     METRICS,
@@ -61,36 +60,6 @@ __all__ = ["TLS", "Client", "SearchStream"]
 _T = TypeVar("_T")
 #: tqdm layout of a fit's progress (the server reports a fraction and a stage name, not counts).
 FIT_BAR = "{desc} {percentage:3.0f}%|{bar}| [{elapsed}]"
-
-
-@dataclass(frozen=True)
-class TLS:
-    """TLS for a client's channel, from PEM files.
-
-    ``ca`` verifies the server's certificate (None: the system's roots); ``cert`` and ``key``
-    together present a client certificate (servers with ``client_ca`` require one);
-    ``server_name`` overrides the name checked against the server's certificate.
-    """
-
-    ca: str | Path | None = None
-    cert: str | Path | None = None
-    key: str | Path | None = None
-    server_name: str | None = None
-
-    def __post_init__(self) -> None:
-        if (self.cert is None) != (self.key is None):
-            raise InvalidArgument("TLS: give both cert and key for a client certificate, or neither")
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        def read(path: str | Path | None) -> bytes | None:
-            if path is None:
-                return None
-            try:
-                return Path(path).read_bytes()
-            except OSError as e:
-                raise InvalidArgument(f"TLS: cannot read {path}: {e.strerror}") from None
-
-        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
 
 
 class Client:

@@ -4,6 +4,13 @@ The standard ``grpc.health.v1`` service reports NOT_SERVING while the engine
 loads and recovers (which runs in the background after :meth:`Server.start`)
 and while it drains, SERVING in between; every other RPC answers UNAVAILABLE
 until then. Server reflection is on, so ``grpcurl list`` works.
+
+Interceptors, outermost first: the gate (``gate.py``: API key, role, rate limit,
+open-stream slots), metrics (``metrics.py``: known methods only), decoding
+(``rpcwrap.py``: a request that does not parse is INVALID_ARGUMENT). gRPC refuses
+a message over ``Limits.receive_bytes`` before parsing it, and runs at most
+``Limits.max_concurrent_rpcs`` calls. With ``config.tls`` the port serves TLS
+(client certificates required when ``tls.client_ca`` is set).
 """
 
 from __future__ import annotations
@@ -58,17 +65,19 @@ class Server:
         self.engine = Engine(config, self.metrics)
         self.keyring = Keyring.of(config)
         limits = config.limits
-        self.slots = StreamSlots(limits.max_streams, limits.max_streams_per_client)  #: open streams
+        #: open API streams, and open health/reflection streams (no key needed: a pool of their own)
+        self.slots = StreamSlots(limits.max_streams, limits.max_streams_per_client)
+        self.open_slots = StreamSlots(limits.max_streams, limits.max_streams_per_client)
         # The gate first: nothing reaches metrics or a handler before authentication; decoding last,
         # so a request that does not parse answers INVALID_ARGUMENT from inside the handler.
         interceptors: list[grpc.ServerInterceptor[Any, Any]] = [
-            GateInterceptor(self.keyring, RateLimiter(config.rate_limit), self.slots),
+            GateInterceptor(self.keyring, RateLimiter(config.rate_limit), self.slots, self.open_slots),
             MetricsInterceptor(self.metrics),
             DecodeInterceptor(),
         ]
-        # Streams hold a worker each and are capped at max_streams: the other `workers` threads
-        # stay free for unary calls.
-        pool = config.workers + limits.max_streams
+        # A stream holds a worker (but health Watch) and each pool of streams is capped at max_streams:
+        # the other `workers` threads stay free for unary calls.
+        pool = config.workers + 2 * limits.max_streams
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=pool,

@@ -2,10 +2,11 @@
 
 It runs before anything else looks at a call, so an unauthenticated caller creates
 no metric series and reaches no handler. Health checks and reflection stay open
-(load balancers call them without keys) but their streams take slots like any
-other: ``Watch`` streams and idle ``SearchStream`` calls are capped per caller
-(the API key's name, else the peer's address) and overall, and the worker pool
-holds ``workers + max_streams`` threads, so unary calls always find a worker.
+(load balancers call them without keys), so their streams (``Watch``, reflection)
+take slots from a pool of their own: unauthenticated callers cannot use up the
+slots of API streams. Both pools are capped per caller (the API key's name, else
+the peer's address) and overall, and the worker pool holds ``workers + 2 *
+max_streams`` threads, so unary calls always find a worker.
 Covered by ``tests/test_hardening.py`` and ``tests/test_security.py``.
 """
 
@@ -45,13 +46,15 @@ def _deny(kind: MethodKind | None, exc: InterlinguaError) -> Any:
 
 
 class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, keyring: Keyring, limiter: RateLimiter, slots: StreamSlots) -> None:
-        self.keyring, self.limiter, self.slots = keyring, limiter, slots
+    def __init__(self, keyring: Keyring, limiter: RateLimiter, slots: StreamSlots, open_slots: StreamSlots) -> None:
+        self.keyring, self.limiter = keyring, limiter
+        self.slots, self.open_slots = slots, open_slots  #: API streams; health and reflection streams
 
     def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
         method = details.method
+        is_open = method.startswith(OPEN_PREFIXES)
         principal: Principal | None = None
-        if self.keyring.enabled and not method.startswith(OPEN_PREFIXES):
+        if self.keyring.enabled and not is_open:
             try:
                 principal = self.keyring.authenticate(details.invocation_metadata)
                 self.keyring.authorize(principal, method)
@@ -62,19 +65,21 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or not (handler.request_streaming or handler.response_streaming):
             return handler
         caller = f"key:{principal.name}" if principal is not None else None
-        return wrap_rpc_behavior(handler, lambda behavior, _rq, _rs: self._slotted(behavior, caller))
+        slots = self.open_slots if is_open else self.slots
+        return wrap_rpc_behavior(handler, lambda behavior, _rq, _rs: _slotted(behavior, slots, caller))
 
-    def _slotted(self, behavior: Behavior, caller: str | None) -> Behavior:
-        slots = self.slots
 
-        def call(request: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
-            who = caller or peer_host(context.peer())
-            try:
-                slots.acquire(who)
-            except InterlinguaError as e:
-                abort_with(context, e)
-            if not context.add_callback(lambda: slots.release(who)):
-                slots.release(who)  # the call has ended already
-            return behavior(request, context, *callback)
+def _slotted(behavior: Behavior, slots: StreamSlots, caller: str | None) -> Behavior:
+    """``behavior`` holding one of ``slots`` while its call is open."""
 
-        return call
+    def call(request: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
+        who = caller or peer_host(context.peer())
+        try:
+            slots.acquire(who)
+        except InterlinguaError as e:
+            abort_with(context, e)
+        if not context.add_callback(lambda: slots.release(who)):
+            slots.release(who)  # the call has ended already
+        return behavior(request, context, *callback)
+
+    return call

@@ -109,7 +109,7 @@ def test_open_streams_leave_unary_calls_a_worker(tmp_path: Path) -> None:
             q: queue.Queue[object] = queue.Queue()
             ends.append(q)
             calls.append(s.points.SearchStream(iter(q.get, None), metadata=AUTH, timeout=60))
-        wait_until(lambda: srv.slots.open == 8)
+        wait_until(lambda: (srv.open_slots.open, srv.slots.open) == (4, 4))
         start = time.monotonic()
         info = s.collections.GetCollection(cpb.GetCollectionRequest(name="c"), metadata=AUTH, timeout=1.0)
         assert info.name == "c" and time.monotonic() - start < 1.0
@@ -125,16 +125,22 @@ def test_open_streams_leave_unary_calls_a_worker(tmp_path: Path) -> None:
 def test_streams_over_the_caps_are_refused_and_slots_come_back(env: tuple[Server, Stubs]) -> None:
     srv, s = env
     health = health_pb2_grpc.HealthStub(s.channel)
-    watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(LIMITS.max_streams_per_client)]
+    watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(LIMITS.max_streams_per_client)]
     for w in watches:
         next(w)
     with pytest.raises(grpc.RpcError) as exc:
-        next(health.Watch(health_pb2.HealthCheckRequest()))
+        next(health.Watch(health_pb2.HealthCheckRequest(), timeout=60))
     assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "per client" in (exc.value.details() or "")
     assert s.info("gallery").num_points == 20  # unary calls still answer
+    # health streams (open without a key) have their own slots: API streams still open
+    xq = make_data(1, D, seed=2)
+    req = ppb.SearchRequest(
+        collection="gallery", query_space="old@1", k=2, queries=pb.Vectors(data=xq.tobytes(), dim=D)
+    )
+    assert [r.k for r in s.points.SearchStream(iter([req]), timeout=10)] == [2]
     for w in watches:
         w.cancel()
-    wait_until(lambda: srv.slots.open == 0)
+    wait_until(lambda: srv.open_slots.open == 0 and srv.slots.open == 0)
     w = health.Watch(health_pb2.HealthCheckRequest())
     assert next(w).status == health_pb2.HealthCheckResponse.SERVING
     w.cancel()

@@ -322,3 +322,16 @@ def test_denied_calls_change_nothing(secured: tuple[Server, int]) -> None:
         s.collections.DeleteCollection(cpb.DeleteCollectionRequest(name="gallery"), metadata=md("write-key"))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     s.channel.close()
+
+
+def test_readme_toml_example_is_a_valid_config(tmp_path: Path) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", readme, re.S)
+    assert block is not None
+    toml = tmp_path / "readme.toml"
+    toml.write_text(block.group(1).replace("<printf %s KEY | sha256sum>", hash_key("k")))
+    cfg = build_server_config(_args(config=str(toml)), environ={})
+    assert cfg.tls is not None and cfg.tls.client_ca == Path("ca.pem")
+    assert [(k.name, k.role) for k in cfg.keys] == [("frontend", "read")] and cfg.rate_limit.burst == 100
