@@ -22,7 +22,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-__all__ = ["Checkpoint", "load", "save"]
+__all__ = ["Checkpoint", "load", "remove", "save"]
 
 log = logging.getLogger(__name__)
 FORMAT = "interlingua-index-v1"
@@ -91,3 +91,11 @@ def load(folder: Path, *, spec: str, d: int, metric: str) -> Checkpoint | None:
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         log.warning("checkpoint %s is unusable (%s); the index will be rebuilt from the store", path, e)
         return None
+
+
+def remove(folder: Path) -> None:
+    """Deletes the checkpoint in ``folder``, durably (a restart then rebuilds from the store)."""
+    path = folder / FILENAME
+    if path.exists():
+        path.unlink()
+        _fsync_dir(folder)

@@ -5,6 +5,14 @@ Every write follows the same order under the collection's write lock: checks
 return) -> apply to the in-memory :class:`~.segments.Segments` -> acknowledge.
 So an acknowledged write is in the store (survives ``kill -9``) and in the
 next search's snapshot (read-your-writes). Searches take no lock.
+
+A collection whose index cannot be built is *failed* (:class:`Failure`) instead of
+taking the process down: one that cannot even be opened (an index spec the
+service no longer accepts, a missing basis transform) answers every point RPC
+with FAILED_PRECONDITION; one whose training or merge raised keeps taking writes
+but answers searches with FAILED_PRECONDITION, and the build is retried with an
+exponential back-off (sooner once new writes arrive), never in a tight loop.
+Covered by ``tests/test_index_safety.py``; compaction by ``tests/test_compaction.py``.
 """
 
 from __future__ import annotations
@@ -21,18 +29,22 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint
+from .compaction import COMPACT_FRACTION, COMPACT_MIN_DEAD, compact
 from .device import Device
-from .errors import NotFound
+from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .funnel import check_funnel, rerank, shrink
+from .index_spec import IndexSpec
 from .metrics import Metrics
 from .routes import Route, map_queries
-from .segments import IndexSpec, Segments, Snapshot
+from .segments import Segments, Snapshot
 from .store import CollectionRow, SpaceRow, Store
 from .transforms import Transform
 
-__all__ = ["SEARCH_STAGES", "Collection", "PointRecord"]
+__all__ = ["SEARCH_STAGES", "Collection", "Failure", "PointRecord"]
 
 SEARCH_STAGES = ("validate", "transform", "index", "fetch")  #: stages of interlingua_search_seconds
+RETRY_FIRST_SECONDS = 1.0  #: a failed index build is retried after this long, doubling at each failure...
+RETRY_MAX_SECONDS = 300.0  #: ...up to this; new writes bring the retry forward to RETRY_FIRST_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +55,15 @@ class PointRecord:
     vectors: dict[str, bytes]  #: space -> packed float32 vector
     payload: str | None
     sequence: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a collection's index cannot be served."""
+
+    reason: str
+    at: float  #: server time of the failure, seconds since the Unix epoch
+    permanent: bool  #: the collection could not be opened: every point RPC fails, nothing is retried
 
 
 class Collection:
@@ -69,10 +90,28 @@ class Collection:
         self.metrics = metrics
         #: dimensions the index holds: a Matryoshka prefix, or all of them
         self.index_dims = row.prefix_dims or home.dim
-        self.spec = IndexSpec.parse(row.index_spec, self.index_dims, home.metric, row.ef_construction)
-        self.segments = Segments(self.spec, row.train_min_points, self.device, row.name)
-        #: prefix collections: every home vector by label, full dimension, for reranking
-        self.full = np.zeros((1024 if row.prefix_dims else 0, home.dim), dtype=np.float32)
+        self.failure: Failure | None = None
+        self._failures = 0  # consecutive failed builds
+        self._failed_at = self._retry_at = 0.0  # time.monotonic() of the last failure and of its retry
+        self._fail_seq = 0  # last_sequence at the last failure
+        broken = ""
+        try:
+            self.spec = IndexSpec.parse(row.index_spec, self.index_dims, home.metric, row.ef_construction)
+        except InvalidArgument as e:  # a spec an earlier version accepted: never build it
+            self.spec, broken = IndexSpec.parse("Flat", self.index_dims, home.metric), e.message
+        train_min = row.train_min_points
+        if self.spec.needs_training and train_min < self.spec.min_train_points:
+            log.warning(
+                "collection %s: train_min_points raised from %d to %d, the fewest points its index trains on",
+                self.name,
+                train_min,
+                self.spec.min_train_points,
+            )
+            train_min = self.spec.min_train_points
+        self.segments = Segments(self.spec, train_min, self.device, row.name)
+        #: prefix collections: (label epoch, every home vector by label in full dimension) for reranking;
+        #: one reference, swapped whole, so a search pairs its snapshot's labels with the same numbering
+        self.full: tuple[int, np.ndarray] = (0, np.zeros((1024 if row.prefix_dims else 0, home.dim), np.float32))
         self.routes: Mapping[str, Route] = {}  #: replaced whole on every change (one reference swap)
         self.lock = threading.Lock()  # serializes writes (and drop)
         self.maint_lock = threading.Lock()  # serializes merges, checkpoints and drop
@@ -83,15 +122,24 @@ class Collection:
         self.last_sequence = row.last_sequence
         self.checkpoint_sequence = 0
         self.last_write = time.monotonic()
+        self.compactions = 0  #: sealed-index rebuilds that reclaimed dead labels since start-up
+        self.compact_not_before = 0.0  #: time.monotonic() before which no compaction is tried (after one raised)
         #: interlingua_search_seconds children, looked up once rather than per search
         self.stage_timers = {s: metrics.search_seconds.labels(self.name, s) for s in SEARCH_STAGES}
+        metrics.compactions.labels(self.name)  # exported at 0 from the start
+        if broken:
+            self.fail(broken, permanent=True)
 
     # -- recovery ------------------------------------------------------------------------------
 
-    def recover(self) -> int:
+    def recover(self, compact_fraction: float = COMPACT_FRACTION, compact_min_dead: int = COMPACT_MIN_DEAD) -> int:
         """Loads the checkpoint (if usable) and replays newer home vectors from the store.
-        Returns the number of replayed vectors."""
+        Returns the number of replayed vectors. A collection that cannot be opened loads its counts only."""
         d, cid = self.home.dim, self.row.cid
+        if self.failure is not None and self.failure.permanent:
+            self.counts = self.store.vector_counts(cid)
+            self.publish_gauges()
+            return 0
         ids, labels = self.store.home_labels(cid, self.home.name)
         ck = checkpoint.load(self.folder, spec=self.spec.spec, d=self.index_dims, metric=self.home.metric)
         if ck is not None and ck.nsealed > self.next_label:
@@ -113,9 +161,10 @@ class Collection:
         if self.row.prefix_dims:
             read_labels = read_labels.copy()
             read_labels[tail] = dense  # as relabelled above
-            self.full = np.zeros((max(self.next_label, 1024), d), dtype=np.float32)
-            self.full[read_labels] = self.to_basis(read_x)
-        fresh_x = self._index_view(self.to_basis(fresh_x))
+            full = np.zeros((max(self.next_label, 1024), d), dtype=np.float32)
+            full[read_labels] = self.to_basis(read_x)
+            self.full = (self.segments.snapshot.epoch, full)
+        fresh_x = self.index_view(self.to_basis(fresh_x))
         sealed = ck.index if ck else None
         self.segments.restore(sealed, self.next_label, ids, labels, fresh_x, self.last_sequence)
         self.checkpoint_sequence = ck.sequence if ck else 0
@@ -126,6 +175,7 @@ class Collection:
         self.publish_gauges()
         if self.segments.wants_merge(0, 0.0, idle=True):  # rebuild or catch up before serving
             self.maintain(force=True)
+        compact(self, fraction=compact_fraction, min_dead=compact_min_dead)  # dead labels of the checkpoint
         return len(fresh_labels)
 
     # -- writes (callers validated the input) ---------------------------------------------------
@@ -146,13 +196,14 @@ class Collection:
             if first is not None:
                 x = self.to_basis(x)  # the store keeps the vectors as given; the index sees the basis
                 if self.row.prefix_dims:  # full vectors first: a published label is always rerankable
-                    full = self.full
+                    epoch, old = self.full
+                    full = old
                     if full.shape[0] < first + len(ids):
                         full = np.zeros((max(2 * full.shape[0], first + len(ids)), full.shape[1]), np.float32)
-                        full[: self.full.shape[0]] = self.full
+                        full[: old.shape[0]] = old
                     full[first : first + len(ids)] = x
-                    self.full = full
-                self.segments.append(first, ids, self._index_view(x), dead, seq)
+                    self.full = (epoch, full)
+                self.segments.append(first, ids, self.index_view(x), dead, seq)
                 self.next_label += len(ids)
                 self.pids.update(zip(ids, range(first, first + len(ids)), strict=True))
             else:
@@ -186,10 +237,55 @@ class Collection:
     def _check_live(self) -> None:
         if self.dropped:
             raise NotFound(f"collection {self.name!r} was deleted")
+        if self.failure is not None and self.failure.permanent:
+            raise FailedPrecondition(f"collection {self.name!r} failed: {self.failure.reason}")
+
+    # -- failure -------------------------------------------------------------------------------
+
+    def state(self) -> str:
+        """The state: "failed", or the index state ("exact", "training" or "ready")."""
+        return "failed" if self.failure is not None else self.segments.state()
+
+    def fail(self, reason: str, *, permanent: bool = False) -> None:
+        """Marks the collection failed; a build failure is retried after a back-off."""
+        self._failures += 1
+        delay = min(RETRY_FIRST_SECONDS * 2 ** (self._failures - 1), RETRY_MAX_SECONDS)
+        self._failed_at = time.monotonic()
+        self._retry_at, self._fail_seq = self._failed_at + delay, self.last_sequence
+        self.failure = Failure(reason, time.time(), permanent)
+        if permanent:
+            log.error("collection %s is failed and will not be served until it is fixed: %s", self.name, reason)
+        else:
+            log.warning("collection %s is failed (%s); retrying in %.0fs or on new writes", self.name, reason, delay)
+        self.publish_gauges()
+
+    def _may_build(self) -> bool:
+        """False while a failed build waits for its retry (new writes: after RETRY_FIRST_SECONDS)."""
+        f = self.failure
+        if f is None:
+            return True
+        if f.permanent:
+            return False
+        now = time.monotonic()
+        if self.last_sequence != self._fail_seq:
+            return now >= min(self._retry_at, self._failed_at + RETRY_FIRST_SECONDS)
+        return now >= self._retry_at
+
+    def check_search(self, ef_search: int | None, nprobe: int | None) -> None:
+        """FAILED_PRECONDITION on a failed collection, then the index's own parameter checks."""
+        if self.failure is not None:
+            raise FailedPrecondition(f"collection {self.name!r} failed: {self.failure.reason}")
+        self.segments.check_params(ef_search, nprobe)
+
+    def num_points(self) -> int:
+        if self.failure is not None and self.failure.permanent:
+            return self.store.point_count(self.row.cid)
+        return len(self.pids)
 
     # -- reads ---------------------------------------------------------------------------------
 
     def get(self, ids: list[str], with_vectors: bool, with_payload: bool, spaces: set[str]) -> list[PointRecord]:
+        self._check_live()
         missing = [pid for pid in ids if pid not in self.pids]
         if missing:
             raise NotFound(_missing_message(self.name, missing))
@@ -205,13 +301,8 @@ class Collection:
         return out
 
     def index_bytes_per_vector(self) -> int:
-        """FAISS code size of one vector in this collection's index."""
-        sealed = self.segments.snapshot.sealed
-        index = sealed if sealed is not None else self.spec.new_index()
-        try:
-            return int(index.sa_code_size())
-        except RuntimeError:  # HNSW and a few others do not implement sa_code_size: flat storage
-            return 4 * self.index_dims
+        """FAISS code size of one vector in this collection's index (from the spec: no index is built)."""
+        return self.spec.bytes_per_vector
 
     def recall_at_dims(self) -> dict[int, float]:
         """Recall@10 per prefix dimension from the basis transform's report (``recall_at_dims``), if any."""
@@ -226,7 +317,7 @@ class Collection:
         device = self.device if side == "query" else None
         return map_queries(self.basis, x, self.home.metric, self.home.dim, side, device)
 
-    def _index_view(self, x: np.ndarray) -> np.ndarray:
+    def index_view(self, x: np.ndarray) -> np.ndarray:
         """What the index holds of vectors x (n, d): their Matryoshka prefix, or x itself."""
         if not self.row.prefix_dims:
             return x
@@ -243,10 +334,18 @@ class Collection:
         """xq : (nq, d) in the home space. Returns D (nq, k), ids (nq, k) object array, snapshot.
 
         Prefix collections search ``funnel`` = (shortlist_k, stages) from :func:`~.funnel.check_funnel`."""
+        if self.failure is not None:
+            raise FailedPrecondition(f"collection {self.name!r} failed: {self.failure.reason}")
         if self.row.prefix_dims:
             shortlist_k, stages = funnel or check_funnel(self.home.dim, self.row.prefix_dims, k, None, [])
-            _, I0, snap = self.segments.search(self._index_view(xq), shortlist_k, ef_search, nprobe)
-            D, I = rerank(xq, self.full, I0, stages, self.home.metric)
+            for _ in range(8):  # a compaction renumbered the labels between the search and the read: again
+                _, I0, snap = self.segments.search(self.index_view(xq), shortlist_k, ef_search, nprobe)
+                epoch, full = self.full
+                if epoch == snap.epoch:
+                    break
+            else:
+                raise Unavailable(f"collection {self.name!r} is being compacted; retry the search")
+            D, I = rerank(xq, full, I0, stages, self.home.metric)
         else:
             D, I, snap = self.segments.search(xq, k, ef_search, nprobe)
         ids = snap.ids[np.maximum(I, 0)]
@@ -269,28 +368,44 @@ class Collection:
         idle_seconds: float = 0.0,
         force: bool = False,
         checkpoint_after: bool = True,
+        compact_fraction: float | None = None,
+        compact_min_dead: int = COMPACT_MIN_DEAD,
     ) -> bool:
-        """Merges the fresh segment (training the index first if needed) and checkpoints it."""
-        idle = force or time.monotonic() - self.last_write >= idle_seconds
-        if not self.segments.wants_merge(min_fresh, fraction, idle):
+        """Merges the fresh segment (training the index first if needed) and checkpoints it, then
+        compacts when dead labels pass ``compact_fraction`` (None: never). A build that raises marks
+        the collection failed (:meth:`fail`) instead; it is retried after a back-off. Returns True
+        after a merge."""
+        if not self._may_build():
             return False
-        with self.maint_lock:
-            if self.dropped:
-                return False
-            merged = self.segments.merge()
-            self.publish_gauges()
-            if merged is not None and checkpoint_after and merged.sealed is not None:
-                start = time.perf_counter()
-                checkpoint.save(
-                    self.folder,
-                    merged.sealed,
-                    sequence=merged.sequence,
-                    spec=self.spec.spec,
-                    d=self.home.dim,
-                    metric=self.home.metric,
-                )
-                self.checkpoint_sequence = merged.sequence
-                self.metrics.checkpoint_seconds.observe(time.perf_counter() - start)
+        idle = force or time.monotonic() - self.last_write >= idle_seconds
+        merged = None
+        if self.segments.wants_merge(min_fresh, fraction, idle):
+            with self.maint_lock:
+                if self.dropped:
+                    return False
+                try:
+                    merged = self.segments.merge()
+                except Exception as e:  # FAISS throws RuntimeError; MemoryError and the like fail it too
+                    self.fail(f"building index {self.spec.spec!r} failed: {_reason(e)}")
+                    return False
+                if self.failure is not None:
+                    log.info("collection %s: its index was built; no longer failed", self.name)
+                    self.failure, self._failures = None, 0
+                self.publish_gauges()
+                if merged is not None and checkpoint_after and merged.sealed is not None:
+                    start = time.perf_counter()
+                    checkpoint.save(
+                        self.folder,
+                        merged.sealed,
+                        sequence=merged.sequence,
+                        spec=self.spec.spec,
+                        d=self.index_dims,
+                        metric=self.home.metric,
+                    )
+                    self.checkpoint_sequence = merged.sequence
+                    self.metrics.checkpoint_seconds.observe(time.perf_counter() - start)
+        if compact_fraction is not None:
+            compact(self, fraction=compact_fraction, min_dead=compact_min_dead, checkpoint_after=checkpoint_after)
         return merged is not None
 
     def drop(self) -> None:
@@ -300,14 +415,26 @@ class Collection:
             shutil.rmtree(self.folder, ignore_errors=True)
         for space in self.counts:
             self.metrics.points.remove(self.name, space)
-        self.metrics.index_ready.remove(self.name)
+        for gauge in (self.metrics.index_ready, self.metrics.dead_labels, self.metrics.collection_failed):
+            gauge.remove(self.name)
+        self.metrics.compactions.remove(self.name)
         for stage in SEARCH_STAGES:
             self.metrics.search_seconds.remove(self.name, stage)
 
     def publish_gauges(self) -> None:
         for space, n in self.counts.items():
             self.metrics.points.labels(self.name, space).set(n)
-        self.metrics.index_ready.labels(self.name).set(1 if self.segments.state() == "ready" else 0)
+        self.metrics.index_ready.labels(self.name).set(1 if self.state() == "ready" else 0)
+        s = self.segments.snapshot
+        self.metrics.dead_labels.labels(self.name).set(s.ndead_sealed + s.ndead_fresh)
+        self.metrics.collection_failed.labels(self.name).set(1 if self.failure is not None else 0)
+
+
+def _reason(e: BaseException) -> str:
+    """One line of an exception for a failure reason: FAISS's own message without its source location."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = text.rsplit("Error: ", 1)[-1]
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _missing_message(collection: str, missing: list[str]) -> str:

@@ -12,7 +12,9 @@ keep every vector in the fresh segment, so search is exact, until
 Labels are int64, allocated in order and never reused: label ``i`` is row
 ``i`` of the sealed index (when ``i < nsealed``) or row ``i - nsealed`` of the
 fresh segment. Deleted or overwritten labels are cleared in the ``alive``
-bitmap and filtered with ``faiss.IDSelectorBitmap``.
+bitmap and filtered with ``faiss.IDSelectorBitmap``. A compaction (``compaction.py``) rebuilds the sealed
+index from the live vectors and renumbers the labels densely, in order
+(:meth:`Segments.relabeled`); each renumbering raises ``Snapshot.epoch``.
 
 On a GPU :class:`~.device.Device` a snapshot keeps the CPU sealed index (merges,
 checkpoints) beside its search copy ``sealed_search`` (the GPU clone, or the CPU
@@ -26,7 +28,6 @@ tests in ``tests/test_points.py`` and ``tests/test_gpu.py``.
 from __future__ import annotations
 
 import dataclasses
-import re
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -34,63 +35,15 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .device import GPU_MAX_K, Device, inner_index
+from .device import GPU_MAX_K, Device
 from .errors import InvalidArgument
+from .index_spec import IndexSpec
 
-__all__ = ["IndexSpec", "Segments", "Snapshot", "drop_dead"]
+__all__ = ["IndexSpec", "Segments", "Snapshot", "drop_dead"]  # IndexSpec: re-exported from index_spec.py
 
-FAISS_METRIC = {"cosine": faiss.METRIC_INNER_PRODUCT, "ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 DEFAULT_EF_SEARCH = 64  #: HNSW efSearch when a request sets none
 DEFAULT_NPROBE = 16  #: IVF nprobe when a request sets none (capped at nlist)
-MAX_EF_CONSTRUCTION = 4096  #: largest HNSW efConstruction a collection may ask for
 TRAIN_SAMPLE_MAX = 262144  #: most vectors used to train an index
-
-
-@dataclass(frozen=True)
-class IndexSpec:
-    """A FAISS factory string checked against a dimension and metric."""
-
-    spec: str
-    d: int
-    metric: str
-    needs_training: bool
-    is_hnsw: bool
-    nlist: int  #: IVF lists, 0 for non-IVF indexes
-    default_train_min: int  #: points needed before training (0: no training needed)
-    ef_construction: int = 0  #: HNSW efConstruction (0: FAISS's default, 40)
-
-    @classmethod
-    def parse(cls, spec: str, d: int, metric: str, ef_construction: int = 0) -> IndexSpec:
-        spec = spec.strip() or "Flat"
-        if "IDMap" in spec or spec.startswith("Refine"):
-            raise InvalidArgument(f"index spec {spec!r}: IDMap and Refine wrappers are managed by the service")
-        try:
-            index = faiss.index_factory(d, spec, FAISS_METRIC[metric])
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[-1] if str(e).strip() else "not a valid factory string"
-            raise InvalidArgument(f"index spec {spec!r} is not valid for d={d}: {first}") from None
-        ivf = faiss.try_extract_index_ivf(index)
-        nlist = int(ivf.nlist) if ivf is not None else 0
-        needs = not index.is_trained
-        default_min = 0
-        if needs:
-            default_min = max(39 * nlist, 256)
-            if re.search(r"PQ\d", spec) or "SQ" in spec:
-                default_min = max(default_min, 9984)
-        is_hnsw = isinstance(inner_index(index), faiss.IndexHNSW)
-        if ef_construction and not is_hnsw:
-            raise InvalidArgument(f"ef_construction applies to HNSW indexes; index spec {spec!r} is not one")
-        if not 0 <= ef_construction <= MAX_EF_CONSTRUCTION:
-            raise InvalidArgument(
-                f"ef_construction is {ef_construction}; it must be at most {MAX_EF_CONSTRUCTION} (0: the default, 40)"
-            )
-        return cls(spec, d, metric, needs, is_hnsw, nlist, default_min, ef_construction)
-
-    def new_index(self) -> Any:
-        index = faiss.index_factory(self.d, self.spec, FAISS_METRIC[self.metric])
-        if self.ef_construction:
-            inner_index(index).hnsw.efConstruction = self.ef_construction
-        return index
 
 
 @dataclass(frozen=True)
@@ -108,6 +61,7 @@ class Snapshot:
     ndead_sealed: int  #: dead labels below nsealed (a selector is needed when > 0)
     ndead_fresh: int  #: dead labels in the fresh segment
     sequence: int  #: last write applied
+    epoch: int = 0  #: label numbering: +1 at each compaction, which gives the live labels new numbers
 
     @property
     def nlabels(self) -> int:
@@ -458,6 +412,66 @@ class Segments:
                 self.snapshot = new
             # the checkpoint of this index covers the writes up to s.sequence
             return dataclasses.replace(new, sequence=s.sequence)
+
+    # -- compaction (background; see compaction.py) --------------------------------------------
+
+    def wants_compaction(self, fraction: float, min_dead: int) -> bool:
+        """True when more than ``min_dead`` sealed labels, and more than ``fraction`` of them, are dead."""
+        s = self.snapshot
+        return s.sealed is not None and s.ndead_sealed > min_dead and s.ndead_sealed > fraction * s.nsealed
+
+    def compacted_index(self, s: Snapshot, xb: np.ndarray) -> Any:
+        """A new sealed index holding xb, shape (m, d): the live rows of ``s.sealed`` in label order.
+        A trained index keeps its training (cloned, then emptied); the others are built anew."""
+        if self.spec.needs_training:
+            sealed: Any = s.sealed
+            index = faiss.clone_index(sealed)
+            index.reset()
+        else:
+            index = self.spec.new_index()
+        if len(xb):
+            index.add(np.ascontiguousarray(xb, dtype=np.float32))
+        return index
+
+    def relabeled(self, live: np.ndarray, index: Any, search_copy: Any) -> tuple[Snapshot, np.ndarray]:
+        """The snapshot after a compaction, and old label -> new label (-1: dropped), shape (nlabels,).
+
+        ``index`` holds the sealed labels ``live`` (shape (m,), ascending) as its rows 0..m-1; the
+        fresh labels move down by nsealed - m, in order. Run under the collection's write lock, then
+        :meth:`publish`: no append or kill may come between. Labels killed since ``live`` was read
+        stay dead in the new numbering."""
+        cur = self.snapshot
+        nsealed, nf, m = cur.nsealed, cur.nfresh, len(live)
+        bits = _bit_slice(cur.alive, 0, cur.nlabels) if cur.nlabels else np.zeros(0, dtype=bool)
+        listed = np.zeros(nsealed, dtype=bool)
+        listed[live] = True
+        if (bits[:nsealed] & ~listed).any():  # the store read must hold every label still alive
+            raise RuntimeError(f"compaction of {self.name}: a live sealed label is missing from the rebuilt index")
+        old2new = np.full(cur.nlabels, -1, dtype=np.int64)
+        old2new[live] = np.arange(m)
+        old2new[nsealed:] = np.arange(m, m + nf)
+        n = m + nf
+        alive = np.zeros((n + 7) // 8 + 1, dtype=np.uint8)
+        alive[: (n + 7) // 8] = np.packbits(np.concatenate([bits[live], bits[nsealed:]]), bitorder="little")
+        ids = np.empty(max(n, 1024), dtype=object)
+        ids[:m] = cur.ids[live]
+        ids[m:n] = cur.ids[nsealed : cur.nlabels]
+        new = dataclasses.replace(
+            cur,
+            sealed=index,
+            sealed_search=search_copy,
+            nsealed=m,
+            alive=alive,
+            ids=ids,
+            ndead_sealed=int(m - np.count_nonzero(bits[live])),
+            epoch=cur.epoch + 1,
+        )
+        return new, old2new
+
+    def publish(self, s: Snapshot) -> None:
+        """Makes ``s`` the snapshot searches read (one reference swap)."""
+        with self._swap_lock:
+            self.snapshot = s
 
     def _trained(self, s: Snapshot, rows: np.ndarray) -> Any:
         live = np.flatnonzero(_bit_slice(s.alive, s.nsealed, s.nlabels))

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n interlingua/v1/collections.proto\x12\x0einterlingua.v1\"\xb0\x01\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nhome_space\x18\x02 \x01(\t\x12\x12\n\nindex_spec\x18\x03 \x01(\t\x12\x18\n\x10train_min_points\x18\x04 \x01(\x04\x12\x13\n\x0bprefix_dims\x18\x05 \x01(\r\x12\x17\n\x0f\x62\x61sis_transform\x18\x06 \x01(\t\x12\x17\n\x0f\x65\x66_construction\x18\x07 \x01(\r\"$\n\x14GetCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xbe\x05\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nhome_space\x18\x02 \x01(\t\x12\x12\n\nindex_spec\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.interlingua.v1.IndexState\x12\x12\n\nnum_points\x18\x05 \x01(\x04\x12N\n\x11vectors_per_space\x18\x06 \x03(\x0b\x32\x33.interlingua.v1.CollectionInfo.VectorsPerSpaceEntry\x12\x17\n\x0findexed_vectors\x18\x07 \x01(\x04\x12\x15\n\rfresh_vectors\x18\x08 \x01(\x04\x12\x15\n\rlast_sequence\x18\t \x01(\x04\x12\x1b\n\x13\x63heckpoint_sequence\x18\n \x01(\x04\x12\x18\n\x10train_min_points\x18\x0b \x01(\x04\x12\x12\n\ncreated_at\x18\x0c \x01(\x01\x12\x16\n\x0e\x64\x65leted_labels\x18\r \x01(\x04\x12\x13\n\x0bprefix_dims\x18\x0e \x01(\r\x12\x1e\n\x16index_bytes_per_vector\x18\x0f \x01(\r\x12\x1f\n\x17rerank_bytes_per_vector\x18\x10 \x01(\r\x12\x17\n\x0f\x62\x61sis_transform\x18\x11 \x01(\t\x12H\n\x0erecall_at_dims\x18\x12 \x03(\x0b\x32\x30.interlingua.v1.CollectionInfo.RecallAtDimsEntry\x12\x17\n\x0f\x65\x66_construction\x18\x13 \x01(\r\x1a\x36\n\x14VectorsPerSpaceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x33\n\x11RecallAtDimsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x18\n\x16ListCollectionsRequest\"N\n\x17ListCollectionsResponse\x12\x33\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1e.interlingua.v1.CollectionInfo\"\'\n\x17\x44\x65leteCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteCollectionResponse*q\n\nIndexState\x12\x1b\n\x17INDEX_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11INDEX_STATE_EXACT\x10\x01\x12\x18\n\x14INDEX_STATE_TRAINING\x10\x02\x12\x15\n\x11INDEX_STATE_READY\x10\x03\x32\x92\x03\n\x11\x43ollectionService\x12[\n\x10\x43reateCollection\x12\'.interlingua.v1.CreateCollectionRequest\x1a\x1e.interlingua.v1.CollectionInfo\x12U\n\rGetCollection\x12$.interlingua.v1.GetCollectionRequest\x1a\x1e.interlingua.v1.CollectionInfo\x12\x62\n\x0fListCollections\x12&.interlingua.v1.ListCollectionsRequest\x1a\'.interlingua.v1.ListCollectionsResponse\x12\x65\n\x10\x44\x65leteCollection\x12\'.interlingua.v1.DeleteCollectionRequest\x1a(.interlingua.v1.DeleteCollectionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n interlingua/v1/collections.proto\x12\x0einterlingua.v1\"\xb0\x01\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nhome_space\x18\x02 \x01(\t\x12\x12\n\nindex_spec\x18\x03 \x01(\t\x12\x18\n\x10train_min_points\x18\x04 \x01(\x04\x12\x13\n\x0bprefix_dims\x18\x05 \x01(\r\x12\x17\n\x0f\x62\x61sis_transform\x18\x06 \x01(\t\x12\x17\n\x0f\x65\x66_construction\x18\x07 \x01(\r\"$\n\x14GetCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xfe\x05\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nhome_space\x18\x02 \x01(\t\x12\x12\n\nindex_spec\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.interlingua.v1.IndexState\x12\x12\n\nnum_points\x18\x05 \x01(\x04\x12N\n\x11vectors_per_space\x18\x06 \x03(\x0b\x32\x33.interlingua.v1.CollectionInfo.VectorsPerSpaceEntry\x12\x17\n\x0findexed_vectors\x18\x07 \x01(\x04\x12\x15\n\rfresh_vectors\x18\x08 \x01(\x04\x12\x15\n\rlast_sequence\x18\t \x01(\x04\x12\x1b\n\x13\x63heckpoint_sequence\x18\n \x01(\x04\x12\x18\n\x10train_min_points\x18\x0b \x01(\x04\x12\x12\n\ncreated_at\x18\x0c \x01(\x01\x12\x16\n\x0e\x64\x65leted_labels\x18\r \x01(\x04\x12\x13\n\x0bprefix_dims\x18\x0e \x01(\r\x12\x1e\n\x16index_bytes_per_vector\x18\x0f \x01(\r\x12\x1f\n\x17rerank_bytes_per_vector\x18\x10 \x01(\r\x12\x17\n\x0f\x62\x61sis_transform\x18\x11 \x01(\t\x12H\n\x0erecall_at_dims\x18\x12 \x03(\x0b\x32\x30.interlingua.v1.CollectionInfo.RecallAtDimsEntry\x12\x17\n\x0f\x65\x66_construction\x18\x13 \x01(\r\x12\x16\n\x0e\x66\x61ilure_reason\x18\x14 \x01(\t\x12\x11\n\tfailed_at\x18\x15 \x01(\x01\x12\x13\n\x0b\x63ompactions\x18\x16 \x01(\x04\x1a\x36\n\x14VectorsPerSpaceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x33\n\x11RecallAtDimsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x18\n\x16ListCollectionsRequest\"N\n\x17ListCollectionsResponse\x12\x33\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1e.interlingua.v1.CollectionInfo\"\'\n\x17\x44\x65leteCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteCollectionResponse*\x89\x01\n\nIndexState\x12\x1b\n\x17INDEX_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11INDEX_STATE_EXACT\x10\x01\x12\x18\n\x14INDEX_STATE_TRAINING\x10\x02\x12\x15\n\x11INDEX_STATE_READY\x10\x03\x12\x16\n\x12INDEX_STATE_FAILED\x10\x04\x32\x92\x03\n\x11\x43ollectionService\x12[\n\x10\x43reateCollection\x12\'.interlingua.v1.CreateCollectionRequest\x1a\x1e.interlingua.v1.CollectionInfo\x12U\n\rGetCollection\x12$.interlingua.v1.GetCollectionRequest\x1a\x1e.interlingua.v1.CollectionInfo\x12\x62\n\x0fListCollections\x12&.interlingua.v1.ListCollectionsRequest\x1a\'.interlingua.v1.ListCollectionsResponse\x12\x65\n\x10\x44\x65leteCollection\x12\'.interlingua.v1.DeleteCollectionRequest\x1a(.interlingua.v1.DeleteCollectionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,26 +35,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COLLECTIONINFO_VECTORSPERSPACEENTRY']._serialized_options = b'8\001'
   _globals['_COLLECTIONINFO_RECALLATDIMSENTRY']._loaded_options = None
   _globals['_COLLECTIONINFO_RECALLATDIMSENTRY']._serialized_options = b'8\001'
-  _globals['_INDEXSTATE']._serialized_start=1149
-  _globals['_INDEXSTATE']._serialized_end=1262
+  _globals['_INDEXSTATE']._serialized_start=1214
+  _globals['_INDEXSTATE']._serialized_end=1351
   _globals['_CREATECOLLECTIONREQUEST']._serialized_start=53
   _globals['_CREATECOLLECTIONREQUEST']._serialized_end=229
   _globals['_GETCOLLECTIONREQUEST']._serialized_start=231
   _globals['_GETCOLLECTIONREQUEST']._serialized_end=267
   _globals['_COLLECTIONINFO']._serialized_start=270
-  _globals['_COLLECTIONINFO']._serialized_end=972
-  _globals['_COLLECTIONINFO_VECTORSPERSPACEENTRY']._serialized_start=865
-  _globals['_COLLECTIONINFO_VECTORSPERSPACEENTRY']._serialized_end=919
-  _globals['_COLLECTIONINFO_RECALLATDIMSENTRY']._serialized_start=921
-  _globals['_COLLECTIONINFO_RECALLATDIMSENTRY']._serialized_end=972
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=974
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=998
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=1000
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=1078
-  _globals['_DELETECOLLECTIONREQUEST']._serialized_start=1080
-  _globals['_DELETECOLLECTIONREQUEST']._serialized_end=1119
-  _globals['_DELETECOLLECTIONRESPONSE']._serialized_start=1121
-  _globals['_DELETECOLLECTIONRESPONSE']._serialized_end=1147
-  _globals['_COLLECTIONSERVICE']._serialized_start=1265
-  _globals['_COLLECTIONSERVICE']._serialized_end=1667
+  _globals['_COLLECTIONINFO']._serialized_end=1036
+  _globals['_COLLECTIONINFO_VECTORSPERSPACEENTRY']._serialized_start=929
+  _globals['_COLLECTIONINFO_VECTORSPERSPACEENTRY']._serialized_end=983
+  _globals['_COLLECTIONINFO_RECALLATDIMSENTRY']._serialized_start=985
+  _globals['_COLLECTIONINFO_RECALLATDIMSENTRY']._serialized_end=1036
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=1038
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=1062
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=1064
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=1142
+  _globals['_DELETECOLLECTIONREQUEST']._serialized_start=1144
+  _globals['_DELETECOLLECTIONREQUEST']._serialized_end=1183
+  _globals['_DELETECOLLECTIONRESPONSE']._serialized_start=1185
+  _globals['_DELETECOLLECTIONRESPONSE']._serialized_end=1211
+  _globals['_COLLECTIONSERVICE']._serialized_start=1354
+  _globals['_COLLECTIONSERVICE']._serialized_end=1756
 # @@protoc_insertion_point(module_scope)

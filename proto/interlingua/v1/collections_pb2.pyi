@@ -39,6 +39,12 @@ class _IndexStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IndexState
     """The index is trained (or needs no training: Flat, HNSW) and serves
     searches, with recent writes in an exact fresh segment beside it.
     """
+    INDEX_STATE_FAILED: _IndexState.ValueType  # 4
+    """The index cannot be built (training or a merge failed) or the collection
+    cannot be opened; CollectionInfo.failure_reason says why. Searches answer
+    FAILED_PRECONDITION; a failed build is retried with a back-off (sooner
+    after new writes); other collections are not affected.
+    """
 
 class IndexState(_IndexState, metaclass=_IndexStateEnumTypeWrapper):
     """Lifecycle of a collection's approximate index."""
@@ -56,6 +62,12 @@ searches are still exact.
 INDEX_STATE_READY: IndexState.ValueType  # 3
 """The index is trained (or needs no training: Flat, HNSW) and serves
 searches, with recent writes in an exact fresh segment beside it.
+"""
+INDEX_STATE_FAILED: IndexState.ValueType  # 4
+"""The index cannot be built (training or a merge failed) or the collection
+cannot be opened; CollectionInfo.failure_reason says why. Searches answer
+FAILED_PRECONDITION; a failed build is retried with a back-off (sooner
+after new writes); other collections are not affected.
 """
 Global___IndexState: _TypeAlias = IndexState  # noqa: Y015
 
@@ -81,6 +93,8 @@ class CreateCollectionRequest(_message.Message):
     train_min_points: _builtins.int
     """Points needed before an index that needs training is trained. 0 picks a
     default from the spec (39 points per IVF list, at least 9984 with PQ).
+    It may not be below what every quantizer trains on: nlist for IVF, 2**nbits
+    for PQ, 256 for OPQ, k for PCAk (INVALID_ARGUMENT).
     """
     prefix_dims: _builtins.int
     """Matryoshka: index only the first `prefix_dims` dimensions of each home vector
@@ -202,6 +216,9 @@ class CollectionInfo(_message.Message):
     BASIS_TRANSFORM_FIELD_NUMBER: _builtins.int
     RECALL_AT_DIMS_FIELD_NUMBER: _builtins.int
     EF_CONSTRUCTION_FIELD_NUMBER: _builtins.int
+    FAILURE_REASON_FIELD_NUMBER: _builtins.int
+    FAILED_AT_FIELD_NUMBER: _builtins.int
+    COMPACTIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the collection."""
     home_space: _builtins.str
@@ -238,6 +255,14 @@ class CollectionInfo(_message.Message):
     """The basis transform the index is built in ("" for none)."""
     ef_construction: _builtins.int
     """HNSW build-time candidate list size the index is built with (0 for other index types)."""
+    failure_reason: _builtins.str
+    """Why the collection is INDEX_STATE_FAILED ("" otherwise): the index spec and
+    what went wrong, e.g. FAISS's training error.
+    """
+    failed_at: _builtins.float
+    """Server time of the failure, seconds since the Unix epoch (0 when not failed)."""
+    compactions: _builtins.int
+    """Sealed-index rebuilds that reclaimed dead labels since the server started."""
     @_builtins.property
     def vectors_per_space(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Number of stored vectors per space name (a point may have vectors in
@@ -270,10 +295,13 @@ class CollectionInfo(_message.Message):
         basis_transform: _builtins.str = ...,
         recall_at_dims: _abc.Mapping[_builtins.int, _builtins.float] | None = ...,
         ef_construction: _builtins.int = ...,
+        failure_reason: _builtins.str = ...,
+        failed_at: _builtins.float = ...,
+        compactions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_transform", b"basis_transform", "checkpoint_sequence", b"checkpoint_sequence", "created_at", b"created_at", "deleted_labels", b"deleted_labels", "ef_construction", b"ef_construction", "fresh_vectors", b"fresh_vectors", "home_space", b"home_space", "index_bytes_per_vector", b"index_bytes_per_vector", "index_spec", b"index_spec", "indexed_vectors", b"indexed_vectors", "last_sequence", b"last_sequence", "name", b"name", "num_points", b"num_points", "prefix_dims", b"prefix_dims", "recall_at_dims", b"recall_at_dims", "rerank_bytes_per_vector", b"rerank_bytes_per_vector", "state", b"state", "train_min_points", b"train_min_points", "vectors_per_space", b"vectors_per_space"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_transform", b"basis_transform", "checkpoint_sequence", b"checkpoint_sequence", "compactions", b"compactions", "created_at", b"created_at", "deleted_labels", b"deleted_labels", "ef_construction", b"ef_construction", "failed_at", b"failed_at", "failure_reason", b"failure_reason", "fresh_vectors", b"fresh_vectors", "home_space", b"home_space", "index_bytes_per_vector", b"index_bytes_per_vector", "index_spec", b"index_spec", "indexed_vectors", b"indexed_vectors", "last_sequence", b"last_sequence", "name", b"name", "num_points", b"num_points", "prefix_dims", b"prefix_dims", "recall_at_dims", b"recall_at_dims", "rerank_bytes_per_vector", b"rerank_bytes_per_vector", "state", b"state", "train_min_points", b"train_min_points", "vectors_per_space", b"vectors_per_space"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

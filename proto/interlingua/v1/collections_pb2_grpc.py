@@ -64,7 +64,8 @@ class CollectionServiceServicer:
     def CreateCollection(self, request, context):
         """Creates an empty collection. ALREADY_EXISTS if the name is taken;
         NOT_FOUND if the home space is unknown; INVALID_ARGUMENT for a bad name
-        or an index spec FAISS cannot build.
+        or an index spec the service does not accept (HNSW M < 2, PQ m not dividing
+        d, too few train_min_points for a quantizer, too many IVF lists, ...).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

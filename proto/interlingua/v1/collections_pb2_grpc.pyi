@@ -36,7 +36,8 @@ class CollectionServiceStub:
     CreateCollection: _grpc.UnaryUnaryMultiCallable[_collections_pb2.CreateCollectionRequest, _collections_pb2.CollectionInfo]
     """Creates an empty collection. ALREADY_EXISTS if the name is taken;
     NOT_FOUND if the home space is unknown; INVALID_ARGUMENT for a bad name
-    or an index spec FAISS cannot build.
+    or an index spec the service does not accept (HNSW M < 2, PQ m not dividing
+    d, too few train_min_points for a quantizer, too many IVF lists, ...).
     """
     GetCollection: _grpc.UnaryUnaryMultiCallable[_collections_pb2.GetCollectionRequest, _collections_pb2.CollectionInfo]
     """Returns the state and counts of one collection; NOT_FOUND if unknown."""
@@ -55,7 +56,8 @@ class CollectionServiceAsyncStub(CollectionServiceStub):
     CreateCollection: _aio.UnaryUnaryMultiCallable[_collections_pb2.CreateCollectionRequest, _collections_pb2.CollectionInfo]  # type: ignore[assignment]
     """Creates an empty collection. ALREADY_EXISTS if the name is taken;
     NOT_FOUND if the home space is unknown; INVALID_ARGUMENT for a bad name
-    or an index spec FAISS cannot build.
+    or an index spec the service does not accept (HNSW M < 2, PQ m not dividing
+    d, too few train_min_points for a quantizer, too many IVF lists, ...).
     """
     GetCollection: _aio.UnaryUnaryMultiCallable[_collections_pb2.GetCollectionRequest, _collections_pb2.CollectionInfo]  # type: ignore[assignment]
     """Returns the state and counts of one collection; NOT_FOUND if unknown."""
@@ -77,7 +79,8 @@ class CollectionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_collections_pb2.CollectionInfo, _abc.Awaitable[_collections_pb2.CollectionInfo]]:
         """Creates an empty collection. ALREADY_EXISTS if the name is taken;
         NOT_FOUND if the home space is unknown; INVALID_ARGUMENT for a bad name
-        or an index spec FAISS cannot build.
+        or an index spec the service does not accept (HNSW M < 2, PQ m not dividing
+        d, too few train_min_points for a quantizer, too many IVF lists, ...).
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,281 @@
+"""Index specs: the FAISS factory strings a collection may use, checked before anything is built.
+
+A spec is parsed by our own grammar first, so that no parameter FAISS would crash on ever
+reaches ``faiss.index_factory``; anything outside it is INVALID_ARGUMENT, with the spec and
+what is wrong::
+
+    spec  := [pre ","]* main                      at most 8 components, 128 characters
+    pre   := "PCA"["W"]["R"]k | "OPQ"m["_"k] | "RR"k                     1 <= k <= d
+    main  := "Flat" | pq | sq | "HNSW"M[("_"|",")store] | "IVF"nlist["_HNSW"M]","store
+    store := "Flat" | pq | sq
+    pq    := "PQ"m["x"nbits]                      m divides its input dim, 4 <= nbits <= 8
+    sq    := "SQ4" | "SQ6" | "SQ8" | "SQfp16"
+
+HNSW M is 2..256 everywhere, IVF coarse quantizers included (M = 0 or 1 crash FAISS's graph
+build: SIGSEGV or abort, and every restart crashed again); PQ nbits is 4..8 (below 3 every
+search threw; polysemous training, which we skip, ran for minutes at 10); NSG is refused (its
+``add`` runs once, so the second merge fails), and so is L2norm (FAISS cannot clone it, and
+every merge clones). Each quantizer sets a minimum of training points
+(:attr:`IndexSpec.min_train_points`): nlist for IVF k-means, 2**nbits for PQ (256 for OPQ), k
+for PCA; below it FAISS throws on every attempt. Creation caps nlist and an estimate of the
+index's fixed memory (quantizer, codebooks, matrices); the estimate needs no index: a probe
+index with one IVF list stands in for the real one (``IVF5000000,Flat`` once cost +780 MB on
+every GetCollection, which instantiated it to read a code size). ``tests/test_index_safety.py``
+builds, trains at the minimum, adds to twice and searches every form of the grammar at its
+boundary values in subprocesses, none of which may crash.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+
+from .device import inner_index
+from .errors import InvalidArgument
+
+__all__ = ["FAISS_METRIC", "MAX_EF_CONSTRUCTION", "MAX_HNSW_M", "IndexSpec"]
+
+FAISS_METRIC = {"cosine": faiss.METRIC_INNER_PRODUCT, "ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+MAX_EF_CONSTRUCTION = 4096  #: largest HNSW efConstruction a collection may ask for
+MAX_HNSW_M = 256  #: largest HNSW M (level-0 links cost 8*M bytes per vector)
+MIN_PQ_NBITS = 4  #: FAISS's PQ distance tables need ksub % 8 == 0 (PQ4x1 threw at every search)
+MAX_PQ_NBITS = 8
+MAX_SPEC_CHARS = 128
+MAX_COMPONENTS = 8
+PRECOMPUTED_TABLE_MAX = 2 << 30  #: FAISS's own cap on the IVFPQ precomputed table (bytes)
+SUPPORTED = (
+    "Flat, PQm[xnbits], SQ4|SQ6|SQ8|SQfp16, HNSWM[_store], IVFn[_HNSWM],store (store: Flat, PQ or SQ),"
+    " after any of PCA[W][R]k, OPQm[_k], RRk"
+)
+
+TRAIN_RULE = "nlist for IVF, 2**nbits for PQ, 256 for OPQ, k for PCAk"  #: minimum training points
+
+_PRE = re.compile(r"PCAW?R?(\d+)|OPQ(\d+)(?:_(\d+))?|RR(\d+)")
+_PQ = re.compile(r"PQ(\d+)(?:x(\d+))?")
+_SQ = ("SQ4", "SQ6", "SQ8", "SQfp16")
+_HNSW = re.compile(r"HNSW(\d+)(?:_(\w+))?")
+_IVF = re.compile(r"IVF(\d+)(?:_HNSW(\d+))?")
+
+
+def _show(spec: str) -> str:
+    return repr(spec if len(spec) <= 64 else spec[:60] + "...")
+
+
+@dataclass
+class _Walk:
+    """What the grammar walk learns of a spec: the probe spec (IVF lists -> 1), needs and costs."""
+
+    spec: str
+    d: int  #: dimension entering the next component
+    probe: list[str]
+    min_train: int = 1
+    overhead: int = 0  #: bytes of fixed structures (matrices, codebooks, centroids, lists)
+    nlist: int = 0
+
+    def fail(self, what: str) -> InvalidArgument:
+        return InvalidArgument(f"index spec {_show(self.spec)}: {what}")
+
+    def hnsw_m(self, text: str, where: str) -> int:
+        m = int(text)
+        if not 2 <= m <= MAX_HNSW_M:
+            raise self.fail(f"HNSW M is {m} in {where}; it must be between 2 and {MAX_HNSW_M}")
+        return m
+
+    def pre(self, tok: str) -> None:
+        g = _PRE.fullmatch(tok)
+        if g is None:
+            raise self.fail(f"component {tok!r} is not a pre-transform")
+        d_in = self.d
+        if tok.startswith("PCA"):
+            k = self._dim(int(g.group(1)), tok)
+            self.min_train = max(self.min_train, k)
+            self.overhead += 8 * d_in * d_in + 4 * d_in * k
+        elif tok.startswith("OPQ"):
+            m = int(g.group(2))
+            k = self._dim(int(g.group(3) or d_in), tok)
+            if m < 1 or k % m:
+                raise self.fail(f"{tok}: OPQ m={m} must divide its output dimension {k}")
+            self.min_train = max(self.min_train, 256)  # OPQ trains an 8-bit PQ inside
+            self.overhead += 4 * d_in * k + 4 * 256 * k
+        else:
+            k = self._dim(int(g.group(4)), tok)
+            self.overhead += 4 * d_in * k
+        self.d = k
+        self.probe.append(tok)
+
+    def _dim(self, k: int, tok: str) -> int:
+        if not 1 <= k <= self.d:
+            raise self.fail(f"{tok}: output dimension {k} must be between 1 and its input dimension {self.d}")
+        return k
+
+    def store(self, tok: str, where: str, ivf: bool) -> None:
+        """Flat, PQ or SQ codes of the vectors (of an IVF's residuals when ``ivf``)."""
+        if tok == "Flat" or tok in _SQ:
+            self.overhead += 8 * self.d
+            return
+        g = _PQ.fullmatch(tok)
+        if g is None:
+            raise self.fail(f"{where} stores {tok!r}; use Flat, PQm[xnbits] or one of {', '.join(_SQ)}")
+        m, nbits = int(g.group(1)), int(g.group(2) or 8)
+        if m < 1 or self.d % m:
+            raise self.fail(f"{tok}: PQ m={m} must divide the dimension it encodes, {self.d}")
+        if not MIN_PQ_NBITS <= nbits <= MAX_PQ_NBITS:
+            raise self.fail(f"{tok}: PQ nbits is {nbits}; it must be between {MIN_PQ_NBITS} and {MAX_PQ_NBITS}")
+        self.min_train = max(self.min_train, 2**nbits)
+        self.overhead += 4 * self.d * 2**nbits
+        if ivf:  # residual tables, precomputed for L2 while FAISS's own cap allows
+            self.overhead += min(self.nlist * m * 2**nbits * 4, PRECOMPUTED_TABLE_MAX)
+
+    def main(self, toks: list[str]) -> None:
+        tok, rest = toks[0], toks[1:]
+        if len(rest) > 1:
+            raise self.fail(f"unexpected {','.join(rest[1:])!r} after {','.join(toks[:2])!r}")
+        if tok.startswith("NSG"):
+            raise self.fail("NSG indexes are not supported: FAISS builds them once and cannot add vectors later")
+        if (g := _HNSW.fullmatch(tok)) is not None:
+            self.hnsw_m(g.group(1), tok)
+            if g.group(2) and rest:
+                raise self.fail(f"{tok!r} already names its storage; {rest[0]!r} follows it")
+            self.store(g.group(2) or (rest[0] if rest else "Flat"), tok, ivf=False)
+            self.probe.append(",".join(toks))
+            return
+        if (g := _IVF.fullmatch(tok)) is not None:
+            self.nlist = int(g.group(1))
+            if self.nlist < 1:
+                raise self.fail("IVF needs at least 1 list")
+            if g.group(2):
+                self.hnsw_m(g.group(2), f"the coarse quantizer of {tok}")
+            if not rest:
+                raise self.fail(f"{tok} needs a storage after it, e.g. {tok},Flat")
+            self.min_train = max(self.min_train, self.nlist)
+            self.overhead += self.nlist * (4 * self.d + 48 + (8 * int(g.group(2)) if g.group(2) else 0))
+            self.store(rest[0], tok, ivf=True)
+            self.probe.append(",".join(["IVF1" + (f"_HNSW{g.group(2)}" if g.group(2) else ""), rest[0]]))
+            return
+        if not (tok == "Flat" or tok in _SQ or _PQ.fullmatch(tok)):
+            raise self.fail(f"component {tok!r} is not supported; supported: {SUPPORTED}")
+        if rest:
+            raise self.fail(f"unexpected {rest[0]!r} after {tok!r}")
+        self.store(tok, "the index", ivf=False)
+        self.probe.append(tok)
+
+
+def _coarse_code_size(nlist: int) -> int:
+    """Bytes of an IVF list number in a code (FAISS ``Level1Quantizer::coarse_code_size``)."""
+    nbytes, nl = 0, nlist - 1
+    while nl > 0:
+        nbytes, nl = nbytes + 1, nl >> 8
+    return nbytes
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """A FAISS factory string checked against a dimension and metric."""
+
+    spec: str
+    d: int
+    metric: str
+    needs_training: bool
+    is_hnsw: bool
+    nlist: int  #: IVF lists, 0 for non-IVF indexes
+    default_train_min: int  #: points needed before training by default (0: no training needed)
+    ef_construction: int = 0  #: HNSW efConstruction (0: FAISS's default, 40)
+    min_train_points: int = 0  #: fewest training points every quantizer of the spec accepts (0: no training)
+    bytes_per_vector: int = 0  #: FAISS code size of one vector (4*d where the index has no sa_code_size)
+    overhead_bytes: int = 0  #: estimate of the fixed structures: matrices, codebooks, centroids, lists
+
+    @classmethod
+    def parse(
+        cls,
+        spec: str,
+        d: int,
+        metric: str,
+        ef_construction: int = 0,
+        *,
+        max_nlist: int | None = None,
+        max_overhead_bytes: int | None = None,
+    ) -> IndexSpec:
+        """Checks ``spec`` for vectors of dimension d (no index of its real size is built).
+
+        ``max_nlist`` and ``max_overhead_bytes`` cap new collections (None: no cap, as at recovery).
+        Raises InvalidArgument naming the spec and what is wrong.
+        """
+        spec = spec.strip() or "Flat"
+        if len(spec) > MAX_SPEC_CHARS:
+            raise InvalidArgument(f"index spec {_show(spec)} is {len(spec)} characters; the limit is {MAX_SPEC_CHARS}")
+        if "IDMap" in spec or spec.startswith("Refine"):
+            raise InvalidArgument(f"index spec {_show(spec)}: IDMap and Refine wrappers are managed by the service")
+        toks = spec.split(",")
+        if len(toks) > MAX_COMPONENTS:
+            raise InvalidArgument(f"index spec {_show(spec)} has {len(toks)} components; the limit is {MAX_COMPONENTS}")
+        w = _Walk(spec, d, [])
+        i = 0
+        while i < len(toks) - 1 and _PRE.fullmatch(toks[i]):
+            w.pre(toks[i])
+            i += 1
+        w.main(toks[i:])
+        if max_nlist is not None and w.nlist > max_nlist:
+            raise w.fail(f"{w.nlist} IVF lists exceed the cap of {max_nlist}")
+        if max_overhead_bytes is not None and w.overhead > max_overhead_bytes:
+            raise w.fail(
+                f"its fixed structures need about {w.overhead / 2**20:.0f} MiB for d={d}"
+                f" (quantizers, codebooks, matrices); the cap is {max_overhead_bytes / 2**20:.0f} MiB per collection"
+            )
+        probe = _probe(spec, ",".join(w.probe), d, metric)
+        needs = not probe.is_trained
+        is_hnsw = isinstance(inner_index(probe), faiss.IndexHNSW)
+        try:
+            code = int(probe.sa_code_size()) + (_coarse_code_size(w.nlist) if w.nlist else 0)
+        except RuntimeError:  # HNSW and a few others do not implement sa_code_size: flat storage
+            code = 4 * d
+        if ef_construction and not is_hnsw:
+            raise InvalidArgument(f"ef_construction applies to HNSW indexes; index spec {_show(spec)} is not one")
+        if not 0 <= ef_construction <= MAX_EF_CONSTRUCTION:
+            raise InvalidArgument(
+                f"ef_construction is {ef_construction}; it must be at most {MAX_EF_CONSTRUCTION} (0: the default, 40)"
+            )
+        min_train = w.min_train if needs else 0
+        default_min = 0
+        if needs:  # 39 points per list (FAISS's k-means warns below), 9984 with codes to train
+            default_min = max(39 * w.nlist, 256, min_train)
+            if re.search(r"PQ\d", spec) or "SQ" in spec:
+                default_min = max(default_min, 9984)
+        return cls(spec, d, metric, needs, is_hnsw, w.nlist, default_min, ef_construction, min_train, code, w.overhead)
+
+    def check_train_min(self, train_min_points: int) -> int:
+        """The training threshold of a new collection: the default for 0, else ``train_min_points``
+        if every quantizer of the spec can train on that many points (InvalidArgument otherwise)."""
+        if not self.needs_training:
+            return 0
+        if not train_min_points:
+            return self.default_train_min
+        if train_min_points < self.min_train_points:
+            raise InvalidArgument(
+                f"train_min_points is {train_min_points}; index spec {_show(self.spec)} needs at least"
+                f" {self.min_train_points} training points ({TRAIN_RULE})"
+            )
+        return train_min_points
+
+    def new_index(self) -> Any:
+        """An empty index of this spec. PQ codes skip polysemous training: it serves only Hamming
+        filtering, which searches never ask for, and cost 9-12 s per training even on 256 points."""
+        index = faiss.index_factory(self.d, self.spec, FAISS_METRIC[self.metric])
+        inner = inner_index(index)
+        if self.ef_construction:
+            inner.hnsw.efConstruction = self.ef_construction
+        for part in (inner, faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSW) else None):
+            if part is not None and hasattr(part, "do_polysemous_training"):
+                part.do_polysemous_training = False
+        return index
+
+
+def _probe(spec: str, probe_spec: str, d: int, metric: str) -> Any:
+    """The index of ``probe_spec`` (the spec with one IVF list): its type, training need and code size."""
+    try:
+        return faiss.index_factory(d, probe_spec, FAISS_METRIC[metric])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else "not a valid factory string"
+        raise InvalidArgument(f"index spec {_show(spec)} is not valid for d={d}: {first}") from None
