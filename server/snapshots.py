@@ -185,6 +185,9 @@ class Snapshots:
         self.root = data_dir / "snapshots"
         self.db_path = db_path
         self._lock = threading.Lock()  #: one create or delete at a time (a copy is I/O-bound anyway)
+        for pattern in (".tmp-*", ".del-*"):  # left by a crash during a create or a delete
+            for stale in self.root.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True)
 
     def folder(self, name: str) -> Path:
         """The folder of an existing snapshot; NotFound when there is none."""

@@ -167,7 +167,7 @@ def test_snapshot_while_writing_then_backup_and_restore(tmp_path: Path) -> None:
         srv.stop(None)
 
 
-def test_errors_corruption_and_roles(tmp_path: Path) -> None:
+def test_errors_corruption_and_roles(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     keys = (ApiKey("reader", hash_key("read-key"), "read"), ApiKey("boss", hash_key("admin-key"), "admin"))
     srv, port = start_server(tmp_path / "data", keys=keys)
     target = f"127.0.0.1:{port}"
@@ -180,7 +180,10 @@ def test_errors_corruption_and_roles(tmp_path: Path) -> None:
             c.upsert("docs", [str(i) for i in range(50)], make_data(50, D), space="s@1")
             with pytest.raises(PermissionDenied, match="CreateSnapshot needs 'admin'"):
                 reader.create_snapshot("x")
+            stale = tmp_path / "data" / "snapshots" / ".tmp-crashed-1234"
+            stale.mkdir(parents=True)  # left by a crash mid-create: removed, never listed
             first = c.create_snapshot("")
+            assert not stale.exists()
             assert first.name.startswith("snap-") and first.points == {"docs": 50}
             c.create_snapshot("a")
             with pytest.raises(AlreadyExists, match="'a' already exists"):
@@ -214,7 +217,17 @@ def test_errors_corruption_and_roles(tmp_path: Path) -> None:
             assert not (tmp_path / "dl").exists()
             with pytest.raises(Refused, match="a server is running"):
                 restore(tmp_path / "data" / "snapshots" / first.name, tmp_path / "data")
-            c.delete_snapshot("a")
+            cli = ["--target", target, "--api-key", "admin-key"]
+            capsys.readouterr()
+            assert main(["snapshots", "verify", "a", *cli]) == 1
+            assert "error: FAILED_PRECONDITION: snapshot 'a' is corrupt" in capsys.readouterr().err
+            assert main(["snapshots", "delete", "a", *cli]) == 0
+            assert main(["snapshots", "create", "c", *cli]) == 0
+            assert main(["snapshots", "list", "--json", *cli]) == 0
+            listed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+            assert [(s["name"], s["points"]) for s in listed] == [("c", {"docs": 50}), (first.name, {"docs": 50})]
+            assert main(["snapshots", "create", "c", *cli]) == 1  # ALREADY_EXISTS
+            c.delete_snapshot("c")
             assert [s.name for s in c.list_snapshots()] == [first.name]
             c.download_snapshot(first.name, tmp_path / "good")
     finally:
