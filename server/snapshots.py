@@ -104,18 +104,19 @@ class Manifest:
                 m.format == FORMAT
                 and isinstance(m.sequence, int)
                 and isinstance(m.files, dict)
+                and DB_FILE in m.files
                 and all(isinstance(f.get("sha256"), str) and isinstance(f.get("bytes"), int) for f in m.files.values())
             )
         except (ValueError, TypeError, AttributeError) as e:
-            raise FailedPrecondition(f"{where}/{MANIFEST} is not a snapshot manifest: {e}") from None
+            raise FailedPrecondition(f"snapshot {where}: {MANIFEST} is not a snapshot manifest: {e}") from None
         if not ok:
-            raise FailedPrecondition(f"{where}/{MANIFEST} is not a snapshot manifest")
+            raise FailedPrecondition(f"snapshot {where}: {MANIFEST} is not a snapshot manifest")
         if m.format_version != FORMAT_VERSION:
             raise FailedPrecondition(
-                f"{where}/{MANIFEST} has format version {m.format_version}; this server reads {FORMAT_VERSION}"
+                f"snapshot {where}: {MANIFEST} is format version {m.format_version}; this one reads {FORMAT_VERSION}"
             )
         if any(Path(name).name != name or name == MANIFEST for name in m.files):
-            raise FailedPrecondition(f"{where}/{MANIFEST} lists a file outside its folder")
+            raise FailedPrecondition(f"snapshot {where}: {MANIFEST} lists a file outside its folder")
         return m
 
 

@@ -34,7 +34,8 @@ D, D_NEW = 16, 20
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    out: np.ndarray = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
 
 
 class Writer(threading.Thread):
@@ -45,7 +46,8 @@ class Writer(threading.Thread):
         self.points = pgrpc.PointServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))  # deletes: their sequence
         self.client, self.next, self.stop = client, start, threading.Event()
         self.log: list[tuple[int, str, list[str], np.ndarray | None]] = []  # (sequence, op, ids, x)
-        self.lock, self.error = threading.Lock(), None
+        self.lock = threading.Lock()
+        self.error: Exception | None = None
         self.rng = np.random.default_rng(7)
 
     def run(self) -> None:
@@ -201,7 +203,7 @@ def test_errors_corruption_and_roles(tmp_path: Path, capsys: pytest.CaptureFixtu
                 stub.RestoreSnapshot(snpb.RestoreSnapshotRequest(name="a"), metadata=admin)
 
             assert rpc_err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
-            hint = rpc_err.value.details()
+            hint = rpc_err.value.details() or ""
             assert "`interlingua restore " in hint and "snapshots/a --data-dir" in hint
             channel.close()
 
@@ -237,12 +239,12 @@ def test_errors_corruption_and_roles(tmp_path: Path, capsys: pytest.CaptureFixtu
     other = tmp_path / "other"
     assert main(["restore", str(tmp_path / "good"), "--data-dir", str(other)]) == 0
     before = sha256_file(other / "interlingua.db")
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "interlingua.db").write_bytes(b"not sqlite")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "interlingua.db").write_bytes(b"not sqlite")
     manifest = json.loads((tmp_path / "good" / "manifest.json").read_text())
-    (bad / "manifest.json").write_text(json.dumps(manifest))
-    assert main(["restore", str(bad), "--data-dir", str(other)]) == 2
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["restore", str(broken), "--data-dir", str(other)]) == 2
     assert main(["restore", str(tmp_path / "missing"), "--data-dir", str(other)]) == 2
     assert sha256_file(other / "interlingua.db") == before and not list(other.glob("pre-restore-*"))
     done = restore(tmp_path / "good", other)
