@@ -167,7 +167,7 @@ class ServerProcess:
         cfg_path.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in self.config.items()))
         cmd = [sys.executable, "-m", "interlingua.client.cli", "serve", "--config", str(cfg_path)]
         cmd += ["--data-dir", str(self.data_dir), "--port", str(self.port), "--metrics-port", str(self.metrics_port)]
-        cmd += ["--log-level", "WARNING"]
+        cmd += ["--log-level", os.environ.get("RELIABILITY_LOG_LEVEL", "WARNING")]
         if self.api_key:
             cmd += ["--api-key", self.api_key]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
