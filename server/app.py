@@ -28,9 +28,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from interlingua.v1 import collections_pb2, points_pb2, spaces_pb2, transforms_pb2
+from interlingua.v1 import collections_pb2, points_pb2, snapshots_pb2, spaces_pb2, transforms_pb2
 from interlingua.v1 import collections_pb2_grpc as cgrpc
 from interlingua.v1 import points_pb2_grpc as pgrpc
+from interlingua.v1 import snapshots_pb2_grpc as sngrpc
 from interlingua.v1 import spaces_pb2_grpc as sgrpc
 from interlingua.v1 import transforms_pb2_grpc as tgrpc
 
@@ -41,6 +42,7 @@ from .gate import GateInterceptor
 from .metrics import Metrics, MetricsInterceptor
 from .rpcwrap import DecodeInterceptor
 from .servicers import CollectionServicer, PointServicer, SpaceServicer
+from .snapshot_servicer import SnapshotServicer
 from .throttle import RateLimiter, StreamSlots
 from .transform_servicer import TransformServicer
 
@@ -53,6 +55,7 @@ SERVICE_NAMES = (
     collections_pb2.DESCRIPTOR.services_by_name["CollectionService"].full_name,
     points_pb2.DESCRIPTOR.services_by_name["PointService"].full_name,
     transforms_pb2.DESCRIPTOR.services_by_name["TransformService"].full_name,
+    snapshots_pb2.DESCRIPTOR.services_by_name["SnapshotService"].full_name,
 )
 
 
@@ -75,8 +78,8 @@ class Server:
             MetricsInterceptor(self.metrics),
             DecodeInterceptor(),
         ]
-        # A stream holds a worker (but health Watch) and each pool of streams is capped at max_streams:
-        # the other `workers` threads stay free for unary calls.
+        # A stream holds a worker and each pool of streams is capped at max_streams: the other
+        # `workers` threads stay free for unary calls.
         pool = config.workers + 2 * limits.max_streams
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(
@@ -98,7 +101,11 @@ class Server:
         cgrpc.add_CollectionServiceServicer_to_server(CollectionServicer(self.engine), self.grpc)
         pgrpc.add_PointServiceServicer_to_server(PointServicer(self.engine), self.grpc)
         tgrpc.add_TransformServiceServicer_to_server(TransformServicer(self.engine), self.grpc)
-        self.health = health.HealthServicer()
+        sngrpc.add_SnapshotServiceServicer_to_server(SnapshotServicer(self.engine), self.grpc)
+        # Blocking Watch: each holds a worker, bounded by the open-stream slots. The non-blocking one
+        # deadlocks: set() holds the servicer's lock while it waits for a send that grpc's serving
+        # thread cannot make, being stuck on that lock in a closing watcher's callback (seen at stop()).
+        self.health = health.HealthServicer(experimental_non_blocking=False)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -146,6 +146,23 @@ def test_streams_over_the_caps_are_refused_and_slots_come_back(env: tuple[Server
     w.cancel()
 
 
+def test_health_changes_while_watchers_close_do_not_deadlock(env: tuple[Server, Stubs]) -> None:
+    """grpc_health's non-blocking Watch deadlocked set() against a closing watcher (1 stop() in ~10)."""
+    srv, s = env
+    health = health_pb2_grpc.HealthStub(s.channel)
+    for _ in range(30):
+        watches = [health.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(3)]
+        for w in watches:
+            next(w)
+        for w in watches:
+            w.cancel()
+        flip = threading.Thread(target=lambda: [srv._on_state(srv.engine.state) for _ in range(3)], daemon=True)
+        flip.start()
+        flip.join(10)
+        assert not flip.is_alive(), "health.set() deadlocked"
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_total_stream_cap() -> None:
     from interlingua.server.throttle import StreamSlots
 
