@@ -72,6 +72,7 @@ def test_every_method_has_a_role() -> None:
     assert {n for n, r in roles.items() if r == "write"} == {"Upsert", "UpsertStream", "DeletePoints"}
     assert roles["Search"] == roles["GetPoints"] == roles["ListCollections"] == "read"
     assert roles["CreateCollection"] == roles["RegisterSpace"] == roles["FitTransform"] == "admin"
+    assert roles["CreateSnapshot"] == roles["DownloadSnapshot"] == roles["RestoreSnapshot"] == "admin"
     assert required_role("/interlingua.v1.PointService/SomethingNew") == "admin"  # unknown: the safest
 
 
