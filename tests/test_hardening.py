@@ -5,6 +5,8 @@ streams starved unary calls, unknown methods created metric series, undecodable
 requests answered INTERNAL, deep JSON raised RecursionError, create/delete races hit
 sqlite's unique constraint, NaN payloads and 3e38 vectors were accepted, long names
 overflowed the error metadata, and oversized messages were parsed before refusal.
+Fuzzing: seeded byte mutations of valid requests and hypothesis (raw bytes on every
+RPC, structured upserts) never get INTERNAL or UNKNOWN.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from conftest import Stubs, connect, make_data, start_server
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from interlingua.server import Limits, Server
 from interlingua.server.auth import METHODS
@@ -286,6 +290,46 @@ def test_fuzzed_requests_never_answer_internal(env: tuple[Server, Stubs]) -> Non
             if e.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
                 bad.append((method, bytes(raw), e.details()))
     assert not bad, bad[:3]
+
+
+_BAD_CODES = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+_UNARY = [m for m in _ALL if not m.endswith("/Watch")]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from(_UNARY), raw=st.binary(max_size=96))
+def test_hypothesis_raw_bytes_never_answer_internal(env: tuple[Server, Stubs], method: str, raw: bytes) -> None:
+    _, s = env
+    try:
+        _raw_call(s.channel, method, raw)
+    except grpc.RpcError as e:
+        assert e.code() not in _BAD_CODES, (method, raw, e.details())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    ids=st.lists(st.text(max_size=8), min_size=1, max_size=3),
+    payload=st.text(max_size=40) | st.recursive(st.just("1"), lambda c: c.map(lambda x: f"[{x}]"), max_leaves=60),
+    space=st.sampled_from(["old@1", "l2@1", "", "x" * 300]),
+    values=st.floats(width=32) | st.just(3e38),
+    dim=st.integers(0, 2 * D),
+)
+def test_hypothesis_upserts_never_answer_internal(
+    env: tuple[Server, Stubs], ids: list[str], payload: str, space: str, values: float, dim: int
+) -> None:
+    _, s = env
+    data = np.full((len(ids), max(dim, 1)), values, dtype="<f4").tobytes()
+    req = ppb.UpsertRequest(
+        collection="euclid" if space == "l2@1" else "gallery",
+        space=space,
+        ids=ids,
+        vectors=pb.Vectors(data=data, dim=dim),
+        payloads=[payload] * len(ids),
+    )
+    try:
+        s.points.Upsert(req, timeout=10)
+    except grpc.RpcError as e:
+        assert e.code() not in _BAD_CODES, (req, e.details())
 
 
 def test_deep_json_payload_is_invalid_argument(env: tuple[Server, Stubs]) -> None:
