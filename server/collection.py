@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint
-from .compaction import COMPACT_FRACTION, COMPACT_MIN_DEAD, compact
+from .compaction import COMPACT_FRACTION, COMPACT_MIN_DEAD, compact, merge_dropping_dead
 from .device import Device
 from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .funnel import check_funnel, rerank, shrink
@@ -383,8 +383,9 @@ class Collection:
             with self.maint_lock:
                 if self.dropped:
                     return False
+                dead_rows = self.segments.snapshot.ndead_fresh  # then merge only the live rows, renumbering
                 try:
-                    merged = self.segments.merge()
+                    merged = merge_dropping_dead(self) if dead_rows else self.segments.merge()
                 except Exception as e:  # FAISS throws RuntimeError; MemoryError and the like fail it too
                     self.fail(f"building index {self.spec.spec!r} failed: {_reason(e)}")
                     return False

@@ -1,39 +1,41 @@
-"""Compaction: rebuilds a collection's sealed index without its dead labels, while serving.
+"""Renumbering: merges that leave dead rows out, and compaction of a sealed index, while serving.
 
-Overwrites and deletes leave dead labels in the sealed index, filtered at search time; a
-3-minute overwrite soak grew 255,000 of them beside 5,800 live points (RSS 171 -> 1,085 MB,
-search throughput /10). When more than ``min_dead`` sealed labels, and more than ``fraction``
-of them, are dead, :func:`compact`
+Overwrites and deletes leave dead labels, filtered at search time; a 3-minute overwrite soak
+grew 255,000 of them beside 5,800 live points (RSS 171 -> 1,085 MB, search throughput /10), and
+merges spent most of their time adding rows already dead to the HNSW graph. Two operations
+renumber labels densely, in order, so dead ones leave the index:
 
-1. under the collection's maintenance lock (no merge runs beside it) reads the live home
-   vectors below ``nsealed`` from the store and builds a new index of them beside the live one,
-   while searches and writes go on;
-2. under the write lock (writes wait, searches do not) renumbers: live sealed labels become
-   0..m-1 in order, fresh labels move down by nsealed - m (:meth:`Segments.relabeled`); it
-   deletes the checkpoint, renumbers the store's labels in one transaction, then swaps the
-   snapshot, the point map and the rerank vectors, one reference each;
-3. writes the new index's checkpoint.
+- :func:`merge_dropping_dead`, the merge of a fresh segment that holds dead rows: only the live
+  rows join the sealed index. Sealed labels keep their numbers, so the last checkpoint (which
+  holds a prefix of them) stays valid;
+- :func:`compact`, when more than ``min_dead`` sealed labels, and more than ``fraction`` of them,
+  are dead: a new sealed index of every live vector, read from the store, built beside the live
+  one (a trained index keeps its training). The checkpoint is deleted before the store is
+  renumbered (a crash then rebuilds from the store) and rewritten after.
 
-Labels killed during the rebuild stay dead under their new numbers; labels written during it
-are fresh and simply move down. A crash between 2 and 3 leaves no checkpoint, so the restart
-rebuilds from the store rather than pairing an old checkpoint with the new numbering; recovery
-compacts too. Covered by ``tests/test_compaction.py``.
+Both build the index under the maintenance lock while searches and writes go on, then, under the
+write lock only (writes wait, searches do not), renumber the store's labels in one transaction
+and swap the snapshot, the point map and the rerank vectors, one reference each
+(:meth:`Segments.renumbered`). Labels written during the build are fresh and move down; labels
+killed meanwhile stay dead. Recovery compacts too. Covered by ``tests/test_compaction.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import checkpoint
+from .segments import Snapshot
 
 if TYPE_CHECKING:
     from .collection import Collection
 
-__all__ = ["COMPACT_FRACTION", "COMPACT_MIN_DEAD", "compact"]
+__all__ = ["COMPACT_FRACTION", "COMPACT_MIN_DEAD", "compact", "merge_dropping_dead"]
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,22 @@ COMPACT_MIN_DEAD = 1024  #: ...and more than this many
 RETRY_SECONDS = 60.0  #: wait after a compaction that raised
 
 
+def merge_dropping_dead(col: Collection) -> Snapshot | None:
+    """Merges the live rows of the fresh segment into a copy of the sealed index (training it
+    first if needed) and renumbers; the caller holds ``col.maint_lock``. Returns the published
+    snapshot with the sequence its index covers (None: nothing to merge)."""
+    seg = col.segments
+    s = seg.snapshot
+    if s.nfresh == 0:
+        return None
+    keep = seg.live_fresh_rows(s)
+    index = seg.merged_index(s, s.fresh[keep])
+    new = _renumber(col, s, None, keep, index, drop_checkpoint=False)
+    return dataclasses.replace(new, sequence=s.sequence) if new is not None else None
+
+
 def compact(col: Collection, *, fraction: float, min_dead: int, checkpoint_after: bool = True) -> bool:
-    """Compacts ``col`` if its dead labels pass the thresholds. Returns True after a compaction."""
+    """Compacts ``col`` if its dead sealed labels pass the thresholds. Returns True after a compaction."""
     seg = col.segments
     if col.failure is not None or time.monotonic() < col.compact_not_before:
         return False
@@ -65,46 +81,66 @@ def _compact(col: Collection, fraction: float, min_dead: int, checkpoint_after: 
             return False
         t0 = time.perf_counter()
         labels, x = col.store.home_vectors_from(col.row.cid, 0, col.home.dim)
-        keep = labels < s.nsealed
-        live = labels[keep]  # alive when read: a subset of the labels alive in s
+        keep = labels < s.nlabels  # alive when read: a subset of the labels alive in s
+        labels = labels[keep]
         index = seg.compacted_index(s, col.index_view(col.to_basis(x[keep])))
-        search_copy = col.device.to_search_index(index, col.name)
-        with col.lock:
-            if col.dropped:
-                return False
-            new, old2new = seg.relabeled(live, index, search_copy)
-            old = np.sort(np.fromiter((lab for lab in col.pids.values() if lab >= 0), dtype=np.int64))
-            renumbered = old2new[old]
-            if (renumbered < 0).any():  # a point's label missing from the new numbering: a bug
-                raise RuntimeError("a live point has no label after compaction")
-            pids = {pid: int(old2new[lab]) if lab >= 0 else -1 for pid, lab in col.pids.items()}
-            full = col.full[1]
-            if col.row.prefix_dims:
-                full = np.zeros((max(new.nlabels, 1024), full.shape[1]), dtype=np.float32)
-                moved = old2new >= 0
-                full[old2new[moved]] = col.full[1][: len(old2new)][moved]
-            ck_sequence = col.checkpoint_sequence
-            checkpoint.remove(col.folder)  # before the store's numbering changes
-            col.checkpoint_sequence = 0
-            col.store.relabel(col.row.cid, old, renumbered, next_label=new.nlabels)
-            col.full = (new.epoch, full)
-            seg.publish(new)
-            col.pids, col.next_label = pids, new.nlabels
-        ndead = s.ndead_sealed
+        sealed_keep = labels[labels < s.nsealed]
+        seq = col.checkpoint_sequence  # what the sealed index covers (merges wait on maint_lock)
+        new = _renumber(col, s, sealed_keep, labels[labels >= s.nsealed] - s.nsealed, index, drop_checkpoint=True)
+        if new is None:
+            return False
         if checkpoint_after:
             checkpoint.save(
-                col.folder, index, sequence=ck_sequence, spec=col.spec.spec, d=col.index_dims, metric=col.home.metric
+                col.folder, index, sequence=seq, spec=col.spec.spec, d=col.index_dims, metric=col.home.metric
             )
-            col.checkpoint_sequence = ck_sequence
+            col.checkpoint_sequence = seq
     col.compactions += 1
     col.metrics.compactions.labels(col.name).inc()
     col.publish_gauges()
     log.info(
-        "compacted %s: %d of %d sealed labels were dead, %d remain in %.2fs",
+        "compacted %s: %d of %d labels were dead, %d remain, in %.2fs",
         col.name,
-        ndead,
-        s.nsealed,
-        len(live),
+        s.ndead_sealed + s.ndead_fresh,
+        s.nlabels,
+        len(labels),
         time.perf_counter() - t0,
     )
     return True
+
+
+def _renumber(
+    col: Collection,
+    base: Snapshot,
+    sealed_keep: np.ndarray | None,
+    fresh_keep: np.ndarray,
+    index: Any,
+    *,
+    drop_checkpoint: bool,
+) -> Snapshot | None:
+    """Publishes ``index`` (built from ``base``) with the labels renumbered in memory and in the
+    store, under the write lock. Returns the new snapshot (None: the collection was dropped)."""
+    seg = col.segments
+    search_copy = col.device.to_search_index(index, col.name)  # beside the live one, as the index
+    with col.lock:
+        if col.dropped:
+            return None
+        new, old2new = seg.renumbered(base, sealed_keep, fresh_keep, index, search_copy)
+        old = np.sort(np.fromiter((lab for lab in col.pids.values() if lab >= 0), dtype=np.int64))
+        renumbered = old2new[old]
+        if (renumbered < 0).any():  # a point's label missing from the new numbering: a bug
+            raise RuntimeError(f"{col.name}: a live point has no label after renumbering")
+        pids = {pid: int(old2new[lab]) if lab >= 0 else -1 for pid, lab in col.pids.items()}
+        full = col.full[1]
+        if col.row.prefix_dims:
+            full = np.zeros((max(new.nlabels, 1024), full.shape[1]), dtype=np.float32)
+            moved = old2new >= 0
+            full[old2new[moved]] = col.full[1][: len(old2new)][moved]
+        if drop_checkpoint:  # sealed labels move: no checkpoint may pair with the new numbering
+            checkpoint.remove(col.folder)
+            col.checkpoint_sequence = 0
+        changed = renumbered != old
+        col.store.relabel(col.row.cid, old[changed], renumbered[changed], next_label=new.nlabels)
+        col.full = (new.epoch, full)
+        seg.publish(new)
+        col.pids, col.next_label = pids, new.nlabels
+    return new

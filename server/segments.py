@@ -12,9 +12,10 @@ keep every vector in the fresh segment, so search is exact, until
 Labels are int64, allocated in order and never reused: label ``i`` is row
 ``i`` of the sealed index (when ``i < nsealed``) or row ``i - nsealed`` of the
 fresh segment. Deleted or overwritten labels are cleared in the ``alive``
-bitmap and filtered with ``faiss.IDSelectorBitmap``. A compaction (``compaction.py``) rebuilds the sealed
-index from the live vectors and renumbers the labels densely, in order
-(:meth:`Segments.relabeled`); each renumbering raises ``Snapshot.epoch``.
+bitmap and filtered with ``faiss.IDSelectorBitmap``. A merge of a fresh segment holding dead rows, and a
+compaction of a sealed index full of them (``compaction.py``), leave the dead
+rows out and renumber the labels densely, in order (:meth:`Segments.renumbered`);
+each renumbering raises ``Snapshot.epoch``.
 
 On a GPU :class:`~.device.Device` a snapshot keeps the CPU sealed index (merges,
 checkpoints) beside its search copy ``sealed_search`` (the GPU clone, or the CPU
@@ -371,30 +372,19 @@ class Segments:
 
     def merge(self) -> Snapshot | None:
         """Builds the next sealed index beside the live one (training it first if needed), adds
-        the fresh rows to it and swaps it in. Returns the published snapshot (None: nothing to do)."""
+        the fresh rows to it and swaps it in; labels keep their numbers, dead rows included (see
+        :meth:`renumbered` for a merge that drops them). Returns the published snapshot (None:
+        nothing to do)."""
         with self._merge_lock:
             s = self.snapshot
             if s.nfresh == 0:
                 return None
-            rows = s.fresh[: s.nfresh]
-            if s.sealed is None:
-                self.training = True
-                try:
-                    index = self._trained(s, rows)
-                finally:
-                    self.training = False
-            else:
-                index = faiss.clone_index(s.sealed)
-            index.add(rows)
+            index = self.merged_index(s, s.fresh[: s.nfresh])
             search_copy = self.device.to_search_index(index, self.name)  # beside the live one, as the index
             with self._swap_lock:
                 cur = self.snapshot
                 rest = cur.nfresh - s.nfresh
-                cap = max(2 * rest, 1024)
-                fresh = np.zeros((cap, self.d), dtype=np.float32)
-                fresh[:rest] = cur.fresh[s.nfresh : cur.nfresh]
-                sq = np.zeros(cap, dtype=np.float32)
-                sq[:rest] = cur.fresh_sqnorm[s.nfresh : cur.nfresh]
+                fresh, sq = self._rest_of_fresh(cur, s.nfresh)
                 nsealed = s.nsealed + s.nfresh
                 bits = _bit_slice(cur.alive, 0, cur.nlabels) if cur.nlabels else np.zeros(0, bool)
                 new = dataclasses.replace(
@@ -413,7 +403,36 @@ class Segments:
             # the checkpoint of this index covers the writes up to s.sequence
             return dataclasses.replace(new, sequence=s.sequence)
 
-    # -- compaction (background; see compaction.py) --------------------------------------------
+    def merged_index(self, s: Snapshot, xb: np.ndarray) -> Any:
+        """A copy of ``s.sealed`` (or, untrained, a new index trained on s's live fresh rows) with
+        xb, shape (n, d), added: the index of a merge, built beside the live one."""
+        if s.sealed is None:
+            self.training = True
+            try:
+                index = self._trained(s, s.fresh[: s.nfresh])
+            finally:
+                self.training = False
+        else:
+            index = faiss.clone_index(s.sealed)
+        if len(xb):
+            index.add(np.ascontiguousarray(xb, dtype=np.float32))
+        return index
+
+    def live_fresh_rows(self, s: Snapshot) -> np.ndarray:
+        """Rows of s's fresh segment whose label is alive in s, ascending: shape (n,) int64."""
+        return np.flatnonzero(_bit_slice(s.alive, s.nsealed, s.nlabels)) if s.nfresh else np.zeros(0, np.int64)
+
+    def _rest_of_fresh(self, cur: Snapshot, consumed: int) -> tuple[np.ndarray, np.ndarray]:
+        """New fresh arrays holding cur's fresh rows from ``consumed`` on (the writes since a merge began)."""
+        rest = cur.nfresh - consumed
+        cap = max(2 * rest, 1024)
+        fresh = np.zeros((cap, self.d), dtype=np.float32)
+        fresh[:rest] = cur.fresh[consumed : cur.nfresh]
+        sq = np.zeros(cap, dtype=np.float32)
+        sq[:rest] = cur.fresh_sqnorm[consumed : cur.nfresh]
+        return fresh, sq
+
+    # -- renumbering merges and compaction (see compaction.py) ---------------------------------
 
     def wants_compaction(self, fraction: float, min_dead: int) -> bool:
         """True when more than ``min_dead`` sealed labels, and more than ``fraction`` of them, are dead."""
@@ -421,7 +440,7 @@ class Segments:
         return s.sealed is not None and s.ndead_sealed > min_dead and s.ndead_sealed > fraction * s.nsealed
 
     def compacted_index(self, s: Snapshot, xb: np.ndarray) -> Any:
-        """A new sealed index holding xb, shape (m, d): the live rows of ``s.sealed`` in label order.
+        """A new sealed index holding xb, shape (m, d): the live vectors of s in label order.
         A trained index keeps its training (cloned, then emptied); the others are built anew."""
         if self.spec.needs_training:
             sealed: Any = s.sealed
@@ -433,37 +452,52 @@ class Segments:
             index.add(np.ascontiguousarray(xb, dtype=np.float32))
         return index
 
-    def relabeled(self, live: np.ndarray, index: Any, search_copy: Any) -> tuple[Snapshot, np.ndarray]:
-        """The snapshot after a compaction, and old label -> new label (-1: dropped), shape (nlabels,).
+    def renumbered(
+        self, base: Snapshot, sealed_keep: np.ndarray | None, fresh_keep: np.ndarray, index: Any, search_copy: Any
+    ) -> tuple[Snapshot, np.ndarray]:
+        """The snapshot after a renumbering merge or compaction, and old label -> new label (-1:
+        dropped), shape (nlabels,).
 
-        ``index`` holds the sealed labels ``live`` (shape (m,), ascending) as its rows 0..m-1; the
-        fresh labels move down by nsealed - m, in order. Run under the collection's write lock, then
-        :meth:`publish`: no append or kill may come between. Labels killed since ``live`` was read
-        stay dead in the new numbering."""
+        ``index`` holds, as rows 0..m-1, base's sealed labels ``sealed_keep`` (ascending; None: all
+        of them, unmoved) then base's fresh rows ``fresh_keep`` (ascending); every other label below
+        base.nlabels is dropped, and the labels written since base follow, in order, as the new
+        fresh segment. Run under the collection's write lock, then :meth:`publish`: no append or
+        kill may come between. A label killed since base stays dead under its new number."""
         cur = self.snapshot
-        nsealed, nf, m = cur.nsealed, cur.nfresh, len(live)
+        if cur.nsealed != base.nsealed:  # merges and compactions are serialized: a bug, never input
+            raise RuntimeError(f"{self.name}: the sealed index changed during a rebuild")
+        nb = base.nlabels
+        kept = np.concatenate(
+            [np.arange(base.nsealed) if sealed_keep is None else sealed_keep, base.nsealed + fresh_keep]
+        ).astype(np.int64)
         bits = _bit_slice(cur.alive, 0, cur.nlabels) if cur.nlabels else np.zeros(0, dtype=bool)
-        listed = np.zeros(nsealed, dtype=bool)
-        listed[live] = True
-        if (bits[:nsealed] & ~listed).any():  # the store read must hold every label still alive
-            raise RuntimeError(f"compaction of {self.name}: a live sealed label is missing from the rebuilt index")
+        listed = np.zeros(nb, dtype=bool)
+        listed[kept] = True
+        if (bits[:nb] & ~listed).any():  # the rebuilt index must hold every label still alive
+            raise RuntimeError(f"{self.name}: a live label is missing from the rebuilt index")
+        m, rest = len(kept), cur.nlabels - nb
         old2new = np.full(cur.nlabels, -1, dtype=np.int64)
-        old2new[live] = np.arange(m)
-        old2new[nsealed:] = np.arange(m, m + nf)
-        n = m + nf
+        old2new[kept] = np.arange(m)
+        old2new[nb:] = np.arange(m, m + rest)
+        n = m + rest
         alive = np.zeros((n + 7) // 8 + 1, dtype=np.uint8)
-        alive[: (n + 7) // 8] = np.packbits(np.concatenate([bits[live], bits[nsealed:]]), bitorder="little")
+        alive[: (n + 7) // 8] = np.packbits(np.concatenate([bits[kept], bits[nb:]]), bitorder="little")
         ids = np.empty(max(n, 1024), dtype=object)
-        ids[:m] = cur.ids[live]
-        ids[m:n] = cur.ids[nsealed : cur.nlabels]
+        ids[:m] = cur.ids[kept]
+        ids[m:n] = cur.ids[nb : cur.nlabels]
+        fresh, sq = self._rest_of_fresh(cur, base.nfresh)
         new = dataclasses.replace(
             cur,
             sealed=index,
             sealed_search=search_copy,
             nsealed=m,
+            fresh=fresh,
+            fresh_sqnorm=sq,
+            nfresh=rest,
             alive=alive,
             ids=ids,
-            ndead_sealed=int(m - np.count_nonzero(bits[live])),
+            ndead_sealed=int(m - np.count_nonzero(bits[kept])),
+            ndead_fresh=int(rest - np.count_nonzero(bits[nb:])),
             epoch=cur.epoch + 1,
         )
         return new, old2new
