@@ -38,6 +38,7 @@ from interlingua.v1 import transforms_pb2_grpc as tgrpc
 from .auth import Keyring
 from .config import ServerConfig, TLSConfig
 from .engine import Engine, Lifecycle
+from .errors import InvalidArgument
 from .gate import GateInterceptor
 from .metrics import Metrics, MetricsInterceptor
 from .rpcwrap import DecodeInterceptor
@@ -178,8 +179,8 @@ def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
     try:
         pair = (tls.key.read_bytes(), tls.cert.read_bytes())
         client_ca = tls.client_ca.read_bytes() if tls.client_ca is not None else None
-    except OSError as e:
-        raise OSError(f"cannot read TLS file {e.filename}: {e.strerror}") from None
+    except OSError as e:  # a configuration error: `interlingua serve` prints it and exits 2
+        raise InvalidArgument(f"tls: cannot read {e.filename}: {e.strerror}") from None
     return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 

@@ -254,6 +254,14 @@ def test_mutual_tls_requires_a_client_certificate(tmp_path: Path, certs: Path) -
         srv.stop(None)
 
 
+def test_unreadable_server_tls_files_are_a_clear_error(tmp_path: Path) -> None:
+    from interlingua.server.errors import InvalidArgument
+
+    tls = TLSConfig(cert=tmp_path / "missing.pem", key=tmp_path / "missing.key")
+    with pytest.raises(InvalidArgument, match=r"tls: cannot read .*missing\.key: No such file"):
+        start_server(tmp_path / "d", tls=tls)
+
+
 def test_client_tls_config_is_checked(tmp_path: Path) -> None:
     from interlingua.client import InvalidArgument
 
