@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -344,3 +345,47 @@ def test_readme_toml_example_is_a_valid_config(tmp_path: Path) -> None:
     cfg = build_server_config(_args(config=str(toml)), environ={})
     assert cfg.tls is not None and cfg.tls.client_ca == Path("ca.pem")
     assert [(k.name, k.role) for k in cfg.keys] == [("frontend", "read")] and cfg.rate_limit.burst == 100
+
+
+def _wait_for(cond: Any, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_stream_caps_are_per_key(tmp_path: Path) -> None:
+    """An authenticated caller's streams count against its key, not its address."""
+    import queue
+
+    from interlingua.server import Limits
+
+    limits = Limits(max_streams=8, max_streams_per_client=2)
+    srv, port = start_server(tmp_path / "d", keys=KEYS, limits=limits)
+    s = connect(port)
+    ends: list[queue.Queue[object]] = []
+    calls: list[Any] = []
+
+    def idle_stream(key: str) -> Any:
+        q: queue.Queue[object] = queue.Queue()
+        ends.append(q)
+        call = s.points.SearchStream(iter(q.get, None), metadata=md(key), timeout=60)
+        calls.append(call)
+        return call
+
+    try:
+        for _ in range(2):
+            idle_stream("read-key")
+        _wait_for(lambda: srv.slots.open == 2)
+        with pytest.raises(grpc.RpcError) as err:
+            next(idle_stream("read-key"))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "per client" in (err.value.details() or "")
+        idle_stream("write-key")  # another key from the same address still gets a slot
+        _wait_for(lambda: srv.slots.open == 3)
+    finally:
+        for q in ends:
+            q.put(None)
+        for c in calls:
+            c.cancel()
+        s.channel.close()
+        srv.stop(None)
