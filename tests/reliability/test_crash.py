@@ -138,13 +138,28 @@ def verify(stubs: Stubs, model: Model, rng: random.Random, problems: list[str]) 
         sample = rng.sample(pids, min(60, len(pids)))
         if not sample:
             continue
-        _, I = stubs.search(col, "s@1", np.stack([live[p] for p in sample]), 10, **SEARCH_PARAMS[col])
-        for p, row in zip(sample, I, strict=True):
-            if row[0] != p and p not in set(row):
-                problems.append(f"{col}/{p}: a search for its stored vector does not find it (got {row[:3]})")
+        D, I = stubs.search(col, "s@1", np.stack([live[p] for p in sample]), 10, **SEARCH_PARAMS[col])
+        for p, row, drow in zip(sample, I, D, strict=True):
+            if p not in set(row):
+                why = explain(stubs, col, p, live, row, drow)
+                problems.append(f"{col}/{p}: a search for its stored vector does not find it; {why}")
             stale = [q for q in row if q and q not in live]
             if stale:
                 problems.append(f"{col}: search returned ids not in the store: {stale[:3]}")
+
+
+def explain(stubs: Stubs, col: str, pid: str, live: dict[str, np.ndarray], row: np.ndarray, drow: np.ndarray) -> str:
+    """Why a self-search missed: does a near-exhaustive search find it, and do the returned ids'
+    stored vectors lie at the returned distances (else labels point at the wrong ids)?"""
+    x = live[pid]
+    top = str(row[0])
+    true_d = float(((live[top] - x) ** 2).sum()) if top in live else float("nan")
+    _, I2 = stubs.search(col, "s@1", x[None], 100, **({"ef_search": 4096} if col == "hnsw" else {}))
+    found = pid in set(I2[0])
+    return (
+        f"top-1 {top} at reported distance {drow[0]:.4f}, its stored vector at {true_d:.4f}; "
+        f"k=100 ef_search=4096 {'finds' if found else 'does not find'} it"
+    )
 
 
 def test_sigkill_during_ingest_loses_nothing(server: Callable[..., ServerProcess]) -> None:

@@ -10,7 +10,9 @@ those (client streams get 0-6 messages; ``FitTransform`` also gets plausible fit
 streams with odd configs and NaN pairs). Each goes through a generic channel call
 as bytes. Then the issue's own cases run explicitly: deep JSON payloads and
 configs, undecodable bytes and invalid UTF-8 on every RPC, NaN payloads, 3e38 l2
-vectors, a 20 KB name, create/delete races of one name. ``fuzz_internal_or_unknown``
+vectors, a 20 KB name, a fit asking for 10,000,000 epochs (refused, or over within
+60 s), a 200 MB message (RESOURCE_EXHAUSTED before parsing: RSS +150 MB at most),
+create/delete races of one name. ``fuzz_internal_or_unknown``
 counts replies INTERNAL or UNKNOWN, and deaths of the server (it is restarted to go
 on); calls that hang past their deadline are counted apart (``fuzz_deadline_exceeded``).
 At the end the server must be SERVING, and nothing may exist outside its data dir.
@@ -130,9 +132,9 @@ class Tally:
         self.wrong: list[str] = []  #: issue cases answered with another code than the one they must get
         self.dead = 0
 
-    def run(self, rpc: Rpc, requests: list[bytes], what: str) -> grpc.StatusCode:
+    def run(self, rpc: Rpc, requests: list[bytes], what: str, channel: grpc.Channel | None = None) -> grpc.StatusCode:
         timeout = 0.5 if rpc.path == WATCH else 20.0
-        out = call(self.channel, rpc, requests, timeout=timeout)
+        out = call(channel or self.channel, rpc, requests, timeout=timeout)
         self.cases += 1
         self.codes[out.code.name] += 1
         self.per_rpc[rpc.name, out.code == grpc.StatusCode.OK] += 1
@@ -244,6 +246,38 @@ def issue_cases(srv: ServerProcess, rpcs: list[Rpc], tally: Tally) -> None:
             if strings:
                 field = fz.varint(strings[0] << 3 | 2) + b"\x02\xff\xfe"
                 expect(rpc, [field], invalid, "invalid UTF-8 in a string field")
+
+    # a fit asking for 10,000,000 epochs is refused, or ends: it may not run for hours
+    header = tpb.FitHeader(
+        name="epochs", kind=tpb.TRANSFORM_KIND_RESIDUAL_MLP, source_space="new@2", target_space="old@1"
+    )
+    header.config_json = '{"epochs": 10000000}'
+    pairs = tpb.PairBatch(
+        side=tpb.PAIR_SIDE_DOC, source=vectors(make_data(200, 12, seed=5)), target=vectors(make_data(200, 8, seed=5))
+    )
+    fit_reqs = [tpb.FitTransformRequest(header=header), tpb.FitTransformRequest(pairs=pairs)]
+    code = tally.run(by_name["FitTransform"], [r.SerializeToString() for r in fit_reqs], "epochs 1e7")
+    if code == grpc.StatusCode.OK:
+        t_end = time.monotonic() + 60
+        get = Stubs(tally.channel).transforms.GetTransform
+        while get(tpb.GetTransformRequest(name="epochs")).state == tpb.TRANSFORM_STATE_FITTING:
+            if time.monotonic() > t_end:
+                wrong.append("FitTransform with epochs 10,000,000 accepted and still fitting after 60 s")
+                break
+            time.sleep(0.5)
+    elif code not in (*invalid, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        wrong.append(f"FitTransform with epochs 10,000,000: {code.name}")
+
+    # a message over the receive cap is refused before it is parsed (RSS does not grow by its size)
+    big = ppb.UpsertRequest(collection="gallery", space="old@1", ids=["big"])
+    big.vectors.dim, big.vectors.data = 8, bytes(200 << 20)
+    wide = grpc.insecure_channel(srv.target, options=[("grpc.max_send_message_length", 512 << 20)])
+    rss0 = srv.rss_mb()
+    code = tally.run(by_name["Upsert"], [big.SerializeToString()], "200 MB message", channel=wide)
+    grew = srv.rss_mb() - rss0
+    wide.close()
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED or grew > 150:
+        wrong.append(f"200 MB Upsert: {code.name}, RSS +{grew:.0f} MB")
 
     # create/delete of one name racing: ALREADY_EXISTS / NOT_FOUND / OK, never INTERNAL
     create, delete = by_name["CreateCollection"], by_name["DeleteCollection"]
