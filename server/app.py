@@ -26,7 +26,7 @@ import faiss
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from interlingua.v1 import collections_pb2, points_pb2, snapshots_pb2, spaces_pb2, transforms_pb2
 from interlingua.v1 import collections_pb2_grpc as cgrpc
@@ -72,10 +72,22 @@ class Server:
         #: open API streams, and open health/reflection streams (no key needed: a pool of their own)
         self.slots = StreamSlots(limits.max_streams, limits.max_streams_per_client)
         self.open_slots = StreamSlots(limits.max_streams, limits.max_streams_per_client)
+        denied = Counter(
+            "interlingua_rpc_denied",
+            "Calls refused by the gate before any handler: no or unknown key, role too low, rate limit, stream caps.",
+            ["grpc_code"],
+            registry=self.metrics.registry,
+        )
         # The gate first: nothing reaches metrics or a handler before authentication; decoding last,
         # so a request that does not parse answers INVALID_ARGUMENT from inside the handler.
         interceptors: list[grpc.ServerInterceptor[Any, Any]] = [
-            GateInterceptor(self.keyring, RateLimiter(config.rate_limit), self.slots, self.open_slots),
+            GateInterceptor(
+                self.keyring,
+                RateLimiter(config.rate_limit),
+                self.slots,
+                self.open_slots,
+                on_deny=lambda code: denied.labels(code).inc(),
+            ),
             MetricsInterceptor(self.metrics),
             DecodeInterceptor(),
         ]

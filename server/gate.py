@@ -6,7 +6,9 @@ no metric series and reaches no handler. Health checks and reflection stay open
 take slots from a pool of their own: unauthenticated callers cannot use up the
 slots of API streams. Both pools are capped per caller (the API key's name, else
 the peer's address) and overall, and the worker pool holds ``workers + 2 *
-max_streams`` threads, so unary calls always find a worker.
+max_streams`` threads, so unary calls always find a worker. Refused calls are
+counted by status code only (``interlingua_rpc_denied_total{grpc_code}``), never by
+method or key, so a flood of made-up names grows no series.
 Covered by ``tests/test_hardening.py`` and ``tests/test_security.py``.
 """
 
@@ -18,11 +20,11 @@ from typing import Any
 import grpc
 
 from .auth import METHODS, OPEN_PREFIXES, Keyring, MethodKind, Principal
-from .errors import InterlinguaError
+from .errors import InterlinguaError, status_for
 from .rpcwrap import Behavior, abort_with, wrap_rpc_behavior
 from .throttle import RateLimiter, StreamSlots
 
-__all__ = ["GateInterceptor", "peer_host"]
+__all__ = ["GateInterceptor", "OnDeny", "peer_host"]
 
 
 def peer_host(peer: str) -> str:
@@ -45,10 +47,22 @@ def _deny(kind: MethodKind | None, exc: InterlinguaError) -> Any:
     return grpc.unary_stream_rpc_method_handler(deny)
 
 
+#: Called with the status code's name of each call the gate refuses (a fixed, small set of labels).
+OnDeny = Callable[[str], None]
+
+
 class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, keyring: Keyring, limiter: RateLimiter, slots: StreamSlots, open_slots: StreamSlots) -> None:
+    def __init__(
+        self,
+        keyring: Keyring,
+        limiter: RateLimiter,
+        slots: StreamSlots,
+        open_slots: StreamSlots,
+        on_deny: OnDeny = lambda code: None,
+    ) -> None:
         self.keyring, self.limiter = keyring, limiter
         self.slots, self.open_slots = slots, open_slots  #: API streams; health and reflection streams
+        self.on_deny = on_deny
 
     def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
         method = details.method
@@ -60,16 +74,17 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 self.keyring.authorize(principal, method)
                 self.limiter.take(principal.name, principal.rate_per_second)
             except InterlinguaError as e:
+                self.on_deny(status_for(e).name)
                 return _deny(METHODS.get(method), e)
         handler = continuation(details)
         if handler is None or not (handler.request_streaming or handler.response_streaming):
             return handler
         caller = f"key:{principal.name}" if principal is not None else None
         slots = self.open_slots if is_open else self.slots
-        return wrap_rpc_behavior(handler, lambda behavior, _rq, _rs: _slotted(behavior, slots, caller))
+        return wrap_rpc_behavior(handler, lambda behavior, _rq, _rs: _slotted(behavior, slots, caller, self.on_deny))
 
 
-def _slotted(behavior: Behavior, slots: StreamSlots, caller: str | None) -> Behavior:
+def _slotted(behavior: Behavior, slots: StreamSlots, caller: str | None, on_deny: OnDeny) -> Behavior:
     """``behavior`` holding one of ``slots`` while its call is open."""
 
     def call(request: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
@@ -77,6 +92,7 @@ def _slotted(behavior: Behavior, slots: StreamSlots, caller: str | None) -> Beha
         try:
             slots.acquire(who)
         except InterlinguaError as e:
+            on_deny(status_for(e).name)
             abort_with(context, e)
         if not context.add_callback(lambda: slots.release(who)):
             slots.release(who)  # the call has ended already

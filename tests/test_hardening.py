@@ -206,6 +206,8 @@ def test_unknown_methods_create_no_series(tmp_path: Path, api_key: str | None) -
         after = _metrics_text(srv)
         assert codes == {grpc.StatusCode.UNAUTHENTICATED if api_key else grpc.StatusCode.UNIMPLEMENTED}
         assert "made.Up" not in after and len(after) < len(before) + 2000
+        if api_key:  # counted by status code only
+            assert 'interlingua_rpc_denied_total{grpc_code="UNAUTHENTICATED"} 300.0' in after
     finally:
         ch.close()
         srv.stop(None)
