@@ -127,6 +127,7 @@ class Collection:
         #: interlingua_search_seconds children, looked up once rather than per search
         self.stage_timers = {s: metrics.search_seconds.labels(self.name, s) for s in SEARCH_STAGES}
         metrics.compactions.labels(self.name)  # exported at 0 from the start
+        self.dead_gauge = metrics.dead_labels.labels(self.name)
         if broken:
             self.fail(broken, permanent=True)
 
@@ -212,6 +213,8 @@ class Collection:
             self.counts[space.name] = self.counts.get(space.name, 0) + new_vectors
             self.last_sequence, self.last_write = seq, time.monotonic()
         self.metrics.points.labels(self.name, space.name).set(self.counts[space.name])
+        s = self.segments.snapshot
+        self.dead_gauge.set(s.ndead_sealed + s.ndead_fresh)  # overwrites kill labels
         return seq
 
     def delete(self, ids: list[str], missing_ok: bool) -> tuple[int, int]:
@@ -427,7 +430,7 @@ class Collection:
             self.metrics.points.labels(self.name, space).set(n)
         self.metrics.index_ready.labels(self.name).set(1 if self.state() == "ready" else 0)
         s = self.segments.snapshot
-        self.metrics.dead_labels.labels(self.name).set(s.ndead_sealed + s.ndead_fresh)
+        self.dead_gauge.set(s.ndead_sealed + s.ndead_fresh)
         self.metrics.collection_failed.labels(self.name).set(1 if self.failure is not None else 0)
 
 

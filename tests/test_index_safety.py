@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -27,6 +28,7 @@ import pytest
 from conftest import Stubs, brute_force, connect, make_data, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from interlingua.server.collection import Collection
 from interlingua.server.errors import InvalidArgument
 from interlingua.server.index_spec import IndexSpec
 from interlingua.server.segments import Segments
@@ -233,6 +235,45 @@ def test_a_failed_build_fails_searches_only_and_backs_off(tmp_path: Path, monkey
         assert stubs.info("bad").failure_reason == ""
         _, Ib, _ = stubs.search("bad", "s", xb[:5], 3, nprobe=4)
         assert (np.vectorize(int)(Ib) == Iref).all()
+    finally:
+        stubs.channel.close()
+        server.stop(None)
+
+
+def test_a_collection_that_cannot_be_opened_does_not_stop_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any error while one collection recovers marks that one failed; the server reaches SERVING."""
+    server, port = start_server(tmp_path / "data")
+    stubs = connect(port)
+    xb = make_data(30, D, seed=4)
+    stubs.register("s", D)
+    for name in ("a", "b"):
+        stubs.create(name, "s", "Flat")
+        stubs.upsert(name, "s", [str(i) for i in range(30)], xb)
+    stubs.channel.close()
+    server.stop(None)
+    real = Collection.recover
+
+    def broken(self: Collection, *args: Any) -> int:
+        if self.name == "a" and self.failure is None:
+            raise OSError("disk says no")
+        return real(self, *args)
+
+    monkeypatch.setattr(Collection, "recover", broken)
+    server, port = start_server(tmp_path / "data")
+    stubs = connect(port)
+    try:
+        assert health(stubs) == health_pb2.HealthCheckResponse.SERVING
+        info = stubs.info("a")
+        assert info.state == cpb.INDEX_STATE_FAILED
+        assert info.failure_reason == "cannot be opened: OSError: disk says no"
+        assert (info.num_points, info.vectors_per_space["s"]) == (30, 30)
+        with pytest.raises(grpc.RpcError) as e:
+            stubs.search("a", "s", xb[:1], 1)
+        assert e.value.code() == FAILED and "disk says no" in (e.value.details() or "")
+        _, I, _ = stubs.search("b", "s", xb[:5], 1)
+        assert list(I[:, 0]) == ["0", "1", "2", "3", "4"]
     finally:
         stubs.channel.close()
         server.stop(None)
