@@ -186,6 +186,9 @@ class IndexSpec:
     min_train_points: int = 0  #: fewest training points every quantizer of the spec accepts (0: no training)
     bytes_per_vector: int = 0  #: FAISS code size of one vector (4*d where the index has no sa_code_size)
     overhead_bytes: int = 0  #: estimate of the fixed structures: matrices, codebooks, centroids, lists
+    #: False for a flat IndexPQ: FAISS refuses any SearchParameters and IDSelector there, so its dead
+    #: labels are dropped on the host (every search of a ``PQ16`` collection threw before)
+    takes_params: bool = True
 
     @classmethod
     def parse(
@@ -227,6 +230,7 @@ class IndexSpec:
         probe = _probe(spec, ",".join(w.probe), d, metric)
         needs = not probe.is_trained
         is_hnsw = isinstance(inner_index(probe), faiss.IndexHNSW)
+        takes_params = not isinstance(inner_index(probe), faiss.IndexPQ)
         try:
             code = int(probe.sa_code_size()) + (_coarse_code_size(w.nlist) if w.nlist else 0)
         except RuntimeError:  # HNSW and a few others do not implement sa_code_size: flat storage
@@ -243,7 +247,20 @@ class IndexSpec:
             default_min = max(39 * w.nlist, 256, min_train)
             if re.search(r"PQ\d", spec) or "SQ" in spec:
                 default_min = max(default_min, 9984)
-        return cls(spec, d, metric, needs, is_hnsw, w.nlist, default_min, ef_construction, min_train, code, w.overhead)
+        return cls(
+            spec,
+            d,
+            metric,
+            needs,
+            is_hnsw,
+            w.nlist,
+            default_min,
+            ef_construction,
+            min_train,
+            code,
+            w.overhead,
+            takes_params,
+        )
 
     def check_train_min(self, train_min_points: int) -> int:
         """The training threshold of a new collection: the default for 0, else ``train_min_points``

@@ -116,6 +116,20 @@ def drop_dead(
     return Dk, Ik
 
 
+def _check_finds_itself(index: Any, xb: np.ndarray) -> None:
+    """Raises RuntimeError when a newly trained index finds none of a sample of its own vectors:
+    training on degenerate data (e.g. every vector the same) can leave NaNs in a PCA or a codebook,
+    and such an index answers every search with nothing instead of failing."""
+    xq = np.ascontiguousarray(xb[:: max(1, len(xb) // 16)][:16], dtype=np.float32)
+    D, I = index.search(xq, 1)
+    found = (I[:, 0] >= 0) & np.isfinite(D[:, 0]) & (np.abs(D[:, 0]) < 1e30)
+    if not found.any():
+        raise RuntimeError(
+            f"the trained index finds none of {len(xq)} of its own vectors (degenerate training data, e.g. all"
+            " vectors the same, left NaNs in a transform or codebook)"
+        )
+
+
 def _set_bits(alive: np.ndarray, start: int, stop: int) -> None:
     """Sets the alive bits of labels start .. stop-1 in place."""
     b0, b1 = start >> 3, (stop + 7) >> 3
@@ -322,8 +336,8 @@ class Segments:
             D, I = search_copy.search(xq, kk, params=self._gpu_params(s, nprobe))
             return drop_dead(D, I, s.alive, k, worst)
         # the CPU index (also past what a GPU index selects, k or nprobe > GPU_MAX_K)
-        if self.host_filter:
-            params, _ = self._params(s, ef_search, nprobe, selector=False)
+        if self.host_filter or not self.spec.takes_params:  # flat PQ: no parameters, no selector
+            params = self._params(s, ef_search, nprobe, selector=False)[0] if self.spec.takes_params else None
             D, I = self.device.search_cpu(sealed, xq, kk, params)
             return drop_dead(D, I, s.alive, k, worst)
         params, _sel = self._params(s, ef_search, nprobe)
@@ -416,6 +430,8 @@ class Segments:
             index = faiss.clone_index(s.sealed)
         if len(xb):
             index.add(np.ascontiguousarray(xb, dtype=np.float32))
+            if s.sealed is None:
+                _check_finds_itself(index, xb)
         return index
 
     def live_fresh_rows(self, s: Snapshot) -> np.ndarray:
