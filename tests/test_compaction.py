@@ -142,8 +142,11 @@ def test_writes_during_a_rebuild_are_kept(tmp_path: Path, monkeypatch: pytest.Mo
 
     def slow(self: Segments, s: Any, xb: np.ndarray) -> Any:
         rebuilding.set()
-        time.sleep(0.3)
-        return real(self, s, xb)
+        try:
+            time.sleep(0.3)
+            return real(self, s, xb)
+        finally:
+            rebuilding.clear()
 
     monkeypatch.setattr(Segments, "compacted_index", slow)
     server, port = start_server(tmp_path / "data", **FAST)

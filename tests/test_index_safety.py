@@ -231,14 +231,17 @@ def test_a_failed_build_fails_searches_only_and_backs_off(tmp_path: Path, monkey
         stubs.upsert("bad", "s", ids, xb)
         stubs.upsert("good", "s", ids, xb)
         deadline = time.monotonic() + 10
-        while stubs.info("bad").state != cpb.INDEX_STATE_FAILED or stubs.info("good").state != cpb.INDEX_STATE_READY:
-            assert time.monotonic() < deadline, (stubs.info("bad"), stubs.info("good"))
+        while stubs.info("bad").state != cpb.INDEX_STATE_FAILED:
+            assert time.monotonic() < deadline, stubs.info("bad")
+            time.sleep(0.01)
+        time.sleep(0.7)
+        assert calls.count("bad") == 1  # backing off (1 s first), not retried every 0.1 s
+        while stubs.info("good").state != cpb.INDEX_STATE_READY:
+            assert time.monotonic() < deadline, stubs.info("good")
             time.sleep(0.02)
         info = stubs.info("bad")
         assert "building index 'IVF4,Flat' failed: 'n >= k' failed: too few points" in info.failure_reason
         assert info.failed_at > 0
-        time.sleep(0.6)
-        assert calls.count("bad") == 1  # backing off (1 s), not retried every 0.1 s
         with pytest.raises(grpc.RpcError) as e:
             stubs.search("bad", "s", xb[:2], 3)
         assert e.value.code() == FAILED
