@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import Stubs, brute_force, connect, make_data, start_server
 
-from interlingua.server import Server
+from interlingua.server import Server, checkpoint
 from interlingua.server.segments import Segments
 from interlingua.v1 import collections_pb2 as cpb
 from interlingua.v1 import common_pb2 as pb
@@ -270,6 +270,49 @@ def test_a_merge_leaves_dead_fresh_rows_out(tmp_path: Path) -> None:
         assert (info.indexed_vectors, info.deleted_labels, info.num_points) == (100, 0, 100)
         _, got, _ = stubs.search("h", "s", model.arrays()[1], 1, ef_search=64)
         assert (got[:, 0] == np.array(model.arrays()[0], dtype=object)).mean() >= 0.99
+    finally:
+        stubs.channel.close()
+        server.stop(None)
+
+
+def test_no_checkpoint_pairs_with_the_new_numbering(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compaction deletes the checkpoint before it renumbers the store: when the new one is never
+    written (a crash, here a failing save), the restart rebuilds from the store, exactly."""
+    data = tmp_path / "data"
+    server, port = start_server(data, **FAST)
+    stubs = connect(port)
+    model = Model()
+    try:
+        stubs.register("s", D)
+        stubs.create("c", "s", "Flat")
+        churn(stubs, model, "c", 1, seed=30)
+        deadline = time.monotonic() + 10
+        while not stubs.info("c").checkpoint_sequence:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        (ckpt,) = (data / "collections").glob("*/index.ckpt")
+
+        def no_save(*args: object, **kw: object) -> int:
+            raise OSError("disk full")
+
+        monkeypatch.setattr(checkpoint, "save", no_save)
+        for r in range(3):
+            churn(stubs, model, "c", 2, seed=31 + r)
+            time.sleep(0.1)
+        while ckpt.exists() or stubs.info("c").fresh_vectors:
+            assert time.monotonic() < deadline, stubs.info("c")
+            time.sleep(0.05)
+        check_exact(stubs, model, "c")
+    finally:
+        stubs.channel.close()
+        server.stop(None)
+    monkeypatch.undo()
+    assert not ckpt.exists()
+    server, port = start_server(data, **FAST)
+    stubs = connect(port)
+    try:
+        assert stubs.info("c").num_points == len(model.x)
+        check_exact(stubs, model, "c")
     finally:
         stubs.channel.close()
         server.stop(None)
