@@ -42,6 +42,8 @@ class Model:
         #: col -> id -> the outcomes allowed for an unacknowledged call (vector, or ABSENT)
         self.uncertain: dict[str, dict[str, list[np.ndarray | None]]] = {c: {} for c in COLLECTIONS}
         self.acknowledged = 0
+        #: col -> id -> every vector ever sent for it (to tell a stale index entry from a missing one)
+        self.history: dict[str, dict[str, list[np.ndarray]]] = {c: {} for c in COLLECTIONS}
 
     def current(self, col: str, pid: str) -> np.ndarray | None:
         return self.live[col].get(pid, ABSENT)
@@ -59,6 +61,8 @@ def writer(stubs: Stubs, model: Model, rng: random.Random, stop: threading.Event
             pids = [f"{col}-{i}" for i in ids]
             x = nrng.standard_normal((len(pids), D)).astype(np.float32)
             outcomes: dict[str, np.ndarray | None] = dict(zip(pids, x, strict=True))
+            for pid, v in zip(pids, x, strict=True):
+                model.history[col].setdefault(pid, []).append(v)
             call: Callable[[], Any] = lambda c=col, p=pids, v=x: stubs.upsert(c, "s@1", p, v, timeout=20)  # noqa: E731
         else:
             pids = rng.sample(sorted(live), rng.randint(1, 10))
@@ -66,7 +70,7 @@ def writer(stubs: Stubs, model: Model, rng: random.Random, stop: threading.Event
             call = lambda c=col, p=pids: stubs.delete(c, p, timeout=20)  # noqa: E731
         try:
             call()
-        except grpc.RpcError:
+        except (grpc.RpcError, ValueError):  # ValueError: the kill closed the channel before the call
             for pid, new in outcomes.items():
                 model.uncertain[col][pid] = [model.current(col, pid), new]
             return
@@ -141,24 +145,35 @@ def verify(stubs: Stubs, model: Model, rng: random.Random, problems: list[str]) 
         D, I = stubs.search(col, "s@1", np.stack([live[p] for p in sample]), 10, **SEARCH_PARAMS[col])
         for p, row, drow in zip(sample, I, D, strict=True):
             if p not in set(row):
-                why = explain(stubs, col, p, live, row, drow)
+                why = explain(stubs, model, col, p, row, drow)
                 problems.append(f"{col}/{p}: a search for its stored vector does not find it; {why}")
             stale = [q for q in row if q and q not in live]
             if stale:
                 problems.append(f"{col}: search returned ids not in the store: {stale[:3]}")
 
 
-def explain(stubs: Stubs, col: str, pid: str, live: dict[str, np.ndarray], row: np.ndarray, drow: np.ndarray) -> str:
-    """Why a self-search missed: does a near-exhaustive search find it, and do the returned ids'
-    stored vectors lie at the returned distances (else labels point at the wrong ids)?"""
+def explain(stubs: Stubs, model: Model, col: str, pid: str, row: np.ndarray, drow: np.ndarray) -> str:
+    """Why a self-search missed: does a near-exhaustive search find it, do the returned ids' stored
+    vectors lie at the returned distances (else labels point at the wrong ids), and does one of the
+    id's earlier vectors find it (the index holds a stale vector)?"""
+    live = model.live[col]
     x = live[pid]
     top = str(row[0])
     true_d = float(((live[top] - x) ** 2).sum()) if top in live else float("nan")
-    _, I2 = stubs.search(col, "s@1", x[None], 100, **({"ef_search": 4096} if col == "hnsw" else {}))
+    wide = {"ef_search": 4096} if col == "hnsw" else {}
+    _, I2 = stubs.search(col, "s@1", x[None], 100, **wide)
     found = pid in set(I2[0])
+    old = [v for v in model.history[col].get(pid, []) if not np.array_equal(v, x)]
+    stale = ""
+    if old:
+        D3, I3 = stubs.search(col, "s@1", np.stack(old), 1, **wide)
+        hits = [i for i in range(len(old)) if I3[i, 0] == pid]
+        if hits:
+            h = hits[-1]
+            stale = f"; the index holds its earlier vector #{h + 1} of {len(old) + 1} (found at {D3[h, 0]:.4f})"
     return (
         f"top-1 {top} at reported distance {drow[0]:.4f}, its stored vector at {true_d:.4f}; "
-        f"k=100 ef_search=4096 {'finds' if found else 'does not find'} it"
+        f"k=100 ef_search=4096 {'finds' if found else 'does not find'} it{stale}"
     )
 
 
