@@ -9,21 +9,22 @@ search never waits on a write or a merge. Indexes that need training (IVF, PQ)
 keep every vector in the fresh segment, so search is exact, until
 ``train_min_points`` exist.
 
-Labels are int64, allocated in order and never reused: label ``i`` is row
-``i`` of the sealed index (when ``i < nsealed``) or row ``i - nsealed`` of the
-fresh segment. Deleted or overwritten labels are cleared in the ``alive``
-bitmap and filtered with ``faiss.IDSelectorBitmap``. A merge of a fresh segment holding dead rows, and a
-compaction of a sealed index full of them (``compaction.py``), leave the dead
-rows out and renumber the labels densely, in order (:meth:`Segments.renumbered`);
-each renumbering raises ``Snapshot.epoch``.
+Labels are int64, allocated in order: label ``i`` is row ``i`` of the sealed
+index (when ``i < nsealed``) or row ``i - nsealed`` of the fresh segment.
+Deleted or overwritten labels are cleared in the ``alive`` bitmap and filtered
+with ``faiss.IDSelectorBitmap`` (on the host for a flat PQ index, which takes
+no selector). A merge of a fresh segment holding dead rows, and a compaction of
+a sealed index full of them (``compaction.py``), leave the dead rows out and
+renumber the labels densely, in order (:meth:`Segments.renumbered`); each
+renumbering raises ``Snapshot.epoch``.
 
 On a GPU :class:`~.device.Device` a snapshot keeps the CPU sealed index (merges,
 checkpoints) beside its search copy ``sealed_search`` (the GPU clone, or the CPU
 index itself where the GPU cannot hold it). GPU indexes take no IDSelector, so
 there the sealed index is asked for ``k + ndead_sealed`` labels and the dead ones
 are dropped on the host (:func:`drop_dead`); past the GPU's k limit the CPU index
-answers with its selector. Covered by ``tests/test_segments.py``, the search
-tests in ``tests/test_points.py`` and ``tests/test_gpu.py``.
+answers with its selector. Covered by the search tests in ``tests/test_search.py``,
+``tests/test_gpu.py``, ``tests/test_compaction.py`` and ``tests/test_index_safety.py``.
 """
 
 from __future__ import annotations
