@@ -6,8 +6,8 @@ return) -> apply to the in-memory :class:`~.segments.Segments` -> acknowledge.
 So an acknowledged write is in the store (survives ``kill -9``) and in the
 next search's snapshot (read-your-writes). Searches take no lock.
 
-A collection whose index cannot be built is *failed* (:class:`Failure`) instead of
-taking the process down: one that cannot even be opened (an index spec the
+A collection whose index cannot be built is *failed* (``failures.py``) instead
+of taking the process down: one that cannot even be opened (an index spec the
 service no longer accepts, a missing basis transform) answers every point RPC
 with FAILED_PRECONDITION; one whose training or merge raised keeps taking writes
 but answers searches with FAILED_PRECONDITION, and the build is retried with an
@@ -32,6 +32,7 @@ from . import checkpoint
 from .compaction import COMPACT_FRACTION, COMPACT_MIN_DEAD, compact, merge_dropping_dead
 from .device import Device
 from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from .failures import BuildFailures, Failure
 from .funnel import check_funnel, rerank, shrink
 from .index_spec import IndexSpec
 from .metrics import Metrics
@@ -40,11 +41,9 @@ from .segments import Segments, Snapshot
 from .store import CollectionRow, SpaceRow, Store
 from .transforms import Transform
 
-__all__ = ["SEARCH_STAGES", "Collection", "Failure", "PointRecord"]
+__all__ = ["SEARCH_STAGES", "Collection", "PointRecord"]
 
 SEARCH_STAGES = ("validate", "transform", "index", "fetch")  #: stages of interlingua_search_seconds
-RETRY_FIRST_SECONDS = 1.0  #: a failed index build is retried after this long, doubling at each failure...
-RETRY_MAX_SECONDS = 300.0  #: ...up to this; new writes bring the retry forward to RETRY_FIRST_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +54,6 @@ class PointRecord:
     vectors: dict[str, bytes]  #: space -> packed float32 vector
     payload: str | None
     sequence: int
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why a collection's index cannot be served."""
-
-    reason: str
-    at: float  #: server time of the failure, seconds since the Unix epoch
-    permanent: bool  #: the collection could not be opened: every point RPC fails, nothing is retried
 
 
 class Collection:
@@ -90,10 +80,7 @@ class Collection:
         self.metrics = metrics
         #: dimensions the index holds: a Matryoshka prefix, or all of them
         self.index_dims = row.prefix_dims or home.dim
-        self.failure: Failure | None = None
-        self._failures = 0  # consecutive failed builds
-        self._failed_at = self._retry_at = 0.0  # time.monotonic() of the last failure and of its retry
-        self._fail_seq = 0  # last_sequence at the last failure
+        self.failures = BuildFailures()
         broken = ""
         try:
             self.spec = IndexSpec.parse(row.index_spec, self.index_dims, home.metric, row.ef_construction)
@@ -249,30 +236,19 @@ class Collection:
         """The state: "failed", or the index state ("exact", "training" or "ready")."""
         return "failed" if self.failure is not None else self.segments.state()
 
+    @property
+    def failure(self) -> Failure | None:
+        """Why the collection's index cannot be served (None: it can)."""
+        return self.failures.current
+
     def fail(self, reason: str, *, permanent: bool = False) -> None:
         """Marks the collection failed; a build failure is retried after a back-off."""
-        self._failures += 1
-        delay = min(RETRY_FIRST_SECONDS * 2 ** (self._failures - 1), RETRY_MAX_SECONDS)
-        self._failed_at = time.monotonic()
-        self._retry_at, self._fail_seq = self._failed_at + delay, self.last_sequence
-        self.failure = Failure(reason, time.time(), permanent)
+        delay = self.failures.fail(reason, permanent=permanent, sequence=self.last_sequence)
         if permanent:
             log.error("collection %s is failed and will not be served until it is fixed: %s", self.name, reason)
         else:
             log.warning("collection %s is failed (%s); retrying in %.0fs or on new writes", self.name, reason, delay)
         self.publish_gauges()
-
-    def _may_build(self) -> bool:
-        """False while a failed build waits for its retry (new writes: after RETRY_FIRST_SECONDS)."""
-        f = self.failure
-        if f is None:
-            return True
-        if f.permanent:
-            return False
-        now = time.monotonic()
-        if self.last_sequence != self._fail_seq:
-            return now >= min(self._retry_at, self._failed_at + RETRY_FIRST_SECONDS)
-        return now >= self._retry_at
 
     def check_search(self, ef_search: int | None, nprobe: int | None) -> None:
         """FAILED_PRECONDITION on a failed collection, then the index's own parameter checks."""
@@ -378,7 +354,7 @@ class Collection:
         compacts when dead labels pass ``compact_fraction`` (None: never). A build that raises marks
         the collection failed (:meth:`fail`) instead; it is retried after a back-off. Returns True
         after a merge."""
-        if not self._may_build():
+        if not self.failures.may_build(self.last_sequence):
             return False
         idle = force or time.monotonic() - self.last_write >= idle_seconds
         merged = None
@@ -394,7 +370,7 @@ class Collection:
                     return False
                 if self.failure is not None:
                     log.info("collection %s: its index was built; no longer failed", self.name)
-                    self.failure, self._failures = None, 0
+                    self.failures.clear()
                 self.publish_gauges()
                 if merged is not None and checkpoint_after and merged.sealed is not None:
                     start = time.perf_counter()
