@@ -41,7 +41,7 @@ class BuildFailures:
     def fail(self, reason: str, *, permanent: bool, sequence: int) -> float:
         """Records a failure; returns the seconds until a retry (without new writes)."""
         self._count += 1
-        delay = min(RETRY_FIRST_SECONDS * 2 ** (self._count - 1), RETRY_MAX_SECONDS)
+        delay = min(RETRY_FIRST_SECONDS * 2.0 ** (self._count - 1), RETRY_MAX_SECONDS)
         self._failed_at = time.monotonic()
         self._retry_at, self._sequence = self._failed_at + delay, sequence
         self.current = Failure(reason, time.time(), permanent)
