@@ -26,6 +26,8 @@ from ._exceptions import (
     Unavailable,
     Unknown,
 )
+from ._snapshots import SnapshotInfo
+from ._tls import TLS
 from ._types import CollectionInfo, PointRecord, Route, RouteInfo, RoutesListing, SearchResult, Space, TransformInfo
 
 __all__ = [
@@ -48,7 +50,9 @@ __all__ = [
     "RoutesListing",
     "SearchResult",
     "SearchStream",
+    "SnapshotInfo",
     "Space",
+    "TLS",
     "TransformInfo",
     "Unauthenticated",
     "Unavailable",

@@ -65,7 +65,8 @@ class Space:
 
 @dataclass(frozen=True)
 class CollectionInfo:
-    """Description and live state of a collection; ``state`` is ``"exact"``, ``"training"`` or ``"ready"``."""
+    """Description and live state of a collection; ``state`` is ``"exact"``, ``"training"``, ``"ready"`` or
+    ``"failed"`` (its index cannot be built: ``failure_reason`` says why; searches answer FailedPrecondition)."""
 
     name: str
     home_space: str
@@ -86,6 +87,9 @@ class CollectionInfo:
     basis_transform: str = ""
     recall_at_dims: dict[int, float] = field(default_factory=dict)
     ef_construction: int = 0  #: HNSW build-time candidate list (0: not HNSW)
+    failure_reason: str = ""  #: why the index cannot be built (state "failed")
+    failed_at: float = 0.0  #: when it last failed, seconds since the epoch (0: never)
+    compactions: int = 0  #: index rebuilds that reclaimed dead labels since the server started
 
     @classmethod
     def from_proto(cls, msg: collections_pb2.CollectionInfo) -> CollectionInfo:
@@ -109,6 +113,9 @@ class CollectionInfo:
             basis_transform=msg.basis_transform,
             recall_at_dims=dict(msg.recall_at_dims),
             ef_construction=msg.ef_construction,
+            failure_reason=msg.failure_reason,
+            failed_at=msg.failed_at,
+            compactions=msg.compactions,
         )
 
 

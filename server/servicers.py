@@ -36,7 +36,12 @@ R = TypeVar("R")
 
 METRIC_TO_PB = {"cosine": pb.METRIC_COSINE, "ip": pb.METRIC_IP, "l2": pb.METRIC_L2}
 PB_TO_METRIC = {v: k for k, v in METRIC_TO_PB.items()}
-STATE_TO_PB = {"exact": cpb.INDEX_STATE_EXACT, "training": cpb.INDEX_STATE_TRAINING, "ready": cpb.INDEX_STATE_READY}
+STATE_TO_PB = {
+    "exact": cpb.INDEX_STATE_EXACT,
+    "training": cpb.INDEX_STATE_TRAINING,
+    "ready": cpb.INDEX_STATE_READY,
+    "failed": cpb.INDEX_STATE_FAILED,
+}
 
 
 def rpc_call(fn: Callable[..., R], request: Any, context: grpc.ServicerContext, what: str) -> R:
@@ -72,9 +77,9 @@ def collection_pb(c: Collection) -> cpb.CollectionInfo:
     return cpb.CollectionInfo(
         name=c.name,
         home_space=c.home.name,
-        index_spec=c.spec.spec,
-        state=STATE_TO_PB[c.segments.state()],
-        num_points=len(c.pids),
+        index_spec=c.row.index_spec,
+        state=STATE_TO_PB[c.state()],
+        num_points=c.num_points(),
         vectors_per_space=c.counts,
         indexed_vectors=snap.nsealed - snap.ndead_sealed,
         fresh_vectors=snap.nfresh - snap.ndead_fresh,
@@ -89,6 +94,9 @@ def collection_pb(c: Collection) -> cpb.CollectionInfo:
         basis_transform=c.row.basis_transform,
         ef_construction=c.spec.ef_construction,
         recall_at_dims=c.recall_at_dims(),
+        failure_reason=c.failure.reason if c.failure else "",
+        failed_at=c.failure.at if c.failure else 0.0,
+        compactions=c.compactions,
     )
 
 

