@@ -91,6 +91,7 @@ def fit_requests(
     eval_gallery: Gallery | None,
     batch_size: int,
     progress: bool,
+    query_relevant: Sequence[Sequence[str]] | None = None,
 ) -> Iterator[transforms_pb2.FitTransformRequest]:
     """Checks the arguments now, then returns an iterator of the header and one message per batch."""
     if batch_size < 1:
@@ -101,6 +102,8 @@ def fit_requests(
         (transforms_pb2.PAIR_SIDE_QUERY, query_pairs, query_labels, "query"),
     ):
         if pairs is None:
+            if what == "query" and query_relevant is not None:
+                raise InvalidArgument("query_relevant was given without query_pairs")
             if labels is not None or (what == "doc" and doc_ids is not None):
                 raise InvalidArgument(f"{what} labels or ids were given without {what}_pairs")
             continue
@@ -108,6 +111,10 @@ def fit_requests(
         part = _Part(side, xn, xh, _labels(labels, len(xn), f"{what}_labels"))
         if what == "doc":
             part.ids = _ids(doc_ids, len(xn), "doc_ids")
+        elif query_relevant is not None:
+            if doc_ids is None:
+                raise InvalidArgument("query_relevant names doc pairs by id: give doc_ids too")
+            part.relevant = _relevant(query_relevant, len(xn))
         parts.append(part)
     if eval_gallery is not None:
         if not isinstance(eval_gallery, tuple | list) or len(eval_gallery) != 3:
@@ -136,12 +143,11 @@ def _messages(
             for i0 in range(0, n, batch_size):
                 i1 = min(n, i0 + batch_size)
                 xn, xh = pack_vectors(p.xn[i0:i1]), pack_vectors(p.xh[i0:i1])
-                if p.relevant is not None:
-                    rel = p.relevant[i0:i1]
-                    offsets = [0, *itertools.accumulate(len(r) for r in rel)]
-                    ev = transforms_pb2.EvalQueries(
-                        source=xn, target=xh, relevant_ids=[pid for r in rel for pid in r], relevant_offsets=offsets
-                    )
+                rel = [] if p.relevant is None else p.relevant[i0:i1]
+                ids = [pid for r in rel for pid in r]
+                offsets = [] if p.relevant is None else [0, *itertools.accumulate(len(r) for r in rel)]
+                if p.side == transforms_pb2.PAIR_SIDE_UNSPECIFIED:
+                    ev = transforms_pb2.EvalQueries(source=xn, target=xh, relevant_ids=ids, relevant_offsets=offsets)
                     yield transforms_pb2.FitTransformRequest(eval=ev)
                 else:
                     batch = transforms_pb2.PairBatch(
@@ -151,6 +157,8 @@ def _messages(
                         labels=[] if p.labels is None else p.labels[i0:i1].tolist(),
                         ids=[] if p.ids is None else list(p.ids[i0:i1]),
                         eval_only=p.eval_only,
+                        relevant_ids=ids,
+                        relevant_offsets=offsets,
                     )
                     yield transforms_pb2.FitTransformRequest(pairs=batch)
                 bar.update(i1 - i0)

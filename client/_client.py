@@ -16,9 +16,11 @@ ready (or raises :class:`~interlingua.client.FitFailed`). Covered by
 from __future__ import annotations
 
 import json
+import os
 import queue
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -33,6 +35,8 @@ from interlingua.v1 import (
     common_pb2,
     points_pb2,
     points_pb2_grpc,
+    snapshots_pb2,
+    snapshots_pb2_grpc,
     spaces_pb2,
     spaces_pb2_grpc,
     transforms_pb2,
@@ -41,6 +45,7 @@ from interlingua.v1 import (
 
 from ._calibration import Gallery, Pairs, fit_requests
 from ._exceptions import DeadlineExceeded, FitFailed, InterlinguaError, InvalidArgument, Unavailable, from_rpc_error
+from ._snapshots import SnapshotInfo, write_snapshot
 from ._tls import TLS
 from ._types import (
     KINDS,
@@ -92,6 +97,7 @@ class Client:
         self._points = points_pb2_grpc.PointServiceStub(self._channel)
         self._transforms = transforms_pb2_grpc.TransformServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._snapshots = snapshots_pb2_grpc.SnapshotServiceStub(self._channel)
 
     def __enter__(self) -> Client:
         return self
@@ -295,6 +301,7 @@ class Client:
         doc_labels: npt.ArrayLike | None = None,
         query_labels: npt.ArrayLike | None = None,
         doc_ids: Sequence[str] | None = None,
+        query_relevant: Sequence[Sequence[str]] | None = None,
         eval_queries: Pairs | None = None,
         eval_relevant: Sequence[Sequence[str]] | None = None,
         eval_gallery: Gallery | None = None,
@@ -310,7 +317,9 @@ class Client:
         """Fits ``name``, a transform of ``kind`` from ``source_space`` (new model) into ``target_space``.
 
         Pairs are row-aligned tuples (source (n, d_source), target (n, d_target)),
-        any float dtype; ``*_labels`` give one int class per pair. Evaluation:
+        any float dtype; ``*_labels`` give one int class per pair. Training relevance:
+        ``query_relevant`` (one list of ``doc_ids`` per query pair, e.g. logged clicks)
+        lets the trained kinds learn the task itself (query -> relevant doc). Evaluation:
         ``eval_queries`` (nq source, nq target) with ``eval_relevant`` (nq lists of
         ids) scored against a gallery of every doc pair with ids: ``doc_ids`` name
         the fitted doc pairs, ``eval_gallery`` (ids, source (n, d), target (n, d))
@@ -351,6 +360,7 @@ class Client:
             eval_gallery=eval_gallery,
             batch_size=batch_size,
             progress=progress,
+            query_relevant=query_relevant,
         )
         msg: transforms_pb2.TransformInfo = self._call(self._transforms.FitTransform, requests)
         info = TransformInfo.from_proto(msg)
@@ -396,13 +406,30 @@ class Client:
         resp: transforms_pb2.ListTransformsResponse = self._call(self._transforms.ListTransforms, req)
         return [TransformInfo.from_proto(t) for t in resp.transforms]
 
-    def activate_route(self, collection: str, transform: str, *, force: bool = False) -> RouteInfo:
+    def activate_route(
+        self,
+        collection: str,
+        transform: str,
+        *,
+        force: bool = False,
+        min_retention: float | None = None,
+        max_negative_flip_rate: float | None = None,
+        require_ecc: bool | None = None,
+    ) -> RouteInfo:
         """Routes ``transform``'s source space into ``collection`` through it, atomically.
 
         FailedPrecondition when the transform is not ready, does not map into the
-        collection's home space, or its report fails the gate (unless ``force``).
+        collection's home space, or its report fails the gate (unless ``force``); the
+        message quotes each failing figure against its threshold. The gate policy is
+        the server's default, with any of ``min_retention`` (transformed / home->home
+        Recall@10), ``max_negative_flip_rate`` and ``require_ecc`` given here instead.
         """
+        policy = {"min_retention": min_retention, "max_negative_flip_rate": max_negative_flip_rate}
+        policy["require_ecc"] = require_ecc
+        gate = transforms_pb2.GatePolicy(**{k: v for k, v in policy.items() if v is not None})  # type: ignore[arg-type]
         req = transforms_pb2.ActivateRouteRequest(collection=collection, transform=transform, force=force)
+        if any(v is not None for v in policy.values()):
+            req.gate.CopyFrom(gate)
         msg: transforms_pb2.RouteInfo = self._call(self._transforms.ActivateRoute, req)
         return RouteInfo.from_proto(msg)
 
@@ -461,6 +488,39 @@ class Client:
                 raise DeadlineExceeded(f"{self.target} not SERVING after {timeout:g} s (last: {status})")
             time.sleep(delay)
             delay = min(2 * delay, 0.5)
+
+    # -- snapshots (admin) ----------------------------------------------------------------------------
+
+    def create_snapshot(self, name: str = "") -> SnapshotInfo:
+        """Snapshots the server's whole store as of now (writes continue); ``""`` picks a dated name."""
+        req = snapshots_pb2.CreateSnapshotRequest(name=name)
+        return SnapshotInfo.from_proto(self._call(self._snapshots.CreateSnapshot, req))
+
+    def list_snapshots(self) -> list[SnapshotInfo]:
+        resp = self._call(self._snapshots.ListSnapshots, snapshots_pb2.ListSnapshotsRequest())
+        return [SnapshotInfo.from_proto(s) for s in resp.snapshots]
+
+    def delete_snapshot(self, name: str) -> None:
+        self._call(self._snapshots.DeleteSnapshot, snapshots_pb2.DeleteSnapshotRequest(name=name))
+
+    def verify_snapshot(self, name: str) -> SnapshotInfo:
+        """The snapshot's info once the server checked its files; FailedPrecondition names a corrupt one."""
+        req = snapshots_pb2.RestoreSnapshotRequest(name=name, validate_only=True)
+        return SnapshotInfo.from_proto(self._call(self._snapshots.RestoreSnapshot, req))
+
+    def download_snapshot(self, name: str, to: str | os.PathLike[str]) -> dict[str, Any]:
+        """Streams snapshot ``name`` into the new folder ``to`` and checks it; returns its manifest.
+
+        No deadline (a large store takes as long as it takes); ``interlingua restore`` restores it."""
+        stream = self._snapshots.DownloadSnapshot(
+            snapshots_pb2.DownloadSnapshotRequest(name=name), metadata=self._metadata
+        )
+        try:
+            return write_snapshot(stream, Path(to))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        finally:
+            stream.cancel()  # type: ignore[no-untyped-call]  # frees the call when we stop early
 
 
 def search_request(

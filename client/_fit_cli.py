@@ -30,6 +30,8 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
+from interlingua.jsonsafe import finite
+
 from ._client import FIT_BAR, Client
 from ._output import print_json, print_report, print_transforms
 from .cli import UsageError, _load, _RowIds
@@ -73,6 +75,25 @@ def _config(text: str | None) -> dict[str, Any]:
     return config
 
 
+def _relevance(spec: str | None, n_query: int, n_doc: int) -> list[list[int]] | None:
+    """``--relevance``: per query pair, its relevant doc-pair rows ('diagonal': row i; else a JSON file)."""
+    if not spec:
+        return None
+    if spec == "diagonal":
+        if n_query != n_doc:
+            raise UsageError(f"--relevance diagonal needs as many query as doc pairs, got {n_query} and {n_doc}")
+        return [[i] for i in range(n_query)]
+    try:
+        rows = json.loads(Path(spec).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--relevance {spec}: {err}") from None
+    ok = isinstance(rows, list) and len(rows) == n_query
+    ok = ok and all(isinstance(r, list) and all(isinstance(j, int) and 0 <= j < n_doc for j in r) for r in rows)
+    if not ok:
+        raise UsageError(f"--relevance {spec} must be a JSON list of {n_query} lists of doc-pair rows in [0, {n_doc})")
+    return [[int(j) for j in r] for r in rows]
+
+
 def _inputs(args: argparse.Namespace) -> tuple[Any, Any, dict[str, npt.NDArray[Any]] | None]:
     docs, queries = _pair(args.doc_pairs, "--doc-pairs"), _pair(args.query_pairs, "--query-pairs")
     if docs is None and queries is None and args.kind != "chain":
@@ -85,6 +106,10 @@ def fit_online(client: Client, args: argparse.Namespace) -> None:
     docs, queries, ev = _inputs(args)
     config = _config(args.config)
     eval_kw: dict[str, Any] = {}
+    relevance = _relevance(args.relevance, len(queries[0]) if queries else 0, len(docs[0]) if docs else 0)
+    if relevance is not None:
+        eval_kw["doc_ids"] = [f"fit:{i}" for i in range(len(docs[0]))]
+        eval_kw["query_relevant"] = [[f"fit:{j}" for j in r] for r in relevance]
     if ev is not None:
         n = len(ev["new_doc"])
         eval_kw = {
@@ -137,6 +162,7 @@ def fit_offline(args: argparse.Namespace) -> None:
         raise UsageError("a chain composes registered transforms: it cannot be fitted --offline")
     docs, queries, ev = _inputs(args)
     config = _config(args.config)
+    relevance = _relevance(args.relevance, len(queries[0]) if queries else 0, len(docs[0]) if docs else 0)
     out = Path(args.offline)
     sidecar = out.with_suffix(".json")
     src, home = args.source_metric or args.home_metric, args.home_metric
@@ -165,7 +191,9 @@ def fit_offline(args: argparse.Namespace) -> None:
         try:
             art = build_artefact(
                 args.kind,
-                Calibration(dn, dh, qn, qh),
+                Calibration(
+                    dn, dh, qn, qh, query_relevant=None if relevance is None else tuple(map(np.array, relevance))
+                ),
                 config,
                 home_metric=home,
                 holdout=args.holdout or 0.1,
@@ -190,7 +218,7 @@ def fit_offline(args: argparse.Namespace) -> None:
     try:
         with open(out, "wb") as f:  # a file object: np.savez would add ".npz" to a bare path
             f.write(art.weights())
-        sidecar.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        sidecar.write_text(json.dumps(finite(meta), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     except OSError as err:
         raise UsageError(f"cannot write {out} or {sidecar}: {err}") from None
     if args.json:

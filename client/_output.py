@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from interlingua.jsonsafe import finite
+
 from ._types import CollectionInfo, RouteInfo, RoutesListing, SearchResult, Space, TransformInfo
 
 __all__ = [
@@ -59,11 +61,11 @@ def _when(ts: float) -> str:
 
 
 def print_json(objs: Sequence[Any], out: TextIO) -> None:
-    """One JSON object per line; dataclasses are converted with ``asdict``."""
+    """One JSON object per line (strict JSON: non-finite floats as strings); dataclasses via ``asdict``."""
     for obj in objs:
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             obj = dataclasses.asdict(obj)
-        print(json.dumps(obj, allow_nan=False), file=out)
+        print(json.dumps(finite(obj), allow_nan=False), file=out)
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], out: TextIO) -> None:

@@ -13,6 +13,8 @@
                     [--chain A B ...] [--no-wait] [--offline OUT.npz [--home-metric M]]
     interlingua routes {list COLLECTION, activate COLLECTION TRANSFORM [--force],
                         rollback COLLECTION QUERY_SPACE, shadow COLLECTION QUERY_SPACE {TRANSFORM [--rate R] | --stop}}
+    interlingua snapshots {list,create [NAME],delete NAME,verify NAME}   (see _snapshot_cli.py)
+    interlingua backup --to DIR [--name N] [--keep]    interlingua restore SNAPSHOT_DIR --data-dir DIR  (offline)
 
 Client commands read ``--target`` (default ``$INTERLINGUA_TARGET`` or
 ``localhost:50051``) and ``--api-key`` (default ``$INTERLINGUA_API_KEY``). Exit
@@ -34,6 +36,7 @@ from typing import TYPE_CHECKING, Any, overload
 import numpy as np
 import numpy.typing as npt
 
+from . import _snapshot_cli
 from ._client import Client
 from ._exceptions import InterlinguaError
 from ._output import (
@@ -94,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = any free port (default: 9100)")
     serve.add_argument("--no-metrics", action="store_true", help="serve no /metrics endpoint")
     serve.add_argument("--api-key", help="require this API key on every call")
+    serve.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC over TLS (with --tls-key)")
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    serve.add_argument("--tls-client-ca", help="PEM CA: require client certificates it signed (mutual TLS)")
+    serve.add_argument("--metrics-auth", action="store_true", help="/metrics needs 'Authorization: Bearer <key>'")
     serve.add_argument("--workers", type=int, help="gRPC worker threads")
     serve.add_argument("--omp-threads", type=int, help="FAISS OpenMP threads")
     serve.add_argument(
@@ -144,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", parents=[conn], help="state and counts of collections")
     p.add_argument("collection", nargs="?", help="one collection (default: all)")
     sub.add_parser("health", parents=[conn], help="print the server's health status")
+    _snapshot_cli.add_parsers(sub, conn)
 
     trs = sub.add_parser("transforms", help="compatibility transforms").add_subparsers(dest="action", required=True)
     trs.add_parser("list", parents=[conn], help="list transforms with their state and R@10")
@@ -158,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-pairs", nargs=2, metavar=("NEW.npy", "HOME.npy"), help="row-aligned logged queries")
     p.add_argument(
         "--eval-dir", help="folder with {old,new}_{doc,query}.npy to report on (query i's relevant doc is doc i)"
+    )
+    p.add_argument(
+        "--relevance",
+        metavar="diagonal|FILE.json",
+        help="training relevance: 'diagonal' (query pair i's relevant doc is doc pair i, as in debdesc) or a JSON "
+        "list with one list of doc-pair rows per query pair (e.g. logged clicks)",
     )
     p.add_argument("--config", help="hyper-parameters as a JSON object, e.g. '{\"lam\": 12}'")
     p.add_argument("--holdout", type=float, default=0.0, help="fraction of pairs held out (default 0: 0.1)")
@@ -176,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("collection")
     p.add_argument("transform")
     p.add_argument("--force", action="store_true", help="activate even when the report fails the gate")
+    p.add_argument("--min-retention", type=float, help="gate: least transformed / home->home Recall@10")
+    p.add_argument("--max-negative-flip-rate", type=float, help="gate: most negative-flip rate")
+    p.add_argument(
+        "--require-ecc", action=argparse.BooleanOptionalAction, default=None, help="gate: require ECC margin >= 0"
+    )
     p = routes.add_parser("rollback", parents=[conn], help="restore the previous route from a query space")
     p.add_argument("collection")
     p.add_argument("query_space")
@@ -314,6 +333,8 @@ def _run_client(args: argparse.Namespace) -> int:
             fit_online(client, args)
         elif args.command == "routes":
             _routes(client, args)
+        elif args.command in _snapshot_cli.COMMANDS:
+            _snapshot_cli.run(client, args)
     return 0
 
 
@@ -323,7 +344,14 @@ def _routes(client: Client, args: argparse.Namespace) -> None:
         print_routes_listing(client.list_routes(args.collection), args.json, out)
         return
     if args.action == "activate":
-        route = client.activate_route(args.collection, args.transform, force=args.force)
+        route = client.activate_route(
+            args.collection,
+            args.transform,
+            force=args.force,
+            min_retention=args.min_retention,
+            max_negative_flip_rate=args.max_negative_flip_rate,
+            require_ecc=args.require_ecc,
+        )
     elif args.action == "rollback":
         route = client.rollback_route(args.collection, args.query_space)
     else:
@@ -350,6 +378,17 @@ def _serve(args: argparse.Namespace) -> None:
         raise UsageError(f"serve: {err.message}") from None
 
 
+def _restore(args: argparse.Namespace) -> None:
+    from interlingua.server.errors import InterlinguaError as Refused
+
+    try:
+        _snapshot_cli.restore_offline(args)
+    except Refused as err:  # a corrupt snapshot, or a server still running on the data dir
+        raise UsageError(f"restore: {err.message}") from None
+    except OSError as err:
+        raise UsageError(f"restore: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one command; returns the exit code (0 ok, 1 refused by the server, 2 usage error)."""
     parser = build_parser()
@@ -364,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             from ._fit_cli import fit_offline  # imports this module and the server's transforms
 
             fit_offline(args)
+        elif args.command == "restore":
+            _restore(args)
         else:
             return _run_client(args)
     except UsageError as err:

@@ -8,7 +8,8 @@
 * **Activate / roll back** (:meth:`Compat.activate`, :meth:`Compat.rollback`):
   the new routing table is built beside the live one and swapped in with one
   reference assignment; searches never wait on a lock. Activation is gated on
-  the report (ECC margin >= 0, retention >= ``min_retention``) unless forced.
+  the report by a :class:`~.activation.GatePolicy` (the request's or the
+  server's default: retention, negative flips, optionally ECC) unless forced.
 * **Shadow** (:meth:`Compat.shadow_search`): a candidate transform runs beside
   the active one on sampled live queries, off the reply path; its top-k
   agreement and latency are exported as metrics.
@@ -31,6 +32,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .activation import GatePolicy, gate
 from .collection import Collection
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .metrics import Metrics
@@ -73,28 +75,11 @@ class TransformRecord:
         return self.fn.d_out if self.fn is not None else 0
 
 
-def gate(report: dict[str, Any], min_retention: float) -> str | None:
-    """Why a report fails the activation gate, quoting its numbers; None when it passes."""
-    margin, retention = report.get("ecc_margin"), report.get("retention")
-    if margin is None or retention is None:
-        detail = ", ".join(f"{k}={v:.4f}" for k, v in report.items() if isinstance(v, float))
-        return (
-            "its report has no ECC margin or retention (label-free: fit with evaluation queries and their "
-            f"relevant ids to measure them){'; it shows ' + detail if detail else ''}"
-        )
-    problems = []
-    if margin < 0:
-        problems.append(f"ECC margin {margin:+.4f} < 0 (transformed new->home Recall@10 is below home->home)")
-    if retention < min_retention:
-        problems.append(f"retention {retention:.4f} < floor {min_retention:.4f}")
-    return "; ".join(problems) or None
-
-
 class Compat:
-    def __init__(self, store: Store, metrics: Metrics, *, min_retention: float, omp_threads: int = 1) -> None:
+    def __init__(self, store: Store, metrics: Metrics, *, policy: GatePolicy, omp_threads: int = 1) -> None:
         self.store = store
         self.metrics = metrics
-        self.min_retention = min_retention
+        self.policy = policy  #: the server's default activation gate
         self.transforms: dict[str, TransformRecord] = {}
         self._lock = threading.Lock()  # registry and route changes
         set_omp, omp = faiss.omp_set_num_threads, (omp_threads,)
@@ -157,8 +142,11 @@ class Compat:
         return rec.fn
 
     def _export_report(self, rec: TransformRecord) -> None:
+        report = rec.report
         for key, gauge in (("ecc_margin", self.metrics.ecc_margin), ("retention", self.metrics.retention)):
-            value = rec.report.get(key)
+            value = report.get(key)
+            if value is None and key == "retention":
+                value = report.get("estimated_retention")
             if isinstance(value, float) and math.isfinite(value):
                 gauge.labels(rec.name).set(value)
 
@@ -285,7 +273,9 @@ class Compat:
         sh = Shadow(shadow, self.get(shadow).fn, rate) if shadow and shadow in self.transforms else None
         return Route(query_space, col.home.name, transform, fn, sh)
 
-    def activate(self, col: Collection, name: str, force: bool) -> Route:
+    def activate(self, col: Collection, name: str, force: bool, policy: GatePolicy | None = None) -> Route:
+        """Makes ``name`` the live route of its source space (module docstring), gated by ``policy`` (default:
+        the server's) unless ``force``; FailedPrecondition quotes each failing figure against its threshold."""
         rec = self.get(name)
         if rec.state != "ready":
             raise FailedPrecondition(f"transform {name!r} is {rec.state}{': ' + rec.error if rec.error else ''}")
@@ -299,7 +289,7 @@ class Compat:
                 f"transform {name!r} maps {rec.source!r} -> {rec.target!r}, but collection {col.name!r} has home "
                 f"space {col.home.name!r}"
             )
-        reason = gate(rec.report, self.min_retention)
+        reason = gate(rec.report, policy or self.policy)
         if reason and not force:
             raise FailedPrecondition(f"transform {name!r} is not activated: {reason}; set force to override")
         with self._lock:

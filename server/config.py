@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .activation import GatePolicy
 from .device import Device
 
 __all__ = ["ROLES", "ApiKey", "Limits", "RateLimit", "ServerConfig", "TLSConfig"]
@@ -38,6 +39,10 @@ class Limits:
     max_streams: int = 32  #: streaming calls open at once (each holds a worker thread); more: RESOURCE_EXHAUSTED
     max_streams_per_client: int = 8  #: streams open at once per API key (or per peer address without one)
     max_concurrent_rpcs: int = 1024  #: calls running or queued for a worker; more: RESOURCE_EXHAUSTED
+    max_nlist: int = 65536  #: most IVF lists a new collection's index spec may ask for (INVALID_ARGUMENT)
+    #: cap on the estimated fixed memory of a new collection's index: quantizer centroids, IVF lists,
+    #: codebooks, PCA/OPQ matrices (INVALID_ARGUMENT); IVF65536,Flat at d=1024 needs ~259 MiB
+    max_index_overhead_bytes: int = 1 << 30
 
     @property
     def receive_bytes(self) -> int:
@@ -112,15 +117,25 @@ class ServerConfig:
     merge_fraction: float = 0.1  #: ...or this fraction of the indexed rows, whichever is larger
     merge_idle_seconds: float = 1.0  #: merge any fresh rows after this long without writes
     checkpoint_after_merge: bool = True  #: write an index checkpoint after each merge
+    #: rebuild a sealed index without its dead labels (deleted or overwritten points) once more than
+    #: this fraction of its labels, and more than ``compact_min_dead`` of them, are dead
+    compact_dead_fraction: float = 0.5
+    compact_min_dead: int = 1024
     #: added to the nice value of the maintenance thread (merges, training, checkpoints) and its
     #: OpenMP team, so that background work yields to writes and searches; 0 keeps it equal (Linux)
     maintenance_nice: int = 10
-    min_retention: float = 0.5  #: activation gate: retention M(T(new), home) / M(new, new) at least this
+    #: the default activation gate (``activation.GatePolicy``; an ActivateRoute request may override
+    #: each): retention = transformed Recall@10 / home->home Recall@10 at least ``min_retention``,
+    #: negative-flip rate at most ``max_negative_flip_rate``, and ECC only when ``require_ecc``
+    min_retention: float = 0.85
+    max_negative_flip_rate: float = 1.0
+    require_ecc: bool = False
     #: where sealed indexes are searched and linear query maps run: "cpu", "cuda" or "cuda:N"
     #: (needs faiss-gpu; checked at server start, see ``device.py``)
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         Device.parse(self.device)  # ValueError for a malformed device; its GPU is checked at start
+        GatePolicy(self.min_retention, self.max_negative_flip_rate, self.require_ecc)  # ValueError when out of range
         if self.metrics_auth and not (self.keys or self.api_key):
             raise ValueError("metrics_auth needs API keys (api_key or keys) to check the bearer against")

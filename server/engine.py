@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import faiss
 import numpy as np
 
 from . import validate as v
+from .activation import GatePolicy
 from .collection import Collection, PointRecord
 from .compat import Compat
 from .config import ServerConfig
@@ -32,6 +33,7 @@ from .device import Device
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .funnel import check_funnel
 from .metrics import Metrics
+from .restore import lock_data_dir
 from .routes import IDENTITY, Route, resolve
 from .segments import IndexSpec
 from .store import SpaceRow, Store
@@ -94,9 +96,13 @@ class Engine:
         self.spaces: dict[str, SpaceRow] = {}
         self.collections: dict[str, Collection] = {}
         self._registry_lock = threading.Lock()
+        #: serializes CreateCollection and DeleteCollection as a whole: a create of a name being
+        #: dropped once hit the store's unique constraint (sqlite3.IntegrityError -> INTERNAL)
+        self._ddl_lock = threading.Lock()
         self._stop = threading.Event()
         self._maintainer: threading.Thread | None = None
         self.compat: Compat | None = None
+        self._dir_lock: IO[bytes] | None = None  #: shared: `interlingua restore` refuses while it is held
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -112,18 +118,24 @@ class Engine:
         limit_numpy_blas(self.config.numpy_blas_threads)
         data = Path(self.config.data_dir)
         (data / "collections").mkdir(parents=True, exist_ok=True)
+        self._dir_lock = lock_data_dir(data)
         self.store = Store(data / "interlingua.db")
         self.spaces = {s.name: s for s in self.store.spaces()}
-        self.compat = Compat(
-            self.store, self.metrics, min_retention=self.config.min_retention, omp_threads=self.config.omp_threads
-        )
+        self.compat = Compat(self.store, self.metrics, policy=self.gate_policy(), omp_threads=self.config.omp_threads)
         self.compat.load_transforms()  # before the collections: a basis transform shapes their indexes
         replayed = 0
+        c = self.config
         for row in self.store.collections():
-            basis = self.compat.get(row.basis_transform).fn if row.basis_transform else None
             home, folder = self.spaces[row.home_space], self._folder(row.cid)
-            col = Collection(row, home, self.store, folder, self.metrics, basis, device=self.device)
-            replayed += col.recover()
+            try:
+                basis = self.compat.get(row.basis_transform).fn if row.basis_transform else None
+                col = Collection(row, home, self.store, folder, self.metrics, basis, device=self.device)
+                replayed += col.recover(c.compact_dead_fraction, c.compact_min_dead)
+            except Exception as e:  # one collection never keeps the server from starting
+                log.exception("collection %s cannot be opened; it is marked failed", row.name)
+                col = Collection(row, home, self.store, folder, self.metrics, None, device=self.device)
+                col.fail(f"cannot be opened: {type(e).__name__}: {e}"[:300], permanent=True)
+                col.recover()
             self.collections[row.name] = col
         self.compat.load_routes(self.collections)
         log.info(
@@ -155,6 +167,8 @@ class Engine:
         self.device.close()
         if self.store is not None:
             self.store.close()
+        if self._dir_lock is not None:
+            self._dir_lock.close()
         self._set_state(Lifecycle.STOPPED)
 
     def _maintain_loop(self) -> None:
@@ -169,6 +183,8 @@ class Engine:
                         fraction=c.merge_fraction,
                         idle_seconds=c.merge_idle_seconds,
                         checkpoint_after=c.checkpoint_after_merge,
+                        compact_fraction=c.compact_dead_fraction,
+                        compact_min_dead=c.compact_min_dead,
                     )
                 except Exception:
                     log.exception("maintenance of collection %s failed; will retry", col.name)
@@ -180,6 +196,11 @@ class Engine:
         if self.state is not Lifecycle.SERVING or self.store is None:
             raise Unavailable(f"the service is {self.state.value}; retry when health reports SERVING")
         return self.store
+
+    def gate_policy(self) -> GatePolicy:
+        """The server's default activation gate, from its config."""
+        c = self.config
+        return GatePolicy(c.min_retention, c.max_negative_flip_rate, c.require_ecc)
 
     def require_compat(self) -> Compat:
         """The compatibility layer, once the service is serving."""
@@ -237,15 +258,19 @@ class Engine:
             raise InvalidArgument(
                 f"prefix_dims is {prefix_dims}; it must be between 1 and dim-1 = {home.dim - 1} (0 indexes all dims)"
             )
-        spec = IndexSpec.parse(index_spec, prefix_dims or home.dim, home.metric, ef_construction)
-        with self._registry_lock:
+        lim = self.limits
+        spec = IndexSpec.parse(
+            index_spec,
+            prefix_dims or home.dim,
+            home.metric,
+            ef_construction,
+            max_nlist=lim.max_nlist,
+            max_overhead_bytes=lim.max_index_overhead_bytes,
+        )
+        train_min = spec.check_train_min(train_min_points)
+        with self._ddl_lock, self._registry_lock:
             if name in self.collections:
                 raise AlreadyExists(f"collection {name!r} already exists")
-            train_min = (train_min_points or spec.default_train_min) if spec.needs_training else 0
-            if spec.needs_training and train_min < max(spec.nlist, 1):
-                raise InvalidArgument(
-                    f"train_min_points is {train_min}; index {spec.spec!r} needs at least nlist={spec.nlist}"
-                )
             row = store.add_collection(
                 name, home_space, spec.spec, train_min, prefix_dims, basis_transform, ef_construction
             )
@@ -280,11 +305,12 @@ class Engine:
 
     def delete_collection(self, name: str) -> None:
         col = self.collection(name)
-        with self._registry_lock:
-            if self.collections.get(name) is not col:
-                raise NotFound(f"collection {name!r} does not exist")
-            del self.collections[name]
-        col.drop()
+        with self._ddl_lock:
+            with self._registry_lock:
+                if self.collections.get(name) is not col:
+                    raise NotFound(f"collection {name!r} does not exist")
+                del self.collections[name]
+            col.drop()
 
     # -- points --------------------------------------------------------------------------------
 
@@ -333,7 +359,7 @@ class Engine:
         route = resolve(col.name, col.home.name, qspace.name, col.routes)
         v.check_k(k, self.limits)
         xq = v.unpack_vectors(data, dim, qspace.dim, what="queries", limit=self.limits.max_nq)
-        col.segments.check_params(ef_search, nprobe)
+        col.check_search(ef_search, nprobe)
         plan = check_funnel(col.home.dim, col.row.prefix_dims, k, shortlist_k, funnel)  # raises on misuse
         t1 = time.perf_counter()
         if qspace.metric == "cosine":

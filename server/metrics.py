@@ -86,6 +86,21 @@ class Metrics:
             ["collection"],
             registry=r,
         )
+        self.dead_labels = Gauge(
+            "interlingua_dead_labels",
+            "Index labels of deleted or overwritten points, filtered at search time until compacted.",
+            ["collection"],
+            registry=r,
+        )
+        self.compactions = Counter(
+            "interlingua_compactions", "Rebuilds of a sealed index without its dead labels.", ["collection"], registry=r
+        )
+        self.collection_failed = Gauge(
+            "interlingua_collection_failed",
+            "1 when the collection's index cannot be built (see CollectionInfo.failure_reason).",
+            ["collection"],
+            registry=r,
+        )
         self.checkpoint_seconds = Histogram(
             "interlingua_index_checkpoint_seconds", "Time to write an index checkpoint.", registry=r
         )
@@ -116,7 +131,8 @@ class Metrics:
         )
         self.retention = Gauge(
             "interlingua_transform_retention",
-            "Retention M(T(new), home) / M(new, new) of a transform's report (Recall@10).",
+            "Retention M(T(new), home) / M(home, home) of a transform's report (Recall@10; without evaluation "
+            "queries, its estimate on the held-out calibration slice).",
             ["transform"],
             registry=r,
         )

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
 import numpy as np
 
+from interlingua.jsonsafe import finite
 from interlingua.v1 import transforms_pb2 as tpb
 from interlingua.v1 import transforms_pb2_grpc as tgrpc
 
 from . import validate as v
+from .activation import GatePolicy
 from .collection import Collection
 from .compat import Compat, TransformRecord
 from .engine import Engine
@@ -51,8 +53,8 @@ def transform_pb(r: TransformRecord) -> tpb.TransformInfo:
         target_space=r.target,
         state=STATE_TO_PB[r.state],
         error=r.error,
-        config_json=json.dumps(r.config),
-        report_json=json.dumps(r.report),
+        config_json=json.dumps(finite(r.config), allow_nan=False),  # transforms stored before strict JSON
+        report_json=json.dumps(finite(r.report), allow_nan=False),
         checksum=r.checksum,
         d_in=r.d_in,
         d_out=r.d_out,
@@ -93,10 +95,13 @@ class _Assembler:
         self.parts: dict[str, list[np.ndarray]] = {k: [] for k in ("dn", "dh", "qn", "qh")}
         self.labels: dict[str, list[int]] = {"doc": [], "query": []}
         self.doc_ids: list[str] = []
-        self.gallery: dict[str, list[Any]] = {"ids": [], "new": [], "home": [], "labels": []}
+        self.gallery: dict[str, list[Any]] = {"ids": [], "new": [], "home": [], "labels": [], "eval_only": []}
         self.eval_q: list[tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = []
         self.eval_ids: list[list[str]] = []
         self.eval_labels: list[int | None] = []
+        self.fit_doc_ids: list[str | None] = []  #: per fitted doc pair (calibration row), its id if given
+        self.query_relevant: list[list[str]] = []  #: per query pair, its relevant doc ids (training relevance)
+        self.relevance_batches = 0
 
     def _pair(self, batch: tpb.PairBatch, i: int) -> tuple[np.ndarray, np.ndarray]:
         what = f"message {i}"
@@ -123,30 +128,33 @@ class _Assembler:
             self.gallery["labels"].extend(batch.labels or [None] * n)
             self.gallery["new"].append(xn)
             self.gallery["home"].append(xh)
+            self.gallery["eval_only"].extend([batch.eval_only] * n)
         if batch.eval_only:
             if batch.side != tpb.PAIR_SIDE_DOC or not batch.ids:
                 raise InvalidArgument(f"message {i}: eval_only pairs must be doc pairs with ids")
             return
         side = "doc" if batch.side == tpb.PAIR_SIDE_DOC else "query"
+        if batch.relevant_offsets or batch.relevant_ids:
+            if side != "query":
+                raise InvalidArgument(f"message {i}: relevant_ids are training relevance of query pairs, not doc pairs")
+            self.query_relevant.extend(_id_lists(batch.relevant_ids, batch.relevant_offsets, n, i))
+            self.relevance_batches += 1
+        elif side == "query":
+            self.query_relevant.extend([] for _ in range(n))
+        if side == "doc":
+            self.fit_doc_ids.extend(batch.ids or [None] * n)
         self.parts["dn" if side == "doc" else "qn"].append(xn)
         self.parts["dh" if side == "doc" else "qh"].append(xh)
         self.labels[side].extend(batch.labels)
 
     def add_eval(self, e: tpb.EvalQueries, i: int) -> None:
         xn, xh = self._pair(tpb.PairBatch(source=e.source, target=e.target), i)
-        offsets = list(e.relevant_offsets)
-        if len(offsets) != len(xn) + 1 or offsets[0] != 0 or offsets[-1] != len(e.relevant_ids):
-            raise InvalidArgument(
-                f"message {i}: relevant_offsets needs nq+1 = {len(xn) + 1} entries from 0 to len(relevant_ids)"
-            )
-        if any(b < a for a, b in itertools.pairwise(offsets)):
-            raise InvalidArgument(f"message {i}: relevant_offsets must not decrease")
-        ids = list(e.relevant_ids)
+        id_lists = _id_lists(e.relevant_ids, e.relevant_offsets, len(xn), i)
         if e.labels and len(e.labels) != len(xn):
             raise InvalidArgument(f"message {i}: {len(e.labels)} labels for {len(xn)} evaluation queries")
         self.eval_labels.extend(e.labels or [None] * len(xn))
         self.eval_q.append((xn, xh, []))
-        self.eval_ids.extend(ids[a:b] for a, b in itertools.pairwise(offsets))
+        self.eval_ids.extend(id_lists)
 
     def calibration(self) -> Calibration:
         def stack(key: str, d: int) -> np.ndarray:
@@ -160,22 +168,61 @@ class _Assembler:
                 raise InvalidArgument(f"{side} pairs: labels were given for {len(got)} of {n} pairs; give all or none")
             labels[side] = np.asarray(got, dtype=np.int64) if got else None
         return Calibration(
-            stack("dn", s), stack("dh", t), stack("qn", s), stack("qh", t), labels["doc"], labels["query"]
+            stack("dn", s),
+            stack("dh", t),
+            stack("qn", s),
+            stack("qh", t),
+            labels["doc"],
+            labels["query"],
+            self._training_relevance(),
         )
 
+    def _training_relevance(self) -> tuple[np.ndarray, ...] | None:
+        """Query pair i's relevant doc-pair ids as calibration doc rows; None when no batch carried relevance."""
+        if not self.relevance_batches:
+            return None
+        n_query = sum(map(len, self.parts["qn"]))
+        if self.relevance_batches != len(self.parts["qn"]):
+            raise InvalidArgument(
+                f"training relevance was given for {self.relevance_batches} of {len(self.parts['qn'])} query "
+                "batches; give it for all or none"
+            )
+        index = {pid: row for row, pid in enumerate(self.fit_doc_ids) if pid is not None}
+        if len(index) != sum(pid is not None for pid in self.fit_doc_ids):
+            raise InvalidArgument("doc pair ids must be unique")
+        rows = []
+        for qi, ids in enumerate(self.query_relevant[:n_query]):
+            missing = [pid for pid in ids if pid not in index]
+            if missing:
+                raise InvalidArgument(
+                    f"query pair {qi}: relevant ids not among the fitted doc pairs: {[m[:64] for m in missing[:3]]!r}"
+                )
+            rows.append(np.array([index[pid] for pid in ids], dtype=np.int64))
+        return tuple(rows)
+
     def eval_set(self) -> EvalData | None:
+        """The evaluation queries against the gallery of doc pairs with ids. When eval-only pairs are given
+        and no evaluation query names a fitted pair, the gallery is the eval-only pairs alone (fitted pairs
+        then carry ids only for training relevance)."""
         if not self.eval_q:
             return None
-        index = {pid: j for j, pid in enumerate(self.gallery["ids"])}
-        if len(index) != len(self.gallery["ids"]):
+        ids, eval_only = self.gallery["ids"], np.asarray(self.gallery["eval_only"], dtype=bool)
+        if len(set(ids)) != len(ids):
             raise InvalidArgument("doc pair ids must be unique")
+        named = {pid for r in self.eval_ids for pid in r}
+        keep = np.ones(len(ids), dtype=bool)
+        if eval_only.any() and not any(pid in named for pid, e in zip(ids, eval_only, strict=True) if not e):
+            keep = eval_only
+        rows = np.flatnonzero(keep)
+        index = {ids[j]: i for i, j in enumerate(rows)}
         relevant = []
         for qi, ids in enumerate(self.eval_ids):
             missing = [pid for pid in ids if pid not in index]
             if missing:
                 raise InvalidArgument(f"evaluation query {qi}: relevant ids not among the doc pairs: {missing[:3]!r}")
             relevant.append(np.array([index[pid] for pid in ids], dtype=np.int64))
-        q_labels, g_labels = _all_or_none(self.eval_labels), _all_or_none(self.gallery["labels"])
+        g_labels_all = self.gallery["labels"]
+        q_labels, g_labels = _all_or_none(self.eval_labels), _all_or_none([g_labels_all[j] for j in rows])
         if (q_labels is None) != (g_labels is None):
             raise InvalidArgument(
                 "class labels need both sides: label every evaluation query and every doc pair with an id, or none"
@@ -183,12 +230,36 @@ class _Assembler:
         return EvalData(
             np.vstack([q[0] for q in self.eval_q]),
             np.vstack([q[1] for q in self.eval_q]),
-            np.vstack(self.gallery["new"]),
-            np.vstack(self.gallery["home"]),
+            np.vstack(self.gallery["new"])[rows],
+            np.vstack(self.gallery["home"])[rows],
             relevant,
             q_labels,
             g_labels,
         )
+
+
+def _id_lists(ids: Sequence[str], offsets: Sequence[int], n: int, i: int) -> list[list[str]]:
+    """Split ``ids`` by ``offsets`` (n+1 entries from 0 to len(ids), not decreasing) into n lists."""
+    offs = list(offsets)
+    if len(offs) != n + 1 or offs[0] != 0 or offs[-1] != len(ids):
+        raise InvalidArgument(f"message {i}: relevant_offsets needs n+1 = {n + 1} entries from 0 to len(relevant_ids)")
+    if any(b < a for a, b in itertools.pairwise(offs)):
+        raise InvalidArgument(f"message {i}: relevant_offsets must not decrease")
+    values = list(ids)
+    return [values[a:b] for a, b in itertools.pairwise(offs)]
+
+
+def gate_policy(default: GatePolicy, g: tpb.GatePolicy) -> GatePolicy:
+    """The server's default policy with the request's set fields; InvalidArgument for an out-of-range value."""
+    given = {
+        "min_retention": g.min_retention if g.HasField("min_retention") else None,
+        "max_negative_flip_rate": g.max_negative_flip_rate if g.HasField("max_negative_flip_rate") else None,
+        "require_ecc": g.require_ecc if g.HasField("require_ecc") else None,
+    }
+    try:
+        return default.override(**given)
+    except ValueError as e:
+        raise InvalidArgument(f"gate: {e}") from None
 
 
 def _all_or_none(labels: list[int | None]) -> np.ndarray | None:
@@ -216,12 +287,7 @@ class TransformServicer(tgrpc.TransformServiceServicer):
         if h.kind not in PB_TO_KIND:
             raise InvalidArgument("header.kind must be set to a TransformKind")
         source, target = self.engine.get_space(h.source_space), self.engine.get_space(h.target_space)
-        try:
-            config = json.loads(h.config_json) if h.config_json else {}
-        except ValueError as e:
-            raise InvalidArgument(f"header.config_json is not valid JSON: {e}") from None
-        if not isinstance(config, dict):
-            raise InvalidArgument("header.config_json must be a JSON object")
+        config = v.parse_json_object(h.config_json, "header.config_json") if h.config_json else {}
         asm = _Assembler(source, target)
         for i, msg in enumerate(it, start=1):
             part = msg.WhichOneof("part")
@@ -257,7 +323,8 @@ class TransformServicer(tgrpc.TransformServiceServicer):
     @rpc
     def ActivateRoute(self, request: tpb.ActivateRouteRequest, context: grpc.ServicerContext) -> Any:
         compat, col = self.engine.require_compat(), self.engine.collection(request.collection)
-        route = compat.activate(col, request.transform, request.force)
+        policy = gate_policy(compat.policy, request.gate) if request.HasField("gate") else None
+        route = compat.activate(col, request.transform, request.force, policy)
         return live_route_pb(compat, col, route.query_space)
 
     @rpc

@@ -34,7 +34,6 @@ from interlingua.server.transforms.fit import (
     validate_calibration,
     validate_config,
 )
-from interlingua.server.transforms.lambda_orthogonal import InfoNCELoss, torch_threads
 from interlingua.server.transforms.matryoshka import (
     MatryoshkaTransform,
     check_m,
@@ -57,6 +56,7 @@ from interlingua.server.transforms.mrl_loss import (
     shrink_t,
 )
 from interlingua.server.transforms.pca_basis import fit_pca_basis, principal_axes, retained_variance
+from interlingua.server.transforms.train import InfoNCELoss, torch_threads
 
 FIXTURE = Path(__file__).parent / "fixtures" / "debdesc_fit_500.npz"
 F32_TOL = 10 * 384 * float(np.finfo(np.float32).eps)  #: 10 · n · eps, per entry

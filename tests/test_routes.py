@@ -176,7 +176,8 @@ def test_gate_refuses_a_transform_that_makes_search_worse(
     with pytest.raises(grpc.RpcError) as exc:
         t.ActivateRoute(tpb.ActivateRouteRequest(collection="gallery", transform="bad"))
     assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "ECC margin -" in (exc.value.details() or "") and "force" in (exc.value.details() or "")
+    details = exc.value.details() or ""
+    assert "retention 0.0" in details and "< min_retention 0.8500" in details and "force" in details
     forced = t.ActivateRoute(tpb.ActivateRouteRequest(collection="gallery", transform="bad", force=True))
     assert forced.transform == "bad" and forced.forced and forced.activated_at > 0 and forced.deactivated_at == 0
     history = t.ListRoutes(tpb.ListRoutesRequest(collection="gallery")).history

@@ -74,13 +74,20 @@ def fit_affine(
     ridges: Sequence[float] = DEFAULT_RIDGES,
     holdout: float = 0.1,
     seed: int = 0,
+    task_epochs: int = 5,
+    threads: int | None = None,
     progress: Progress | None = None,
 ) -> FitResult:
     """Fits the ridge affine map; with ``ridge=None`` λ is chosen on a seeded held-out slice.
 
+    With training relevance and ``task_epochs`` > 0, W and b are then refined on the retrieval task for
+    that many epochs (``train/refine.py``, W free); ``info["task_epochs"]`` says how many ran.
+
     Returns a FitResult with an AffineTransform(kind="affine"): W (d_new, d_home) shared, b[side] (d_home,).
     ``info``: ``ridge`` (chosen), ``heldout_mse`` ({str(λ): MSE}, empty when ``ridge`` is given),
     ``ortho_error`` (‖WᵀW − I‖_F, :func:`~.procrustes.orthogonality_error`), ``residual``."""
+    if isinstance(task_epochs, bool) or not isinstance(task_epochs, int) or not 0 <= task_epochs <= 1000:
+        raise ValueError(f"task_epochs must be an integer in [0, 1000], got {task_epochs!r}")
     if ridge is not None:
         _check_ridge("ridge", ridge)
     else:
@@ -111,7 +118,17 @@ def fit_affine(
         "ortho_error": orthogonality_error(W),
         "residual": relative_residual(cal, W, b),
     }
-    config = {"kind": "affine", "ridge": ridge}
+    config = {"kind": "affine", "ridge": ridge, "task_epochs": task_epochs}
+    t = AffineTransform({"query": W}, b, config, kind="affine")
+    info["task_epochs"] = 0
+    history: list[dict[str, float]] = []
+    if task_epochs and len(cal.links()):
+        from .train import TrainConfig, refine_linear
+
+        if progress is not None:
+            progress("task refinement", 0.6)
+        t, history = refine_linear(t, cal, TrainConfig(epochs=task_epochs), orthogonal=False, threads=threads)
+        info["task_epochs"] = task_epochs
     if progress is not None:
         progress("done", 1.0)
-    return FitResult(AffineTransform({"query": W}, b, config, kind="affine"), info)
+    return FitResult(t, info, history)

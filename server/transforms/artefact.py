@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from interlingua.jsonsafe import finite
+
 from .base import Calibration, Transform, checksum
 from .evaluate import _prep, evaluate, hits, knn, ranking_metrics
 from .fit import HOME_KINDS, fit_transform
@@ -136,6 +138,6 @@ def build_artefact(
         )
         report["label_free"] = False  # relevance-based figures present; the *_xid_* ones stay label-free
     saved = {**fn.config, **config, "kind": kind}
-    saved = json.loads(json.dumps(saved, default=jsonable))
-    report = json.loads(json.dumps(report, default=jsonable))
+    saved = finite(json.loads(json.dumps(saved, default=jsonable)))
+    report = finite(json.loads(json.dumps(report, default=jsonable)))
     return Artefact(fn, kind, saved, report, checksum(kind, saved, fn.arrays()))

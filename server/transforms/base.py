@@ -38,6 +38,8 @@ class Calibration:
     query_new : (m, d_new), query_home : (m, d_home) -- logged queries (query pairs), may be empty
     doc_labels : (n,) int64 or None -- class labels of the doc pairs (SupCon, CMC, mAP)
     query_labels : (m,) int64 or None
+    query_relevant : m arrays of doc-pair rows, or None -- training relevance: query i's relevant docs
+        (the logged clicks an operator has); the task loss trains mapped query i to find them
     """
 
     doc_new: np.ndarray
@@ -46,6 +48,7 @@ class Calibration:
     query_home: np.ndarray
     doc_labels: np.ndarray | None = None
     query_labels: np.ndarray | None = None
+    query_relevant: tuple[np.ndarray, ...] | None = None
 
     @property
     def d_new(self) -> int:
@@ -54,6 +57,15 @@ class Calibration:
     @property
     def d_home(self) -> int:
         return int((self.doc_home if len(self.doc_home) else self.query_home).shape[1])
+
+    def links(self) -> np.ndarray:
+        """(L, 2) int64 (query row, doc row) relevance links, sorted; empty without ``query_relevant``."""
+        if not self.query_relevant:
+            return np.zeros((0, 2), dtype=np.int64)
+        rows = [np.column_stack([np.full(len(r), i), r]) for i, r in enumerate(self.query_relevant) if len(r)]
+        if not rows:
+            return np.zeros((0, 2), dtype=np.int64)
+        return np.unique(np.vstack(rows).astype(np.int64), axis=0)
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """All pairs stacked (docs first): X (n+m, d_new), Y (n+m, d_home)."""

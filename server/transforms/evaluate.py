@@ -8,7 +8,8 @@ vs xb_home; the gallery is ``[xb_home, 0]`` for a basis transform). For each: Re
 Recall@k (the fraction of a query's relevant items in its top r, averaged over queries) and
 MRR@k; with labels also CMC top-1/top-5 and mAP over the full ranking. Then the compatibility
 figures: ECC margin R@k(T(new)->home) − R@k(home->home) (Shen et al., CVPR 2020: >= 0 means
-the new queries may replace the old ones), retention R@k(T(new)->home) / R@k(new->new), the
+the new queries may replace the old ones), retention R@k(T(new)->home) / R@k(home->home) (what users
+keep of today's recall; ``retention_vs_new``: / R@k(new->new), what a full re-index would give), the
 negative-flip rate (queries right at top-1 home->home and wrong after), the mean top-k overlap
 of T(new)->home with new->new (neighbourhood agreement), ‖WᵀW − I‖_F of the query-side W and
 the microseconds per query the transform adds (1024-query batch, best of 5).
@@ -48,16 +49,37 @@ _FAISS_METRIC = {"cosine": faiss.METRIC_INNER_PRODUCT, "ip": faiss.METRIC_INNER_
 
 
 def split_calibration(cal: Calibration, holdout: float, seed: int = 0) -> tuple[Calibration, Calibration]:
-    """(rest, held-out): round(holdout · n) seeded random pairs of each side go to the held-out slice."""
+    """(rest, held-out): round(holdout · n) seeded random pairs of each side go to the held-out slice.
+
+    With training relevance (``cal.query_relevant``) the queries are drawn first and the held-out docs are
+    exactly their relevant docs, so each held-out query finds its answers in the held-out slice and no
+    fitted query was trained towards a held-out doc (links that cross the split are dropped)."""
     rng = np.random.default_rng(seed)
-    parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for side, n in (("doc", len(cal.doc_new)), ("query", len(cal.query_new))):
-        perm = rng.permutation(n)
-        n_held = min(n, round(holdout * n))
-        parts[side] = np.sort(perm[n_held:]), np.sort(perm[:n_held])
+    m, n = len(cal.query_new), len(cal.doc_new)
+    q_perm = rng.permutation(m)
+    q_held = np.sort(q_perm[: min(m, round(holdout * m))])
+    if cal.query_relevant is not None:
+        in_held = np.zeros(n, dtype=bool)
+        for i in q_held:
+            in_held[np.asarray(cal.query_relevant[i], dtype=np.int64)] = True
+        d_held = np.flatnonzero(in_held)
+    else:
+        d_perm = rng.permutation(n)
+        d_held = np.sort(d_perm[: min(n, round(holdout * n))])
+    parts = {
+        "doc": (np.setdiff1d(np.arange(n), d_held), d_held),
+        "query": (np.setdiff1d(np.arange(m), q_held), q_held),
+    }
 
     def take(j: int) -> Calibration:
         d, q = parts["doc"][j], parts["query"][j]
+        relevant = None
+        if cal.query_relevant is not None:
+            new_row = np.full(n, -1, dtype=np.int64)
+            new_row[d] = np.arange(len(d))
+            relevant = tuple(
+                (lambda r: r[r >= 0])(new_row[np.asarray(cal.query_relevant[i], dtype=np.int64)]) for i in q
+            )
         return Calibration(
             cal.doc_new[d],
             cal.doc_home[d],
@@ -65,6 +87,7 @@ def split_calibration(cal: Calibration, holdout: float, seed: int = 0) -> tuple[
             cal.query_home[q],
             None if cal.doc_labels is None else cal.doc_labels[d],
             None if cal.query_labels is None else cal.query_labels[q],
+            relevant,
         )
 
     return take(0), take(1)
@@ -179,8 +202,8 @@ def evaluate(
 
     ``relevant``: None (query i's only relevant item is gallery row i; needs nq == nb) or one array of
     gallery rows per query. Keys: ``{home,new,raw,transformed}_{r1,r<k>,mrr<k>}`` (raw: None when
-    d_new != d_home), with labels ``..._{cmc1,cmc5,map}``; ``ecc_margin``, ``retention``, ``neg_flip``,
-    ``nbr_agreement``, ``ortho_error`` (None when not linear), ``us_per_query``, ``k``, ``nq``, ``nb``.
+    d_new != d_home), with labels ``..._{cmc1,cmc5,map}``; ``ecc_margin``, ``retention``, ``retention_vs_new``,
+    ``neg_flip``, ``nbr_agreement``, ``ortho_error`` (None when not linear), ``us_per_query``, ``k``, ``nq``, ``nb``.
     ``cache``: a dict kept by the caller across calls on the *same* data, to reuse the baseline searches."""
     if home_metric not in METRICS:
         raise ValueError(f"home_metric must be one of {', '.join(METRICS)}, got {home_metric!r}")
@@ -241,7 +264,8 @@ def evaluate(
         out.update({f"{mode}_{m}": v for m, v in extra.items()})
     rk = f"r{k}"
     out["ecc_margin"] = out[f"transformed_{rk}"] - out[f"home_{rk}"]
-    out["retention"] = out[f"transformed_{rk}"] / out[f"new_{rk}"] if out[f"new_{rk}"] > 0 else None
+    out["retention"] = out[f"transformed_{rk}"] / out[f"home_{rk}"] if out[f"home_{rk}"] > 0 else None
+    out["retention_vs_new"] = out[f"transformed_{rk}"] / out[f"new_{rk}"] if out[f"new_{rk}"] > 0 else None
     top1_home, top1_t = hits(I_all["home"][:, :1], relevant)[:, 0], hits(I_all["transformed"][:, :1], relevant)[:, 0]
     out["neg_flip"] = float((top1_home & ~top1_t).mean())
     out["nbr_agreement"] = neighbourhood_agreement(I_all["transformed"], I_all["new"])

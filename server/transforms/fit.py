@@ -29,6 +29,7 @@ import numpy as np
 
 from .base import Calibration, FitResult
 from .evaluate import METRICS, label_free_report, split_calibration
+from .offsets import choose_offsets, task_recall
 from .procrustes import Progress
 
 __all__ = [
@@ -103,6 +104,13 @@ def validate_calibration(cal: Calibration, kind: str) -> None:
     for side, labels, n in (("doc", cal.doc_labels, n_doc), ("query", cal.query_labels, n_query)):
         if labels is not None and len(labels) != n:
             raise ValueError(f"{side}_labels has {len(labels)} entries for {n} {side} pairs")
+    if cal.query_relevant is not None:
+        if len(cal.query_relevant) != n_query:
+            raise ValueError(f"query_relevant has {len(cal.query_relevant)} entries for {n_query} query pairs")
+        for i, rel in enumerate(cal.query_relevant):
+            r = np.asarray(rel)
+            if r.ndim != 1 or (len(r) and (not np.issubdtype(r.dtype, np.integer) or r.min() < 0 or r.max() >= n_doc)):
+                raise ValueError(f"query_relevant[{i}] must list doc-pair rows in [0, {n_doc}), got {r.tolist()[:5]}")
     if kind in FULL_RANK_KINDS and n_doc + n_query < cal.d_new:
         raise ValueError(f"{kind} needs at least d_new={cal.d_new} pairs for a full-rank fit, got {n_doc + n_query}")
     if kind in PAIRED_KINDS and n_doc != n_query:
@@ -160,6 +168,28 @@ def _split_paired(cal: Calibration, holdout: float, seed: int) -> tuple[Calibrat
     return take(np.sort(perm[n_held:])), take(np.sort(perm[:n_held]))
 
 
+def heldout_task_report(t: Any, train: Calibration, held: Calibration, home_metric: str, k: int = 10) -> dict[str, Any]:
+    """Retention estimated without evaluation queries: on the held-out calibration queries and their relevant
+    docs (training relevance), ``heldout_task_r<k>`` / ``heldout_home_r<k>`` (T(new) vs the old model's own
+    queries) and ``estimated_retention``; without training relevance the figures are None and
+    ``retention_estimate`` says why (no number is invented)."""
+    mapped = task_recall(t, held, home_metric, k, train.doc_home)
+    home = task_recall(None, held, home_metric, k, train.doc_home)
+    if mapped is None or home is None:
+        return {
+            "estimated_retention": None,
+            "retention_estimate": "none: no evaluation queries and no training relevance in the held-out slice",
+        }
+    out: dict[str, Any] = {f"heldout_task_{m}": v for m, v in mapped.items()}
+    out.update({f"heldout_home_{m}": v for m, v in home.items()})
+    out["estimated_retention"] = mapped[f"r{k}"] / home[f"r{k}"] if home[f"r{k}"] > 0 else None
+    out["retention_estimate"] = (
+        f"held-out calibration slice: {len(held.query_new)} queries searching their {len(held.doc_new)} relevant "
+        f"docs among {len(held.doc_new) + len(train.doc_new)} calibration docs; the same slice chose the query offsets"
+    )
+    return out
+
+
 def fit_transform(
     kind: str,
     cal: Calibration,
@@ -200,12 +230,17 @@ def fit_transform(
         kwargs["progress"] = _scaled(progress, kind, epochs)
     t0 = time.perf_counter()
     result = fn(train, **kwargs)
+    if kind not in HOME_KINDS and n_held:
+        result.transform, chosen = choose_offsets(result.transform, train, held, home_metric)
+        result.info.update(chosen)
     fit_seconds = time.perf_counter() - t0
     if progress is not None:
         progress("report", _FIT_SPAN[1])
     report: dict[str, Any] = {"label_free": True}
     if n_held:
         report = label_free_report(result.transform, held, home_metric)
+        if kind not in HOME_KINDS:
+            report.update(heldout_task_report(result.transform, train, held, home_metric))
     report.update(holdout=float(holdout), seed=seed, fit_pairs=n_train, heldout_pairs=n_held, fit_seconds=fit_seconds)
     if progress is not None:
         progress("done", 1.0)

@@ -184,8 +184,8 @@ def fit_mrl_adapter(
     that prefix), ``contrastive`` and ``distill`` (weighted sums) and ``total``."""
     import torch  # only fitting needs torch
 
-    from .lambda_orthogonal import InfoNCELoss, torch_threads
     from .mrl_loss import AdapterMap, MatryoshkaLoss, SimilarityDistillationLoss, cosine_sims
+    from .train import InfoNCELoss, torch_threads
 
     q, b = positive_pairs(cal_or_pairs)
     n, d = q.shape

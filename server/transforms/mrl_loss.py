@@ -11,7 +11,7 @@ module is imported only when an adapter is fitted.
 * :class:`SimilarityDistillationLoss`: MSE between the in-batch query x doc cosine similarities of
   the (prefix) outputs and fixed teacher similarities, the raw full-dim ones (after the unsupervised
   loss of Matryoshka-Adaptor, Yoon et al., EMNLP 2024): it keeps the model's own geometry.
-* The inner contrastive loss is ``lambda_orthogonal.InfoNCELoss`` (in-batch, cosine, temperature τ).
+* The inner contrastive loss is ``train.losses.InfoNCELoss`` (in-batch, cosine, temperature τ).
 * :class:`AdapterMap`: ``x @ W`` (W starts at the PCA rotation) plus an optional residual MLP
   ``Linear(d, h) → ReLU → Linear(h, d)`` whose last layer starts at zero, so training starts at PCA.
 

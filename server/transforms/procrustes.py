@@ -195,6 +195,8 @@ def fit_procrustes(
     center: bool = True,
     scale: bool = True,
     refine_steps: int = 200,
+    task_epochs: int = 5,
+    threads: int | None = None,
     progress: Progress | None = None,
 ) -> FitResult:
     """Fits the (centred, scaled) Procrustes map from ``cal``'s new vectors to its home vectors.
@@ -203,7 +205,12 @@ def fit_procrustes(
     sides, b[side] (d_home,) from each side's means. ``info``: ``residual`` (:func:`relative_residual`),
     ``scale``, ``ortho_error`` (of R, :func:`orthogonality_error`), ``centered``, ``refined`` (steps
     taken; d_new > d_home only), ``loss_uvt`` and ``loss`` (‖s Xc R − Yc‖² before/after refining).
-    """
+
+    With training relevance (``cal.query_relevant``) and ``task_epochs`` > 0 the rotation is then refined
+    on the retrieval task for that many epochs, kept a scaled isometry (``train/refine.py``);
+    ``info["task_epochs"]`` says how many ran."""
+    if isinstance(task_epochs, bool) or not isinstance(task_epochs, int) or not 0 <= task_epochs <= 1000:
+        raise ValueError(f"task_epochs must be an integer in [0, 1000], got {task_epochs!r}")
     if not isinstance(refine_steps, int) or refine_steps < 0:
         raise ValueError(f"refine_steps must be an integer >= 0, got {refine_steps!r}")
     means = side_means(cal, center)
@@ -230,6 +237,19 @@ def fit_procrustes(
         "loss": stiefel_loss(R, s, C, M, yy),
     }
     config = {"kind": "procrustes", "center": center, "scale": scale, "refine_steps": refine_steps}
+    config["task_epochs"] = task_epochs
+    t = AffineTransform({"query": W}, b, config, kind="procrustes")
+    info["task_epochs"] = 0
+    if task_epochs and len(cal.links()) and d_new >= d_home:
+        from .train import TrainConfig, refine_linear
+
+        if progress is not None:
+            progress("task refinement", 0.6)
+        t, task_history = refine_linear(
+            t, cal, TrainConfig(epochs=task_epochs), orthogonal=True, scale=s, threads=threads
+        )
+        history += [{"step": float(len(history) + i), **h} for i, h in enumerate(task_history)]
+        info["task_epochs"] = task_epochs
     if progress is not None:
         progress("done", 1.0)
-    return FitResult(AffineTransform({"query": W}, b, config, kind="procrustes"), info, history)
+    return FitResult(t, info, history)

@@ -50,7 +50,7 @@ import numpy as np
 from .base import SIDES, Calibration, FitResult, Transform
 
 if TYPE_CHECKING:
-    from .lambda_orthogonal import AffineMap
+    from .train import AffineMap
 
 __all__ = ["ResidualMLPTransform", "build_module", "fit_residual_mlp", "to_transform"]
 
@@ -150,7 +150,7 @@ def build_module(d_new: int, d_home: int, hidden: int, W0: np.ndarray, seed: int
     import torch
     from torch import nn
 
-    from .lambda_orthogonal import AffineMap
+    from .train import AffineMap
 
     if hidden < 1:
         raise ValueError(f"hidden must be >= 1, got {hidden}")
@@ -165,10 +165,8 @@ def build_module(d_new: int, d_home: int, hidden: int, W0: np.ndarray, seed: int
     return AffineMap(d_new, d_home, W0, residual=nn.Sequential(first, nn.ReLU(), last))
 
 
-def to_transform(
-    model: AffineMap, mean_new: dict[str, np.ndarray], mean_home: dict[str, np.ndarray], config: dict[str, Any]
-) -> ResidualMLPTransform:
-    """Folds the per-side centering (x − mean_new[side]) and the home mean into the serve-time biases."""
+def to_transform(model: AffineMap, mean_new: dict[str, np.ndarray], config: dict[str, Any]) -> ResidualMLPTransform:
+    """Folds the per-side input centring (x − mean_new[side]) into the serve-time biases."""
     from torch import nn
 
     mlp = model.residual
@@ -180,7 +178,7 @@ def to_transform(
     W, b_a = model.W.detach().numpy(), model.b.detach().numpy()
     W1, b_1 = first.weight.detach().numpy().T, first.bias.detach().numpy()
     W2, b2 = last.weight.detach().numpy().T, last.bias.detach().numpy()
-    b = {s: mean_home[s] - mean_new[s] @ W + b_a for s in SIDES}
+    b = {s: b_a - mean_new[s] @ W for s in SIDES}
     b1 = {s: b_1 - mean_new[s] @ W1 for s in SIDES}
     return ResidualMLPTransform(W, b, W1, b1, W2, b2, config)
 
@@ -188,13 +186,13 @@ def to_transform(
 def fit_residual_mlp(
     cal: Calibration,
     *,
-    hidden: int = 512,
+    hidden: int = 1024,
     lam: float = math.inf,
     alpha: float = 5.0,
-    w_fit: float = 1.0,
-    w_con: float = 1.0,
-    temperature: float = 0.05,
-    symmetric: bool = False,
+    temperature: float = 0.03,
+    w_task: float = 1.0,
+    w_id: float = 1.0,
+    hard_negatives: int = 4,
     epochs: int = 10,
     batch_size: int = 512,
     lr: float = 1e-3,
@@ -202,36 +200,29 @@ def fit_residual_mlp(
     threads: int | None = None,
     progress: Callable[[dict[str, float]], None] | None = None,
 ) -> FitResult:
-    """Fits B = A + MLP on all pairs (no held-out slice, no sweep).
+    """Fits B = A + MLP on all pairs with the task loss (``train/``; no held-out slice, no sweep).
 
     Returns a FitResult with a :class:`ResidualMLPTransform`; ``info`` has ``hidden``, ``ortho_gap`` (of A's W),
-    ``procrustes_scale`` and ``seconds``; ``history`` the named loss terms per epoch.
+    ``procrustes_scale``, ``relevance`` (task links used) and ``seconds``; ``history`` the named terms per epoch.
     """
     import torch  # only fitting needs torch
 
-    from .lambda_orthogonal import (
-        LambdaOrthogonalityLoss,
-        Pairs,
-        TrainConfig,
-        orthogonality_gap,
-        procrustes_init,
-        torch_threads,
-        train_map,
-    )
+    from .lambda_orthogonal import procrustes_init
+    from .train import LambdaOrthogonalityLoss, TaskData, TrainConfig, orthogonality_gap, torch_threads, train_map
 
-    if hidden < 1:
-        raise ValueError(f"hidden must be >= 1, got {hidden}")
-    cfg = TrainConfig(w_fit, w_con, temperature, symmetric, epochs, batch_size, lr, seed)
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or not 1 <= hidden <= 16384:
+        raise ValueError(f"hidden must be an integer in [1, 16384], got {hidden!r}")
+    cfg = TrainConfig(epochs, batch_size, lr, temperature, w_task, w_id, hard_negatives, seed)
     ortho = LambdaOrthogonalityLoss(lam, alpha)
-    pairs = Pairs.from_calibration(cal)
     start = time.perf_counter()
     with torch_threads(threads):
+        data = TaskData.build(cal, cfg.hard_negatives)
         W0, scale = procrustes_init(cal)
         model = build_module(W0.shape[0], W0.shape[1], hidden, W0, seed)
-        history = train_map(model, ortho, pairs, cfg, progress)
+        history = train_map(model, data, cfg, lambda: ortho(model.W), progress)
         config = {"hidden": hidden, **ortho.get_config_dict(), **cfg.get_config_dict()}
-        transform = to_transform(model, pairs.mean_new, pairs.mean_home, config)
+        transform = to_transform(model, data.mean_new, config)
         gap = float(orthogonality_gap(torch.tensor(transform.W, dtype=torch.float64)))
     info = {"init": "procrustes", "hidden": hidden, "procrustes_scale": scale, "ortho_gap": gap}
-    info["seconds"] = time.perf_counter() - start
+    info.update(relevance=len(cal.links()), seconds=time.perf_counter() - start)
     return FitResult(transform, info, history)

@@ -25,47 +25,49 @@ _sym_db = _symbol_database.Default()
 from interlingua.v1 import common_pb2 as interlingua_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1finterlingua/v1/transforms.proto\x12\x0einterlingua.v1\x1a\x1binterlingua/v1/common.proto\"\xa7\x01\n\tFitHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x1d.interlingua.v1.TransformKind\x12\x14\n\x0csource_space\x18\x03 \x01(\t\x12\x14\n\x0ctarget_space\x18\x04 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\r\n\x05\x63hain\x18\x06 \x03(\t\x12\x0f\n\x07holdout\x18\x07 \x01(\x02\"\xb5\x01\n\tPairBatch\x12&\n\x04side\x18\x01 \x01(\x0e\x32\x18.interlingua.v1.PairSide\x12\'\n\x06source\x18\x02 \x01(\x0b\x32\x17.interlingua.v1.Vectors\x12\'\n\x06target\x18\x03 \x01(\x0b\x32\x17.interlingua.v1.Vectors\x12\x0e\n\x06labels\x18\x04 \x03(\x03\x12\x0b\n\x03ids\x18\x05 \x03(\t\x12\x11\n\teval_only\x18\x06 \x01(\x08\"\x9f\x01\n\x0b\x45valQueries\x12\'\n\x06source\x18\x01 \x01(\x0b\x32\x17.interlingua.v1.Vectors\x12\'\n\x06target\x18\x02 \x01(\x0b\x32\x17.interlingua.v1.Vectors\x12\x14\n\x0crelevant_ids\x18\x03 \x03(\t\x12\x18\n\x10relevant_offsets\x18\x04 \x03(\r\x12\x0e\n\x06labels\x18\x05 \x03(\x03\"\xa3\x01\n\x13\x46itTransformRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.interlingua.v1.FitHeaderH\x00\x12*\n\x05pairs\x18\x02 \x01(\x0b\x32\x19.interlingua.v1.PairBatchH\x00\x12+\n\x04\x65val\x18\x03 \x01(\x0b\x32\x1b.interlingua.v1.EvalQueriesH\x00\x42\x06\n\x04part\"\xea\x02\n\rTransformInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x1d.interlingua.v1.TransformKind\x12\x14\n\x0csource_space\x18\x03 \x01(\t\x12\x14\n\x0ctarget_space\x18\x04 \x01(\t\x12-\n\x05state\x18\x05 \x01(\x0e\x32\x1e.interlingua.v1.TransformState\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x07 \x01(\t\x12\x13\n\x0breport_json\x18\x08 \x01(\t\x12\x10\n\x08\x63hecksum\x18\t \x01(\t\x12\x0c\n\x04\x64_in\x18\n \x01(\r\x12\r\n\x05\x64_out\x18\x0b \x01(\r\x12\x12\n\ncreated_at\x18\x0c \x01(\x01\x12\x10\n\x08progress\x18\r \x01(\x02\x12\r\n\x05stage\x18\x0e \x01(\t\x12\x11\n\tdoc_pairs\x18\x0f \x01(\x04\x12\x13\n\x0bquery_pairs\x18\x10 \x01(\x04\"#\n\x13GetTransformRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15ListTransformsRequest\"K\n\x16ListTransformsResponse\x12\x31\n\ntransforms\x18\x01 \x03(\x0b\x32\x1d.interlingua.v1.TransformInfo\"L\n\x14\x41\x63tivateRouteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x11\n\ttransform\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"?\n\x14RollbackRouteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x13\n\x0bquery_space\x18\x02 \x01(\t\"\xa9\x01\n\tRouteInfo\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x13\n\x0bquery_space\x18\x02 \x01(\t\x12\x12\n\nhome_space\x18\x03 \x01(\t\x12\x11\n\ttransform\x18\x04 \x01(\t\x12\x0e\n\x06shadow\x18\x05 \x01(\t\x12\x14\n\x0c\x61\x63tivated_at\x18\x06 \x01(\x01\x12\x16\n\x0e\x64\x65\x61\x63tivated_at\x18\x07 \x01(\x01\x12\x0e\n\x06\x66orced\x18\x08 \x01(\x08\"\'\n\x11ListRoutesRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"k\n\x12ListRoutesResponse\x12)\n\x06\x61\x63tive\x18\x01 \x03(\x0b\x32\x19.interlingua.v1.RouteInfo\x12*\n\x07history\x18\x02 \x03(\x0b\x32\x19.interlingua.v1.RouteInfo\"c\n\x10SetShadowRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x13\n\x0bquery_space\x18\x02 \x01(\t\x12\x11\n\ttransform\x18\x03 \x01(\t\x12\x13\n\x0bsample_rate\x18\x04 \x01(\x02*\xa2\x02\n\rTransformKind\x12\x1e\n\x1aTRANSFORM_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19TRANSFORM_KIND_PROCRUSTES\x10\x01\x12\x19\n\x15TRANSFORM_KIND_AFFINE\x10\x02\x12$\n TRANSFORM_KIND_LAMBDA_ORTHOGONAL\x10\x03\x12\x18\n\x14TRANSFORM_KIND_BASIS\x10\x04\x12\x1f\n\x1bTRANSFORM_KIND_RESIDUAL_MLP\x10\x05\x12\x18\n\x14TRANSFORM_KIND_CHAIN\x10\x06\x12\x1c\n\x18TRANSFORM_KIND_PCA_BASIS\x10\x07\x12\x1e\n\x1aTRANSFORM_KIND_MRL_ADAPTER\x10\x08*\x85\x01\n\x0eTransformState\x12\x1f\n\x1bTRANSFORM_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRANSFORM_STATE_FITTING\x10\x01\x12\x19\n\x15TRANSFORM_STATE_READY\x10\x02\x12\x1a\n\x16TRANSFORM_STATE_FAILED\x10\x03*M\n\x08PairSide\x12\x19\n\x15PAIR_SIDE_UNSPECIFIED\x10\x00\x12\x11\n\rPAIR_SIDE_DOC\x10\x01\x12\x13\n\x0fPAIR_SIDE_QUERY\x10\x02\x32\xe0\x04\n\x10TransformService\x12T\n\x0c\x46itTransform\x12#.interlingua.v1.FitTransformRequest\x1a\x1d.interlingua.v1.TransformInfo(\x01\x12R\n\x0cGetTransform\x12#.interlingua.v1.GetTransformRequest\x1a\x1d.interlingua.v1.TransformInfo\x12_\n\x0eListTransforms\x12%.interlingua.v1.ListTransformsRequest\x1a&.interlingua.v1.ListTransformsResponse\x12P\n\rActivateRoute\x12$.interlingua.v1.ActivateRouteRequest\x1a\x19.interlingua.v1.RouteInfo\x12P\n\rRollbackRoute\x12$.interlingua.v1.RollbackRouteRequest\x1a\x19.interlingua.v1.RouteInfo\x12S\n\nListRoutes\x12!.interlingua.v1.ListRoutesRequest\x1a\".interlingua.v1.ListRoutesResponse\x12H\n\tSetShadow\x12 .interlingua.v1.SetShadowRequest\x1a\x19.interlingua.v1.RouteInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1finterlingua/v1/transforms.proto\x12\x0einterlingua.v1\x1a\x1binterlingua/v1/common.proto\"\xa7\x01\n\tFitHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x1d.interlingua.v1.TransformKind\x12\x14\n\x0csource_space\x18\x03 \x01(\t\x12\x14\n\x0ctarget_space\x18\x04 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\r\n\x05\x63hain\x18\x06 \x03(\t\x12\x0f\n\x07holdout\x18\x07 \x01(\x02\"\xe5\x01\n\tPairBatch\x12&\n\x04side\x18\x01 \x01(\x0e\x32\x18.interlingua.v1.PairSide\x12\'\n\x06source\x18\x02 \x01(\x0b\x32\x17.interlingua.v1.Vectors\x12\'\n\x06target\x18\x03 \x01(\x0b\x32\x17.interlingua.v1.Vectors\x12\x0e\n\x06labels\x18\x04 \x03(\x03\x12\x0b\n\x03ids\x18\x05 \x03(\t\x12\x11\n\teval_only\x18\x06 \x01(\x08\x12\x14\n\x0crelevant_ids\x18\x07 \x03(\t\x12\x18\n\x10relevant_offsets\x18\x08 \x03(\r\"\x9f\x01\n\x0b\x45valQueries\x12\'\n\x06source\x18\x01 \x01(\x0b\x32\x17.interlingua.v1.Vectors\x12\'\n\x06target\x18\x02 \x01(\x0b\x32\x17.interlingua.v1.Vectors\x12\x14\n\x0crelevant_ids\x18\x03 \x03(\t\x12\x18\n\x10relevant_offsets\x18\x04 \x03(\r\x12\x0e\n\x06labels\x18\x05 \x03(\x03\"\xa3\x01\n\x13\x46itTransformRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.interlingua.v1.FitHeaderH\x00\x12*\n\x05pairs\x18\x02 \x01(\x0b\x32\x19.interlingua.v1.PairBatchH\x00\x12+\n\x04\x65val\x18\x03 \x01(\x0b\x32\x1b.interlingua.v1.EvalQueriesH\x00\x42\x06\n\x04part\"\xea\x02\n\rTransformInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x1d.interlingua.v1.TransformKind\x12\x14\n\x0csource_space\x18\x03 \x01(\t\x12\x14\n\x0ctarget_space\x18\x04 \x01(\t\x12-\n\x05state\x18\x05 \x01(\x0e\x32\x1e.interlingua.v1.TransformState\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x07 \x01(\t\x12\x13\n\x0breport_json\x18\x08 \x01(\t\x12\x10\n\x08\x63hecksum\x18\t \x01(\t\x12\x0c\n\x04\x64_in\x18\n \x01(\r\x12\r\n\x05\x64_out\x18\x0b \x01(\r\x12\x12\n\ncreated_at\x18\x0c \x01(\x01\x12\x10\n\x08progress\x18\r \x01(\x02\x12\r\n\x05stage\x18\x0e \x01(\t\x12\x11\n\tdoc_pairs\x18\x0f \x01(\x04\x12\x13\n\x0bquery_pairs\x18\x10 \x01(\x04\"#\n\x13GetTransformRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15ListTransformsRequest\"K\n\x16ListTransformsResponse\x12\x31\n\ntransforms\x18\x01 \x03(\x0b\x32\x1d.interlingua.v1.TransformInfo\"v\n\x14\x41\x63tivateRouteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x11\n\ttransform\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\x12(\n\x04gate\x18\x04 \x01(\x0b\x32\x1a.interlingua.v1.GatePolicy\"\xa4\x01\n\nGatePolicy\x12\x1a\n\rmin_retention\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12#\n\x16max_negative_flip_rate\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x0brequire_ecc\x18\x03 \x01(\x08H\x02\x88\x01\x01\x42\x10\n\x0e_min_retentionB\x19\n\x17_max_negative_flip_rateB\x0e\n\x0c_require_ecc\"?\n\x14RollbackRouteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x13\n\x0bquery_space\x18\x02 \x01(\t\"\xa9\x01\n\tRouteInfo\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x13\n\x0bquery_space\x18\x02 \x01(\t\x12\x12\n\nhome_space\x18\x03 \x01(\t\x12\x11\n\ttransform\x18\x04 \x01(\t\x12\x0e\n\x06shadow\x18\x05 \x01(\t\x12\x14\n\x0c\x61\x63tivated_at\x18\x06 \x01(\x01\x12\x16\n\x0e\x64\x65\x61\x63tivated_at\x18\x07 \x01(\x01\x12\x0e\n\x06\x66orced\x18\x08 \x01(\x08\"\'\n\x11ListRoutesRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"k\n\x12ListRoutesResponse\x12)\n\x06\x61\x63tive\x18\x01 \x03(\x0b\x32\x19.interlingua.v1.RouteInfo\x12*\n\x07history\x18\x02 \x03(\x0b\x32\x19.interlingua.v1.RouteInfo\"c\n\x10SetShadowRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x13\n\x0bquery_space\x18\x02 \x01(\t\x12\x11\n\ttransform\x18\x03 \x01(\t\x12\x13\n\x0bsample_rate\x18\x04 \x01(\x02*\xa2\x02\n\rTransformKind\x12\x1e\n\x1aTRANSFORM_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19TRANSFORM_KIND_PROCRUSTES\x10\x01\x12\x19\n\x15TRANSFORM_KIND_AFFINE\x10\x02\x12$\n TRANSFORM_KIND_LAMBDA_ORTHOGONAL\x10\x03\x12\x18\n\x14TRANSFORM_KIND_BASIS\x10\x04\x12\x1f\n\x1bTRANSFORM_KIND_RESIDUAL_MLP\x10\x05\x12\x18\n\x14TRANSFORM_KIND_CHAIN\x10\x06\x12\x1c\n\x18TRANSFORM_KIND_PCA_BASIS\x10\x07\x12\x1e\n\x1aTRANSFORM_KIND_MRL_ADAPTER\x10\x08*\x85\x01\n\x0eTransformState\x12\x1f\n\x1bTRANSFORM_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRANSFORM_STATE_FITTING\x10\x01\x12\x19\n\x15TRANSFORM_STATE_READY\x10\x02\x12\x1a\n\x16TRANSFORM_STATE_FAILED\x10\x03*M\n\x08PairSide\x12\x19\n\x15PAIR_SIDE_UNSPECIFIED\x10\x00\x12\x11\n\rPAIR_SIDE_DOC\x10\x01\x12\x13\n\x0fPAIR_SIDE_QUERY\x10\x02\x32\xe0\x04\n\x10TransformService\x12T\n\x0c\x46itTransform\x12#.interlingua.v1.FitTransformRequest\x1a\x1d.interlingua.v1.TransformInfo(\x01\x12R\n\x0cGetTransform\x12#.interlingua.v1.GetTransformRequest\x1a\x1d.interlingua.v1.TransformInfo\x12_\n\x0eListTransforms\x12%.interlingua.v1.ListTransformsRequest\x1a&.interlingua.v1.ListTransformsResponse\x12P\n\rActivateRoute\x12$.interlingua.v1.ActivateRouteRequest\x1a\x19.interlingua.v1.RouteInfo\x12P\n\rRollbackRoute\x12$.interlingua.v1.RollbackRouteRequest\x1a\x19.interlingua.v1.RouteInfo\x12S\n\nListRoutes\x12!.interlingua.v1.ListRoutesRequest\x1a\".interlingua.v1.ListRoutesResponse\x12H\n\tSetShadow\x12 .interlingua.v1.SetShadowRequest\x1a\x19.interlingua.v1.RouteInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'interlingua.v1.transforms_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSFORMKIND']._serialized_start=1833
-  _globals['_TRANSFORMKIND']._serialized_end=2123
-  _globals['_TRANSFORMSTATE']._serialized_start=2126
-  _globals['_TRANSFORMSTATE']._serialized_end=2259
-  _globals['_PAIRSIDE']._serialized_start=2261
-  _globals['_PAIRSIDE']._serialized_end=2338
+  _globals['_TRANSFORMKIND']._serialized_start=2090
+  _globals['_TRANSFORMKIND']._serialized_end=2380
+  _globals['_TRANSFORMSTATE']._serialized_start=2383
+  _globals['_TRANSFORMSTATE']._serialized_end=2516
+  _globals['_PAIRSIDE']._serialized_start=2518
+  _globals['_PAIRSIDE']._serialized_end=2595
   _globals['_FITHEADER']._serialized_start=81
   _globals['_FITHEADER']._serialized_end=248
   _globals['_PAIRBATCH']._serialized_start=251
-  _globals['_PAIRBATCH']._serialized_end=432
-  _globals['_EVALQUERIES']._serialized_start=435
-  _globals['_EVALQUERIES']._serialized_end=594
-  _globals['_FITTRANSFORMREQUEST']._serialized_start=597
-  _globals['_FITTRANSFORMREQUEST']._serialized_end=760
-  _globals['_TRANSFORMINFO']._serialized_start=763
-  _globals['_TRANSFORMINFO']._serialized_end=1125
-  _globals['_GETTRANSFORMREQUEST']._serialized_start=1127
-  _globals['_GETTRANSFORMREQUEST']._serialized_end=1162
-  _globals['_LISTTRANSFORMSREQUEST']._serialized_start=1164
-  _globals['_LISTTRANSFORMSREQUEST']._serialized_end=1187
-  _globals['_LISTTRANSFORMSRESPONSE']._serialized_start=1189
-  _globals['_LISTTRANSFORMSRESPONSE']._serialized_end=1264
-  _globals['_ACTIVATEROUTEREQUEST']._serialized_start=1266
-  _globals['_ACTIVATEROUTEREQUEST']._serialized_end=1342
-  _globals['_ROLLBACKROUTEREQUEST']._serialized_start=1344
-  _globals['_ROLLBACKROUTEREQUEST']._serialized_end=1407
-  _globals['_ROUTEINFO']._serialized_start=1410
-  _globals['_ROUTEINFO']._serialized_end=1579
-  _globals['_LISTROUTESREQUEST']._serialized_start=1581
-  _globals['_LISTROUTESREQUEST']._serialized_end=1620
-  _globals['_LISTROUTESRESPONSE']._serialized_start=1622
-  _globals['_LISTROUTESRESPONSE']._serialized_end=1729
-  _globals['_SETSHADOWREQUEST']._serialized_start=1731
-  _globals['_SETSHADOWREQUEST']._serialized_end=1830
-  _globals['_TRANSFORMSERVICE']._serialized_start=2341
-  _globals['_TRANSFORMSERVICE']._serialized_end=2949
+  _globals['_PAIRBATCH']._serialized_end=480
+  _globals['_EVALQUERIES']._serialized_start=483
+  _globals['_EVALQUERIES']._serialized_end=642
+  _globals['_FITTRANSFORMREQUEST']._serialized_start=645
+  _globals['_FITTRANSFORMREQUEST']._serialized_end=808
+  _globals['_TRANSFORMINFO']._serialized_start=811
+  _globals['_TRANSFORMINFO']._serialized_end=1173
+  _globals['_GETTRANSFORMREQUEST']._serialized_start=1175
+  _globals['_GETTRANSFORMREQUEST']._serialized_end=1210
+  _globals['_LISTTRANSFORMSREQUEST']._serialized_start=1212
+  _globals['_LISTTRANSFORMSREQUEST']._serialized_end=1235
+  _globals['_LISTTRANSFORMSRESPONSE']._serialized_start=1237
+  _globals['_LISTTRANSFORMSRESPONSE']._serialized_end=1312
+  _globals['_ACTIVATEROUTEREQUEST']._serialized_start=1314
+  _globals['_ACTIVATEROUTEREQUEST']._serialized_end=1432
+  _globals['_GATEPOLICY']._serialized_start=1435
+  _globals['_GATEPOLICY']._serialized_end=1599
+  _globals['_ROLLBACKROUTEREQUEST']._serialized_start=1601
+  _globals['_ROLLBACKROUTEREQUEST']._serialized_end=1664
+  _globals['_ROUTEINFO']._serialized_start=1667
+  _globals['_ROUTEINFO']._serialized_end=1836
+  _globals['_LISTROUTESREQUEST']._serialized_start=1838
+  _globals['_LISTROUTESREQUEST']._serialized_end=1877
+  _globals['_LISTROUTESRESPONSE']._serialized_start=1879
+  _globals['_LISTROUTESRESPONSE']._serialized_end=1986
+  _globals['_SETSHADOWREQUEST']._serialized_start=1988
+  _globals['_SETSHADOWREQUEST']._serialized_end=2087
+  _globals['_TRANSFORMSERVICE']._serialized_start=2598
+  _globals['_TRANSFORMSERVICE']._serialized_end=3206
 # @@protoc_insertion_point(module_scope)

@@ -187,6 +187,8 @@ class PairBatch(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     IDS_FIELD_NUMBER: _builtins.int
     EVAL_ONLY_FIELD_NUMBER: _builtins.int
+    RELEVANT_IDS_FIELD_NUMBER: _builtins.int
+    RELEVANT_OFFSETS_FIELD_NUMBER: _builtins.int
     side: Global___PairSide.ValueType
     """Doc or query pairs."""
     eval_only: _builtins.bool
@@ -209,6 +211,17 @@ class PairBatch(_message.Message):
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Optional item ids, one per pair (doc pairs): the ids `EvalQueries.relevant_ids` refer to."""
 
+    @_builtins.property
+    def relevant_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Training relevance, query pairs only (optional; all query batches or none): the ids of the
+        fitted doc pairs relevant to each query pair (e.g. logged clicks). `relevant_offsets` has
+        n+1 entries; the ids of pair i are relevant_ids[relevant_offsets[i]:relevant_offsets[i+1]].
+        With it the trained kinds learn the task itself: a mapped query must rank its relevant old
+        docs first (see docs/TRANSFORMS.md).
+        """
+
+    @_builtins.property
+    def relevant_offsets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -218,10 +231,12 @@ class PairBatch(_message.Message):
         labels: _abc.Iterable[_builtins.int] | None = ...,
         ids: _abc.Iterable[_builtins.str] | None = ...,
         eval_only: _builtins.bool = ...,
+        relevant_ids: _abc.Iterable[_builtins.str] | None = ...,
+        relevant_offsets: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_only", b"eval_only", "ids", b"ids", "labels", b"labels", "side", b"side", "source", b"source", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_only", b"eval_only", "ids", b"ids", "labels", b"labels", "relevant_ids", b"relevant_ids", "relevant_offsets", b"relevant_offsets", "side", b"side", "source", b"source", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -450,26 +465,77 @@ class ActivateRouteRequest(_message.Message):
     COLLECTION_FIELD_NUMBER: _builtins.int
     TRANSFORM_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
+    GATE_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     """Collection whose home space is the transform's target space."""
     transform: _builtins.str
     """Transform to route its source space through."""
     force: _builtins.bool
     """Activate even when the report fails the gate."""
+    @_builtins.property
+    def gate(self) -> Global___GatePolicy:
+        """Gate policy for this activation; unset fields take the server's defaults."""
+
     def __init__(
         self,
         *,
         collection: _builtins.str = ...,
         transform: _builtins.str = ...,
         force: _builtins.bool = ...,
+        gate: Global___GatePolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gate", b"gate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "force", b"force", "transform", b"transform"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "force", b"force", "gate", b"gate", "transform", b"transform"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ActivateRouteRequest: _TypeAlias = ActivateRouteRequest  # noqa: Y015
+
+@_typing.final
+class GatePolicy(_message.Message):
+    """When a transform's report allows activation. Retention is transformed Recall@10 over home->home
+    Recall@10 on the evaluation set (the old model's own queries, what users have today).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_RETENTION_FIELD_NUMBER: _builtins.int
+    MAX_NEGATIVE_FLIP_RATE_FIELD_NUMBER: _builtins.int
+    REQUIRE_ECC_FIELD_NUMBER: _builtins.int
+    min_retention: _builtins.float
+    """Least retention (server default 0.85)."""
+    max_negative_flip_rate: _builtins.float
+    """Most negative-flip rate: queries right at top-1 home->home and wrong through the transform
+    (server default 1.0: no limit).
+    """
+    require_ecc: _builtins.bool
+    """Require ECC: transformed Recall@10 >= home->home Recall@10 (server default false)."""
+    def __init__(
+        self,
+        *,
+        min_retention: _builtins.float | None = ...,
+        max_negative_flip_rate: _builtins.float | None = ...,
+        require_ecc: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_negative_flip_rate", b"_max_negative_flip_rate", "_min_retention", b"_min_retention", "_require_ecc", b"_require_ecc", "max_negative_flip_rate", b"max_negative_flip_rate", "min_retention", b"min_retention", "require_ecc", b"require_ecc"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_negative_flip_rate", b"_max_negative_flip_rate", "_min_retention", b"_min_retention", "_require_ecc", b"_require_ecc", "max_negative_flip_rate", b"max_negative_flip_rate", "min_retention", b"min_retention", "require_ecc", b"require_ecc"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_negative_flip_rate: _TypeAlias = _typing.Literal["max_negative_flip_rate"]  # noqa: Y015
+    _WhichOneofArgType__max_negative_flip_rate: _TypeAlias = _typing.Literal["_max_negative_flip_rate", b"_max_negative_flip_rate"]  # noqa: Y015
+    _WhichOneofReturnType__min_retention: _TypeAlias = _typing.Literal["min_retention"]  # noqa: Y015
+    _WhichOneofArgType__min_retention: _TypeAlias = _typing.Literal["_min_retention", b"_min_retention"]  # noqa: Y015
+    _WhichOneofReturnType__require_ecc: _TypeAlias = _typing.Literal["require_ecc"]  # noqa: Y015
+    _WhichOneofArgType__require_ecc: _TypeAlias = _typing.Literal["_require_ecc", b"_require_ecc"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_negative_flip_rate) -> _WhichOneofReturnType__max_negative_flip_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_retention) -> _WhichOneofReturnType__min_retention | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__require_ecc) -> _WhichOneofReturnType__require_ecc | None: ...
+
+Global___GatePolicy: _TypeAlias = GatePolicy  # noqa: Y015
 
 @_typing.final
 class RollbackRouteRequest(_message.Message):

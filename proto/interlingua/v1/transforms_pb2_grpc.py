@@ -104,8 +104,8 @@ class TransformServiceServicer:
     def ActivateRoute(self, request, context):
         """Makes `transform` the active route from its source space into a collection's home space,
         atomically (built beside the live route, one reference swapped). FAILED_PRECONDITION,
-        quoting the numbers, when its report shows a negative ECC margin or a retention below the
-        configured floor, unless `force` is set.
+        quoting each failing figure against its threshold, when its report fails the gate policy
+        (the request's `gate`, else the server's default), unless `force` is set.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -49,8 +49,8 @@ class TransformServiceStub:
     ActivateRoute: _grpc.UnaryUnaryMultiCallable[_transforms_pb2.ActivateRouteRequest, _transforms_pb2.RouteInfo]
     """Makes `transform` the active route from its source space into a collection's home space,
     atomically (built beside the live route, one reference swapped). FAILED_PRECONDITION,
-    quoting the numbers, when its report shows a negative ECC margin or a retention below the
-    configured floor, unless `force` is set.
+    quoting each failing figure against its threshold, when its report fails the gate policy
+    (the request's `gate`, else the server's default), unless `force` is set.
     """
     RollbackRoute: _grpc.UnaryUnaryMultiCallable[_transforms_pb2.RollbackRouteRequest, _transforms_pb2.RouteInfo]
     """Restores the route that was active before the current one (or removes the route when
@@ -83,8 +83,8 @@ class TransformServiceAsyncStub(TransformServiceStub):
     ActivateRoute: _aio.UnaryUnaryMultiCallable[_transforms_pb2.ActivateRouteRequest, _transforms_pb2.RouteInfo]  # type: ignore[assignment]
     """Makes `transform` the active route from its source space into a collection's home space,
     atomically (built beside the live route, one reference swapped). FAILED_PRECONDITION,
-    quoting the numbers, when its report shows a negative ECC margin or a retention below the
-    configured floor, unless `force` is set.
+    quoting each failing figure against its threshold, when its report fails the gate policy
+    (the request's `gate`, else the server's default), unless `force` is set.
     """
     RollbackRoute: _aio.UnaryUnaryMultiCallable[_transforms_pb2.RollbackRouteRequest, _transforms_pb2.RouteInfo]  # type: ignore[assignment]
     """Restores the route that was active before the current one (or removes the route when
@@ -138,8 +138,8 @@ class TransformServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_transforms_pb2.RouteInfo, _abc.Awaitable[_transforms_pb2.RouteInfo]]:
         """Makes `transform` the active route from its source space into a collection's home space,
         atomically (built beside the live route, one reference swapped). FAILED_PRECONDITION,
-        quoting the numbers, when its report shows a negative ECC margin or a retention below the
-        configured floor, unless `force` is set.
+        quoting each failing figure against its threshold, when its report fails the gate policy
+        (the request's `gate`, else the server's default), unless `force` is set.
         """
 
     @_abc_1.abstractmethod
