@@ -70,6 +70,16 @@ class TransformServiceStub:
                 request_serializer=interlingua_dot_v1_dot_transforms__pb2.SetShadowRequest.SerializeToString,
                 response_deserializer=interlingua_dot_v1_dot_transforms__pb2.RouteInfo.FromString,
                 _registered_method=True)
+        self.CancelFit = channel.unary_unary(
+                '/interlingua.v1.TransformService/CancelFit',
+                request_serializer=interlingua_dot_v1_dot_transforms__pb2.CancelFitRequest.SerializeToString,
+                response_deserializer=interlingua_dot_v1_dot_transforms__pb2.TransformInfo.FromString,
+                _registered_method=True)
+        self.DeleteTransform = channel.unary_unary(
+                '/interlingua.v1.TransformService/DeleteTransform',
+                request_serializer=interlingua_dot_v1_dot_transforms__pb2.DeleteTransformRequest.SerializeToString,
+                response_deserializer=interlingua_dot_v1_dot_transforms__pb2.TransformInfo.FromString,
+                _registered_method=True)
 
 
 class TransformServiceServicer:
@@ -81,7 +91,10 @@ class TransformServiceServicer:
         after a header message. Returns at once with state TRANSFORM_STATE_FITTING: fitting runs
         off the request threads; poll GetTransform until READY or FAILED. Bad calibration data
         (mismatched counts, wrong dims, NaN, fewer pairs than dims for a full-rank fit) is
-        INVALID_ARGUMENT; an existing name is ALREADY_EXISTS.
+        INVALID_ARGUMENT; an existing name is ALREADY_EXISTS. A stream over the server's caps (pairs,
+        bytes, evaluation queries or gallery per fit) is RESOURCE_EXHAUSTED as soon as it passes one;
+        epochs and other step counts out of range are INVALID_ARGUMENT. A fit that runs past the
+        server's max_fit_seconds stops and is FAILED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,6 +148,24 @@ class TransformServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelFit(self, request, context):
+        """Cancels a fit: a queued one is taken off the queue, a running one stops at its next progress
+        step (an epoch of the trained kinds). The transform is FAILED with error "cancelled" at once
+        and nothing is stored. NOT_FOUND if unknown; FAILED_PRECONDITION when it is not fitting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTransform(self, request, context):
+        """Deletes a transform in any state (a fitting one is cancelled first) from the registry and
+        the store. FAILED_PRECONDITION, naming the users, while a live route, a shadow, a chain or a
+        collection's basis_transform uses it; NOT_FOUND if unknown. Returns the deleted transform.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TransformServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +203,16 @@ def add_TransformServiceServicer_to_server(servicer, server):
                     servicer.SetShadow,
                     request_deserializer=interlingua_dot_v1_dot_transforms__pb2.SetShadowRequest.FromString,
                     response_serializer=interlingua_dot_v1_dot_transforms__pb2.RouteInfo.SerializeToString,
+            ),
+            'CancelFit': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelFit,
+                    request_deserializer=interlingua_dot_v1_dot_transforms__pb2.CancelFitRequest.FromString,
+                    response_serializer=interlingua_dot_v1_dot_transforms__pb2.TransformInfo.SerializeToString,
+            ),
+            'DeleteTransform': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTransform,
+                    request_deserializer=interlingua_dot_v1_dot_transforms__pb2.DeleteTransformRequest.FromString,
+                    response_serializer=interlingua_dot_v1_dot_transforms__pb2.TransformInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -364,6 +405,60 @@ class TransformService:
             '/interlingua.v1.TransformService/SetShadow',
             interlingua_dot_v1_dot_transforms__pb2.SetShadowRequest.SerializeToString,
             interlingua_dot_v1_dot_transforms__pb2.RouteInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelFit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/interlingua.v1.TransformService/CancelFit',
+            interlingua_dot_v1_dot_transforms__pb2.CancelFitRequest.SerializeToString,
+            interlingua_dot_v1_dot_transforms__pb2.TransformInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTransform(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/interlingua.v1.TransformService/DeleteTransform',
+            interlingua_dot_v1_dot_transforms__pb2.DeleteTransformRequest.SerializeToString,
+            interlingua_dot_v1_dot_transforms__pb2.TransformInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,7 +40,10 @@ class TransformServiceStub:
     after a header message. Returns at once with state TRANSFORM_STATE_FITTING: fitting runs
     off the request threads; poll GetTransform until READY or FAILED. Bad calibration data
     (mismatched counts, wrong dims, NaN, fewer pairs than dims for a full-rank fit) is
-    INVALID_ARGUMENT; an existing name is ALREADY_EXISTS.
+    INVALID_ARGUMENT; an existing name is ALREADY_EXISTS. A stream over the server's caps (pairs,
+    bytes, evaluation queries or gallery per fit) is RESOURCE_EXHAUSTED as soon as it passes one;
+    epochs and other step counts out of range are INVALID_ARGUMENT. A fit that runs past the
+    server's max_fit_seconds stops and is FAILED.
     """
     GetTransform: _grpc.UnaryUnaryMultiCallable[_transforms_pb2.GetTransformRequest, _transforms_pb2.TransformInfo]
     """Returns one transform with its fit report; NOT_FOUND if unknown."""
@@ -63,6 +66,16 @@ class TransformServiceStub:
     do not change; top-k agreement and latency are exported as metrics. An empty `transform`
     stops the shadow.
     """
+    CancelFit: _grpc.UnaryUnaryMultiCallable[_transforms_pb2.CancelFitRequest, _transforms_pb2.TransformInfo]
+    """Cancels a fit: a queued one is taken off the queue, a running one stops at its next progress
+    step (an epoch of the trained kinds). The transform is FAILED with error "cancelled" at once
+    and nothing is stored. NOT_FOUND if unknown; FAILED_PRECONDITION when it is not fitting.
+    """
+    DeleteTransform: _grpc.UnaryUnaryMultiCallable[_transforms_pb2.DeleteTransformRequest, _transforms_pb2.TransformInfo]
+    """Deletes a transform in any state (a fitting one is cancelled first) from the registry and
+    the store. FAILED_PRECONDITION, naming the users, while a live route, a shadow, a chain or a
+    collection's basis_transform uses it; NOT_FOUND if unknown. Returns the deleted transform.
+    """
 
 @_typing.type_check_only
 class TransformServiceAsyncStub(TransformServiceStub):
@@ -74,7 +87,10 @@ class TransformServiceAsyncStub(TransformServiceStub):
     after a header message. Returns at once with state TRANSFORM_STATE_FITTING: fitting runs
     off the request threads; poll GetTransform until READY or FAILED. Bad calibration data
     (mismatched counts, wrong dims, NaN, fewer pairs than dims for a full-rank fit) is
-    INVALID_ARGUMENT; an existing name is ALREADY_EXISTS.
+    INVALID_ARGUMENT; an existing name is ALREADY_EXISTS. A stream over the server's caps (pairs,
+    bytes, evaluation queries or gallery per fit) is RESOURCE_EXHAUSTED as soon as it passes one;
+    epochs and other step counts out of range are INVALID_ARGUMENT. A fit that runs past the
+    server's max_fit_seconds stops and is FAILED.
     """
     GetTransform: _aio.UnaryUnaryMultiCallable[_transforms_pb2.GetTransformRequest, _transforms_pb2.TransformInfo]  # type: ignore[assignment]
     """Returns one transform with its fit report; NOT_FOUND if unknown."""
@@ -97,6 +113,16 @@ class TransformServiceAsyncStub(TransformServiceStub):
     do not change; top-k agreement and latency are exported as metrics. An empty `transform`
     stops the shadow.
     """
+    CancelFit: _aio.UnaryUnaryMultiCallable[_transforms_pb2.CancelFitRequest, _transforms_pb2.TransformInfo]  # type: ignore[assignment]
+    """Cancels a fit: a queued one is taken off the queue, a running one stops at its next progress
+    step (an epoch of the trained kinds). The transform is FAILED with error "cancelled" at once
+    and nothing is stored. NOT_FOUND if unknown; FAILED_PRECONDITION when it is not fitting.
+    """
+    DeleteTransform: _aio.UnaryUnaryMultiCallable[_transforms_pb2.DeleteTransformRequest, _transforms_pb2.TransformInfo]  # type: ignore[assignment]
+    """Deletes a transform in any state (a fitting one is cancelled first) from the registry and
+    the store. FAILED_PRECONDITION, naming the users, while a live route, a shadow, a chain or a
+    collection's basis_transform uses it; NOT_FOUND if unknown. Returns the deleted transform.
+    """
 
 class TransformServiceServicer(metaclass=_abc_1.ABCMeta):
     """Fits, inspects and routes compatibility transforms."""
@@ -111,7 +137,10 @@ class TransformServiceServicer(metaclass=_abc_1.ABCMeta):
         after a header message. Returns at once with state TRANSFORM_STATE_FITTING: fitting runs
         off the request threads; poll GetTransform until READY or FAILED. Bad calibration data
         (mismatched counts, wrong dims, NaN, fewer pairs than dims for a full-rank fit) is
-        INVALID_ARGUMENT; an existing name is ALREADY_EXISTS.
+        INVALID_ARGUMENT; an existing name is ALREADY_EXISTS. A stream over the server's caps (pairs,
+        bytes, evaluation queries or gallery per fit) is RESOURCE_EXHAUSTED as soon as it passes one;
+        epochs and other step counts out of range are INVALID_ARGUMENT. A fit that runs past the
+        server's max_fit_seconds stops and is FAILED.
         """
 
     @_abc_1.abstractmethod
@@ -169,6 +198,28 @@ class TransformServiceServicer(metaclass=_abc_1.ABCMeta):
         """Runs a candidate transform in shadow beside a route's active one on live queries: replies
         do not change; top-k agreement and latency are exported as metrics. An empty `transform`
         stops the shadow.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelFit(
+        self,
+        request: _transforms_pb2.CancelFitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_transforms_pb2.TransformInfo, _abc.Awaitable[_transforms_pb2.TransformInfo]]:
+        """Cancels a fit: a queued one is taken off the queue, a running one stops at its next progress
+        step (an epoch of the trained kinds). The transform is FAILED with error "cancelled" at once
+        and nothing is stored. NOT_FOUND if unknown; FAILED_PRECONDITION when it is not fitting.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteTransform(
+        self,
+        request: _transforms_pb2.DeleteTransformRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_transforms_pb2.TransformInfo, _abc.Awaitable[_transforms_pb2.TransformInfo]]:
+        """Deletes a transform in any state (a fitting one is cancelled first) from the registry and
+        the store. FAILED_PRECONDITION, naming the users, while a live route, a shadow, a chain or a
+        collection's basis_transform uses it; NOT_FOUND if unknown. Returns the deleted transform.
         """
 
 def add_TransformServiceServicer_to_server(servicer: TransformServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
