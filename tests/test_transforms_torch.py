@@ -313,7 +313,7 @@ def test_sweep_picks_by_its_table_and_refits() -> None:
     assert result.info["sweep_metric"] == "heldout_identification"  # no training relevance
     assert result.info["lam"] == choose_lam(table)
     assert result.transform.config["lam"] == result.info["lam"]
-    assert len(seen) == 4 * 15 and seen[-1]["fraction"] == 1.0
+    assert len(seen) == 3 * 7 + 15 and seen[-1]["fraction"] == 1.0  # sweep_epochs: epochs // 2
     assert all(a["fraction"] < b["fraction"] for a, b in itertools.pairwise(seen))
 
 

@@ -185,7 +185,7 @@ def fit_mrl_adapter(
     import torch  # only fitting needs torch
 
     from .mrl_loss import AdapterMap, MatryoshkaLoss, SimilarityDistillationLoss, cosine_sims
-    from .train import InfoNCELoss, torch_threads
+    from .train import MAX_EPOCHS, InfoNCELoss, torch_threads
 
     q, b = positive_pairs(cal_or_pairs)
     n, d = q.shape
@@ -195,6 +195,8 @@ def fit_mrl_adapter(
     for name, v, least in (("epochs", epochs, 1), ("batch_size", batch_size, 2)):
         if isinstance(v, bool) or not isinstance(v, int) or v < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {v!r}")
+    if epochs > MAX_EPOCHS:
+        raise ValueError(f"epochs must be at most {MAX_EPOCHS}, got {epochs!r}")
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a finite number > 0, got {lr}")
     contrast = MatryoshkaLoss(InfoNCELoss(temperature, symmetric), ms, weights, d)

@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 Progress = Callable[[str, float], None]
+MAX_REFINE_STEPS = 10_000  #: a fit is a request: Stiefel refinement steps are capped (default 200)
 Means = dict[str, tuple[np.ndarray, np.ndarray]]  #: side -> (μx (d_new,), μy (d_home,)), float64
 
 
@@ -211,8 +212,10 @@ def fit_procrustes(
     ``info["task_epochs"]`` says how many ran."""
     if isinstance(task_epochs, bool) or not isinstance(task_epochs, int) or not 0 <= task_epochs <= 1000:
         raise ValueError(f"task_epochs must be an integer in [0, 1000], got {task_epochs!r}")
-    if not isinstance(refine_steps, int) or refine_steps < 0:
+    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
         raise ValueError(f"refine_steps must be an integer >= 0, got {refine_steps!r}")
+    if refine_steps > MAX_REFINE_STEPS:
+        raise ValueError(f"refine_steps must be at most {MAX_REFINE_STEPS}, got {refine_steps!r}")
     means = side_means(cal, center)
     Xc, Yc = centred_pairs(cal, means)
     C, M, yy = Xc.T @ Xc, Xc.T @ Yc, float((Yc**2).sum())
