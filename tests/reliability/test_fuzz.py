@@ -131,18 +131,20 @@ class Tally:
         self.deadlines: list[str] = []
         self.wrong: list[str] = []  #: issue cases answered with another code than the one they must get
         self.dead = 0
+        self.lock = threading.Lock()  #: the create/delete race calls run() from several threads
 
     def run(self, rpc: Rpc, requests: list[bytes], what: str, channel: grpc.Channel | None = None) -> grpc.StatusCode:
         timeout = 0.5 if rpc.path == WATCH else 20.0
         out = call(channel or self.channel, rpc, requests, timeout=timeout)
-        self.cases += 1
-        self.codes[out.code.name] += 1
-        self.per_rpc[rpc.name, out.code == grpc.StatusCode.OK] += 1
         repro = f"{rpc.path} [{what}] {[r[:80].hex() for r in requests[:3]]} -> {out.code.name}: {out.details[:200]}"
-        if out.code in BAD:
-            self.bad.append(repro)
-        elif out.code == grpc.StatusCode.DEADLINE_EXCEEDED and rpc.path != WATCH:
-            self.deadlines.append(repro)
+        with self.lock:
+            self.cases += 1
+            self.codes[out.code.name] += 1
+            self.per_rpc[rpc.name, out.code == grpc.StatusCode.OK] += 1
+            if out.code in BAD:
+                self.bad.append(repro)
+            elif out.code == grpc.StatusCode.DEADLINE_EXCEEDED and rpc.path != WATCH:
+                self.deadlines.append(repro)
         if not self.srv.alive():
             self.dead += 1
             self.bad.append(f"SERVER DIED after {repro}\n{self.srv.log_tail(15)}")
