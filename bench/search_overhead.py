@@ -43,6 +43,7 @@ from _data import DEFAULT_DATA, BenchData, load
 
 from interlingua.client import Client
 from interlingua.server import ServerConfig, create_server
+from interlingua.server.pipeline import SearchParams
 from interlingua.server.segments import DEFAULT_EF_SEARCH
 from interlingua.server.servicers import PointServicer
 from interlingua.v1 import common_pb2, points_pb2, points_pb2_grpc
@@ -376,9 +377,10 @@ def layer_calls(server: Any, client: Client, stub: Any, xs: list[np.ndarray]) ->
     vectors = [common_pb2.Vectors(data=b, dim=d) for b in raw]
     reqs = [points_pb2.SearchRequest(collection=name, query_space=SPACE, queries=v, k=K) for v in vectors]
     wire = [r.SerializeToString() for r in reqs]
+    params = SearchParams(K)
     return {
         "faiss": lambda i: sealed.search(xs[i], K),
-        "engine": lambda i: engine.search(name, SPACE, raw[i], d, K),
+        "engine": lambda i: engine.search(name, SPACE, raw[i], d, params),
         "servicer": lambda i: servicer.Search(reqs[i], None),
         "protobuf": lambda i: servicer.Search(points_pb2.SearchRequest.FromString(wire[i]), None).SerializeToString(),
         "grpc": lambda i: stub.Search(reqs[i]),

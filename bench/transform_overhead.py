@@ -30,7 +30,7 @@ from search_overhead import batches_of, interleaved, warm_up
 
 from interlingua.client import Client
 from interlingua.server import Server, ServerConfig, create_server
-from interlingua.server.routes import map_queries
+from interlingua.server.pipeline import map_queries
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO / ".." / "shared" / "data" / "debdesc"

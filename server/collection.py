@@ -36,7 +36,8 @@ from .failures import BuildFailures, Failure
 from .funnel import check_funnel, rerank, shrink
 from .index_spec import IndexSpec
 from .metrics import Metrics
-from .routes import Route, map_queries
+from .pipeline import map_queries
+from .routes import Route
 from .segments import Segments, Snapshot
 from .store import CollectionRow, SpaceRow, Store
 from .transforms import Transform

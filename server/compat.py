@@ -10,9 +10,10 @@
   reference assignment; searches never wait on a lock. Activation is gated on
   the report by a :class:`~.activation.GatePolicy` (the request's or the
   server's default: retention, negative flips, optionally ECC) unless forced.
-* **Shadow** (:meth:`Compat.shadow_search`): a candidate transform runs beside
-  the active one on sampled live queries, off the reply path; its top-k
-  agreement and latency are exported as metrics.
+* **Shadow** (:meth:`Compat.set_shadow`): a candidate transform runs beside
+  the active one on sampled live queries, off the reply path (``shadow.py``,
+  through the same query pipeline); its top-k agreement and latency are
+  exported as metrics.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import io
 import json
 import logging
 import math
-import random
 import re
 import threading
 import time
@@ -36,7 +36,7 @@ from .activation import GatePolicy, gate
 from .collection import Collection
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .metrics import Metrics
-from .routes import Route, Shadow, map_queries
+from .routes import Route, Shadow
 from .store import RouteRow, SpaceRow, Store, TransformRow
 from .transforms import KINDS, Calibration, Transform, load_transform
 from .transforms.artefact import EvalData, build_artefact
@@ -45,7 +45,6 @@ __all__ = ["Compat", "TransformRecord"]
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9._@:-]{1,128}$")
-SHADOW_QUEUE_MAX = 64  #: pending shadow batches beyond which new ones are dropped
 
 
 @dataclass
@@ -84,16 +83,12 @@ class Compat:
         self._lock = threading.Lock()  # registry and route changes
         set_omp, omp = faiss.omp_set_num_threads, (omp_threads,)
         self._fitter = ThreadPoolExecutor(1, "interlingua-fit", initializer=set_omp, initargs=omp)
-        self._shadow = ThreadPoolExecutor(1, "interlingua-shadow", initializer=set_omp, initargs=omp)
-        self._shadow_slots = threading.BoundedSemaphore(SHADOW_QUEUE_MAX)
         self._closing = threading.Event()
-        self._rng = random.Random(0)
 
     def close(self) -> None:
-        """Cancels queued fits, stops a running one at its next progress step, and waits for both pools."""
+        """Cancels queued fits, stops a running one at its next progress step, and waits for it."""
         self._closing.set()
         self._fitter.shutdown(wait=True, cancel_futures=True)
-        self._shadow.shutdown(wait=True, cancel_futures=True)
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -356,33 +351,6 @@ class Compat:
             new = Route(route.query_space, route.home_space, route.transform, route.fn, shadow)
             col.routes = {**col.routes, query_space: new}
         return new
-
-    def shadow_search(
-        self, col: Collection, route: Route, xq: np.ndarray, ids: np.ndarray, k: int, params: tuple[Any, ...]
-    ) -> None:
-        """Mirrors a routed batch to the route's shadow candidate (sampled, off the reply path)."""
-        sh = route.shadow
-        if sh is None or self._rng.random() >= sh.sample_rate or not self._shadow_slots.acquire(blocking=False):
-            return
-
-        def run() -> None:
-            try:
-                t0 = time.perf_counter()
-                xh = map_queries(sh.fn, xq, col.home.metric, col.home.dim)
-                _, cand, _ = col.search(xh, k, *params)
-                self.metrics.shadow_seconds.labels(col.name, route.query_space, sh.transform).observe(
-                    time.perf_counter() - t0
-                )
-                overlap = [len(set(a) & set(b) - {""}) / k for a, b in zip(ids.tolist(), cand.tolist(), strict=True)]
-                agreement = self.metrics.shadow_agreement.labels(col.name, route.query_space, sh.transform)
-                for o in overlap:
-                    agreement.observe(o)
-            except Exception:
-                log.exception("shadow search failed")
-            finally:
-                self._shadow_slots.release()
-
-        self._shadow.submit(run)
 
 
 class _Cancelled(Exception):

@@ -3,9 +3,9 @@
 :class:`Engine` validates every request at its boundary (``validate.py``),
 dispatches to the :class:`~.collection.Collection`, and owns the lifecycle
 (loading -> serving -> draining -> stopped) that drives the health service.
-A query's path reads as the issue describes it::
+A query's path reads one way, live or shadow (``pipeline.py``)::
 
-    validate -> resolve the route -> transform -> FAISS search -> labels to ids -> reply
+    validate -> resolve the route -> transform -> basis -> FAISS search -> labels to ids -> reply
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -24,6 +24,7 @@ from typing import IO, Any
 import faiss
 import numpy as np
 
+from . import pipeline
 from . import validate as v
 from .activation import GatePolicy
 from .collection import Collection, PointRecord
@@ -31,11 +32,12 @@ from .compat import Compat
 from .config import ServerConfig
 from .device import Device
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from .funnel import check_funnel
 from .metrics import Metrics
+from .pipeline import SearchParams
 from .restore import lock_data_dir
-from .routes import IDENTITY, Route, resolve
+from .routes import IDENTITY, Route
 from .segments import IndexSpec
+from .shadow import ShadowRunner
 from .store import SpaceRow, Store
 
 __all__ = ["Engine", "Lifecycle", "SearchResult"]
@@ -102,6 +104,7 @@ class Engine:
         self._stop = threading.Event()
         self._maintainer: threading.Thread | None = None
         self.compat: Compat | None = None
+        self.shadows: ShadowRunner | None = None  #: runs the shadow searches of routes that have one
         self._dir_lock: IO[bytes] | None = None  #: shared: `interlingua restore` refuses while it is held
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -122,6 +125,7 @@ class Engine:
         self.store = Store(data / "interlingua.db")
         self.spaces = {s.name: s for s in self.store.spaces()}
         self.compat = Compat(self.store, self.metrics, policy=self.gate_policy(), omp_threads=self.config.omp_threads)
+        self.shadows = ShadowRunner(self.metrics, self.config.omp_threads)
         self.compat.load_transforms()  # before the collections: a basis transform shapes their indexes
         replayed = 0
         c = self.config
@@ -159,6 +163,8 @@ class Engine:
             self._maintainer.join()
         if self.compat is not None:
             self.compat.close()
+        if self.shadows is not None:
+            self.shadows.close()
         for col in list(self.collections.values()):
             try:
                 col.maintain(force=True, checkpoint_after=self.config.checkpoint_after_merge)
@@ -341,46 +347,28 @@ class Engine:
         return col.get(ids, with_vectors, with_payload, set(spaces))
 
     def search(
-        self,
-        collection: str,
-        query_space: str,
-        data: bytes,
-        dim: int,
-        k: int,
-        ef_search: int | None = None,
-        nprobe: int | None = None,
-        with_payload: bool = False,
-        shortlist_k: int | None = None,
-        funnel: Sequence[tuple[int, int]] = (),
+        self, collection: str, query_space: str, data: bytes, dim: int, params: SearchParams, with_payload: bool = False
     ) -> SearchResult:
+        """The query path of ``pipeline.py`` (route -> home -> basis -> index -> ids), then payloads;
+        a sampled batch is mirrored to the route's shadow candidate, off the reply path."""
         t0 = time.perf_counter()
         col = self.collection(collection)
-        qspace = self.get_space(query_space)
-        route = resolve(col.name, col.home.name, qspace.name, col.routes)
-        v.check_k(k, self.limits)
-        xq = v.unpack_vectors(data, dim, qspace.dim, what="queries", limit=self.limits.max_nq)
-        col.check_search(ef_search, nprobe)
-        plan = check_funnel(col.home.dim, col.row.prefix_dims, k, shortlist_k, funnel)  # raises on misuse
+        q = pipeline.prepare(col, self.get_space(query_space), data, dim, params, self.limits)
         t1 = time.perf_counter()
-        if qspace.metric == "cosine":
-            xq = v.normalize_rows(xq, what="queries")
-        xq_in = xq
+        route = q.route
+        hits = pipeline.run(q, route.fn, self.device)
         if route.transform != IDENTITY:
-            xq = route.to_home(xq, col.home.metric, col.home.dim, self.device)
-            self.metrics.transform_seconds.labels(route.transform).observe(time.perf_counter() - t1)
-        xq = col.to_basis(xq, "query")
-        t2 = time.perf_counter()
-        D, ids, snap = col.search(xq, k, ef_search, nprobe, plan)
+            self.metrics.transform_seconds.labels(route.transform).observe(hits.map_seconds)
+        if route.shadow is not None and self.shadows is not None:
+            self.shadows.submit(q, hits.ids)
         t3 = time.perf_counter()
-        if route.shadow is not None and self.compat is not None:
-            self.compat.shadow_search(col, route, xq_in, ids, k, (ef_search, nprobe, plan))
-        payloads = col.payloads(ids) if with_payload else None
+        payloads = col.payloads(hits.ids) if with_payload else None
         t4 = time.perf_counter()
         timers = col.stage_timers
         timers["validate"].observe(t1 - t0)
-        timers["transform"].observe(t2 - t1)
-        timers["index"].observe(t3 - t2)
+        timers["transform"].observe(hits.transform_seconds)
+        timers["index"].observe(hits.index_seconds)
         if with_payload:
             timers["fetch"].observe(t4 - t3)
-        self.metrics.search_queries.labels(col.name, qspace.name, route.transform).inc(len(xq))
-        return SearchResult(D, ids, payloads, route, exact=snap.sealed is None)
+        self.metrics.search_queries.labels(col.name, q.space.name, route.transform).inc(len(q.xq))
+        return SearchResult(hits.D, hits.ids, payloads, route, exact=hits.snapshot.sealed is None)

@@ -14,14 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from .errors import NoRoute
-
-if TYPE_CHECKING:
-    from .device import Device
 
 __all__ = ["IDENTITY", "Route", "Shadow", "resolve"]
 
@@ -46,26 +41,6 @@ class Route:
     transform: str  #: "identity" or the active transform's name
     fn: Any = None  #: the active Transform (None for identity)
     shadow: Shadow | None = None
-
-    def to_home(self, xq: np.ndarray, home_metric: str, home_dim: int, device: Device | None = None) -> np.ndarray:
-        """Maps a query batch xq (nq, d_query) into the home space: (nq, home_dim) float32."""
-        return map_queries(self.fn, xq, home_metric, home_dim, device=device)
-
-
-def map_queries(
-    fn: Any, xq: np.ndarray, home_metric: str, home_dim: int, side: str = "query", device: Device | None = None
-) -> np.ndarray:
-    """Applies a transform to a batch (queries by default). A basis transform maps into (home + Δ)
-    dims; against a gallery of old items indexed as [x_old, 0] only its first ``home_dim``
-    coordinates score. On a GPU ``device`` a linear transform runs there (``Device.apply_affine``);
-    otherwise, and for non-linear kinds, ``fn.apply`` runs in numpy as on the CPU."""
-    y = device.apply_affine(fn, xq, side) if device is not None and device.is_gpu else None
-    if y is None:
-        y = fn.apply(xq, side)
-    y = y[:, :home_dim]
-    if home_metric == "cosine":
-        y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
-    return np.ascontiguousarray(y, dtype=np.float32)
 
 
 def resolve(collection: str, home_space: str, query_space: str, table: Mapping[str, Route]) -> Route:

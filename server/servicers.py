@@ -26,6 +26,7 @@ from interlingua.v1 import spaces_pb2_grpc as sgrpc
 from .collection import Collection
 from .engine import Engine
 from .errors import InterlinguaError, InvalidArgument, status_for
+from .pipeline import SearchParams
 from .store import SpaceRow
 
 __all__ = ["CollectionServicer", "PointServicer", "SpaceServicer"]
@@ -202,19 +203,15 @@ class PointServicer(pgrpc.PointServiceServicer):
         )
 
     def _search(self, r: ppb.SearchRequest) -> ppb.SearchResponse:
-        params = r.params
-        res = self.engine.search(
-            r.collection,
-            r.query_space,
-            r.queries.data,
-            r.queries.dim,
+        p = r.params
+        params = SearchParams(
             r.k,
-            ef_search=params.ef_search if params.HasField("ef_search") else None,
-            nprobe=params.nprobe if params.HasField("nprobe") else None,
-            with_payload=r.with_payload,
-            shortlist_k=params.shortlist_k if params.HasField("shortlist_k") else None,
-            funnel=[(st.dims, st.keep) for st in params.funnel],
+            ef_search=p.ef_search if p.HasField("ef_search") else None,
+            nprobe=p.nprobe if p.HasField("nprobe") else None,
+            shortlist_k=p.shortlist_k if p.HasField("shortlist_k") else None,
+            funnel=tuple((st.dims, st.keep) for st in p.funnel),
         )
+        res = self.engine.search(r.collection, r.query_space, r.queries.data, r.queries.dim, params, r.with_payload)
         nq, k = res.D.shape
         return ppb.SearchResponse(
             nq=nq,

@@ -28,7 +28,7 @@ from interlingua.server import Server, ServerConfig, create_server
 from interlingua.server import segments as segments_mod
 from interlingua.server.device import Device, GpuSearchIndex, gpu_unsupported_reason
 from interlingua.server.errors import FailedPrecondition
-from interlingua.server.routes import map_queries
+from interlingua.server.pipeline import map_queries
 from interlingua.server.segments import IndexSpec, Segments, drop_dead
 from interlingua.server.transforms import AffineTransform
 from interlingua.v1 import collections_pb2 as cpb

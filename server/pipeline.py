@@ -1,0 +1,113 @@
+"""The one query pipeline: route -> home space -> the collection's basis -> index -> ids.
+
+Every search of a collection reads this one way, live or shadow::
+
+    prepare: resolve the route (FAILED_PRECONDITION without one), check k, unpack the queries,
+             check the index parameters and the funnel, L2-normalize for cosine query spaces
+    run:     map through a transform into the home space (none for the identity route)
+             -> the collection's basis transform (if it has one) -> the index -> labels to ids
+
+:func:`prepare` gives a :class:`Query`, checked once; :func:`run` maps it with the transform it
+is given: the live search (``engine.search``) with the route's, the shadow (``shadow.py``) with
+the candidate's, so a candidate is scored on exactly the path the live transform serves.
+:class:`SearchParams` mirrors the proto's ``SearchRequest.k`` and ``SearchParams``. Covered by
+``tests/test_pipeline.py`` (shadow of the live transform agrees on every id, with a basis too),
+``tests/test_search.py``, ``tests/test_funnel.py`` and ``tests/test_routes.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import validate as v
+from .config import Limits
+from .funnel import check_funnel
+from .routes import Route, resolve
+from .store import SpaceRow
+
+if TYPE_CHECKING:
+    from .collection import Collection
+    from .device import Device
+    from .segments import Snapshot
+
+__all__ = ["Hits", "Query", "SearchParams", "map_queries", "prepare", "run"]
+
+Funnel = tuple[int, list[tuple[int, int]]]  #: (shortlist_k, stages), from funnel.check_funnel
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """A search's parameters: ``SearchRequest.k`` and the proto's ``SearchParams`` (None: not set)."""
+
+    k: int
+    ef_search: int | None = None  #: HNSW
+    nprobe: int | None = None  #: IVF
+    shortlist_k: int | None = None  #: prefix collections: candidates from the prefix index
+    funnel: tuple[tuple[int, int], ...] = ()  #: prefix collections: (dims, keep) rerank stages
+
+
+@dataclass(frozen=True)
+class Query:
+    """A checked query batch on one collection: what a live search and its shadow share."""
+
+    col: Collection
+    space: SpaceRow  #: the query space
+    route: Route  #: from the query space to the collection's home space
+    xq: np.ndarray  #: (nq, d_query) float32, L2-normalized for cosine query spaces
+    params: SearchParams
+    funnel: Funnel  #: (k, []) for a collection that indexes all dims
+
+
+@dataclass(frozen=True)
+class Hits:
+    D: np.ndarray  #: scores, shape (nq, k) float32
+    ids: np.ndarray  #: point ids, shape (nq, k) object ("" pads missing hits)
+    snapshot: Snapshot  #: the snapshot searched
+    map_seconds: float  #: the transform into the home space (0.0 without one)
+    transform_seconds: float  #: the transform and the basis together
+    index_seconds: float  #: the index search and labels -> ids
+
+
+def map_queries(
+    fn: Any, xq: np.ndarray, home_metric: str, home_dim: int, side: str = "query", device: Device | None = None
+) -> np.ndarray:
+    """Applies a transform to a batch (queries by default). A basis transform maps into (home + Δ)
+    dims; against a gallery of old items indexed as [x_old, 0] only its first ``home_dim``
+    coordinates score. On a GPU ``device`` a linear transform runs there (``Device.apply_affine``);
+    otherwise, and for non-linear kinds, ``fn.apply`` runs in numpy as on the CPU."""
+    y = device.apply_affine(fn, xq, side) if device is not None and device.is_gpu else None
+    if y is None:
+        y = fn.apply(xq, side)
+    y = y[:, :home_dim]
+    if home_metric == "cosine":
+        y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(y, dtype=np.float32)
+
+
+def prepare(col: Collection, space: SpaceRow, data: bytes, dim: int, params: SearchParams, limits: Limits) -> Query:
+    """Resolves the route and checks everything a search needs, in the order errors are reported."""
+    route = resolve(col.name, col.home.name, space.name, col.routes)
+    v.check_k(params.k, limits)
+    xq = v.unpack_vectors(data, dim, space.dim, what="queries", limit=limits.max_nq)
+    col.check_search(params.ef_search, params.nprobe)
+    funnel = check_funnel(col.home.dim, col.row.prefix_dims, params.k, params.shortlist_k, params.funnel)
+    if space.metric == "cosine":
+        xq = v.normalize_rows(xq, what="queries")
+    return Query(col, space, route, xq, params, funnel)
+
+
+def run(q: Query, fn: Any, device: Device | None = None) -> Hits:
+    """Searches ``q`` with queries mapped by ``fn`` (None: the identity route) into the home space,
+    then through the collection's basis. ``device`` runs the map (None: numpy on this thread)."""
+    col, p = q.col, q.params
+    t0 = time.perf_counter()
+    xh = q.xq if fn is None else map_queries(fn, q.xq, col.home.metric, col.home.dim, device=device)
+    t1 = time.perf_counter()
+    xh = col.to_basis(xh, "query")
+    t2 = time.perf_counter()
+    D, ids, snap = col.search(xh, p.k, p.ef_search, p.nprobe, q.funnel)
+    return Hits(D, ids, snap, t1 - t0, t2 - t0, time.perf_counter() - t2)
