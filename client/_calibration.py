@@ -71,10 +71,11 @@ def _ids(ids: Sequence[str] | None, n: int, what: str) -> Sequence[str] | None:
     return ids
 
 
-def _relevant(relevant: Sequence[Sequence[str]], nq: int) -> list[list[str]]:
+def _relevant(relevant: Sequence[Sequence[str]], nq: int, what: str = "eval_relevant") -> list[list[str]]:
     """One list of ids per query; a bare str counts as one id, not as its characters."""
     if len(relevant) != nq:
-        raise InvalidArgument(f"got {len(relevant)} relevant-id lists (eval_relevant) for {nq} evaluation queries")
+        queries = "evaluation queries" if what == "eval_relevant" else "query pairs"
+        raise InvalidArgument(f"got {len(relevant)} relevant-id lists ({what}) for {nq} {queries}")
     return [[r] if isinstance(r, str) else [str(pid) for pid in r] for r in relevant]
 
 
@@ -114,7 +115,7 @@ def fit_requests(
         elif query_relevant is not None:
             if doc_ids is None:
                 raise InvalidArgument("query_relevant names doc pairs by id: give doc_ids too")
-            part.relevant = _relevant(query_relevant, len(xn))
+            part.relevant = _relevant(query_relevant, len(xn), "query_relevant")
         parts.append(part)
     if eval_gallery is not None:
         if not isinstance(eval_gallery, tuple | list) or len(eval_gallery) != 3:

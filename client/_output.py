@@ -46,14 +46,20 @@ _MODES = {
 #: Compatibility figures of a report, in print order: key -> label.
 _FIGURES = {
     "ecc_margin": "ECC margin (after - before R@k, >= 0 passes)",
-    "retention": "retention (after / re-index R@k)",
+    "retention": "retention (after / before R@k; the gate's min_retention)",
+    "retention_vs_new": "after / re-index R@k",
     "neg_flip": "negative flips (top-1 right before, wrong after)",
     "nbr_agreement": "top-k agreement of after with re-index",
     "ortho_error": "||W^T W - I||_F",
-    "us_per_query": "microseconds per query",
+    "us_per_query": "microseconds per query, in a batch of us_per_query_batch",
+    "us_per_query_batch": "us_per_query_batch (queries)",
     "nq": "evaluation queries",
     "nb": "evaluation gallery",
 }
+
+
+#: Retention estimated on the held-out calibration slice (training relevance), in print order.
+_ESTIMATE = ("heldout_task_r10", "heldout_home_r10", "estimated_retention", "retention_estimate")
 
 
 def _when(ts: float) -> str:
@@ -189,6 +195,9 @@ def print_report(report: dict[str, Any], out: TextIO) -> None:
         keys = ("n", "xid_r1", f"xid_r{kx}", f"xid_mrr{kx}", "nbr_agreement")
         header = ("HELD-OUT PAIRS", "N", "XID R@1", f"XID R@{kx}", f"XID MRR@{kx}", "TOP-K AGREEMENT")
         tables.append((header, [[s, *(_or_dash(report.get(f"{s}_{m}")) for m in keys)] for s in sides]))
+    estimate = [(key, _or_dash(report.get(key))) for key in _ESTIMATE if key in report]
+    if estimate:
+        tables.append((("HELD-OUT TASK (NO EVALUATION QUERIES NEEDED)", "VALUE"), estimate))
     fit = report.get("fit")
     if isinstance(fit, dict):
         scalars = [(f"fit.{key}", _or_dash(v)) for key, v in fit.items() if isinstance(v, int | float | str | None)]

@@ -39,6 +39,9 @@ ENV_VARS = {
     "INTERLINGUA_WORKERS": "workers",
     "INTERLINGUA_DEVICE": "device",
     "INTERLINGUA_METRICS_AUTH": "metrics_auth",
+    "INTERLINGUA_MIN_RETENTION": "min_retention",
+    "INTERLINGUA_MAX_NEGATIVE_FLIP_RATE": "max_negative_flip_rate",
+    "INTERLINGUA_REQUIRE_ECC": "require_ecc",
 }
 #: Environment variable -> field of the [tls] and [rate_limit] tables.
 TLS_ENV = {"INTERLINGUA_TLS_CERT": "cert", "INTERLINGUA_TLS_KEY": "key", "INTERLINGUA_TLS_CLIENT_CA": "client_ca"}
@@ -188,7 +191,8 @@ def build_server_config(args: argparse.Namespace, environ: Mapping[str, str] | N
         for var, name in env_vars.items():
             if env.get(var):
                 table[name] = _coerce(name, env[var], table_defaults[name], var, text=True)
-    for name in ("data_dir", "host", "port", "metrics_port", "api_key", "workers", "omp_threads", "device"):
+    flags = ("data_dir", "host", "port", "metrics_port", "api_key", "workers", "omp_threads", "device")
+    for name in (*flags, "min_retention", "max_negative_flip_rate", "require_ecc"):
         flag = getattr(args, name, None)
         if flag is not None:
             values[name] = _coerce(name, flag, defaults[name], "--" + name.replace("_", "-"))

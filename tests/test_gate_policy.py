@@ -139,3 +139,23 @@ def test_server_default_policy_from_config(tmp_path: Path) -> None:
         assert policy == GatePolicy(min_retention=0.5, max_negative_flip_rate=1.0, require_ecc=True)
     finally:
         srv.stop(None)
+
+
+def test_serve_layers_the_gate_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from interlingua.client._serve_config import ConfigError
+    from interlingua.client.cli import build_parser, build_server_config
+
+    for var in ("INTERLINGUA_CONFIG", "INTERLINGUA_MIN_RETENTION", "INTERLINGUA_REQUIRE_ECC"):
+        monkeypatch.delenv(var, raising=False)
+    toml = tmp_path / "s.toml"
+    toml.write_text("min_retention = 0.7\nmax_negative_flip_rate = 0.3\n")
+    parse = lambda *argv: build_server_config(build_parser().parse_args(["serve", "--config", str(toml), *argv]))  # noqa: E731
+    c = parse()
+    assert (c.min_retention, c.max_negative_flip_rate, c.require_ecc) == (0.7, 0.3, False)
+    monkeypatch.setenv("INTERLINGUA_REQUIRE_ECC", "true")
+    monkeypatch.setenv("INTERLINGUA_MIN_RETENTION", "0.8")
+    c = parse("--min-retention", "0.9")  # flags over environment over TOML
+    assert (c.min_retention, c.max_negative_flip_rate, c.require_ecc) == (0.9, 0.3, True)
+    assert parse("--no-require-ecc").require_ecc is False
+    with pytest.raises(ConfigError, match=r"max_negative_flip_rate must be a number in \[0, 1\], got 2.0"):
+        parse("--max-negative-flip-rate", "2")

@@ -246,3 +246,18 @@ def test_report_estimates_retention_without_evaluation_queries() -> None:
     assert report["estimated_retention"] is None and report["retention_estimate"].startswith("none:")
     train, held = split_calibration(blind, 0.1)
     assert heldout_task_report(result.transform, train, held, "cosine")["estimated_retention"] is None
+
+
+def test_validate_calibration_checks_training_relevance() -> None:
+    from interlingua.server.transforms.fit import validate_calibration
+
+    cal = disagreeing_task(20, 0)
+    rel = list(cal.query_relevant or ())
+    base = (cal.doc_new, cal.doc_home, cal.query_new, cal.query_home)
+    with pytest.raises(ValueError, match="query_relevant has 19 entries for 20 query pairs"):
+        validate_calibration(Calibration(*base, query_relevant=tuple(rel[:19])), "procrustes")
+    with pytest.raises(ValueError, match=r"query_relevant\[2\] must list doc-pair rows in \[0, 20\), got \[20\]"):
+        validate_calibration(Calibration(*base, query_relevant=(*rel[:2], np.array([20]), *rel[3:])), "procrustes")
+    with pytest.raises(ValueError, match=r"query_relevant\[0\] must list doc-pair rows"):
+        validate_calibration(Calibration(*base, query_relevant=(np.array([0.5]), *rel[1:])), "procrustes")
+    validate_calibration(Calibration(*base, query_relevant=(np.array([], dtype=np.int64), *rel[1:])), "procrustes")
