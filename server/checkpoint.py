@@ -6,7 +6,8 @@ over the old one and the directory fsynced, so a crash leaves either the old or
 the new checkpoint, never a torn one. :func:`load` verifies the header (format,
 spec, dimension, metric, length, SHA-256) and returns None for a missing or
 corrupt file: the caller then rebuilds the index from the store, never serving
-a damaged one. Covered by ``tests/test_durability.py``.
+a damaged one. Covered by ``tests/test_durability.py`` and, for a prefix collection,
+``tests/test_pipeline.py``.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(folder: Path, index: Any, *, sequence: int, spec: str, d: int, metric: str) -> int:
-    """Atomically writes ``index`` to ``folder/index.ckpt``; returns the bytes written."""
+def save(folder: Path, index: Any, *, sequence: int, spec: str, metric: str) -> int:
+    """Atomically writes ``index`` to ``folder/index.ckpt``; returns the bytes written. The header's
+    ``d`` is the index's own (``index.d``: a Matryoshka prefix collection's index holds its prefix
+    dims), so it always matches what :func:`load` finds in the blob."""
     folder.mkdir(parents=True, exist_ok=True)
     blob = faiss.serialize_index(index)
     header = {
@@ -53,7 +56,7 @@ def save(folder: Path, index: Any, *, sequence: int, spec: str, d: int, metric: 
         "sequence": sequence,
         "nsealed": int(index.ntotal),
         "spec": spec,
-        "d": d,
+        "d": int(index.d),
         "metric": metric,
         "length": int(blob.nbytes),
         "sha256": hashlib.sha256(blob.data).hexdigest(),

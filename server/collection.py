@@ -130,6 +130,7 @@ class Collection:
             self.publish_gauges()
             return 0
         ids, labels = self.store.home_labels(cid, self.home.name)
+        # d is the index's: a prefix collection's checkpoint holds prefix_dims (save_checkpoint writes index.d)
         ck = checkpoint.load(self.folder, spec=self.spec.spec, d=self.index_dims, metric=self.home.metric)
         if ck is not None and ck.nsealed > self.next_label:
             log.warning("checkpoint of %s is ahead of the store; rebuilding", self.name)
@@ -374,20 +375,18 @@ class Collection:
                     self.failures.clear()
                 self.publish_gauges()
                 if merged is not None and checkpoint_after and merged.sealed is not None:
-                    start = time.perf_counter()
-                    checkpoint.save(
-                        self.folder,
-                        merged.sealed,
-                        sequence=merged.sequence,
-                        spec=self.spec.spec,
-                        d=self.index_dims,
-                        metric=self.home.metric,
-                    )
-                    self.checkpoint_sequence = merged.sequence
-                    self.metrics.checkpoint_seconds.observe(time.perf_counter() - start)
+                    self.save_checkpoint(merged.sealed, merged.sequence)
         if compact_fraction is not None:
             compact(self, fraction=compact_fraction, min_dead=compact_min_dead, checkpoint_after=checkpoint_after)
         return merged is not None
+
+    def save_checkpoint(self, index: Any, sequence: int) -> None:
+        """Writes the sealed ``index`` (labels 0 .. ntotal-1, every write up to ``sequence``) as the
+        checkpoint that :meth:`recover` loads; the caller holds ``maint_lock``."""
+        start = time.perf_counter()
+        checkpoint.save(self.folder, index, sequence=sequence, spec=self.spec.spec, metric=self.home.metric)
+        self.checkpoint_sequence = sequence
+        self.metrics.checkpoint_seconds.observe(time.perf_counter() - start)
 
     def drop(self) -> None:
         with self.maint_lock, self.lock:

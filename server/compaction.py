@@ -90,10 +90,7 @@ def _compact(col: Collection, fraction: float, min_dead: int, checkpoint_after: 
         if new is None:
             return False
         if checkpoint_after:
-            checkpoint.save(
-                col.folder, index, sequence=seq, spec=col.spec.spec, d=col.index_dims, metric=col.home.metric
-            )
-            col.checkpoint_sequence = seq
+            col.save_checkpoint(index, seq)
     col.compactions += 1
     col.metrics.compactions.labels(col.name).inc()
     col.publish_gauges()
