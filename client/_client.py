@@ -406,6 +406,22 @@ class Client:
         resp: transforms_pb2.ListTransformsResponse = self._call(self._transforms.ListTransforms, req)
         return [TransformInfo.from_proto(t) for t in resp.transforms]
 
+    def cancel_fit(self, name: str) -> TransformInfo:
+        """Cancels the fit of ``name``: a queued fit never runs, a running one stops at its next progress
+        step; returns the transform, failed with error ``"cancelled"``. NotFound if unknown;
+        FailedPrecondition when it is not fitting."""
+        req = transforms_pb2.CancelFitRequest(name=name)
+        msg: transforms_pb2.TransformInfo = self._call(self._transforms.CancelFit, req)
+        return TransformInfo.from_proto(msg)
+
+    def delete_transform(self, name: str) -> TransformInfo:
+        """Deletes transform ``name`` in any state (a fit is cancelled first) and returns it as it was.
+        FailedPrecondition, naming them, while a live route, a shadow, a chain or a collection's
+        ``basis_transform`` uses it; NotFound if unknown."""
+        req = transforms_pb2.DeleteTransformRequest(name=name)
+        msg: transforms_pb2.TransformInfo = self._call(self._transforms.DeleteTransform, req)
+        return TransformInfo.from_proto(msg)
+
     def activate_route(
         self,
         collection: str,

@@ -4,7 +4,10 @@
   thread (INVALID_ARGUMENT, nothing stored), then fitted and evaluated on a
   dedicated worker thread while the service keeps serving; the transform is
   ``fitting`` until it is ``ready`` (persisted with weights, config, report and
-  checksum) or ``failed``.
+  checksum) or ``failed`` (:mod:`.fit_jobs`: the queue, cancels, the time budget).
+* **Cancel / delete** (:meth:`Compat.cancel`, :meth:`Compat.delete`): a cancelled
+  fit is ``failed`` with error "cancelled"; a transform is deleted (any state) only
+  while no live route, shadow, chain or collection basis uses it.
 * **Activate / roll back** (:meth:`Compat.activate`, :meth:`Compat.rollback`):
   the new routing table is built beside the live one and swapped in with one
   reference assignment; searches never wait on a lock. Activation is gated on
@@ -18,6 +21,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -25,53 +29,26 @@ import math
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
-import faiss
 import numpy as np
 
 from .activation import GatePolicy, gate
 from .collection import Collection
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .fit_jobs import FitJobs, TransformRecord
+from .fit_limits import check_steps
 from .metrics import Metrics
 from .routes import Route, Shadow
-from .store import RouteRow, SpaceRow, Store, TransformRow
+from .store import RouteRow, SpaceRow, Store
 from .transforms import KINDS, Calibration, Transform, load_transform
-from .transforms.artefact import EvalData, build_artefact
+from .transforms.artefact import EvalData
 
 __all__ = ["Compat", "TransformRecord"]
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9._@:-]{1,128}$")
-
-
-@dataclass
-class TransformRecord:
-    name: str
-    kind: str
-    source: str
-    target: str
-    config: dict[str, Any]
-    created_at: float
-    doc_pairs: int = 0
-    query_pairs: int = 0
-    state: str = "fitting"  #: fitting | ready | failed
-    error: str = ""
-    stage: str = "queued"
-    progress: float = 0.0
-    report: dict[str, Any] = field(default_factory=dict)
-    checksum: str = ""
-    fn: Transform | None = None
-
-    @property
-    def d_in(self) -> int:
-        return self.fn.d_in if self.fn is not None else 0
-
-    @property
-    def d_out(self) -> int:
-        return self.fn.d_out if self.fn is not None else 0
 
 
 class Compat:
@@ -81,14 +58,11 @@ class Compat:
         self.policy = policy  #: the server's default activation gate
         self.transforms: dict[str, TransformRecord] = {}
         self._lock = threading.Lock()  # registry and route changes
-        set_omp, omp = faiss.omp_set_num_threads, (omp_threads,)
-        self._fitter = ThreadPoolExecutor(1, "interlingua-fit", initializer=set_omp, initargs=omp)
-        self._closing = threading.Event()
+        self.jobs = FitJobs(store, metrics, self._export_report, omp_threads)
 
     def close(self) -> None:
         """Cancels queued fits, stops a running one at its next progress step, and waits for it."""
-        self._closing.set()
-        self._fitter.shutdown(wait=True, cancel_futures=True)
+        self.jobs.close()
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -136,6 +110,10 @@ class Compat:
             raise NotFound(f"transform {name!r} does not exist or is not ready")
         return rec.fn
 
+    def _is_ready(self, name: str) -> bool:
+        rec = self.transforms.get(name)
+        return rec is not None and rec.state == "ready"
+
     def _export_report(self, rec: TransformRecord) -> None:
         report = rec.report
         for key, gauge in (("ecc_margin", self.metrics.ecc_margin), ("retention", self.metrics.retention)):
@@ -167,8 +145,11 @@ class Compat:
         eval_set: EvalData | None,
         holdout: float,
         chain: list[str],
+        *,
+        max_seconds: float = math.inf,
     ) -> TransformRecord:
-        """Registers ``name`` as fitting and fits it in the background. Checks run here, first."""
+        """Registers ``name`` as fitting and fits it in the background for at most ``max_seconds`` once
+        started. Checks run here, first: a refused fit is neither registered nor queued."""
         from .transforms.fit import validate_calibration, validate_config
 
         if not _NAME.match(name):
@@ -189,6 +170,7 @@ class Compat:
         else:
             try:
                 validate_config(kind, config)
+                check_steps(config)
             except ValueError as e:
                 raise InvalidArgument(f"config: {e}") from None
             try:
@@ -205,61 +187,48 @@ class Compat:
                 name, kind, source.name, target.name, config, time.time(), len(cal.doc_new), len(cal.query_new)
             )
             self.transforms[name] = rec
-        self._fitter.submit(self._fit_job, rec, target, cal, eval_set, holdout, links)
+            self.jobs.submit(rec, target, cal, eval_set, holdout, links, max_seconds)  # queued, under the lock
         return rec
 
-    def _fit_job(
-        self,
-        rec: TransformRecord,
-        target: SpaceRow,
-        cal: Calibration,
-        eval_set: EvalData | None,
-        holdout: float,
-        links: list[Transform],
-    ) -> None:
-        def progress(stage: str, fraction: float) -> None:
-            if self._closing.is_set():
-                raise _Cancelled("the service is shutting down")
-            rec.stage, rec.progress = stage, float(fraction)
+    def cancel(self, name: str) -> TransformRecord:
+        """Cancels the fit of ``name`` (:meth:`.FitJobs.cancel`): it is FAILED with error "cancelled"."""
+        rec = self.get(name)
+        if not self.jobs.cancel(rec):
+            raise FailedPrecondition(f"transform {name!r} is {rec.state}, not fitting: there is no fit to cancel")
+        return rec
 
-        try:
-            art = build_artefact(
-                rec.kind,
-                cal,
-                rec.config,
-                home_metric=target.metric,
-                holdout=holdout or 0.1,
-                eval_data=eval_set,
-                links=links,
-                progress=progress,
-            )
-            weights = art.weights()
-            if self._closing.is_set():
-                raise _Cancelled("the service is shutting down")
-            fn = art.transform
-            self.store.add_transform(
-                TransformRow(
-                    rec.name,
-                    rec.kind,
-                    rec.source,
-                    rec.target,
-                    json.dumps(art.config),
-                    json.dumps(art.report),
-                    art.checksum,
-                    fn.d_in,
-                    fn.d_out,
-                    rec.created_at,
-                    rec.doc_pairs,
-                    rec.query_pairs,
-                    weights,
-                )
-            )
-            rec.config, rec.report, rec.checksum, rec.fn = art.config, art.report, art.checksum, fn
-            rec.state, rec.stage, rec.progress = "ready", "done", 1.0
-            self._export_report(rec)
-        except Exception as e:  # a failed fit is reported on the transform, never raised into a thread
-            log.exception("fitting transform %s failed", rec.name)
-            rec.state, rec.error = "failed", f"{type(e).__name__}: {e}"
+    def users(self, name: str, collections: Iterable[Collection]) -> list[str]:
+        """What uses transform ``name``: live routes, shadows, chains and collection bases, one phrase each."""
+        out = []
+        for col in collections:
+            if col.row.basis_transform == name:
+                out.append(f"collection {col.name!r} (basis_transform)")
+            for qs, route in col.routes.items():
+                if route.transform == name:
+                    out.append(f"the live route {qs!r} -> collection {col.name!r}")
+                if route.shadow is not None and route.shadow.transform == name:
+                    out.append(f"the shadow of route {qs!r} -> collection {col.name!r}")
+        for rec in self.transforms.values():
+            if rec.kind == "chain" and rec.state != "failed" and name in rec.config.get("chain", ()):
+                out.append(f"chain {rec.name!r}")
+        return out
+
+    def delete(self, name: str, collections: Iterable[Collection]) -> TransformRecord:
+        """Removes ``name`` (any state; a fit is cancelled first) from the registry and the store;
+        FailedPrecondition naming its users while anything uses it. The caller holds the lock that
+        serializes collection creation, so no new collection can take it as a basis meanwhile."""
+        with self._lock:
+            rec = self.get(name)
+            users = self.users(name, collections)
+            if users:
+                raise FailedPrecondition(f"transform {name!r} is in use by {', '.join(users)}; stop those first")
+            self.jobs.cancel(rec)  # no-op unless fitting; a cancelled fit is never stored
+            self.store.delete_transform(name)
+            del self.transforms[name]
+        for gauge in (self.metrics.ecc_margin, self.metrics.retention):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name)
+        return rec
 
     # -- routes --------------------------------------------------------------------------------
 
@@ -288,6 +257,8 @@ class Compat:
         if reason and not force:
             raise FailedPrecondition(f"transform {name!r} is not activated: {reason}; set force to override")
         with self._lock:
+            if self.transforms.get(name) is not rec:
+                raise NotFound(f"transform {name!r} was deleted")
             old = col.routes.get(rec.source)
             self.store.set_route(col.row.cid, rec.source, name, bool(reason), time.time())
             route = Route(rec.source, col.home.name, name, rec.fn, None)
@@ -298,7 +269,8 @@ class Compat:
         return route
 
     def rollback(self, col: Collection, query_space: str) -> Route | None:
-        """Restores the route active before the current one; returns it (None: the route is removed)."""
+        """Restores the route active before the current one, skipping deleted transforms; returns it (None:
+        the route is removed)."""
         with self._lock:
             history = [r for r in self.store.routes(col.row.cid) if r.query_space == query_space]
             if not history or history[0].deactivated_at != 0 or not history[0].transform:
@@ -306,7 +278,8 @@ class Compat:
                     f"collection {col.name!r} has no active route from {query_space!r} to roll back"
                 )
             live = history[0]
-            previous = next((r.transform for r in history[1:] if r.transform != live.transform), "")
+            ready = [r.transform for r in history[1:] if not r.transform or self._is_ready(r.transform)]
+            previous = next((t for t in ready if t != live.transform), "")
             self.store.set_route(col.row.cid, query_space, previous, False, time.time())
             table = dict(col.routes)
             route = self._route(col, query_space, previous) if previous else None
@@ -351,7 +324,3 @@ class Compat:
             new = Route(route.query_space, route.home_space, route.transform, route.fn, shadow)
             col.routes = {**col.routes, query_space: new}
         return new
-
-
-class _Cancelled(Exception):
-    """Raised inside a fit job when the service shuts down."""

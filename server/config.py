@@ -43,6 +43,16 @@ class Limits:
     #: cap on the estimated fixed memory of a new collection's index: quantizer centroids, IVF lists,
     #: codebooks, PCA/OPQ matrices (INVALID_ARGUMENT); IVF65536,Flat at d=1024 needs ~259 MiB
     max_index_overhead_bytes: int = 1 << 30
+    #: caps of one FitTransform stream, checked as it arrives (RESOURCE_EXHAUSTED as soon as one is
+    #: passed, nothing stored): calibration pairs fitted (doc + query), serialized bytes of the
+    #: whole stream (a fit of 1.17 GB of pairs once took RSS to 4.85 GB: assembling copies them),
+    #: evaluation queries, and gallery pairs (doc pairs with ids) they are scored against
+    max_fit_pairs: int = 1_000_000
+    max_fit_bytes: int = 1 << 30
+    max_eval_queries: int = 100_000
+    max_eval_gallery: int = 1_000_000
+    #: a running fit past this many seconds stops at its next progress step and is FAILED
+    max_fit_seconds: float = 1800.0
 
     @property
     def receive_bytes(self) -> int:

@@ -28,7 +28,7 @@ from . import pipeline
 from . import validate as v
 from .activation import GatePolicy
 from .collection import Collection, PointRecord
-from .compat import Compat
+from .compat import Compat, TransformRecord
 from .config import ServerConfig
 from .device import Device
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -259,7 +259,8 @@ class Engine:
         store = self._ready()
         v.check_collection_name(name)
         home = self.get_space(home_space)
-        basis = self._basis(basis_transform, home) if basis_transform else None  # (fn, report)
+        if basis_transform:
+            self._basis(basis_transform, home)  # checked again under the lock: DeleteTransform takes it too
         if prefix_dims and not 0 < prefix_dims < home.dim:
             raise InvalidArgument(
                 f"prefix_dims is {prefix_dims}; it must be between 1 and dim-1 = {home.dim - 1} (0 indexes all dims)"
@@ -277,6 +278,7 @@ class Engine:
         with self._ddl_lock, self._registry_lock:
             if name in self.collections:
                 raise AlreadyExists(f"collection {name!r} already exists")
+            basis = self._basis(basis_transform, home) if basis_transform else None  # (fn, report)
             row = store.add_collection(
                 name, home_space, spec.spec, train_min, prefix_dims, basis_transform, ef_construction
             )
@@ -297,6 +299,13 @@ class Engine:
                 f" a collection's basis must map its home space {home.name!r} onto itself"
             )
         return rec.fn, rec.report
+
+    def delete_transform(self, name: str) -> TransformRecord:
+        """Deletes transform ``name`` unless a collection or route uses it (``Compat.delete``), serialized
+        with collection creation so that no new collection takes it as its basis meanwhile."""
+        compat = self.require_compat()
+        with self._ddl_lock:
+            return compat.delete(name, list(self.collections.values()))
 
     def collection(self, name: str) -> Collection:
         self._ready()

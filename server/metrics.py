@@ -136,6 +136,19 @@ class Metrics:
             ["transform"],
             registry=r,
         )
+        self.fits = Counter(
+            "interlingua_fits",
+            "Transform fits ended, by kind and outcome (ready, failed, cancelled, timeout).",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.fit_seconds = Histogram(
+            "interlingua_fit_seconds",
+            "Time of each transform fit that ended ready (fit, evaluation and store write).",
+            ["kind"],
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=r,
+        )
         self.shadow_agreement = Histogram(
             "interlingua_shadow_agreement",
             "Top-k overlap of a shadow candidate's results with the live route's, per query.",

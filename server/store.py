@@ -383,6 +383,12 @@ class Store:
             self._w.execute("INSERT INTO transforms VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", dataclasses.astuple(row))
         return seq
 
+    def delete_transform(self, name: str) -> int:
+        """Removes transform ``name`` (its route history stays); a no-op for a name never stored."""
+        with self._tx() as seq:
+            self._w.execute("DELETE FROM transforms WHERE name=?", (name,))
+        return seq
+
     def transforms(self) -> list[TransformRow]:
         return [TransformRow(*r) for r in self._r.execute("SELECT * FROM transforms ORDER BY name")]
 
