@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 from interlingua.jsonsafe import finite
 
+from ._cli_common import RowIds, UsageError, load_array
 from ._client import FIT_BAR, Client
 from ._output import print_json, print_report, print_transforms
-from .cli import UsageError, _load, _RowIds
 
 __all__ = ["fit_offline", "fit_online"]
 
@@ -45,7 +45,7 @@ def _pair(paths: list[str] | None, what: str) -> tuple[npt.NDArray[Any], npt.NDA
     """(new (n, d_new), home (n, d_home)) from two files, or None when not given."""
     if paths is None:
         return None
-    xn, xh = _load(paths[0], f"{what} (new)"), _load(paths[1], f"{what} (home)")
+    xn, xh = load_array(paths[0], f"{what} (new)"), load_array(paths[1], f"{what} (home)")
     if xn.ndim != 2 or xh.ndim != 2 or len(xn) != len(xh):
         raise UsageError(f"{what}: {paths[0]} {xn.shape} and {paths[1]} {xh.shape} must be (n, d) with the same n")
     return xn, xh
@@ -53,7 +53,7 @@ def _pair(paths: list[str] | None, what: str) -> tuple[npt.NDArray[Any], npt.NDA
 
 def _eval_dir(path: str) -> dict[str, npt.NDArray[Any]]:
     """The four arrays of a debdesc-like split, checked: docs (n, d_*), queries (n, d_*), row i <-> row i."""
-    arrays = {name: _load(str(Path(path) / f"{name}.npy"), f"{name} of --eval-dir") for name in EVAL_FILES}
+    arrays = {name: load_array(str(Path(path) / f"{name}.npy"), f"{name} of --eval-dir") for name in EVAL_FILES}
     shapes = {name: a.shape for name, a in arrays.items()}
     if any(a.ndim != 2 for a in arrays.values()) or len({s[0] for s in shapes.values()}) != 1:
         raise UsageError(f"--eval-dir {path}: query i's relevant doc is doc i, so all four need n rows; got {shapes}")
@@ -115,7 +115,7 @@ def fit_online(client: Client, args: argparse.Namespace) -> None:
         eval_kw = {
             "eval_queries": (ev["new_query"], ev["old_query"]),
             "eval_relevant": [[str(i)] for i in range(n)],
-            "eval_gallery": (_RowIds(n), ev["new_doc"], ev["old_doc"]),
+            "eval_gallery": (RowIds(n), ev["new_doc"], ev["old_doc"]),
         }
     info = client.fit_transform(
         args.name,

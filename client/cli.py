@@ -7,7 +7,7 @@
     interlingua ingest COLLECTION --space S --vectors xb.npy [--ids ids.txt] [--payloads p.jsonl]
     interlingua search COLLECTION --space S --vectors xq.npy [--rows 0:5] [-k 10] [--json]
     interlingua stats [COLLECTION] [--json]         interlingua health
-    interlingua transforms {list,get NAME,cancel NAME,delete NAME} [--json]
+    interlingua transforms {list,get NAME} [--json]
     interlingua fit NAME --kind K --source-space S --target-space T --doc-pairs NEW.npy HOME.npy
                     [--query-pairs NEW.npy HOME.npy] [--eval-dir DIR] [--config JSON] [--holdout F]
                     [--chain A B ...] [--no-wait] [--offline OUT.npz [--home-metric M]]
@@ -31,12 +31,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING
 
 import numpy as np
-import numpy.typing as npt
 
 from . import _snapshot_cli
+from ._cli_common import RowIds, UsageError, load_array, parse_rows, read_lines
 from ._client import Client
 from ._exceptions import InterlinguaError
 from ._output import (
@@ -55,29 +55,6 @@ if TYPE_CHECKING:
     from interlingua.server.config import ServerConfig
 
 __all__ = ["build_parser", "build_server_config", "main"]
-
-
-class UsageError(Exception):
-    """A bad argument or input file, found before any call: exit code 2."""
-
-
-class _RowIds(Sequence[str]):
-    """The ids "0".."n-1" of an ingest without ``--ids``, made on demand (no n strings in memory)."""
-
-    def __init__(self, n: int) -> None:
-        self._n = n
-
-    def __len__(self) -> int:
-        return self._n
-
-    @overload
-    def __getitem__(self, i: int) -> str: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[str]: ...
-    def __getitem__(self, i: int | slice) -> str | Sequence[str]:
-        if isinstance(i, slice):
-            return [str(j) for j in range(self._n)[i]]
-        return str(range(self._n)[i])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,8 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     trs = sub.add_parser("transforms", help="compatibility transforms").add_subparsers(dest="action", required=True)
     trs.add_parser("list", parents=[conn], help="list transforms with their state and R@10")
     trs.add_parser("get", parents=[conn], help="show one transform and its report").add_argument("name")
-    trs.add_parser("cancel", parents=[conn], help="cancel a transform's fit (queued or running)").add_argument("name")
-    trs.add_parser("delete", parents=[conn], help="delete a transform no route or collection uses").add_argument("name")
 
     p = sub.add_parser("fit", parents=[conn], help="fit a transform from a new model's space into a home space")
     p.add_argument("name")
@@ -216,51 +191,15 @@ def build_server_config(args: argparse.Namespace) -> ServerConfig:
     return build(args)
 
 
-def _load(path: str, what: str) -> npt.NDArray[Any]:
-    """A float .npy, memory-mapped so that ingest streams it batch by batch."""
-    try:
-        x = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot load {what} from {path}: {err}") from None
-    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
-        raise UsageError(f"{what} in {path} must be one float16/32/64 array")
-    return x
-
-
-def _lines(path: str, n: int, what: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"cannot read {what} from {path}: {err}") from None
-    if len(lines) != n:
-        raise UsageError(f"{path} has {len(lines)} {what} lines for {n} vectors")
-    return lines
-
-
-def _rows(spec: str | None, n: int) -> slice:
-    if spec is None:
-        return slice(0, n)
-    try:
-        parts = [int(p) if p else None for p in spec.split(":")]
-    except ValueError:
-        raise UsageError(f"--rows must be START:STOP or ROW, got {spec!r}") from None
-    if len(parts) == 1 and parts[0] is not None:
-        return slice(parts[0], parts[0] + 1)
-    if len(parts) == 2:
-        return slice(parts[0], parts[1])
-    raise UsageError(f"--rows must be START:STOP or ROW, got {spec!r}")
-
-
 def _ingest(client: Client, args: argparse.Namespace) -> None:
-    xb = _load(args.vectors, "vectors")
+    xb = load_array(args.vectors, "vectors")
     if xb.ndim != 2:
         raise UsageError(f"vectors in {args.vectors} must have shape (n, d), got {xb.shape}")
     n = xb.shape[0]
-    ids: Sequence[str] = _lines(args.ids, n, "id") if args.ids else _RowIds(n)
+    ids: Sequence[str] = read_lines(args.ids, n, "id") if args.ids else RowIds(n)
     payloads = None
     if args.payloads:
-        payloads = [line if line.strip() else None for line in _lines(args.payloads, n, "payload")]
+        payloads = [line if line.strip() else None for line in read_lines(args.payloads, n, "payload")]
     upsert = client.upsert_stream if args.stream else client.upsert
     seq = upsert(
         args.collection,
@@ -275,9 +214,9 @@ def _ingest(client: Client, args: argparse.Namespace) -> None:
 
 
 def _search(client: Client, args: argparse.Namespace) -> None:
-    xq = _load(args.vectors, "queries")
+    xq = load_array(args.vectors, "queries")
     xq = xq.reshape(1, -1) if xq.ndim == 1 else xq
-    rows = _rows(args.rows, xq.shape[0])
+    rows = parse_rows(args.rows, xq.shape[0])
     result = client.search(
         args.collection,
         np.asarray(xq[rows], dtype=np.float32),
@@ -329,16 +268,8 @@ def _run_client(args: argparse.Namespace) -> int:
             print_transforms(client.list_transforms(), args.json, out)
         elif cmd == ("transforms", "get"):
             print_transform(client.get_transform(args.name), args.json, out)
-        elif cmd == ("transforms", "cancel"):
-            print_transform(client.cancel_fit(args.name), args.json, out)
-        elif cmd == ("transforms", "delete"):
-            deleted = client.delete_transform(args.name)
-            if args.json:
-                print_transform(deleted, True, out)
-            else:
-                print(f"deleted transform {deleted.name} (it was {deleted.state})", file=out)
         elif args.command == "fit":
-            from ._fit_cli import fit_online  # imports this module
+            from ._fit_cli import fit_online
 
             fit_online(client, args)
         elif args.command == "routes":
@@ -410,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             _serve(args)
         elif args.command == "fit" and args.offline:
-            from ._fit_cli import fit_offline  # imports this module and the server's transforms
+            from ._fit_cli import fit_offline  # imports the server's transforms
 
             fit_offline(args)
         elif args.command == "restore":

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["SIDES", "AffineTransform", "Calibration", "Transform", "apply_to_home", "checksum"]
+__all__ = ["SIDES", "AffineTransform", "Calibration", "Transform", "apply_to_home", "checksum", "pad_home"]
 
 SIDES = ("query", "doc")
 
@@ -146,6 +146,17 @@ def apply_to_home(t: Transform, x: np.ndarray, home_metric: str, side: str = "qu
     if home_metric == "cosine":
         y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
     return np.ascontiguousarray(y, dtype=np.float32)
+
+
+def pad_home(x_home: np.ndarray, d_out: int) -> np.ndarray:
+    """[x_home, 0]: x_home (n, d_home) zero-padded to (n, d_out) float32, the basis space's old items
+    (``basis.py``; here, beside :func:`apply_to_home`, so that ``evaluate.py`` needs no fitter)."""
+    x = np.asarray(x_home, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] > d_out:
+        raise ValueError(f"x_home must have shape (n, d_home) with d_home <= {d_out}, got {x.shape}")
+    out = np.zeros((x.shape[0], d_out), dtype=np.float32)
+    out[:, : x.shape[1]] = x
+    return out
 
 
 def checksum(kind: str, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:

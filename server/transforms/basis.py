@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from .affine import ridge_path
-from .base import SIDES, AffineTransform, Calibration, FitResult
+from .base import SIDES, AffineTransform, Calibration, FitResult, pad_home
 from .procrustes import Progress, biases, centred_pairs, orthogonality_error, relative_residual, side_means
 
 __all__ = ["BasisTransform", "clip_spectral", "complete_isometry", "fit_basis", "pad_home"]
@@ -66,16 +66,6 @@ def complete_isometry(A: np.ndarray, tol: float = TOL) -> np.ndarray:
     mu, Q = np.linalg.eigh((K + K.T) / 2)
     keep = np.flatnonzero(mu > tol)[::-1]
     return np.hstack([A, Q[:, keep] * np.sqrt(mu[keep])])
-
-
-def pad_home(x_home: np.ndarray, d_out: int) -> np.ndarray:
-    """[x_home, 0]: x_home (n, d_home) zero-padded to (n, d_out) float32, the basis space's old items."""
-    x = np.asarray(x_home, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] > d_out:
-        raise ValueError(f"x_home must have shape (n, d_home) with d_home <= {d_out}, got {x.shape}")
-    out = np.zeros((x.shape[0], d_out), dtype=np.float32)
-    out[:, : x.shape[1]] = x
-    return out
 
 
 class BasisTransform(AffineTransform):

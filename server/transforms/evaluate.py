@@ -29,7 +29,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .base import SIDES, Calibration, Transform, apply_to_home
+from .base import SIDES, Calibration, Transform, apply_to_home, pad_home
 
 __all__ = [
     "METRICS",
@@ -173,8 +173,6 @@ def _gallery(t: Transform, xb_home: np.ndarray) -> np.ndarray:
     if t.d_out == d_home:
         return xb_home
     if getattr(t, "d_home", t.config.get("d_home")) == d_home:
-        from .basis import pad_home
-
         return pad_home(xb_home, t.d_out)
     raise ValueError(f"the transform maps to d_out={t.d_out} but the home gallery has d={d_home}")
 
