@@ -186,8 +186,8 @@ class Compat:
             rec = TransformRecord(
                 name, kind, source.name, target.name, config, time.time(), len(cal.doc_new), len(cal.query_new)
             )
-            self.transforms[name] = rec
             self.jobs.submit(rec, target, cal, eval_set, holdout, links, max_seconds)  # queued, under the lock
+            self.transforms[name] = rec
         return rec
 
     def cancel(self, name: str) -> TransformRecord:

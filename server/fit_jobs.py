@@ -24,6 +24,7 @@ from typing import Any
 
 import faiss
 
+from .errors import Unavailable
 from .metrics import Metrics
 from .store import SpaceRow, Store, TransformRow
 from .transforms import Calibration, Transform
@@ -95,7 +96,8 @@ class FitJobs:
 
     def close(self) -> None:
         """Drops queued fits, stops a running one at its next progress step, and waits for the worker."""
-        self._closing.set()
+        with self._lock:  # a submit either sees it or is queued before the shutdown (and dropped by it)
+            self._closing.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def submit(
@@ -108,9 +110,12 @@ class FitJobs:
         links: list[Transform],
         max_seconds: float,
     ) -> None:
-        """Queues the fit of ``rec``; it runs for at most ``max_seconds`` once started."""
+        """Queues the fit of ``rec``; it runs for at most ``max_seconds`` once started. Unavailable once
+        the service is shutting down."""
         job = _Job(rec, max_seconds)
         with self._lock:
+            if self._closing.is_set():
+                raise Unavailable("the service is shutting down: no new fits")
             self._jobs[id(rec)] = job
             job.future = self._pool.submit(self._run, job, target, cal, eval_set, holdout, links)
 

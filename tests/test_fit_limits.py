@@ -297,3 +297,19 @@ def test_cli_cancel_and_delete(
     assert capsys.readouterr().out == "deleted transform long (it was failed)\n"
     assert main(["transforms", "delete", "long"]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_no_fit_is_queued_once_the_fit_worker_is_closed(tmp_path: Path) -> None:
+    from interlingua.server.errors import Unavailable
+    from interlingua.server.fit_jobs import FitJobs, TransformRecord
+    from interlingua.server.metrics import Metrics
+    from interlingua.server.store import Store
+
+    store = Store(tmp_path / "s.db")
+    jobs = FitJobs(store, Metrics(), lambda rec: None)
+    jobs.close()
+    rec = TransformRecord("t", "procrustes", "new@1", "old@1", {}, 0.0)
+    with pytest.raises(Unavailable, match="shutting down"):
+        jobs.submit(rec, None, None, None, 0.0, [], 1.0)  # type: ignore[arg-type]
+    assert not jobs.cancel(rec)  # never queued: nothing to cancel
+    store.close()
