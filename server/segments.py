@@ -23,8 +23,9 @@ checkpoints) beside its search copy ``sealed_search`` (the GPU clone, or the CPU
 index itself where the GPU cannot hold it). GPU indexes take no IDSelector, so
 there the sealed index is asked for ``k + ndead_sealed`` labels and the dead ones
 are dropped on the host (:func:`drop_dead`); past the GPU's k limit the CPU index
-answers with its selector. Covered by the search tests in ``tests/test_search.py``,
-``tests/test_gpu.py``, ``tests/test_compaction.py`` and ``tests/test_index_safety.py``.
+answers with its selector. Covered by ``tests/test_segments.py`` (against brute force, ties
+compared as FAISS does) and the search tests in ``tests/test_search.py``, ``tests/test_gpu.py``,
+``tests/test_compaction.py`` and ``tests/test_index_safety.py``.
 """
 
 from __future__ import annotations

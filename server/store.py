@@ -7,13 +7,17 @@ the commit is durable, so an acknowledged write survives ``kill -9``. FAISS
 indexes are derived from this store (see ``checkpoint.py``).
 
 Home-space vectors carry a *label*: the int64 id of the vector in its
-collection's FAISS index. Labels are allocated in increasing order and never
-reused; overwriting a point's home vector gives it a new label, and the old
-label is dead (filtered at search time) until the index is compacted.
+collection's FAISS index. Labels are allocated in increasing order;
+overwriting a point's home vector gives it a new label, and the old label is
+dead (filtered at search time). Renumbering (``compaction.py``: a merge that
+leaves dead fresh rows out, a compaction, recovery) gives the live labels new,
+dense numbers in one transaction (:meth:`Store.relabel`), so a label names a
+vector only within one numbering, and freed numbers are taken again.
 
 Writers share one connection behind a lock; readers use one connection per
-thread (WAL readers never block the writer). Covered by ``tests/test_store.py``
-and the durability tests in ``tests/test_durability.py``.
+thread (WAL readers never block the writer). Covered by the durability tests in
+``tests/test_durability.py``, the renumbering tests in ``tests/test_compaction.py``
+and the schema migration test in ``tests/test_index_options.py``.
 """
 
 from __future__ import annotations
