@@ -7,7 +7,7 @@
     interlingua ingest COLLECTION --space S --vectors xb.npy [--ids ids.txt] [--payloads p.jsonl]
     interlingua search COLLECTION --space S --vectors xq.npy [--rows 0:5] [-k 10] [--json]
     interlingua stats [COLLECTION] [--json]         interlingua health
-    interlingua transforms {list,get NAME} [--json]
+    interlingua transforms {list,get NAME,cancel NAME,delete NAME} [--json]
     interlingua fit NAME --kind K --source-space S --target-space T --doc-pairs NEW.npy HOME.npy
                     [--query-pairs NEW.npy HOME.npy] [--eval-dir DIR] [--config JSON] [--holdout F]
                     [--chain A B ...] [--no-wait] [--offline OUT.npz [--home-metric M]]
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     trs = sub.add_parser("transforms", help="compatibility transforms").add_subparsers(dest="action", required=True)
     trs.add_parser("list", parents=[conn], help="list transforms with their state and R@10")
     trs.add_parser("get", parents=[conn], help="show one transform and its report").add_argument("name")
+    trs.add_parser("cancel", parents=[conn], help="cancel a transform's fit (queued or running)").add_argument("name")
+    trs.add_parser("delete", parents=[conn], help="delete a transform no route or collection uses").add_argument("name")
 
     p = sub.add_parser("fit", parents=[conn], help="fit a transform from a new model's space into a home space")
     p.add_argument("name")
@@ -268,6 +270,14 @@ def _run_client(args: argparse.Namespace) -> int:
             print_transforms(client.list_transforms(), args.json, out)
         elif cmd == ("transforms", "get"):
             print_transform(client.get_transform(args.name), args.json, out)
+        elif cmd == ("transforms", "cancel"):
+            print_transform(client.cancel_fit(args.name), args.json, out)
+        elif cmd == ("transforms", "delete"):
+            deleted = client.delete_transform(args.name)
+            if args.json:
+                print_transform(deleted, True, out)
+            else:
+                print(f"deleted transform {deleted.name} (it was {deleted.state})", file=out)
         elif args.command == "fit":
             from ._fit_cli import fit_online
 
