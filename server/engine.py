@@ -35,7 +35,7 @@ from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .metrics import Metrics
 from .pipeline import SearchParams
 from .restore import lock_data_dir
-from .routes import IDENTITY, Route
+from .routes import IDENTITY, Route, Routes
 from .segments import IndexSpec
 from .shadow import ShadowRunner
 from .store import SpaceRow, Store
@@ -103,7 +103,8 @@ class Engine:
         self._ddl_lock = threading.Lock()
         self._stop = threading.Event()
         self._maintainer: threading.Thread | None = None
-        self.compat: Compat | None = None
+        self.compat: Compat | None = None  #: the transform registry
+        self.routes: Routes | None = None  #: the owner of every collection's route table
         self.shadows: ShadowRunner | None = None  #: runs the shadow searches of routes that have one
         self._dir_lock: IO[bytes] | None = None  #: shared: `interlingua restore` refuses while it is held
 
@@ -124,7 +125,8 @@ class Engine:
         self._dir_lock = lock_data_dir(data)
         self.store = Store(data / "interlingua.db")
         self.spaces = {s.name: s for s in self.store.spaces()}
-        self.compat = Compat(self.store, self.metrics, policy=self.gate_policy(), omp_threads=self.config.omp_threads)
+        self.compat = Compat(self.store, self.metrics, omp_threads=self.config.omp_threads)
+        self.routes = Routes(self.store, self.metrics, self.compat, policy=self.gate_policy())
         self.shadows = ShadowRunner(self.metrics, self.config.omp_threads)
         self.compat.load_transforms()  # before the collections: a basis transform shapes their indexes
         replayed = 0
@@ -141,7 +143,7 @@ class Engine:
                 col.fail(f"cannot be opened: {type(e).__name__}: {e}"[:300], permanent=True)
                 col.recover()
             self.collections[row.name] = col
-        self.compat.load_routes(self.collections)
+        self.routes.load(self.collections)
         log.info(
             "recovered %d spaces, %d collections, %d replayed vectors in %.2fs",
             len(self.spaces),
@@ -209,11 +211,18 @@ class Engine:
         return GatePolicy(c.min_retention, c.max_negative_flip_rate, c.require_ecc)
 
     def require_compat(self) -> Compat:
-        """The compatibility layer, once the service is serving."""
+        """The transform registry, once the service is serving."""
         self._ready()
         if self.compat is None:
             raise Unavailable("the compatibility layer is not loaded yet")
         return self.compat
+
+    def require_routes(self) -> Routes:
+        """The route tables (activate, roll back, shadow), once the service is serving."""
+        self._ready()
+        if self.routes is None:
+            raise Unavailable("the compatibility layer is not loaded yet")
+        return self.routes
 
     # -- spaces --------------------------------------------------------------------------------
 

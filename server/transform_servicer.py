@@ -1,4 +1,5 @@
-"""Thin gRPC servicer of ``TransformService``: assembles calibration streams, calls :class:`~.compat.Compat`."""
+"""Thin gRPC servicer of ``TransformService``: assembles calibration streams, calls the engine's
+transform registry (:class:`~.compat.Compat`) and route tables (:class:`~.routes.Routes`)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from interlingua.v1 import transforms_pb2_grpc as tgrpc
 from . import validate as v
 from .activation import GatePolicy
 from .collection import Collection
-from .compat import Compat, TransformRecord
+from .compat import TransformRecord
 from .engine import Engine
 from .errors import InvalidArgument
 from .fit_stream import Assembler
+from .routes import Routes
 from .servicers import rpc
 from .store import RouteRow
 
@@ -76,9 +78,9 @@ def route_pb(collection: str, home: str, row: RouteRow) -> tpb.RouteInfo:
     )
 
 
-def live_route_pb(compat: Compat, col: Collection, query_space: str) -> tpb.RouteInfo:
+def live_route_pb(routes: Routes, col: Collection, query_space: str) -> tpb.RouteInfo:
     """The live route from ``query_space`` as stored (transform "" when there is none)."""
-    row = compat.live_row(col, query_space)
+    row = routes.live_row(col, query_space)
     if row is None:
         return tpb.RouteInfo(collection=col.name, query_space=query_space, home_space=col.home.name)
     return route_pb(col.name, col.home.name, row)
@@ -158,26 +160,26 @@ class TransformServicer(tgrpc.TransformServiceServicer):
 
     @rpc
     def ActivateRoute(self, request: tpb.ActivateRouteRequest, context: grpc.ServicerContext) -> Any:
-        compat, col = self.engine.require_compat(), self.engine.collection(request.collection)
-        policy = gate_policy(compat.policy, request.gate) if request.HasField("gate") else None
-        route = compat.activate(col, request.transform, request.force, policy)
-        return live_route_pb(compat, col, route.query_space)
+        routes, col = self.engine.require_routes(), self.engine.collection(request.collection)
+        policy = gate_policy(routes.policy, request.gate) if request.HasField("gate") else None
+        route = routes.activate(col, request.transform, request.force, policy)
+        return live_route_pb(routes, col, route.query_space)
 
     @rpc
     def RollbackRoute(self, request: tpb.RollbackRouteRequest, context: grpc.ServicerContext) -> Any:
-        compat, col = self.engine.require_compat(), self.engine.collection(request.collection)
-        compat.rollback(col, request.query_space)
-        return live_route_pb(compat, col, request.query_space)
+        routes, col = self.engine.require_routes(), self.engine.collection(request.collection)
+        routes.rollback(col, request.query_space)
+        return live_route_pb(routes, col, request.query_space)
 
     @rpc
     def ListRoutes(self, request: tpb.ListRoutesRequest, context: grpc.ServicerContext) -> Any:
-        compat, col = self.engine.require_compat(), self.engine.collection(request.collection)
-        history = [route_pb(col.name, col.home.name, r) for r in compat.history(col)]
+        routes, col = self.engine.require_routes(), self.engine.collection(request.collection)
+        history = [route_pb(col.name, col.home.name, r) for r in routes.history(col)]
         active = sorted((r for r in history if r.deactivated_at == 0 and r.transform), key=lambda r: r.query_space)
         return tpb.ListRoutesResponse(active=active, history=history)
 
     @rpc
     def SetShadow(self, request: tpb.SetShadowRequest, context: grpc.ServicerContext) -> Any:
-        compat, col = self.engine.require_compat(), self.engine.collection(request.collection)
-        route = compat.set_shadow(col, request.query_space, request.transform, request.sample_rate)
-        return live_route_pb(compat, col, route.query_space)
+        routes, col = self.engine.require_routes(), self.engine.collection(request.collection)
+        route = routes.set_shadow(col, request.query_space, request.transform, request.sample_rate)
+        return live_route_pb(routes, col, route.query_space)

@@ -135,7 +135,7 @@ def test_bad_gate_values_are_invalid_argument_and_change_nothing(env: Env, gate:
 def test_server_default_policy_from_config(tmp_path: Path) -> None:
     srv, _ = start_server(tmp_path / "data", min_retention=0.5, require_ecc=True)
     try:
-        policy = srv.engine.require_compat().policy
+        policy = srv.engine.require_routes().policy
         assert policy == GatePolicy(min_retention=0.5, max_negative_flip_rate=1.0, require_ecc=True)
     finally:
         srv.stop(None)
