@@ -41,6 +41,9 @@ ROWS: dict[str, dict[str, Any]] = {
     "hard_0": {"hard_negatives": 0},
     "hard_16": {"hard_negatives": 16},
     "epochs_20": {"epochs": 20},
+    "tau_0.05+hard_0": {"temperature": 0.05, "hard_negatives": 0},
+    "tau_0.05+w_id_3": {"temperature": 0.05, "w_id": 3.0},
+    "tau_0.05+w_id_3+hard_0": {"temperature": 0.05, "w_id": 3.0, "hard_negatives": 0},
 }
 
 
@@ -48,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with fit/ and dev/")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default: all)")
+    p.add_argument("--kind", default="lambda_orthogonal", choices=("lambda_orthogonal", "residual_mlp"))
     p.add_argument("--lam", type=float, default=math.inf, help="λ of every fit (default inf)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n", type=int, default=None, help="first N rows of each split (quick runs)")
@@ -62,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cal = Calibration(fit["new_doc"], fit["old_doc"], fit["new_query"], fit["old_query"], query_relevant=relevant)
     eval_kw = {"xq_new": dev["new_query"], "xq_home": dev["old_query"], "xb_new": dev["new_doc"]}
     eval_kw["xb_home"] = dev["old_doc"]
-    print(f"# task_weights: {time.strftime('%Y-%m-%d %H:%M')}; lambda_orthogonal, lam={args.lam}, holdout 0.1;")
+    print(f"# task_weights: {time.strftime('%Y-%m-%d %H:%M')}; {args.kind}, lam={args.lam}, holdout 0.1;")
     print(f"# threads={args.threads}; dev R@{K} of e5-small queries against the MiniLM-L6 gallery")
     print(f"| row | change | R@{K} | MRR@{K} | fit s |")
     print("|---|---|---:|---:|---:|")
@@ -72,7 +76,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         config = {"lam": args.lam, "threads": args.threads, **ROWS[name]}
         log(f"{name}: {config}")
         t0 = time.perf_counter()
-        result, _ = fit_transform("lambda_orthogonal", cal, config, holdout=0.1)
+        if args.kind != "lambda_orthogonal":
+            config.pop("lam")
+        result, _ = fit_transform(args.kind, cal, config, holdout=0.1)
         fit_s = time.perf_counter() - t0
         r = evaluate(result.transform, home_metric="cosine", k=K, cache=cache, **eval_kw)
         figures[name] = r[f"transformed_r{K}"]
