@@ -31,6 +31,7 @@ from ._tls import TLS
 from ._types import CollectionInfo, PointRecord, Route, RouteInfo, RoutesListing, SearchResult, Space, TransformInfo
 
 __all__ = [
+    "TLS",
     "AlreadyExists",
     "Cancelled",
     "Client",
@@ -52,7 +53,6 @@ __all__ = [
     "SearchStream",
     "SnapshotInfo",
     "Space",
-    "TLS",
     "TransformInfo",
     "Unauthenticated",
     "Unavailable",

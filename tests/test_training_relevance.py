@@ -59,7 +59,10 @@ def test_relevance_reaches_the_fit_and_the_report(client: Client) -> None:
 @pytest.mark.parametrize(
     ("kw", "text"),
     [
-        ({"query_relevant": [["nope"]] + [["d1"]] * (N - 1)}, "query pair 0: relevant ids not among the fitted doc pairs"),
+        (
+            {"query_relevant": [["nope"]] + [["d1"]] * (N - 1)},
+            "query pair 0: relevant ids not among the fitted doc pairs",
+        ),
         ({"doc_ids": ["d0"] * N}, "doc pair ids must be unique"),
         ({"query_relevant": [["d0"]] * 3}, r"got 3 relevant-id lists \(query_relevant\) for 400 query pairs"),
         ({"doc_ids": None}, "query_relevant names doc pairs by id: give doc_ids too"),
