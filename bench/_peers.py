@@ -28,7 +28,7 @@ from typing import Any
 
 import faiss
 import numpy as np
-from search_overhead import labels_of
+from _common import labels_of
 
 from interlingua.client import Client
 

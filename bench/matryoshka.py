@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+from _common import log
 
 from interlingua.server.transforms.matryoshka import shrink
 from interlingua.server.transforms.mrl_adapter import fit_mrl_adapter
@@ -51,10 +51,6 @@ DEFAULT_PLOT = REPO / "docs" / "matryoshka_recall.png"
 K = 10
 MODELS = {"old": "MiniLM-L6 (old)", "new": "e5-small (new)"}
 METHODS = ("raw", "pca", "adapter")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def load_pairs(folder: Path, model: str, n: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -197,9 +193,6 @@ def funnel_figures(args: argparse.Namespace) -> dict[str, Any]:
     if not args.funnel_n:
         return {}
     from _funnel import funnel_section
-
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     res = funnel_section(args.eval, args.data / "fit", args.funnel_n, args.funnel_queries, 1234, log)
     print(f"\n## Funnel search vs full-dimensional Flat ({res['funnel_source']})\n")

@@ -32,9 +32,9 @@ from typing import Any
 
 import faiss
 import numpy as np
+from _common import Window, batches_of, interleaved, log, machine_info, recall_at, warm_up
 from _data import DEFAULT_DATA, load
 from _peers import Chroma, Faiss, Interlingua, MilvusLite, System
-from search_overhead import Window, batches_of, interleaved, log, machine_info, recall_at, warm_up
 
 K = 10
 EF_SWEEP = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)

@@ -23,22 +23,18 @@ stdout; its last line is one JSON object. Results and their reading: ``docs/BENC
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
-import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import faiss
 import grpc
 import numpy as np
+from _common import Call, batches_of, interleaved, labels_of, log, machine_info, recall_at, warm_up
 from _data import DEFAULT_DATA, BenchData, load
 
 from interlingua.client import Client
@@ -55,141 +51,6 @@ SPACE = "minilm-l6@1"
 TARGET_RATIO = 0.8  #: service / in-process QPS at nq=64, sequential
 TARGET_P50_MS = 0.5  #: single-query p50 overhead
 PROBE, PROBE_N = "probe", 1000  #: small Flat collection of the layer-by-layer breakdown
-SLICE_S = 0.5  #: seconds of one side before switching to the other
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "faiss": faiss.__version__,
-        "numpy": np.__version__,
-        "grpcio": grpc.__version__,
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-# -- measurement ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Window:
-    calls: int
-    seconds: float
-    nq: int
-    lat: np.ndarray = field(default_factory=lambda: np.zeros(0))  #: per-call seconds (sequential runs)
-
-    @property
-    def qps(self) -> float:
-        return self.calls * self.nq / self.seconds
-
-    def pct_ms(self, q: float) -> float:
-        return float(np.percentile(self.lat, q) * 1e3) if self.lat.size else float("nan")
-
-    def __add__(self, other: Window) -> Window:
-        return Window(self.calls + other.calls, self.seconds + other.seconds, self.nq, np.hstack([self.lat, other.lat]))
-
-
-Call = Callable[[Any], object]
-
-
-def warm_up(call: Call, batches: Sequence[Any], seconds: float = 0.3, calls: int = 3) -> None:
-    i, end = 0, time.perf_counter() + seconds
-    while time.perf_counter() < end or i < calls:
-        call(batches[i % len(batches)])
-        i += 1
-
-
-def run_window(call: Call, batches: Sequence[Any], nq: int, seconds: float, offset: int = 0) -> Window:
-    """Sequential calls over ``batches`` (cycled from ``offset``) for ``seconds``, timing each call."""
-    lat: list[float] = []
-    t = start = time.perf_counter()
-    end, i = start + seconds, 0
-    while t < end:
-        call(batches[(offset + i) % len(batches)])
-        t2 = time.perf_counter()
-        lat.append(t2 - t)
-        t, i = t2, i + 1
-    return Window(i, t - start, nq, np.array(lat))
-
-
-def run_threads(
-    call: Call, batches: Sequence[Any], nq: int, seconds: float, threads: int, init: Callable[[], None] | None
-) -> Window:
-    """Like :func:`run_window` from ``threads`` threads at once (each at its own offset, after one
-    untimed call); the window spans the first start to the last finish."""
-    barrier = threading.Barrier(threads)
-    out: list[tuple[int, float, float]] = [(0, 0.0, 0.0)] * threads
-
-    def worker(j: int) -> None:
-        if init is not None:
-            init()
-        off = j * len(batches) // threads
-        call(batches[off])
-        barrier.wait()
-        t = start = time.perf_counter()
-        end, i = start + seconds, 0
-        while t < end:
-            call(batches[(off + 1 + i) % len(batches)])
-            t, i = time.perf_counter(), i + 1
-        out[j] = (i, start, t)
-
-    pool = [threading.Thread(target=worker, args=(j,)) for j in range(threads)]
-    for th in pool:
-        th.start()
-    for th in pool:
-        th.join()
-    calls = sum(c for c, _, _ in out)
-    return Window(calls, max(e for _, _, e in out) - min(s for _, s, _ in out), nq)
-
-
-def interleaved(
-    sides: dict[str, Call],
-    batches: Sequence[Any],
-    nq: int,
-    seconds: float,
-    *,
-    threads: int = 1,
-    init: Callable[[], None] | None = None,
-    slice_s: float = SLICE_S,
-) -> dict[str, Window]:
-    """``seconds`` of calls per side, run in alternating slices (A B B A A B ...) so that both sides
-    see the same machine: a shared 2-core VM drifts by more than the differences measured here."""
-    rounds = max(1, round(seconds / slice_s))
-    names = list(sides)
-    acc: dict[str, Window] = {}
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            if threads > 1:
-                w = run_threads(sides[name], batches, nq, seconds / rounds, threads, init)
-            else:
-                w = run_window(sides[name], batches, nq, seconds / rounds, offset=acc[name].calls if r else 0)
-            acc[name] = acc[name] + w if name in acc else w
-    return acc
-
-
-def recall_at(I: np.ndarray, gt: np.ndarray, k: int = K) -> float:
-    """Mean |I[i, :k] & gt[i, :k]| / k: Recall@k of an approximate result against exact labels."""
-    return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(I, gt, strict=True)]))
-
-
-def labels_of(ids: np.ndarray) -> np.ndarray:
-    """Service point ids ("17") back to row labels (17); "" (no hit) -> -1."""
-    return np.array([int(s) if s else -1 for s in ids.ravel()], dtype=np.int64).reshape(ids.shape)
 
 
 # -- the two sides -------------------------------------------------------------------------------
@@ -250,10 +111,6 @@ def fill_service(client: Client, data: BenchData, batch_size: int) -> dict[str, 
 
 
 # -- the run -------------------------------------------------------------------------------------
-
-
-def batches_of(xq: np.ndarray, nq: int) -> list[np.ndarray]:
-    return [np.ascontiguousarray(xq[i : i + nq]) for i in range(0, len(xq) - nq + 1, nq)]
 
 
 def measure(

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import batches_of, interleaved, log, warm_up
 from _data import load, normalize
-from search_overhead import batches_of, interleaved, warm_up
 
 from interlingua.client import Client
 from interlingua.server import Server, ServerConfig, create_server
@@ -43,10 +42,6 @@ KINDS = {  # kind -> config: fixed hyper-parameters where a sweep would only cos
 }
 K = 10
 HOME = "minilm@1"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

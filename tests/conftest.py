@@ -107,6 +107,12 @@ def make_data(n: int, d: int, seed: int = 0, intrinsic: int = 16) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def recall_at(I: np.ndarray, Iref: np.ndarray) -> float:
+    """Recall@k of approximate labels I (nq, k) against exact ones Iref (nq, >= k): mean |I[i] & Iref[i, :k]| / k."""
+    k = I.shape[1]
+    return float(np.mean([len(set(a) & set(b[:k])) / k for a, b in zip(I.tolist(), Iref.tolist(), strict=True)]))
+
+
 def brute_force(xb: np.ndarray, xq: np.ndarray, k: int, metric: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
     """Reference kNN in float64: D, I of shape (nq, k)."""
     xb64, xq64 = xb.astype(np.float64), xq.astype(np.float64)

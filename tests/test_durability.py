@@ -30,7 +30,7 @@ from typing import TypeVar
 import grpc
 import numpy as np
 import pytest
-from conftest import Stubs, brute_force, connect, make_data, start_server
+from conftest import Stubs, brute_force, connect, make_data, recall_at, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from interlingua.server import ServerConfig, checkpoint, create_server
@@ -114,11 +114,6 @@ def assert_exact_knn(D: np.ndarray, I: np.ndarray, Dref: np.ndarray, Iref: np.nd
         )
 
 
-def recall_at_k(I: np.ndarray, Iref: np.ndarray) -> float:
-    k = I.shape[1]
-    return float(np.mean([len(set(I[i]) & set(Iref[i, :k])) / k for i in range(len(I))]))
-
-
 def check_search(model: Model, spec: str, xq: np.ndarray, k: int = 10) -> None:
     """Searches the collection and compares with brute force over the model's live points."""
     ids, xb = model.arrays()
@@ -126,7 +121,7 @@ def check_search(model: Model, spec: str, xq: np.ndarray, k: int = 10) -> None:
     D, I, _ = model.stubs.search(model.col, model.space, xq, k)
     assert not set(I.ravel()) & model.deleted, "a deleted id came back"
     if spec.startswith("HNSW"):
-        recall = recall_at_k(I, ids[Iref])
+        recall = recall_at(I, ids[Iref])
         assert recall >= 0.95, (
             f"HNSW recall@{k} is {recall:.3f} at the default efSearch ({model.metric} space): the index rebuilt at"
             " start-up is degraded (Segments.restore leaves deleted labels as zero vectors that merge() adds)"
@@ -359,7 +354,7 @@ def test_sigkill_during_merge_and_checkpoint_recovers(tmp_path: Path) -> None:
             if spec == "Flat":
                 assert_exact_knn(D, I, Dref, ids[Iref])
             else:
-                assert recall_at_k(I, ids[Iref]) >= 0.95
+                assert recall_at(I, ids[Iref]) >= 0.95
         # every point went back into an index, from the checkpoint or replayed from the store
         replayed = srv.metrics.registry.get_sample_value(REPLAYED)
         assert replayed is not None and 0 <= replayed <= 2 * nb

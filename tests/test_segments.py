@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_data
+from conftest import make_data, recall_at
 
 from interlingua.server.index_spec import IndexSpec
 from interlingua.server.segments import Segments
@@ -47,9 +47,7 @@ def check_knn_with_draws(S: np.ndarray, Dnew: np.ndarray, Inew: np.ndarray, larg
 
 
 def recall(S: np.ndarray, Inew: np.ndarray, largest: bool) -> float:
-    k = Inew.shape[1]
-    Iref = np.argsort(-S if largest else S, axis=1, kind="stable")[:, :k]
-    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(Iref.tolist(), Inew.tolist(), strict=True)]))
+    return recall_at(Inew, np.argsort(-S if largest else S, axis=1, kind="stable"))
 
 
 def world(metric: str) -> tuple[np.ndarray, np.ndarray]:

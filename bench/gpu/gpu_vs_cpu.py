@@ -40,16 +40,13 @@ from typing import Any
 import faiss
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/: _data
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/: _common, _data
+from _common import batches_of, log, recall_at
 from _data import DEFAULT_DATA, load
 
 K = 10
 NQS = (1, 64, 1024)
 SPACE = "minilm@1"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def faiss_gpus() -> int:
@@ -99,15 +96,6 @@ def qps(call: Callable[[np.ndarray], object], batches: Sequence[np.ndarray], sec
             return n / elapsed
 
 
-def recall(I: np.ndarray, gt: np.ndarray) -> float:
-    """Mean |I[i, :K] & gt[i, :K]| / K."""
-    return float(np.mean([len(set(a[:K]) & set(b[:K])) / K for a, b in zip(I, gt, strict=True)]))
-
-
-def batches_of(xq: np.ndarray, nq: int, most: int = 64) -> list[np.ndarray]:
-    return [np.ascontiguousarray(xq[i : i + nq]) for i in range(0, len(xq) - nq + 1, nq)][:most]
-
-
 class Report:
     """Rows of the printed table and the figures of the final JSON line."""
 
@@ -139,13 +127,13 @@ def bench_index(
 ) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for nq in NQS:
-        b = batches_of(xq, nq)
+        b = batches_of(xq, nq, most=64)
         c = qps(lambda x: cpu.search(x, K, params=params), b, seconds)
         g = qps(lambda x: gpu.search(x, K, params=params), b, seconds) if gpu is not None else None
         rc = rg = None
         if nq == NQS[-1]:
-            rc = recall(cpu.search(xq, K, params=params)[1], gt)
-            rg = recall(gpu.search(xq, K, params=params)[1], gt) if gpu is not None else None
+            rc = recall_at(cpu.search(xq, K, params=params)[1], gt)
+            rg = recall_at(gpu.search(xq, K, params=params)[1], gt) if gpu is not None else None
             out.update(recall_cpu=rc, recall_gpu=rg)
         rep.row("faiss", name, nq, c, g, ratio(g, c), rc, rg)
         out[f"cpu_nq{nq}"], out[f"gpu_nq{nq}"] = c, g
@@ -222,8 +210,8 @@ def bench_cagra(rep: Report, res: Any, xb: np.ndarray, xq: np.ndarray, gt: np.nd
         sp.itopk_size = 64
         out: dict[str, Any] = {"build_s": build, "graph_degree": 32, "itopk_size": 64}
         for nq in NQS:
-            g = qps(lambda x: index.search(x, K, params=sp), batches_of(xq, nq), args.seconds)
-            rg = recall(index.search(xq, K, params=sp)[1], gt) if nq == NQS[-1] else None
+            g = qps(lambda x: index.search(x, K, params=sp), batches_of(xq, nq, most=64), args.seconds)
+            rg = recall_at(index.search(xq, K, params=sp)[1], gt) if nq == NQS[-1] else None
             rep.row("faiss", "GpuIndexCagra (32, itopk 64)", nq, None, g, None, None, rg)
             out[f"qps_nq{nq}"] = g
             out["recall10"] = rg if rg is not None else out.get("recall10")
@@ -255,7 +243,7 @@ def bench_transform(rep: Report, xb: np.ndarray, xq: np.ndarray, args: argparse.
     t0 = time.perf_counter()
     cpu_all()
     f["transform_cpu_vps"] = len(xb) / (time.perf_counter() - t0)
-    batches = batches_of(xq, 64)
+    batches = batches_of(xq, 64, most=64)
     f["transform_cpu_vps_nq64"] = qps(lambda x: x @ W + b, batches, args.seconds)
     f["transform_gpu_vps"] = f["transform_gpu_vps_nq64"] = f["transform_gpu_device_vps_nq64"] = None
     f["transform_gpu_compute_only_vps"] = None
