@@ -4,7 +4,8 @@ The scripts in ``bench/`` import from here (and :mod:`_data` for the vectors), n
 other. Nothing here prints to stdout: reports are the scripts' own.
 
 * :func:`log`: one time-stamped progress line on stderr;
-* :func:`machine_info`: date, CPU, cores, versions and load, for the JSON line of a report;
+* :func:`machine_info` (:func:`machine_basics` and more): date, CPU, cores, versions and load, for
+  the JSON line of a report;
 * :func:`batches_of`: a query set cut into (nq, d) batches;
 * :func:`recall_at`: Recall@k of approximate labels against exact ones; :func:`labels_of`: service
   ids back to row labels;
@@ -37,6 +38,7 @@ __all__ = [
     "interleaved",
     "labels_of",
     "log",
+    "machine_basics",
     "machine_info",
     "recall_at",
     "run_threads",
@@ -53,7 +55,8 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def machine_info() -> dict[str, Any]:
+def machine_basics() -> dict[str, Any]:
+    """Date, CPU model, cores and Python version: the start of every report's ``machine``."""
     cpu = platform.processor() or "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -67,6 +70,13 @@ def machine_info() -> dict[str, Any]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    """:func:`machine_basics`, the library versions and the load average at the start."""
+    return {
+        **machine_basics(),
         "faiss": faiss.__version__,
         "numpy": np.__version__,
         "grpcio": grpc.__version__,

@@ -25,11 +25,7 @@ nlist 1024. Progress goes to stderr, the table to stdout, and the last line is o
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as dt
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -41,7 +37,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/: _common, _data
-from _common import batches_of, log, recall_at
+from _common import batches_of, log, machine_basics, recall_at
 from _data import DEFAULT_DATA, load
 
 K = 10
@@ -62,18 +58,8 @@ def torch_cuda() -> bool:
 def machine_info() -> dict[str, Any]:
     import torch
 
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
     return {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
+        **machine_basics(),
         "numpy": np.__version__,
         "faiss": faiss.__version__,
         "faiss_gpus": faiss_gpus(),
