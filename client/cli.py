@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--device", help="cpu, cuda or cuda:N: where indexes are searched (default: $INTERLINGUA_DEVICE or cpu)"
     )
+    serve.add_argument("--min-retention", type=float, help="default gate: least retention (default 0.85)")
+    serve.add_argument("--max-negative-flip-rate", type=float, help="default gate: most negative-flip rate (1.0)")
+    serve.add_argument(
+        "--require-ecc", action=argparse.BooleanOptionalAction, default=None, help="default gate: require ECC"
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     spaces = sub.add_parser("spaces", help="embedding spaces").add_subparsers(dest="action", required=True)
