@@ -5,7 +5,9 @@ the fit split with its training relevance (query i -> doc i) and holdout 0.1 (qu
 on it, as the service does), changing one setting per row from the defaults of
 :class:`~interlingua.server.transforms.train.TrainConfig`: the temperature τ, the identification
 weight ``w_id`` (0: task term only), the task weight ``w_task`` (0: identification only, the kinds'
-behaviour without relevance), the number of mined hard negatives and the epochs. Each row reports
+behaviour without relevance), the number of mined hard negatives and the epochs; ``seed_*`` rows change
+only the training seed (batch order, init of the MLP), the noise level the other rows must clear;
+``+`` rows change two or three settings at once. Each row reports
 dev Recall@10 / MRR@10 of the 20k dev new queries against the 20k dev old docs, and the fit time.
 Prints the table, then one JSON object: ``{row_name: r10, ...}`` plus ``home_r10``.
 
@@ -41,6 +43,8 @@ ROWS: dict[str, dict[str, Any]] = {
     "hard_0": {"hard_negatives": 0},
     "hard_16": {"hard_negatives": 16},
     "epochs_20": {"epochs": 20},
+    "seed_1": {"seed": 1},
+    "seed_2": {"seed": 2},
     "tau_0.05+hard_0": {"temperature": 0.05, "hard_negatives": 0},
     "tau_0.05+w_id_3": {"temperature": 0.05, "w_id": 3.0},
     "tau_0.05+w_id_3+hard_0": {"temperature": 0.05, "w_id": 3.0, "hard_negatives": 0},

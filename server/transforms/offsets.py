@@ -14,7 +14,7 @@ each candidate ``t(x + δ_in) + δ_out`` is folded into the serve-time biases (:
 cost per query is unchanged) and scored by :func:`task_recall` (held-out new queries search the
 held-out home docs and the fitted ones for their relevant docs); the best Recall@k wins, ties to MRR, then the earlier
 candidate (as fitted first). Without training relevance there is no task to validate on and the map
-stays as fitted (``info["offsets"]`` says so). Covered by ``tests/test_offsets.py``.
+stays as fitted (``info["offsets"]`` says so). Covered by ``tests/test_task_loss.py``.
 """
 
 from __future__ import annotations
