@@ -3,7 +3,8 @@
 Each new -> home kind (``CROSS_KINDS``: the home -> home ``HOME_KINDS`` left out) is fitted with its
 default config by :func:`fit_transform` on the fit split's 10k doc and 10k query pairs, with the
 training relevance of the task (``--relevance diagonal``: fit query i's relevant doc is fit doc i, as
-an operator's logged clicks would give; ``none`` fits without it). ``--holdout`` (default 0.1) of the
+an operator's logged clicks would give; ``pseudo`` gives none, so the service trains on the old model's
+own top-1 calibration doc per query; ``none`` fits on identification only). ``--holdout`` (default 0.1) of the
 pairs is held out: each kind picks its query offsets on it (and ``lambda_orthogonal`` its λ on its own
 slice of the rest). Then :func:`evaluate` searches the 20k dev docs with the 20k dev queries (query i's
 only relevant doc is doc i; cosine; exact ``faiss.knn``, k=10). The table has the baselines home->home
@@ -117,7 +118,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--kinds", default=",".join(CROSS_KINDS), help="comma-separated kinds to fit (default: all)")
     p.add_argument("--n", type=int, default=None, help="use only the first N rows of each split (quick runs)")
     p.add_argument("--threads", type=int, default=2, help="torch and FAISS threads (default 2)")
-    p.add_argument("--relevance", choices=("diagonal", "none"), default="diagonal", help="training relevance")
+    p.add_argument(
+        "--relevance",
+        choices=("diagonal", "pseudo", "none"),
+        default="diagonal",
+        help="training relevance: diagonal (query i -> doc i), pseudo (none given: the old model's top-1), none",
+    )
     p.add_argument("--holdout", type=float, default=0.1, help="fraction of pairs held out for validation")
     p.add_argument("--plot", type=Path, help="write a PNG of Recall@10 per kind")
     return p.parse_args(argv)
@@ -151,7 +157,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             notes.append(f"{kind}: skipped, not importable ({e})")
             log(notes[-1])
             continue
-        config = {"threads": args.threads} if "threads" in inspect.signature(fn).parameters else {}
+        config: dict[str, Any] = {"threads": args.threads} if "threads" in inspect.signature(fn).parameters else {}
+        if args.relevance == "none":
+            config["pseudo_relevance"] = False
         log(f"fitting {kind} {config}")
         t0 = time.perf_counter()
         result, _ = fit_transform(kind, cal, config, holdout=args.holdout)

@@ -76,8 +76,9 @@ def _config(text: str | None) -> dict[str, Any]:
 
 
 def _relevance(spec: str | None, n_query: int, n_doc: int) -> list[list[int]] | None:
-    """``--relevance``: per query pair, its relevant doc-pair rows ('diagonal': row i; else a JSON file)."""
-    if not spec:
+    """``--relevance``: per query pair, its relevant doc-pair rows ('diagonal': row i; else a JSON file); None
+    for none given ('none' also turns the server's pseudo relevance off, see docs/TRANSFORMS.md)."""
+    if not spec or spec == "none":
         return None
     if spec == "diagonal":
         if n_query != n_doc:
@@ -107,6 +108,8 @@ def fit_online(client: Client, args: argparse.Namespace) -> None:
     config = _config(args.config)
     eval_kw: dict[str, Any] = {}
     relevance = _relevance(args.relevance, len(queries[0]) if queries else 0, len(docs[0]) if docs else 0)
+    if args.relevance == "none":
+        config["pseudo_relevance"] = False
     if relevance is not None:
         eval_kw["doc_ids"] = [f"fit:{i}" for i in range(len(docs[0]))]
         eval_kw["query_relevant"] = [[f"fit:{j}" for j in r] for r in relevance]
@@ -163,6 +166,8 @@ def fit_offline(args: argparse.Namespace) -> None:
     docs, queries, ev = _inputs(args)
     config = _config(args.config)
     relevance = _relevance(args.relevance, len(queries[0]) if queries else 0, len(docs[0]) if docs else 0)
+    if args.relevance == "none":
+        config["pseudo_relevance"] = False
     out = Path(args.offline)
     sidecar = out.with_suffix(".json")
     src, home = args.source_metric or args.home_metric, args.home_metric

@@ -153,9 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--relevance",
-        metavar="diagonal|FILE.json",
+        metavar="diagonal|FILE.json|none",
         help="training relevance: 'diagonal' (query pair i's relevant doc is doc pair i, as in debdesc) or a JSON "
-        "list with one list of doc-pair rows per query pair (e.g. logged clicks)",
+        "list with one list of doc-pair rows per query pair (e.g. logged clicks); without it the server trains on "
+        "the old model's own top-1 doc per query (pseudo relevance); 'none' turns that off",
     )
     p.add_argument("--config", help="hyper-parameters as a JSON object, e.g. '{\"lam\": 12}'")
     p.add_argument("--holdout", type=float, default=0.0, help="fraction of pairs held out (default 0: 0.1)")

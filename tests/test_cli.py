@@ -296,7 +296,8 @@ def test_fit_offline_writes_the_artefact(tmp_path: Path, capsys: pytest.CaptureF
     meta = json.loads((tmp_path / "t1.json").read_text())
     assert (meta["kind"], meta["d_in"], meta["d_out"], meta["home_metric"]) == ("procrustes", 16, 16, "cosine")
     config = {"kind": "procrustes", "center": True, "scale": True, "refine_steps": 200, "task_epochs": 5}
-    assert meta["config"] == config
+    assert {k: v for k, v in meta["config"].items() if k != "task_refinement"} == config
+    assert meta["report"]["relevance"] == "pseudo" and meta["config"]["task_refinement"]["epochs"] == 5
     assert meta["report"]["transformed_r10"] >= 0.95 and meta["report"]["label_free"] is False
     assert meta["report"]["ecc_margin"] >= 0 and meta["report"]["fit"]["residual"] < 0.05
     with np.load(out_npz) as z:

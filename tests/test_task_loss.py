@@ -261,3 +261,22 @@ def test_validate_calibration_checks_training_relevance() -> None:
     with pytest.raises(ValueError, match=r"query_relevant\[0\] must list doc-pair rows"):
         validate_calibration(Calibration(*base, query_relevant=(np.array([0.5]), *rel[1:])), "procrustes")
     validate_calibration(Calibration(*base, query_relevant=(np.array([], dtype=np.int64), *rel[1:])), "procrustes")
+
+
+def test_pseudo_relevance_is_the_old_models_top1() -> None:
+    from interlingua.server.transforms.fit import validate_config, with_pseudo_relevance
+
+    cal = disagreeing_task(60, 0, agree=True)
+    blind = Calibration(cal.doc_new, cal.doc_home, cal.query_new, cal.query_home)
+    pseudo = with_pseudo_relevance(blind, "cosine")
+    assert pseudo.query_relevant is not None
+    S = unit(cal.query_home) @ unit(cal.doc_home).T
+    assert [int(r[0]) for r in pseudo.query_relevant] == S.argmax(1).tolist()
+    _, report = fit_transform("affine", blind, {"task_epochs": 1})
+    assert report["relevance"] == "pseudo" and report["heldout_task_r10"] > 0
+    _, report = fit_transform("affine", blind, {"pseudo_relevance": False})
+    assert report["relevance"] == "none" and "heldout_task_r10" not in report
+    docs_only = Calibration(cal.doc_new, cal.doc_home, cal.doc_new[:0], cal.doc_home[:0])
+    assert fit_transform("affine", docs_only, {})[1]["relevance"] == "none"  # no queries: nothing to rank
+    with pytest.raises(ValueError, match="pseudo_relevance must be true or false, got 'yes'"):
+        validate_config("affine", {"pseudo_relevance": "yes"})

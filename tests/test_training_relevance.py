@@ -51,8 +51,13 @@ def test_relevance_reaches_the_fit_and_the_report(client: Client) -> None:
     assert report["fit"]["sweep"] == [] and report["fit"]["offsets"]["input"] in ("fitted", "doc_mean", "centre")
     assert report["estimated_retention"] > 0 and report["heldout_task_r10"] > 0
     assert "held-out calibration slice" in report["retention_estimate"]
-    blind = fit(client, "t2", doc_ids=None, query_relevant=None)
-    assert blind.report["fit"]["relevance"] == 0 and blind.report["estimated_retention"] is None  # type: ignore[attr-defined]
+    assert report["relevance"] == "given"
+    pseudo = fit(client, "t2", doc_ids=None, query_relevant=None).report  # type: ignore[attr-defined]
+    assert pseudo["relevance"] == "pseudo" and pseudo["fit"]["relevance"] > 0
+    assert pseudo["estimated_retention"] is None and "pseudo relevance" in pseudo["retention_estimate"]
+    config = {"lam": "inf", "epochs": 3, "batch_size": 64, "pseudo_relevance": False}
+    blind = fit(client, "t3", doc_ids=None, query_relevant=None, config=config).report  # type: ignore[attr-defined]
+    assert blind["relevance"] == "none" and blind["fit"]["relevance"] == 0 and blind["estimated_retention"] is None
     assert client.get_transform("t1").config["lam"] == "inf"
 
 

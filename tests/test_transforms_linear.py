@@ -418,14 +418,17 @@ def small_cal(n: int = 40, d: int = 4, seed: int = 40) -> Calibration:
 @pytest.mark.parametrize("kind", ["procrustes", "affine", "basis"])
 def test_fit_transform_fits_on_the_rest_and_reports_on_the_heldout_slice(kind: str) -> None:
     calls: list[tuple[str, float]] = []
-    result, report = fit_transform(kind, small_cal(), {}, holdout=0.25, progress=lambda s, f: calls.append((s, f)))
-    assert result.transform.d_in == 4
+    config = {"pseudo_relevance": False}  # the split of pairs without relevance (with it: test_task_loss.py)
+    result, report = fit_transform(kind, small_cal(), config, holdout=0.25, progress=lambda s, f: calls.append((s, f)))
+    assert result.transform.d_in == 4 and report["relevance"] == "none"
     assert report["label_free"] is True and report["fit_pairs"] == 60 and report["heldout_pairs"] == 20
     assert report["doc_n"] == 10 and report["query_n"] == 10
     assert report["doc_xid_r1"] == 1.0 and report["query_xid_r10"] == 1.0
     fractions = [f for _, f in calls]
     assert fractions == sorted(fractions) and calls[0] == ("split", 0.0) and calls[-1] == ("done", 1.0)
-    assert all(isinstance(v, float | int | bool) for k, v in report.items() if "retention" not in k)
+    assert all(
+        isinstance(v, float | int | bool) for k, v in report.items() if "retention" not in k and k != "relevance"
+    )
     assert report["estimated_retention"] is None and report["retention_estimate"].startswith("none: no evaluation")
 
 
@@ -443,7 +446,7 @@ def test_fit_transform_passes_config_and_is_seeded() -> None:
 
 def test_fit_transform_bridges_the_torch_kinds_progress_records() -> None:
     calls: list[tuple[str, float]] = []
-    config = {"lam": 0.0, "epochs": 2, "batch_size": 16, "threads": 1}
+    config = {"lam": 0.0, "epochs": 2, "batch_size": 16, "threads": 1, "pseudo_relevance": False}
     result, report = fit_transform("lambda_orthogonal", small_cal(), config, progress=lambda s, f: calls.append((s, f)))
     assert result.transform.kind == "lambda_orthogonal" and report["heldout_pairs"] == 8
     assert ("lambda_orthogonal epoch 2", 0.9) in calls
@@ -498,7 +501,9 @@ def test_validate_calibration_accepts_few_pairs_for_iterative_kinds() -> None:
 def test_fit_transform_errors() -> None:
     cal = small_cal()
     with pytest.raises(
-        ValueError, match=r"unknown config key\(s\) for affine: lamda; accepted: holdout, ridge, ridges, seed"
+        ValueError,
+        match=r"unknown config key\(s\) for affine: lamda; accepted: holdout, pseudo_relevance, ridge, ridges, seed, "
+        r"task_epochs, threads",
     ):
         validate_config("affine", {"lamda": 1.0})
     with pytest.raises(ValueError, match=r"unknown config key\(s\) for procrustes: ridge"):
@@ -511,4 +516,4 @@ def test_fit_transform_errors() -> None:
     with pytest.raises(
         ValueError, match=r"procrustes needs at least d_new=8 pairs for a full-rank fit; holdout 0.5 leaves 6 of 10"
     ):
-        fit_transform("procrustes", few, {}, holdout=0.5)
+        fit_transform("procrustes", few, {"pseudo_relevance": False}, holdout=0.5)

@@ -23,12 +23,13 @@ import importlib
 import inspect
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from .base import Calibration, FitResult
-from .evaluate import METRICS, label_free_report, split_calibration
+from .evaluate import METRICS, _prep, knn, label_free_report, split_calibration
 from .offsets import choose_offsets, task_recall
 from .procrustes import Progress
 
@@ -127,11 +128,24 @@ def _accepted(fn: Callable[..., FitResult]) -> dict[str, inspect.Parameter]:
 def validate_config(kind: str, config: dict[str, Any]) -> None:
     """Raises ValueError when ``config`` has keys that ``kind``'s fitter does not take (``progress`` is not config)."""
     accepted = set(_accepted(fitter(kind))) - {"progress"}
+    if kind not in HOME_KINDS:
+        accepted.add("pseudo_relevance")
     unknown = sorted(set(config) - accepted - {"kind"})
     if unknown:
         raise ValueError(
             f"unknown config key(s) for {kind}: {', '.join(unknown)}; accepted: {', '.join(sorted(accepted))}"
         )
+    if not isinstance(config.get("pseudo_relevance", True), bool):
+        raise ValueError(f"pseudo_relevance must be true or false, got {config['pseudo_relevance']!r}")
+
+
+def with_pseudo_relevance(cal: Calibration, home_metric: str) -> Calibration:
+    """``cal`` with each calibration query's relevant doc set to the calibration doc the *old* model ranks first
+    for it (home query vs home docs): without logged clicks, the task becomes "find what the old model's own
+    query found", which is what the service promises its users. Only for calibrations with both sides and no
+    training relevance of their own."""
+    I = knn(_prep(cal.query_home, home_metric), _prep(cal.doc_home, home_metric), 1, home_metric)
+    return replace(cal, query_relevant=tuple(np.asarray(row, dtype=np.int64) for row in I))
 
 
 def _scaled(progress: Progress, kind: str, epochs: Any) -> Callable[..., None]:
@@ -168,7 +182,9 @@ def _split_paired(cal: Calibration, holdout: float, seed: int) -> tuple[Calibrat
     return take(np.sort(perm[n_held:])), take(np.sort(perm[:n_held]))
 
 
-def heldout_task_report(t: Any, train: Calibration, held: Calibration, home_metric: str, k: int = 10) -> dict[str, Any]:
+def heldout_task_report(
+    t: Any, train: Calibration, held: Calibration, home_metric: str, k: int = 10, pseudo: bool = False
+) -> dict[str, Any]:
     """Retention estimated without evaluation queries: on the held-out calibration queries and their relevant
     docs (training relevance), ``heldout_task_r<k>`` / ``heldout_home_r<k>`` (T(new) vs the old model's own
     queries) and ``estimated_retention``; without training relevance the figures are None and
@@ -181,6 +197,13 @@ def heldout_task_report(t: Any, train: Calibration, held: Calibration, home_metr
             "retention_estimate": "none: no evaluation queries and no training relevance in the held-out slice",
         }
     out: dict[str, Any] = {f"heldout_task_{m}": v for m, v in mapped.items()}
+    if pseudo:  # relevance is the old model's own top-1: home->home finds it by construction
+        out["estimated_retention"] = None
+        out["retention_estimate"] = (
+            "none: no evaluation queries and no training relevance (trained on pseudo relevance: heldout_task_* "
+            "is how often T(new) finds the doc the old model ranked first)"
+        )
+        return out
     out.update({f"heldout_home_{m}": v for m, v in home.items()})
     out["estimated_retention"] = mapped[f"r{k}"] / home[f"r{k}"] if home[f"r{k}"] > 0 else None
     out["retention_estimate"] = (
@@ -202,15 +225,22 @@ def fit_transform(
 ) -> tuple[FitResult, dict[str, Any]]:
     """Validates, fits ``kind`` on all but a seeded ``holdout`` slice of each side's pairs, and reports on the slice.
 
-    ``config`` is passed to the fitter as keywords (plus ``seed`` when it takes one and config has none).
-    Returns (FitResult, report): :func:`~.evaluate.label_free_report` of the held-out slice plus ``holdout``,
-    ``seed``, ``fit_pairs``, ``heldout_pairs`` and ``fit_seconds``."""
+    ``config`` is passed to the fitter as keywords (plus ``seed`` when it takes one and config has none),
+    but for ``pseudo_relevance`` (default true): a new -> home kind fitted on doc and query pairs without
+    training relevance trains on :func:`with_pseudo_relevance` instead. Returns (FitResult, report):
+    :func:`~.evaluate.label_free_report` of the held-out slice plus ``relevance`` ("given", "pseudo" or
+    "none"), the held-out task figures, ``holdout``, ``seed``, ``fit_pairs``, ``heldout_pairs`` and
+    ``fit_seconds``."""
     validate_calibration(cal, kind)
     validate_config(kind, config)
     if isinstance(holdout, bool) or not isinstance(holdout, int | float) or not 0 <= holdout < 1:
         raise ValueError(f"holdout must be in [0, 1), got {holdout!r}")
     if home_metric not in METRICS:
         raise ValueError(f"home_metric must be one of {', '.join(METRICS)}, got {home_metric!r}")
+    relevance = "given" if cal.query_relevant is not None else "none"
+    both_sides = len(cal.query_new) > 0 and len(cal.doc_new) > 0
+    if relevance == "none" and kind not in HOME_KINDS and both_sides and config.get("pseudo_relevance", True):
+        cal, relevance = with_pseudo_relevance(cal, home_metric), "pseudo"
     if progress is not None:
         progress("split", 0.0)
     train, held = _split_paired(cal, holdout, seed) if kind in PAIRED_KINDS else split_calibration(cal, holdout, seed)
@@ -222,7 +252,7 @@ def fit_transform(
         )
     fn = fitter(kind)
     params = _accepted(fn)
-    kwargs = {k: v for k, v in config.items() if k != "kind"}
+    kwargs = {k: v for k, v in config.items() if k not in ("kind", "pseudo_relevance")}
     if "seed" in params and "seed" not in kwargs:
         kwargs["seed"] = seed
     if "progress" in params and progress is not None:
@@ -240,8 +270,16 @@ def fit_transform(
     if n_held:
         report = label_free_report(result.transform, held, home_metric)
         if kind not in HOME_KINDS:
-            report.update(heldout_task_report(result.transform, train, held, home_metric))
-    report.update(holdout=float(holdout), seed=seed, fit_pairs=n_train, heldout_pairs=n_held, fit_seconds=fit_seconds)
+            pseudo = relevance == "pseudo"
+            report.update(heldout_task_report(result.transform, train, held, home_metric, pseudo=pseudo))
+    report.update(
+        relevance=relevance,
+        holdout=float(holdout),
+        seed=seed,
+        fit_pairs=n_train,
+        heldout_pairs=n_held,
+        fit_seconds=fit_seconds,
+    )
     if progress is not None:
         progress("done", 1.0)
     return result, report
