@@ -92,40 +92,43 @@ def test_bad_index_specs_never_brick_the_server(server: Callable[..., ServerProc
     outcomes: dict[str, str] = {}
     retries: dict[str, int] = {}
     for i, (spec, space, train_min, n, data) in enumerate(SPECS):
-        label, col = f"{spec} on {space}", f"bad-{i}"
+        label, col = f"{spec} on {space}, {n} points", f"bad-{i}"
         rss0 = srv.rss_mb()
+        accepted = True
         try:
             s.create(col, space, spec, train_min)
             outcomes[label] = "accepted"
         except grpc.RpcError as e:
+            accepted = False
             outcomes[label] = f"refused {e.code().name}"
             if e.code() not in REFUSED:
                 internal.append(f"create {label}: {e.code().name}: {e.details()}")
             print(f"{label}: {e.code().name}: {(e.details() or '')[:150]}; RSS +{srv.rss_mb() - rss0:.0f} MB")
         tb0 = tracebacks(srv)
-        xb = make_data(n, DIMS[space], seed=i)
-        if data == "same":
-            xb[:] = xb[0]
-        try:
-            s.upsert(col, space, [f"b{j}" for j in range(n)], xb)
-        except grpc.RpcError as e:
-            outcomes[label] += f", upsert {e.code().name}"
-            if e.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE):
-                internal.append(f"upsert {label}: {e.code().name}: {e.details()}")
-        time.sleep(wait)
+        if accepted:
+            xb = make_data(n, DIMS[space], seed=i)
+            if data == "same":
+                xb[:] = xb[0]
+            try:
+                s.upsert(col, space, [f"b{j}" for j in range(n)], xb)
+            except grpc.RpcError as e:
+                outcomes[label] += f", upsert {e.code().name}"
+                if e.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE):
+                    internal.append(f"upsert {label}: {e.code().name}: {e.details()}")
+            time.sleep(wait)
         if not srv.alive():  # died by itself (a FAISS abort or segfault)
             crashed += 1
             outcomes[label] += ", CRASHED the server"
         else:
             retries[label] = tracebacks(srv) - tb0
-            try:
-                s.search(col, space, make_data(2, DIMS[space], seed=99), 3, timeout=10)
-                outcomes[label] += ", search OK"
-            except grpc.RpcError as e:
-                outcomes[label] += f", search {e.code().name}"
-                refused_before = outcomes[label].startswith("refused") and e.code() == grpc.StatusCode.NOT_FOUND
-                if e.code() != grpc.StatusCode.FAILED_PRECONDITION and not refused_before:
-                    internal.append(f"search {label}: {e.code().name}: {e.details()}")
+            if accepted:
+                try:
+                    s.search(col, space, make_data(2, DIMS[space], seed=99), 3, timeout=10)
+                    outcomes[label] += ", search OK"
+                except grpc.RpcError as e:
+                    outcomes[label] += f", search {e.code().name}"
+                    if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                        internal.append(f"search {label}: {e.code().name}: {e.details()}")
             srv.stop()
         srv.start()
         took = srv.wait_serving(60)
@@ -145,10 +148,12 @@ def test_bad_index_specs_never_brick_the_server(server: Callable[..., ServerProc
         others += [f"after {label}: {p}" for p in good_collections_answer(s, x)]
         try:
             info = s.info(col)
-            if info.failure_reason:
+            if not accepted:
+                internal.append(f"{label}: refused, yet the collection exists after the restart")
+            elif info.failure_reason:
                 outcomes[label] += f", marked failed: {info.failure_reason[:80]}"
         except grpc.RpcError as e:
-            if not (outcomes[label].startswith("refused") and e.code() == grpc.StatusCode.NOT_FOUND):
+            if accepted or e.code() != grpc.StatusCode.NOT_FOUND:
                 internal.append(f"get {label} after restart: {e.code().name}: {e.details()}")
         print(f"{label}: {outcomes[label]}; {retries.get(label, 0)} tracebacks in {wait:g}s")
 
