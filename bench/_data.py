@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DEFAULT_DATA", "NOISE_NORM", "BenchData", "load", "normalize", "tile"]
+__all__ = ["DEFAULT_DATA", "NOISE_NORM", "BenchData", "CrossModelTask", "load", "load_task", "normalize", "tile"]
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO / ".." / "shared" / "data" / "debdesc" / "dev"
@@ -88,3 +88,38 @@ def load(
     xb, xq = synthetic(n, SYNTHETIC_NQ, rng)
     source = f"SEEDED SYNTHETIC vectors (seed {seed}): {folder} has no {doc_file}/{query_file}"
     return BenchData(xb, xq, source, False)
+
+
+PAIR_FILES = ("new_doc", "old_doc", "new_query", "old_query")
+
+
+def load_split(folder: Path, n: int | None) -> dict[str, np.ndarray]:
+    """The four (n, d) arrays of one debdesc split as float32 (stored float16, L2-normalized)."""
+    out = {}
+    for name in PAIR_FILES:
+        path = folder / f"{name}.npy"
+        if not path.is_file():
+            raise SystemExit(f"{path} not found: pass --data, a folder with fit/ and dev/ debdesc splits")
+        out[name] = np.ascontiguousarray(np.load(path, mmap_mode="r")[:n], dtype=np.float32)
+    return out
+
+
+@dataclass(frozen=True)
+class CrossModelTask:
+    """A folder's ``fit/`` split as calibration pairs and its ``dev/`` split as the evaluation task."""
+
+    fit: dict[str, np.ndarray]  #: new_doc, old_doc, new_query, old_query of fit/, each (n, d)
+    dev: dict[str, np.ndarray]  #: the same of dev/; query i's only relevant doc is doc i
+    relevant: tuple[np.ndarray, ...] | None  #: training relevance of the fit split (query i -> doc i) or None
+
+    def eval_kw(self) -> dict[str, np.ndarray]:
+        """The keyword arguments of ``evaluate`` for the dev task (new/home queries and galleries)."""
+        d = self.dev
+        return {"xq_new": d["new_query"], "xq_home": d["old_query"], "xb_new": d["new_doc"], "xb_home": d["old_doc"]}
+
+
+def load_task(data: Path, n: int | None, relevance: bool = True) -> CrossModelTask:
+    """``data``/fit and ``data``/dev (first ``n`` rows each); ``relevance``: fit query i -> fit doc i."""
+    fit, dev = load_split(data / "fit", n), load_split(data / "dev", n)
+    relevant = tuple(np.array([i]) for i in range(len(fit["new_query"]))) if relevance else None
+    return CrossModelTask(fit, dev, relevant)

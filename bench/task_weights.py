@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import faiss
-import numpy as np
-from transforms import DEFAULT_DATA, K, load_split, log
+from _common import K, log
+from _data import load_task
 
 from interlingua.server.transforms.base import Calibration
 from interlingua.server.transforms.evaluate import evaluate
 from interlingua.server.transforms.fit import fit_transform
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / "debdesc"
 
 ROWS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -53,7 +55,7 @@ ROWS: dict[str, dict[str, Any]] = {
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with fit/ and dev/")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with fit/ and dev/ (default %(default)s)")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default: all)")
     p.add_argument("--kind", default="lambda_orthogonal", choices=("lambda_orthogonal", "residual_mlp"))
     p.add_argument("--lam", type=float, default=math.inf, help="λ of every fit (default inf)")
@@ -65,11 +67,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         raise SystemExit(f"unknown row(s) {', '.join(unknown)}; known: {', '.join(ROWS)}")
-    fit, dev = load_split(args.data / "fit", args.n), load_split(args.data / "dev", args.n)
-    relevant = tuple(np.array([i]) for i in range(len(fit["new_query"])))
-    cal = Calibration(fit["new_doc"], fit["old_doc"], fit["new_query"], fit["old_query"], query_relevant=relevant)
-    eval_kw = {"xq_new": dev["new_query"], "xq_home": dev["old_query"], "xb_new": dev["new_doc"]}
-    eval_kw["xb_home"] = dev["old_doc"]
+    task = load_task(args.data, args.n)
+    fit, eval_kw = task.fit, task.eval_kw()
+    cal = Calibration(fit["new_doc"], fit["old_doc"], fit["new_query"], fit["old_query"], query_relevant=task.relevant)
     print(f"# task_weights: {time.strftime('%Y-%m-%d %H:%M')}; {args.kind}, lam={args.lam}, holdout 0.1;")
     print(f"# threads={args.threads}; dev R@{K} of e5-small queries against the MiniLM-L6 gallery")
     print(f"| row | change | R@{K} | MRR@{K} | fit s |")

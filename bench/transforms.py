@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import Any
 
 import faiss
 import numpy as np
+from _common import log
+from _data import load_task
 
 from interlingua.server.transforms.base import AffineTransform, Calibration
 from interlingua.server.transforms.evaluate import evaluate
@@ -44,22 +45,6 @@ CROSS_KINDS = tuple(k for k in KINDS if k not in HOME_KINDS)  #: new -> home map
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO / ".." / "shared" / "data" / "debdesc"
 K = 10
-FILES = ("new_doc", "old_doc", "new_query", "old_query")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def load_split(folder: Path, n: int | None) -> dict[str, np.ndarray]:
-    """The four (n, d) arrays of one split as float32 (stored float16, L2-normalized)."""
-    out = {}
-    for name in FILES:
-        path = folder / f"{name}.npy"
-        if not path.is_file():
-            raise SystemExit(f"{path} not found: pass --data, a folder with fit/ and dev/ debdesc splits")
-        out[name] = np.ascontiguousarray(np.load(path, mmap_mode="r")[:n], dtype=np.float32)
-    return out
 
 
 def five_line_baseline(fit: dict[str, np.ndarray]) -> AffineTransform:
@@ -136,12 +121,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     bad = sorted(set(kinds) - set(CROSS_KINDS))
     if bad:
         raise SystemExit(f"unknown kind(s) {', '.join(bad)}; known: {', '.join(CROSS_KINDS)}")
-    fit, dev = load_split(args.data / "fit", args.n), load_split(args.data / "dev", args.n)
+    task = load_task(args.data, args.n, relevance=args.relevance == "diagonal")
+    fit, dev, eval_kw = task.fit, task.dev, task.eval_kw()
     m = len(fit["new_query"])
-    relevant = tuple(np.array([i]) for i in range(m)) if args.relevance == "diagonal" else None
-    cal = Calibration(fit["new_doc"], fit["old_doc"], fit["new_query"], fit["old_query"], query_relevant=relevant)
-    eval_kw = {"xq_new": dev["new_query"], "xq_home": dev["old_query"], "xb_new": dev["new_doc"]}
-    eval_kw["xb_home"] = dev["old_doc"]
+    cal = Calibration(fit["new_doc"], fit["old_doc"], fit["new_query"], fit["old_query"], query_relevant=task.relevant)
     print(f"# transforms: {time.strftime('%Y-%m-%d %H:%M')}; data {args.data.resolve()}")
     print(f"# fit: {len(cal.doc_new)} doc + {m} query pairs, training relevance {args.relevance}, holdout")
     print(f"# {args.holdout}; dev: {len(dev['new_query'])} queries, {len(dev['old_doc'])} docs; cosine, k={K};")
