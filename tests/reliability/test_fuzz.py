@@ -7,8 +7,9 @@ method of :func:`_rpcs.discover` (every service in ``interlingua.v1``, health an
 reflection): a well-typed request with odd values, the same mangled (invalid UTF-8
 in a string field, truncated, garbage appended), raw random bytes, or a stream of
 those (client streams get 0-6 messages; ``FitTransform`` also gets plausible fit
-streams with odd configs and NaN pairs). Each goes through a generic channel call
-as bytes. Then the issue's own cases run explicitly: deep JSON payloads and
+streams with odd configs and NaN pairs, and the point RPCs plausible requests: real
+names and dims, odd k, search parameters, funnels, NaN/3e38 queries, ids, payloads).
+Each goes through a generic channel call as bytes. Then the issue's own cases run explicitly: deep JSON payloads and
 configs, undecodable bytes and invalid UTF-8 on every RPC, NaN payloads, 3e38 l2
 vectors, a 20 KB name, a fit asking for 10,000,000 epochs (refused, or over within
 60 s), a 200 MB message (RESOURCE_EXHAUSTED before parsing: RSS +150 MB at most),
@@ -118,6 +119,53 @@ def fit_stream(draw: Any) -> list[bytes]:
     return out
 
 
+#: (collection, space, dim) the fuzz server holds: plausible requests name one of them
+TARGETS = [("gallery", "old@1", 8), ("hnsw", "old@1", 8), ("ivf", "l2@1", 8), ("gallery", "new@2", 12)]
+EDGE_PARAMS = [0, 1, 2, 16, 64, 1024, 4096, 2**31 - 1, 2**32 - 1]
+
+
+@st.composite
+def plausible(draw: Any, name: str) -> bytes:
+    """A request to a point RPC that passes the name and shape checks (so that it reaches the index,
+    the route, the store), with odd values drawn for its free fields: k, search parameters, NaN or
+    3e38 queries, odd ids and payloads."""
+    col, space, d = draw(st.sampled_from(TARGETS))
+    nq = draw(st.integers(1, 4))
+    x = pb.Vectors(data=fz.packed_floats(nq * d, draw), dim=d)
+    ids = draw(st.lists(st.one_of(st.builds(lambda i: f"p{i}", st.integers(0, 250)), fz.ids()), min_size=1, max_size=6))
+    if name in ("Search", "SearchStream"):
+        params = pb.SearchParams()
+        for field in ("ef_search", "nprobe", "shortlist_k"):
+            if draw(st.booleans()):
+                setattr(params, field, draw(st.sampled_from(EDGE_PARAMS)))
+        for _ in range(draw(st.sampled_from([0, 0, 1, 2]))):
+            params.funnel.add(dims=draw(st.sampled_from([0, 4, 8, 12, 1024])), keep=draw(st.sampled_from(EDGE_PARAMS)))
+        k = draw(st.one_of(st.integers(1, 20), st.sampled_from(EDGE_PARAMS)))
+        req = ppb.SearchRequest(
+            collection=col, query_space=space, k=k, queries=x, params=params, with_payload=draw(st.booleans())
+        )
+        return bytes(req.SerializeToString())
+    if name in ("Upsert", "UpsertStream"):
+        ids = list(dict.fromkeys(ids))
+        x = pb.Vectors(data=fz.packed_floats(len(ids) * d, draw), dim=d)
+        payloads = draw(st.sampled_from([[], [fz.ODD_JSON[7]] * len(ids)]))
+        if draw(st.booleans()):
+            payloads = draw(st.lists(fz.json_texts(), min_size=len(ids), max_size=len(ids)))
+        return bytes(
+            ppb.UpsertRequest(collection=col, space=space, ids=ids, vectors=x, payloads=payloads).SerializeToString()
+        )
+    if name == "GetPoints":
+        spaces = draw(st.lists(st.sampled_from(["old@1", "new@2", "l2@1", "nope"]), max_size=3))
+        req_g = ppb.GetPointsRequest(
+            collection=col, ids=ids, with_vectors=draw(st.booleans()), with_payload=draw(st.booleans()), spaces=spaces
+        )
+        return bytes(req_g.SerializeToString())
+    return bytes(ppb.DeletePointsRequest(collection=col, ids=ids, missing_ok=draw(st.booleans())).SerializeToString())
+
+
+PLAUSIBLE = ("Search", "SearchStream", "Upsert", "UpsertStream", "GetPoints", "DeletePoints")
+
+
 class Tally:
     """Outcomes of every case; ``bad`` keeps a reproduction of each INTERNAL/UNKNOWN/dead/hung case."""
 
@@ -169,6 +217,9 @@ def test_fuzz_every_rpc(server: Callable[..., ServerProcess], tmp_path: Path) ->
         mode = draw(st.sampled_from(["typed", "typed", "typed", "raw", "stream"]))
         if rpc.name == "FitTransform" and draw(st.booleans()):
             return rpc, draw(fit_stream()), "fit-stream"
+        if rpc.name in PLAUSIBLE and draw(st.booleans()):
+            n = draw(st.integers(1, 4)) if rpc.client_streaming else 1
+            return rpc, [draw(plausible(rpc.name)) for _ in range(n)], "plausible"
         one = fz.raw_bytes() if mode == "raw" else fz.request_bytes(rpc.input)
         if rpc.client_streaming and mode == "stream":
             reqs = draw(st.lists(st.one_of(fz.request_bytes(rpc.input), fz.raw_bytes()), max_size=6))
