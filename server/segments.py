@@ -2,12 +2,12 @@
 
 As in Milvus (sealed and growing segments), a write is searchable as soon as it
 is acknowledged: its home-space vectors are appended to a small *fresh*
-segment searched by brute force, and a background merge later adds them to the
-*sealed* FAISS index. Searches read one immutable :class:`Snapshot`; writers
-and merges build the next one beside it and swap a single reference, so a
-search never waits on a write or a merge. Indexes that need training (IVF, PQ)
-keep every vector in the fresh segment, so search is exact, until
-``train_min_points`` exist.
+segment searched by brute force, and a background merge (``segment_merge.py``)
+later adds them to the *sealed* FAISS index. Searches read one immutable
+:class:`~.segment_snapshot.Snapshot`; writers and merges build the next one beside
+it and swap a single reference, so a search never waits on a write or a merge.
+Indexes that need training (IVF, PQ) keep every vector in the fresh segment, so
+search is exact, until ``train_min_points`` exist.
 
 Labels are int64, allocated in order: label ``i`` is row ``i`` of the sealed
 index (when ``i < nsealed``) or row ``i - nsealed`` of the fresh segment.
@@ -18,7 +18,8 @@ a sealed index full of them (``compaction.py``), leave the dead rows out and
 renumber the labels densely, in order (:meth:`Segments.renumbered`); each
 renumbering raises ``Snapshot.epoch``.
 
-On a GPU :class:`~.device.Device` a snapshot keeps the CPU sealed index (merges,
+This module holds the writes (:meth:`Segments.append`, :meth:`Segments.kill`) and the
+search. On a GPU :class:`~.device.Device` a snapshot keeps the CPU sealed index (merges,
 checkpoints) beside its search copy ``sealed_search`` (the GPU clone, or the CPU
 index itself where the GPU cannot hold it). GPU indexes take no IDSelector, so
 there the sealed index is asked for ``k + ndead_sealed`` labels and the dead ones
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -41,113 +41,17 @@ import numpy as np
 from .device import GPU_MAX_K, Device
 from .errors import InvalidArgument
 from .index_spec import IndexSpec
+from .segment_merge import SegmentMerges
+from .segment_snapshot import Snapshot, best_k, bit_slice, drop_dead, grow, set_bits
 
-__all__ = ["IndexSpec", "Segments", "Snapshot", "drop_dead"]  # IndexSpec: re-exported from index_spec.py
+#: IndexSpec, Snapshot, best_k and drop_dead: re-exported from index_spec.py and segment_snapshot.py
+__all__ = ["IndexSpec", "Segments", "Snapshot", "best_k", "drop_dead"]
 
 DEFAULT_EF_SEARCH = 64  #: HNSW efSearch when a request sets none
 DEFAULT_NPROBE = 16  #: IVF nprobe when a request sets none (capped at nlist)
-TRAIN_SAMPLE_MAX = 262144  #: most vectors used to train an index
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """One consistent, immutable view of a collection's vectors for searches."""
-
-    sealed: Any | None  #: faiss.Index over labels [0, nsealed), or None while untrained (always on the CPU)
-    sealed_search: Any | None  #: what searches use: ``sealed`` itself, or its GpuSearchIndex copy
-    nsealed: int
-    fresh: np.ndarray  #: (capacity, d) float32; rows [0, nfresh) hold labels nsealed + row
-    fresh_sqnorm: np.ndarray  #: (capacity,) squared norms of the fresh rows (l2)
-    nfresh: int
-    alive: np.ndarray  #: uint8 bitmap over labels, bit set = alive (IDSelectorBitmap layout)
-    ids: np.ndarray  #: object array, label -> point id
-    ndead_sealed: int  #: dead labels below nsealed (a selector is needed when > 0)
-    ndead_fresh: int  #: dead labels in the fresh segment
-    sequence: int  #: last write applied
-    epoch: int = 0  #: label numbering: +1 at each compaction, which gives the live labels new numbers
-
-    @property
-    def nlabels(self) -> int:
-        return self.nsealed + self.nfresh
-
-    @property
-    def search_on_gpu(self) -> bool:
-        """True when the sealed index is searched through its GPU copy."""
-        return self.sealed_search is not self.sealed
-
-
-def _grow(a: np.ndarray, need: int) -> np.ndarray:
-    if need <= a.shape[0]:
-        return a
-    new = np.zeros((max(need, 2 * a.shape[0], 1024), *a.shape[1:]), dtype=a.dtype)
-    new[: a.shape[0]] = a
-    return new
-
-
-def best_k(key: np.ndarray, k: int) -> np.ndarray:
-    """Column indices of the k smallest ``key`` entries of each row, ascending: shape (nq, min(k, n))."""
-    nq, n = key.shape
-    kk = min(k, n)
-    part = np.argpartition(key, kk - 1, axis=1)[:, :kk] if kk < n else np.tile(np.arange(n), (nq, 1))
-    order = np.argsort(np.take_along_axis(key, part, axis=1), axis=1, kind="stable")
-    sel: np.ndarray = np.take_along_axis(part, order, axis=1)
-    return sel
-
-
-def drop_dead(
-    D: np.ndarray, I: np.ndarray, alive: np.ndarray, k: int, worst: np.float32
-) -> tuple[np.ndarray, np.ndarray]:
-    """The k best live labels of each row of a search run without an IDSelector, in their order.
-
-    D, I : shape (nq, k'), best first (I = -1 for no hit); alive : uint8 bitmap over labels (bit
-    set = alive, the IDSelectorBitmap layout). Returns D, I of shape (nq, k), padded with ``worst``
-    and -1. Over k' >= k + (dead labels in the index) candidates of an exact index this equals the
-    IDSelector search (tests/test_gpu.py checks it on a Flat index).
-    """
-    nq, kp = I.shape
-    live = I >= 0
-    lab = I[live]
-    live[live] = ((alive[lab >> 3] >> (lab & 7).astype(np.uint8)) & 1) == 1
-    width = min(k, kp)
-    order = np.argsort(~live, axis=1, kind="stable")[:, :width]  # live first, each in its rank order
-    keep = np.take_along_axis(live, order, axis=1)
-    Dk = np.full((nq, k), worst, dtype=np.float32)
-    Ik = np.full((nq, k), -1, dtype=np.int64)
-    Dk[:, :width] = np.where(keep, np.take_along_axis(D, order, axis=1), worst)
-    Ik[:, :width] = np.where(keep, np.take_along_axis(I, order, axis=1), -1)
-    return Dk, Ik
-
-
-def _check_finds_itself(index: Any, xb: np.ndarray) -> None:
-    """Raises RuntimeError when a newly trained index finds none of a sample of its own vectors:
-    training on degenerate data (e.g. every vector the same) can leave NaNs in a PCA or a codebook,
-    and such an index answers every search with nothing instead of failing."""
-    xq = np.ascontiguousarray(xb[:: max(1, len(xb) // 16)][:16], dtype=np.float32)
-    D, I = index.search(xq, 1)
-    found = (I[:, 0] >= 0) & np.isfinite(D[:, 0]) & (np.abs(D[:, 0]) < 1e30)
-    if not found.any():
-        raise RuntimeError(
-            f"the trained index finds none of {len(xq)} of its own vectors (degenerate training data, e.g. all"
-            " vectors the same, left NaNs in a transform or codebook)"
-        )
-
-
-def _set_bits(alive: np.ndarray, start: int, stop: int) -> None:
-    """Sets the alive bits of labels start .. stop-1 in place."""
-    b0, b1 = start >> 3, (stop + 7) >> 3
-    bits = np.unpackbits(alive[b0:b1], bitorder="little")
-    bits[start - 8 * b0 : stop - 8 * b0] = 1
-    alive[b0:b1] = np.packbits(bits, bitorder="little")
-
-
-def _bit_slice(alive: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Alive flags (bool array) of labels start .. stop-1."""
-    b0 = start >> 3
-    bits = np.unpackbits(alive[b0 : (stop + 7) >> 3], bitorder="little")
-    return bits[start - 8 * b0 : stop - 8 * b0].astype(bool)
-
-
-class Segments:
+class Segments(SegmentMerges):
     """Sealed + fresh index of one collection. Writers call :meth:`append` and
     :meth:`kill` under the collection's write lock; anyone may :meth:`search`."""
 
@@ -228,14 +132,14 @@ class Segments:
             s = self.snapshot
             if first_label != s.nlabels:
                 raise RuntimeError(f"label {first_label} appended at {s.nlabels}")  # a bug, never input
-            fresh = _grow(s.fresh, s.nfresh + n)
-            sq = _grow(s.fresh_sqnorm, s.nfresh + n)
+            fresh = grow(s.fresh, s.nfresh + n)
+            sq = grow(s.fresh_sqnorm, s.nfresh + n)
             fresh[s.nfresh : s.nfresh + n] = x
             sq[s.nfresh : s.nfresh + n] = np.einsum("ij,ij->i", x, x)
-            ids_arr = _grow(s.ids, first_label + n)
+            ids_arr = grow(s.ids, first_label + n)
             ids_arr[first_label : first_label + n] = ids
-            alive = _grow(s.alive, (first_label + n + 7) // 8 + 1)
-            _set_bits(alive, first_label, first_label + n)
+            alive = grow(s.alive, (first_label + n + 7) // 8 + 1)
+            set_bits(alive, first_label, first_label + n)
             s2 = dataclasses.replace(
                 s, fresh=fresh, fresh_sqnorm=sq, nfresh=s.nfresh + n, ids=ids_arr, alive=alive, sequence=seq
             )
@@ -357,7 +261,7 @@ class Segments:
             S += np.einsum("ij,ij->i", xq, xq)[:, None]
             np.maximum(S, 0, out=S)
         if s.ndead_fresh:
-            S[:, ~_bit_slice(s.alive, s.nsealed, s.nlabels)] = worst
+            S[:, ~bit_slice(s.alive, s.nsealed, s.nlabels)] = worst
         nq, nf = S.shape
         kk = min(k, nf)
         idx = best_k(-S if self.largest else S, kk)
@@ -367,169 +271,3 @@ class Segments:
         I[:, :kk] = idx + s.nsealed
         I[worst == D] = -1
         return D, I
-
-    # -- maintenance (background) -------------------------------------------------------------
-
-    def state(self) -> str:
-        s = self.snapshot
-        if s.sealed is not None:
-            return "ready"
-        return "training" if self.training else "exact"
-
-    def live_fresh(self) -> int:
-        s = self.snapshot
-        return s.nfresh - s.ndead_fresh
-
-    def wants_merge(self, min_fresh: int, fraction: float, idle: bool) -> bool:
-        s = self.snapshot
-        if s.sealed is None:  # untrained: train once enough live points exist
-            return not self.training and self.spec.needs_training and self.live_fresh() >= self.train_min_points
-        return s.nfresh > 0 and (idle or s.nfresh >= max(min_fresh, int(fraction * s.nsealed)))
-
-    def merge(self) -> Snapshot | None:
-        """Builds the next sealed index beside the live one (training it first if needed), adds
-        the fresh rows to it and swaps it in; labels keep their numbers, dead rows included (see
-        :meth:`renumbered` for a merge that drops them). Returns the published snapshot (None:
-        nothing to do)."""
-        with self._merge_lock:
-            s = self.snapshot
-            if s.nfresh == 0:
-                return None
-            index = self.merged_index(s, s.fresh[: s.nfresh])
-            search_copy = self.device.to_search_index(index, self.name)  # beside the live one, as the index
-            with self._swap_lock:
-                cur = self.snapshot
-                rest = cur.nfresh - s.nfresh
-                fresh, sq = self._rest_of_fresh(cur, s.nfresh)
-                nsealed = s.nsealed + s.nfresh
-                bits = _bit_slice(cur.alive, 0, cur.nlabels) if cur.nlabels else np.zeros(0, bool)
-                new = dataclasses.replace(
-                    cur,
-                    sealed=index,
-                    sealed_search=search_copy,
-                    nsealed=nsealed,
-                    fresh=fresh,
-                    fresh_sqnorm=sq,
-                    nfresh=rest,
-                    ndead_sealed=int(nsealed - np.count_nonzero(bits[:nsealed])),
-                    ndead_fresh=int(rest - np.count_nonzero(bits[nsealed:])),
-                    sequence=cur.sequence,
-                )
-                self.snapshot = new
-            # the checkpoint of this index covers the writes up to s.sequence
-            return dataclasses.replace(new, sequence=s.sequence)
-
-    def merged_index(self, s: Snapshot, xb: np.ndarray) -> Any:
-        """A copy of ``s.sealed`` (or, untrained, a new index trained on s's live fresh rows) with
-        xb, shape (n, d), added: the index of a merge, built beside the live one."""
-        if s.sealed is None:
-            self.training = True
-            try:
-                index = self._trained(s, s.fresh[: s.nfresh])
-            finally:
-                self.training = False
-        else:
-            index = faiss.clone_index(s.sealed)
-        if len(xb):
-            index.add(np.ascontiguousarray(xb, dtype=np.float32))
-            if s.sealed is None:
-                _check_finds_itself(index, xb)
-        return index
-
-    def live_fresh_rows(self, s: Snapshot) -> np.ndarray:
-        """Rows of s's fresh segment whose label is alive in s, ascending: shape (n,) int64."""
-        return np.flatnonzero(_bit_slice(s.alive, s.nsealed, s.nlabels)) if s.nfresh else np.zeros(0, np.int64)
-
-    def _rest_of_fresh(self, cur: Snapshot, consumed: int) -> tuple[np.ndarray, np.ndarray]:
-        """New fresh arrays holding cur's fresh rows from ``consumed`` on (the writes since a merge began)."""
-        rest = cur.nfresh - consumed
-        cap = max(2 * rest, 1024)
-        fresh = np.zeros((cap, self.d), dtype=np.float32)
-        fresh[:rest] = cur.fresh[consumed : cur.nfresh]
-        sq = np.zeros(cap, dtype=np.float32)
-        sq[:rest] = cur.fresh_sqnorm[consumed : cur.nfresh]
-        return fresh, sq
-
-    # -- renumbering merges and compaction (see compaction.py) ---------------------------------
-
-    def wants_compaction(self, fraction: float, min_dead: int) -> bool:
-        """True when more than ``min_dead`` sealed labels, and more than ``fraction`` of them, are dead."""
-        s = self.snapshot
-        return s.sealed is not None and s.ndead_sealed > min_dead and s.ndead_sealed > fraction * s.nsealed
-
-    def compacted_index(self, s: Snapshot, xb: np.ndarray) -> Any:
-        """A new sealed index holding xb, shape (m, d): the live vectors of s in label order.
-        A trained index keeps its training (cloned, then emptied); the others are built anew."""
-        if self.spec.needs_training:
-            sealed: Any = s.sealed
-            index = faiss.clone_index(sealed)
-            index.reset()
-        else:
-            index = self.spec.new_index()
-        if len(xb):
-            index.add(np.ascontiguousarray(xb, dtype=np.float32))
-        return index
-
-    def renumbered(
-        self, base: Snapshot, sealed_keep: np.ndarray | None, fresh_keep: np.ndarray, index: Any, search_copy: Any
-    ) -> tuple[Snapshot, np.ndarray]:
-        """The snapshot after a renumbering merge or compaction, and old label -> new label (-1:
-        dropped), shape (nlabels,).
-
-        ``index`` holds, as rows 0..m-1, base's sealed labels ``sealed_keep`` (ascending; None: all
-        of them, unmoved) then base's fresh rows ``fresh_keep`` (ascending); every other label below
-        base.nlabels is dropped, and the labels written since base follow, in order, as the new
-        fresh segment. Run under the collection's write lock, then :meth:`publish`: no append or
-        kill may come between. A label killed since base stays dead under its new number."""
-        cur = self.snapshot
-        if cur.nsealed != base.nsealed:  # merges and compactions are serialized: a bug, never input
-            raise RuntimeError(f"{self.name}: the sealed index changed during a rebuild")
-        nb = base.nlabels
-        kept = np.concatenate(
-            [np.arange(base.nsealed) if sealed_keep is None else sealed_keep, base.nsealed + fresh_keep]
-        ).astype(np.int64)
-        bits = _bit_slice(cur.alive, 0, cur.nlabels) if cur.nlabels else np.zeros(0, dtype=bool)
-        listed = np.zeros(nb, dtype=bool)
-        listed[kept] = True
-        if (bits[:nb] & ~listed).any():  # the rebuilt index must hold every label still alive
-            raise RuntimeError(f"{self.name}: a live label is missing from the rebuilt index")
-        m, rest = len(kept), cur.nlabels - nb
-        old2new = np.full(cur.nlabels, -1, dtype=np.int64)
-        old2new[kept] = np.arange(m)
-        old2new[nb:] = np.arange(m, m + rest)
-        n = m + rest
-        alive = np.zeros((n + 7) // 8 + 1, dtype=np.uint8)
-        alive[: (n + 7) // 8] = np.packbits(np.concatenate([bits[kept], bits[nb:]]), bitorder="little")
-        ids = np.empty(max(n, 1024), dtype=object)
-        ids[:m] = cur.ids[kept]
-        ids[m:n] = cur.ids[nb : cur.nlabels]
-        fresh, sq = self._rest_of_fresh(cur, base.nfresh)
-        new = dataclasses.replace(
-            cur,
-            sealed=index,
-            sealed_search=search_copy,
-            nsealed=m,
-            fresh=fresh,
-            fresh_sqnorm=sq,
-            nfresh=rest,
-            alive=alive,
-            ids=ids,
-            ndead_sealed=int(m - np.count_nonzero(bits[kept])),
-            ndead_fresh=int(rest - np.count_nonzero(bits[nb:])),
-            epoch=cur.epoch + 1,
-        )
-        return new, old2new
-
-    def publish(self, s: Snapshot) -> None:
-        """Makes ``s`` the snapshot searches read (one reference swap)."""
-        with self._swap_lock:
-            self.snapshot = s
-
-    def _trained(self, s: Snapshot, rows: np.ndarray) -> Any:
-        live = np.flatnonzero(_bit_slice(s.alive, s.nsealed, s.nlabels))
-        rng = np.random.default_rng(1234)
-        if live.size > TRAIN_SAMPLE_MAX:
-            live = np.sort(rng.choice(live, TRAIN_SAMPLE_MAX, replace=False))
-        index = self.spec.new_index()
-        index.train(np.ascontiguousarray(rows[live]))
-        return index
