@@ -38,6 +38,7 @@ __all__ = [
     "knn",
     "label_free_report",
     "label_metrics",
+    "mining_knn",
     "neighbourhood_agreement",
     "ranking_metrics",
     "split_calibration",
@@ -105,6 +106,27 @@ def knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str) -> np.ndarray:
     """I (nq, min(k, nb)) int64: exact top-k gallery rows of each query, best first (rows prepared for ``metric``)."""
     xq, xb = np.ascontiguousarray(xq, dtype=np.float32), np.ascontiguousarray(xb, dtype=np.float32)
     _, I = faiss.knn(xq, xb, min(k, len(xb)), _FAISS_METRIC[metric])
+    return np.asarray(I, dtype=np.int64)
+
+
+EXACT_LIMIT = 2**30  #: nq · nb up to which :func:`mining_knn` searches exactly (10k x 10k is 1e8)
+
+
+def mining_knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str, seed: int = 0) -> np.ndarray:
+    """Like :func:`knn` for training-time mining (hard negatives, pseudo relevance): exact while
+    nq · nb <= ``EXACT_LIMIT``, else an IVF index (nlist = 4·sqrt(nb), trained on a seeded sample of at
+    most 64·nlist rows, nprobe 16), so a large calibration set cannot stall a fit in one FAISS call."""
+    xq, xb = np.ascontiguousarray(xq, dtype=np.float32), np.ascontiguousarray(xb, dtype=np.float32)
+    if len(xq) * len(xb) <= EXACT_LIMIT:
+        return knn(xq, xb, k, metric)
+    nlist = int(4 * np.sqrt(len(xb)))
+    quantizer = faiss.IndexFlat(xb.shape[1], _FAISS_METRIC[metric])
+    index = faiss.IndexIVFFlat(quantizer, xb.shape[1], nlist, _FAISS_METRIC[metric])
+    sample = np.random.default_rng(seed).choice(len(xb), min(len(xb), 64 * nlist), replace=False)
+    index.train(xb[np.sort(sample)])
+    index.add(xb)
+    index.nprobe = 16
+    _, I = index.search(xq, min(k, len(xb)))
     return np.asarray(I, dtype=np.int64)
 
 

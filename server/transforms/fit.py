@@ -4,14 +4,15 @@
 (the service maps it to INVALID_ARGUMENT): misaligned pairs, dims that differ between the doc and
 query sides, NaN/Inf, missing pairs, or fewer pairs than d_new for the full-rank kinds
 (procrustes, affine, basis: XcᵀXc must be able to reach full rank). :func:`validate_config` checks
-the config keys against the fitter's keyword arguments.
+the config keys against the kind's schema in the kind registry (:mod:`.kinds`, which ``KINDS`` and the
+kind sets here come from).
 
 :func:`fit_transform` then sets aside a seeded ``holdout`` slice of each side's pairs
 (:func:`~.evaluate.split_calibration`), fits on the rest and returns the FitResult with the
 label-free report of the slice (:func:`~.evaluate.label_free_report`); relevance-based reports need
 evaluation queries and are the caller's (:func:`~.evaluate.evaluate`). ``progress(stage, fraction)``
 gets the overall fraction done in [0, 1]. The torch kinds (``lambda_orthogonal``, ``residual_mlp``,
-``mrl_adapter``) are imported only when fitted. The paired kinds (``mrl_adapter``) train on row-aligned
+``mrl_adapter``) import torch only when fitted. The paired kinds (``mrl_adapter``) train on row-aligned
 (query_home[i], doc_home[i]) positives, so they need as many query as doc pairs and their held-out slice
 takes the same rows from both sides. Covered by ``tests/test_transforms_linear.py`` (the Matryoshka kinds:
 ``tests/test_matryoshka_transforms.py``).
@@ -19,8 +20,6 @@ takes the same rows from both sides. Covered by ``tests/test_transforms_linear.p
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -29,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from .base import Calibration, FitResult
-from .evaluate import METRICS, _prep, knn, label_free_report, split_calibration
+from .evaluate import METRICS, _prep, label_free_report, mining_knn, split_calibration
+from .kinds import FULL_RANK_KINDS, HOME_KINDS, KINDS, PAIRED_KINDS, get_kind
 from .offsets import choose_offsets, task_recall
 from .procrustes import Progress
 
@@ -44,29 +44,12 @@ __all__ = [
     "validate_config",
 ]
 
-KINDS = (
-    "procrustes",
-    "affine",
-    "lambda_orthogonal",
-    "basis",
-    "residual_mlp",
-    "pca_basis",
-    "mrl_adapter",
-)  #: chain is built by compose, matryoshka by matryoshka.matryoshka(d, m)
-FULL_RANK_KINDS = ("procrustes", "affine", "basis")  #: need n >= d_new pairs
-PAIRED_KINDS = ("mrl_adapter",)  #: train on (query_home[i], doc_home[i]) positive pairs: both sides row-aligned
-HOME_KINDS = ("pca_basis", "mrl_adapter")  #: map a collection's own space to itself (gallery and queries alike)
-_FITTERS = {kind: (kind, f"fit_{kind}") for kind in KINDS}  #: kind -> (module, function)
 _FIT_SPAN = (0.05, 0.9)  #: the fitter's share of the overall progress
 
 
 def fitter(kind: str) -> Callable[..., FitResult]:
-    """The fit function of ``kind`` (``fit_<kind>(cal, **config) -> FitResult``), imported on first use."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    module, name = _FITTERS[kind]
-    fn: Callable[..., FitResult] = getattr(importlib.import_module(f".{module}", __package__), name)
-    return fn
+    """The fit function of ``kind`` (``fit_<kind>(cal, **config) -> FitResult``), looked up on its module."""
+    return get_kind(kind).fitter()
 
 
 def _n_pairs(cal: Calibration) -> int:
@@ -75,8 +58,7 @@ def _n_pairs(cal: Calibration) -> int:
 
 def validate_calibration(cal: Calibration, kind: str) -> None:
     """Raises ValueError naming the first problem with ``cal`` for fitting ``kind``; returns None if fit-ready."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    spec = get_kind(kind)
     arrays = {
         "doc_new": cal.doc_new,
         "doc_home": cal.doc_home,
@@ -112,24 +94,17 @@ def validate_calibration(cal: Calibration, kind: str) -> None:
             r = np.asarray(rel)
             if r.ndim != 1 or (len(r) and (not np.issubdtype(r.dtype, np.integer) or r.min() < 0 or r.max() >= n_doc)):
                 raise ValueError(f"query_relevant[{i}] must list doc-pair rows in [0, {n_doc}), got {r.tolist()[:5]}")
-    if kind in FULL_RANK_KINDS and n_doc + n_query < cal.d_new:
+    if spec.full_rank and n_doc + n_query < cal.d_new:
         raise ValueError(f"{kind} needs at least d_new={cal.d_new} pairs for a full-rank fit, got {n_doc + n_query}")
-    if kind in PAIRED_KINDS and n_doc != n_query:
+    if spec.paired and n_doc != n_query:
         raise ValueError(
             f"{kind} trains on (query_home[i], doc_home[i]) positive pairs: got {n_query} queries and {n_doc} docs"
         )
 
 
-def _accepted(fn: Callable[..., FitResult]) -> dict[str, inspect.Parameter]:
-    params = inspect.signature(fn).parameters
-    return {k: p for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-
-
 def validate_config(kind: str, config: dict[str, Any]) -> None:
-    """Raises ValueError when ``config`` has keys that ``kind``'s fitter does not take (``progress`` is not config)."""
-    accepted = set(_accepted(fitter(kind))) - {"progress"}
-    if kind not in HOME_KINDS:
-        accepted.add("pseudo_relevance")
+    """Raises ValueError when ``config`` has keys outside ``kind``'s config schema (:attr:`.kinds.Kind.config`)."""
+    accepted = set(get_kind(kind).config)
     unknown = sorted(set(config) - accepted - {"kind"})
     if unknown:
         raise ValueError(
@@ -144,7 +119,7 @@ def with_pseudo_relevance(cal: Calibration, home_metric: str) -> Calibration:
     for it (home query vs home docs): without logged clicks, the task becomes "find what the old model's own
     query found", which is what the service promises its users. Only for calibrations with both sides and no
     training relevance of their own."""
-    I = knn(_prep(cal.query_home, home_metric), _prep(cal.doc_home, home_metric), 1, home_metric)
+    I = mining_knn(_prep(cal.query_home, home_metric), _prep(cal.doc_home, home_metric), 1, home_metric)
     return replace(cal, query_relevant=tuple(np.asarray(row, dtype=np.int64) for row in I))
 
 
@@ -250,8 +225,7 @@ def fit_transform(
             f"{kind} needs at least d_new={cal.d_new} pairs for a full-rank fit; holdout {holdout} leaves {n_train} "
             f"of {n_train + n_held}"
         )
-    fn = fitter(kind)
-    params = _accepted(fn)
+    fn, params = fitter(kind), get_kind(kind).params
     kwargs = {k: v for k, v in config.items() if k not in ("kind", "pseudo_relevance")}
     if "seed" in params and "seed" not in kwargs:
         kwargs["seed"] = seed

@@ -14,12 +14,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..base import SIDES, Calibration
+from ..evaluate import mining_knn
 
 __all__ = ["Batch", "TaskData", "mine_hard_negatives"]
 
@@ -40,7 +40,7 @@ def mine_hard_negatives(
     if h == 0 or m == 0 or len(xb_home) == 0:
         return out
     extra = max((len(r) for r in relevant), default=0)
-    _, I = faiss.knn(_unit(xq_home), _unit(xb_home), min(h + extra, len(xb_home)), faiss.METRIC_INNER_PRODUCT)
+    I = mining_knn(_unit(xq_home), _unit(xb_home), h + extra, "ip")
     for i, (row, rel) in enumerate(zip(I, relevant, strict=True)):
         keep = row[(row >= 0) & ~np.isin(row, rel)][:h]
         out[i, : len(keep)] = keep
