@@ -24,7 +24,6 @@ Runs on ``--threads`` threads (torch, FAISS; set ``OPENBLAS_NUM_THREADS`` for nu
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import time
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from _data import load_task
 from interlingua.server.transforms.base import AffineTransform, Calibration
 from interlingua.server.transforms.evaluate import evaluate
 from interlingua.server.transforms.fit import HOME_KINDS, KINDS, fit_transform, fitter
+from interlingua.server.transforms.kinds import get_kind
 
 CROSS_KINDS = tuple(k for k in KINDS if k not in HOME_KINDS)  #: new -> home maps (home -> home kinds excluded)
 
@@ -135,12 +135,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     notes = []
     for kind in kinds:
         try:
-            fn = fitter(kind)
+            fitter(kind)
         except ImportError as e:
             notes.append(f"{kind}: skipped, not importable ({e})")
             log(notes[-1])
             continue
-        config: dict[str, Any] = {"threads": args.threads} if "threads" in inspect.signature(fn).parameters else {}
+        config: dict[str, Any] = {"threads": args.threads} if "threads" in get_kind(kind).params else {}
         if args.relevance == "none":
             config["pseudo_relevance"] = False
         log(f"fitting {kind} {config}")

@@ -35,8 +35,9 @@ from .fit_jobs import FitJobs, TransformRecord
 from .fit_limits import check_steps
 from .metrics import Metrics
 from .store import SpaceRow, Store
-from .transforms import KINDS, Calibration, Transform, load_transform
+from .transforms import Calibration, Transform, load_transform
 from .transforms.artefact import EvalData
+from .transforms.kinds import WIRE_KINDS
 
 __all__ = ["Compat", "TransformRecord"]
 
@@ -131,8 +132,8 @@ class Compat:
 
         if not _NAME.match(name):
             raise InvalidArgument(f"transform name {name!r} is invalid: use 1 to 128 characters from [A-Za-z0-9._@:-]")
-        if kind not in (*KINDS, "chain"):
-            raise InvalidArgument(f"kind {kind!r} is not one of {', '.join((*KINDS, 'chain'))}")
+        if kind not in WIRE_KINDS:
+            raise InvalidArgument(f"kind {kind!r} is not one of {', '.join(WIRE_KINDS)}")
         if not 0 <= holdout < 0.9:
             raise InvalidArgument(f"holdout is {holdout}; it must be in [0, 0.9)")
         links = [self._link(n) for n in chain] if kind == "chain" else []

@@ -23,19 +23,12 @@ from .fit_stream import Assembler
 from .routes import Routes
 from .servicers import rpc
 from .store import RouteRow
+from .transforms.kinds import WIRE
 
 __all__ = ["TransformServicer"]
 
-KIND_TO_PB = {
-    "procrustes": tpb.TRANSFORM_KIND_PROCRUSTES,
-    "affine": tpb.TRANSFORM_KIND_AFFINE,
-    "lambda_orthogonal": tpb.TRANSFORM_KIND_LAMBDA_ORTHOGONAL,
-    "basis": tpb.TRANSFORM_KIND_BASIS,
-    "residual_mlp": tpb.TRANSFORM_KIND_RESIDUAL_MLP,
-    "chain": tpb.TRANSFORM_KIND_CHAIN,
-    "pca_basis": tpb.TRANSFORM_KIND_PCA_BASIS,
-    "mrl_adapter": tpb.TRANSFORM_KIND_MRL_ADAPTER,
-}
+#: kind name -> TransformKind, by enum value name, for every kind a request may name (the kind registry)
+KIND_TO_PB = {k.name: tpb.TransformKind.Value(k.proto) for k in WIRE}
 PB_TO_KIND = {value: key for key, value in KIND_TO_PB.items()}
 STATE_TO_PB = {
     "fitting": tpb.TRANSFORM_STATE_FITTING,

@@ -14,7 +14,8 @@ pca_basis         rotation onto the principal axes (home -> home, b = 0)       `
 mrl_adapter       learned Matryoshka adapter (home -> home)                    ``mrl_adapter.py``
 ================  ==========================================================  ==================
 
-Torch is imported only by the modules that train with it, and only when they fit.
+Torch is imported only by the modules that train with it, and only when they fit. The kind registry
+(:mod:`.kinds`) says what each fitted kind needs and accepts.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .base import SIDES, AffineTransform, Calibration, FitResult, Transform, apply_to_home, checksum
-from .fit import KINDS  # the fitted kinds, one list (chain and matryoshka are built, not fitted)
+from .kinds import KINDS  # the fitted kinds, from the one registry (chain and matryoshka are built, not fitted)
 
 __all__ = [
     "KINDS",

@@ -19,7 +19,8 @@ from interlingua.jsonsafe import finite
 
 from .base import Calibration, Transform, checksum
 from .evaluate import _prep, evaluate, hits, knn, ranking_metrics
-from .fit import HOME_KINDS, fit_transform
+from .fit import fit_transform
+from .kinds import HOME_KINDS
 from .matryoshka import shrink
 from .pca_basis import REPORT_DIMS
 from .procrustes import Progress

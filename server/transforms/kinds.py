@@ -1,0 +1,141 @@
+"""The kind registry: every fitted transform kind, once, with what the rest of the service reads about it.
+
+One frozen :class:`Kind` per kind: its name, the ``TransformKind`` enum value that carries it on the
+wire, where its fit function lives, what it needs (``full_rank``: at least d_new pairs; ``paired``:
+row-aligned (query_home[i], doc_home[i]) positives; ``home``: maps a collection's own space to itself;
+``trained``: trained with torch) and the config it accepts. The config schema is read once, here, from
+the fit function's keyword-only parameters (name, annotation, default): a fitter's signature is its
+schema. Everything else is derived from :data:`REGISTRY`: ``fit.KINDS`` and the kind sets, the
+servicer's enum mapping (by enum value name), the kind check of a FitTransform request. ``chain`` is
+requested on the wire too but built from registered links, not fitted (:data:`CHAIN`); ``matryoshka``
+is built by ``matryoshka.matryoshka(d, m)`` and never requested. The client derives its kind names
+from the proto enum (it does not import the server); ``tests/test_kinds.py`` checks that both agree.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType, ModuleType
+from typing import Any
+
+from . import affine, basis, lambda_orthogonal, mrl_adapter, pca_basis, procrustes, residual_mlp
+from .base import FitResult
+
+__all__ = [
+    "CHAIN",
+    "FULL_RANK_KINDS",
+    "HOME_KINDS",
+    "KINDS",
+    "PAIRED_KINDS",
+    "REGISTRY",
+    "TRAINED_KINDS",
+    "WIRE",
+    "WIRE_KINDS",
+    "ConfigKey",
+    "Kind",
+    "get_kind",
+]
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One accepted config key: ``type`` is the annotation as written in the fitter (``"int"``,
+    ``"float | None"``, ``"Sequence[float]"``), ``default`` its default value."""
+
+    name: str
+    type: str
+    default: Any
+
+
+PSEUDO_RELEVANCE = ConfigKey("pseudo_relevance", "bool", True)  #: every new -> home kind (``fit.fit_transform``)
+NOT_CONFIG = ("progress",)  #: keyword-only parameters of a fitter that a config may not set
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A transform kind. ``params`` are the fit function's keyword-only parameters (``progress`` and
+    ``seed`` included: the fit passes them); ``config`` the keys a request's config may set."""
+
+    name: str
+    proto: str  #: the ``TransformKind`` enum value name, e.g. ``"TRANSFORM_KIND_PROCRUSTES"``
+    module: str  #: module of ``server.transforms`` holding the fit function ("" when built, not fitted)
+    function: str  #: the fit function, ``fit(cal, **config) -> FitResult``
+    full_rank: bool = False  #: needs n >= d_new pairs (XcᵀXc must be able to reach full rank)
+    paired: bool = False  #: trains on (query_home[i], doc_home[i]) positive pairs: both sides row-aligned
+    home: bool = False  #: maps a collection's own space to itself (gallery and queries alike)
+    trained: bool = False  #: trained with torch (imported only when fitted)
+    params: Mapping[str, ConfigKey] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def config(self) -> dict[str, ConfigKey]:
+        """The config keys a request may give (``kind`` aside, which any config may repeat)."""
+        keys = {k: p for k, p in self.params.items() if k not in NOT_CONFIG}
+        if not self.home:
+            keys[PSEUDO_RELEVANCE.name] = PSEUDO_RELEVANCE
+        return keys
+
+    def fitter(self) -> Callable[..., FitResult]:
+        """The fit function, looked up on its module at each call (a test may replace it there)."""
+        fn: Callable[..., FitResult] = getattr(importlib.import_module(f".{self.module}", __package__), self.function)
+        return fn
+
+
+def _params(fn: Callable[..., Any]) -> Mapping[str, ConfigKey]:
+    """The keyword-only parameters of ``fn`` (the one place a signature is read as a schema)."""
+    params = inspect.signature(fn).parameters.values()
+    keys = {p.name: ConfigKey(p.name, str(p.annotation), p.default) for p in params if p.kind is p.KEYWORD_ONLY}
+    return MappingProxyType(keys)
+
+
+def _kind(
+    name: str,
+    proto: str,
+    module: ModuleType,
+    *,
+    full_rank: bool = False,
+    paired: bool = False,
+    home: bool = False,
+    trained: bool = False,
+) -> Kind:
+    function = f"fit_{name}"
+    short = module.__name__.rpartition(".")[2]
+    params = _params(getattr(module, function))
+    return Kind(name, proto, short, function, full_rank, paired, home, trained, params)
+
+
+#: The fitted kinds, in the order they are listed everywhere (error messages, the proto enum).
+REGISTRY: Mapping[str, Kind] = MappingProxyType(
+    {
+        k.name: k
+        for k in (
+            _kind("procrustes", "TRANSFORM_KIND_PROCRUSTES", procrustes, full_rank=True),
+            _kind("affine", "TRANSFORM_KIND_AFFINE", affine, full_rank=True),
+            _kind("lambda_orthogonal", "TRANSFORM_KIND_LAMBDA_ORTHOGONAL", lambda_orthogonal, trained=True),
+            _kind("basis", "TRANSFORM_KIND_BASIS", basis, full_rank=True),
+            _kind("residual_mlp", "TRANSFORM_KIND_RESIDUAL_MLP", residual_mlp, trained=True),
+            _kind("pca_basis", "TRANSFORM_KIND_PCA_BASIS", pca_basis, home=True),
+            _kind("mrl_adapter", "TRANSFORM_KIND_MRL_ADAPTER", mrl_adapter, paired=True, home=True, trained=True),
+        )
+    }
+)
+#: Composition of registered transforms (``chain.compose``): requested like a kind, built rather than fitted.
+CHAIN = Kind("chain", "TRANSFORM_KIND_CHAIN", "", "")
+
+KINDS = tuple(REGISTRY)  #: chain is built by compose, matryoshka by matryoshka.matryoshka(d, m)
+FULL_RANK_KINDS = tuple(k.name for k in REGISTRY.values() if k.full_rank)
+PAIRED_KINDS = tuple(k.name for k in REGISTRY.values() if k.paired)
+HOME_KINDS = tuple(k.name for k in REGISTRY.values() if k.home)
+TRAINED_KINDS = tuple(k.name for k in REGISTRY.values() if k.trained)
+WIRE = (*REGISTRY.values(), CHAIN)  #: every kind a FitTransform request may name, each a ``TransformKind`` value
+WIRE_KINDS = tuple(k.name for k in WIRE)
+
+
+def get_kind(name: str) -> Kind:
+    """The registered kind ``name``; ValueError naming the registered kinds otherwise."""
+    k = REGISTRY.get(name)
+    if k is None:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {name!r}")
+    return k
