@@ -14,8 +14,10 @@ leaves dead fresh rows out, a compaction, recovery) gives the live labels new,
 dense numbers in one transaction (:meth:`Store.relabel`), so a label names a
 vector only within one numbering, and freed numbers are taken again.
 
-Writers share one connection behind a lock; readers use one connection per
-thread (WAL readers never block the writer). Covered by the durability tests in
+This module holds the spaces, collections, points and vectors; the connections
+(writers share one behind a lock, readers have one per thread), the schema and the
+write transaction are in ``store_core.py``, the transforms and routes in
+``store_registry.py``. Covered by the durability tests in
 ``tests/test_durability.py``, the renumbering tests in ``tests/test_compaction.py``
 and the schema migration test in ``tests/test_index_options.py``.
 """
@@ -23,18 +25,17 @@ and the schema migration test in ``tests/test_index_options.py``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .errors import AlreadyExists
+from .store_registry import RegistryTables, RouteRow, TransformRow
 
+#: RouteRow and TransformRow: re-exported from store_registry.py
 __all__ = ["CollectionRow", "RouteRow", "SpaceRow", "Store", "TransformRow"]
 
 
@@ -47,40 +48,6 @@ def _unique(kind: str, name: str) -> Iterator[None]:
         raise AlreadyExists(f"{kind} {name!r} already exists") from None
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta (key, value) VALUES ('sequence', 0);
-CREATE TABLE IF NOT EXISTS spaces (
-    name TEXT PRIMARY KEY, dim INTEGER NOT NULL, metric TEXT NOT NULL,
-    description TEXT NOT NULL, created_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS collections (
-    cid INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
-    home_space TEXT NOT NULL REFERENCES spaces(name), index_spec TEXT NOT NULL,
-    train_min_points INTEGER NOT NULL, created_at REAL NOT NULL,
-    next_label INTEGER NOT NULL DEFAULT 0, last_sequence INTEGER NOT NULL DEFAULT 0,
-    prefix_dims INTEGER NOT NULL DEFAULT 0, basis_transform TEXT NOT NULL DEFAULT '',
-    ef_construction INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS points (
-    cid INTEGER NOT NULL, pid TEXT NOT NULL, payload TEXT, sequence INTEGER NOT NULL,
-    PRIMARY KEY (cid, pid));
-CREATE TABLE IF NOT EXISTS vectors (
-    cid INTEGER NOT NULL, pid TEXT NOT NULL, space TEXT NOT NULL, label INTEGER,
-    sequence INTEGER NOT NULL, vec BLOB NOT NULL, PRIMARY KEY (cid, pid, space));
-CREATE INDEX IF NOT EXISTS vectors_by_label ON vectors (cid, label) WHERE label IS NOT NULL;
-CREATE TABLE IF NOT EXISTS transforms (
-    name TEXT PRIMARY KEY, kind TEXT NOT NULL, source_space TEXT NOT NULL, target_space TEXT NOT NULL,
-    config TEXT NOT NULL, report TEXT NOT NULL, checksum TEXT NOT NULL, d_in INTEGER NOT NULL,
-    d_out INTEGER NOT NULL, created_at REAL NOT NULL, doc_pairs INTEGER NOT NULL, query_pairs INTEGER NOT NULL,
-    weights BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS routes (
-    rid INTEGER PRIMARY KEY AUTOINCREMENT, cid INTEGER NOT NULL, query_space TEXT NOT NULL,
-    transform TEXT NOT NULL, activated_at REAL NOT NULL, deactivated_at REAL NOT NULL DEFAULT 0,
-    forced INTEGER NOT NULL DEFAULT 0, shadow TEXT NOT NULL DEFAULT '', shadow_rate REAL NOT NULL DEFAULT 0);
-"""
-
-#: collections columns added after the first release, with their declarations (see Store._migrate)
-_ADDED_COLUMNS = (("ef_construction", "INTEGER NOT NULL DEFAULT 0"),)
-
 _CHUNK = 900  # bound host parameters per statement
 
 
@@ -91,35 +58,6 @@ class SpaceRow:
     metric: str
     description: str
     created_at: float
-
-
-@dataclass(frozen=True)
-class TransformRow:
-    name: str
-    kind: str
-    source_space: str
-    target_space: str
-    config: str  #: JSON
-    report: str  #: JSON
-    checksum: str
-    d_in: int
-    d_out: int
-    created_at: float
-    doc_pairs: int
-    query_pairs: int
-    weights: bytes  #: np.savez archive of the transform's arrays
-
-
-@dataclass(frozen=True)
-class RouteRow:
-    rid: int
-    query_space: str
-    transform: str  #: "" for a removal
-    activated_at: float
-    deactivated_at: float  #: 0 while live
-    forced: int
-    shadow: str
-    shadow_rate: float
 
 
 @dataclass(frozen=True)
@@ -142,60 +80,12 @@ def _chunks(seq: Sequence[str]) -> Iterator[Sequence[str]]:
         yield seq[i : i + _CHUNK]
 
 
-class Store:
-    """SQLite store at ``path`` (created if missing)."""
+class Store(RegistryTables):
+    """SQLite store at ``path`` (created if missing): spaces, collections, points and vectors here;
+    the connections and transactions in :class:`~.store_core.StoreCore`, transforms and routes in
+    :class:`~.store_registry.RegistryTables`."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self._w = self._connect()
-        self._w.executescript(_SCHEMA)
-        self._migrate()
-        self.sequence = int(self._w.execute("SELECT value FROM meta WHERE key='sequence'").fetchone()[0])
-
-    def _migrate(self) -> None:
-        """Adds the columns that later versions introduced to a store an earlier version created."""
-        have = {r[1] for r in self._w.execute("PRAGMA table_info(collections)")}
-        for column, decl in _ADDED_COLUMNS:
-            if column not in have:
-                self._w.execute(f"ALTER TABLE collections ADD COLUMN {column} {decl}")
-
-    def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA synchronous=FULL")
-        con.execute("PRAGMA foreign_keys=ON")
-        return con
-
-    @property
-    def _r(self) -> sqlite3.Connection:
-        con: sqlite3.Connection | None = getattr(self._local, "con", None)
-        if con is None:
-            con = self._connect()
-            self._local.con = con
-        return con
-
-    def close(self) -> None:
-        with self._lock:
-            self._w.close()
-
-    # -- writes: each is one durable transaction and returns its sequence number ----------------
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[int]:
-        """One write transaction: yields its sequence number; durable once the block exits."""
-        with self._lock:
-            self._w.execute("BEGIN IMMEDIATE")
-            seq = self.sequence + 1
-            try:
-                yield seq
-                self._w.execute("UPDATE meta SET value=? WHERE key='sequence'", (seq,))
-            except BaseException:
-                self._w.execute("ROLLBACK")
-                raise
-            self._w.execute("COMMIT")
-            self.sequence = seq
+    # -- writes: each is one durable transaction (``_tx``) and returns its sequence number -------
 
     def add_space(self, row: SpaceRow) -> int:
         with _unique("space", row.name), self._tx() as seq:
@@ -379,50 +269,3 @@ class Store:
             for space, n in self._r.execute(q, (cid, *chunk)):
                 out[space] = out.get(space, 0) + int(n)
         return out
-
-    # -- transforms and routes -----------------------------------------------------------------
-
-    def add_transform(self, row: TransformRow) -> int:
-        with self._tx() as seq:
-            self._w.execute("INSERT INTO transforms VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", dataclasses.astuple(row))
-        return seq
-
-    def delete_transform(self, name: str) -> int:
-        """Removes transform ``name`` (its route history stays); a no-op for a name never stored."""
-        with self._tx() as seq:
-            self._w.execute("DELETE FROM transforms WHERE name=?", (name,))
-        return seq
-
-    def transforms(self) -> list[TransformRow]:
-        return [TransformRow(*r) for r in self._r.execute("SELECT * FROM transforms ORDER BY name")]
-
-    def set_route(self, cid: int, query_space: str, transform: str, forced: bool, now: float) -> int:
-        """Closes the live route of (cid, query_space), if any, and opens one to ``transform``
-        ("" records a removal). Returns the sequence."""
-        with self._tx() as seq:
-            self._w.execute(
-                "UPDATE routes SET deactivated_at=? WHERE cid=? AND query_space=? AND deactivated_at=0",
-                (now, cid, query_space),
-            )
-            self._w.execute(
-                "INSERT INTO routes (cid, query_space, transform, activated_at, forced) VALUES (?,?,?,?,?)",
-                (cid, query_space, transform, now, int(forced)),
-            )
-        return seq
-
-    def set_shadow(self, cid: int, query_space: str, shadow: str, rate: float) -> int:
-        with self._tx() as seq:
-            self._w.execute(
-                "UPDATE routes SET shadow=?, shadow_rate=? WHERE cid=? AND query_space=? AND deactivated_at=0",
-                (shadow, rate, cid, query_space),
-            )
-        return seq
-
-    def routes(self, cid: int) -> list[RouteRow]:
-        """Every route version of a collection, newest first."""
-        rows = self._r.execute(
-            "SELECT rid, query_space, transform, activated_at, deactivated_at, forced, shadow, shadow_rate"
-            " FROM routes WHERE cid=? ORDER BY rid DESC",
-            (cid,),
-        )
-        return [RouteRow(*r) for r in rows]
