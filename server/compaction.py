@@ -33,7 +33,7 @@ from . import checkpoint
 from .segments import Snapshot
 
 if TYPE_CHECKING:
-    from .collection import Collection
+    from .collection_index import CollectionIndex
 
 __all__ = ["COMPACT_FRACTION", "COMPACT_MIN_DEAD", "compact", "merge_dropping_dead"]
 
@@ -44,7 +44,7 @@ COMPACT_MIN_DEAD = 1024  #: ...and more than this many
 RETRY_SECONDS = 60.0  #: wait after a compaction that raised
 
 
-def merge_dropping_dead(col: Collection) -> Snapshot | None:
+def merge_dropping_dead(col: CollectionIndex) -> Snapshot | None:
     """Merges the live rows of the fresh segment into a copy of the sealed index (training it
     first if needed) and renumbers; the caller holds ``col.maint_lock``. Returns the published
     snapshot with the sequence its index covers (None: nothing to merge)."""
@@ -58,7 +58,7 @@ def merge_dropping_dead(col: Collection) -> Snapshot | None:
     return dataclasses.replace(new, sequence=s.sequence) if new is not None else None
 
 
-def compact(col: Collection, *, fraction: float, min_dead: int, checkpoint_after: bool = True) -> bool:
+def compact(col: CollectionIndex, *, fraction: float, min_dead: int, checkpoint_after: bool = True) -> bool:
     """Compacts ``col`` if its dead sealed labels pass the thresholds. Returns True after a compaction."""
     seg = col.segments
     if col.failure is not None or time.monotonic() < col.compact_not_before:
@@ -73,7 +73,7 @@ def compact(col: Collection, *, fraction: float, min_dead: int, checkpoint_after
         return False
 
 
-def _compact(col: Collection, fraction: float, min_dead: int, checkpoint_after: bool) -> bool:
+def _compact(col: CollectionIndex, fraction: float, min_dead: int, checkpoint_after: bool) -> bool:
     seg = col.segments
     with col.maint_lock:
         s = seg.snapshot
@@ -106,7 +106,7 @@ def _compact(col: Collection, fraction: float, min_dead: int, checkpoint_after: 
 
 
 def _renumber(
-    col: Collection,
+    col: CollectionIndex,
     base: Snapshot,
     sealed_keep: np.ndarray | None,
     fresh_keep: np.ndarray,
