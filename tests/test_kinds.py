@@ -8,17 +8,19 @@ name the same kinds; each kind's config schema is its fitter's keyword-only para
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from interlingua.client import _types
 from interlingua.client.cli import build_parser
 from interlingua.server import fit_limits
 from interlingua.server.transform_servicer import KIND_TO_PB, PB_TO_KIND
-from interlingua.server.transforms import fit
+from interlingua.server.transforms import SIDES, AffineTransform, Transform, fit, load_transform
 from interlingua.server.transforms import kinds as k
 from interlingua.v1 import transforms_pb2 as tpb
 
@@ -81,6 +83,19 @@ def test_each_kind_fits_with_fit_name_and_its_schema_is_the_fitters_keywords(nam
     assert "progress" not in spec.config and "kind" not in spec.config
     assert ("pseudo_relevance" in spec.config) is (not spec.home)
     assert all(isinstance(c.type, str) and c.type for c in spec.config.values())
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_each_kind_rebuilds_through_its_own_class(name: str) -> None:
+    spec = k.get_kind(name)
+    if spec.transform:
+        cls = getattr(importlib.import_module(f"interlingua.server.transforms.{spec.module}"), spec.transform)
+        assert issubclass(cls, Transform) and cls.kind == name
+        return
+    W, b = np.eye(4, 3), np.zeros(3)
+    arrays = {f"{p}_{s}": a for s in SIDES for p, a in (("W", W), ("b", b))}
+    t = load_transform(name, 4, 3, {}, arrays, lambda _: None)  # type: ignore[arg-type,return-value]
+    assert type(t) is AffineTransform and t.kind == name and (t.d_in, t.d_out) == (4, 3)
 
 
 def test_schemas_read_as_written() -> None:

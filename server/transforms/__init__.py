@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .base import SIDES, AffineTransform, Calibration, FitResult, Transform, apply_to_home, checksum
-from .kinds import KINDS  # the fitted kinds, from the one registry (chain and matryoshka are built, not fitted)
+from .kinds import KINDS, REGISTRY  # the fitted kinds (chain and matryoshka are built, not fitted)
 
 __all__ = [
     "KINDS",
@@ -49,25 +49,16 @@ def load_transform(
     arrays: dict[str, np.ndarray],
     link: Callable[[str], Transform],
 ) -> Transform:
-    """Rebuilds a stored transform; ``link(name)`` resolves a chain's links."""
-    if kind == "basis":
-        from .basis import BasisTransform
-
-        return BasisTransform.from_arrays(d_in, d_out, config, arrays)
-    if kind == "residual_mlp":
-        from .residual_mlp import ResidualMLPTransform
-
-        return ResidualMLPTransform.from_arrays(d_in, d_out, config, arrays)
+    """Rebuilds a stored transform; ``link(name)`` resolves a chain's links. A fitted kind rebuilds through
+    the kind registry (:meth:`.kinds.Kind.load`); any other stored kind as an :class:`AffineTransform`."""
     if kind == "matryoshka":
         from .matryoshka import MatryoshkaTransform
 
         return MatryoshkaTransform.from_arrays(d_in, d_out, config, arrays)
-    if kind == "mrl_adapter":
-        from .mrl_adapter import MRLAdapterTransform
-
-        return MRLAdapterTransform.from_arrays(d_in, d_out, config, arrays)
     if kind == "chain" and not arrays.get("W_query", np.zeros(0)).size:
         from .chain import compose
 
         return compose([link(name) for name in config["chain"]])
-    return AffineTransform.from_arrays(d_in, d_out, {**config, "kind": kind}, arrays)  # pca_basis too: W = R, b = 0
+    if kind in REGISTRY:
+        return REGISTRY[kind].load(d_in, d_out, config, arrays)
+    return AffineTransform.from_arrays(d_in, d_out, {**config, "kind": kind}, arrays)  # a linear chain

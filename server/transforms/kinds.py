@@ -1,15 +1,16 @@
 """The kind registry: every fitted transform kind, once, with what the rest of the service reads about it.
 
 One frozen :class:`Kind` per kind: its name, the ``TransformKind`` enum value that carries it on the
-wire, where its fit function lives, what it needs (``full_rank``: at least d_new pairs; ``paired``:
-row-aligned (query_home[i], doc_home[i]) positives; ``home``: maps a collection's own space to itself;
-``trained``: trained with torch) and the config it accepts. The config schema is read once, here, from
-the fit function's keyword-only parameters (name, annotation, default): a fitter's signature is its
-schema. Everything else is derived from :data:`REGISTRY`: ``fit.KINDS`` and the kind sets, the
-servicer's enum mapping (by enum value name), the kind check of a FitTransform request. ``chain`` is
-requested on the wire too but built from registered links, not fitted (:data:`CHAIN`); ``matryoshka``
-is built by ``matryoshka.matryoshka(d, m)`` and never requested. The client derives its kind names
-from the proto enum (it does not import the server); ``tests/test_kinds.py`` checks that both agree.
+wire, where its fit function lives, which class rebuilds a stored one (:meth:`Kind.load`), what it
+needs (``full_rank``: at least d_new pairs; ``paired``: row-aligned (query_home[i], doc_home[i])
+positives; ``home``: maps a collection's own space to itself; ``trained``: trained with torch) and
+the config it accepts. The config schema is read once, here, from the fit function's keyword-only
+parameters (name, annotation, default): a fitter's signature is its schema. Everything else is derived
+from :data:`REGISTRY`: ``fit.KINDS`` and the kind sets, the servicer's enum mapping (by enum value
+name), the kind check of a FitTransform request, ``load_transform``. ``chain`` is requested on the wire
+too but built from registered links, not fitted (:data:`CHAIN`); ``matryoshka`` is built by
+``matryoshka.matryoshka(d, m)`` and never requested. The client derives its kind names from the proto
+enum (it does not import the server); ``tests/test_kinds.py`` checks that both agree.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType, ModuleType
 from typing import Any
 
+import numpy as np
+
 from . import affine, basis, lambda_orthogonal, mrl_adapter, pca_basis, procrustes, residual_mlp
-from .base import FitResult
+from .base import AffineTransform, FitResult, Transform
 
 __all__ = [
     "CHAIN",
@@ -67,6 +70,7 @@ class Kind:
     paired: bool = False  #: trains on (query_home[i], doc_home[i]) positive pairs: both sides row-aligned
     home: bool = False  #: maps a collection's own space to itself (gallery and queries alike)
     trained: bool = False  #: trained with torch (imported only when fitted)
+    transform: str = ""  #: the class in ``module`` that rebuilds a stored one ("": an AffineTransform)
     params: Mapping[str, ConfigKey] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
@@ -76,6 +80,14 @@ class Kind:
         if not self.home:
             keys[PSEUDO_RELEVANCE.name] = PSEUDO_RELEVANCE
         return keys
+
+    def load(self, d_in: int, d_out: int, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> Transform:
+        """Rebuilds a stored transform of this kind from its config and arrays."""
+        if not self.transform:
+            return AffineTransform.from_arrays(d_in, d_out, {**config, "kind": self.name}, arrays)
+        cls = getattr(importlib.import_module(f".{self.module}", __package__), self.transform)
+        t: Transform = cls.from_arrays(d_in, d_out, config, arrays)
+        return t
 
     def fitter(self) -> Callable[..., FitResult]:
         """The fit function, looked up on its module at each call (a test may replace it there)."""
@@ -99,14 +111,15 @@ def _kind(
     paired: bool = False,
     home: bool = False,
     trained: bool = False,
+    transform: str = "",
 ) -> Kind:
     function = f"fit_{name}"
     short = module.__name__.rpartition(".")[2]
     params = _params(getattr(module, function))
-    return Kind(name, proto, short, function, full_rank, paired, home, trained, params)
+    return Kind(name, proto, short, function, full_rank, paired, home, trained, transform, params)
 
 
-#: The fitted kinds, in the order they are listed everywhere (error messages, the proto enum).
+#: The fitted kinds, in the order error messages list them.
 REGISTRY: Mapping[str, Kind] = MappingProxyType(
     {
         k.name: k
@@ -114,10 +127,24 @@ REGISTRY: Mapping[str, Kind] = MappingProxyType(
             _kind("procrustes", "TRANSFORM_KIND_PROCRUSTES", procrustes, full_rank=True),
             _kind("affine", "TRANSFORM_KIND_AFFINE", affine, full_rank=True),
             _kind("lambda_orthogonal", "TRANSFORM_KIND_LAMBDA_ORTHOGONAL", lambda_orthogonal, trained=True),
-            _kind("basis", "TRANSFORM_KIND_BASIS", basis, full_rank=True),
-            _kind("residual_mlp", "TRANSFORM_KIND_RESIDUAL_MLP", residual_mlp, trained=True),
-            _kind("pca_basis", "TRANSFORM_KIND_PCA_BASIS", pca_basis, home=True),
-            _kind("mrl_adapter", "TRANSFORM_KIND_MRL_ADAPTER", mrl_adapter, paired=True, home=True, trained=True),
+            _kind("basis", "TRANSFORM_KIND_BASIS", basis, full_rank=True, transform="BasisTransform"),
+            _kind(
+                "residual_mlp",
+                "TRANSFORM_KIND_RESIDUAL_MLP",
+                residual_mlp,
+                trained=True,
+                transform="ResidualMLPTransform",
+            ),
+            _kind("pca_basis", "TRANSFORM_KIND_PCA_BASIS", pca_basis, home=True),  # W = R, b = 0: an AffineTransform
+            _kind(
+                "mrl_adapter",
+                "TRANSFORM_KIND_MRL_ADAPTER",
+                mrl_adapter,
+                paired=True,
+                home=True,
+                trained=True,
+                transform="MRLAdapterTransform",
+            ),
         )
     }
 )
