@@ -1,55 +1,38 @@
 """The domain core: spaces, collections and points, with no gRPC in sight.
 
-:class:`Engine` validates every request at its boundary (``validate.py``),
-dispatches to the :class:`~.collection.Collection`, and owns the lifecycle
-(loading -> serving -> draining -> stopped) that drives the health service.
-A query's path reads one way, live or shadow (``pipeline.py``)::
+:class:`Engine` validates every request at its boundary (``validate.py``) and
+dispatches to the :class:`~.collection.Collection`; its lifecycle (loading ->
+serving -> draining -> stopped) that drives the health service, the store and the
+maintenance thread are :class:`~.lifecycle.EngineLifecycle`'s. A query's path reads
+one way, live or shadow (``pipeline.py``)::
 
     validate -> resolve the route -> transform -> basis -> FAISS search -> labels to ids -> reply
+
+Covered by ``tests/test_service.py`` (every RPC over a real channel), ``tests/test_search.py``
+and ``tests/test_pipeline.py``.
 """
 
 from __future__ import annotations
 
-import enum
-import logging
-import os
-import sys
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import faiss
 import numpy as np
 
 from . import pipeline
 from . import validate as v
-from .activation import GatePolicy
 from .collection import Collection, PointRecord
-from .compat import Compat, TransformRecord
-from .config import ServerConfig
-from .device import Device
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from .metrics import Metrics
+from .compat import TransformRecord
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .lifecycle import EngineLifecycle, Lifecycle
 from .pipeline import SearchParams
-from .restore import lock_data_dir
-from .routes import IDENTITY, Route, Routes
+from .routes import IDENTITY, Route
 from .segments import IndexSpec
-from .shadow import ShadowRunner
-from .store import SpaceRow, Store
+from .store import SpaceRow
 
+#: Lifecycle: re-exported from lifecycle.py
 __all__ = ["Engine", "Lifecycle", "SearchResult"]
-
-log = logging.getLogger(__name__)
-
-
-class Lifecycle(enum.Enum):
-    LOADING = "loading"  #: opening the store, loading checkpoints, replaying writes: NOT_SERVING
-    SERVING = "serving"  #: ready for every RPC: SERVING
-    DRAINING = "draining"  #: shutting down, finishing in-flight RPCs: NOT_SERVING
-    STOPPED = "stopped"  #: closed
 
 
 @dataclass(frozen=True)
@@ -61,168 +44,8 @@ class SearchResult:
     exact: bool
 
 
-def limit_numpy_blas(threads: int) -> None:
-    """Sets the thread count of numpy's own BLAS library (FAISS bundles its own, left alone)."""
-    from threadpoolctl import ThreadpoolController
-
-    for lib in ThreadpoolController().lib_controllers:
-        if lib.user_api == "blas" and Path(lib.filepath).parent.name.startswith("numpy"):
-            lib.set_num_threads(threads)
-
-
-def lower_priority(nice: int) -> None:
-    """Raises the calling thread's nice value by ``nice`` (Linux: per thread, inherited by threads
-    it starts, such as its OpenMP team). Background merges then yield the cores to writes and
-    searches instead of halving them: on 2 cores a 1M-vector ingest acknowledged 18k vectors/s
-    while HNSW merges ran beside it at equal priority (bench/peers.py)."""
-    if nice <= 0 or sys.platform != "linux":
-        return
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + nice, 19))
-    except OSError as e:  # e.g. a seccomp profile without setpriority: run at normal priority
-        log.warning("could not lower the maintenance thread's priority: %s", e)
-
-
-class Engine:
-    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
-        self.config = config
-        self.limits = config.limits
-        self.metrics = metrics
-        self.device = Device.parse(config.device)  #: shared by every collection: one GPU, one lock
-        self.device.omp_threads = config.omp_threads  # the CPU search thread's OpenMP team
-        self.device.check_available()  # a GPU asked for but absent fails the start, not the first search
-        self.state = Lifecycle.LOADING
-        self.on_state: list[Callable[[Lifecycle], None]] = []
-        self.store: Store | None = None
-        self.spaces: dict[str, SpaceRow] = {}
-        self.collections: dict[str, Collection] = {}
-        self._registry_lock = threading.Lock()
-        #: serializes CreateCollection and DeleteCollection as a whole: a create of a name being
-        #: dropped once hit the store's unique constraint (sqlite3.IntegrityError -> INTERNAL)
-        self._ddl_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._maintainer: threading.Thread | None = None
-        self.compat: Compat | None = None  #: the transform registry
-        self.routes: Routes | None = None  #: the owner of every collection's route table
-        self.shadows: ShadowRunner | None = None  #: runs the shadow searches of routes that have one
-        self._dir_lock: IO[bytes] | None = None  #: shared: `interlingua restore` refuses while it is held
-
-    # -- lifecycle -----------------------------------------------------------------------------
-
-    def _set_state(self, state: Lifecycle) -> None:
-        self.state = state
-        for fn in self.on_state:
-            fn(state)
-
-    def open(self) -> None:
-        """Opens the store and recovers every collection, then serves. Idempotent per engine."""
-        start = time.perf_counter()
-        faiss.omp_set_num_threads(self.config.omp_threads)
-        limit_numpy_blas(self.config.numpy_blas_threads)
-        data = Path(self.config.data_dir)
-        (data / "collections").mkdir(parents=True, exist_ok=True)
-        self._dir_lock = lock_data_dir(data)
-        self.store = Store(data / "interlingua.db")
-        self.spaces = {s.name: s for s in self.store.spaces()}
-        self.compat = Compat(self.store, self.metrics, omp_threads=self.config.omp_threads)
-        self.routes = Routes(self.store, self.metrics, self.compat, policy=self.gate_policy())
-        self.shadows = ShadowRunner(self.metrics, self.config.omp_threads)
-        self.compat.load_transforms()  # before the collections: a basis transform shapes their indexes
-        replayed = 0
-        c = self.config
-        for row in self.store.collections():
-            home, folder = self.spaces[row.home_space], self._folder(row.cid)
-            try:
-                basis = self.compat.get(row.basis_transform).fn if row.basis_transform else None
-                col = Collection(row, home, self.store, folder, self.metrics, basis, device=self.device)
-                replayed += col.recover(c.compact_dead_fraction, c.compact_min_dead)
-            except Exception as e:  # one collection never keeps the server from starting
-                log.exception("collection %s cannot be opened; it is marked failed", row.name)
-                col = Collection(row, home, self.store, folder, self.metrics, None, device=self.device)
-                col.fail(f"cannot be opened: {type(e).__name__}: {e}"[:300], permanent=True)
-                col.recover()
-            self.collections[row.name] = col
-        self.routes.load(self.collections)
-        log.info(
-            "recovered %d spaces, %d collections, %d replayed vectors in %.2fs",
-            len(self.spaces),
-            len(self.collections),
-            replayed,
-            time.perf_counter() - start,
-        )
-        self._maintainer = threading.Thread(target=self._maintain_loop, name="interlingua-maintain", daemon=True)
-        self._maintainer.start()
-        self._set_state(Lifecycle.SERVING)
-
-    def close(self) -> None:
-        if self.state is Lifecycle.STOPPED:
-            return
-        self._set_state(Lifecycle.DRAINING)
-        faiss.omp_set_num_threads(self.config.omp_threads)  # the final merges run on this thread
-        self._stop.set()
-        if self._maintainer is not None:
-            self._maintainer.join()
-        if self.compat is not None:
-            self.compat.close()
-        if self.shadows is not None:
-            self.shadows.close()
-        for col in list(self.collections.values()):
-            try:
-                col.maintain(force=True, checkpoint_after=self.config.checkpoint_after_merge)
-            except Exception:  # shutting down: the store is the source of truth anyway
-                log.exception("final merge of %s failed", col.name)
-        self.device.close()
-        if self.store is not None:
-            self.store.close()
-        if self._dir_lock is not None:
-            self._dir_lock.close()
-        self._set_state(Lifecycle.STOPPED)
-
-    def _maintain_loop(self) -> None:
-        c = self.config
-        lower_priority(c.maintenance_nice)  # before the first OpenMP region: its team inherits it
-        faiss.omp_set_num_threads(c.omp_threads)  # per thread: merges and training honour the setting too
-        while not self._stop.wait(0.1):
-            for col in list(self.collections.values()):
-                try:
-                    col.maintain(
-                        min_fresh=c.merge_min_fresh,
-                        fraction=c.merge_fraction,
-                        idle_seconds=c.merge_idle_seconds,
-                        checkpoint_after=c.checkpoint_after_merge,
-                        compact_fraction=c.compact_dead_fraction,
-                        compact_min_dead=c.compact_min_dead,
-                    )
-                except Exception:
-                    log.exception("maintenance of collection %s failed; will retry", col.name)
-
-    def _folder(self, cid: int) -> Path:
-        return Path(self.config.data_dir) / "collections" / str(cid)
-
-    def _ready(self) -> Store:
-        if self.state is not Lifecycle.SERVING or self.store is None:
-            raise Unavailable(f"the service is {self.state.value}; retry when health reports SERVING")
-        return self.store
-
-    def gate_policy(self) -> GatePolicy:
-        """The server's default activation gate, from its config."""
-        c = self.config
-        return GatePolicy(c.min_retention, c.max_negative_flip_rate, c.require_ecc)
-
-    def require_compat(self) -> Compat:
-        """The transform registry, once the service is serving."""
-        self._ready()
-        if self.compat is None:
-            raise Unavailable("the compatibility layer is not loaded yet")
-        return self.compat
-
-    def require_routes(self) -> Routes:
-        """The route tables (activate, roll back, shadow), once the service is serving."""
-        self._ready()
-        if self.routes is None:
-            raise Unavailable("the compatibility layer is not loaded yet")
-        return self.routes
+class Engine(EngineLifecycle):
+    """The request-facing domain methods: spaces, collections, points and search."""
 
     # -- spaces --------------------------------------------------------------------------------
 

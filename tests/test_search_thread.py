@@ -17,7 +17,7 @@ import pytest
 from conftest import brute_force, make_data, start_server
 
 from interlingua.server.device import Device
-from interlingua.server.engine import lower_priority
+from interlingua.server.lifecycle import lower_priority
 from interlingua.server.search_thread import SearchThread
 
 
