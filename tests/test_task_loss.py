@@ -283,13 +283,14 @@ def test_pseudo_relevance_is_the_old_models_top1() -> None:
 
 
 def test_mining_knn_switches_to_ivf_past_its_exact_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    from interlingua.server.transforms import evaluate
+    from interlingua.server.transforms import mining
+    from interlingua.server.transforms.evaluate import knn
 
     rng = np.random.default_rng(4)
     xb = unit(rng.normal(size=(2000, D)))
     xq = unit(xb[:50] + 0.01 * rng.normal(size=(50, D)))
-    exact = evaluate.mining_knn(xq, xb, 5, "ip")
-    np.testing.assert_array_equal(exact, evaluate.knn(xq, xb, 5, "ip"))
-    monkeypatch.setattr(evaluate, "EXACT_LIMIT", 10)  # force the IVF path
-    approx = evaluate.mining_knn(xq, xb, 5, "ip")
+    exact = mining.mining_knn(xq, xb, 5, "ip")
+    np.testing.assert_array_equal(exact, knn(xq, xb, 5, "ip"))
+    monkeypatch.setattr(mining, "EXACT_LIMIT", 10)  # force the IVF path
+    approx = mining.mining_knn(xq, xb, 5, "ip")
     assert approx.shape == (50, 5) and (approx[:, 0] == np.arange(50)).mean() >= 0.9  # each finds its own doc

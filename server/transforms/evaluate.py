@@ -30,6 +30,7 @@ import faiss
 import numpy as np
 
 from .base import SIDES, Calibration, Transform, apply_to_home, pad_home
+from .mining import FAISS_METRIC
 
 __all__ = [
     "METRICS",
@@ -38,7 +39,6 @@ __all__ = [
     "knn",
     "label_free_report",
     "label_metrics",
-    "mining_knn",
     "neighbourhood_agreement",
     "ranking_metrics",
     "split_calibration",
@@ -47,7 +47,6 @@ __all__ = [
 
 METRICS = ("cosine", "ip", "l2")
 US_BATCH = 1024  #: queries per batch when timing ``us_per_query`` (the service maps a request's batch at once)
-_FAISS_METRIC = {"cosine": faiss.METRIC_INNER_PRODUCT, "ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 
 def split_calibration(cal: Calibration, holdout: float, seed: int = 0) -> tuple[Calibration, Calibration]:
@@ -105,28 +104,7 @@ def _prep(x: np.ndarray, metric: str) -> np.ndarray:
 def knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str) -> np.ndarray:
     """I (nq, min(k, nb)) int64: exact top-k gallery rows of each query, best first (rows prepared for ``metric``)."""
     xq, xb = np.ascontiguousarray(xq, dtype=np.float32), np.ascontiguousarray(xb, dtype=np.float32)
-    _, I = faiss.knn(xq, xb, min(k, len(xb)), _FAISS_METRIC[metric])
-    return np.asarray(I, dtype=np.int64)
-
-
-EXACT_LIMIT = 2**30  #: nq · nb up to which :func:`mining_knn` searches exactly (10k x 10k is 1e8)
-
-
-def mining_knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str, seed: int = 0) -> np.ndarray:
-    """Like :func:`knn` for training-time mining (hard negatives, pseudo relevance): exact while
-    nq · nb <= ``EXACT_LIMIT``, else an IVF index (nlist = 4·sqrt(nb), trained on a seeded sample of at
-    most 64·nlist rows, nprobe 16), so a large calibration set cannot stall a fit in one FAISS call."""
-    xq, xb = np.ascontiguousarray(xq, dtype=np.float32), np.ascontiguousarray(xb, dtype=np.float32)
-    if len(xq) * len(xb) <= EXACT_LIMIT:
-        return knn(xq, xb, k, metric)
-    nlist = int(4 * np.sqrt(len(xb)))
-    quantizer = faiss.IndexFlat(xb.shape[1], _FAISS_METRIC[metric])
-    index = faiss.IndexIVFFlat(quantizer, xb.shape[1], nlist, _FAISS_METRIC[metric])
-    sample = np.random.default_rng(seed).choice(len(xb), min(len(xb), 64 * nlist), replace=False)
-    index.train(xb[np.sort(sample)])
-    index.add(xb)
-    index.nprobe = 16
-    _, I = index.search(xq, min(k, len(xb)))
+    _, I = faiss.knn(xq, xb, min(k, len(xb)), FAISS_METRIC[metric])
     return np.asarray(I, dtype=np.int64)
 
 

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from .base import Calibration, FitResult
-from .evaluate import METRICS, _prep, label_free_report, mining_knn, split_calibration
+from .evaluate import METRICS, _prep, label_free_report, split_calibration
 from .kinds import FULL_RANK_KINDS, HOME_KINDS, KINDS, PAIRED_KINDS, get_kind
+from .mining import mining_knn
 from .offsets import choose_offsets, task_recall
 from .procrustes import Progress
 

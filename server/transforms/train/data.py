@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..base import SIDES, Calibration
-from ..evaluate import mining_knn
+from ..mining import mining_knn
 
 __all__ = ["Batch", "TaskData", "mine_hard_negatives"]
 
