@@ -57,7 +57,7 @@ class Collection(CollectionIndex):
             seq = self.store.upsert(self.row.cid, space.name, ids, x, payloads, first)
             if first is not None:
                 x = self.to_basis(x)  # the store keeps the vectors as given; the index sees the basis
-                if self.row.prefix_dims:  # full vectors first: a published label is always rerankable
+                if self.row.spec.prefix_dims:  # full vectors first: a published label is always rerankable
                     epoch, old = self.full
                     full = old
                     if full.shape[0] < first + len(ids):
@@ -154,8 +154,8 @@ class Collection(CollectionIndex):
         Prefix collections search ``funnel`` = (shortlist_k, stages) from :func:`~.funnel.check_funnel`."""
         if self.failure is not None:
             raise FailedPrecondition(f"collection {self.name!r} failed: {self.failure.reason}")
-        if self.row.prefix_dims:
-            shortlist_k, stages = funnel or check_funnel(self.home.dim, self.row.prefix_dims, k, None, [])
+        if self.row.spec.prefix_dims:
+            shortlist_k, stages = funnel or check_funnel(self.home.dim, self.row.spec.prefix_dims, k, None, [])
             for _ in range(8):  # a compaction renumbered the labels between the search and the read: again
                 _, I0, snap = self.segments.search(self.index_view(xq), shortlist_k, ef_search, nprobe)
                 epoch, full = self.full

@@ -64,20 +64,20 @@ class CollectionIndex:
         #: home -> home transform (pca_basis, mrl_adapter) applied to every vector before indexing
         self.basis = basis
         self.basis_report = basis_report or {}
-        self.name = row.name
+        self.name = row.spec.name
         self.home = home
         self.store = store
         self.folder = folder
         self.metrics = metrics
         #: dimensions the index holds: a Matryoshka prefix, or all of them
-        self.index_dims = row.prefix_dims or home.dim
+        self.index_dims = row.spec.index_dims(home)
         self.failures = BuildFailures()
         broken = ""
         try:
-            self.spec = IndexSpec.parse(row.index_spec, self.index_dims, home.metric, row.ef_construction)
+            self.spec = row.spec.parse_index(home)
         except InvalidArgument as e:  # a spec an earlier version accepted: never build it
             self.spec, broken = IndexSpec.parse("Flat", self.index_dims, home.metric), e.message
-        train_min = row.train_min_points
+        train_min = row.spec.train_min_points
         if self.spec.needs_training and train_min < self.spec.min_train_points:
             log.warning(
                 "collection %s: train_min_points raised from %d to %d, the fewest points its index trains on",
@@ -86,10 +86,10 @@ class CollectionIndex:
                 self.spec.min_train_points,
             )
             train_min = self.spec.min_train_points
-        self.segments = Segments(self.spec, train_min, self.device, row.name)
+        self.segments = Segments(self.spec, train_min, self.device, self.name)
         #: prefix collections: (label epoch, every home vector by label in full dimension) for reranking;
         #: one reference, swapped whole, so a search pairs its snapshot's labels with the same numbering
-        self.full: tuple[int, np.ndarray] = (0, np.zeros((1024 if row.prefix_dims else 0, home.dim), np.float32))
+        self.full: tuple[int, np.ndarray] = (0, np.zeros((1024 if row.spec.prefix_dims else 0, home.dim), np.float32))
         self.routes: Mapping[str, Route] = {}  #: replaced whole on every change (one reference swap)
         self.lock = threading.Lock()  # serializes writes (and drop)
         self.maint_lock = threading.Lock()  # serializes merges, checkpoints and drop
@@ -127,7 +127,7 @@ class CollectionIndex:
             ck = None
         nsealed = ck.nsealed if ck else 0
         # Prefix collections keep every live vector for reranking: read them all once, else the tail.
-        read_labels, read_x = self.store.home_vectors_from(cid, 0 if self.row.prefix_dims else nsealed, d)
+        read_labels, read_x = self.store.home_vectors_from(cid, 0 if self.row.spec.prefix_dims else nsealed, d)
         tail = read_labels >= nsealed
         fresh_labels, fresh_x = read_labels[tail], read_x[tail]
         # Compact the tail: live labels past the checkpoint become nsealed, nsealed+1, ... so no
@@ -138,7 +138,7 @@ class CollectionIndex:
             labels = labels.copy()
             labels[labels >= nsealed] = dense
             self.next_label = nsealed + len(fresh_labels)
-        if self.row.prefix_dims:
+        if self.row.spec.prefix_dims:
             read_labels = read_labels.copy()
             read_labels[tail] = dense  # as relabelled above
             full = np.zeros((max(self.next_label, 1024), d), dtype=np.float32)
@@ -189,9 +189,9 @@ class CollectionIndex:
 
     def index_view(self, x: np.ndarray) -> np.ndarray:
         """What the index holds of vectors x (n, d): their Matryoshka prefix, or x itself."""
-        if not self.row.prefix_dims:
+        if not self.row.spec.prefix_dims:
             return x
-        return shrink(x, self.row.prefix_dims, normalize=self.home.metric != "l2")
+        return shrink(x, self.row.spec.prefix_dims, normalize=self.home.metric != "l2")
 
     # -- maintenance ---------------------------------------------------------------------------
 

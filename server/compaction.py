@@ -128,7 +128,7 @@ def _renumber(
             raise RuntimeError(f"{col.name}: a live point has no label after renumbering")
         pids = {pid: int(old2new[lab]) if lab >= 0 else -1 for pid, lab in col.pids.items()}
         full = col.full[1]
-        if col.row.prefix_dims:
+        if col.row.spec.prefix_dims:
             full = np.zeros((max(new.nlabels, 1024), full.shape[1]), dtype=np.float32)
             moved = old2new >= 0
             full[old2new[moved]] = col.full[1][: len(old2new)][moved]

@@ -179,7 +179,7 @@ class Compat:
         """What uses transform ``name``: live routes, shadows, chains and collection bases, one phrase each."""
         out = []
         for col in collections:
-            if col.row.basis_transform == name:
+            if col.row.spec.basis_transform == name:
                 out.append(f"collection {col.name!r} (basis_transform)")
             for qs, route in col.routes.items():
                 if route.transform == name:

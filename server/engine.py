@@ -23,12 +23,12 @@ import numpy as np
 from . import pipeline
 from . import validate as v
 from .collection import Collection, PointRecord
+from .collection_spec import CollectionSpec
 from .compat import TransformRecord
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .lifecycle import EngineLifecycle, Lifecycle
 from .pipeline import SearchParams
 from .routes import IDENTITY, Route
-from .segments import IndexSpec
 from .store import SpaceRow
 
 #: Lifecycle: re-exported from lifecycle.py
@@ -78,46 +78,24 @@ class Engine(EngineLifecycle):
 
     # -- collections ---------------------------------------------------------------------------
 
-    def create_collection(
-        self,
-        name: str,
-        home_space: str,
-        index_spec: str,
-        train_min_points: int,
-        prefix_dims: int = 0,
-        basis_transform: str = "",
-        ef_construction: int = 0,
-    ) -> Collection:
+    def create_collection(self, spec: CollectionSpec) -> Collection:
+        """Creates the collection of ``spec`` (as the servicer built it from the request) once every
+        field is checked: the name, the home space, the basis transform, then the spec's own checks."""
         store = self._ready()
-        v.check_collection_name(name)
-        home = self.get_space(home_space)
-        if basis_transform:
-            self._basis(basis_transform, home)  # checked again under the lock: DeleteTransform takes it too
-        if prefix_dims and not 0 < prefix_dims < home.dim:
-            raise InvalidArgument(
-                f"prefix_dims is {prefix_dims}; it must be between 1 and dim-1 = {home.dim - 1} (0 indexes all dims)"
-            )
-        lim = self.limits
-        spec = IndexSpec.parse(
-            index_spec,
-            prefix_dims or home.dim,
-            home.metric,
-            ef_construction,
-            max_nlist=lim.max_nlist,
-            max_overhead_bytes=lim.max_index_overhead_bytes,
-        )
-        train_min = spec.check_train_min(train_min_points)
+        v.check_collection_name(spec.name)
+        home = self.get_space(spec.home_space)
+        if spec.basis_transform:
+            self._basis(spec.basis_transform, home)  # checked again under the lock: DeleteTransform takes it too
+        spec = spec.checked(home, self.limits)
         with self._ddl_lock, self._registry_lock:
-            if name in self.collections:
-                raise AlreadyExists(f"collection {name!r} already exists")
-            basis = self._basis(basis_transform, home) if basis_transform else None  # (fn, report)
-            row = store.add_collection(
-                name, home_space, spec.spec, train_min, prefix_dims, basis_transform, ef_construction
-            )
+            if spec.name in self.collections:
+                raise AlreadyExists(f"collection {spec.name!r} already exists")
+            basis = self._basis(spec.basis_transform, home) if spec.basis_transform else None  # (fn, report)
+            row = store.add_collection(spec)
             fn, report = basis if basis else (None, None)
             col = Collection(row, home, store, self._folder(row.cid), self.metrics, fn, report, device=self.device)
             col.recover()
-            self.collections[name] = col
+            self.collections[spec.name] = col
         return col
 
     def _basis(self, name: str, home: SpaceRow) -> tuple[Any, dict[str, Any]]:

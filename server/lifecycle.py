@@ -121,17 +121,18 @@ class EngineLifecycle:
         replayed = 0
         c = self.config
         for row in self.store.collections():
-            home, folder = self.spaces[row.home_space], self._folder(row.cid)
+            spec = row.spec
+            home, folder = self.spaces[spec.home_space], self._folder(row.cid)
             try:
-                basis = self.compat.get(row.basis_transform).fn if row.basis_transform else None
+                basis = self.compat.get(spec.basis_transform).fn if spec.basis_transform else None
                 col = Collection(row, home, self.store, folder, self.metrics, basis, device=self.device)
                 replayed += col.recover(c.compact_dead_fraction, c.compact_min_dead)
             except Exception as e:  # one collection never keeps the server from starting
-                log.exception("collection %s cannot be opened; it is marked failed", row.name)
+                log.exception("collection %s cannot be opened; it is marked failed", spec.name)
                 col = Collection(row, home, self.store, folder, self.metrics, None, device=self.device)
                 col.fail(f"cannot be opened: {type(e).__name__}: {e}"[:300], permanent=True)
                 col.recover()
-            self.collections[row.name] = col
+            self.collections[spec.name] = col
         self.routes.load(self.collections)
         log.info(
             "recovered %d spaces, %d collections, %d replayed vectors in %.2fs",

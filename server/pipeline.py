@@ -94,7 +94,7 @@ def prepare(col: Collection, space: SpaceRow, data: bytes, dim: int, params: Sea
     v.check_k(params.k, limits)
     xq = v.unpack_vectors(data, dim, space.dim, what="queries", limit=limits.max_nq)
     col.check_search(params.ef_search, params.nprobe)
-    funnel = check_funnel(col.home.dim, col.row.prefix_dims, params.k, params.shortlist_k, params.funnel)
+    funnel = check_funnel(col.home.dim, col.row.spec.prefix_dims, params.k, params.shortlist_k, params.funnel)
     if space.metric == "cosine":
         xq = v.normalize_rows(xq, what="queries")
     return Query(col, space, route, xq, params, funnel)

@@ -24,6 +24,7 @@ from interlingua.v1 import spaces_pb2 as spb
 from interlingua.v1 import spaces_pb2_grpc as sgrpc
 
 from .collection import Collection
+from .collection_spec import CollectionSpec
 from .engine import Engine
 from .errors import InterlinguaError, InvalidArgument, status_for
 from .pipeline import SearchParams
@@ -78,7 +79,7 @@ def collection_pb(c: Collection) -> cpb.CollectionInfo:
     return cpb.CollectionInfo(
         name=c.name,
         home_space=c.home.name,
-        index_spec=c.row.index_spec,
+        index_spec=c.row.spec.index_spec,
         state=STATE_TO_PB[c.state()],
         num_points=c.num_points(),
         vectors_per_space=c.counts,
@@ -91,8 +92,8 @@ def collection_pb(c: Collection) -> cpb.CollectionInfo:
         deleted_labels=snap.ndead_sealed + snap.ndead_fresh,
         prefix_dims=c.index_dims,
         index_bytes_per_vector=c.index_bytes_per_vector(),
-        rerank_bytes_per_vector=4 * c.home.dim if c.row.prefix_dims else 0,
-        basis_transform=c.row.basis_transform,
+        rerank_bytes_per_vector=4 * c.home.dim if c.row.spec.prefix_dims else 0,
+        basis_transform=c.row.spec.basis_transform,
         ef_construction=c.spec.ef_construction,
         recall_at_dims=c.recall_at_dims(),
         failure_reason=c.failure.reason if c.failure else "",
@@ -128,17 +129,16 @@ class CollectionServicer(cgrpc.CollectionServiceServicer):
     @rpc
     def CreateCollection(self, request: cpb.CreateCollectionRequest, context: grpc.ServicerContext) -> Any:
         r = request
-        return collection_pb(
-            self.engine.create_collection(
-                r.name,
-                r.home_space,
-                r.index_spec,
-                r.train_min_points,
-                r.prefix_dims,
-                r.basis_transform,
-                r.ef_construction,
-            )
+        spec = CollectionSpec(
+            name=r.name,
+            home_space=r.home_space,
+            index_spec=r.index_spec,
+            train_min_points=r.train_min_points,
+            prefix_dims=r.prefix_dims,
+            basis_transform=r.basis_transform,
+            ef_construction=r.ef_construction,
         )
+        return collection_pb(self.engine.create_collection(spec))
 
     @rpc
     def GetCollection(self, request: cpb.GetCollectionRequest, context: grpc.ServicerContext) -> Any:

@@ -25,13 +25,16 @@ and the schema migration test in ``tests/test_index_options.py``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from .collection_spec import SPEC_COLUMNS, CollectionSpec
 from .errors import AlreadyExists
 from .store_registry import RegistryTables, RouteRow, TransformRow
 
@@ -63,16 +66,19 @@ class SpaceRow:
 @dataclass(frozen=True)
 class CollectionRow:
     cid: int
-    name: str
-    home_space: str
-    index_spec: str
-    train_min_points: int
+    spec: CollectionSpec  #: the creation parameters, as checked and stored
     created_at: float
     next_label: int
     last_sequence: int
-    prefix_dims: int  #: 0: the index holds every dimension
-    basis_transform: str  #: "" or a home -> home transform applied before indexing (pca_basis, mrl_adapter)
-    ef_construction: int = 0  #: HNSW efConstruction (0: FAISS's default)
+
+
+#: a collection row's columns: cid, created_at, next_label, last_sequence, then the spec's fields
+_COLLECTION_COLUMNS = ", ".join(("cid", "created_at", "next_label", "last_sequence", *SPEC_COLUMNS))
+
+
+def _collection_row(r: tuple[Any, ...]) -> CollectionRow:
+    cid, created_at, next_label, last_sequence, *spec = r
+    return CollectionRow(cid, CollectionSpec(*spec), created_at, next_label, last_sequence)
 
 
 def _chunks(seq: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -95,31 +101,14 @@ class Store(RegistryTables):
             )
         return seq
 
-    def add_collection(
-        self,
-        name: str,
-        home_space: str,
-        index_spec: str,
-        train_min_points: int,
-        prefix_dims: int = 0,
-        basis_transform: str = "",
-        ef_construction: int = 0,
-    ) -> CollectionRow:
+    def add_collection(self, spec: CollectionSpec) -> CollectionRow:
+        """Writes a checked spec (:meth:`CollectionSpec.checked`) as a new collection's row."""
+        name = spec.name
         with _unique("collection", name), self._tx() as seq:
             self._w.execute(
-                "INSERT INTO collections (name, home_space, index_spec, train_min_points, created_at,"
-                " last_sequence, prefix_dims, basis_transform, ef_construction) VALUES (?,?,?,?,?,?,?,?,?)",
-                (
-                    name,
-                    home_space,
-                    index_spec,
-                    train_min_points,
-                    time.time(),
-                    seq,
-                    prefix_dims,
-                    basis_transform,
-                    ef_construction,
-                ),
+                f"INSERT INTO collections (created_at, last_sequence, {', '.join(SPEC_COLUMNS)})"
+                f" VALUES (?,?,{','.join('?' * len(SPEC_COLUMNS))})",
+                (time.time(), seq, *dataclasses.astuple(spec)),
             )
         row = self.collection(name)
         if row is None:
@@ -193,19 +182,12 @@ class Store(RegistryTables):
         return [SpaceRow(*r) for r in rows]
 
     def collection(self, name: str) -> CollectionRow | None:
-        r = self._r.execute(
-            "SELECT cid, name, home_space, index_spec, train_min_points, created_at, next_label,"
-            " last_sequence, prefix_dims, basis_transform, ef_construction FROM collections WHERE name=?",
-            (name,),
-        ).fetchone()
-        return CollectionRow(*r) if r else None
+        r = self._r.execute(f"SELECT {_COLLECTION_COLUMNS} FROM collections WHERE name=?", (name,)).fetchone()
+        return _collection_row(r) if r else None
 
     def collections(self) -> list[CollectionRow]:
-        rows = self._r.execute(
-            "SELECT cid, name, home_space, index_spec, train_min_points, created_at, next_label,"
-            " last_sequence, prefix_dims, basis_transform, ef_construction FROM collections ORDER BY name"
-        )
-        return [CollectionRow(*r) for r in rows]
+        rows = self._r.execute(f"SELECT {_COLLECTION_COLUMNS} FROM collections ORDER BY name")
+        return [_collection_row(r) for r in rows]
 
     def vector_counts(self, cid: int) -> dict[str, int]:
         rows = self._r.execute("SELECT space, count(*) FROM vectors WHERE cid=? GROUP BY space", (cid,))
