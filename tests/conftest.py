@@ -8,13 +8,19 @@ to it. ``make_data`` gives seeded vectors of low intrinsic dimension (as FAISS's
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from interlingua.server import Server, ServerConfig, create_server
 from interlingua.v1 import collections_pb2 as cpb
@@ -126,3 +132,63 @@ def brute_force(xb: np.ndarray, xq: np.ndarray, k: int, metric: str = "cosine") 
         S = xq64 @ xb64.T
         I = np.argsort(-S, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(S, I, axis=1), I
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 5.0) -> None:
+    """Polls ``cond`` every 20 ms until it is truthy; fails the test after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.02)
+
+
+_CHILD = """
+import json, sys, threading
+from pathlib import Path
+from interlingua.server import ServerConfig, create_server
+from interlingua.server.config import Limits
+cfg = json.loads(sys.argv[1])
+limits = Limits(**cfg.pop("limits", {}))
+server, port = create_server(
+    ServerConfig(data_dir=Path(cfg.pop("data_dir")), port=0, metrics_port=None, limits=limits, **cfg)
+)
+server.start()
+print(port, flush=True)
+threading.Event().wait()
+"""
+
+
+@contextmanager
+def child_server(tmp_path: Path, data: Path, **overrides: object) -> Iterator[tuple[subprocess.Popen[str], Stubs]]:
+    """A server in a subprocess on a free port, serving ``data`` (``overrides``: ServerConfig fields, ``limits``
+    as a dict); yields (process, stubs) once health says SERVING. Killed (SIGKILL) on exit if it still runs."""
+    log = tmp_path / "child.log"
+    cfg = json.dumps({"data_dir": str(data), **overrides})
+    with (
+        open(log, "w") as err,
+        subprocess.Popen([sys.executable, "-c", _CHILD, cfg], stdout=subprocess.PIPE, stderr=err, text=True) as proc,
+    ):
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.strip().isdigit(), f"the server subprocess did not start:\n{log.read_text()[-3000:]}"
+            stubs = connect(int(line))
+            health = health_pb2_grpc.HealthStub(stubs.channel)
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None, f"the server exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+            try:
+                yield proc, stubs
+            finally:
+                stubs.channel.close()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(30)

@@ -15,22 +15,19 @@ by ids and scores, HNSW by recall.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import grpc
 import numpy as np
 import pytest
-from conftest import Stubs, brute_force, connect, make_data, recall_at, start_server
+from conftest import Stubs, brute_force, child_server, connect, make_data, recall_at, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from interlingua.server import ServerConfig, checkpoint, create_server
@@ -206,43 +203,6 @@ def test_restart_keeps_every_point(tmp_path: Path, spec: str) -> None:
 
 
 # -- kill -9 -----------------------------------------------------------------------------------
-
-_CHILD = """
-import json, sys, threading
-from pathlib import Path
-from interlingua.server import ServerConfig, create_server
-cfg = json.loads(sys.argv[1])
-server, port = create_server(ServerConfig(data_dir=Path(cfg.pop("data_dir")), port=0, metrics_port=None, **cfg))
-server.start()
-print(port, flush=True)
-threading.Event().wait()
-"""
-
-
-@contextmanager
-def child_server(tmp_path: Path, data: Path, **overrides: object) -> Iterator[tuple[subprocess.Popen[str], Stubs]]:
-    """A server in a subprocess on a free port, serving ``data``; yields (process, stubs) once SERVING.
-    The process is killed (SIGKILL) on exit if it still runs."""
-    log = tmp_path / "child.log"
-    cfg = json.dumps({"data_dir": str(data), **overrides})
-    with (
-        open(log, "w") as err,
-        subprocess.Popen([sys.executable, "-c", _CHILD, cfg], stdout=subprocess.PIPE, stderr=err, text=True) as proc,
-    ):
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            assert line.strip().isdigit(), f"the server subprocess did not start:\n{log.read_text()}"
-            stubs = connect(int(line))
-            try:
-                wait_until(lambda: _serving(stubs.channel), 60, "the server subprocess to be SERVING")
-                yield proc, stubs
-            finally:
-                stubs.channel.close()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(30)
 
 
 def _serving(channel: grpc.Channel) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import Stubs, connect, make_data, start_server
+from conftest import Stubs, connect, make_data, start_server, wait_for
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -85,13 +85,6 @@ def expect(s: Stubs, code: grpc.StatusCode, fn: Any, *args: Any, match: str = ""
     return str(err.details())
 
 
-def wait_until(cond: Any, timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.02)
-
-
 # -- 3: streams cannot exhaust the worker pool -----------------------------------------------------
 
 
@@ -115,7 +108,7 @@ def test_open_streams_leave_unary_calls_a_worker(tmp_path: Path) -> None:
             q: queue.Queue[object] = queue.Queue()
             ends.append(q)
             calls.append(s.points.SearchStream(iter(q.get, None), metadata=AUTH, timeout=60))
-        wait_until(lambda: (srv.open_slots.open, srv.slots.open) == (4, 4))
+        wait_for(lambda: (srv.open_slots.open, srv.slots.open) == (4, 4))
         start = time.monotonic()
         info = s.collections.GetCollection(cpb.GetCollectionRequest(name="c"), metadata=AUTH, timeout=1.0)
         assert info.name == "c" and time.monotonic() - start < 1.0
@@ -146,7 +139,7 @@ def test_streams_over_the_caps_are_refused_and_slots_come_back(env: tuple[Server
     assert [r.k for r in s.points.SearchStream(iter([req]), timeout=10)] == [2]
     for w in watches:
         w.cancel()
-    wait_until(lambda: srv.open_slots.open == 0 and srv.slots.open == 0)
+    wait_for(lambda: srv.open_slots.open == 0 and srv.slots.open == 0)
     w = health.Watch(health_pb2.HealthCheckRequest())
     assert next(w).status == health_pb2.HealthCheckResponse.SERVING
     w.cancel()

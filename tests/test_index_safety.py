@@ -12,20 +12,17 @@ accepted (``HNSW1``, ``train_min_points`` below what PQ needs) reaches SERVING.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-from conftest import Stubs, brute_force, connect, make_data, start_server
+from conftest import Stubs, brute_force, child_server, connect, make_data, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from interlingua.server.collection import Collection
@@ -304,55 +301,6 @@ def test_a_collection_that_cannot_be_opened_does_not_stop_the_start(
 
 
 # -- restarts, in a subprocess -----------------------------------------------------------------
-
-_CHILD = """
-import json, sys, threading
-from pathlib import Path
-from interlingua.server import ServerConfig, create_server
-from interlingua.server.config import Limits
-cfg = json.loads(sys.argv[1])
-limits = Limits(**cfg.pop("limits", {}))
-server, port = create_server(
-    ServerConfig(data_dir=Path(cfg.pop("data_dir")), port=0, metrics_port=None, limits=limits, **cfg)
-)
-server.start()
-print(port, flush=True)
-threading.Event().wait()
-"""
-
-
-@contextmanager
-def child_server(tmp_path: Path, data: Path, **overrides: object) -> Iterator[tuple[subprocess.Popen[str], Stubs]]:
-    """A server subprocess on a free port; yields (process, stubs) once health says SERVING."""
-    log = tmp_path / "child.log"
-    cfg = json.dumps({"data_dir": str(data), **overrides})
-    with (
-        open(log, "w") as err,
-        subprocess.Popen([sys.executable, "-c", _CHILD, cfg], stdout=subprocess.PIPE, stderr=err, text=True) as proc,
-    ):
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            assert line.strip().isdigit(), f"the server subprocess did not start:\n{log.read_text()[-3000:]}"
-            stubs = connect(int(line))
-            deadline = time.monotonic() + 30
-            while True:
-                assert proc.poll() is None, f"the server exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
-                try:
-                    if health(stubs) == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.05)
-            try:
-                yield proc, stubs
-            finally:
-                stubs.channel.close()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(30)
 
 
 @pytest.mark.slow

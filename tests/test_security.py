@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import connect, make_data, start_server
+from conftest import connect, make_data, start_server, wait_for
 
 from interlingua.client import Client, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
 from interlingua.client._client import TLS
@@ -347,13 +346,6 @@ def test_readme_toml_example_is_a_valid_config(tmp_path: Path) -> None:
     assert [(k.name, k.role) for k in cfg.keys] == [("frontend", "read")] and cfg.rate_limit.burst == 100
 
 
-def _wait_for(cond: Any, timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.02)
-
-
 def test_stream_caps_are_per_key(tmp_path: Path) -> None:
     """An authenticated caller's streams count against its key, not its address."""
     import queue
@@ -376,12 +368,12 @@ def test_stream_caps_are_per_key(tmp_path: Path) -> None:
     try:
         for _ in range(2):
             idle_stream("read-key")
-        _wait_for(lambda: srv.slots.open == 2)
+        wait_for(lambda: srv.slots.open == 2)
         with pytest.raises(grpc.RpcError) as err:
             next(idle_stream("read-key"))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "per client" in (err.value.details() or "")
         idle_stream("write-key")  # another key from the same address still gets a slot
-        _wait_for(lambda: srv.slots.open == 3)
+        wait_for(lambda: srv.slots.open == 3)
     finally:
         for q in ends:
             q.put(None)
