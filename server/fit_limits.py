@@ -5,8 +5,8 @@ pairs, evaluation queries, gallery pairs) and raises :class:`~.errors.ResourceEx
 passes its cap in :class:`~.config.Limits`: a 1.17 GB stream once took the server to 4.85 GB RSS before
 the fit even started. :func:`check_steps` refuses step counts over their caps (``ValueError``, INVALID_ARGUMENT
 on the request thread): ``{"epochs": 10000000}`` once ran for hours and queued every other fit. Each
-kind's fit function checks the same bounds again (``TrainConfig``, ``fit_procrustes``, ``fit_affine``,
-``fit_mrl_adapter``). The time budget of a running fit is :mod:`.fit_jobs`'. Covered by
+kind's config dataclass checks the same bounds again (``TrainConfig``, ``ProcrustesConfig``, ``AffineConfig``,
+``MRLAdapterConfig``). The time budget of a running fit is :mod:`.fit_jobs`'. Covered by
 ``tests/test_fit_limits.py``.
 """
 
@@ -17,10 +17,9 @@ from typing import Any
 from .config import Limits
 from .errors import ResourceExhausted
 from .transforms.procrustes import MAX_REFINE_STEPS
+from .transforms.train_config import MAX_EPOCHS
 
 __all__ = ["MAX_EPOCHS", "STEP_KNOBS", "StreamBudget", "check_steps"]
-
-MAX_EPOCHS = 1000  #: = ``transforms.train.MAX_EPOCHS`` (importing it would import torch; a test pins them)
 
 #: config key -> (least, most) of every kind's step-count knobs (the kinds check both; here: the caps)
 STEP_KNOBS = {

@@ -8,6 +8,7 @@ name the same kinds; each kind's config schema is its fitter's keyword-only para
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import subprocess
@@ -74,12 +75,17 @@ def test_fit_sets_are_the_registry_flags() -> None:
 
 
 @pytest.mark.parametrize("name", EXPECTED)
-def test_each_kind_fits_with_fit_name_and_its_schema_is_the_fitters_keywords(name: str) -> None:
+def test_each_kind_fits_with_fit_name_and_its_schema_is_its_config_dataclass(name: str) -> None:
     spec = k.get_kind(name)
     fn = fit.fitter(name)
     assert fn.__name__ == f"fit_{name}" and fn.__module__.endswith(f".transforms.{spec.module}")
-    keyword_only = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    assert list(spec.params) == keyword_only and "progress" in spec.params
+    assert spec.settings is not None and spec.settings.__module__ == fn.__module__
+    assert list(spec.params) == [f.name for f in dataclasses.fields(spec.settings)] and "progress" not in spec.params
+    params = inspect.signature(fn).parameters
+    assert (
+        list(params)[1:] == ["config", "progress", "overrides"]
+        and params["progress"].kind is params["progress"].KEYWORD_ONLY
+    )
     assert "progress" not in spec.config and "kind" not in spec.config
     assert ("pseudo_relevance" in spec.config) is (not spec.home)
     assert all(isinstance(c.type, str) and c.type for c in spec.config.values())

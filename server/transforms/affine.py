@@ -17,15 +17,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .base import AffineTransform, Calibration, FitResult
+from .base import AffineTransform, Calibration, FitResult, configure
 from .evaluate import split_calibration
-from .procrustes import Progress, biases, centred_pairs, orthogonality_error, relative_residual, side_means
+from .procrustes import (
+    Progress,
+    biases,
+    centred_pairs,
+    check_task_epochs,
+    orthogonality_error,
+    relative_residual,
+    side_means,
+)
 
-__all__ = ["DEFAULT_RIDGES", "fit_affine", "mse", "ridge_path"]
+__all__ = ["DEFAULT_RIDGES", "AffineConfig", "fit_affine", "mse", "ridge_path"]
 
 DEFAULT_RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
@@ -67,16 +76,38 @@ def _fit(cal: Calibration, ridges: Sequence[float]) -> list[tuple[np.ndarray, di
     return [(W, biases(W, means)) for W in ridge_path(Xc.T @ Xc, Xc.T @ Yc, ridges)]
 
 
+@dataclass(frozen=True)
+class AffineConfig:
+    """How :func:`fit_affine` fits; validated on construction. ``ridges``, ``holdout`` and ``seed`` choose λ
+    when ``ridge`` is None; ``threads``: torch threads of the task refinement (None: torch's default)."""
+
+    ridge: float | None = None
+    ridges: Sequence[float] = DEFAULT_RIDGES
+    holdout: float = 0.1
+    seed: int = 0
+    task_epochs: int = 5
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        check_task_epochs(self.task_epochs)
+        if self.ridge is not None:
+            _check_ridge("ridge", self.ridge)
+            return
+        ridges, holdout = self.ridges, self.holdout
+        if isinstance(ridges, str) or not isinstance(ridges, Sequence) or len(ridges) == 0:
+            raise ValueError(f"ridges must be a non-empty sequence, got {ridges!r}")
+        for r in ridges:
+            _check_ridge("every ridge in ridges", r)
+        if isinstance(holdout, bool) or not isinstance(holdout, int | float) or not 0 < holdout < 1:
+            raise ValueError(f"holdout must be in (0, 1), got {holdout!r}")
+
+    def get_config_dict(self) -> dict[str, Any]:
+        """What the artefact keeps: the ridge (the chosen one is the fit's, see :func:`fit_affine`), task_epochs."""
+        return {"ridge": self.ridge, "task_epochs": self.task_epochs}
+
+
 def fit_affine(
-    cal: Calibration,
-    *,
-    ridge: float | None = None,
-    ridges: Sequence[float] = DEFAULT_RIDGES,
-    holdout: float = 0.1,
-    seed: int = 0,
-    task_epochs: int = 5,
-    threads: int | None = None,
-    progress: Progress | None = None,
+    cal: Calibration, config: AffineConfig | None = None, *, progress: Progress | None = None, **overrides: Any
 ) -> FitResult:
     """Fits the ridge affine map; with ``ridge=None`` λ is chosen on a seeded held-out slice.
 
@@ -86,17 +117,8 @@ def fit_affine(
     Returns a FitResult with an AffineTransform(kind="affine"): W (d_new, d_home) shared, b[side] (d_home,).
     ``info``: ``ridge`` (chosen), ``heldout_mse`` ({str(λ): MSE}, empty when ``ridge`` is given),
     ``ortho_error`` (‖WᵀW − I‖_F, :func:`~.procrustes.orthogonality_error`), ``residual``."""
-    if isinstance(task_epochs, bool) or not isinstance(task_epochs, int) or not 0 <= task_epochs <= 1000:
-        raise ValueError(f"task_epochs must be an integer in [0, 1000], got {task_epochs!r}")
-    if ridge is not None:
-        _check_ridge("ridge", ridge)
-    else:
-        if isinstance(ridges, str) or not isinstance(ridges, Sequence) or len(ridges) == 0:
-            raise ValueError(f"ridges must be a non-empty sequence, got {ridges!r}")
-        for r in ridges:
-            _check_ridge("every ridge in ridges", r)
-        if isinstance(holdout, bool) or not isinstance(holdout, int | float) or not 0 < holdout < 1:
-            raise ValueError(f"holdout must be in (0, 1), got {holdout!r}")
+    cfg = configure(AffineConfig, config, overrides)
+    ridge, ridges, holdout, seed, task_epochs = cfg.ridge, cfg.ridges, cfg.holdout, cfg.seed, cfg.task_epochs
     heldout_mse: dict[str, float] = {}
     if ridge is None:
         train, held = split_calibration(cal, holdout, seed)
@@ -118,8 +140,8 @@ def fit_affine(
         "ortho_error": orthogonality_error(W),
         "residual": relative_residual(cal, W, b),
     }
-    config = {"kind": "affine", "ridge": ridge, "task_epochs": task_epochs}
-    t = AffineTransform({"query": W}, b, config, kind="affine")
+    saved = {"kind": "affine", **cfg.get_config_dict(), "ridge": ridge}
+    t = AffineTransform({"query": W}, b, saved, kind="affine")
     info["task_epochs"] = 0
     history: list[dict[str, float]] = []
     if task_epochs and len(cal.links()):
@@ -127,7 +149,7 @@ def fit_affine(
 
         if progress is not None:
             progress("task refinement", 0.6)
-        t, history = refine_linear(t, cal, TrainConfig(epochs=task_epochs), orthogonal=False, threads=threads)
+        t, history = refine_linear(t, cal, TrainConfig(epochs=task_epochs), orthogonal=False, threads=cfg.threads)
         info["task_epochs"] = task_epochs
     if progress is not None:
         progress("done", 1.0)

@@ -20,12 +20,23 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-__all__ = ["SIDES", "AffineTransform", "Calibration", "Transform", "apply_to_home", "checksum", "pad_home"]
+__all__ = [
+    "SIDES",
+    "AffineTransform",
+    "Calibration",
+    "Transform",
+    "apply_to_home",
+    "checksum",
+    "configure",
+    "pad_home",
+]
+
+C = TypeVar("C")
 
 SIDES = ("query", "doc")
 
@@ -177,3 +188,15 @@ class FitResult:
     transform: Transform
     info: dict[str, Any] = field(default_factory=dict)  #: e.g. chosen ridge/lambda, final ||W^T W - I||_F
     history: list[dict[str, float]] = field(default_factory=list)  #: named loss terms per epoch
+
+
+def configure(cls: type[C], config: C | None, overrides: dict[str, Any]) -> C:
+    """A fitter's config: ``config`` (default: ``cls``'s defaults) with the keyword ``overrides`` put in; the
+    config class validates the result (``fit_procrustes(cal, refine_steps=0)`` builds ``ProcrustesConfig``)."""
+    if config is None:
+        return cls(**overrides)
+    if not isinstance(config, cls):
+        raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+    if not overrides:
+        return config
+    return cls(**{**{f.name: getattr(config, f.name) for f in fields(config)}, **overrides})  # type: ignore[arg-type]

@@ -33,15 +33,16 @@ Covered by ``tests/test_transforms_linear.py``.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from .affine import ridge_path
-from .base import SIDES, AffineTransform, Calibration, FitResult, pad_home
+from .base import SIDES, AffineTransform, Calibration, FitResult, configure, pad_home
 from .procrustes import Progress, biases, centred_pairs, orthogonality_error, relative_residual, side_means
 
-__all__ = ["BasisTransform", "clip_spectral", "complete_isometry", "fit_basis", "pad_home"]
+__all__ = ["BasisConfig", "BasisTransform", "clip_spectral", "complete_isometry", "fit_basis", "pad_home"]
 
 TOL = 1e-10  #: eigenvalues of I − AAᵀ at or below this are dropped (singular value 1 in A)
 
@@ -108,8 +109,24 @@ class BasisTransform(AffineTransform):
         return pad_home(x, self.d_out)
 
 
+@dataclass(frozen=True)
+class BasisConfig:
+    """How :func:`fit_basis` fits (see the module docstring); validated on construction."""
+
+    ridge: float = 1e-2
+    center: bool = False
+
+    def __post_init__(self) -> None:
+        ridge = self.ridge
+        if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not math.isfinite(ridge) or ridge < 0:
+            raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def fit_basis(
-    cal: Calibration, *, ridge: float = 1e-2, center: bool = False, progress: Progress | None = None
+    cal: Calibration, config: BasisConfig | None = None, *, progress: Progress | None = None, **overrides: Any
 ) -> FitResult:
     """Fits the basis transformation T = [A, B'] (see the module docstring); b = 0 on both sides.
 
@@ -117,8 +134,8 @@ def fit_basis(
     :func:`~.procrustes.relative_residual`), ``residual_ls`` (the unclipped least-squares map, with its
     bias when centred: the unconstrained reference), ``clipped`` (singular values >= 1), ``sv_max``
     (largest before clipping), ``isometry_error`` (‖T Tᵀ − I‖_F of the float32 T), ``centered``."""
-    if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not math.isfinite(ridge) or ridge < 0:
-        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    cfg = configure(BasisConfig, config, overrides)
+    ridge, center = cfg.ridge, cfg.center
     means = side_means(cal, center)
     Xc, Yc = centred_pairs(cal, means)
     [W] = ridge_path(Xc.T @ Xc, Xc.T @ Yc, [ridge])
@@ -128,8 +145,8 @@ def fit_basis(
     T = complete_isometry(A)
     d_home = A.shape[1]
     zero = {s: np.zeros(d_home) for s in means}
-    config = {"kind": "basis", "d_home": d_home, "ridge": ridge, "center": center}
-    t = BasisTransform({"query": T}, {"query": np.zeros(T.shape[1])}, config)
+    saved = {"kind": "basis", "d_home": d_home, **cfg.get_config_dict()}
+    t = BasisTransform({"query": T}, {"query": np.zeros(T.shape[1])}, saved)
     info: dict[str, Any] = {
         "delta": t.delta,
         "residual": relative_residual(cal, A, zero),

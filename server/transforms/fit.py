@@ -49,7 +49,8 @@ _FIT_SPAN = (0.05, 0.9)  #: the fitter's share of the overall progress
 
 
 def fitter(kind: str) -> Callable[..., FitResult]:
-    """The fit function of ``kind`` (``fit_<kind>(cal, **config) -> FitResult``), looked up on its module."""
+    """The fit function of ``kind`` (``fit_<kind>(cal, config=None, *, progress=None, **overrides) -> FitResult``),
+    looked up on its module."""
     return get_kind(kind).fitter()
 
 
@@ -201,7 +202,8 @@ def fit_transform(
 ) -> tuple[FitResult, dict[str, Any]]:
     """Validates, fits ``kind`` on all but a seeded ``holdout`` slice of each side's pairs, and reports on the slice.
 
-    ``config`` is passed to the fitter as keywords (plus ``seed`` when it takes one and config has none),
+    ``config`` is passed to the fitter as keywords, which build its config dataclass (plus ``seed`` when the
+    dataclass has one and config has none),
     but for ``pseudo_relevance`` (default true): a new -> home kind fitted on doc and query pairs without
     training relevance trains on :func:`with_pseudo_relevance` instead. Returns (FitResult, report):
     :func:`~.evaluate.label_free_report` of the held-out slice plus ``relevance`` ("given", "pseudo" or
@@ -230,7 +232,7 @@ def fit_transform(
     kwargs = {k: v for k, v in config.items() if k not in ("kind", "pseudo_relevance")}
     if "seed" in params and "seed" not in kwargs:
         kwargs["seed"] = seed
-    if "progress" in params and progress is not None:
+    if progress is not None:  # every fitter takes progress beside its config
         epochs = kwargs.get("epochs", params["epochs"].default if "epochs" in params else None)
         kwargs["progress"] = _scaled(progress, kind, epochs)
     t0 = time.perf_counter()

@@ -4,19 +4,22 @@ One frozen :class:`Kind` per kind: its name, the ``TransformKind`` enum value th
 wire, where its fit function lives, which class rebuilds a stored one (:meth:`Kind.load`), what it
 needs (``full_rank``: at least d_new pairs; ``paired``: row-aligned (query_home[i], doc_home[i])
 positives; ``home``: maps a collection's own space to itself; ``trained``: trained with torch) and
-the config it accepts. The config schema is read once, here, from the fit function's keyword-only
-parameters (name, annotation, default): a fitter's signature is its schema. Everything else is derived
-from :data:`REGISTRY`: ``fit.KINDS`` and the kind sets, the servicer's enum mapping (by enum value
-name), the kind check of a FitTransform request, ``load_transform``. ``chain`` is requested on the wire
-too but built from registered links, not fitted (:data:`CHAIN`); ``matryoshka`` is built by
-``matryoshka.matryoshka(d, m)`` and never requested. The client derives its kind names from the proto
-enum (it does not import the server); ``tests/test_kinds.py`` checks that both agree.
+the config it accepts. The config schema is read once, here, from the fields (name, annotation,
+default) of the kind's frozen config dataclass (``ProcrustesConfig``, ``LambdaOrthogonalConfig``, ...:
+next to each fitter, validated in ``__post_init__``, ``get_config_dict()`` what the artefact keeps);
+each fitter is ``fit_<kind>(cal, config=None, *, progress=None, **overrides)``, the overrides building
+or amending the config. Everything else is derived from :data:`REGISTRY`: ``fit.KINDS`` and the kind
+sets, the servicer's enum mapping (by enum value name), the kind check of a FitTransform request,
+``load_transform``. ``chain`` is requested on the wire too but built from registered links, not fitted
+(:data:`CHAIN`); ``matryoshka`` is built by ``matryoshka.matryoshka(d, m)`` and never requested. The
+client derives its kind names from the proto enum (it does not import the server); ``tests/test_kinds.py``
+checks that both agree.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, ModuleType
@@ -54,13 +57,12 @@ class ConfigKey:
 
 
 PSEUDO_RELEVANCE = ConfigKey("pseudo_relevance", "bool", True)  #: every new -> home kind (``fit.fit_transform``)
-NOT_CONFIG = ("progress",)  #: keyword-only parameters of a fitter that a config may not set
 
 
 @dataclass(frozen=True)
 class Kind:
-    """A transform kind. ``params`` are the fit function's keyword-only parameters (``progress`` and
-    ``seed`` included: the fit passes them); ``config`` the keys a request's config may set."""
+    """A transform kind. ``params`` are the fields of its config dataclass (``settings``; ``seed`` included:
+    the fit passes it); ``config`` the keys a request's config may set."""
 
     name: str
     proto: str  #: the ``TransformKind`` enum value name, e.g. ``"TRANSFORM_KIND_PROCRUSTES"``
@@ -72,11 +74,12 @@ class Kind:
     trained: bool = False  #: trained with torch (imported only when fitted)
     transform: str = ""  #: the class in ``module`` that rebuilds a stored one ("": an AffineTransform)
     params: Mapping[str, ConfigKey] = field(default_factory=lambda: MappingProxyType({}))
+    settings: type[Any] | None = None  #: the config dataclass of the fit function (None for chain)
 
     @property
     def config(self) -> dict[str, ConfigKey]:
         """The config keys a request may give (``kind`` aside, which any config may repeat)."""
-        keys = {k: p for k, p in self.params.items() if k not in NOT_CONFIG}
+        keys = dict(self.params)
         if not self.home:
             keys[PSEUDO_RELEVANCE.name] = PSEUDO_RELEVANCE
         return keys
@@ -95,10 +98,12 @@ class Kind:
         return fn
 
 
-def _params(fn: Callable[..., Any]) -> Mapping[str, ConfigKey]:
-    """The keyword-only parameters of ``fn`` (the one place a signature is read as a schema)."""
-    params = inspect.signature(fn).parameters.values()
-    keys = {p.name: ConfigKey(p.name, str(p.annotation), p.default) for p in params if p.kind is p.KEYWORD_ONLY}
+def _params(settings: type[Any]) -> Mapping[str, ConfigKey]:
+    """The fields of the config dataclass ``settings`` (the one place a schema is read)."""
+    keys = {}
+    for f in dataclasses.fields(settings):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        keys[f.name] = ConfigKey(f.name, str(f.type), default)
     return MappingProxyType(keys)
 
 
@@ -106,6 +111,7 @@ def _kind(
     name: str,
     proto: str,
     module: ModuleType,
+    settings: type[Any],
     *,
     full_rank: bool = False,
     paired: bool = False,
@@ -115,8 +121,7 @@ def _kind(
 ) -> Kind:
     function = f"fit_{name}"
     short = module.__name__.rpartition(".")[2]
-    params = _params(getattr(module, function))
-    return Kind(name, proto, short, function, full_rank, paired, home, trained, transform, params)
+    return Kind(name, proto, short, function, full_rank, paired, home, trained, transform, _params(settings), settings)
 
 
 #: The fitted kinds, in the order error messages list them.
@@ -124,22 +129,34 @@ REGISTRY: Mapping[str, Kind] = MappingProxyType(
     {
         k.name: k
         for k in (
-            _kind("procrustes", "TRANSFORM_KIND_PROCRUSTES", procrustes, full_rank=True),
-            _kind("affine", "TRANSFORM_KIND_AFFINE", affine, full_rank=True),
-            _kind("lambda_orthogonal", "TRANSFORM_KIND_LAMBDA_ORTHOGONAL", lambda_orthogonal, trained=True),
-            _kind("basis", "TRANSFORM_KIND_BASIS", basis, full_rank=True, transform="BasisTransform"),
+            _kind("procrustes", "TRANSFORM_KIND_PROCRUSTES", procrustes, procrustes.ProcrustesConfig, full_rank=True),
+            _kind("affine", "TRANSFORM_KIND_AFFINE", affine, affine.AffineConfig, full_rank=True),
+            _kind(
+                "lambda_orthogonal",
+                "TRANSFORM_KIND_LAMBDA_ORTHOGONAL",
+                lambda_orthogonal,
+                lambda_orthogonal.LambdaOrthogonalConfig,
+                trained=True,
+            ),
+            _kind(
+                "basis", "TRANSFORM_KIND_BASIS", basis, basis.BasisConfig, full_rank=True, transform="BasisTransform"
+            ),
             _kind(
                 "residual_mlp",
                 "TRANSFORM_KIND_RESIDUAL_MLP",
                 residual_mlp,
+                residual_mlp.ResidualMLPConfig,
                 trained=True,
                 transform="ResidualMLPTransform",
             ),
-            _kind("pca_basis", "TRANSFORM_KIND_PCA_BASIS", pca_basis, home=True),  # W = R, b = 0: an AffineTransform
+            _kind(
+                "pca_basis", "TRANSFORM_KIND_PCA_BASIS", pca_basis, pca_basis.PCABasisConfig, home=True
+            ),  # W = R, b = 0: an AffineTransform
             _kind(
                 "mrl_adapter",
                 "TRANSFORM_KIND_MRL_ADAPTER",
                 mrl_adapter,
+                mrl_adapter.MRLAdapterConfig,
                 paired=True,
                 home=True,
                 trained=True,

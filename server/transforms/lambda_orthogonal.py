@@ -31,17 +31,26 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from .base import AffineTransform, Calibration, FitResult
+from .base import AffineTransform, Calibration, FitResult, configure
 from .evaluate import _prep, hits, knn, ranking_metrics, split_calibration
 from .offsets import task_recall
 from .procrustes import fit_procrustes
+from .train_config import TrainConfig
 
-__all__ = ["DEFAULT_LAMS", "K", "choose_lam", "fit_lambda_orthogonal", "identification", "procrustes_init"]
+__all__ = [
+    "DEFAULT_LAMS",
+    "K",
+    "LambdaOrthogonalConfig",
+    "choose_lam",
+    "fit_lambda_orthogonal",
+    "identification",
+    "procrustes_init",
+]
 
 DEFAULT_LAMS = (0.0, 8.0, math.inf)
 K = 10  #: the held-out Recall@K the sweep ranks by
@@ -81,7 +90,7 @@ def choose_lam(table: Sequence[dict[str, Any]], k: int = K) -> float:
 
 
 def _fit_one(
-    cal: Calibration, lam: float, alpha: float, cfg: Any, threads: int | None, progress: Progress | None
+    cal: Calibration, lam: float, alpha: float, cfg: TrainConfig, threads: int | None, progress: Progress | None
 ) -> tuple[AffineTransform, list[dict[str, float]], float]:
     """Trains one λ-regularized map on ``cal``; returns (transform, history, procrustes scale)."""
     from .train import AffineMap, LambdaOrthogonalityLoss, TaskData, to_affine, torch_threads, train_map
@@ -109,24 +118,49 @@ def _stage(progress: Progress | None, before: int, total: int, lam: float) -> Pr
     return stage
 
 
+@dataclass(frozen=True)
+class LambdaOrthogonalConfig(TrainConfig):
+    """How :func:`fit_lambda_orthogonal` fits: the training fields of :class:`~.train_config.TrainConfig`, λ
+    (``lam``, or None to sweep ``lams`` on a ``holdout`` slice, ``sweep_epochs`` each: default ``epochs // 2``),
+    the L_λ steepness ``alpha`` and the torch ``threads``. Validated on construction (imports torch)."""
+
+    lam: float | None = None
+    lams: Sequence[float] = DEFAULT_LAMS
+    alpha: float = 5.0
+    sweep_epochs: int | None = None
+    holdout: float = 0.1
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        from .train import LambdaOrthogonalityLoss
+
+        super().__post_init__()
+        self.sweep_config()  # validates sweep_epochs as a TrainConfig's epochs
+        LambdaOrthogonalityLoss(0.0, self.alpha)  # validates alpha before any work
+        grid = self.grid()
+        if not grid:
+            raise ValueError("lams must not be empty")
+        for value in grid:
+            LambdaOrthogonalityLoss(value, self.alpha)
+        if self.lam is None and not (isinstance(self.holdout, int | float) and 0 < self.holdout < 1):
+            raise ValueError(f"holdout must be in (0, 1), got {self.holdout!r}")
+
+    def grid(self) -> list[float]:
+        """The λ values to fit: ``[lam]``, or ``lams`` to sweep."""
+        return [self.lam] if self.lam is not None else list(self.lams)
+
+    def sweep_config(self) -> TrainConfig:
+        """How each swept λ trains: ``sweep_epochs`` epochs (default ``epochs // 2``, at least 1)."""
+        epochs = max(1, self.epochs // 2) if self.sweep_epochs is None else self.sweep_epochs
+        return replace(self.train_config(), epochs=epochs)
+
+
 def fit_lambda_orthogonal(
     cal: Calibration,
+    config: LambdaOrthogonalConfig | None = None,
     *,
-    lam: float | None = None,
-    lams: Sequence[float] = DEFAULT_LAMS,
-    alpha: float = 5.0,
-    temperature: float = 0.03,
-    w_task: float = 1.0,
-    w_id: float = 1.0,
-    hard_negatives: int = 4,
-    epochs: int = 10,
-    sweep_epochs: int | None = None,
-    batch_size: int = 512,
-    lr: float = 1e-3,
-    holdout: float = 0.1,
-    seed: int = 0,
-    threads: int | None = None,
     progress: Progress | None = None,
+    **overrides: Any,
 ) -> FitResult:
     """Fits the λ-orthogonal affine map; with ``lam=None`` λ is swept over ``lams`` on a held-out slice.
 
@@ -136,24 +170,15 @@ def fit_lambda_orthogonal(
     Returns a FitResult whose transform is an AffineTransform(kind="lambda_orthogonal"); ``info`` has the
     chosen ``lam``, the ``sweep`` table (per λ: held-out ``r1``, ``r10``, ``mrr10``, ``ortho_gap``, and the
     ``sweep_metric``, ``sweep_epochs``), the final ``ortho_gap``, ``relevance`` (task links used) and ``seconds``."""
-    from .train import LambdaOrthogonalityLoss, TrainConfig
-
-    cfg = TrainConfig(epochs, batch_size, lr, temperature, w_task, w_id, hard_negatives, seed)
-    sweep_cfg = replace(cfg, epochs=max(1, epochs // 2) if sweep_epochs is None else sweep_epochs)
-    LambdaOrthogonalityLoss(0.0, alpha)  # validates alpha before any work
-    grid = [lam] if lam is not None else list(lams)
-    if not grid:
-        raise ValueError("lams must not be empty")
-    for value in grid:
-        LambdaOrthogonalityLoss(value, alpha)
-    if lam is None and not (isinstance(holdout, int | float) and 0 < holdout < 1):
-        raise ValueError(f"holdout must be in (0, 1), got {holdout!r}")
+    conf = configure(LambdaOrthogonalConfig, config, overrides)
+    cfg, sweep_cfg, grid = conf.train_config(), conf.sweep_config(), conf.grid()
+    lam, alpha, epochs, threads = conf.lam, conf.alpha, conf.epochs, conf.threads
     start = time.perf_counter()
     info: dict[str, Any] = {"init": "procrustes", "sweep": [], "relevance": len(cal.links())}
     sweeping = lam is None and len(grid) > 1
     total = (len(grid) * sweep_cfg.epochs if sweeping else 0) + epochs  #: epochs of the whole fit, for progress
     if sweeping:
-        train, held = split_calibration(cal, holdout, seed)
+        train, held = split_calibration(cal, conf.holdout, conf.seed)
         use_task = held.query_relevant is not None and task_recall(None, held, "cosine", K) is not None
         info["sweep_metric"] = "heldout_task_recall" if use_task else "heldout_identification"
         info["sweep_epochs"] = sweep_cfg.epochs

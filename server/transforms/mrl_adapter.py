@@ -56,15 +56,24 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .base import Calibration, FitResult, Transform
+from .base import Calibration, FitResult, Transform, configure
 from .matryoshka import check_m
 from .pca_basis import principal_axes
+from .train_config import MAX_EPOCHS
 
-__all__ = ["NESTING_DIMS", "MRLAdapterTransform", "fit_mrl_adapter", "nesting_dims", "positive_pairs"]
+__all__ = [
+    "NESTING_DIMS",
+    "MRLAdapterConfig",
+    "MRLAdapterTransform",
+    "fit_mrl_adapter",
+    "nesting_dims",
+    "positive_pairs",
+]
 
 NESTING_DIMS = (16, 32, 64, 128, 256)  #: default nesting dims below d (d itself is always added)
 _MLP = ("W1", "b1", "W2", "b2")
@@ -160,22 +169,47 @@ class MRLAdapterTransform(Transform):
         return t
 
 
+@dataclass(frozen=True)
+class MRLAdapterConfig:
+    """How :func:`fit_mrl_adapter` trains (module docstring). Validated on construction where the data is not
+    needed: ``dims`` and ``weights`` are checked against d when fitting, ``temperature`` by the loss."""
+
+    dims: Sequence[int] | None = None
+    weights: Sequence[float] | None = None
+    temperature: float = 0.05
+    symmetric: bool = True
+    distill: float = 0.0
+    hidden: int = 0
+    center_axes: bool = True
+    epochs: int = 30
+    batch_size: int = 512
+    lr: float = 1e-3
+    seed: int = 0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.distill >= 0 and math.isfinite(self.distill)):
+            raise ValueError(f"distill must be a finite number >= 0, got {self.distill}")
+        for name, v, least in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 2)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {v!r}")
+        if self.epochs > MAX_EPOCHS:
+            raise ValueError(f"epochs must be at most {MAX_EPOCHS}, got {self.epochs!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+
+    def get_config_dict(self) -> dict[str, Any]:
+        """What the artefact keeps beside the loss's own config (dims, weights, temperature, symmetric)."""
+        keep = {"distill": float(self.distill), "hidden": self.hidden, "center_axes": self.center_axes}
+        return {**keep, "epochs": self.epochs, "batch_size": self.batch_size, "lr": float(self.lr), "seed": self.seed}
+
+
 def fit_mrl_adapter(
     cal_or_pairs: Calibration | tuple[np.ndarray, np.ndarray],
+    config: MRLAdapterConfig | None = None,
     *,
-    dims: Sequence[int] | None = None,
-    weights: Sequence[float] | None = None,
-    temperature: float = 0.05,
-    symmetric: bool = True,
-    distill: float = 0.0,
-    hidden: int = 0,
-    center_axes: bool = True,
-    epochs: int = 30,
-    batch_size: int = 512,
-    lr: float = 1e-3,
-    seed: int = 0,
-    threads: int | None = None,
     progress: Callable[[dict[str, float]], None] | None = None,
+    **overrides: Any,
 ) -> FitResult:
     """Trains the adapter on the positive pairs (module docstring) from the PCA rotation of queries and docs.
 
@@ -185,28 +219,22 @@ def fit_mrl_adapter(
     import torch  # only fitting needs torch
 
     from .mrl_loss import AdapterMap, MatryoshkaLoss, SimilarityDistillationLoss, cosine_sims
-    from .train import MAX_EPOCHS, InfoNCELoss, torch_threads
+    from .train import InfoNCELoss, torch_threads
 
+    conf = configure(MRLAdapterConfig, config, overrides)
+    dims, weights, distill, hidden, seed = conf.dims, conf.weights, conf.distill, conf.hidden, conf.seed
+    epochs, batch_size = conf.epochs, conf.batch_size
     q, b = positive_pairs(cal_or_pairs)
     n, d = q.shape
     ms = nesting_dims(d, dims)
-    if not (distill >= 0 and math.isfinite(distill)):
-        raise ValueError(f"distill must be a finite number >= 0, got {distill}")
-    for name, v, least in (("epochs", epochs, 1), ("batch_size", batch_size, 2)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {v!r}")
-    if epochs > MAX_EPOCHS:
-        raise ValueError(f"epochs must be at most {MAX_EPOCHS}, got {epochs!r}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a finite number > 0, got {lr}")
-    contrast = MatryoshkaLoss(InfoNCELoss(temperature, symmetric), ms, weights, d)
+    contrast = MatryoshkaLoss(InfoNCELoss(conf.temperature, conf.symmetric), ms, weights, d)
     geometry = MatryoshkaLoss(SimilarityDistillationLoss(), ms, weights, d)
     start = time.perf_counter()
-    with torch_threads(threads):
-        R, _ = principal_axes(np.vstack([b, q]), center_axes)
+    with torch_threads(conf.threads):
+        R, _ = principal_axes(np.vstack([b, q]), conf.center_axes)
         model = AdapterMap(R.astype(np.float32), hidden, seed)
         gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        opt = torch.optim.Adam(model.parameters(), lr=conf.lr)
         xq, xb = torch.from_numpy(q), torch.from_numpy(b)
         n_batches = max(1, math.ceil(n / batch_size))
         history: list[dict[str, float]] = []
@@ -232,18 +260,9 @@ def fit_mrl_adapter(
             if progress is not None:
                 progress({"epoch": float(epoch + 1), "fraction": (epoch + 1) / epochs, **record})
         weights_np = model.numpy_weights()
-    config = {
-        **contrast.get_config_dict(),
-        "distill": float(distill),
-        "hidden": hidden,
-        "center_axes": center_axes,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": float(lr),
-        "seed": seed,
-    }
+    saved = {**contrast.get_config_dict(), **conf.get_config_dict()}
     mlp = {k: weights_np[k] for k in _MLP if k in weights_np}
-    transform = MRLAdapterTransform(weights_np["W"], config, mlp or None)
+    transform = MRLAdapterTransform(weights_np["W"], saved, mlp or None)
     info = {"init": "pca_basis", "dims": list(ms), "hidden": hidden, "n_pairs": n}
     info["seconds"] = time.perf_counter() - start
     return FitResult(transform, info, history)

@@ -29,14 +29,22 @@ Covered by ``tests/test_matryoshka_transforms.py``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from .base import AffineTransform, Calibration, FitResult
+from .base import AffineTransform, Calibration, FitResult, configure
 from .procrustes import orthogonality_error
 
-__all__ = ["REPORT_DIMS", "calibration_vectors", "fit_pca_basis", "principal_axes", "retained_variance"]
+__all__ = [
+    "REPORT_DIMS",
+    "PCABasisConfig",
+    "calibration_vectors",
+    "fit_pca_basis",
+    "principal_axes",
+    "retained_variance",
+]
 
 REPORT_DIMS = (16, 32, 64, 128, 256)  #: prefix sizes whose retained variance goes into ``info`` (plus d)
 
@@ -83,19 +91,35 @@ def retained_variance(eigenvalues: np.ndarray, dims: tuple[int, ...]) -> dict[st
     return {str(m): float(w[:m].sum() / total) for m in ms}
 
 
+@dataclass(frozen=True)
+class PCABasisConfig:
+    """How :func:`fit_pca_basis` fits: ``center_axes`` picks the covariance (True) or XᵀX / n; validated on
+    construction."""
+
+    center_axes: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.center_axes, bool):
+            raise ValueError(f"center_axes must be a bool, got {self.center_axes!r}")
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def fit_pca_basis(
     cal_or_vectors: Calibration | np.ndarray,
+    config: PCABasisConfig | None = None,
     *,
-    center_axes: bool = True,
     progress: Callable[[str, float], None] | None = None,
+    **overrides: Any,
 ) -> FitResult:
     """Fits the rotation onto the principal axes of the home-space calibration vectors.
 
     Returns a FitResult with an AffineTransform(kind="pca_basis"): W = R (d, d) with RᵀR = I, b = 0.
     ``info``: ``n`` vectors, ``centered_axes``, ``ortho_error`` (‖RᵀR − I‖_F of the stored float32 R),
     ``eigenvalues`` (d, descending) and ``retained_variance`` ({m: fraction}, :data:`REPORT_DIMS` and d)."""
-    if not isinstance(center_axes, bool):
-        raise ValueError(f"center_axes must be a bool, got {center_axes!r}")
+    cfg = configure(PCABasisConfig, config, overrides)
+    center_axes = cfg.center_axes
     x = calibration_vectors(cal_or_vectors)
     if progress is not None:
         progress("covariance", 0.1)
@@ -103,8 +127,8 @@ def fit_pca_basis(
     if progress is not None:
         progress("eigh", 0.9)
     d = R.shape[0]
-    config = {"kind": "pca_basis", "center_axes": center_axes}
-    t = AffineTransform({"query": R}, {"query": np.zeros(d)}, config, kind="pca_basis")
+    saved = {"kind": "pca_basis", **cfg.get_config_dict()}
+    t = AffineTransform({"query": R}, {"query": np.zeros(d)}, saved, kind="pca_basis")
     info: dict[str, Any] = {
         "n": len(x),
         "centered_axes": center_axes,

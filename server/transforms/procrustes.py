@@ -32,15 +32,18 @@ Covered by ``tests/test_transforms_linear.py``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .base import SIDES, AffineTransform, Calibration, FitResult
+from .base import SIDES, AffineTransform, Calibration, FitResult, configure
 
 __all__ = [
+    "ProcrustesConfig",
     "Progress",
     "centred_pairs",
+    "check_task_epochs",
     "fit_procrustes",
     "orthogonality_error",
     "procrustes_rotation",
@@ -190,15 +193,39 @@ def refine_stiefel(
     return R, s, history
 
 
+@dataclass(frozen=True)
+class ProcrustesConfig:
+    """How :func:`fit_procrustes` fits; validated on construction. ``threads``: torch threads of the task
+    refinement (None: torch's default)."""
+
+    center: bool = True
+    scale: bool = True
+    refine_steps: int = 200
+    task_epochs: int = 5
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        check_task_epochs(self.task_epochs)
+        steps = self.refine_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"refine_steps must be an integer >= 0, got {steps!r}")
+        if steps > MAX_REFINE_STEPS:
+            raise ValueError(f"refine_steps must be at most {MAX_REFINE_STEPS}, got {steps!r}")
+
+    def get_config_dict(self) -> dict[str, Any]:
+        """What the artefact keeps (``threads`` is how, not what, so it is left out)."""
+        keep = ("center", "scale", "refine_steps", "task_epochs")
+        return {name: getattr(self, name) for name in keep}
+
+
+def check_task_epochs(task_epochs: Any) -> None:
+    """ValueError unless ``task_epochs`` (task refinement of the linear kinds) is an integer in [0, 1000]."""
+    if isinstance(task_epochs, bool) or not isinstance(task_epochs, int) or not 0 <= task_epochs <= 1000:
+        raise ValueError(f"task_epochs must be an integer in [0, 1000], got {task_epochs!r}")
+
+
 def fit_procrustes(
-    cal: Calibration,
-    *,
-    center: bool = True,
-    scale: bool = True,
-    refine_steps: int = 200,
-    task_epochs: int = 5,
-    threads: int | None = None,
-    progress: Progress | None = None,
+    cal: Calibration, config: ProcrustesConfig | None = None, *, progress: Progress | None = None, **overrides: Any
 ) -> FitResult:
     """Fits the (centred, scaled) Procrustes map from ``cal``'s new vectors to its home vectors.
 
@@ -210,12 +237,8 @@ def fit_procrustes(
     With training relevance (``cal.query_relevant``) and ``task_epochs`` > 0 the rotation is then refined
     on the retrieval task for that many epochs, kept a scaled isometry (``train/refine.py``);
     ``info["task_epochs"]`` says how many ran."""
-    if isinstance(task_epochs, bool) or not isinstance(task_epochs, int) or not 0 <= task_epochs <= 1000:
-        raise ValueError(f"task_epochs must be an integer in [0, 1000], got {task_epochs!r}")
-    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
-        raise ValueError(f"refine_steps must be an integer >= 0, got {refine_steps!r}")
-    if refine_steps > MAX_REFINE_STEPS:
-        raise ValueError(f"refine_steps must be at most {MAX_REFINE_STEPS}, got {refine_steps!r}")
+    cfg = configure(ProcrustesConfig, config, overrides)
+    center, scale, refine_steps, task_epochs = cfg.center, cfg.scale, cfg.refine_steps, cfg.task_epochs
     means = side_means(cal, center)
     Xc, Yc = centred_pairs(cal, means)
     C, M, yy = Xc.T @ Xc, Xc.T @ Yc, float((Yc**2).sum())
@@ -239,9 +262,7 @@ def fit_procrustes(
         "loss_uvt": loss_uvt,
         "loss": stiefel_loss(R, s, C, M, yy),
     }
-    config = {"kind": "procrustes", "center": center, "scale": scale, "refine_steps": refine_steps}
-    config["task_epochs"] = task_epochs
-    t = AffineTransform({"query": W}, b, config, kind="procrustes")
+    t = AffineTransform({"query": W}, b, {"kind": "procrustes", **cfg.get_config_dict()}, kind="procrustes")
     info["task_epochs"] = 0
     if task_epochs and len(cal.links()) and d_new >= d_home:
         from .train import TrainConfig, refine_linear
@@ -249,7 +270,7 @@ def fit_procrustes(
         if progress is not None:
             progress("task refinement", 0.6)
         t, task_history = refine_linear(
-            t, cal, TrainConfig(epochs=task_epochs), orthogonal=True, scale=s, threads=threads
+            t, cal, TrainConfig(epochs=task_epochs), orthogonal=True, scale=s, threads=cfg.threads
         )
         history += [{"step": float(len(history) + i), **h} for i, h in enumerate(task_history)]
         info["task_epochs"] = task_epochs

@@ -43,16 +43,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import SIDES, Calibration, FitResult, Transform
+from .base import SIDES, Calibration, FitResult, Transform, configure
+from .train_config import TrainConfig
 
 if TYPE_CHECKING:
     from .train import AffineMap
 
-__all__ = ["ResidualMLPTransform", "build_module", "fit_residual_mlp", "to_transform"]
+__all__ = ["ResidualMLPConfig", "ResidualMLPTransform", "build_module", "fit_residual_mlp", "to_transform"]
 
 
 class ResidualMLPTransform(Transform):
@@ -183,22 +185,33 @@ def to_transform(model: AffineMap, mean_new: dict[str, np.ndarray], config: dict
     return ResidualMLPTransform(W, b, W1, b1, W2, b2, config)
 
 
+@dataclass(frozen=True)
+class ResidualMLPConfig(TrainConfig):
+    """How :func:`fit_residual_mlp` fits: the training fields of :class:`~.train_config.TrainConfig`, the MLP
+    width ``hidden``, an optional L_λ on A's W (``lam``, ``alpha``; default inf: none) and the torch
+    ``threads``. Validated on construction (imports torch)."""
+
+    hidden: int = 1024
+    lam: float = math.inf
+    alpha: float = 5.0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        from .train import LambdaOrthogonalityLoss
+
+        hidden = self.hidden
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or not 1 <= hidden <= 16384:
+            raise ValueError(f"hidden must be an integer in [1, 16384], got {hidden!r}")
+        super().__post_init__()
+        LambdaOrthogonalityLoss(self.lam, self.alpha)
+
+
 def fit_residual_mlp(
     cal: Calibration,
+    config: ResidualMLPConfig | None = None,
     *,
-    hidden: int = 1024,
-    lam: float = math.inf,
-    alpha: float = 5.0,
-    temperature: float = 0.03,
-    w_task: float = 1.0,
-    w_id: float = 1.0,
-    hard_negatives: int = 4,
-    epochs: int = 10,
-    batch_size: int = 512,
-    lr: float = 1e-3,
-    seed: int = 0,
-    threads: int | None = None,
     progress: Callable[[dict[str, float]], None] | None = None,
+    **overrides: Any,
 ) -> FitResult:
     """Fits B = A + MLP on all pairs with the task loss (``train/``; no held-out slice, no sweep).
 
@@ -208,20 +221,19 @@ def fit_residual_mlp(
     import torch  # only fitting needs torch
 
     from .lambda_orthogonal import procrustes_init
-    from .train import LambdaOrthogonalityLoss, TaskData, TrainConfig, orthogonality_gap, torch_threads, train_map
+    from .train import LambdaOrthogonalityLoss, TaskData, orthogonality_gap, torch_threads, train_map
 
-    if isinstance(hidden, bool) or not isinstance(hidden, int) or not 1 <= hidden <= 16384:
-        raise ValueError(f"hidden must be an integer in [1, 16384], got {hidden!r}")
-    cfg = TrainConfig(epochs, batch_size, lr, temperature, w_task, w_id, hard_negatives, seed)
-    ortho = LambdaOrthogonalityLoss(lam, alpha)
+    conf = configure(ResidualMLPConfig, config, overrides)
+    cfg, hidden, seed = conf.train_config(), conf.hidden, conf.seed
+    ortho = LambdaOrthogonalityLoss(conf.lam, conf.alpha)
     start = time.perf_counter()
-    with torch_threads(threads):
+    with torch_threads(conf.threads):
         data = TaskData.build(cal, cfg.hard_negatives)
         W0, scale = procrustes_init(cal)
         model = build_module(W0.shape[0], W0.shape[1], hidden, W0, seed)
         history = train_map(model, data, cfg, lambda: ortho(model.W), progress)
-        config = {"hidden": hidden, **ortho.get_config_dict(), **cfg.get_config_dict()}
-        transform = to_transform(model, data.mean_new, config)
+        saved = {"hidden": hidden, **ortho.get_config_dict(), **cfg.get_config_dict()}
+        transform = to_transform(model, data.mean_new, saved)
         gap = float(orthogonality_gap(torch.tensor(transform.W, dtype=torch.float64)))
     info = {"init": "procrustes", "hidden": hidden, "procrustes_scale": scale, "ortho_gap": gap}
     info.update(relevance=len(cal.links()), seconds=time.perf_counter() - start)

@@ -1,6 +1,7 @@
 """The one training loop of the trained kinds: Adam over :class:`~.data.TaskData` batches.
 
-:class:`TrainConfig` holds how a map is trained (validated on construction, persisted with the artefact);
+:class:`TrainConfig` (``train_config.py``, torch-free) holds how a map is trained (validated on construction,
+persisted with the artefact);
 :func:`train_map` runs it: each task batch scores the mapped queries against their relevant home docs,
 the batch's other docs and the mined hard negatives (:class:`~.losses.TaskLoss`), plus the two
 identification terms; each identification batch only the latter. An optional ``penalty`` (the L_λ of
@@ -12,48 +13,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ..train_config import MAX_EPOCHS, TrainConfig
 from .data import Batch, TaskData
 from .losses import TaskLoss
 
 __all__ = ["MAX_EPOCHS", "Progress", "TrainConfig", "torch_threads", "train_map"]
 
-MAX_EPOCHS = 1000  #: a fit is a request: its epochs are capped
 Progress = Callable[[dict[str, float]], None]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How a map is trained. Defaults measured on debdesc (docs/TRANSFORMS.md, "Training for the task")."""
-
-    epochs: int = 10
-    batch_size: int = 512
-    lr: float = 1e-3
-    temperature: float = 0.03
-    w_task: float = 1.0
-    w_id: float = 1.0
-    hard_negatives: int = 4
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        TaskLoss(self.temperature, self.w_task, self.w_id)  # validates the loss arguments
-        for name, low, high in (("epochs", 1, MAX_EPOCHS), ("batch_size", 2, 65536), ("hard_negatives", 0, 64)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or not (0 < self.lr <= 1):
-            raise ValueError(f"lr must be a number in (0, 1], got {self.lr!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-
-    def get_config_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def train_map(
