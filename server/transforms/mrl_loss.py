@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .train.maps import residual_branch
+
 __all__ = ["AdapterMap", "MatryoshkaLoss", "SimilarityDistillationLoss", "cosine_sims", "shrink_t"]
 
 
@@ -119,15 +121,7 @@ class AdapterMap(nn.Module):
         self.W = nn.Parameter(torch.tensor(np.asarray(W0, dtype=np.float32)))
         self.mlp: nn.Sequential | None = None
         if hidden:
-            first = nn.Linear(d, hidden, device="meta").to_empty(device="cpu")
-            last = nn.Linear(hidden, d, device="meta").to_empty(device="cpu")
-            gen = torch.Generator().manual_seed(seed)
-            with torch.no_grad():
-                nn.init.kaiming_uniform_(first.weight, a=math.sqrt(5), generator=gen)  # = nn.Linear's default
-                first.bias.uniform_(-1 / math.sqrt(d), 1 / math.sqrt(d), generator=gen)
-                last.weight.zero_()
-                last.bias.zero_()
-            self.mlp = nn.Sequential(first, nn.ReLU(), last)
+            self.mlp = residual_branch(d, hidden, d, seed)
 
     def forward(self, x: Tensor) -> Tensor:
         y = x @ self.W

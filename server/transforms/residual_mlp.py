@@ -149,22 +149,12 @@ def build_module(d_new: int, d_home: int, hidden: int, W0: np.ndarray, seed: int
     The first layer gets torch's default Linear init from a generator seeded with ``seed`` (the global
     RNG is not touched); the last layer is all zeros, so the model starts as the affine map.
     """
-    import torch
-    from torch import nn
-
     from .train import AffineMap
+    from .train.maps import residual_branch
 
     if hidden < 1:
         raise ValueError(f"hidden must be >= 1, got {hidden}")
-    first = nn.Linear(d_new, hidden, device="meta").to_empty(device="cpu")  # no init from the global RNG
-    last = nn.Linear(hidden, d_home, device="meta").to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        nn.init.kaiming_uniform_(first.weight, a=math.sqrt(5), generator=gen)  # = nn.Linear's default
-        first.bias.uniform_(-1 / math.sqrt(d_new), 1 / math.sqrt(d_new), generator=gen)
-        last.weight.zero_()
-        last.bias.zero_()
-    return AffineMap(d_new, d_home, W0, residual=nn.Sequential(first, nn.ReLU(), last))
+    return AffineMap(d_new, d_home, W0, residual=residual_branch(d_new, hidden, d_home, seed))
 
 
 def to_transform(model: AffineMap, mean_new: dict[str, np.ndarray], config: dict[str, Any]) -> ResidualMLPTransform:

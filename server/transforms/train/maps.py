@@ -12,6 +12,7 @@ into an :class:`~..base.AffineTransform`. Covered by ``tests/test_task_loss.py``
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,22 @@ from torch.nn.utils import parametrizations
 
 from ..base import SIDES, AffineTransform
 
-__all__ = ["AffineMap", "OrthogonalMap", "to_affine"]
+__all__ = ["AffineMap", "OrthogonalMap", "residual_branch", "to_affine"]
+
+
+def residual_branch(d_in: int, hidden: int, d_out: int, seed: int = 0) -> nn.Sequential:
+    """Linear(d_in, hidden) → ReLU → Linear(hidden, d_out) that outputs exactly 0 at the start: the first
+    layer gets torch's default Linear init from a generator seeded with ``seed`` (the global RNG is not
+    touched), the last layer is all zeros. The MLP branch of ``residual_mlp`` and ``mrl_adapter``."""
+    first = nn.Linear(d_in, hidden, device="meta").to_empty(device="cpu")  # no init from the global RNG
+    last = nn.Linear(hidden, d_out, device="meta").to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(first.weight, a=math.sqrt(5), generator=gen)  # = nn.Linear's default
+        first.bias.uniform_(-1 / math.sqrt(d_in), 1 / math.sqrt(d_in), generator=gen)
+        last.weight.zero_()
+        last.bias.zero_()
+    return nn.Sequential(first, nn.ReLU(), last)
 
 
 class AffineMap(nn.Module):
