@@ -525,7 +525,7 @@ def test_adapter_fits_by_name_with_a_held_out_slice_that_keeps_pairs_aligned(mon
     cal = Calibration(b, b, q, q)
     seen: list[Calibration] = []
 
-    @functools.wraps(fit_mrl_adapter)  # the registry reads the fitter's keyword arguments through the wrapper
+    @functools.wraps(fit_mrl_adapter)  # keeps the fitter's name and docstring on the spy
     def spy(c: Calibration, **kw: Any) -> FitResult:
         seen.append(c)
         return fit_mrl_adapter(c, **kw)
