@@ -37,7 +37,8 @@ class Checkpoint:
     nsealed: int  #: index.ntotal
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a folder, so that a rename or a new file in it is durable (also used by ``snapshots.py``)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -68,7 +69,7 @@ def save(folder: Path, index: Any, *, sequence: int, spec: str, metric: str) -> 
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder / FILENAME)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return int(blob.nbytes)
 
 
@@ -101,4 +102,4 @@ def remove(folder: Path) -> None:
     path = folder / FILENAME
     if path.exists():
         path.unlink()
-        _fsync_dir(folder)
+        fsync_dir(folder)

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from .checkpoint import fsync_dir
 from .errors import FailedPrecondition
-from .snapshots import DB_FILE, Manifest, fsync_dir, sha256_file, verify
+from .snapshots import DB_FILE, Manifest, sha256_file, verify
 
 __all__ = ["LOCK_FILE", "Restored", "lock_data_dir", "restore"]
 

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from .checkpoint import fsync_dir
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, shown
 
 __all__ = ["DB_FILE", "FORMAT_VERSION", "MANIFEST", "Manifest", "Snapshots", "check_name", "sha256_file", "verify"]
@@ -62,14 +63,6 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(CHUNK_BYTES):
             h.update(chunk)
     return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
