@@ -122,7 +122,8 @@ def verify(stubs: Stubs, model: Model, rng: random.Random, problems: list[str], 
 
     An HNSW point whose exact vector is stored and indexed (no stale vector, returned ids at their
     true distances) but that even a near-exhaustive search (``ef_search`` 4096) cannot reach is an
-    HNSW graph node without incoming links: it goes to ``unreachable``, not ``problems``."""
+    HNSW graph node without incoming links: it goes to ``unreachable``, not ``problems``; one that
+    the near-exhaustive search finds was an approximate miss at ``ef_search`` 256, not a violation."""
     for col in COLLECTIONS:
         live = model.live[col]
         pids = sorted(live)
@@ -154,16 +155,17 @@ def verify(stubs: Stubs, model: Model, rng: random.Random, problems: list[str], 
             D, I = stubs.search(col, "s@1", np.stack([live[p] for p in chunk]), 10, **SEARCH_PARAMS[col])
             for p, row, drow in zip(chunk, I, D, strict=True):
                 if p not in set(row):
-                    why, orphan = explain(stubs, model, col, p, row, drow)
-                    (unreachable if orphan else problems).append(
-                        f"{col}/{p}: its stored vector does not find it; {why}"
-                    )
+                    why, orphan, found_wide = explain(stubs, model, col, p, row, drow)
+                    if not found_wide or col != "hnsw":  # an HNSW miss a wider search finds: approximate recall
+                        (unreachable if orphan else problems).append(f"{col}/{p}: its vector misses it; {why}")
                 stale = [q for q in row if q and q not in live]
                 if stale:
                     problems.append(f"{col}: search returned ids not in the store: {stale[:3]}")
 
 
-def explain(stubs: Stubs, model: Model, col: str, pid: str, row: np.ndarray, drow: np.ndarray) -> tuple[str, bool]:
+def explain(
+    stubs: Stubs, model: Model, col: str, pid: str, row: np.ndarray, drow: np.ndarray
+) -> tuple[str, bool, bool]:
     """Why a self-search missed: does a near-exhaustive search find it, do the returned ids' stored
     vectors lie at the returned distances (else labels point at the wrong ids), and does one of the
     id's earlier vectors find it (the index holds a stale vector)?"""
@@ -187,7 +189,7 @@ def explain(stubs: Stubs, model: Model, col: str, pid: str, row: np.ndarray, dro
         f"k=100 ef_search=4096 {'finds' if found else 'does not find'} it{stale}"
     )
     orphan = col == "hnsw" and not found and not stale and abs(true_d - float(drow[0])) <= 1e-3 * max(1.0, true_d)
-    return why, orphan
+    return why, orphan, found
 
 
 def scan(stubs: Stubs, model: Model) -> dict[str, dict[str, int]]:
