@@ -167,20 +167,22 @@ def heldout_task_report(
     queries) and ``estimated_retention``; without training relevance the figures are None and
     ``retention_estimate`` says why (no number is invented)."""
     mapped = task_recall(t, held, home_metric, k, train.doc_home)
-    home = task_recall(None, held, home_metric, k, train.doc_home)
-    if mapped is None or home is None:
+    if mapped is None:
         return {
             "estimated_retention": None,
             "retention_estimate": "none: no evaluation queries and no training relevance in the held-out slice",
         }
     out: dict[str, Any] = {f"heldout_task_{m}": v for m, v in mapped.items()}
-    if pseudo:  # relevance is the old model's own top-1: home->home finds it by construction
+    if pseudo:  # relevance is the old model's own top-1: home->home finds it by construction, so no search
         out["estimated_retention"] = None
         out["retention_estimate"] = (
             "none: no evaluation queries and no training relevance (trained on pseudo relevance: heldout_task_* "
             "is how often T(new) finds the doc the old model ranked first)"
         )
         return out
+    home = task_recall(None, held, home_metric, k, train.doc_home)
+    if home is None:  # cannot happen: the same slice gave the mapped figures
+        raise ValueError("the held-out slice lost its relevance")
     out.update({f"heldout_home_{m}": v for m, v in home.items()})
     out["estimated_retention"] = mapped[f"r{k}"] / home[f"r{k}"] if home[f"r{k}"] > 0 else None
     out["retention_estimate"] = (
