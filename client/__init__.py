@@ -16,6 +16,7 @@ from ._exceptions import (
     DeadlineExceeded,
     FailedPrecondition,
     FitFailed,
+    ForwardUpgradeFailed,
     InterlinguaError,
     Internal,
     InvalidArgument,
@@ -28,20 +29,37 @@ from ._exceptions import (
 )
 from ._snapshots import SnapshotInfo
 from ._tls import TLS
-from ._types import CollectionInfo, PointRecord, Route, RouteInfo, RoutesListing, SearchResult, Space, TransformInfo
+from ._types import (
+    BackfillOrder,
+    CollectionInfo,
+    ForwardProgress,
+    MigrationInfo,
+    PointRecord,
+    Route,
+    RouteInfo,
+    RoutesListing,
+    ScoreCalibration,
+    SearchResult,
+    Space,
+    TransformInfo,
+)
 
 __all__ = [
     "TLS",
     "AlreadyExists",
+    "BackfillOrder",
     "Cancelled",
     "Client",
     "CollectionInfo",
     "DeadlineExceeded",
     "FailedPrecondition",
     "FitFailed",
+    "ForwardProgress",
+    "ForwardUpgradeFailed",
     "InterlinguaError",
     "Internal",
     "InvalidArgument",
+    "MigrationInfo",
     "NotFound",
     "PermissionDenied",
     "PointRecord",
@@ -49,6 +67,7 @@ __all__ = [
     "Route",
     "RouteInfo",
     "RoutesListing",
+    "ScoreCalibration",
     "SearchResult",
     "SearchStream",
     "SnapshotInfo",

@@ -8,9 +8,12 @@ subclass (raised ``from`` it).
 Large upserts are split into batches of ``batch_size`` rows, sliced lazily so a
 memory-mapped ``.npy`` streams; so are the calibration pairs of
 :meth:`Client.fit_transform`, which then polls the background fit until it is
-ready (or raises :class:`~interlingua.client.FitFailed`). Covered by
-``tests/test_client.py``, ``tests/test_client_transforms.py`` and (TLS)
-``tests/test_security.py``.
+ready (or raises :class:`~interlingua.client.FitFailed`). Migrations
+(:meth:`Client.start_migration` ... :meth:`Client.finish_migration`) return a
+:class:`~interlingua.client.MigrationInfo`; :meth:`Client.wait_forward_upgrade`
+polls a forward upgrade as :meth:`Client.wait_transform` polls a fit. Covered by
+``tests/test_client.py``, ``tests/test_client_transforms.py``,
+``tests/test_migration_client.py`` and (TLS) ``tests/test_security.py``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from interlingua.v1 import (
     collections_pb2,
     collections_pb2_grpc,
     common_pb2,
+    migrations_pb2,
+    migrations_pb2_grpc,
     points_pb2,
     points_pb2_grpc,
     snapshots_pb2,
@@ -44,13 +49,25 @@ from interlingua.v1 import (
 )
 
 from ._calibration import Gallery, Pairs, fit_requests
-from ._exceptions import DeadlineExceeded, FitFailed, InterlinguaError, InvalidArgument, Unavailable, from_rpc_error
+from ._exceptions import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    FitFailed,
+    ForwardUpgradeFailed,
+    InterlinguaError,
+    InvalidArgument,
+    Unavailable,
+    from_rpc_error,
+)
 from ._snapshots import SnapshotInfo, write_snapshot
 from ._tls import TLS
 from ._types import (
     KINDS,
     METRICS,
+    MIGRATION_STRATEGIES,
+    BackfillOrder,
     CollectionInfo,
+    MigrationInfo,
     PointRecord,
     RouteInfo,
     RoutesListing,
@@ -98,6 +115,7 @@ class Client:
         self._transforms = transforms_pb2_grpc.TransformServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._snapshots = snapshots_pb2_grpc.SnapshotServiceStub(self._channel)
+        self._migrations = migrations_pb2_grpc.MigrationServiceStub(self._channel)
 
     def __enter__(self) -> Client:
         return self
@@ -477,6 +495,131 @@ class Client:
         )
         msg: transforms_pb2.RouteInfo = self._call(self._transforms.SetShadow, req)
         return RouteInfo.from_proto(msg)
+
+    # -- migrations -----------------------------------------------------------------------------------
+
+    def start_migration(
+        self,
+        collection: str,
+        new_space: str,
+        transform: str,
+        *,
+        reverse_transform: str = "",
+        strategy: str | None = None,
+    ) -> MigrationInfo:
+        """Starts migrating ``collection`` from its home space to ``new_space``; returns it in phase
+        ``"backfill"``. Backfill by upserting new-space vectors for existing ids.
+
+        ``transform`` (a ready transform new_space -> home space) maps new-model queries onto points
+        not backfilled yet; ``reverse_transform`` (home space -> new_space, optional) serves old-model
+        queries after the cutover. ``strategy`` is ``"two_indexes"`` (the server's default for
+        ``None``) or ``"shared_index"``. NotFound for an unknown collection, space or transform;
+        FailedPrecondition when a migration already runs, the transform is not ready, or the
+        collection is failed or a prefix/basis collection; InvalidArgument when a transform maps
+        other spaces than it must, or ``new_space`` is the home space."""
+        if strategy is not None and strategy not in MIGRATION_STRATEGIES:
+            raise InvalidArgument(f"strategy must be one of {sorted(MIGRATION_STRATEGIES)}, got {strategy!r}")
+        req = migrations_pb2.StartMigrationRequest(
+            collection=collection,
+            new_space=new_space,
+            transform=transform,
+            reverse_transform=reverse_transform,
+            strategy=MIGRATION_STRATEGIES[strategy] if strategy else migrations_pb2.MIGRATION_STRATEGY_UNSPECIFIED,
+        )
+        msg: migrations_pb2.MigrationInfo = self._call(self._migrations.StartMigration, req)
+        return MigrationInfo.from_proto(msg)
+
+    def get_migration(self, collection: str) -> MigrationInfo:
+        """The collection's migration (phase, coverage, forward upgrade); NotFound when it has none."""
+        req = migrations_pb2.GetMigrationRequest(collection=collection)
+        msg: migrations_pb2.MigrationInfo = self._call(self._migrations.GetMigration, req)
+        return MigrationInfo.from_proto(msg)
+
+    def cutover(self, collection: str, *, force: bool = False) -> MigrationInfo:
+        """Makes the new space home in one atomic swap (phase ``"cutover"``); the old vectors stay
+        until :meth:`finish_migration`, so :meth:`rollback_cutover` can undo it. FailedPrecondition,
+        quoting the coverage, below 100% backfilled unless ``force``; a forced cutover needs every
+        point not backfilled to have a projection (:meth:`forward_upgrade` done)."""
+        req = migrations_pb2.CutoverRequest(collection=collection, force=force)
+        msg: migrations_pb2.MigrationInfo = self._call(self._migrations.Cutover, req)
+        return MigrationInfo.from_proto(msg)
+
+    def rollback_cutover(self, collection: str) -> MigrationInfo:
+        """Undoes a cutover: the old space is home again and the migration back in ``"backfill"``.
+        FailedPrecondition outside the cutover phase."""
+        req = migrations_pb2.RollbackCutoverRequest(collection=collection)
+        msg: migrations_pb2.MigrationInfo = self._call(self._migrations.RollbackCutover, req)
+        return MigrationInfo.from_proto(msg)
+
+    def finish_migration(self, collection: str) -> MigrationInfo:
+        """Ends a cut-over migration (phase ``"finished"``): the old vectors and index are dropped and
+        the new space is home for good. FailedPrecondition before :meth:`cutover`."""
+        req = migrations_pb2.FinishMigrationRequest(collection=collection)
+        msg: migrations_pb2.MigrationInfo = self._call(self._migrations.FinishMigration, req)
+        return MigrationInfo.from_proto(msg)
+
+    def abort_migration(self, collection: str) -> MigrationInfo:
+        """Abandons the migration in backfill or cutover (phase ``"aborted"``): the old space stays (or
+        becomes again) home, the new-space index and projections are dropped, backfilled vectors stay
+        stored. NotFound when the collection has no migration; FailedPrecondition outside backfill and
+        cutover."""
+        req = migrations_pb2.AbortMigrationRequest(collection=collection)
+        msg: migrations_pb2.MigrationInfo = self._call(self._migrations.AbortMigration, req)
+        return MigrationInfo.from_proto(msg)
+
+    def forward_upgrade(self, collection: str, transform: str) -> MigrationInfo:
+        """Starts projecting every stored old vector into the new space with ``transform`` (a ready
+        transform old space -> new space) in the background, and returns at once (``forward.state``
+        ``"running"``; :meth:`wait_forward_upgrade` waits for it). Real new-space vectors are never
+        overwritten. FailedPrecondition outside backfill or while one runs; NotFound /
+        InvalidArgument for the transform as in :meth:`start_migration`."""
+        req = migrations_pb2.ForwardUpgradeRequest(collection=collection, transform=transform)
+        msg: migrations_pb2.MigrationInfo = self._call(self._migrations.ForwardUpgrade, req)
+        return MigrationInfo.from_proto(msg)
+
+    def wait_forward_upgrade(
+        self, collection: str, timeout: float | None, poll: float = 0.2, *, progress: bool = False
+    ) -> MigrationInfo:
+        """Polls :meth:`get_migration` until the forward upgrade is ``"done"`` and returns the migration.
+
+        Raises ForwardUpgradeFailed (carrying the migration as ``info``) when it ended ``"failed"`` or
+        ``"cancelled"``, DeadlineExceeded when it still runs after ``timeout`` seconds (None: no
+        limit), FailedPrecondition when none was ever started. ``progress`` shows a tqdm bar.
+        """
+        if poll <= 0:
+            raise InvalidArgument(f"poll must be > 0 seconds, got {poll}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with tqdm(total=100, disable=not progress, desc=collection, bar_format=FIT_BAR) as bar:
+            while True:
+                info = self.get_migration(collection)
+                fwd = info.forward
+                bar.set_description_str(f"{collection}: forward {fwd.state or 'not started'}")
+                bar.update(int(100 * fwd.fraction) - bar.n)
+                if fwd.state == "done":
+                    return info
+                if fwd.state in ("failed", "cancelled"):
+                    why = f": {fwd.error}" if fwd.error else ""
+                    raise ForwardUpgradeFailed(
+                        f"forward upgrade of {collection!r} with {fwd.transform!r} {fwd.state}{why}", info=info
+                    )
+                if not fwd.state:
+                    raise FailedPrecondition(f"no forward upgrade was started on {collection!r}")
+                if deadline is not None and time.monotonic() + poll > deadline:
+                    raise DeadlineExceeded(
+                        f"forward upgrade of {collection!r} is still {fwd.state} after {timeout:g} s "
+                        f"({fwd.done}/{fwd.total} points, {fwd.fraction:.0%})"
+                    )
+                time.sleep(poll)
+
+    def suggest_backfill_order(self, collection: str, n: int) -> BackfillOrder:
+        """The ``n`` points not backfilled yet whose re-embedding should help most, best first (farthest
+        from their k-means centre in the old space), with their scores; fewer when fewer are left.
+        InvalidArgument unless 1 <= n <= the server's max_batch; NotFound without a migration."""
+        if n < 1:
+            raise InvalidArgument(f"n must be >= 1, got {n}")
+        req = migrations_pb2.SuggestBackfillOrderRequest(collection=collection, n=n)
+        resp: migrations_pb2.SuggestBackfillOrderResponse = self._call(self._migrations.SuggestBackfillOrder, req)
+        return BackfillOrder.from_proto(resp)
 
     # -- health ---------------------------------------------------------------------------------------
 

@@ -15,7 +15,8 @@
     ├── Internal                     INTERNAL
     ├── Unknown                      UNKNOWN
     ├── Cancelled                    CANCELLED
-    └── FitFailed                    (none)               the calls succeeded, the transform's fit failed
+    ├── FitFailed                    (none)               the calls succeeded, the transform's fit failed
+    └── ForwardUpgradeFailed         (none)               the calls succeeded, the forward upgrade failed
 
 ``retriable`` says whether the same call may succeed if sent again later
 (:class:`ResourceExhausted` carries the server's ``retry-after`` hint, in seconds, as
@@ -27,8 +28,11 @@ Client-side checks (shapes, lengths) raise :class:`InvalidArgument` too, so one
 ``except`` clause serves a mistake whether the client or the server caught it.
 :class:`FitFailed` is the one class no status code maps to: a transform whose
 background fit ended in state ``failed`` (:meth:`Client.wait_transform`); it
-carries the transform's :class:`~interlingua.client.TransformInfo` as ``info``.
-Covered by ``tests/test_client.py`` and ``tests/test_client_transforms.py``.
+carries the transform's :class:`~interlingua.client.TransformInfo` as ``info``;
+:class:`ForwardUpgradeFailed` is its twin for a migration's background forward upgrade
+(:meth:`Client.wait_forward_upgrade`), carrying the :class:`~interlingua.client.MigrationInfo`.
+Covered by ``tests/test_client.py``, ``tests/test_client_transforms.py`` and
+``tests/test_migration_client.py``.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import grpc
 
 if TYPE_CHECKING:
-    from ._types import TransformInfo
+    from ._types import MigrationInfo, TransformInfo
 
 __all__ = [
     "AlreadyExists",
@@ -46,6 +50,7 @@ __all__ = [
     "DeadlineExceeded",
     "FailedPrecondition",
     "FitFailed",
+    "ForwardUpgradeFailed",
     "InterlinguaError",
     "Internal",
     "InvalidArgument",
@@ -162,6 +167,16 @@ class FitFailed(InterlinguaError):
     """
 
     def __init__(self, message: str, *, info: TransformInfo) -> None:
+        super().__init__(message)
+        self.info = info
+
+
+class ForwardUpgradeFailed(InterlinguaError):
+    """A migration's forward upgrade ended ``"failed"`` or ``"cancelled"``; ``info`` is the migration
+    (``info.forward.error`` says why). Not a status code: the calls succeeded. ``code`` is UNKNOWN.
+    """
+
+    def __init__(self, message: str, *, info: MigrationInfo) -> None:
         super().__init__(message)
         self.info = info
 

@@ -2,9 +2,11 @@
 
 Enums become lower-case strings (``METRIC_COSINE`` -> ``"cosine"``,
 ``INDEX_STATE_READY`` -> ``"ready"``, ``TRANSFORM_KIND_PROCRUSTES`` ->
-``"procrustes"``), packed vectors become float32 arrays and JSON payloads become
-dicts (``None`` for "no payload"; a transform's config and report are ``{}`` when
-empty). Covered by ``tests/test_client.py`` and ``tests/test_client_transforms.py``.
+``"procrustes"``, ``MIGRATION_PHASE_BACKFILL`` -> ``"backfill"``), packed vectors
+become float32 arrays and JSON payloads become dicts (``None`` for "no payload"; a
+transform's config and report are ``{}`` when empty). Covered by
+``tests/test_client.py``, ``tests/test_client_transforms.py`` and
+``tests/test_migration_client.py``.
 """
 
 from __future__ import annotations
@@ -17,18 +19,23 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from interlingua.v1 import collections_pb2, common_pb2, points_pb2, transforms_pb2
+from interlingua.v1 import collections_pb2, common_pb2, migrations_pb2, points_pb2, transforms_pb2
 
 from ._wire import Payload, decode_payload, unpack_vectors
 
 __all__ = [
     "KINDS",
+    "MIGRATION_STRATEGIES",
+    "BackfillOrder",
     "CollectionInfo",
+    "ForwardProgress",
+    "MigrationInfo",
     "Payload",
     "PointRecord",
     "Route",
     "RouteInfo",
     "RoutesListing",
+    "ScoreCalibration",
     "SearchResult",
     "Space",
     "TransformInfo",
@@ -44,6 +51,12 @@ KINDS: dict[str, transforms_pb2.TransformKind.ValueType] = {
     transforms_pb2.TransformKind.Name(v).removeprefix("TRANSFORM_KIND_").lower(): v
     for v in transforms_pb2.TransformKind.values()
     if v != transforms_pb2.TRANSFORM_KIND_UNSPECIFIED
+}
+#: Migration strategies by their client name (``"two_indexes"``, ``"shared_index"``), as request values.
+MIGRATION_STRATEGIES: dict[str, migrations_pb2.MigrationStrategy.ValueType] = {
+    migrations_pb2.MigrationStrategy.Name(v).removeprefix("MIGRATION_STRATEGY_").lower(): v
+    for v in migrations_pb2.MigrationStrategy.values()
+    if v != migrations_pb2.MIGRATION_STRATEGY_UNSPECIFIED
 }
 
 
@@ -266,6 +279,143 @@ class RoutesListing:
     @classmethod
     def from_proto(cls, msg: transforms_pb2.ListRoutesResponse) -> RoutesListing:
         return cls([RouteInfo.from_proto(r) for r in msg.active], [RouteInfo.from_proto(r) for r in msg.history])
+
+
+@dataclass(frozen=True)
+class ScoreCalibration:
+    """The two-index merge's score calibration: old-index scores ``s`` become ``scale * s + bias``."""
+
+    scale: float
+    bias: float
+    source: str  #: where it was fitted: ``"transform report (N pairs)"`` or ``"identity: <why>"``
+
+    @classmethod
+    def from_proto(cls, msg: migrations_pb2.ScoreCalibration) -> ScoreCalibration:
+        return cls(msg.scale, msg.bias, msg.source)
+
+    def to_proto(self) -> migrations_pb2.ScoreCalibration:
+        return migrations_pb2.ScoreCalibration(scale=self.scale, bias=self.bias, source=self.source)
+
+
+@dataclass(frozen=True)
+class ForwardProgress:
+    """A migration's forward upgrade (old vectors projected into the new space in the background);
+    ``state`` is ``""`` (never run), ``"running"``, ``"done"``, ``"failed"`` or ``"cancelled"``."""
+
+    state: str
+    transform: str
+    done: int  #: points projected (or found backfilled) so far, of ``total``
+    total: int
+    error: str  #: why it failed ("" unless failed)
+
+    @property
+    def fraction(self) -> float:
+        """``done / total`` (1.0 when there is nothing to project)."""
+        return self.done / self.total if self.total else 1.0
+
+    @classmethod
+    def from_proto(cls, msg: migrations_pb2.ForwardProgress) -> ForwardProgress:
+        return cls(msg.state, msg.transform, msg.done, msg.total, msg.error)
+
+    def to_proto(self) -> migrations_pb2.ForwardProgress:
+        return migrations_pb2.ForwardProgress(
+            state=self.state, transform=self.transform, done=self.done, total=self.total, error=self.error
+        )
+
+
+@dataclass(frozen=True)
+class MigrationInfo:
+    """A collection's migration from ``old_space`` to ``new_space``.
+
+    ``phase`` is ``"backfill"`` (old space home, new vectors upserted beside the old ones),
+    ``"cutover"`` (new space home, old vectors kept for a rollback), ``"finished"`` or
+    ``"aborted"``; ``strategy`` is ``"two_indexes"`` or ``"shared_index"``. ``coverage`` is
+    ``backfilled / points`` (1.0 for an empty collection); ``calibration`` is ``None`` when the
+    server sent none; timestamps are seconds since the Unix epoch (0: not yet).
+    """
+
+    collection: str
+    old_space: str
+    new_space: str
+    home_space: str
+    phase: str
+    strategy: str
+    transform: str  #: new space -> old space, for new-space queries on points not backfilled
+    reverse_transform: str  #: old space -> new space, for old-space queries after the cutover ("" : none)
+    points: int
+    backfilled: int  #: points with a real new-space vector
+    projected: int  #: points with a forward projection
+    coverage: float
+    calibration: ScoreCalibration | None
+    forward: ForwardProgress
+    started_at: float
+    cutover_at: float
+    finished_at: float
+    forced: bool  #: the cutover was forced below 100% coverage
+
+    @classmethod
+    def from_proto(cls, msg: migrations_pb2.MigrationInfo) -> MigrationInfo:
+        return cls(
+            collection=msg.collection,
+            old_space=msg.old_space,
+            new_space=msg.new_space,
+            home_space=msg.home_space,
+            phase=migrations_pb2.MigrationPhase.Name(msg.phase).removeprefix("MIGRATION_PHASE_").lower(),
+            strategy=migrations_pb2.MigrationStrategy.Name(msg.strategy).removeprefix("MIGRATION_STRATEGY_").lower(),
+            transform=msg.transform,
+            reverse_transform=msg.reverse_transform,
+            points=msg.points,
+            backfilled=msg.backfilled,
+            projected=msg.projected,
+            coverage=msg.coverage,
+            calibration=ScoreCalibration.from_proto(msg.calibration) if msg.HasField("calibration") else None,
+            forward=ForwardProgress.from_proto(msg.forward),
+            started_at=msg.started_at,
+            cutover_at=msg.cutover_at,
+            finished_at=msg.finished_at,
+            forced=msg.forced,
+        )
+
+    def to_proto(self) -> migrations_pb2.MigrationInfo:
+        """The protobuf message this was built from (``from_proto(info.to_proto()) == info``)."""
+        msg = migrations_pb2.MigrationInfo(
+            collection=self.collection,
+            old_space=self.old_space,
+            new_space=self.new_space,
+            home_space=self.home_space,
+            phase=migrations_pb2.MigrationPhase.Value(f"MIGRATION_PHASE_{self.phase.upper()}"),
+            strategy=migrations_pb2.MigrationStrategy.Value(f"MIGRATION_STRATEGY_{self.strategy.upper()}"),
+            transform=self.transform,
+            reverse_transform=self.reverse_transform,
+            points=self.points,
+            backfilled=self.backfilled,
+            projected=self.projected,
+            coverage=self.coverage,
+            forward=self.forward.to_proto(),
+            started_at=self.started_at,
+            cutover_at=self.cutover_at,
+            finished_at=self.finished_at,
+            forced=self.forced,
+        )
+        if self.calibration is not None:
+            msg.calibration.CopyFrom(self.calibration.to_proto())
+        return msg
+
+
+@dataclass(frozen=True, eq=False)
+class BackfillOrder:
+    """Ids not backfilled yet whose re-embedding should help most, best first, with their scores
+    (distance to their k-means centre, float32, descending); fewer than asked when fewer are left."""
+
+    ids: list[str]
+    scores: npt.NDArray[np.float32]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def from_proto(cls, msg: migrations_pb2.SuggestBackfillOrderResponse) -> BackfillOrder:
+        return cls(list(msg.ids), np.asarray(msg.scores, dtype=np.float32))
 
 
 def _json_object(text: str) -> dict[str, Any]:

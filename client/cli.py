@@ -4,7 +4,7 @@
 
     interlingua serve [--config server.toml] [--data-dir D] [--port P] [--no-metrics] [--device cuda] ...
     interlingua spaces {list,register,get} ...      interlingua collections {list,create,get,delete} ...
-    interlingua ingest COLLECTION --space S --vectors xb.npy [--ids ids.txt] [--payloads p.jsonl]
+    interlingua ingest COLLECTION --space S --vectors xb.npy [--ids ids.txt] [--payloads p.jsonl] [--only-ids F]
     interlingua search COLLECTION --space S --vectors xq.npy [--rows 0:5] [-k 10] [--json]
     interlingua stats [COLLECTION] [--json]         interlingua health
     interlingua transforms {list,get NAME,cancel NAME,delete NAME} [--json]
@@ -14,6 +14,8 @@
     interlingua routes {list COLLECTION, activate COLLECTION TRANSFORM [--force],
                         rollback COLLECTION QUERY_SPACE, shadow COLLECTION QUERY_SPACE {TRANSFORM [--rate R] | --stop}}
     interlingua snapshots {list,create [NAME],delete NAME,verify NAME}   (see _snapshot_cli.py)
+    interlingua migrations {start,get,cutover,rollback,finish,abort,forward,suggest} COLLECTION ...
+                                                    (see _migration_cli.py)
     interlingua backup --to DIR [--name N] [--keep]    interlingua restore SNAPSHOT_DIR --data-dir DIR  (offline)
 
 Client commands read ``--target`` (default ``$INTERLINGUA_TARGET`` or
@@ -35,10 +37,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import _snapshot_cli
+from . import _migration_cli, _snapshot_cli
 from ._cli_common import RowIds, UsageError, load_array, parse_rows, read_lines
 from ._client import Client
 from ._exceptions import InterlinguaError
+from ._migration_cli import read_id_list, select_rows
 from ._output import (
     print_collection,
     print_collections,
@@ -116,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vectors", required=True, help=".npy of shape (n, d), float16/32/64")
     p.add_argument("--ids", help="text file, one id per line (default: row numbers 0..n-1)")
     p.add_argument("--payloads", help="JSON lines, one per row (empty line: no payload)")
+    p.add_argument(
+        "--only-ids",
+        metavar="FILE",
+        help="upsert only the rows whose id (--ids, else the row number) is listed in FILE, one per line "
+        "(e.g. from `migrations suggest --out`)",
+    )
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--stream", action="store_true", help="one UpsertStream call instead of one call per batch")
@@ -134,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("collection", nargs="?", help="one collection (default: all)")
     sub.add_parser("health", parents=[conn], help="print the server's health status")
     _snapshot_cli.add_parsers(sub, conn)
+    _migration_cli.add_parsers(sub, conn)
 
     trs = sub.add_parser("transforms", help="compatibility transforms").add_subparsers(dest="action", required=True)
     trs.add_parser("list", parents=[conn], help="list transforms with their state and R@10")
@@ -208,6 +218,11 @@ def _ingest(client: Client, args: argparse.Namespace) -> None:
     payloads = None
     if args.payloads:
         payloads = [line if line.strip() else None for line in read_lines(args.payloads, n, "payload")]
+    if args.only_ids:
+        rows = select_rows(ids, read_id_list(args.only_ids), args.only_ids)
+        xb, ids = xb[rows], [ids[i] for i in rows]
+        payloads = None if payloads is None else [payloads[i] for i in rows]
+        n = len(rows)
     upsert = client.upsert_stream if args.stream else client.upsert
     seq = upsert(
         args.collection,
@@ -292,6 +307,8 @@ def _run_client(args: argparse.Namespace) -> int:
             _routes(client, args)
         elif args.command in _snapshot_cli.COMMANDS:
             _snapshot_cli.run(client, args)
+        elif args.command in _migration_cli.COMMANDS:
+            _migration_cli.run(client, args)
     return 0
 
 

@@ -52,10 +52,11 @@ def _check_knn(D: np.ndarray, ids: np.ndarray, Dref: np.ndarray, Iref: np.ndarra
 
 def test_public_names_are_pinned() -> None:
     assert sorted(interlingua.client.__all__) == [
-        "AlreadyExists", "Cancelled", "Client", "CollectionInfo", "DeadlineExceeded", "FailedPrecondition",
-        "FitFailed", "InterlinguaError", "Internal", "InvalidArgument", "NotFound", "PermissionDenied",
-        "PointRecord", "ResourceExhausted", "Route", "RouteInfo", "RoutesListing", "SearchResult", "SearchStream",
-        "SnapshotInfo", "Space", "TLS", "TransformInfo", "Unauthenticated", "Unavailable", "Unknown",
+        "AlreadyExists", "BackfillOrder", "Cancelled", "Client", "CollectionInfo", "DeadlineExceeded",
+        "FailedPrecondition", "FitFailed", "ForwardProgress", "ForwardUpgradeFailed", "InterlinguaError", "Internal",
+        "InvalidArgument", "MigrationInfo", "NotFound", "PermissionDenied", "PointRecord", "ResourceExhausted",
+        "Route", "RouteInfo", "RoutesListing", "ScoreCalibration", "SearchResult", "SearchStream", "SnapshotInfo",
+        "Space", "TLS", "TransformInfo", "Unauthenticated", "Unavailable", "Unknown",
     ]  # fmt: skip
 
 
