@@ -28,8 +28,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter
 
-from interlingua.v1 import collections_pb2, points_pb2, snapshots_pb2, spaces_pb2, transforms_pb2
+from interlingua.v1 import collections_pb2, migrations_pb2, points_pb2, snapshots_pb2, spaces_pb2, transforms_pb2
 from interlingua.v1 import collections_pb2_grpc as cgrpc
+from interlingua.v1 import migrations_pb2_grpc as mgrpc
 from interlingua.v1 import points_pb2_grpc as pgrpc
 from interlingua.v1 import snapshots_pb2_grpc as sngrpc
 from interlingua.v1 import spaces_pb2_grpc as sgrpc
@@ -41,6 +42,7 @@ from .engine import Engine, Lifecycle
 from .errors import InvalidArgument
 from .gate import GateInterceptor
 from .metrics import Metrics, MetricsInterceptor
+from .migration_servicer import MigrationServicer
 from .rpcwrap import DecodeInterceptor
 from .servicers import CollectionServicer, PointServicer, SpaceServicer
 from .snapshot_servicer import SnapshotServicer
@@ -57,6 +59,7 @@ SERVICE_NAMES = (
     points_pb2.DESCRIPTOR.services_by_name["PointService"].full_name,
     transforms_pb2.DESCRIPTOR.services_by_name["TransformService"].full_name,
     snapshots_pb2.DESCRIPTOR.services_by_name["SnapshotService"].full_name,
+    migrations_pb2.DESCRIPTOR.services_by_name["MigrationService"].full_name,
 )
 
 
@@ -115,6 +118,7 @@ class Server:
         pgrpc.add_PointServiceServicer_to_server(PointServicer(self.engine), self.grpc)
         tgrpc.add_TransformServiceServicer_to_server(TransformServicer(self.engine), self.grpc)
         sngrpc.add_SnapshotServiceServicer_to_server(SnapshotServicer(self.engine), self.grpc)
+        mgrpc.add_MigrationServiceServicer_to_server(MigrationServicer(self.engine), self.grpc)
         # Blocking Watch: each holds a worker, bounded by the open-stream slots. The non-blocking one
         # deadlocks: set() holds the servicer's lock while it waits for a send that grpc's serving
         # thread cannot make, being stuck on that lock in a closing watcher's callback (seen at stop()).

@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from interlingua.v1 import collections_pb2, points_pb2, snapshots_pb2, spaces_pb2, transforms_pb2
+from interlingua.v1 import collections_pb2, migrations_pb2, points_pb2, snapshots_pb2, spaces_pb2, transforms_pb2
 
 from .config import ROLES, ApiKey, ServerConfig
 from .errors import PermissionDenied, Unauthenticated
@@ -33,7 +33,7 @@ class MethodKind:
 
 def _methods() -> dict[str, MethodKind]:
     out: dict[str, MethodKind] = {}
-    for fd in (spaces_pb2, collections_pb2, points_pb2, transforms_pb2, snapshots_pb2):
+    for fd in (spaces_pb2, collections_pb2, points_pb2, transforms_pb2, snapshots_pb2, migrations_pb2):
         for service in fd.DESCRIPTOR.services_by_name.values():
             for m in service.methods:
                 out[f"/{service.full_name}/{m.name}"] = MethodKind(m.client_streaming, m.server_streaming)
@@ -55,6 +55,7 @@ _READ = {
     "GetTransform",
     "ListTransforms",
     "ListRoutes",
+    "GetMigration",
 }
 _WRITE = {"Upsert", "UpsertStream", "DeletePoints"}
 

@@ -42,8 +42,11 @@ class Collection(CollectionIndex):
 
     # -- writes (callers validated the input) ---------------------------------------------------
 
-    def upsert(self, space: SpaceRow, ids: list[str], x: np.ndarray, payloads: Sequence[str | None]) -> int:
-        """x : shape (n, d) float32, already normalized for cosine spaces. Returns the sequence."""
+    def upsert(
+        self, space: SpaceRow, ids: list[str], x: np.ndarray, payloads: Sequence[str | None], *, projected: bool = False
+    ) -> int:
+        """x : shape (n, d) float32, already normalized for cosine spaces. Returns the sequence.
+        ``projected``: the vectors are a migration's forward projections (``server/migration``)."""
         home = space.name == self.home.name
         with self.lock:
             self._check_live()
@@ -54,7 +57,7 @@ class Collection(CollectionIndex):
             else:
                 first, dead = None, []
                 new_vectors = len(ids) - len(self.store.existing_vectors(self.row.cid, space.name, ids))
-            seq = self.store.upsert(self.row.cid, space.name, ids, x, payloads, first)
+            seq = self.store.upsert(self.row.cid, space.name, ids, x, payloads, first, projected=projected)
             if first is not None:
                 x = self.to_basis(x)  # the store keeps the vectors as given; the index sees the basis
                 if self.row.spec.prefix_dims:  # full vectors first: a published label is always rerankable
@@ -99,6 +102,8 @@ class Collection(CollectionIndex):
         return len(present), seq
 
     def _check_live(self) -> None:
+        if self.retired:
+            raise Unavailable(self.retired)
         if self.dropped:
             raise NotFound(f"collection {self.name!r} was deleted")
         if self.failure is not None and self.failure.permanent:

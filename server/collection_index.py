@@ -94,6 +94,8 @@ class CollectionIndex:
         self.lock = threading.Lock()  # serializes writes (and drop)
         self.maint_lock = threading.Lock()  # serializes merges, checkpoints and drop
         self.dropped = False
+        #: set when a finished migration reopened the collection as a new object: writes to this one fail
+        self.retired = ""
         self.pids: dict[str, int] = {}  # point id -> home label, or -1 without a home vector
         self.counts: dict[str, int] = {}  # space -> stored vectors
         self.next_label = row.next_label

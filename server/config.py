@@ -143,8 +143,14 @@ class ServerConfig:
     #: where sealed indexes are searched and linear query maps run: "cpu", "cuda" or "cuda:N"
     #: (needs faiss-gpu; checked at server start, see ``device.py``)
     device: str = "cpu"
+    #: old vectors a migration's forward upgrade projects per step (one store transaction each), and
+    #: the pause between steps, so a forward upgrade of a big gallery yields to searches and writes
+    forward_batch: int = 1024
+    forward_pause_seconds: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.forward_batch < 1 or self.forward_pause_seconds < 0:
+            raise ValueError("forward_batch must be >= 1 and forward_pause_seconds >= 0")
         Device.parse(self.device)  # ValueError for a malformed device; its GPU is checked at start
         GatePolicy(self.min_retention, self.max_negative_flip_rate, self.require_ecc)  # ValueError when out of range
         if self.metrics_auth and not (self.keys or self.api_key):

@@ -27,6 +27,7 @@ from .collection_spec import CollectionSpec
 from .compat import TransformRecord
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .lifecycle import EngineLifecycle, Lifecycle
+from .migration.search import search as migration_search
 from .pipeline import SearchParams
 from .routes import IDENTITY, Route
 from .store import SpaceRow
@@ -115,6 +116,9 @@ class Engine(EngineLifecycle):
         with collection creation so that no new collection takes it as its basis meanwhile."""
         compat = self.require_compat()
         with self._ddl_lock:
+            users = self.migrations.users(name) if self.migrations is not None else []
+            if users:
+                raise FailedPrecondition(f"transform {name!r} is in use by {', '.join(users)}; stop those first")
             return compat.delete(name, list(self.collections.values()))
 
     def collection(self, name: str) -> Collection:
@@ -130,6 +134,8 @@ class Engine(EngineLifecycle):
 
     def delete_collection(self, name: str) -> None:
         col = self.collection(name)
+        if self.migrations is not None and self.migrations.get(name) is not None:
+            self.migrations.abort(name)  # its companion index goes with it
         with self._ddl_lock:
             with self._registry_lock:
                 if self.collections.get(name) is not col:
@@ -149,11 +155,17 @@ class Engine(EngineLifecycle):
         plds = v.check_payloads(payloads, len(ids), self.limits)
         if sp.metric == "cosine":
             x = v.normalize_rows(x, what="vectors")
+        mig = self.migrations.get(collection) if self.migrations is not None else None
+        if mig is not None:
+            return mig.upsert(sp, ids, x, plds)
         return col.upsert(sp, ids, x, plds)
 
     def delete_points(self, collection: str, ids: list[str], missing_ok: bool) -> tuple[int, int]:
         col = self.collection(collection)
         v.check_ids(ids, self.limits)
+        mig = self.migrations.get(collection) if self.migrations is not None else None
+        if mig is not None:
+            return mig.delete(ids, missing_ok)
         return col.delete(ids, missing_ok)
 
     def get_points(
@@ -172,14 +184,20 @@ class Engine(EngineLifecycle):
         a sampled batch is mirrored to the route's shadow candidate, off the reply path."""
         t0 = time.perf_counter()
         col = self.collection(collection)
-        q = pipeline.prepare(col, self.get_space(query_space), data, dim, params, self.limits)
-        t1 = time.perf_counter()
-        route = q.route
-        hits = pipeline.run(q, route.fn, self.device)
+        mig = self.migrations.get(collection) if self.migrations is not None else None
+        if mig is not None:  # which index answers which space in which phase: server/migration/search.py
+            t1 = t0
+            space = self.get_space(query_space)
+            hits, route = migration_search(mig, space, data, dim, params, self.limits, self.device)
+        else:
+            q = pipeline.prepare(col, self.get_space(query_space), data, dim, params, self.limits)
+            t1 = time.perf_counter()
+            route = q.route
+            hits = pipeline.run(q, route.fn, self.device)
+            if route.shadow is not None and self.shadows is not None:
+                self.shadows.submit(q, hits.ids)
         if route.transform != IDENTITY:
             self.metrics.transform_seconds.labels(route.transform).observe(hits.map_seconds)
-        if route.shadow is not None and self.shadows is not None:
-            self.shadows.submit(q, hits.ids)
         t3 = time.perf_counter()
         payloads = col.payloads(hits.ids) if with_payload else None
         t4 = time.perf_counter()
@@ -189,5 +207,5 @@ class Engine(EngineLifecycle):
         timers["index"].observe(hits.index_seconds)
         if with_payload:
             timers["fetch"].observe(t4 - t3)
-        self.metrics.search_queries.labels(col.name, q.space.name, route.transform).inc(len(q.xq))
+        self.metrics.search_queries.labels(col.name, query_space, route.transform).inc(len(hits.D))
         return SearchResult(hits.D, hits.ids, payloads, route, exact=hits.snapshot.sealed is None)

@@ -31,6 +31,8 @@ from .config import ServerConfig
 from .device import Device
 from .errors import Unavailable
 from .metrics import Metrics
+from .migration.manager import Migrations
+from .migration.runtime import COMPANION_PREFIX
 from .restore import lock_data_dir
 from .routes import Routes
 from .shadow import ShadowRunner
@@ -95,6 +97,7 @@ class EngineLifecycle:
         self.compat: Compat | None = None  #: the transform registry
         self.routes: Routes | None = None  #: the owner of every collection's route table
         self.shadows: ShadowRunner | None = None  #: runs the shadow searches of routes that have one
+        self.migrations: Migrations | None = None  #: every collection's model migration (server/migration)
         self._dir_lock: IO[bytes] | None = None  #: shared: `interlingua restore` refuses while it is held
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -120,6 +123,7 @@ class EngineLifecycle:
         self.compat.load_transforms()  # before the collections: a basis transform shapes their indexes
         replayed = 0
         c = self.config
+        companions: dict[int, Collection] = {}  # a migration's new-space indexes (server/migration)
         for row in self.store.collections():
             spec = row.spec
             home, folder = self.spaces[spec.home_space], self._folder(row.cid)
@@ -132,8 +136,13 @@ class EngineLifecycle:
                 col = Collection(row, home, self.store, folder, self.metrics, None, device=self.device)
                 col.fail(f"cannot be opened: {type(e).__name__}: {e}"[:300], permanent=True)
                 col.recover()
-            self.collections[spec.name] = col
+            if spec.name.startswith(COMPANION_PREFIX):
+                companions[row.cid] = col
+            else:
+                self.collections[spec.name] = col
         self.routes.load(self.collections)
+        self.migrations = Migrations(self)  # type: ignore[arg-type]  # an Engine: the request methods are its
+        self.migrations.load(companions)
         log.info(
             "recovered %d spaces, %d collections, %d replayed vectors in %.2fs",
             len(self.spaces),
@@ -157,7 +166,9 @@ class EngineLifecycle:
             self.compat.close()
         if self.shadows is not None:
             self.shadows.close()
-        for col in list(self.collections.values()):
+        if self.migrations is not None:
+            self.migrations.close()
+        for col in self._maintained():
             try:
                 col.maintain(force=True, checkpoint_after=self.config.checkpoint_after_merge)
             except Exception:  # shutting down: the store is the source of truth anyway
@@ -174,7 +185,7 @@ class EngineLifecycle:
         lower_priority(c.maintenance_nice)  # before the first OpenMP region: its team inherits it
         faiss.omp_set_num_threads(c.omp_threads)  # per thread: merges and training honour the setting too
         while not self._stop.wait(0.1):
-            for col in list(self.collections.values()):
+            for col in self._maintained():
                 try:
                     col.maintain(
                         min_fresh=c.merge_min_fresh,
@@ -186,6 +197,11 @@ class EngineLifecycle:
                     )
                 except Exception:
                     log.exception("maintenance of collection %s failed; will retry", col.name)
+
+    def _maintained(self) -> list[Collection]:
+        """Every collection the maintenance thread merges: the users' and the migrations' companions."""
+        extra = self.migrations.all_collections() if self.migrations is not None else []
+        return [*self.collections.values(), *extra]
 
     def _folder(self, cid: int) -> Path:
         return Path(self.config.data_dir) / "collections" / str(cid)

@@ -136,6 +136,24 @@ class Metrics:
             ["transform"],
             registry=r,
         )
+        self.migration_phase = Gauge(
+            "interlingua_migration_phase",
+            "1 for a collection's current migration phase (backfill, cutover, finished, aborted), 0 for the others.",
+            ["collection", "phase"],
+            registry=r,
+        )
+        self.migration_coverage = Gauge(
+            "interlingua_migration_coverage",
+            "Fraction of a migrating collection's points with a client-written vector in each of its two spaces.",
+            ["collection", "space"],
+            registry=r,
+        )
+        self.migration_forward_progress = Gauge(
+            "interlingua_migration_forward_progress",
+            "Fraction of a migrating collection's old vectors a forward upgrade has projected (1 when done).",
+            ["collection"],
+            registry=r,
+        )
         self.fits = Counter(
             "interlingua_fits",
             "Transform fits ended, by kind and outcome (ready, failed, cancelled, timeout).",

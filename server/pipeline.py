@@ -88,9 +88,18 @@ def map_queries(
     return np.ascontiguousarray(y, dtype=np.float32)
 
 
-def prepare(col: Collection, space: SpaceRow, data: bytes, dim: int, params: SearchParams, limits: Limits) -> Query:
-    """Resolves the route and checks everything a search needs, in the order errors are reported."""
-    route = resolve(col.name, col.home.name, space.name, col.routes)
+def prepare(
+    col: Collection,
+    space: SpaceRow,
+    data: bytes,
+    dim: int,
+    params: SearchParams,
+    limits: Limits,
+    route: Route | None = None,
+) -> Query:
+    """Resolves the route (unless a migration gives one, ``server/migration/search.py``) and checks
+    everything a search needs, in the order errors are reported."""
+    route = route or resolve(col.name, col.home.name, space.name, col.routes)
     v.check_k(params.k, limits)
     xq = v.unpack_vectors(data, dim, space.dim, what="queries", limit=limits.max_nq)
     col.check_search(params.ef_search, params.nprobe)

@@ -36,6 +36,7 @@ import numpy as np
 
 from .collection_spec import SPEC_COLUMNS, CollectionSpec
 from .errors import AlreadyExists
+from .store_migrations import MigrationTables
 from .store_registry import RegistryTables, RouteRow, TransformRow
 
 #: RouteRow and TransformRow: re-exported from store_registry.py
@@ -86,10 +87,10 @@ def _chunks(seq: Sequence[str]) -> Iterator[Sequence[str]]:
         yield seq[i : i + _CHUNK]
 
 
-class Store(RegistryTables):
+class Store(RegistryTables, MigrationTables):
     """SQLite store at ``path`` (created if missing): spaces, collections, points and vectors here;
     the connections and transactions in :class:`~.store_core.StoreCore`, transforms and routes in
-    :class:`~.store_registry.RegistryTables`."""
+    :class:`~.store_registry.RegistryTables`, migrations in :class:`~.store_migrations.MigrationTables`."""
 
     # -- writes: each is one durable transaction (``_tx``) and returns its sequence number -------
 
@@ -117,7 +118,7 @@ class Store(RegistryTables):
 
     def drop_collection(self, cid: int) -> int:
         with self._tx() as seq:
-            for table in ("vectors", "points", "routes", "collections"):
+            for table in ("vectors", "points", "routes", "collections", "migrations"):
                 self._w.execute(f"DELETE FROM {table} WHERE cid=?", (cid,))
         return seq
 
@@ -129,11 +130,14 @@ class Store(RegistryTables):
         x: np.ndarray,
         payloads: Sequence[str | None],
         first_label: int | None,
+        *,
+        projected: bool = False,
     ) -> int:
         """Writes n vectors of one space (x: shape (n, d) float32) and payloads.
 
         ``first_label`` is the label of ids[0] for home-space vectors (labels
         first_label .. first_label+n-1), or None for vectors of another space.
+        ``projected`` marks a migration's forward projections (a client's vectors are 0).
         """
         n = len(ids)
         blobs = [memoryview(row).cast("B") for row in np.ascontiguousarray(x, dtype="<f4")]
@@ -148,8 +152,9 @@ class Store(RegistryTables):
                 range(first_label, first_label + n) if first_label is not None else [None] * n
             )
             self._w.executemany(
-                "INSERT OR REPLACE INTO vectors (cid, pid, space, label, sequence, vec) VALUES (?,?,?,?,?,?)",
-                [(cid, ids[i], space, labels[i], seq, blobs[i]) for i in range(n)],
+                "INSERT OR REPLACE INTO vectors (cid, pid, space, label, sequence, vec, projected)"
+                " VALUES (?,?,?,?,?,?,?)",
+                [(cid, ids[i], space, labels[i], seq, blobs[i], int(projected)) for i in range(n)],
             )
             self._w.execute(
                 "UPDATE collections SET next_label=next_label+?, last_sequence=? WHERE cid=?",

@@ -49,10 +49,15 @@ CREATE TABLE IF NOT EXISTS routes (
     rid INTEGER PRIMARY KEY AUTOINCREMENT, cid INTEGER NOT NULL, query_space TEXT NOT NULL,
     transform TEXT NOT NULL, activated_at REAL NOT NULL, deactivated_at REAL NOT NULL DEFAULT 0,
     forced INTEGER NOT NULL DEFAULT 0, shadow TEXT NOT NULL DEFAULT '', shadow_rate REAL NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS migrations (cid INTEGER PRIMARY KEY, record TEXT NOT NULL);
 """
 
-#: collections columns added after the first release, with their declarations (see StoreCore._migrate)
-_ADDED_COLUMNS = (("ef_construction", "INTEGER NOT NULL DEFAULT 0"),)
+#: (table, column, declaration) added after the first release (see StoreCore._migrate); ``vectors.projected``
+#: marks a migration's forward projections (``server/migration``), 0 for vectors a client wrote
+_ADDED_COLUMNS = (
+    ("collections", "ef_construction", "INTEGER NOT NULL DEFAULT 0"),
+    ("vectors", "projected", "INTEGER NOT NULL DEFAULT 0"),
+)
 
 
 class StoreCore:
@@ -69,10 +74,10 @@ class StoreCore:
 
     def _migrate(self) -> None:
         """Adds the columns that later versions introduced to a store an earlier version created."""
-        have = {r[1] for r in self._w.execute("PRAGMA table_info(collections)")}
-        for column, decl in _ADDED_COLUMNS:
+        for table, column, decl in _ADDED_COLUMNS:
+            have = {r[1] for r in self._w.execute(f"PRAGMA table_info({table})")}
             if column not in have:
-                self._w.execute(f"ALTER TABLE collections ADD COLUMN {column} {decl}")
+                self._w.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)

@@ -38,6 +38,7 @@ class Stubs:
     spaces: sgrpc.SpaceServiceStub
     collections: cgrpc.CollectionServiceStub
     points: pgrpc.PointServiceStub
+    target: str = ""  #: "127.0.0.1:<port>", for an interlingua.client.Client on the same server
 
     def register(self, name: str, dim: int, metric: int = pb.METRIC_COSINE) -> pb.Space:
         return self.spaces.RegisterSpace(spb.RegisterSpaceRequest(space=pb.Space(name=name, dim=dim, metric=metric)))
@@ -88,7 +89,9 @@ def start_server(data_dir: Path, **kw: object) -> tuple[Server, int]:
 
 def connect(port: int) -> Stubs:
     ch = grpc.insecure_channel(f"127.0.0.1:{port}")
-    return Stubs(ch, sgrpc.SpaceServiceStub(ch), cgrpc.CollectionServiceStub(ch), pgrpc.PointServiceStub(ch))
+    stubs = Stubs(ch, sgrpc.SpaceServiceStub(ch), cgrpc.CollectionServiceStub(ch), pgrpc.PointServiceStub(ch))
+    stubs.target = f"127.0.0.1:{port}"
+    return stubs
 
 
 @pytest.fixture

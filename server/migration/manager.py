@@ -1,0 +1,341 @@
+"""The migration lifecycle: start -> backfill -> cutover -> finish, or abort; forward upgrades and advice.
+
+:class:`Migrations` owns every collection's :class:`~.runtime.Migration`: it checks each request
+before it changes anything (NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION naming the figure),
+makes each phase change durable in one store transaction before it swaps the in-memory phase
+(one attribute: a search reads it once), and at start loads every record back: the companion
+collections are recovered like any collection, repaired against the collection
+(:meth:`~.runtime.Migration.reconcile`), a forward upgrade that was running resumes at its cursor,
+and a companion left without a record (a crash inside StartMigration or AbortMigration) is
+dropped. FinishMigration is one transaction (``store_migrations.finish_migration``) after which the
+collection is reopened with the new space as home (the companion's checkpoint moves with it).
+Covered by ``tests/test_migration.py`` and ``tests/test_migration_restart.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .. import checkpoint
+from ..collection import Collection
+from ..errors import FailedPrecondition, InvalidArgument, NotFound
+from ..store import SpaceRow
+from .calibration import IDENTITY, ScoreCalibration
+from .order import backfill_order
+from .runtime import COMPANION_PREFIX, STRATEGIES, Migration, MigrationRecord
+
+if TYPE_CHECKING:
+    from ..compat import TransformRecord
+    from ..engine import Engine
+    from ..transforms import Transform
+
+__all__ = ["Migrations"]
+
+log = logging.getLogger(__name__)
+PHASE_VALUES = ("backfill", "cutover", "finished", "aborted")
+
+
+class Migrations:
+    """Every collection's migration (module docstring); ``engine`` gives the registries and the store."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.active: dict[str, Migration] = {}  #: collection name -> its migration
+        self.companions: dict[int, Collection] = {}  #: companion cid -> collection, loaded or created
+        self.lock = threading.Lock()  #: starts, finishes and aborts
+
+    # -- lookups ---------------------------------------------------------------------------------
+
+    def get(self, collection: str) -> Migration | None:
+        return self.active.get(collection)
+
+    def require(self, collection: str) -> Migration:
+        self.engine.collection(collection)  # NOT_FOUND for the collection first
+        mig = self.active.get(collection)
+        if mig is None:
+            raise NotFound(f"collection {collection!r} has no migration")
+        return mig
+
+    def users(self, transform: str) -> list[str]:
+        """The migrations that use ``transform`` (DeleteTransform refuses while any does)."""
+        out = []
+        for name, m in self.active.items():
+            fw = m.rec.forward.get("transform", "") if m.forward is not None else ""
+            if transform in (m.rec.transform, m.rec.reverse_transform, fw):
+                out.append(f"the migration of collection {name!r}")
+        return out
+
+    def all_collections(self) -> list[Collection]:
+        return list(self.companions.values())
+
+    def _ready(self, name: str, source: SpaceRow, target: SpaceRow, role: str) -> tuple[Transform, TransformRecord]:
+        rec = self.engine.require_compat().get(name)
+        if rec.state != "ready" or rec.fn is None:
+            raise FailedPrecondition(f"{role} {name!r} is {rec.state}{': ' + rec.error if rec.error else ''}")
+        if (rec.source, rec.target) != (source.name, target.name) or rec.fn.d_out != target.dim:
+            raise InvalidArgument(
+                f"{role} {name!r} maps {rec.source!r} -> {rec.target!r}; it must map {source.name!r} -> {target.name!r}"
+            )
+        return rec.fn, rec
+
+    def _new(
+        self, rec: MigrationRecord, col: Collection, comp: Collection, new: SpaceRow, fns: tuple[Any, Any, Any]
+    ) -> Migration:
+        e, c = self.engine, self.engine.config
+        assert e.store is not None
+        return Migration(
+            rec,
+            col,
+            comp,
+            (col.home, new),
+            fns,
+            e.store,
+            e.metrics,
+            batch=c.forward_batch,
+            pause=c.forward_pause_seconds,
+        )
+
+    def _set_phase(self, name: str, phase: str) -> None:
+        for p in PHASE_VALUES:
+            self.engine.metrics.migration_phase.labels(name, p).set(1.0 if p == phase else 0.0)
+
+    # -- start -----------------------------------------------------------------------------------
+
+    def start(self, collection: str, new_space: str, transform: str, reverse: str, strategy: str) -> Migration:
+        e = self.engine
+        col = e.collection(collection)
+        new = e.get_space(new_space)
+        old = col.home
+        if strategy not in STRATEGIES:
+            raise InvalidArgument(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if new.name == old.name:
+            raise InvalidArgument(f"new_space {new_space!r} is already the home space of collection {collection!r}")
+        with self.lock, e._ddl_lock:
+            if collection in self.active:
+                m = self.active[collection]
+                raise FailedPrecondition(
+                    f"collection {collection!r} is already migrating to {m.new.name!r} (phase {m.phase}, coverage "
+                    f"{100 * m.coverage():.1f}%); finish or abort it first"
+                )
+            if col.failure is not None:
+                raise FailedPrecondition(f"collection {collection!r} failed: {col.failure.reason}")
+            if col.row.spec.prefix_dims or col.row.spec.basis_transform:
+                raise FailedPrecondition(
+                    f"collection {collection!r} has a prefix_dims or basis_transform index; migrations support "
+                    "collections that index their home vectors as they are"
+                )
+            fn, trec = self._ready(transform, new, old, "transform")
+            rfn = self._ready(reverse, old, new, "reverse_transform")[0] if reverse else None
+            spec = dataclasses.replace(col.row.spec, name=f"{COMPANION_PREFIX}{col.row.cid}", home_space=new.name)
+            try:
+                spec = spec.checked(new, e.limits)
+            except InvalidArgument as err:
+                raise InvalidArgument(f"the collection's index spec does not fit space {new.name!r}: {err}") from None
+            cal = trec.report.get("score_calibration")
+            calibration = (
+                ScoreCalibration.from_dict({**cal, "source": f"transform {transform!r}: {cal.get('source', '')}"})
+                if isinstance(cal, dict)
+                else dataclasses.replace(IDENTITY, source=f"identity: transform {transform!r} has no score_calibration")
+            )
+            store = e._ready()
+            row = store.add_collection(spec)
+            comp = Collection(row, new, store, e._folder(row.cid), e.metrics, device=e.device)
+            comp.recover()
+            rec = MigrationRecord(
+                collection, col.row.cid, row.cid, old.name, new.name, transform, reverse, strategy, "backfill",
+                time.time(), calibration=calibration.to_dict(),
+            )  # fmt: skip
+            store.put_migration(col.row.cid, rec.to_dict())
+            mig = self._new(rec, col, comp, new, (fn, rfn, None))
+            with mig.lock:
+                mig.reconcile()  # new-space vectors stored before the migration are backfilled already
+            self.companions[row.cid] = comp
+            self.active[collection] = mig
+        self._set_phase(collection, "backfill")
+        mig.publish()
+        return mig
+
+    # -- phase changes ---------------------------------------------------------------------------
+
+    def cutover(self, collection: str, force: bool) -> Migration:
+        mig = self.require(collection)
+        with mig.lock:
+            if mig.phase != "backfill":
+                raise FailedPrecondition(f"collection {collection!r} is in phase {mig.phase}, not backfill")
+            n, real = mig.points(), mig.backfilled()
+            if real < n:
+                figure = f"coverage is {100 * mig.coverage():.2f}% ({real} of {n} points backfilled"
+                if not force:
+                    raise FailedPrecondition(f"{figure}); cutover needs 100% or force")
+                if not mig.complete():
+                    raise FailedPrecondition(
+                        f"{figure}, {len(mig.projected)} projected); a forced cutover needs every other point "
+                        "projected: run ForwardUpgrade first"
+                    )
+            mig.stop.set()  # the forward thread sees it under the lock and ends; joined below
+            forward = dict(mig.rec.forward)
+            if forward.get("state") == "running":
+                forward["state"] = "done" if mig.complete() else "cancelled"
+            rec = dataclasses.replace(
+                mig.rec, phase="cutover", cutover_at=time.time(), forced=real < n, forward=forward
+            )
+            mig.store.put_migration(rec.cid, rec.to_dict())  # durable first, then the one swap
+            mig.rec = rec
+        mig.stop_forward()
+        self._set_phase(collection, "cutover")
+        return mig
+
+    def rollback(self, collection: str) -> Migration:
+        mig = self.require(collection)
+        with mig.lock:
+            if mig.phase != "cutover":
+                raise FailedPrecondition(
+                    f"collection {collection!r} is in phase {mig.phase}; only a cutover rolls back"
+                )
+            rec = dataclasses.replace(mig.rec, phase="backfill", cutover_at=0.0, forced=False)
+            mig.store.put_migration(rec.cid, rec.to_dict())
+            mig.rec = rec
+        self._set_phase(collection, "backfill")
+        return mig
+
+    def abort(self, collection: str) -> Migration:
+        mig = self.require(collection)
+        e = self.engine
+        with self.lock:
+            mig.stop_forward("cancelled")
+            with mig.lock:
+                e._ready().delete_migration(mig.rec.cid)  # durable first: a leftover companion is dropped at start
+                mig.rec = dataclasses.replace(mig.rec, phase="aborted")
+                del self.active[collection]
+                self.companions.pop(mig.companion.row.cid, None)
+                mig.companion.drop()
+        self._set_phase(collection, "aborted")
+        return mig
+
+    def finish(self, collection: str) -> Migration:
+        mig = self.require(collection)
+        e = self.engine
+        col, comp = mig.col, mig.companion
+        with self.lock, e._ddl_lock, mig.lock:
+            if mig.phase != "cutover":
+                raise FailedPrecondition(
+                    f"collection {collection!r} is in phase {mig.phase}; FinishMigration needs a cutover first"
+                )
+            with comp.maint_lock, col.maint_lock, comp.lock, col.lock:
+                store = e._ready()
+                (col.folder / checkpoint.FILENAME).unlink(missing_ok=True)  # the old index's: never loaded again
+                store.finish_migration(col.row.cid, comp.row.cid, mig.old.name, mig.new.name, mig.rec.reverse_transform)
+                src = comp.folder / checkpoint.FILENAME
+                if src.exists():
+                    col.folder.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, col.folder / checkpoint.FILENAME)
+                    checkpoint.fsync_dir(col.folder)
+                col.retired = f"collection {collection!r} was reopened with home space {mig.new.name!r}; retry"
+                comp.retired = col.retired
+                comp.dropped = True
+            shutil.rmtree(comp.folder, ignore_errors=True)
+            row = store.collection(collection)
+            assert row is not None
+            fresh = Collection(row, mig.new, store, col.folder, e.metrics, device=e.device)
+            fresh.recover(e.config.compact_dead_fraction, e.config.compact_min_dead)
+            e.collections[collection] = fresh
+            assert e.routes is not None
+            e.routes.load({collection: fresh})
+            del self.active[collection]
+            self.companions.pop(comp.row.cid, None)
+            mig.rec = dataclasses.replace(mig.rec, phase="finished")
+        self._set_phase(collection, "finished")
+        e.metrics.migration_coverage.remove(collection, mig.old.name)
+        return mig
+
+    # -- forward upgrade and advice ----------------------------------------------------------------
+
+    def forward_upgrade(self, collection: str, transform: str) -> Migration:
+        mig = self.require(collection)
+        fn = self._ready(transform, mig.old, mig.new, "transform")[0]
+        with mig.lock:
+            if mig.phase != "backfill":
+                raise FailedPrecondition(
+                    f"collection {collection!r} is in phase {mig.phase}; forward upgrades run in backfill"
+                )
+            if mig.rec.forward.get("state") == "running":
+                raise FailedPrecondition(
+                    f"a forward upgrade of {collection!r} with {mig.rec.forward['transform']!r} is running "
+                    f"({mig.rec.forward['done']} of {mig.rec.forward['total']} points)"
+                )
+            total = int(mig.col.counts.get(mig.old.name, 0))
+            mig.rec.forward = dict(state="running", transform=transform, cursor="", done=0, total=total, error="")
+            mig.forward = fn
+            mig.save()
+        mig.start_forward()
+        return mig
+
+    def suggest(self, collection: str, n: int) -> tuple[list[str], np.ndarray]:
+        col = self.engine.collection(collection)
+        if not 1 <= n <= self.engine.limits.max_batch:
+            raise InvalidArgument(f"n is {n}; it must be in [1, {self.engine.limits.max_batch}]")
+        mig = self.active.get(collection)
+        old = mig.old if mig is not None else col.home
+        ids, x = self.engine._ready().home_vectors(col.row.cid, old.name, old.dim)
+        if mig is not None:
+            keep = [i for i, p in enumerate(ids) if not mig.is_real(p)]
+            ids, x = [ids[i] for i in keep], x[keep]
+        if not ids:
+            return [], np.zeros(0, np.float32)
+        rows, scores = backfill_order(np.ascontiguousarray(x, dtype=np.float32), n, metric=old.metric)
+        return [ids[int(r)] for r in rows], np.asarray(scores, np.float32)
+
+    # -- start-up and shutdown ---------------------------------------------------------------------
+
+    def load(self, companions: dict[int, Collection]) -> None:
+        """Loads every stored migration (module docstring); ``companions`` by cid, recovered already."""
+        e = self.engine
+        store = e.store
+        assert store is not None
+        self.companions = dict(companions)
+        by_cid = {c.row.cid: c for c in e.collections.values()}
+        records = store.migrations()
+        for cid, d in records.items():
+            rec = MigrationRecord.from_dict(d)
+            col, comp = by_cid.get(cid), self.companions.get(rec.companion_cid)
+            try:
+                if col is None or comp is None:
+                    raise RuntimeError("its collection or companion index is missing")
+                assert e.compat is not None
+                fn = e.compat.get(rec.transform).fn
+                rfn = e.compat.get(rec.reverse_transform).fn if rec.reverse_transform else None
+                fw = rec.forward.get("transform", "")
+                ffn = e.compat.get(fw).fn if fw else None
+                if fn is None:
+                    raise RuntimeError(f"transform {rec.transform!r} is not loaded")
+                mig = self._new(rec, col, comp, e.spaces[rec.new_space], (fn, rfn, ffn))
+                with mig.lock:
+                    dropped, copied = mig.reconcile()
+                log.info(
+                    "migration of %s resumed (%s; repaired: %d dropped, %d copied)", cid, rec.phase, dropped, copied
+                )
+                self.active[rec.collection] = mig
+                self._set_phase(rec.collection, rec.phase)
+                if rec.forward.get("state") == "running" and ffn is not None and rec.phase == "backfill":
+                    mig.start_forward()
+                mig.publish()
+            except Exception:
+                log.exception("migration of collection %s cannot be resumed; it is left stored", rec.collection)
+        known = {int(d["companion_cid"]) for d in records.values()}
+        for cid, comp in list(self.companions.items()):
+            if cid not in known:  # a crash inside StartMigration or AbortMigration
+                log.warning("dropping %s: no migration record", comp.name)
+                comp.drop()
+                del self.companions[cid]
+
+    def close(self) -> None:
+        for mig in list(self.active.values()):
+            mig.stop_forward()

@@ -1,0 +1,268 @@
+"""One collection's migration at run time: its record, its writes and its forward upgrade.
+
+A :class:`Migration` joins the collection (``col``: the source of truth for points, payloads and
+every vector a client wrote, old and new, as before) and its *companion*, an internal collection
+(``~migration:<cid>``) whose home is the new space: it indexes the backfilled vectors and the
+forward projections (``projected``). Every write goes through :meth:`Migration.upsert` and
+:meth:`Migration.delete`, collection first, companion second, under the migration's lock; a crash
+between the two is repaired at load (:meth:`Migration.reconcile`). :class:`MigrationRecord` is
+the durable state (one JSON row, ``store_migrations.py``); the phase changes are in
+``manager.py``, the searches in ``search.py``. Covered by ``tests/test_migration.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import FailedPrecondition, NotFound
+from ..store import SpaceRow, Store
+from .calibration import ScoreCalibration
+
+if TYPE_CHECKING:
+    from ..collection import Collection
+    from ..metrics import Metrics
+    from ..transforms import Transform
+
+__all__ = ["BATCH", "COMPANION_PREFIX", "PHASES", "STRATEGIES", "Migration", "MigrationRecord"]
+
+log = logging.getLogger(__name__)
+
+COMPANION_PREFIX = "~migration:"  #: companion collection names: never a valid user collection name
+PHASES = ("backfill", "cutover")  #: the durable phases; finished and aborted remove the record
+STRATEGIES = ("two_indexes", "shared_index")
+BATCH = 1024  #: vectors per forward-upgrade step (one store transaction each)
+
+
+@dataclass
+class MigrationRecord:
+    """A migration's durable state: what ``migrations.record`` holds (JSON)."""
+
+    collection: str
+    cid: int
+    companion_cid: int
+    old_space: str
+    new_space: str
+    transform: str  #: new -> old, for new-space queries on points not backfilled
+    reverse_transform: str  #: old -> new, for old-space queries after the cutover ("" none)
+    strategy: str
+    phase: str
+    started_at: float
+    cutover_at: float = 0.0
+    forced: bool = False
+    calibration: dict[str, Any] = field(default_factory=dict)
+    #: state ("" | running | done | failed | cancelled), transform, cursor (last id done), done, total, error
+    forward: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MigrationRecord:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class Migration:
+    """A running migration (module docstring). ``fn``: new -> old (queries), ``reverse``: old -> new
+    (queries, after the cutover), ``forward``: old -> new (gallery vectors), each a Transform or None."""
+
+    def __init__(
+        self,
+        rec: MigrationRecord,
+        col: Collection,
+        companion: Collection,
+        spaces: tuple[SpaceRow, SpaceRow],
+        fns: tuple[Transform, Transform | None, Transform | None],
+        store: Store,
+        metrics: Metrics,
+        *,
+        batch: int = BATCH,
+        pause: float = 0.0,
+    ) -> None:
+        self.rec = rec
+        self.col, self.companion = col, companion
+        self.old, self.new = spaces
+        self.fn, self.reverse, self.forward = fns
+        self.store = store
+        self.metrics = metrics
+        self.calibration = ScoreCalibration.from_dict(rec.calibration)
+        self.lock = threading.RLock()  #: writes, forward steps and phase changes
+        self.projected: set[str] = store.projected_ids(companion.row.cid, self.new.name)
+        self.stop = threading.Event()  #: ends the forward-upgrade thread
+        self.thread: threading.Thread | None = None
+        self.batch, self.pause = batch, pause  #: forward-upgrade step size and the pause between steps
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @property
+    def phase(self) -> str:
+        return self.rec.phase
+
+    def points(self) -> int:
+        return len(self.col.pids)
+
+    def backfilled(self) -> int:
+        """Points with a new-space vector a client wrote."""
+        return len(self.companion.pids) - len(self.projected)
+
+    def coverage(self) -> float:
+        n = self.points()
+        return 1.0 if n == 0 else min(1.0, self.backfilled() / n)
+
+    def is_real(self, pid: str) -> bool:
+        return pid in self.companion.pids and pid not in self.projected
+
+    def complete(self) -> bool:
+        """Every point has a new-space vector, real or projected (the companion alone can serve)."""
+        return len(self.companion.pids) >= len(self.col.pids)  # the companion's ids are the collection's
+
+    def save(self) -> None:
+        self.store.put_migration(self.rec.cid, self.rec.to_dict())
+
+    def publish(self) -> None:
+        """Exports coverage and forward progress (the phase gauge is set by the manager)."""
+        m, name = self.metrics, self.rec.collection
+        m.migration_coverage.labels(name, self.new.name).set(self.coverage())
+        n = self.points()
+        with_old = self.col.counts.get(self.old.name, 0)
+        m.migration_coverage.labels(name, self.old.name).set(1.0 if n == 0 else min(1.0, with_old / n))
+        fw = self.rec.forward
+        total = int(fw.get("total", 0))
+        m.migration_forward_progress.labels(name).set(1.0 if not total else min(1.0, int(fw.get("done", 0)) / total))
+
+    # -- writes (the caller validated and normalized x) ------------------------------------------
+
+    def upsert(self, space: SpaceRow, ids: list[str], x: np.ndarray, payloads: Sequence[str | None]) -> int:
+        """Upserts vectors of the old or the new space; other spaces go to the collection as before."""
+        with self.lock:
+            if space.name == self.new.name:
+                if self.phase == "backfill":
+                    missing = [p for p in ids if p not in self.col.pids]
+                    if missing:
+                        raise NotFound(
+                            f"{len(missing)} id(s) not in collection {self.rec.collection!r} (backfill upserts "
+                            f"new-space vectors of existing points until the cutover): "
+                            + ", ".join(map(repr, missing[:5]))
+                        )
+                seq = self.col.upsert(space, ids, x, payloads)  # the source of truth, as before the migration
+                self.companion.upsert(space, ids, x, [None] * len(ids))
+                self.projected.difference_update(ids)
+            elif space.name == self.old.name:
+                if self.phase == "cutover":
+                    missing = [p for p in ids if p not in self.companion.pids]
+                    if missing:
+                        raise FailedPrecondition(
+                            f"collection {self.rec.collection!r} is cut over to {self.new.name!r}: new points are "
+                            f"upserted in {self.new.name!r} (old-space vectors only update points it has); "
+                            f"{len(missing)} id(s) without one: {', '.join(map(repr, missing[:5]))}"
+                        )
+                seq = self.col.upsert(space, ids, x, payloads)
+                if (
+                    self.phase == "backfill"
+                    and self.forward is not None
+                    and self.rec.forward.get("state")
+                    in (
+                        "running",
+                        "done",
+                    )
+                ):
+                    self._project(ids, x)  # keep the projections of points not backfilled current
+            else:
+                seq = self.col.upsert(space, ids, x, payloads)
+        self.publish()
+        return seq
+
+    def delete(self, ids: list[str], missing_ok: bool) -> tuple[int, int]:
+        with self.lock:
+            out = self.col.delete(ids, missing_ok)
+            self.companion.delete(ids, True)
+            self.projected.difference_update(ids)
+        self.publish()
+        return out
+
+    def _project(self, ids: list[str], x: np.ndarray) -> int:
+        """Writes F(x) as projections for the ids that have no real new-space vector (under the lock)."""
+        assert self.forward is not None
+        keep = [i for i, p in enumerate(ids) if p in self.col.pids and not self.is_real(p)]
+        if not keep:
+            return 0
+        y = self.forward.apply(np.ascontiguousarray(x[keep], dtype=np.float32), "doc")
+        if self.new.metric == "cosine":
+            y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+        kept = [ids[i] for i in keep]
+        y = np.ascontiguousarray(y, dtype=np.float32)
+        self.companion.upsert(self.new, kept, y, [None] * len(kept), projected=True)
+        self.projected.update(kept)
+        return len(kept)
+
+    # -- recovery --------------------------------------------------------------------------------
+
+    def reconcile(self) -> tuple[int, int]:
+        """Repairs the companion after a crash between a write's two steps: drops ids the collection no
+        longer has, copies client-written new vectors it lacks. Returns (dropped, copied)."""
+        cid, comp = self.col.row.cid, self.companion.row.cid
+        gone = self.store.ids_missing_from(comp, cid)
+        if gone:
+            self.companion.delete(gone, True)
+            self.projected.difference_update(gone)
+        ids, x = self.store.vectors_to_sync(cid, comp, self.new.name, self.new.dim)
+        for i in range(0, len(ids), BATCH):
+            chunk = ids[i : i + BATCH]
+            self.companion.upsert(self.new, chunk, np.ascontiguousarray(x[i : i + BATCH]), [None] * len(chunk))
+            self.projected.difference_update(chunk)
+        return len(gone), len(ids)
+
+    # -- forward upgrade -------------------------------------------------------------------------
+
+    def start_forward(self) -> None:
+        self.stop.clear()
+        self.thread = threading.Thread(target=self._forward_loop, name=f"forward-{self.rec.collection}", daemon=True)
+        self.thread.start()
+
+    def stop_forward(self, state: str = "") -> None:
+        """Stops the forward thread and waits for it (never call it holding :attr:`lock`: the thread
+        takes it); ``state`` (e.g. "cancelled") is recorded if it was running."""
+        self.stop.set()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
+        self.thread = None
+        if state and self.rec.forward.get("state") == "running":
+            self.rec.forward["state"] = state
+
+    def _forward_loop(self) -> None:
+        fw = self.rec.forward
+        try:
+            while not self.stop.wait(self.pause):
+                ids, x = self.store.vectors_after(
+                    self.col.row.cid, self.old.name, fw["cursor"], self.batch, self.old.dim
+                )
+                if not ids:
+                    break
+                with self.lock:
+                    if self.stop.is_set() or self.phase != "backfill":
+                        return
+                    self._project(ids, x)
+                    fw["cursor"], fw["done"] = ids[-1], min(int(fw["done"]) + len(ids), int(fw["total"]))
+                    self.save()
+                self.publish()
+            else:
+                return
+            with self.lock:
+                fw["state"], fw["done"] = "done", fw["total"]
+                self.save()
+        except Exception as e:  # a failed projection never takes the service down; the state says why
+            log.exception("forward upgrade of %s failed", self.rec.collection)
+            with self.lock:
+                fw["state"], fw["error"] = "failed", f"{type(e).__name__}: {e}"[:300]
+                try:
+                    self.save()
+                except Exception:
+                    log.exception("could not record the failed forward upgrade of %s", self.rec.collection)
+        self.publish()

@@ -1,0 +1,337 @@
+"""Model migrations over a real server: every phase change, searches in each phase against a numpy
+reference, forward upgrades, restarts, rollback, errors that change nothing, and concurrent writes,
+searches and a cutover (each reply wholly before or wholly after it)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from conftest import start_server, wait_for
+
+from interlingua.client import Client
+from interlingua.client import FailedPrecondition as ClientFailedPrecondition
+from interlingua.client import InvalidArgument as ClientInvalidArgument
+from interlingua.client import NotFound as ClientNotFound
+from interlingua.server import Server
+from interlingua.v1 import migrations_pb2 as mpb
+from interlingua.v1 import migrations_pb2_grpc as mgrpc
+
+D_OLD, D_NEW, N, NQ, K = 16, 24, 600, 40, 10
+
+
+def world(seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded old/new embeddings of the same items (new = [old, extra] rotated + noise), queries near docs."""
+    rng = np.random.default_rng(seed)
+    docs_old = rng.standard_normal((N, D_OLD)).astype(np.float32)
+    q_old = docs_old[:NQ] + 0.4 * rng.standard_normal((NQ, D_OLD)).astype(np.float32)
+    Q, _ = np.linalg.qr(rng.standard_normal((D_NEW, D_NEW)))
+
+    def to_new(x: np.ndarray, s: int) -> np.ndarray:
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        extra = 0.3 * np.random.default_rng(s).standard_normal((len(x), D_NEW - D_OLD))
+        noise = 0.05 * np.random.default_rng(s + 1).standard_normal((len(x), D_NEW))
+        return ((np.hstack([x, extra]) @ Q) + noise).astype(np.float32)
+
+    return {"docs_old": docs_old, "docs_new": to_new(docs_old, 7), "q_old": q_old, "q_new": to_new(q_old, 9)}
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+IDS = [f"p{i:04d}" for i in range(N)]
+
+
+def setup(client: Client, w: dict[str, np.ndarray], *, spec: str = "Flat") -> None:
+    client.register_space("old", D_OLD)
+    client.register_space("new", D_NEW)
+    client.create_collection("c", "old", index_spec=spec)
+    client.upsert("c", IDS, w["docs_old"], space="old", payloads=[f'{{"i": {i}}}' for i in range(N)])
+    pairs_new = np.vstack([w["docs_new"], w["q_new"]])
+    pairs_old = np.vstack([w["docs_old"], w["q_old"]])
+    client.fit_transform("t", "procrustes", source_space="new", target_space="old", doc_pairs=(pairs_new, pairs_old))
+    client.fit_transform("r", "procrustes", source_space="old", target_space="new", doc_pairs=(pairs_old, pairs_new))
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[tuple[Server, Client, dict[str, np.ndarray]]]:
+    srv, port = start_server(tmp_path / "data")
+    client = Client(f"127.0.0.1:{port}")
+    w = world()
+    setup(client, w)
+    yield srv, client, w
+    client.close()
+    srv.stop(None)
+
+
+def transform(srv: Server, name: str, x: np.ndarray, side: str = "query") -> np.ndarray:
+    compat = srv.engine.compat
+    assert compat is not None
+    fn = compat.get(name).fn
+    assert fn is not None
+    return unit(fn.apply(unit(x), side))
+
+
+def reference(
+    srv: Server, w: dict[str, np.ndarray], real: np.ndarray, projected: np.ndarray | None = None
+) -> np.ndarray:
+    """Top-K ids (NQ, K) of new queries on the half-backfilled gallery: backfilled docs (``real`` mask)
+    natively, the rest through ``t`` with the migration's calibration (or, given ``projected`` rows,
+    one search over [x_new | projection])."""
+    q = unit(w["q_new"])
+    if projected is not None:
+        rows = np.where(real[:, None], unit(w["docs_new"]), projected)
+        S = q @ rows.T
+    else:
+        mig = srv.engine.migrations.get("c")  # type: ignore[union-attr]
+        assert mig is not None
+        cal = mig.calibration
+        S_old = cal.apply(transform(srv, "t", w["q_new"]) @ unit(w["docs_old"]).T)
+        S = np.where(real[None, :], q @ unit(w["docs_new"]).T, S_old)
+    I = np.argsort(-S, axis=1, kind="stable")[:, :K]
+    return np.array(IDS, dtype=object)[I]
+
+
+def agree(ids: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / K for a, b in zip(ids.tolist(), ref.tolist(), strict=True)]))
+
+
+def search(client: Client, space: str, xq: np.ndarray) -> np.ndarray:
+    return np.asarray(client.search("c", xq, K, space=space).ids, dtype=object)
+
+
+def test_lifecycle_backfill_cutover_rollback_finish(env: Any) -> None:
+    srv, client, w = env
+    info = client.start_migration("c", "new", "t", reverse_transform="r")
+    assert (info.phase, info.home_space, info.points, info.backfilled, info.coverage) == ("backfill", "old", N, 0, 0)
+    real = np.zeros(N, bool)
+    assert agree(search(client, "new", w["q_new"]), reference(srv, w, real)) >= 0.98
+    native_old = search(client, "old", w["q_old"])
+
+    half = np.random.default_rng(3).permutation(N)[: N // 2]
+    client.upsert("c", [IDS[i] for i in half], w["docs_new"][half], space="new")
+    real[half] = True
+    info = client.get_migration("c")
+    assert (info.backfilled, info.coverage) == (N // 2, 0.5)
+    assert agree(search(client, "new", w["q_new"]), reference(srv, w, real)) >= 0.98
+    np.testing.assert_array_equal(search(client, "old", w["q_old"]), native_old)  # old queries: old index natively
+
+    rest = np.setdiff1d(np.arange(N), half)
+    client.upsert("c", [IDS[i] for i in rest], w["docs_new"][rest], space="new")
+    new_new = np.array(IDS, dtype=object)[np.argsort(-unit(w["q_new"]) @ unit(w["docs_new"]).T, 1)[:, :K]]
+    assert agree(search(client, "new", w["q_new"]), new_new) >= 0.99  # β = 1: new -> new
+
+    info = client.cutover("c")
+    assert (info.phase, info.home_space, info.forced) == ("cutover", "new", False)
+    assert agree(search(client, "new", w["q_new"]), new_new) >= 0.99
+    rq = transform(srv, "r", w["q_old"])
+    via_reverse = np.array(IDS, dtype=object)[np.argsort(-rq @ unit(w["docs_new"]).T, 1)[:, :K]]
+    assert agree(search(client, "old", w["q_old"]), via_reverse) >= 0.99
+
+    info = client.rollback_cutover("c")
+    assert (info.phase, info.home_space) == ("backfill", "old")
+    np.testing.assert_array_equal(search(client, "old", w["q_old"]), native_old)
+
+    client.cutover("c")
+    info = client.finish_migration("c")
+    assert info.phase == "finished"
+    col = client.get_collection("c")
+    assert col.home_space == "new" and col.num_points == N
+    assert agree(search(client, "new", w["q_new"]), new_new) >= 0.99
+    assert agree(search(client, "old", w["q_old"]), via_reverse) >= 0.99  # the reverse transform is a route now
+    pts = client.get("c", IDS[:3], with_vectors=True, with_payload=True)
+    assert all(set(p.vectors) == {"new"} for p in pts) and pts[0].payload == {"i": 0}
+    with pytest.raises(ClientNotFound):
+        client.get_migration("c")
+    hits = client.search("c", w["q_new"][:2], K, space="new", with_payload=True)
+    assert all(p for p in hits.payloads)  # type: ignore[union-attr]
+
+
+def test_restart_resumes_every_phase(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    srv, port = start_server(data)
+    client = Client(f"127.0.0.1:{port}")
+    w = world(1)
+    setup(client, w)
+    client.start_migration("c", "new", "t", reverse_transform="r")
+    part = np.arange(0, N, 3)
+    client.upsert("c", [IDS[i] for i in part], w["docs_new"][part], space="new")
+    before = search(client, "new", w["q_new"])
+    client.close()
+    srv.stop(None)
+
+    srv, port = start_server(data)
+    client = Client(f"127.0.0.1:{port}")
+    info = client.get_migration("c")
+    assert (info.phase, info.backfilled) == ("backfill", len(part))
+    np.testing.assert_array_equal(search(client, "new", w["q_new"]), before)
+    rest = np.setdiff1d(np.arange(N), part)
+    client.upsert("c", [IDS[i] for i in rest], w["docs_new"][rest], space="new")
+    client.cutover("c")
+    after = search(client, "old", w["q_old"])
+    client.close()
+    srv.stop(None)
+
+    srv, port = start_server(data)
+    client = Client(f"127.0.0.1:{port}")
+    assert client.get_migration("c").phase == "cutover"
+    np.testing.assert_array_equal(search(client, "old", w["q_old"]), after)
+    client.finish_migration("c")
+    client.close()
+    srv.stop(None)
+
+    srv, port = start_server(data)
+    client = Client(f"127.0.0.1:{port}")
+    assert client.get_collection("c").home_space == "new"
+    assert [c.name for c in client.list_collections()] == ["c"]  # no companion left behind
+    np.testing.assert_array_equal(search(client, "old", w["q_old"]), after)
+    client.close()
+    srv.stop(None)
+
+
+def test_forward_upgrade_shared_index_and_forced_cutover(env: Any) -> None:
+    srv, client, w = env
+    client.start_migration("c", "new", "t", strategy="shared_index")
+    part = np.arange(0, N, 4)
+    client.upsert("c", [IDS[i] for i in part], w["docs_new"][part], space="new")
+    with pytest.raises(ClientFailedPrecondition, match="forced cutover needs every other point projected"):
+        client.cutover("c", force=True)
+    client.forward_upgrade("c", "r")
+    info = client.wait_forward_upgrade("c", timeout=30)
+    assert (info.forward.state, info.projected, info.backfilled) == ("done", N - len(part), len(part))
+    real = np.zeros(N, bool)
+    real[part] = True
+    proj = transform(srv, "r", w["docs_old"], side="doc")
+    assert agree(search(client, "new", w["q_new"]), reference(srv, w, real, proj)) >= 0.98
+    # a real vector replaces its projection; a projection never replaces a real vector
+    client.upsert("c", [IDS[1]], w["docs_new"][1:2], space="new")
+    assert client.get_migration("c").projected == N - len(part) - 1
+    info = client.cutover("c", force=True)
+    assert (info.phase, info.forced) == ("cutover", True)
+    real[1] = True
+    assert agree(search(client, "new", w["q_new"]), reference(srv, w, real, proj)) >= 0.98
+    client.finish_migration("c")
+    assert client.get_collection("c").num_points == N
+
+
+def test_refusals_change_nothing(env: Any) -> None:
+    _srv, client, w = env
+    with pytest.raises(ClientNotFound, match="has no migration"):
+        client.get_migration("c")
+    with pytest.raises(ClientNotFound):
+        client.start_migration("nope", "new", "t")
+    with pytest.raises(ClientNotFound):
+        client.start_migration("c", "nope", "t")
+    with pytest.raises(ClientNotFound):
+        client.start_migration("c", "new", "nope")
+    with pytest.raises(ClientInvalidArgument, match="must map 'new' -> 'old'"):
+        client.start_migration("c", "new", "r")
+    with pytest.raises(ClientInvalidArgument, match="already the home space"):
+        client.start_migration("c", "old", "t")
+    with pytest.raises(ClientInvalidArgument, match="must map 'old' -> 'new'"):
+        client.start_migration("c", "new", "t", reverse_transform="t")
+    assert [c.name for c in client.list_collections()] == ["c"]
+    with pytest.raises(ClientNotFound):
+        client.get_migration("c")
+
+    client.start_migration("c", "new", "t")
+    with pytest.raises(ClientFailedPrecondition, match=r"already migrating to 'new'.*coverage 0\.0%"):
+        client.start_migration("c", "new", "t")
+    with pytest.raises(ClientNotFound, match="not in collection"):
+        client.upsert("c", ["p0000", "ghost"], w["docs_new"][:2], space="new")
+    assert client.get_migration("c").backfilled == 0  # nothing of the refused batch was stored
+    assert set(client.get("c", ["p0000"], with_vectors=True)[0].vectors) == {"old"}
+    client.upsert("c", IDS[:6], w["docs_new"][:6], space="new")
+    with pytest.raises(ClientFailedPrecondition, match=r"coverage is 1.00% \(6 of 600 points backfilled\)"):
+        client.cutover("c")
+    with pytest.raises(ClientFailedPrecondition, match="needs a cutover first"):
+        client.finish_migration("c")
+    with pytest.raises(ClientFailedPrecondition, match="only a cutover rolls back"):
+        client.rollback_cutover("c")
+    with pytest.raises(ClientFailedPrecondition, match="in use by the migration"):
+        client.delete_transform("t")
+    stub = mgrpc.MigrationServiceStub(client._channel)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.SuggestBackfillOrder(mpb.SuggestBackfillOrderRequest(collection="c", n=0))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "n is 0" in str(err.value.details())
+    info = client.get_migration("c")
+    assert (info.phase, info.backfilled) == ("backfill", 6)
+
+    info = client.abort_migration("c")
+    assert info.phase == "aborted"
+    assert [c.name for c in client.list_collections()] == ["c"]
+    assert client.get_collection("c").home_space == "old"
+    with pytest.raises(ClientFailedPrecondition):  # no route from new after the abort
+        search(client, "new", w["q_new"])
+
+
+def test_suggest_backfill_order(env: Any) -> None:
+    _srv, client, w = env
+    order = client.suggest_backfill_order("c", 50)
+    assert len(order.ids) == 50 and len(set(order.ids)) == 50 and set(order.ids) <= set(IDS)
+    assert np.all(np.diff(order.scores) <= 1e-6)  # best first
+    client.start_migration("c", "new", "t")
+    first = [IDS.index(p) for p in order.ids[:20]]
+    client.upsert("c", order.ids[:20], w["docs_new"][first], space="new")
+    again = client.suggest_backfill_order("c", N)
+    assert len(again.ids) == N - 20 and not set(again.ids) & set(order.ids[:20])  # backfilled ids are left out
+
+
+def test_concurrent_backfill_search_cutover(env: Any) -> None:
+    """8 threads: 2 re-upsert backfilled vectors, 5 search, 1 cuts over (forced, with projections) midway.
+    Every request succeeds and every reply is exactly the before- or the after-cutover answer."""
+    _srv, client, w = env
+    client.start_migration("c", "new", "t")
+    part = np.arange(0, N, 2)
+    client.upsert("c", [IDS[i] for i in part], w["docs_new"][part], space="new")
+    client.forward_upgrade("c", "r")
+    client.wait_forward_upgrade("c", timeout=30)
+    xq = w["q_new"][:16]
+    before = search(client, "new", xq)
+    failures: list[BaseException] = []
+    replies: list[np.ndarray] = []
+    stop = threading.Event()
+
+    def guarded(fn: Any) -> Any:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as e:
+                failures.append(e)
+
+        return run
+
+    def writer(j: int) -> None:
+        rows = part[j::2]
+        while not stop.is_set():
+            client.upsert("c", [IDS[i] for i in rows[:40]], w["docs_new"][rows[:40]], space="new")
+
+    def reader() -> None:
+        while not stop.is_set():
+            replies.append(search(client, "new", xq))
+
+    threads = [threading.Thread(target=guarded(lambda j=j: writer(j))) for j in range(2)]
+    threads += [threading.Thread(target=guarded(reader)) for _ in range(5)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(replies) > 20, timeout=30)
+    cut = threading.Thread(target=guarded(lambda: client.cutover("c", force=True)))
+    cut.start()
+    cut.join()
+    n_cut = len(replies)
+    wait_for(lambda: len(replies) > n_cut + 20, timeout=30)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:3]
+    after = search(client, "new", xq)
+    assert not np.array_equal(before, after)
+    for r in replies:
+        assert np.array_equal(r, before) or np.array_equal(r, after)
+    assert any(np.array_equal(r, after) for r in replies)
