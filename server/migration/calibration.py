@@ -2,20 +2,26 @@
 
 During a migration a new-model query q searches the old index (points not yet re-embedded) with T(q) and the
 new-space index (re-embedded points) with q itself. The two score scales differ, so the old scores are mapped
-onto the new scale by an affine :class:`ScoreCalibration` (``scale * D + bias``) before :func:`merge_topk`.
+onto the new scale by a :class:`ScoreCalibration` before :func:`merge_topk`:
+``scale * D + level * mean(D[:, :depth]) + bias``, where the middle term is a per-query offset read from the old
+search's own top-``depth`` scores (``level`` 0: a global affine map).
 
 :func:`fit_score_calibration` fits it on held-out pairs (queries with their new and mapped vectors, docs with
-their new and old vectors): for every query, the candidates that matter are its top-k docs by either score;
-each (query, candidate) pair gives an old score (T(q) vs x_old) and a new score (q vs x_new). Methods:
+their new and old vectors). Methods (:data:`METHODS`):
 
-* ``lsq`` (default): least squares of the new score on the old score over those pairs, i.e. the expected
-  native score of a doc given its transformed score (measured best, docs/MIGRATION.md);
-* ``moments``: the same pairs' mean and standard deviation matched (no shrinkage towards the mean);
+* ``level`` (default): per query, the new search's top-``depth`` mean L_n is predicted from the old search's
+  L_o by least squares over the queries (L_n ≈ c·L_o + bias), and scores within a query are scaled by the ratio
+  of the two searches' within-query spreads (scale); level = c − scale. A global map cannot fix that one query's
+  mapped scores run high and another's low while their native scores do not: on debdesc dev it dipped 0.006
+  below β = 0 at its best, the per-query level did not (docs/MIGRATION.md);
+* ``lsq``: least squares of the new score on the old score over each query's top-k docs by either score;
+* ``moments``: the same pairs' mean and standard deviation matched;
 * ``top``: each query's mean top-1 and top-k scores matched between the two searches.
 
 Scores follow FAISS: ``cosine`` / ``ip`` are inner products (higher is better), ``l2`` squared distances (lower
 is better); the calibration maps old scores onto the new metric's scale whatever the signs, and a fit whose
-slope would reverse the old ranking falls back to ``moments``. Covered by ``tests/test_migration_math.py``.
+slope would reverse the old ranking falls back to ``moments``. The fit depends on the gallery's size (top scores
+rise with it): fit on as many docs as the calibration has. Covered by ``tests/test_migration_math.py``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ __all__ = [
     "merge_topk",
 ]
 
-METHODS = ("lsq", "moments", "top")
+METHODS = ("level", "lsq", "moments", "top")
+DEPTH = 10  #: top scores per query that give its level
 _FAISS_METRIC = {"cosine": faiss.METRIC_INNER_PRODUCT, "ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 _F32_MAX = float(np.finfo(np.float32).max)
 
@@ -51,28 +58,60 @@ def higher_is_better(metric: str) -> bool:
 
 @dataclass(frozen=True)
 class ScoreCalibration:
-    """Old-index scores -> new-index scale: ``scale * D + bias``."""
+    """Old-index scores -> new-index scale: ``scale * D + level * mean(D[:, :depth]) + bias`` per query."""
 
     scale: float
     bias: float
-    n: int  #: (query, doc) pairs it was fitted on (0 for identity)
+    n: int  #: queries (level) or (query, doc) pairs it was fitted on (0 for identity)
     source: str  #: where it came from, in words ("identity: <why>" when not fitted)
+    level: float = 0.0  #: weight of the query's own old top-``depth`` mean (0: a global affine map)
+    depth: int = DEPTH  #: how many of the old search's top scores give the query's level
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.scale) and math.isfinite(self.bias)) or self.scale == 0:
-            raise ValueError(f"score calibration needs a finite non-zero scale and a finite bias, got {self}")
+        if not all(math.isfinite(v) for v in (self.scale, self.bias, self.level)) or self.scale == 0:
+            raise ValueError(f"score calibration needs a finite non-zero scale, finite bias and level, got {self}")
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+
+    def query_level(self, D: np.ndarray) -> np.ndarray:
+        """(nq,) the mean of each row's first ``depth`` finite scores of D (nq, k), sorted best first (0 when none).
+        Search the old index with k >= depth: fewer columns give a level biased towards the top."""
+        top = np.asarray(D, dtype=np.float64)[:, : self.depth]
+        ok = np.isfinite(top) & (np.abs(top) < _F32_MAX)
+        level: np.ndarray = np.where(ok, top, 0.0).sum(1) / np.maximum(ok.sum(1), 1)
+        return level
 
     def apply(self, D: np.ndarray) -> np.ndarray:
-        """D (nq, k) old-index scores -> (nq, k) float32 on the new scale (padding scores stay finite)."""
-        out = np.asarray(D, dtype=np.float64) * self.scale + self.bias
+        """D (nq, k) old-index scores, each row best first -> (nq, k) float32 on the new scale (padding scores
+        stay finite)."""
+        D64 = np.asarray(D, dtype=np.float64)
+        if D64.ndim != 2:
+            raise ValueError(f"D must have shape (nq, k), got {D64.shape}")
+        out = D64 * self.scale + self.bias
+        if self.level:
+            out += self.level * self.query_level(D64)[:, None]
         return np.clip(out, -_F32_MAX, _F32_MAX).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"scale": float(self.scale), "bias": float(self.bias), "n": int(self.n), "source": str(self.source)}
+        return {
+            "scale": float(self.scale),
+            "bias": float(self.bias),
+            "level": float(self.level),
+            "depth": int(self.depth),
+            "n": int(self.n),
+            "source": str(self.source),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ScoreCalibration:
-        return cls(float(d["scale"]), float(d["bias"]), int(d.get("n", 0)), str(d.get("source", "")))
+        return cls(
+            float(d["scale"]),
+            float(d["bias"]),
+            int(d.get("n", 0)),
+            str(d.get("source", "")),
+            float(d.get("level", 0.0)),
+            int(d.get("depth", DEPTH)),
+        )
 
 
 IDENTITY = ScoreCalibration(1.0, 0.0, 0, "identity: not fitted")
@@ -125,6 +164,34 @@ def _moments(s_old: np.ndarray, s_new: np.ndarray, sign: float) -> tuple[float, 
     return scale, float(s_new.mean() - scale * s_old.mean())
 
 
+def _fit_level(
+    xq_new: np.ndarray,
+    xq_mapped: np.ndarray,
+    xb_new: np.ndarray,
+    xb_old: np.ndarray,
+    depth: int,
+    metric_new: str,
+    metric_old: str,
+    sign: float,
+) -> ScoreCalibration:
+    """The ``level`` method (module docstring): top-``depth`` of each search, within-query spread ratio, levels."""
+    depth = min(depth, len(xb_new))
+    D_new, _ = faiss.knn(_prep(xq_new, metric_new), _prep(xb_new, metric_new), depth, _FAISS_METRIC[metric_new])
+    D_old, _ = faiss.knn(_prep(xq_mapped, metric_old), _prep(xb_old, metric_old), depth, _FAISS_METRIC[metric_old])
+    D_new, D_old = D_new.astype(np.float64), D_old.astype(np.float64)
+    L_new, L_old = D_new.mean(1), D_old.mean(1)
+    var_old = float(D_old.var(1).mean()) if depth > 1 else float(L_old.var())
+    var_new = float(D_new.var(1).mean()) if depth > 1 else float(L_new.var())
+    if var_old < 1e-18 or var_new < 1e-18 or len(xq_new) < 2 or L_old.std() < 1e-9:
+        scale, bias = _moments(D_old.ravel(), D_new.ravel(), sign) if D_old.std() > 1e-9 else (1.0, 0.0)
+        how = f"moments over {D_old.size} top-{depth} scores (no spread within or across queries to fit levels on)"
+        return ScoreCalibration(scale or 1.0, bias, len(xq_new), how, 0.0, depth)
+    scale = sign * float(np.sqrt(var_new / var_old))
+    c, bias = np.polyfit(L_old, L_new, 1)
+    how = f"level over the top-{depth} of {len(xq_new)} queries among {len(xb_new)} docs"
+    return ScoreCalibration(scale, float(bias), len(xq_new), how, float(c) - scale, depth)
+
+
 def fit_score_calibration(
     xq_new: np.ndarray,
     xq_mapped: np.ndarray,
@@ -134,12 +201,13 @@ def fit_score_calibration(
     k: int = 20,
     metric_new: str = "cosine",
     metric_old: str = "cosine",
-    method: str = "lsq",
+    method: str = "level",
+    depth: int = DEPTH,
 ) -> ScoreCalibration:
     """Fits old-index scores -> new-index scores over the candidates that matter (each query's top-k by either
     score). xq_new (nq, d_new) raw new-model queries, xq_mapped (nq, d_old) = T(xq_new), xb_new (nb, d_new) /
     xb_old (nb, d_old) paired docs (row i = the same item). Identity (with the reason in ``source``) when there is
-    nothing to fit on."""
+    nothing to fit on. ``level`` uses each query's top-``depth`` lists instead of the top-k candidates."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     sign = 1.0 if higher_is_better(metric_new) == higher_is_better(metric_old) else -1.0
@@ -147,6 +215,8 @@ def fit_score_calibration(
         raise ValueError(f"unpaired rows: {len(xq_new)} vs {len(xq_mapped)} queries, {len(xb_new)} vs {len(xb_old)}")
     if not len(xq_new) or not len(xb_new) or k < 1:
         return ScoreCalibration(1.0, 0.0, 0, "identity: no query or doc pairs to fit on")
+    if method == "level":
+        return _fit_level(xq_new, xq_mapped, xb_new, xb_old, depth, metric_new, metric_old, sign)
     S_old, S_new, rows = candidate_scores(xq_new, xq_mapped, xb_new, xb_old, k, metric_new, metric_old)
     ok = rows >= 0
     s_old, s_new = S_old[ok], S_new[ok]

@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from .base import Calibration, FitResult
-from .evaluate import METRICS, _prep, label_free_report, split_calibration
+from ..migration.calibration import fit_score_calibration
+from .base import Calibration, FitResult, apply_to_home
+from .evaluate import METRICS, _gallery, _prep, label_free_report, split_calibration
 from .kinds import FULL_RANK_KINDS, HOME_KINDS, KINDS, PAIRED_KINDS, get_kind
 from .mining import mining_knn
 from .offsets import choose_offsets, task_recall
@@ -192,6 +193,24 @@ def heldout_task_report(
     return out
 
 
+CALIBRATION_DOCS = 65536  #: calibration docs (held-out first, then fitted) the score calibration is fitted among
+
+
+def _score_calibration(
+    t: Any, train: Calibration, held: Calibration, home_metric: str, new_metric: str
+) -> dict[str, Any]:
+    """The :class:`~interlingua.server.migration.calibration.ScoreCalibration` (as a dict) of T(held-out new
+    queries) searching the old docs onto their native new-space scores, among the held-out and fitted docs (top
+    scores rise with the gallery, so as many docs as the calibration has, up to ``CALIBRATION_DOCS``)."""
+    doc_new = np.vstack([held.doc_new, train.doc_new])[:CALIBRATION_DOCS]
+    doc_home = np.vstack([held.doc_home, train.doc_home])[:CALIBRATION_DOCS]
+    mapped = apply_to_home(t, held.query_new, home_metric)
+    docs = _prep(_gallery(t, doc_home), home_metric)
+    fitted = fit_score_calibration(held.query_new, mapped, doc_new, docs, metric_new=new_metric, metric_old=home_metric)
+    out: dict[str, Any] = fitted.to_dict()
+    return out
+
+
 def fit_transform(
     kind: str,
     cal: Calibration,
@@ -200,6 +219,7 @@ def fit_transform(
     holdout: float = 0.1,
     seed: int = 0,
     home_metric: str = "cosine",
+    new_metric: str = "cosine",
     progress: Progress | None = None,
 ) -> tuple[FitResult, dict[str, Any]]:
     """Validates, fits ``kind`` on all but a seeded ``holdout`` slice of each side's pairs, and reports on the slice.
@@ -210,13 +230,16 @@ def fit_transform(
     training relevance trains on :func:`with_pseudo_relevance` instead. Returns (FitResult, report):
     :func:`~.evaluate.label_free_report` of the held-out slice plus ``relevance`` ("given", "pseudo" or
     "none"), the held-out task figures, ``holdout``, ``seed``, ``fit_pairs``, ``heldout_pairs`` and
-    ``fit_seconds``."""
+    ``fit_seconds``. For a new -> home kind whose slice has query and doc pairs, ``FitResult.info`` gets
+    ``score_calibration`` (:func:`_score_calibration`, onto the new space's ``new_metric`` scores): how a
+    migration merges its old- and new-index scores."""
     validate_calibration(cal, kind)
     validate_config(kind, config)
     if isinstance(holdout, bool) or not isinstance(holdout, int | float) or not 0 <= holdout < 1:
         raise ValueError(f"holdout must be in [0, 1), got {holdout!r}")
-    if home_metric not in METRICS:
-        raise ValueError(f"home_metric must be one of {', '.join(METRICS)}, got {home_metric!r}")
+    for name, metric in (("home_metric", home_metric), ("new_metric", new_metric)):
+        if metric not in METRICS:
+            raise ValueError(f"{name} must be one of {', '.join(METRICS)}, got {metric!r}")
     relevance = "given" if cal.query_relevant is not None else "none"
     both_sides = len(cal.query_new) > 0 and len(cal.doc_new) > 0
     if relevance == "none" and kind not in HOME_KINDS and both_sides and config.get("pseudo_relevance", True):
@@ -251,6 +274,9 @@ def fit_transform(
         if kind not in HOME_KINDS:
             pseudo = relevance == "pseudo"
             report.update(heldout_task_report(result.transform, train, held, home_metric, pseudo=pseudo))
+            if len(held.query_new) and len(held.doc_new):  # merges old- and new-index scores during a migration
+                calibration = _score_calibration(result.transform, train, held, home_metric, new_metric)
+                result.info["score_calibration"] = calibration
     report.update(
         relevance=relevance,
         holdout=float(holdout),
