@@ -53,10 +53,12 @@ def setup(client: Client, w: dict[str, np.ndarray], *, spec: str = "Flat") -> No
     client.register_space("new", D_NEW)
     client.create_collection("c", "old", index_spec=spec)
     client.upsert("c", IDS, w["docs_old"], space="old", payloads=[f'{{"i": {i}}}' for i in range(N)])
-    pairs_new = np.vstack([w["docs_new"], w["q_new"]])
-    pairs_old = np.vstack([w["docs_old"], w["q_old"]])
-    client.fit_transform("t", "procrustes", source_space="new", target_space="old", doc_pairs=(pairs_new, pairs_old))
-    client.fit_transform("r", "procrustes", source_space="old", target_space="new", doc_pairs=(pairs_old, pairs_new))
+    docs, queries = (w["docs_new"], w["docs_old"]), (w["q_new"], w["q_old"])
+    # query and doc pairs: the new -> old fit also carries the two-index score calibration
+    client.fit_transform("t", "procrustes", source_space="new", target_space="old", doc_pairs=docs, query_pairs=queries)
+    client.fit_transform(
+        "r", "procrustes", source_space="old", target_space="new", doc_pairs=docs[::-1], query_pairs=queries[::-1]
+    )
 
 
 @pytest.fixture
@@ -92,7 +94,9 @@ def reference(
         mig = srv.engine.migrations.get("c")  # type: ignore[union-attr]
         assert mig is not None
         cal = mig.calibration
-        S_old = cal.apply(transform(srv, "t", w["q_new"]) @ unit(w["docs_old"]).T)
+        S_raw = transform(srv, "t", w["q_new"]) @ unit(w["docs_old"]).T
+        level = cal.query_level(-np.sort(-S_raw, axis=1))  # each query's old top-depth mean
+        S_old = cal.scale * S_raw + cal.level * level[:, None] + cal.bias
         S = np.where(real[None, :], q @ unit(w["docs_new"]).T, S_old)
     I = np.argsort(-S, axis=1, kind="stable")[:, :K]
     return np.array(IDS, dtype=object)[I]
@@ -110,6 +114,7 @@ def test_lifecycle_backfill_cutover_rollback_finish(env: Any) -> None:
     srv, client, w = env
     info = client.start_migration("c", "new", "t", reverse_transform="r")
     assert (info.phase, info.home_space, info.points, info.backfilled, info.coverage) == ("backfill", "old", N, 0, 0)
+    assert info.calibration is not None and info.calibration.source.startswith("transform 't'")
     real = np.zeros(N, bool)
     assert agree(search(client, "new", w["q_new"]), reference(srv, w, real)) >= 0.98
     native_old = search(client, "old", w["q_old"])

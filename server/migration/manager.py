@@ -139,7 +139,8 @@ class Migrations:
                 spec = spec.checked(new, e.limits)
             except InvalidArgument as err:
                 raise InvalidArgument(f"the collection's index spec does not fit space {new.name!r}: {err}") from None
-            cal = trec.report.get("score_calibration")
+            fit = trec.report.get("fit")
+            cal = (fit if isinstance(fit, dict) else {}).get("score_calibration", trec.report.get("score_calibration"))
             calibration = (
                 ScoreCalibration.from_dict({**cal, "source": f"transform {transform!r}: {cal.get('source', '')}"})
                 if isinstance(cal, dict)

@@ -69,12 +69,14 @@ def _two_indexes(mig: Migration, q: Query, device: Device) -> Hits:
     k, n = q.params.k, mig.points()
     n_real = mig.backfilled()
     cal = mig.calibration
+    depth = min(cal.depth if cal.level else 0, n)  # the calibration reads each query's old top-depth scores
     if n_real == 0:  # nothing backfilled: the old index alone, on the new scale
-        hits = run(q, mig.fn, device)
-        return dataclasses.replace(hits, D=cal.apply(hits.D))
+        wide = dataclasses.replace(q, params=dataclasses.replace(q.params, k=max(k, depth)))
+        hits = run(wide, mig.fn, device)
+        return dataclasses.replace(hits, D=cal.apply(hits.D)[:, :k], ids=hits.ids[:, :k])
     mig.companion.check_search(q.params.ef_search, q.params.nprobe)
     # not backfilled, through the transform in the old index
-    old, D_old, I_old = _fetch(q, mig.fn, device, k, n, n - n_real, lambda p: not mig.is_real(p))
+    old, D_old, I_old = _fetch(q, mig.fn, device, k, n, n - n_real, lambda p: not mig.is_real(p), depth)
     # backfilled, natively in the companion (projections are scored through the old index instead)
     qb = dataclasses.replace(q, col=mig.companion, route=Route(q.space.name, q.space.name, IDENTITY))
     new, D_new, I_new = _fetch(qb, None, device, k, len(mig.companion.pids), n_real, mig.is_real)
@@ -90,14 +92,15 @@ def _two_indexes(mig: Migration, q: Query, device: Device) -> Hits:
 
 
 def _fetch(
-    q: Query, fn: object, device: Device, k: int, ntotal: int, nkind: int, keep: object
+    q: Query, fn: object, device: Device, k: int, ntotal: int, nkind: int, keep: object, least: int = 0
 ) -> tuple[Hits, np.ndarray, np.ndarray]:
     """Searches q's collection for k hits that ``keep`` accepts (``nkind`` of its ``ntotal`` points do),
-    asking for more candidates until each row has k of them or the index has no more. Returns the last
-    hits and (D, I) with the others blanked ('' ids)."""
+    asking for more candidates (at least ``least``) until each row has k of them or the index has no
+    more. Returns the last hits and (D, I) with the others blanked ('' ids; D keeps every score, so the
+    calibration reads the whole old list's top scores)."""
     assert callable(keep)
     want = min(k, nkind)
-    fetch = min(ntotal, MAX_FETCH, max(k, int(np.ceil(2 * k * ntotal / max(nkind, 1))) + k))
+    fetch = min(ntotal, MAX_FETCH, max(k, least, int(np.ceil(2 * k * ntotal / max(nkind, 1))) + k))
     while True:
         hits = run(dataclasses.replace(q, params=dataclasses.replace(q.params, k=max(fetch, 1))), fn, device)
         flat = hits.ids.ravel()
