@@ -3,8 +3,10 @@
 Fits on ``DIR/fit`` (as ``bench/transforms.py``: :func:`fit_transform` with the diagonal relevance and its
 ``--holdout``): the query-side transform T new -> old (``--kind``, default ``lambda_orthogonal``; its
 ``info["score_calibration"]`` calibrates the two-index merge), the reverse R old -> new (same kind; old-model
-queries after the cutover) and the forward map F old -> new for gallery vectors: R applied with side "doc", or
-for the linear kinds the pseudo-inverse of T's doc side; the one with the higher ``forward_upgrade_r10`` wins.
+queries after the cutover) and the forward map F old -> new for gallery vectors: R applied with side "doc" (what
+the service's ForwardUpgrade does), compared with the pseudo-inverse of T's doc side (linear kinds) and ridge least
+squares on the doc pairs; each is normalized and moved onto the new docs' mean and spread (as the service does
+with the map's ``doc_moments``).
 
 Then on ``DIR/dev`` (gallery = dev docs, query i relevant to doc i, exact search, cosine, k = 10), for β = 0 ...
 1 (``--steps``) and the orders ``random`` (seeded) and ``suggested`` (:func:`backfill_order` on the old vectors):
@@ -20,6 +22,11 @@ Searches go through a pluggable ``search_fn(xq, backfilled) -> I`` (:func:`evalu
 searches exactly among the allowed rows (a top-``CANDIDATES`` list per query, exact fallback where it runs out),
 so (a)'s two lists merged by raw score equal one search of the shared index. Also measured: the calibration
 methods and the order methods (strategy (b): worst margin and area under R@10 over β).
+
+Then the service itself (``_backfill_service.py``, ``--service-betas``, default 0, 0.5, 1): an in-process server
+fits T and R on the same pairs, migrates two collections of the dev gallery ((b) ``two_indexes``; (a)
+``shared_index`` after a ForwardUpgrade with R), backfills in SuggestBackfillOrder's order and searches over gRPC;
+its R@10 is printed beside the offline curves (``service_r10_a/b``, ``service_max_abs_diff_r10``).
 
 stdout: a markdown report; its last line one JSON object (``min_margin_r10_a/b``: worst β minus β = 0, suggested
 order; ``end_gap_r10_a/b``: β = 1 minus new->new; ``auc_r10_suggested`` / ``auc_r10_random``: strategy (b);
@@ -39,6 +46,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+from _backfill_service import measure as service_measure
 from _common import log, machine_info
 from _data import load_task
 
@@ -232,6 +240,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=None, help="use only the first N rows of each split (quick runs)")
     p.add_argument("--steps", type=int, default=11, help="backfill fractions from 0 to 1 (default 11)")
     p.add_argument("--plot", type=Path, help="write a PNG of Recall@10 vs β")
+    p.add_argument(
+        "--service-betas",
+        default="0,0.5,1",
+        help="β at which the service itself (in-process gRPC server) is measured beside the offline curves "
+        "(comma-separated; '' skips it; default %(default)s)",
+    )
     return p.parse_args(argv)
 
 
@@ -281,7 +295,7 @@ def print_summary(f: dict[str, Any]) -> None:
     print(f"({f['old_mrr10']:.4f}), which old-model queries keep during the backfill (old vectors kept); after the")
     print(f"cutover R(q_old) -> new gallery {f['old_after_cutover_r10']:.4f} ({f['old_after_cutover_mrr10']:.4f}).")
     maps = ", ".join(f"{k} {v:.4f}" for k, v in f["forward_maps"].items())
-    print(f"Forward upgrade (raw new queries vs F(x_old)): {maps}; chosen: {f['forward_map']}.")
+    print(f"Forward upgrade (raw new queries vs F(x_old)): {maps}; used (the service's): {f['forward_map']}.")
     for s in "ab":
         print(f"({s}): worst β minus β=0 {f[f'min_margin_r10_{s}']:+.4f} (suggested), ", end="")
         print(
@@ -314,8 +328,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     native, old = SubsetSearch(xq, xb_new), SubsetSearch(apply_to_home(T, xq, "cosine"), xb_old)
     forward = {name: SubsetSearch(xq, F) for name, F in forward_candidates(T, R, fit_, xb_old).items()}
     forward_r10 = {name: float(ranking(s.I[:, :K])[0].mean()) for name, s in forward.items()}
-    forward_map = max(forward_r10, key=lambda name: forward_r10[name])
-    log(f"forward maps (R@10 of raw new queries vs F(x_old)): {forward_r10}; chosen: {forward_map}")
+    # the service's ForwardUpgrade maps with a fitted old -> new transform: R's doc side (the others are compared)
+    forward_map = "reverse transform R (doc side)"
+    log(f"forward maps (R@10 of raw new queries vs F(x_old)): {forward_r10}; used: {forward_map}")
     new_r10, new_mrr = (float(v.mean()) for v in ranking(native.I[:, :K]))
     old_native = SubsetSearch(xq_old, xb_old)
     old_r10, old_mrr = (float(v.mean()) for v in ranking(old_native.I[:, :K]))
@@ -363,7 +378,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     figures.update(kind=args.kind, score_calibration=calibration.to_dict(), fit_s_T=fit_s_T, fit_s_R=fit_s_R)
     figures.update(order_s=order_s, betas=betas, n_dev=n, machine=machine_info())
     figures["curves"] = {name: {k: [round(v, 5) for v in vs] for k, vs in c.items()} for name, c in curves.items()}
+    if args.service_betas:
+        sb = [float(b) for b in args.service_betas.split(",")]
+        log(f"measuring the service itself at β = {sb}")
+        svc = service_measure(fit_, dev, args.kind, args.holdout, sb)
+        offline = {s: np.interp(sb, betas, curves[f"{s} suggested"]["r10"]) for s in "ab"}
+        svc["service_betas"] = sb
+        svc["service_max_abs_diff_r10"] = max(
+            float(np.max(np.abs(np.asarray(svc[f"service_r10_{s}"]) - offline[s]))) for s in "ab"
+        )
+        figures.update(svc)
     print_summary(figures)
+    if "service_r10_b" in figures:
+        print("\nThe service itself (in-process gRPC server: FitTransform, StartMigration, SuggestBackfillOrder,")
+        print("ForwardUpgrade, backfill upserts, Search), suggested order, R@10 / MRR@10:\n")
+        print("| β | (b) service | (b) offline | (a) service | (a) offline |")
+        print("|---:|---:|---:|---:|---:|")
+        for i, b in enumerate(figures["service_betas"]):
+            cells = []
+            for s in "ba":
+                off = float(np.interp(b, betas, curves[f"{s} suggested"]["r10"]))
+                cells += [f"{figures[f'service_r10_{s}'][i]:.4f} / {figures[f'service_mrr10_{s}'][i]:.4f}", fmt(off)]
+            print(f"| {b:.2f} | " + " | ".join(cells) + " |")
+        print(f"\nLargest |service - offline| R@10: {figures['service_max_abs_diff_r10']:.4f}; old-model queries")
+        print(f"after the service's cutover (through R): {figures['service_old_after_cutover_r10']:.4f}.")
     if args.plot:
         plot(args.plot, betas, curves, figures)
         log(f"wrote {args.plot}")

@@ -80,6 +80,16 @@ def transform(srv: Server, name: str, x: np.ndarray, side: str = "query") -> np.
     return unit(fn.apply(unit(x), side))
 
 
+def projection(srv: Server, x_old: np.ndarray) -> np.ndarray:
+    """What a forward upgrade with ``r`` stores for old vectors: its unit doc side moved onto the new docs'
+    mean and spread measured by its fit (``doc_moments``), unit again."""
+    compat = srv.engine.compat
+    assert compat is not None
+    m = compat.get("r").report["fit"]["doc_moments"]
+    y = transform(srv, "r", x_old, side="doc")
+    return unit((y - np.asarray(m["mapped_mean"])) * m["ratio"] + np.asarray(m["target_mean"]))
+
+
 def reference(
     srv: Server, w: dict[str, np.ndarray], real: np.ndarray, projected: np.ndarray | None = None
 ) -> np.ndarray:
@@ -212,7 +222,7 @@ def test_forward_upgrade_shared_index_and_forced_cutover(env: Any) -> None:
     assert (info.forward.state, info.projected, info.backfilled) == ("done", N - len(part), len(part))
     real = np.zeros(N, bool)
     real[part] = True
-    proj = transform(srv, "r", w["docs_old"], side="doc")
+    proj = projection(srv, w["docs_old"])
     assert agree(search(client, "new", w["q_new"]), reference(srv, w, real, proj)) >= 0.98
     # a real vector replaces its projection; a projection never replaces a real vector
     client.upsert("c", [IDS[1]], w["docs_new"][1:2], space="new")

@@ -103,6 +103,18 @@ class Migrations:
             pause=c.forward_pause_seconds,
         )
 
+    @staticmethod
+    def _moments(rec: TransformRecord, d: int) -> tuple[np.ndarray, np.ndarray, float] | None:
+        """The forward map's gallery-side correction from its fit (``transforms.fit.doc_moments``), if any."""
+        fit = rec.report.get("fit")
+        m = fit.get("doc_moments") if isinstance(fit, dict) else None
+        if not isinstance(m, dict):
+            return None
+        mf, mn = np.asarray(m["mapped_mean"], np.float64), np.asarray(m["target_mean"], np.float64)
+        if mf.shape != (d,) or mn.shape != (d,) or not np.isfinite(float(m["ratio"])):
+            return None
+        return mf, mn, float(m["ratio"])
+
     def _set_phase(self, name: str, phase: str) -> None:
         for p in PHASE_VALUES:
             self.engine.metrics.migration_phase.labels(name, p).set(1.0 if p == phase else 0.0)
@@ -261,7 +273,7 @@ class Migrations:
 
     def forward_upgrade(self, collection: str, transform: str) -> Migration:
         mig = self.require(collection)
-        fn = self._ready(transform, mig.old, mig.new, "transform")[0]
+        fn, frec = self._ready(transform, mig.old, mig.new, "transform")
         with mig.lock:
             if mig.phase != "backfill":
                 raise FailedPrecondition(
@@ -274,7 +286,8 @@ class Migrations:
                 )
             total = int(mig.col.counts.get(mig.old.name, 0))
             mig.rec.forward = dict(state="running", transform=transform, cursor="", done=0, total=total, error="")
-            mig.forward = fn
+            mig.forward, mig.moments = fn, self._moments(frec, mig.new.dim)
+            mig.rec.forward["corrected"] = mig.moments is not None
             mig.save()
         mig.start_forward()
         return mig
@@ -314,10 +327,13 @@ class Migrations:
                 fn = e.compat.get(rec.transform).fn
                 rfn = e.compat.get(rec.reverse_transform).fn if rec.reverse_transform else None
                 fw = rec.forward.get("transform", "")
-                ffn = e.compat.get(fw).fn if fw else None
+                frec = e.compat.get(fw) if fw else None
+                ffn = frec.fn if frec is not None else None
                 if fn is None:
                     raise RuntimeError(f"transform {rec.transform!r} is not loaded")
                 mig = self._new(rec, col, comp, e.spaces[rec.new_space], (fn, rfn, ffn))
+                if frec is not None:
+                    mig.moments = self._moments(frec, mig.new.dim)
                 with mig.lock:
                     dropped, copied = mig.reconcile()
                 log.info(

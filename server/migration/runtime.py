@@ -98,6 +98,9 @@ class Migration:
         self.stop = threading.Event()  #: ends the forward-upgrade thread
         self.thread: threading.Thread | None = None
         self.batch, self.pause = batch, pause  #: forward-upgrade step size and the pause between steps
+        #: the forward map's gallery-side correction (mapped mean, target mean, ratio) from its fit
+        #: (``transforms.fit.doc_moments``), or None
+        self.moments: tuple[np.ndarray, np.ndarray, float] | None = None
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -193,14 +196,27 @@ class Migration:
         keep = [i for i, p in enumerate(ids) if p in self.col.pids and not self.is_real(p)]
         if not keep:
             return 0
-        y = self.forward.apply(np.ascontiguousarray(x[keep], dtype=np.float32), "doc")
-        if self.new.metric == "cosine":
-            y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+        y = self.project(x[keep])
         kept = [ids[i] for i in keep]
         y = np.ascontiguousarray(y, dtype=np.float32)
         self.companion.upsert(self.new, kept, y, [None] * len(kept), projected=True)
         self.projected.update(kept)
         return len(kept)
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        """F(x) (n, d_new) of old vectors x (n, d_old): the forward map's doc side, unit rows for a cosine
+        space, moved onto the new docs' mean and spread when the map's fit measured them (``moments``)."""
+        assert self.forward is not None
+        cosine = self.new.metric == "cosine"
+        y = np.asarray(self.forward.apply(np.ascontiguousarray(x, dtype=np.float32), "doc"), dtype=np.float64)
+        if cosine:
+            y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+        if self.moments is not None:
+            mf, mn, ratio = self.moments
+            y = (y - mf) * ratio + mn
+            if cosine:
+                y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+        return np.ascontiguousarray(y, dtype=np.float32)
 
     # -- recovery --------------------------------------------------------------------------------
 

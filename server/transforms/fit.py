@@ -211,6 +211,21 @@ def _score_calibration(
     return out
 
 
+def doc_moments(t: Any, x_src: np.ndarray, x_tgt: np.ndarray, target_metric: str) -> dict[str, Any]:
+    """How to put a transform's doc side on the target model's own scale when it maps gallery vectors (a
+    migration's forward upgrade): ``(y - mapped_mean) * ratio + target_mean`` with y = T(x_src, "doc") (unit rows
+    for cosine), so mapped docs have the target docs' mean and mean distance to it (``bench/backfill.py``: without
+    it, mapped rows sat off the native score scale and every native doc outranked every mapped one).
+    x_src (n, d_in), x_tgt (n, d_out): the fit's doc pairs."""
+    y = np.asarray(t.apply(np.ascontiguousarray(x_src, dtype=np.float32), "doc"), dtype=np.float64)
+    if target_metric == "cosine":
+        y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    z = np.asarray(x_tgt, dtype=np.float64)
+    mf, mn = y.mean(0), z.mean(0)
+    ratio = float(np.linalg.norm(z - mn, axis=1).mean() / max(np.linalg.norm(y - mf, axis=1).mean(), 1e-12))
+    return {"mapped_mean": mf.tolist(), "target_mean": mn.tolist(), "ratio": ratio}
+
+
 def fit_transform(
     kind: str,
     cal: Calibration,
@@ -277,6 +292,8 @@ def fit_transform(
             if len(held.query_new) and len(held.doc_new):  # merges old- and new-index scores during a migration
                 calibration = _score_calibration(result.transform, train, held, home_metric, new_metric)
                 result.info["score_calibration"] = calibration
+    if kind not in HOME_KINDS and len(train.doc_new) >= 2:  # a forward upgrade's gallery-side correction
+        result.info["doc_moments"] = doc_moments(result.transform, train.doc_new, train.doc_home, home_metric)
     report.update(
         relevance=relevance,
         holdout=float(holdout),
