@@ -4,6 +4,7 @@ searches and a cutover (each reply wholly before or wholly after it)."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,11 +14,13 @@ import grpc
 import numpy as np
 import pytest
 from conftest import start_server, wait_for
+from prometheus_client import generate_latest
 
 from interlingua.client import Client
 from interlingua.client import FailedPrecondition as ClientFailedPrecondition
 from interlingua.client import InvalidArgument as ClientInvalidArgument
 from interlingua.client import NotFound as ClientNotFound
+from interlingua.client.cli import main
 from interlingua.server import Server
 from interlingua.v1 import migrations_pb2 as mpb
 from interlingua.v1 import migrations_pb2_grpc as mgrpc
@@ -350,3 +353,42 @@ def test_concurrent_backfill_search_cutover(env: Any) -> None:
     for r in replies:
         assert np.array_equal(r, before) or np.array_equal(r, after)
     assert any(np.array_equal(r, after) for r in replies)
+
+
+def test_cli_walkthrough_and_metrics(env: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's migration walkthrough with the CLI, on a live server; then the metrics it exports."""
+    srv, client, w = env
+    target = ["--target", client.target]
+
+    def cli(*argv: str) -> tuple[int, str]:
+        code = main([*argv, *target])
+        return code, capsys.readouterr().out
+
+    np.save(tmp_path / "new_doc.npy", w["docs_new"])
+    (tmp_path / "all_ids.txt").write_text("".join(f"{p}\n" for p in IDS))
+    code, out = cli("migrations", "start", "c", "--new-space", "new", "--transform", "t", "--reverse-transform", "r")
+    assert code == 0 and "backfill" in out
+    code, out = cli("migrations", "suggest", "c", "-n", "150", "--out", str(tmp_path / "ids.txt"))
+    assert code == 0 and len((tmp_path / "ids.txt").read_text().split()) == 150
+    code, _ = cli(
+        "ingest", "c", "--space", "new", "--vectors", str(tmp_path / "new_doc.npy"),
+        "--ids", str(tmp_path / "all_ids.txt"), "--only-ids", str(tmp_path / "ids.txt"),
+    )  # fmt: skip
+    assert code == 0
+    code, out = cli("migrations", "get", "c", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["backfilled"] == 150 and info["phase"] == "backfill"
+    assert cli("migrations", "cutover", "c")[0] == 1  # refused below 100% coverage
+    code, out = cli("migrations", "forward", "c", "--transform", "r", "--wait", "--no-progress")
+    assert code == 0
+    assert cli("migrations", "cutover", "c", "--force")[0] == 0
+    assert cli("migrations", "rollback", "c")[0] == 0
+    text = generate_latest(srv.metrics.registry).decode()
+    assert 'interlingua_migration_coverage{collection="c",space="new"} 0.25' in text
+    assert 'interlingua_migration_phase{collection="c",phase="backfill"} 1.0' in text
+    assert 'interlingua_migration_forward_progress{collection="c"} 1.0' in text
+    assert cli("migrations", "cutover", "c", "--force")[0] == 0
+    assert cli("migrations", "finish", "c")[0] == 0
+    assert client.get_collection("c").home_space == "new"
+    text = generate_latest(srv.metrics.registry).decode()
+    assert 'interlingua_migration_phase{collection="c",phase="finished"} 1.0' in text
