@@ -151,16 +151,21 @@ class Segments(SegmentMerges):
 
     @staticmethod
     def _killed(s: Snapshot, labels: list[int]) -> Snapshot:
+        if not labels:
+            return s
+        # copy on write: a search still reading ``s`` must see its own bitmap, or an overwritten point would
+        # vanish from it (old label cleared here, new label not in ``s``) before the new snapshot is published
+        alive = s.alive.copy()
         dead_sealed = dead_fresh = 0
         for lab in labels:
-            s.alive[lab >> 3] &= np.uint8(~(1 << (lab & 7)) & 0xFF)
+            alive[lab >> 3] &= np.uint8(~(1 << (lab & 7)) & 0xFF)
             if lab < s.nsealed:
                 dead_sealed += 1
             else:
                 dead_fresh += 1
-        if not labels:
-            return s
-        return dataclasses.replace(s, ndead_sealed=s.ndead_sealed + dead_sealed, ndead_fresh=s.ndead_fresh + dead_fresh)
+        return dataclasses.replace(
+            s, alive=alive, ndead_sealed=s.ndead_sealed + dead_sealed, ndead_fresh=s.ndead_fresh + dead_fresh
+        )
 
     # -- search --------------------------------------------------------------------------------
 
