@@ -75,7 +75,7 @@ from ._types import (
     Space,
     TransformInfo,
 )
-from ._wire import PayloadArg, as_matrix, pack_vectors, upsert_requests
+from ._wire import PayloadArg, as_matrix, upsert_requests
 
 __all__ = ["TLS", "Client", "SearchStream"]
 
@@ -693,22 +693,25 @@ def search_request(
     shortlist_k: int | None = None,
     funnel: Sequence[tuple[int, int]] = (),
 ) -> points_pb2.SearchRequest:
-    """A SearchRequest for xq of shape (nq, d) or (d,), packed as little-endian float32."""
+    """A SearchRequest for xq of shape (nq, d) or (d,), packed as little-endian float32 (the
+    ``params`` message only when a parameter is set: the server reads an absent one as empty)."""
     xq = np.asarray(queries)
-    xq = as_matrix(xq.reshape(1, -1) if xq.ndim == 1 else xq, "queries")
-    return points_pb2.SearchRequest(
-        collection=collection,
-        query_space=space,
-        queries=pack_vectors(xq),
-        k=k,
-        params=common_pb2.SearchParams(
-            ef_search=ef_search,
-            nprobe=nprobe,
-            shortlist_k=shortlist_k,
-            funnel=[common_pb2.FunnelStage(dims=dims, keep=keep) for dims, keep in funnel],
-        ),
-        with_payload=with_payload,
-    )
+    if xq.ndim != 2:
+        xq = as_matrix(xq.reshape(1, -1) if xq.ndim == 1 else xq, "queries")
+    x = np.ascontiguousarray(xq, dtype="<f4")
+    req = points_pb2.SearchRequest(collection=collection, query_space=space, k=k, with_payload=with_payload)
+    req.queries.data = x.tobytes()  # set in place: a Vectors built beside it would be copied in
+    req.queries.dim = x.shape[1]
+    if ef_search is not None or nprobe is not None or shortlist_k is not None or funnel:
+        req.params.CopyFrom(
+            common_pb2.SearchParams(
+                ef_search=ef_search,
+                nprobe=nprobe,
+                shortlist_k=shortlist_k,
+                funnel=[common_pb2.FunnelStage(dims=dims, keep=keep) for dims, keep in funnel],
+            )
+        )
+    return req
 
 
 class SearchStream:

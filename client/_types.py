@@ -156,6 +156,9 @@ class Route:
     transform: str
 
 
+_ROUTES: dict[tuple[str, str, str], Route] = {}  #: SearchResult.from_proto's Route values
+
+
 @dataclass(frozen=True, eq=False)
 class SearchResult:
     """The k nearest neighbours of nq queries; unpacks as ``D, I = client.search(...)``.
@@ -181,13 +184,18 @@ class SearchResult:
     def from_proto(cls, msg: points_pb2.SearchResponse, with_payload: bool) -> SearchResult:
         nq, k = msg.nq, msg.k
         scores = np.frombuffer(msg.scores, dtype="<f4").astype(np.float32).reshape(nq, k)
-        ids = np.empty(nq * k, dtype=object)
-        ids[:] = list(msg.ids)
+        ids = np.fromiter(msg.ids, dtype=object, count=len(msg.ids))
         payloads = None
         if with_payload:
             flat = [decode_payload(p) for p in msg.payloads]
             payloads = [flat[i * k : (i + 1) * k] for i in range(nq)]
-        route = Route(msg.route.query_space, msg.route.home_space, msg.route.transform)
+        r = msg.route
+        key = (r.query_space, r.home_space, r.transform)
+        route = _ROUTES.get(key)
+        if route is None:  # one immutable Route per distinct route, not one per search
+            route = Route(*key)
+            if len(_ROUTES) < 1024:
+                _ROUTES[key] = route
         return cls(scores, ids.reshape(nq, k), payloads, route, msg.exact)
 
 

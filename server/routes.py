@@ -56,10 +56,16 @@ class Route:
     shadow: Shadow | None = None
 
 
+_IDENTITY_ROUTES: dict[str, Route] = {}
+
+
 def resolve(collection: str, home_space: str, query_space: str, table: Mapping[str, Route]) -> Route:
     """The route serving ``query_space`` on a collection whose index holds ``home_space``."""
     if query_space == home_space:
-        return Route(query_space, home_space, IDENTITY)
+        route = _IDENTITY_ROUTES.get(query_space)
+        if route is None:  # one immutable value per space, not one per search
+            route = _IDENTITY_ROUTES[query_space] = Route(query_space, query_space, IDENTITY)
+        return route
     route = table.get(query_space)
     if route is None:
         raise NoRoute(

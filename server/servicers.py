@@ -61,9 +61,19 @@ def rpc_call(fn: Callable[..., R], request: Any, context: grpc.ServicerContext, 
 def rpc(fn: F) -> F:
     """Decorates a unary (or stream-in) servicer method with :func:`rpc_call`."""
 
+    what = fn.__name__
+
     @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        return rpc_call(lambda r: fn(self, r, context), request, context, fn.__name__)
+        try:  # rpc_call's body, inlined: no closure per call
+            return fn(self, request, context)
+        except InterlinguaError as e:
+            context.abort(status_for(e), e.message)
+        except Exception:
+            log.exception("unexpected error in %s", what)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {what}; see the server log")
+        raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
 
     return wrapper  # type: ignore[return-value]
 
@@ -100,6 +110,17 @@ def collection_pb(c: Collection) -> cpb.CollectionInfo:
         failed_at=c.failure.at if c.failure else 0.0,
         compactions=c.compactions,
     )
+
+
+_LE_F4 = np.dtype("<f4")
+_PLAIN_PARAMS: dict[int, SearchParams] = {}  #: SearchParams(k) of requests that set no parameter
+
+
+def _plain_params(k: int) -> SearchParams:
+    params = SearchParams(k)
+    if len(_PLAIN_PARAMS) < 4096:  # k is checked later: a bounded cache of any int the wire carried
+        _PLAIN_PARAMS[k] = params
+    return params
 
 
 class SpaceServicer(sgrpc.SpaceServiceServicer):
@@ -204,26 +225,32 @@ class PointServicer(pgrpc.PointServiceServicer):
 
     def _search(self, r: ppb.SearchRequest) -> ppb.SearchResponse:
         p = r.params
-        params = SearchParams(
-            r.k,
-            ef_search=p.ef_search if p.HasField("ef_search") else None,
-            nprobe=p.nprobe if p.HasField("nprobe") else None,
-            shortlist_k=p.shortlist_k if p.HasField("shortlist_k") else None,
-            funnel=tuple((st.dims, st.keep) for st in p.funnel),
-        )
-        res = self.engine.search(r.collection, r.query_space, r.queries.data, r.queries.dim, params, r.with_payload)
-        nq, k = res.D.shape
-        return ppb.SearchResponse(
-            nq=nq,
-            k=k,
+        if not p.ListFields():  # no parameter set: one SearchParams per k, not one per call
+            params = _PLAIN_PARAMS.get(r.k) or _plain_params(r.k)
+        else:
+            params = SearchParams(
+                r.k,
+                ef_search=p.ef_search if p.HasField("ef_search") else None,
+                nprobe=p.nprobe if p.HasField("nprobe") else None,
+                shortlist_k=p.shortlist_k if p.HasField("shortlist_k") else None,
+                funnel=tuple((st.dims, st.keep) for st in p.funnel),
+            )
+        q = r.queries
+        res = self.engine.search(r.collection, r.query_space, q.data, q.dim, params, r.with_payload)
+        D, route = res.D, res.route
+        reply = ppb.SearchResponse(
+            nq=D.shape[0],
+            k=D.shape[1],
             ids=res.ids.ravel().tolist(),
-            scores=np.ascontiguousarray(res.D, dtype="<f4").tobytes(),
-            payloads=res.payloads or [],
-            route=pb.Route(
-                query_space=res.route.query_space, home_space=res.route.home_space, transform=res.route.transform
-            ),
+            scores=(D if D.dtype == _LE_F4 and D.flags.c_contiguous else np.ascontiguousarray(D, "<f4")).tobytes(),
             exact=res.exact,
         )
+        if res.payloads:
+            reply.payloads.extend(res.payloads)
+        reply.route.query_space = route.query_space
+        reply.route.home_space = route.home_space
+        reply.route.transform = route.transform
+        return reply
 
     @rpc
     def Search(self, request: ppb.SearchRequest, context: grpc.ServicerContext) -> ppb.SearchResponse:
