@@ -3,6 +3,8 @@
 >>> from interlingua.client import Client
 >>> with Client("localhost:50051") as client:  # doctest: +SKIP
 ...     D, I = client.search("gallery", xq, k=10, space="minilm-l6@1")
+>>> with Client.embedded("./data") as client:  # doctest: +SKIP
+...     D, I = client.search("gallery", xq, k=10, space="minilm-l6@1")  # in process: no server, no gRPC
 
 Errors are :class:`InterlinguaError` subclasses (see ``_exceptions.py`` for the tree).
 """

@@ -4,7 +4,8 @@
 client certificate optional) with the message-size options set, sends the API key
 as ``authorization: Bearer <key>`` metadata on every call, and turns each
 :class:`grpc.RpcError` into an :class:`~interlingua.client.InterlinguaError`
-subclass (raised ``from`` it).
+subclass (raised ``from`` it). :meth:`Client.embedded` runs the service's own engine and
+servicers in process on a data directory instead (``_embedded.py``), behind the same methods.
 Large upserts are split into batches of ``batch_size`` rows, sliced lazily so a
 memory-mapped ``.npy`` streams; so are the calibration pairs of
 :meth:`Client.fit_transform`, which then polls the background fit until it is
@@ -22,9 +23,10 @@ import json
 import os
 import queue
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -85,7 +87,8 @@ FIT_BAR = "{desc} {percentage:3.0f}%|{bar}| [{elapsed}]"
 
 
 class Client:
-    """A connection to one Interlingua server; use as a context manager or call :meth:`close`."""
+    """A connection to one Interlingua server, or (:meth:`embedded`) the service in this process on a
+    data directory; use as a context manager or call :meth:`close`."""
 
     def __init__(
         self,
@@ -116,6 +119,36 @@ class Client:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._snapshots = snapshots_pb2_grpc.SnapshotServiceStub(self._channel)
         self._migrations = migrations_pb2_grpc.MigrationServiceStub(self._channel)
+        self._close: Callable[[], None] = self._channel.close
+        self._embedded: Any = None  #: the in-process engine of :meth:`embedded` (None: a channel)
+
+    @classmethod
+    def embedded(cls, path: str | os.PathLike[str], **config: Any) -> Client:
+        """A client on the service's own engine in this process, on data directory ``path`` (created
+        if missing), with no server and no gRPC: the same methods, checks, errors and durability, and
+        the data directory stays usable by a server later (or before). ``config``: ServerConfig
+        fields (``merge_idle_seconds=...``, ``limits=Limits(...)``, ``metrics_port=0`` to serve
+        /metrics; none by default). One process at a time opens a data directory: FailedPrecondition,
+        naming it and the pid holding it, while a server or another embedded client has it open.
+        No API keys, rate limits or stream caps apply in process, and calls take no deadline.
+        :meth:`close` (or the end of a ``with`` block, or of the process) shuts the engine down."""
+        from ._embedded import Embedded
+
+        backend = Embedded(Path(path), dict(config))
+        client = cls.__new__(cls)
+        client.target = f"embedded:{path}"
+        client.timeout = None
+        client._metadata = ()
+        client._spaces = cast(spaces_pb2_grpc.SpaceServiceStub, backend.spaces)
+        client._collections = cast(collections_pb2_grpc.CollectionServiceStub, backend.collections)
+        client._points = cast(points_pb2_grpc.PointServiceStub, backend.points)
+        client._transforms = cast(transforms_pb2_grpc.TransformServiceStub, backend.transforms)
+        client._health = cast(health_pb2_grpc.HealthStub, backend.health)
+        client._snapshots = cast(snapshots_pb2_grpc.SnapshotServiceStub, backend.snapshots)
+        client._migrations = cast(migrations_pb2_grpc.MigrationServiceStub, backend.migrations)
+        client._close = weakref.finalize(client, backend.close)  # at exit too, if never closed
+        client._embedded = backend
+        return client
 
     def __enter__(self) -> Client:
         return self
@@ -124,8 +157,9 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Closes the channel; calls in flight are cancelled."""
-        self._channel.close()
+        """Closes the channel; calls in flight are cancelled. Embedded: shuts the engine down (final
+        merges, store closed, the data directory's lock released)."""
+        self._close()
 
     def _call(self, method: Callable[..., _T], request: Any, timeout: float | None = None) -> _T:
         """One call with this client's timeout (or a shorter one) and metadata; raises typed errors."""

@@ -155,7 +155,11 @@ class Server:
             self.health.set(name, status)
 
     def start(self) -> None:
-        """Starts serving (health NOT_SERVING) and loads the engine in the background."""
+        """Starts serving (health NOT_SERVING) and loads the engine in the background.
+
+        Takes the data dir's lock first: FailedPrecondition (naming the folder and the holder's pid)
+        when another server or an embedded client has it open, before anything is served."""
+        self.engine.lock_data_dir()
         if self.config.metrics_port is not None:
             check = self._metrics_key if self.config.metrics_auth else None
             self._http, self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host, check)

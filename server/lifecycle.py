@@ -98,7 +98,8 @@ class EngineLifecycle:
         self.routes: Routes | None = None  #: the owner of every collection's route table
         self.shadows: ShadowRunner | None = None  #: runs the shadow searches of routes that have one
         self.migrations: Migrations | None = None  #: every collection's model migration (server/migration)
-        self._dir_lock: IO[bytes] | None = None  #: shared: `interlingua restore` refuses while it is held
+        #: exclusive, pid inside: a second server, embedded client or restore on the folder is refused
+        self._dir_lock: IO[bytes] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -113,8 +114,7 @@ class EngineLifecycle:
         faiss.omp_set_num_threads(self.config.omp_threads)
         limit_numpy_blas(self.config.numpy_blas_threads)
         data = Path(self.config.data_dir)
-        (data / "collections").mkdir(parents=True, exist_ok=True)
-        self._dir_lock = lock_data_dir(data)
+        self.lock_data_dir()
         self.store = Store(data / "interlingua.db")
         self.spaces = {s.name: s for s in self.store.spaces()}
         self.compat = Compat(self.store, self.metrics, omp_threads=self.config.omp_threads)
@@ -154,6 +154,14 @@ class EngineLifecycle:
         self._maintainer.start()
         self._set_state(Lifecycle.SERVING)
 
+    def lock_data_dir(self) -> None:
+        """Takes the data dir's exclusive lock (creating the folder) unless held: FailedPrecondition,
+        naming the folder and the holder's pid, while another process (or engine) has it open."""
+        if self._dir_lock is None:
+            data = Path(self.config.data_dir)
+            (data / "collections").mkdir(parents=True, exist_ok=True)
+            self._dir_lock = lock_data_dir(data, purpose="open")
+
     def close(self) -> None:
         if self.state is Lifecycle.STOPPED:
             return
@@ -178,6 +186,7 @@ class EngineLifecycle:
             self.store.close()
         if self._dir_lock is not None:
             self._dir_lock.close()
+            self._dir_lock = None
         self._set_state(Lifecycle.STOPPED)
 
     def _maintain_loop(self) -> None:

@@ -1,8 +1,10 @@
 """Offline restore of a snapshot into a data dir, and the data-dir lock that keeps it offline.
 
-A running engine holds a shared ``flock`` on ``<data_dir>/interlingua.lock``
-(:func:`lock_data_dir`); :func:`restore` takes it exclusively without waiting, so it
-refuses while any server uses the folder. It checks the snapshot first (manifest,
+A running engine (a server, or an embedded client: ``Client.embedded``) holds an exclusive
+``flock`` on ``<data_dir>/interlingua.lock`` (:func:`lock_data_dir`), with its pid written in
+the file: one process at a time opens a data dir, and a second opener (engine or restore) is
+refused at once with FailedPrecondition naming the folder and that pid. :func:`restore` takes
+the same lock, so it refuses while any server uses the folder. It checks the snapshot first (manifest,
 sizes, SHA-256, then SQLite's ``quick_check`` and the sequence of a staged copy),
 so a refused restore changes nothing. Then, in an order where a crash at any step
 leaves a store that opens: the current store is folded into one file (WAL
@@ -33,18 +35,39 @@ __all__ = ["LOCK_FILE", "Restored", "lock_data_dir", "restore"]
 LOCK_FILE = "interlingua.lock"
 
 
-def lock_data_dir(data_dir: Path, *, exclusive: bool = False) -> IO[bytes]:
+def lock_data_dir(data_dir: Path, *, exclusive: bool = True, purpose: str = "restore") -> IO[bytes]:
     """Holds ``data_dir``'s lock until the returned file is closed (or the process ends).
 
-    Shared for a server (several may share it, as before); exclusive for a restore, which
-    fails at once with FailedPrecondition while a server holds it."""
-    f = (data_dir / LOCK_FILE).open("ab")
+    Exclusive, without waiting: an engine (``purpose="open"``) or a restore (``"restore"``) fails at
+    once with FailedPrecondition, naming the folder and the pid written in the lock file, while
+    another holds it. (``exclusive=False``, a shared lock, remains for callers that only keep a
+    restore out.) The holder's pid replaces the file's content."""
+    f = (data_dir / LOCK_FILE).open("a+b")
     try:
-        fcntl.flock(f.fileno(), (fcntl.LOCK_EX | fcntl.LOCK_NB) if exclusive else fcntl.LOCK_SH)
+        fcntl.flock(f.fileno(), (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise FailedPrecondition(f"a server is running on {data_dir}; stop it before restoring") from None
+        holder = _holder(data_dir)
+        if purpose == "restore":
+            raise FailedPrecondition(f"a server is running on {data_dir}{holder}; stop it before restoring") from None
+        raise FailedPrecondition(
+            f"data directory {data_dir} is in use by another process{holder}: one process at a time may open it"
+            " (an interlingua server or Client.embedded); stop that one first"
+        ) from None
+    if exclusive:
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n".encode())
+        f.flush()
     return f
+
+
+def _holder(data_dir: Path) -> str:
+    """`` (pid N)`` from the lock file's content, or ``""`` when it names none."""
+    try:
+        text = (data_dir / LOCK_FILE).read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    return f" (pid {int(text)})" if text.isdigit() else ""
 
 
 @dataclass(frozen=True)
