@@ -74,7 +74,6 @@ def rpc(fn: F) -> F:
             context.abort(grpc.StatusCode.INTERNAL, f"internal error in {what}; see the server log")
         raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
-
     return wrapper  # type: ignore[return-value]
 
 
