@@ -6,7 +6,10 @@ graph of the same ``M`` and ``efConstruction``; ``set_ef`` changes the search-ti
 
 * :class:`Faiss` -- ``faiss.IndexHNSWFlat`` in this process: the limit.
 * :class:`Interlingua` -- ``interlingua serve`` in its own process, over gRPC through
-  :class:`interlingua.client.Client` (unary ``Search``; ``stream_search`` uses one ``SearchStream``).
+  :class:`interlingua.client.Client` (unary ``Search``; ``stream_search`` uses one ``SearchStream``;
+  ``echo`` is the server's own ``grpc.health.v1.Health/Check``, an empty round trip on the same channel).
+* :class:`InterlinguaEmbedded` -- the same engine in this process (``Client.embedded``), no gRPC;
+  ``faiss_same_index`` searches a clone of its own sealed graph with FAISS alone (the per-call cost).
 * :class:`Chroma` -- ``chroma run`` (its Rust server) in its own process, over HTTP through
   ``chromadb.HttpClient``.
 * :class:`MilvusLite` -- ``pymilvus.MilvusClient`` on a ``.db`` path: milvus-lite's embedded server,
@@ -32,7 +35,7 @@ from _common import labels_of
 
 from interlingua.client import Client
 
-__all__ = ["Chroma", "Faiss", "Interlingua", "MilvusLite", "System"]
+__all__ = ["Chroma", "Faiss", "Interlingua", "InterlinguaEmbedded", "MilvusLite", "System"]
 
 NAME = "bench"  #: collection name on every server (Chroma wants 3+ characters)
 SPACE = "minilm-l6@1"
@@ -100,6 +103,31 @@ class Faiss(System):
         return I  # type: ignore[no-any-return]
 
 
+def build_collection(c: Client, xb: np.ndarray, m: int, efc: int, batch: int) -> tuple[float, float, bool]:
+    """Fills the HNSW collection through ``c``; returns (ingest s, graph complete s, last batch searchable)."""
+    c.register_space(SPACE, xb.shape[1], "cosine", description="bench: debdesc old_doc (MiniLM)")
+    c.create_collection(NAME, SPACE, f"HNSW{m}", ef_construction=efc)
+    ids = [str(i) for i in range(len(xb))]
+    t0 = time.perf_counter()
+    c.upsert(NAME, ids, xb, space=SPACE, batch_size=batch)
+    ingest_s = time.perf_counter() - t0
+    # each acknowledged batch is searchable: the last one, before any merge could move it
+    last = slice(len(xb) - min(batch, 64), len(xb))
+    got = labels_of(c.search(NAME, xb[last], 10, space=SPACE).ids)
+    want = np.arange(len(xb))[last]
+    searchable = bool(np.all((got == want[:, None]).any(axis=1)))
+    while True:
+        info = c.get_collection(NAME)
+        if info.state == "ready" and info.fresh_vectors == 0 and info.indexed_vectors == len(xb):
+            break
+        time.sleep(0.2)
+    ready_s = time.perf_counter() - t0
+    while info.checkpoint_sequence < info.last_sequence:  # a checkpoint writing beside the sweep would skew it
+        time.sleep(0.2)
+        info = c.get_collection(NAME)
+    return ingest_s, ready_s, searchable
+
+
 class Interlingua(System):
     name = "interlingua"
 
@@ -125,27 +153,11 @@ class Interlingua(System):
         self.stream: Any = None
 
     def build(self, xb: np.ndarray, m: int, efc: int, batch: int) -> None:
-        c = self.client
-        c.register_space(SPACE, xb.shape[1], "cosine", description="bench: debdesc old_doc (MiniLM)")
-        c.create_collection(NAME, SPACE, f"HNSW{m}", ef_construction=efc)
-        ids = [str(i) for i in range(len(xb))]
-        t0 = time.perf_counter()
-        c.upsert(NAME, ids, xb, space=SPACE, batch_size=batch)
-        self.ingest_s = time.perf_counter() - t0
-        # each acknowledged batch is searchable: the last one, before any merge could move it
-        last = slice(len(xb) - min(batch, 64), len(xb))
-        got = labels_of(c.search(NAME, xb[last], 10, space=SPACE).ids)
-        want = np.arange(len(xb))[last]
-        self.searchable_after_ack = bool(np.all((got == want[:, None]).any(axis=1)))
-        while True:
-            info = c.get_collection(NAME)
-            if info.state == "ready" and info.fresh_vectors == 0 and info.indexed_vectors == len(xb):
-                break
-            time.sleep(0.2)
-        self.ready_s = time.perf_counter() - t0
-        while info.checkpoint_sequence < info.last_sequence:  # a checkpoint writing beside the sweep would skew it
-            time.sleep(0.2)
-            info = c.get_collection(NAME)
+        self.ingest_s, self.ready_s, self.searchable_after_ack = build_collection(self.client, xb, m, efc, batch)
+
+    def echo(self, _xq: np.ndarray | None = None) -> str:
+        """An empty round trip: the server's health check, on the same channel."""
+        return self.client.health()
 
     def set_ef(self, ef: int) -> None:
         self.ef = ef
@@ -164,6 +176,35 @@ class Interlingua(System):
         self.client.close()
         self.proc.terminate()
         self.proc.wait(60)
+
+
+class InterlinguaEmbedded(System):
+    name = "interlingua_embedded"
+
+    def __init__(self, folder: Path, omp_threads: int) -> None:
+        self.client = Client.embedded(folder / "embedded", omp_threads=omp_threads)
+        self.ef: int | None = None
+        self.same: Any = None
+
+    def build(self, xb: np.ndarray, m: int, efc: int, batch: int) -> None:
+        self.ingest_s, self.ready_s, self.searchable_after_ack = build_collection(self.client, xb, m, efc, batch)
+
+    def set_ef(self, ef: int) -> None:
+        self.ef = ef
+        # FAISS alone on a clone of this collection's own sealed graph, at the same efSearch
+        sealed = self.client._embedded.engine.collections[NAME].segments.snapshot.sealed
+        self.same = faiss.clone_index(sealed)
+        self.same.hnsw.efSearch = ef
+
+    def search(self, xq: np.ndarray, k: int) -> np.ndarray:
+        return labels_of(self.client.search(NAME, xq, k, space=SPACE, ef_search=self.ef).ids)
+
+    def faiss_same_index(self, xq: np.ndarray, k: int) -> np.ndarray:
+        _, I = self.same.search(xq, k)
+        return I  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.client.close()
 
 
 class Chroma(System):
