@@ -69,6 +69,7 @@ from ._types import (
     MIGRATION_STRATEGIES,
     BackfillOrder,
     CollectionInfo,
+    IndexRecommendation,
     MigrationInfo,
     PointRecord,
     RouteInfo,
@@ -201,12 +202,15 @@ class Client:
         prefix_dims: int = 0,
         basis_transform: str = "",
         ef_construction: int = 0,
+        target_recall: float = 0.0,
     ) -> CollectionInfo:
         """Creates an empty collection indexed in ``home_space`` with a FAISS factory string.
 
         ``prefix_dims`` indexes only that many leading dims (Matryoshka; searches rerank a shortlist
         with the full vectors), after the optional home -> home ``basis_transform`` (e.g. pca_basis).
-        ``ef_construction`` sets an HNSW index's build-time candidate list (0: FAISS's default, 40)."""
+        ``ef_construction`` sets an HNSW index's build-time candidate list (0: FAISS's default, 40).
+        ``index_spec="auto"`` with ``target_recall`` (Recall@10, in (0, 1]): exact at first, then
+        rebuilt in the background onto the index advisor's choice once the collection is big enough."""
         req = collections_pb2.CreateCollectionRequest(
             name=name,
             home_space=home_space,
@@ -215,6 +219,7 @@ class Client:
             prefix_dims=prefix_dims,
             basis_transform=basis_transform,
             ef_construction=ef_construction,
+            target_recall=target_recall,
         )
         msg: collections_pb2.CollectionInfo = self._call(self._collections.CreateCollection, req)
         return CollectionInfo.from_proto(msg)
@@ -233,6 +238,46 @@ class Client:
     def delete_collection(self, name: str) -> None:
         """Deletes a collection with its points, vectors and index files."""
         self._call(self._collections.DeleteCollection, collections_pb2.DeleteCollectionRequest(name=name))
+
+    def recommend_index(
+        self,
+        collection: str,
+        target_recall: float,
+        k: int = 10,
+        queries: npt.ArrayLike | None = None,
+        *,
+        sample_size: int = 0,
+        num_queries: int = 0,
+        candidates: Sequence[str] = (),
+        timeout: float | None = 600.0,
+    ) -> IndexRecommendation:
+        """The index advisor: measures candidate index specs and their search parameters on a sample
+        of ``collection`` (up to 100k of its stored vectors; ``sample_size`` fewer) against exact
+        search and returns the QPS / Recall@k frontier and the fastest point whose recall reaches
+        ``target_recall``. ``queries`` (nq, d) in the home space; without them ``num_queries`` stored
+        vectors held out of the sample (default min(1000, points / 10)). ``candidates``: the specs to
+        measure (default: Flat, HNSW32, HNSW32_SQ8,RFlat, IVF fast-scan PQ with a refine stage, IVF Flat).
+        FailedPrecondition, quoting the best recall reached, when no candidate reaches the target.
+        ``timeout`` (seconds) replaces the client's per-call one when longer: a run takes minutes on
+        large collections."""
+        req = collections_pb2.RecommendIndexRequest(
+            collection=collection,
+            target_recall=target_recall,
+            k=k,
+            sample_size=sample_size,
+            num_queries=num_queries,
+            candidates=list(candidates),
+        )
+        if queries is not None:
+            xq = np.ascontiguousarray(as_matrix(queries, "queries"), dtype="<f4")
+            req.queries.CopyFrom(common_pb2.Vectors(data=xq.tobytes(), dim=xq.shape[1]))
+        # the longer of the two limits; no limit on one side: none
+        timeout = max(timeout, self.timeout) if timeout is not None and self.timeout is not None else None
+        try:
+            msg = self._collections.RecommendIndex(req, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return IndexRecommendation.from_proto(msg)
 
     # -- points ---------------------------------------------------------------------------------------
 

@@ -19,12 +19,22 @@ from typing import Any, TextIO
 
 from interlingua.jsonsafe import finite
 
-from ._types import CollectionInfo, RouteInfo, RoutesListing, SearchResult, Space, TransformInfo
+from ._types import (
+    CollectionInfo,
+    IndexRecommendation,
+    OperatingPoint,
+    RouteInfo,
+    RoutesListing,
+    SearchResult,
+    Space,
+    TransformInfo,
+)
 
 __all__ = [
     "print_collection",
     "print_collections",
     "print_json",
+    "print_recommendation",
     "print_report",
     "print_routes",
     "print_routes_listing",
@@ -132,6 +142,33 @@ def print_collection(info: CollectionInfo, as_json: bool, out: TextIO) -> None:
     fields["created_at"] = _when(info.created_at) + " UTC"
     fields["vectors_per_space"] = ", ".join(f"{k}={v}" for k, v in sorted(info.vectors_per_space.items()))
     print_table(("FIELD", "VALUE"), [(k, str(v)) for k, v in fields.items()], out)
+
+
+def _params(p: OperatingPoint) -> str:
+    named = (("ef_search", p.ef_search), ("nprobe", p.nprobe), ("k_factor", p.k_factor))
+    return " ".join(f"{name}={v}" for name, v in named if v) or "-"
+
+
+def print_recommendation(rec: IndexRecommendation, as_json: bool, out: TextIO) -> None:
+    """The advisor's frontier, the chosen point marked ``*``, then one line on what was measured."""
+    if as_json:
+        print_json([rec], out)
+        return
+    header = ("", "INDEX SPEC", "PARAMS", f"RECALL@{rec.k}", "QPS", "BYTES/VEC", "BUILD S")
+    rows = [
+        ("*" if p == rec.chosen else "", p.index_spec, _params(p), f"{p.recall:.4f}", round(p.qps), p.bytes_per_vector,
+         f"{p.build_seconds:.2f}")
+        for p in rec.frontier
+    ]  # fmt: skip
+    print_table(header, rows, out)
+    queries = "held-out stored vectors" if rec.held_out_queries else "given queries"
+    c = rec.chosen
+    print(
+        f"chosen for Recall@{rec.k} >= {rec.target_recall:g}: {c.index_spec} {_params(c)} (recall {c.recall:.4f},"
+        f" {c.qps:.0f} QPS); {rec.points_measured} points measured on {rec.sample_points} vectors,"
+        f" {rec.num_queries} {queries}, {rec.batch_size}-query batches, {rec.seconds:.1f}s",
+        file=out,
+    )
 
 
 def print_search(result: SearchResult, first_row: int, as_json: bool, out: TextIO) -> None:

@@ -29,7 +29,9 @@ __all__ = [
     "BackfillOrder",
     "CollectionInfo",
     "ForwardProgress",
+    "IndexRecommendation",
     "MigrationInfo",
+    "OperatingPoint",
     "Payload",
     "PointRecord",
     "Route",
@@ -77,6 +79,68 @@ class Space:
 
 
 @dataclass(frozen=True)
+class OperatingPoint:
+    """One measured operating point of an index: a spec with its search parameters (0: not applicable),
+    its Recall@k against exact search, QPS, estimated memory per vector, build time and training size."""
+
+    index_spec: str
+    ef_search: int
+    nprobe: int
+    k_factor: int  #: refine stage: k * k_factor candidates re-ranked
+    recall: float
+    qps: float
+    bytes_per_vector: int
+    build_seconds: float
+    train_points: int  #: fewest points the spec trains on (0: no training)
+
+    @classmethod
+    def from_proto(cls, msg: collections_pb2.OperatingPoint) -> OperatingPoint:
+        return cls(
+            index_spec=msg.index_spec,
+            ef_search=msg.ef_search,
+            nprobe=msg.nprobe,
+            k_factor=msg.k_factor,
+            recall=msg.recall,
+            qps=msg.qps,
+            bytes_per_vector=msg.bytes_per_vector,
+            build_seconds=msg.build_seconds,
+            train_points=msg.train_points,
+        )
+
+
+@dataclass(frozen=True)
+class IndexRecommendation:
+    """The index advisor's answer: the QPS / recall ``frontier`` (recall ascending) and the ``chosen``
+    point, the fastest whose recall reaches ``target_recall``, with what was measured."""
+
+    frontier: list[OperatingPoint]
+    chosen: OperatingPoint
+    sample_points: int
+    num_queries: int
+    k: int
+    target_recall: float
+    held_out_queries: bool  #: the queries were stored vectors held out of the sample
+    batch_size: int  #: queries per timed search call
+    points_measured: int
+    seconds: float
+
+    @classmethod
+    def from_proto(cls, msg: collections_pb2.RecommendIndexResponse) -> IndexRecommendation:
+        return cls(
+            frontier=[OperatingPoint.from_proto(p) for p in msg.frontier],
+            chosen=OperatingPoint.from_proto(msg.chosen),
+            sample_points=msg.sample_points,
+            num_queries=msg.num_queries,
+            k=msg.k,
+            target_recall=msg.target_recall,
+            held_out_queries=msg.held_out_queries,
+            batch_size=msg.batch_size,
+            points_measured=msg.points_measured,
+            seconds=msg.seconds,
+        )
+
+
+@dataclass(frozen=True)
 class CollectionInfo:
     """Description and live state of a collection; ``state`` is ``"exact"``, ``"training"``, ``"ready"`` or
     ``"failed"`` (its index cannot be built: ``failure_reason`` says why; searches answer FailedPrecondition)."""
@@ -103,6 +167,9 @@ class CollectionInfo:
     failure_reason: str = ""  #: why the index cannot be built (state "failed")
     failed_at: float = 0.0  #: when it last failed, seconds since the epoch (0: never)
     compactions: int = 0  #: index rebuilds that reclaimed dead labels since the server started
+    target_recall: float = 0.0  #: index_spec "auto": the Recall@10 target (0 otherwise)
+    operating_point: OperatingPoint | None = None  #: index_spec "auto": the advisor's choice (None until chosen)
+    advisor_status: str = ""  #: index_spec "auto": where the advisor stands
 
     @classmethod
     def from_proto(cls, msg: collections_pb2.CollectionInfo) -> CollectionInfo:
@@ -129,6 +196,9 @@ class CollectionInfo:
             failure_reason=msg.failure_reason,
             failed_at=msg.failed_at,
             compactions=msg.compactions,
+            target_recall=msg.target_recall,
+            operating_point=OperatingPoint.from_proto(msg.operating_point) if msg.HasField("operating_point") else None,
+            advisor_status=msg.advisor_status,
         )
 
 

@@ -3,7 +3,9 @@
 ::
 
     interlingua serve [--config server.toml] [--data-dir D] [--port P] [--no-metrics] [--device cuda] ...
-    interlingua spaces {list,register,get} ...      interlingua collections {list,create,get,delete} ...
+    interlingua spaces {list,register,get} ...      interlingua collections {list,create,get,delete,recommend} ...
+    interlingua collections create NAME --home-space S --index auto --recall 0.95
+    interlingua collections recommend NAME --recall 0.95 [-k 10] [--queries xq.npy] [--candidates SPEC ...] [--json]
     interlingua ingest COLLECTION --space S --vectors xb.npy [--ids ids.txt] [--payloads p.jsonl] [--only-ids F]
     interlingua search COLLECTION --space S --vectors xq.npy [--rows 0:5] [-k 10] [--json]
     interlingua stats [COLLECTION] [--json]         interlingua health
@@ -45,6 +47,7 @@ from ._migration_cli import read_id_list, select_rows
 from ._output import (
     print_collection,
     print_collections,
+    print_recommendation,
     print_routes,
     print_routes_listing,
     print_search,
@@ -107,10 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = colls.add_parser("create", parents=[conn], help="create a collection")
     p.add_argument("name")
     p.add_argument("--home-space", required=True)
-    p.add_argument("--index-spec", default="Flat", help="FAISS factory string (default: Flat)")
+    p.add_argument(
+        "--index-spec",
+        "--index",
+        default="Flat",
+        help="FAISS factory string (default: Flat), or 'auto' (with --recall): the index advisor chooses",
+    )
+    p.add_argument("--recall", type=float, default=0.0, help="with --index auto: the Recall@10 target, in (0, 1]")
     p.add_argument("--train-min-points", type=int, default=0, help="0 = the server's default for the spec")
     p.add_argument("--ef-construction", type=int, default=0, help="HNSW build candidate list (default 0: FAISS's 40)")
     colls.add_parser("get", parents=[conn], help="show one collection").add_argument("name")
+    p = colls.add_parser(
+        "recommend", parents=[conn], help="measure index specs on a collection: the QPS/recall frontier and the choice"
+    )
+    p.add_argument("name")
+    p.add_argument("--recall", type=float, required=True, help="the Recall@k target, in (0, 1]")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--queries", help=".npy of home-space queries (default: stored vectors held out of the sample)")
+    p.add_argument("--sample-size", type=int, default=0, help="vectors to build on (default: all, at most 100000)")
+    p.add_argument("--num-queries", type=int, default=0, help="held-out queries (default: min(1000, points/10))")
+    p.add_argument("--candidates", nargs="+", default=[], metavar="SPEC", help="index specs to measure")
     colls.add_parser("delete", parents=[conn], help="delete a collection").add_argument("name")
 
     p = sub.add_parser("ingest", parents=[conn], help="upsert vectors from a .npy file")
@@ -268,9 +287,26 @@ def _run_client(args: argparse.Namespace) -> int:
             print_collections(client.list_collections(), args.json, out)
         elif cmd == ("collections", "create"):
             info = client.create_collection(
-                args.name, args.home_space, args.index_spec, args.train_min_points, ef_construction=args.ef_construction
+                args.name,
+                args.home_space,
+                args.index_spec,
+                args.train_min_points,
+                ef_construction=args.ef_construction,
+                target_recall=args.recall,
             )
             print_collection(info, args.json, out)
+        elif cmd == ("collections", "recommend"):
+            queries = load_array(args.queries, "queries") if args.queries else None
+            rec = client.recommend_index(
+                args.name,
+                args.recall,
+                args.k,
+                None if queries is None else np.asarray(queries, dtype=np.float32),
+                sample_size=args.sample_size,
+                num_queries=args.num_queries,
+                candidates=args.candidates,
+            )
+            print_recommendation(rec, args.json, out)
         elif cmd == ("collections", "get"):
             print_collection(client.get_collection(args.name), args.json, out)
         elif cmd == ("collections", "delete"):

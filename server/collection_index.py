@@ -9,8 +9,10 @@ cannot even be opened (an index spec the service no longer accepts, a missing ba
 answers every point RPC with FAILED_PRECONDITION; one whose training or merge raised keeps taking
 writes but answers searches with FAILED_PRECONDITION, and the build is retried with an exponential
 back-off (sooner once new writes arrive), never in a tight loop. The request surface (writes,
-reads, search) is :class:`~.collection.Collection`. Covered by ``tests/test_durability.py``
-(recovery), ``tests/test_index_safety.py`` and ``tests/test_compaction.py``.
+reads, search) is :class:`~.collection.Collection`. An ``auto`` collection's maintenance also runs
+the index advisor once it holds enough points, and rebuilds onto its choice (``advisor.py``).
+Covered by ``tests/test_durability.py`` (recovery), ``tests/test_index_safety.py``,
+``tests/test_compaction.py`` and ``tests/test_advisor.py``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint
+from .advisor import auto_rebuild
 from .compaction import COMPACT_FRACTION, COMPACT_MIN_DEAD, compact, merge_dropping_dead
 from .device import Device
 from .errors import InvalidArgument
@@ -86,7 +89,7 @@ class CollectionIndex:
                 self.spec.min_train_points,
             )
             train_min = self.spec.min_train_points
-        self.segments = Segments(self.spec, train_min, self.device, self.name)
+        self.segments = Segments(self.spec, train_min, self.device, self.name, row.spec.search_defaults())
         #: prefix collections: (label epoch, every home vector by label in full dimension) for reranking;
         #: one reference, swapped whole, so a search pairs its snapshot's labels with the same numbering
         self.full: tuple[int, np.ndarray] = (0, np.zeros((1024 if row.spec.prefix_dims else 0, home.dim), np.float32))
@@ -108,6 +111,9 @@ class CollectionIndex:
         self.stage_timers = {s: metrics.search_seconds.labels(self.name, s) for s in SEARCH_STAGES}
         metrics.compactions.labels(self.name)  # exported at 0 from the start
         self.dead_gauge = metrics.dead_labels.labels(self.name)
+        #: ``auto`` collections: where the index advisor stands (CollectionInfo.advisor_status)
+        self.advisor_status = "" if not row.spec.target_recall else ("waiting" if row.spec.auto else "chosen")
+        self.auto_not_before = 0.0  #: time.monotonic() before which the advisor is not run again (after a failure)
         if broken:
             self.fail(broken, permanent=True)
 
@@ -209,11 +215,29 @@ class CollectionIndex:
         compact_min_dead: int = COMPACT_MIN_DEAD,
     ) -> bool:
         """Merges the fresh segment (training the index first if needed) and checkpoints it, then
-        compacts when dead labels pass ``compact_fraction`` (None: never). A build that raises marks
-        the collection failed (:meth:`fail`) instead; it is retried after a back-off. Returns True
-        after a merge."""
+        compacts when dead labels pass ``compact_fraction`` (None: never); an ``auto`` collection with
+        enough points then runs the index advisor and rebuilds onto its choice (not when ``force``d:
+        at start-up and shutdown). A build that raises marks the collection failed (:meth:`fail`)
+        instead; it is retried after a back-off. Returns True after a merge."""
         if not self.failures.may_build(self.last_sequence):
             return False
+        merged = self._merge_and_compact(
+            min_fresh, fraction, idle_seconds, force, checkpoint_after, compact_fraction, compact_min_dead
+        )
+        if not force and self.row.spec.auto:
+            auto_rebuild(self)
+        return merged
+
+    def _merge_and_compact(
+        self,
+        min_fresh: int,
+        fraction: float,
+        idle_seconds: float,
+        force: bool,
+        checkpoint_after: bool,
+        compact_fraction: float | None,
+        compact_min_dead: int,
+    ) -> bool:
         idle = force or time.monotonic() - self.last_write >= idle_seconds
         merged = None
         if self.segments.wants_merge(min_fresh, fraction, idle):

@@ -18,6 +18,13 @@ write lock only (writes wait, searches do not), renumber the store's labels in o
 and swap the snapshot, the point map and the rerank vectors, one reference each
 (:meth:`Segments.renumbered`). Labels written during the build are fresh and move down; labels
 killed meanwhile stay dead. Recovery compacts too. Covered by ``tests/test_compaction.py``.
+
+:func:`rebuild_onto` is a compaction onto another index spec: an ``auto`` collection's move onto
+the index advisor's choice (``advisor.py``). The new index is trained on a seeded sample of the
+live vectors and filled with all of them beside the live one; under the write lock the snapshot
+takes the new index with its spec and search defaults at once, and the store records the spec and
+the operating point after the renumbering (a crash in between leaves the old spec over the new
+numbering: the restart rebuilds it and the advisor runs again). Covered by ``tests/test_advisor.py``.
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import checkpoint
+from .index_spec import IndexSpec, SearchDefaults
+from .segment_merge import TRAIN_SAMPLE_MAX, check_finds_itself
 from .segments import Snapshot
 
 if TYPE_CHECKING:
     from .collection_index import CollectionIndex
 
-__all__ = ["COMPACT_FRACTION", "COMPACT_MIN_DEAD", "compact", "merge_dropping_dead"]
+__all__ = ["COMPACT_FRACTION", "COMPACT_MIN_DEAD", "compact", "merge_dropping_dead", "rebuild_onto"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +114,45 @@ def _compact(col: CollectionIndex, fraction: float, min_dead: int, checkpoint_af
     return True
 
 
+def rebuild_onto(
+    col: CollectionIndex, spec: IndexSpec, defaults: SearchDefaults, operating_point: str, status: str = ""
+) -> bool:
+    """Rebuilds ``col``'s sealed index onto ``spec`` (searched with ``defaults`` where a request sets
+    nothing) and records it, with ``operating_point`` (JSON), as the collection's index;
+    ``advisor_status`` becomes ``status`` with the swap. Returns True once the new index serves
+    (False: the collection was dropped meanwhile)."""
+    seg = col.segments
+    with col.maint_lock:
+        s = seg.snapshot
+        if col.dropped:
+            return False
+        t0 = time.perf_counter()
+        labels, x = col.store.home_vectors_from(col.row.cid, 0, col.home.dim)
+        keep = labels < s.nlabels  # alive when read: a subset of the labels alive in s
+        labels = labels[keep]
+        xb = np.ascontiguousarray(col.index_view(col.to_basis(x[keep])), dtype=np.float32)
+        index = spec.new_index()
+        if spec.needs_training:
+            rows = np.arange(len(xb))
+            if len(rows) > TRAIN_SAMPLE_MAX:
+                rows = np.sort(np.random.default_rng(1234).choice(rows, TRAIN_SAMPLE_MAX, replace=False))
+            index.train(xb[rows])
+        if len(xb):
+            index.add(xb)
+            check_finds_itself(index, xb)
+        sealed_keep = labels[labels < s.nsealed]
+        fresh_keep = labels[labels >= s.nsealed] - s.nsealed
+        train_min = max(spec.min_train_points, min(spec.default_train_min, len(xb))) if spec.needs_training else 0
+        swap = (spec, defaults, operating_point, train_min, status)
+        new = _renumber(col, s, sealed_keep, fresh_keep, index, drop_checkpoint=True, swap=swap)
+        if new is None:
+            return False
+        col.save_checkpoint(index, s.sequence)  # every write up to s's is in it (deletes are labels)
+    col.publish_gauges()
+    log.info("rebuilt %s onto %s (%d vectors) in %.2fs", col.name, spec.spec, len(labels), time.perf_counter() - t0)
+    return True
+
+
 def _renumber(
     col: CollectionIndex,
     base: Snapshot,
@@ -113,15 +161,20 @@ def _renumber(
     index: Any,
     *,
     drop_checkpoint: bool,
+    swap: tuple[IndexSpec, SearchDefaults, str, int, str] | None = None,
 ) -> Snapshot | None:
     """Publishes ``index`` (built from ``base``) with the labels renumbered in memory and in the
-    store, under the write lock. Returns the new snapshot (None: the collection was dropped)."""
+    store, under the write lock. ``swap`` = (spec, defaults, operating point, train_min_points,
+    advisor status): the index is of a new spec, which the snapshot, the segments and the store take
+    with it. Returns the new snapshot (None: the collection was dropped)."""
     seg = col.segments
     search_copy = col.device.to_search_index(index, col.name)  # beside the live one, as the index
     with col.lock:
         if col.dropped:
             return None
         new, old2new = seg.renumbered(base, sealed_keep, fresh_keep, index, search_copy)
+        if swap is not None:
+            new = dataclasses.replace(new, spec=swap[0], defaults=swap[1])
         old = np.sort(np.fromiter((lab for lab in col.pids.values() if lab >= 0), dtype=np.int64))
         renumbered = old2new[old]
         if (renumbered < 0).any():  # a point's label missing from the new numbering: a bug
@@ -137,6 +190,14 @@ def _renumber(
             col.checkpoint_sequence = 0
         changed = renumbered != old
         col.store.relabel(col.row.cid, old[changed], renumbered[changed], next_label=new.nlabels)
+        if swap is not None:
+            spec, defaults, point, train_min, status = swap
+            col.store.set_index_spec(col.row.cid, spec.spec, point, train_min)
+            row_spec = dataclasses.replace(col.row.spec, index_spec=spec.spec, operating_point=point)
+            col.row = dataclasses.replace(col.row, spec=dataclasses.replace(row_spec, train_min_points=train_min))
+            col.spec = seg.spec = spec
+            seg.defaults, seg.train_min_points = defaults, train_min
+            col.advisor_status = status or col.advisor_status
         col.full = (new.epoch, full)
         seg.publish(new)
         col.pids, col.next_label = pids, new.nlabels

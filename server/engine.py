@@ -15,19 +15,21 @@ and ``tests/test_pipeline.py``.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import faiss
 import numpy as np
 
-from . import pipeline
+from . import advisor, pipeline
 from . import validate as v
 from .collection import Collection, PointRecord
 from .collection_spec import CollectionSpec
 from .compat import TransformRecord
 from .config import ServerConfig
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from .lifecycle import EngineLifecycle, Lifecycle
+from .lifecycle import EngineLifecycle, Lifecycle, lower_priority
 from .metrics import Metrics
 from .migration.search import search as migration_search
 from .pipeline import SearchParams
@@ -148,6 +150,41 @@ class Engine(EngineLifecycle):
                     raise NotFound(f"collection {name!r} does not exist")
                 del self.collections[name]
             col.drop()
+
+    def recommend_index(
+        self,
+        collection: str,
+        target_recall: float,
+        k: int,
+        data: bytes = b"",
+        dim: int = 0,
+        *,
+        sample_size: int = 0,
+        num_queries: int = 0,
+        candidates: Sequence[str] = (),
+    ) -> advisor.Recommendation:
+        """The index advisor on a collection (``advisor.py``): checked here, run on a worker thread
+        with the maintenance thread's OpenMP threads and priority, one run at a time."""
+        col = self.collection(collection)
+        k, specs = advisor.check_request(col, self.limits, target_recall, k, candidates)
+        queries = None
+        if data:
+            queries = v.unpack_vectors(data, dim, col.home.dim, what="queries", limit=self.limits.max_nq)
+            if col.home.metric == "cosine":
+                queries = v.normalize_rows(queries, what="queries")
+        c = self.config
+
+        def setup() -> None:
+            faiss.omp_set_num_threads(c.omp_threads)
+            lower_priority(c.maintenance_nice)
+
+        return advisor.run_in_worker(
+            lambda: advisor.recommend_collection(
+                col, target_recall, k, queries=queries, sample_size=sample_size, num_queries=num_queries,
+                candidates=specs,
+            ),
+            setup,
+        )  # fmt: skip
 
     # -- points --------------------------------------------------------------------------------
 

@@ -4,12 +4,14 @@ A spec is parsed by our own grammar first, so that no parameter FAISS would cras
 reaches ``faiss.index_factory``; anything outside it is INVALID_ARGUMENT, with the spec and
 what is wrong::
 
-    spec  := [pre ","]* main                      at most 8 components, 128 characters
-    pre   := "PCA"["W"]["R"]k | "OPQ"m["_"k] | "RR"k                     1 <= k <= d
-    main  := "Flat" | pq | sq | "HNSW"M[("_"|",")store] | "IVF"nlist["_HNSW"M]","store
-    store := "Flat" | pq | sq
-    pq    := "PQ"m["x"nbits]                      m divides its input dim, 4 <= nbits <= 8
-    sq    := "SQ4" | "SQ6" | "SQ8" | "SQfp16"
+    spec   := [pre ","]* main ["," refine]         at most 8 components, 128 characters
+    pre    := "PCA"["W"]["R"]k | "OPQ"m["_"k] | "RR"k                     1 <= k <= d
+    main   := "Flat" | pq | fs | sq | "HNSW"M[("_"|",")store] | "IVF"nlist["_HNSW"M]","(store | fs)
+    store  := "Flat" | pq | sq
+    pq     := "PQ"m["x"nbits]                     m divides its input dim, 4 <= nbits <= 8
+    fs     := "PQ"m"x4fs"                         fast-scan PQ (4-bit codes, SIMD distance tables)
+    sq     := "SQ4" | "SQ6" | "SQ8" | "SQfp16"
+    refine := "RFlat" | "Refine(" ("Flat" | "SQfp16" | "SQ8") ")"   re-ranks k * k_factor candidates
 
 HNSW M is 2..256 everywhere, IVF coarse quantizers included (M = 0 or 1 crash FAISS's graph
 build: SIGSEGV or abort, and every restart crashed again); PQ nbits is 4..8 (below 3 every
@@ -20,7 +22,12 @@ every merge clones). Each quantizer sets a minimum of training points
 for PCA; below it FAISS throws on every attempt. Creation caps nlist and an estimate of the
 index's fixed memory (quantizer, codebooks, matrices); the estimate needs no index: a probe
 index with one IVF list stands in for the real one (``IVF5000000,Flat`` once cost +780 MB on
-every GetCollection, which instantiated it to read a code size). ``tests/test_index_safety.py``
+every GetCollection, which instantiated it to read a code size). A refine stage wraps the whole
+index (``IndexRefine``: its search parameters carry the base index's, with their ``IDSelector``,
+and ``k_factor``); a flat fast-scan PQ, like a flat PQ, takes no search parameters or selector, so
+its dead labels are dropped on the host (:attr:`IndexSpec.takes_params`); FAISS has no HNSW over
+fast-scan codes (its factory throws). :func:`search_params` builds the parameters of any accepted
+index from the index itself. ``tests/test_index_safety.py``
 builds, trains at the minimum, adds to twice and searches every form of the grammar at its
 boundary values in subprocesses, none of which may crash.
 """
@@ -36,7 +43,19 @@ import faiss
 from .device import inner_index
 from .errors import InvalidArgument
 
-__all__ = ["FAISS_METRIC", "MAX_EF_CONSTRUCTION", "MAX_HNSW_M", "IndexSpec"]
+__all__ = [
+    "DEFAULT_EF_SEARCH",
+    "DEFAULT_K_FACTOR",
+    "DEFAULT_NPROBE",
+    "FAISS_METRIC",
+    "MAX_EF_CONSTRUCTION",
+    "MAX_HNSW_M",
+    "MAX_K_FACTOR",
+    "IndexSpec",
+    "SearchDefaults",
+    "search_params",
+    "unwrap",
+]
 
 FAISS_METRIC = {"cosine": faiss.METRIC_INNER_PRODUCT, "ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 MAX_EF_CONSTRUCTION = 4096  #: largest HNSW efConstruction a collection may ask for
@@ -46,15 +65,22 @@ MAX_PQ_NBITS = 8
 MAX_SPEC_CHARS = 128
 MAX_COMPONENTS = 8
 PRECOMPUTED_TABLE_MAX = 2 << 30  #: FAISS's own cap on the IVFPQ precomputed table (bytes)
+DEFAULT_EF_SEARCH = 64  #: HNSW efSearch when neither the request nor the collection sets one
+DEFAULT_NPROBE = 16  #: IVF nprobe when neither the request nor the collection sets one (capped at nlist)
+DEFAULT_K_FACTOR = 4  #: refine stage: candidates re-ranked per result when the collection sets none
+MAX_K_FACTOR = 256
 SUPPORTED = (
-    "Flat, PQm[xnbits], SQ4|SQ6|SQ8|SQfp16, HNSWM[_store], IVFn[_HNSWM],store (store: Flat, PQ or SQ),"
-    " after any of PCA[W][R]k, OPQm[_k], RRk"
+    "Flat, PQm[xnbits], PQmx4fs, SQ4|SQ6|SQ8|SQfp16, HNSWM[_store], IVFn[_HNSWM],store|PQmx4fs"
+    " (store: Flat, PQ or SQ), after any of PCA[W][R]k, OPQm[_k], RRk, then optionally RFlat or Refine(Flat|SQfp16|SQ8)"
 )
 
 TRAIN_RULE = "nlist for IVF, 2**nbits for PQ, 256 for OPQ, k for PCAk"  #: minimum training points
 
 _PRE = re.compile(r"PCAW?R?(\d+)|OPQ(\d+)(?:_(\d+))?|RR(\d+)")
 _PQ = re.compile(r"PQ(\d+)(?:x(\d+))?")
+_FS = re.compile(r"PQ(\d+)x(\d+)fs")
+_REFINE = re.compile(r"RFlat|Refine\((\w+)\)")
+_REFINE_STORES = ("Flat", "SQfp16", "SQ8")
 _SQ = ("SQ4", "SQ6", "SQ8", "SQfp16")
 _HNSW = re.compile(r"HNSW(\d+)(?:_(\w+))?")
 _IVF = re.compile(r"IVF(\d+)(?:_HNSW(\d+))?")
@@ -74,6 +100,9 @@ class _Walk:
     min_train: int = 1
     overhead: int = 0  #: bytes of fixed structures (matrices, codebooks, centroids, lists)
     nlist: int = 0
+    graph_m: int = 0  #: M of an HNSW main index (0: none)
+    fast_scan: bool = False
+    refine: str = ""  #: storage of the refine stage ("": none)
 
     def fail(self, what: str) -> InvalidArgument:
         return InvalidArgument(f"index spec {_show(self.spec)}: {what}")
@@ -111,10 +140,25 @@ class _Walk:
             raise self.fail(f"{tok}: output dimension {k} must be between 1 and its input dimension {self.d}")
         return k
 
-    def store(self, tok: str, where: str, ivf: bool) -> None:
-        """Flat, PQ or SQ codes of the vectors (of an IVF's residuals when ``ivf``)."""
+    def store(self, tok: str, where: str, ivf: bool, fast_scan: bool = False) -> None:
+        """Flat, PQ or SQ codes of the vectors (of an IVF's residuals when ``ivf``); fast-scan PQ
+        where ``fast_scan`` (IVF lists and flat indexes)."""
         if tok == "Flat" or tok in _SQ:
             self.overhead += 8 * self.d
+            return
+        if (f := _FS.fullmatch(tok)) is not None:
+            if not fast_scan:
+                raise self.fail(
+                    f"{where} stores {tok!r}: fast-scan PQ is for IVF lists and flat indexes (FAISS has no HNSW on it)"
+                )
+            m, nbits = int(f.group(1)), int(f.group(2))
+            if nbits != 4:
+                raise self.fail(f"{tok}: fast-scan PQ needs 4-bit codes (PQ{m}x4fs)")
+            if m < 1 or self.d % m:
+                raise self.fail(f"{tok}: PQ m={m} must divide the dimension it encodes, {self.d}")
+            self.min_train = max(self.min_train, 16)
+            self.overhead += 4 * self.d * 16
+            self.fast_scan = True
             return
         g = _PQ.fullmatch(tok)
         if g is None:
@@ -136,7 +180,7 @@ class _Walk:
         if tok.startswith("NSG"):
             raise self.fail("NSG indexes are not supported: FAISS builds them once and cannot add vectors later")
         if (g := _HNSW.fullmatch(tok)) is not None:
-            self.hnsw_m(g.group(1), tok)
+            self.graph_m = self.hnsw_m(g.group(1), tok)
             if g.group(2) and rest:
                 raise self.fail(f"{tok!r} already names its storage; {rest[0]!r} follows it")
             self.store(g.group(2) or (rest[0] if rest else "Flat"), tok, ivf=False)
@@ -152,14 +196,14 @@ class _Walk:
                 raise self.fail(f"{tok} needs a storage after it, e.g. {tok},Flat")
             self.min_train = max(self.min_train, self.nlist)
             self.overhead += self.nlist * (4 * self.d + 48 + (8 * int(g.group(2)) if g.group(2) else 0))
-            self.store(rest[0], tok, ivf=True)
+            self.store(rest[0], tok, ivf=True, fast_scan=True)
             self.probe.append(",".join(["IVF1" + (f"_HNSW{g.group(2)}" if g.group(2) else ""), rest[0]]))
             return
-        if not (tok == "Flat" or tok in _SQ or _PQ.fullmatch(tok)):
+        if not (tok == "Flat" or tok in _SQ or _PQ.fullmatch(tok) or _FS.fullmatch(tok)):
             raise self.fail(f"component {tok!r} is not supported; supported: {SUPPORTED}")
         if rest:
             raise self.fail(f"unexpected {rest[0]!r} after {tok!r}")
-        self.store(tok, "the index", ivf=False)
+        self.store(tok, "the index", ivf=False, fast_scan=True)
         self.probe.append(tok)
 
 
@@ -184,11 +228,14 @@ class IndexSpec:
     default_train_min: int  #: points needed before training by default (0: no training needed)
     ef_construction: int = 0  #: HNSW efConstruction (0: FAISS's default, 40)
     min_train_points: int = 0  #: fewest training points every quantizer of the spec accepts (0: no training)
-    bytes_per_vector: int = 0  #: FAISS code size of one vector (4*d where the index has no sa_code_size)
+    bytes_per_vector: int = 0  #: FAISS code size of one vector (with the refine stage's; HNSW: its storage's)
     overhead_bytes: int = 0  #: estimate of the fixed structures: matrices, codebooks, centroids, lists
-    #: False for a flat IndexPQ: FAISS refuses any SearchParameters and IDSelector there, so its dead
-    #: labels are dropped on the host (every search of a ``PQ16`` collection threw before)
+    #: False for a flat IndexPQ (or fast-scan PQ): FAISS refuses any SearchParameters and IDSelector
+    #: there, so its dead labels are dropped on the host (every search of a ``PQ16`` collection threw before)
     takes_params: bool = True
+    refine: str = ""  #: storage of the refine stage ("Flat", "SQfp16", "SQ8"; "": none)
+    graph_m: int = 0  #: HNSW M of the main index (0: not HNSW)
+    fast_scan: bool = False  #: the codes are fast-scan PQ
 
     @classmethod
     def parse(
@@ -209,17 +256,31 @@ class IndexSpec:
         spec = spec.strip() or "Flat"
         if len(spec) > MAX_SPEC_CHARS:
             raise InvalidArgument(f"index spec {_show(spec)} is {len(spec)} characters; the limit is {MAX_SPEC_CHARS}")
-        if "IDMap" in spec or spec.startswith("Refine"):
-            raise InvalidArgument(f"index spec {_show(spec)}: IDMap and Refine wrappers are managed by the service")
+        if "IDMap" in spec or spec.startswith(("Refine", "RFlat")):
+            raise InvalidArgument(
+                f"index spec {_show(spec)}: IDMap wrappers are managed by the service, and a refine stage comes last"
+                " (e.g. IVF1024,PQ32x4fs,RFlat)"
+            )
         toks = spec.split(",")
         if len(toks) > MAX_COMPONENTS:
             raise InvalidArgument(f"index spec {_show(spec)} has {len(toks)} components; the limit is {MAX_COMPONENTS}")
         w = _Walk(spec, d, [])
+        refine_tok = ""
+        if len(toks) > 1 and (r := _REFINE.fullmatch(toks[-1])) is not None:
+            refine_tok = toks.pop()
+            w.refine = r.group(1) or "Flat"
+            if w.refine not in _REFINE_STORES:
+                raise w.fail(f"{refine_tok} refines with {w.refine!r}; use RFlat or Refine(Flat|SQfp16|SQ8)")
+        for tok in toks:
+            if _REFINE.fullmatch(tok):
+                raise w.fail(f"{tok!r} is a refine stage: it may only come last, once")
         i = 0
         while i < len(toks) - 1 and _PRE.fullmatch(toks[i]):
             w.pre(toks[i])
             i += 1
         w.main(toks[i:])
+        if refine_tok:
+            w.probe.append(refine_tok)
         if max_nlist is not None and w.nlist > max_nlist:
             raise w.fail(f"{w.nlist} IVF lists exceed the cap of {max_nlist}")
         if max_overhead_bytes is not None and w.overhead > max_overhead_bytes:
@@ -229,12 +290,11 @@ class IndexSpec:
             )
         probe = _probe(spec, ",".join(w.probe), d, metric)
         needs = not probe.is_trained
-        is_hnsw = isinstance(inner_index(probe), faiss.IndexHNSW)
-        takes_params = not isinstance(inner_index(probe), faiss.IndexPQ)
-        try:
-            code = int(probe.sa_code_size()) + (_coarse_code_size(w.nlist) if w.nlist else 0)
-        except RuntimeError:  # HNSW and a few others do not implement sa_code_size: flat storage
-            code = 4 * d
+        inner = unwrap(probe)
+        is_hnsw = isinstance(inner, faiss.IndexHNSW)
+        # flat PQ and flat fast-scan PQ: FAISS refuses any SearchParameters (IVF fast scan takes them)
+        takes_params = not isinstance(inner, faiss.IndexPQ | faiss.IndexFastScan)
+        code = _code_size(probe, d) + (_coarse_code_size(w.nlist) if w.nlist else 0)
         if ef_construction and not is_hnsw:
             raise InvalidArgument(f"ef_construction applies to HNSW indexes; index spec {_show(spec)} is not one")
         if not 0 <= ef_construction <= MAX_EF_CONSTRUCTION:
@@ -260,7 +320,17 @@ class IndexSpec:
             code,
             w.overhead,
             takes_params,
+            w.refine,
+            w.graph_m,
+            w.fast_scan,
         )
+
+    @property
+    def memory_per_vector(self) -> int:
+        """Estimated bytes one more vector costs in memory: its codes (and refine copy), an IVF
+        list entry's 8-byte id, an HNSW node's level-0 links (2*M int32) and level bookkeeping."""
+        list_id = 8 - _coarse_code_size(self.nlist) if self.nlist else 0
+        return self.bytes_per_vector + list_id + (8 * self.graph_m + 12 if self.graph_m else 0)
 
     def check_train_min(self, train_min_points: int) -> int:
         """The training threshold of a new collection: the default for 0, else ``train_min_points``
@@ -280,13 +350,87 @@ class IndexSpec:
         """An empty index of this spec. PQ codes skip polysemous training: it serves only Hamming
         filtering, which searches never ask for, and cost 9-12 s per training even on 256 points."""
         index = faiss.index_factory(self.d, self.spec, FAISS_METRIC[self.metric])
-        inner = inner_index(index)
+        inner = unwrap(index)
         if self.ef_construction:
             inner.hnsw.efConstruction = self.ef_construction
         for part in (inner, faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSW) else None):
             if part is not None and hasattr(part, "do_polysemous_training"):
                 part.do_polysemous_training = False
         return index
+
+
+@dataclass(frozen=True)
+class SearchDefaults:
+    """A collection's search parameters where a request sets none (None: the service's default),
+    e.g. the operating point the index advisor chose for an ``auto`` collection."""
+
+    ef_search: int | None = None
+    nprobe: int | None = None
+    k_factor: int | None = None
+
+    def as_dict(self) -> dict[str, int]:
+        named = (("ef_search", self.ef_search), ("nprobe", self.nprobe), ("k_factor", self.k_factor))
+        return {k: v for k, v in named if v}
+
+
+def unwrap(index: Any) -> Any:
+    """The index doing the work inside a refine stage and a pre-transform (``PCA64,HNSW32,RFlat``
+    -> the HNSW index), or ``index`` itself."""
+    if isinstance(index, faiss.IndexRefine):
+        index = faiss.downcast_index(index.base_index)
+    return inner_index(index)
+
+
+def _code_size(index: Any, d: int) -> int:
+    """Bytes of one vector's codes in ``index`` (without an IVF list number): the refine stage's
+    added to its base's; an HNSW index's storage's (the graph links are extra)."""
+    if isinstance(index, faiss.IndexRefine):
+        base = faiss.downcast_index(index.base_index)
+        return _code_size(base, d) + _code_size(faiss.downcast_index(index.refine_index), d)
+    inner = inner_index(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        inner = faiss.downcast_index(inner.storage)
+    try:
+        return int(inner.sa_code_size())
+    except RuntimeError:  # a few index types do not implement sa_code_size: flat storage
+        return 4 * d
+
+
+def search_params(
+    index: Any,
+    *,
+    ef_search: int | None = None,
+    nprobe: int | None = None,
+    k_factor: int | None = None,
+    sel: Any = None,
+    base: bool = True,
+) -> Any:
+    """FAISS SearchParameters for ``index`` (any index of the grammar, built from its own structure):
+    a refine stage's carry ``k_factor`` (default :data:`DEFAULT_K_FACTOR`) and its base's (none when
+    ``base`` is False: a flat PQ base takes none), a pre-transform's its inner index's; HNSW gets
+    ``ef_search``, IVF ``nprobe`` (capped at nlist), the innermost ones the selector ``sel``."""
+    if isinstance(index, faiss.IndexRefine):
+        inner = (
+            search_params(faiss.downcast_index(index.base_index), ef_search=ef_search, nprobe=nprobe, sel=sel)
+            if base
+            else None
+        )
+        return faiss.IndexRefineSearchParameters(  # type: ignore[call-arg]
+            k_factor=float(k_factor or DEFAULT_K_FACTOR), base_index_params=inner
+        )
+    if isinstance(index, faiss.IndexPreTransform):
+        inner = search_params(faiss.downcast_index(index.index), ef_search=ef_search, nprobe=nprobe, sel=sel)
+        return faiss.SearchParametersPreTransform(index_params=inner)  # type: ignore[call-arg]
+    p: Any
+    if isinstance(index, faiss.IndexHNSW):
+        p = faiss.SearchParametersHNSW(efSearch=ef_search or DEFAULT_EF_SEARCH)  # type: ignore[attr-defined]
+    elif isinstance(index, faiss.IndexIVF):
+        p = faiss.SearchParametersIVF(nprobe=min(nprobe or DEFAULT_NPROBE, int(index.nlist)))  # type: ignore[call-arg]
+    else:
+        p = faiss.SearchParameters()
+    if sel is not None:
+        p.sel = sel
+    return p
 
 
 def _probe(spec: str, probe_spec: str, d: int, metric: str) -> Any:

@@ -24,12 +24,12 @@ from .device import Device
 from .index_spec import IndexSpec
 from .segment_snapshot import Snapshot, bit_slice
 
-__all__ = ["TRAIN_SAMPLE_MAX", "SegmentMerges"]
+__all__ = ["TRAIN_SAMPLE_MAX", "SegmentMerges", "check_finds_itself"]
 
 TRAIN_SAMPLE_MAX = 262144  #: most vectors used to train an index
 
 
-def _check_finds_itself(index: Any, xb: np.ndarray) -> None:
+def check_finds_itself(index: Any, xb: np.ndarray) -> None:
     """Raises RuntimeError when a newly trained index finds none of a sample of its own vectors:
     training on degenerate data (e.g. every vector the same) can leave NaNs in a PCA or a codebook,
     and such an index answers every search with nothing instead of failing."""
@@ -120,7 +120,7 @@ class SegmentMerges:
         if len(xb):
             index.add(np.ascontiguousarray(xb, dtype=np.float32))
             if s.sealed is None:
-                _check_finds_itself(index, xb)
+                check_finds_itself(index, xb)
         return index
 
     def live_fresh_rows(self, s: Snapshot) -> np.ndarray:

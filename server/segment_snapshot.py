@@ -12,10 +12,12 @@ force) and ``tests/test_gpu.py`` (:func:`drop_dead` against the IDSelector searc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from .index_spec import IndexSpec, SearchDefaults
 
 __all__ = ["Snapshot", "best_k", "bit_slice", "drop_dead", "grow", "set_bits"]
 
@@ -36,6 +38,11 @@ class Snapshot:
     ndead_fresh: int  #: dead labels in the fresh segment
     sequence: int  #: last write applied
     epoch: int = 0  #: label numbering: +1 at each compaction, which gives the live labels new numbers
+    #: the spec ``sealed`` is built from, and the search parameters a request leaves unset: one
+    #: snapshot pairs them with its index, so a search never mixes an old spec with a new index
+    #: (an ``auto`` collection's rebuild onto the advisor's choice swaps all three at once)
+    spec: IndexSpec | None = None
+    defaults: SearchDefaults = field(default_factory=SearchDefaults)
 
     @property
     def nlabels(self) -> int:

@@ -12,8 +12,11 @@ search is exact, until ``train_min_points`` exist.
 Labels are int64, allocated in order: label ``i`` is row ``i`` of the sealed
 index (when ``i < nsealed``) or row ``i - nsealed`` of the fresh segment.
 Deleted or overwritten labels are cleared in the ``alive`` bitmap and filtered
-with ``faiss.IDSelectorBitmap`` (on the host for a flat PQ index, which takes
-no selector). A merge of a fresh segment holding dead rows, and a compaction of
+with ``faiss.IDSelectorBitmap`` (on the host for a flat PQ or fast-scan PQ index,
+which takes no selector; inside a refine stage's parameters, on its base index).
+Each snapshot carries its index's spec and the collection's search defaults (an
+``auto`` collection's chosen ef_search / nprobe / k_factor), swapped with the index.
+A merge of a fresh segment holding dead rows, and a compaction of
 a sealed index full of them (``compaction.py``), leave the dead rows out and
 renumber the labels densely, in order (:meth:`Segments.renumbered`); each
 renumbering raises ``Snapshot.epoch``.
@@ -40,23 +43,29 @@ import numpy as np
 
 from .device import GPU_MAX_K, Device
 from .errors import InvalidArgument
-from .index_spec import IndexSpec
+from .index_spec import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, IndexSpec, SearchDefaults, search_params
 from .segment_merge import SegmentMerges
 from .segment_snapshot import Snapshot, best_k, bit_slice, drop_dead, grow, set_bits
 
-#: IndexSpec, Snapshot, best_k and drop_dead: re-exported from index_spec.py and segment_snapshot.py
-__all__ = ["IndexSpec", "Segments", "Snapshot", "best_k", "drop_dead"]
-
-DEFAULT_EF_SEARCH = 64  #: HNSW efSearch when a request sets none
-DEFAULT_NPROBE = 16  #: IVF nprobe when a request sets none (capped at nlist)
+#: IndexSpec, DEFAULT_EF_SEARCH, DEFAULT_NPROBE, Snapshot, best_k and drop_dead: re-exported from
+#: index_spec.py and segment_snapshot.py
+__all__ = ["DEFAULT_EF_SEARCH", "DEFAULT_NPROBE", "IndexSpec", "Segments", "Snapshot", "best_k", "drop_dead"]
 
 
 class Segments(SegmentMerges):
     """Sealed + fresh index of one collection. Writers call :meth:`append` and
     :meth:`kill` under the collection's write lock; anyone may :meth:`search`."""
 
-    def __init__(self, spec: IndexSpec, train_min_points: int, device: Device | None = None, name: str = "") -> None:
-        self.spec = spec
+    def __init__(
+        self,
+        spec: IndexSpec,
+        train_min_points: int,
+        device: Device | None = None,
+        name: str = "",
+        defaults: SearchDefaults | None = None,
+    ) -> None:
+        self.spec = spec  #: the spec merges build; searches read their snapshot's
+        self.defaults = defaults or SearchDefaults()  #: search parameters a request leaves unset
         self.device = device or Device.parse("cpu")
         self.name = name  #: the collection's, for the device's log lines
         #: drop dead sealed labels on the host (as on a GPU) even on the CPU: tests compare the paths
@@ -80,6 +89,8 @@ class Segments(SegmentMerges):
             ndead_sealed=0,
             ndead_fresh=0,
             sequence=0,
+            spec=spec,
+            defaults=self.defaults,
         )
 
     # -- state ---------------------------------------------------------------------------------
@@ -123,6 +134,8 @@ class Segments(SegmentMerges):
             ndead_sealed=int(nsealed - np.count_nonzero(bits[:nsealed])),
             ndead_fresh=int(nfresh - np.count_nonzero(bits[nsealed:])),
             sequence=seq,
+            spec=self.spec,
+            defaults=self.defaults,
         )
 
     def append(self, first_label: int, ids: list[str], x: np.ndarray, dead: list[int], seq: int) -> None:
@@ -169,33 +182,44 @@ class Segments(SegmentMerges):
 
     # -- search --------------------------------------------------------------------------------
 
+    @staticmethod
+    def _spec(s: Snapshot) -> IndexSpec:
+        if s.spec is None:  # every snapshot Segments publishes names its spec
+            raise RuntimeError("a snapshot without its index spec")
+        return s.spec
+
     def _gpu_params(self, s: Snapshot, nprobe: int | None) -> Any:
         """SearchParameters for a GPU copy (never HNSW): SearchParametersIVF, or None for Flat.
         No selector: GPU indexes do not apply one."""
-        if not self.spec.nlist:
+        spec = self._spec(s)
+        if not spec.nlist:
             return None
-        p: Any = faiss.SearchParametersIVF(nprobe=self._nprobe(nprobe))  # type: ignore[call-arg]
+        p: Any = faiss.SearchParametersIVF(nprobe=self._nprobe(s, nprobe))  # type: ignore[call-arg]
         if isinstance(s.sealed, faiss.IndexPreTransform):
             p = faiss.SearchParametersPreTransform(index_params=p)  # type: ignore[call-arg]
         return p
 
     def _params(self, s: Snapshot, ef_search: int | None, nprobe: int | None, selector: bool = True) -> tuple[Any, Any]:
-        """FAISS SearchParameters for the sealed index (and the selector they reference)."""
-        sel = faiss.IDSelectorBitmap(s.nsealed, faiss.swig_ptr(s.alive)) if s.ndead_sealed and selector else None
-        if self.spec.is_hnsw:
-            p = faiss.SearchParametersHNSW(efSearch=ef_search or DEFAULT_EF_SEARCH)  # type: ignore[attr-defined]
-        elif self.spec.nlist:
-            p = faiss.SearchParametersIVF(nprobe=self._nprobe(nprobe))  # type: ignore[call-arg]
-        else:
-            p = faiss.SearchParameters()
-        if sel is not None:
-            p.sel = sel
-        if isinstance(s.sealed, faiss.IndexPreTransform):
-            p = faiss.SearchParametersPreTransform(index_params=p)  # type: ignore[call-arg]
+        """FAISS SearchParameters for the sealed index (and the selector they reference): the
+        request's ef_search / nprobe, else the snapshot's defaults; a refine stage's k_factor from
+        the defaults. Without ``selector``, or for a base index that takes no parameters (flat PQ),
+        dead labels are left to the caller (:func:`drop_dead`)."""
+        spec, dflt = self._spec(s), s.defaults
+        base = spec.takes_params
+        filtering = s.ndead_sealed and selector and base
+        sel = faiss.IDSelectorBitmap(s.nsealed, faiss.swig_ptr(s.alive)) if filtering else None
+        p = search_params(
+            s.sealed,
+            ef_search=ef_search or dflt.ef_search,
+            nprobe=nprobe or dflt.nprobe,
+            k_factor=dflt.k_factor,
+            sel=sel,
+            base=base,
+        )
         return p, sel
 
-    def _nprobe(self, nprobe: int | None) -> int:
-        return min(nprobe or DEFAULT_NPROBE, self.spec.nlist)
+    def _nprobe(self, s: Snapshot, nprobe: int | None) -> int:
+        return min(nprobe or s.defaults.nprobe or DEFAULT_NPROBE, self._spec(s).nlist)
 
     def check_params(self, ef_search: int | None, nprobe: int | None) -> None:
         if ef_search is not None:
@@ -243,12 +267,15 @@ class Segments(SegmentMerges):
         sealed: Any = s.sealed
         search_copy: Any = s.sealed_search
         kk = min(s.nsealed, k + s.ndead_sealed)
-        if s.search_on_gpu and kk <= GPU_MAX_K and not (self.spec.nlist and self._nprobe(nprobe) > GPU_MAX_K):
+        spec = self._spec(s)
+        if s.search_on_gpu and kk <= GPU_MAX_K and not (spec.nlist and self._nprobe(s, nprobe) > GPU_MAX_K):
             D, I = search_copy.search(xq, kk, params=self._gpu_params(s, nprobe))
             return drop_dead(D, I, s.alive, k, worst)
         # the CPU index (also past what a GPU index selects, k or nprobe > GPU_MAX_K)
-        if self.host_filter or not self.spec.takes_params:  # flat PQ: no parameters, no selector
-            params = self._params(s, ef_search, nprobe, selector=False)[0] if self.spec.takes_params else None
+        if self.host_filter or not spec.takes_params:  # flat PQ: no base parameters, no selector
+            params = self._params(s, ef_search, nprobe, selector=False)[0]
+            if not spec.takes_params and not spec.refine:
+                params = None
             D, I = self.device.search_cpu(sealed, xq, kk, params)
             return drop_dead(D, I, s.alive, k, worst)
         params, _sel = self._params(s, ef_search, nprobe)

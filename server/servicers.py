@@ -23,6 +23,7 @@ from interlingua.v1 import points_pb2_grpc as pgrpc
 from interlingua.v1 import spaces_pb2 as spb
 from interlingua.v1 import spaces_pb2_grpc as sgrpc
 
+from .advisor import BATCH, OperatingPoint
 from .collection import Collection
 from .collection_spec import CollectionSpec
 from .engine import Engine
@@ -108,6 +109,23 @@ def collection_pb(c: Collection) -> cpb.CollectionInfo:
         failure_reason=c.failure.reason if c.failure else "",
         failed_at=c.failure.at if c.failure else 0.0,
         compactions=c.compactions,
+        target_recall=c.row.spec.target_recall,
+        operating_point=point_pb(OperatingPoint.from_dict(p)) if (p := c.row.spec.point()) else None,
+        advisor_status=c.advisor_status,
+    )
+
+
+def point_pb(p: OperatingPoint) -> cpb.OperatingPoint:
+    return cpb.OperatingPoint(
+        index_spec=p.index_spec,
+        ef_search=p.ef_search,
+        nprobe=p.nprobe,
+        k_factor=p.k_factor,
+        recall=p.recall,
+        qps=p.qps,
+        bytes_per_vector=p.bytes_per_vector,
+        build_seconds=p.build_seconds,
+        train_points=p.train_points,
     )
 
 
@@ -157,6 +175,7 @@ class CollectionServicer(cgrpc.CollectionServiceServicer):
             prefix_dims=r.prefix_dims,
             basis_transform=r.basis_transform,
             ef_construction=r.ef_construction,
+            target_recall=r.target_recall,
         )
         return collection_pb(self.engine.create_collection(spec))
 
@@ -172,6 +191,32 @@ class CollectionServicer(cgrpc.CollectionServiceServicer):
     def DeleteCollection(self, request: cpb.DeleteCollectionRequest, context: grpc.ServicerContext) -> Any:
         self.engine.delete_collection(request.name)
         return cpb.DeleteCollectionResponse()
+
+    @rpc
+    def RecommendIndex(self, request: cpb.RecommendIndexRequest, context: grpc.ServicerContext) -> Any:
+        r = request
+        rec = self.engine.recommend_index(
+            r.collection,
+            r.target_recall,
+            r.k,
+            r.queries.data,
+            r.queries.dim,
+            sample_size=r.sample_size,
+            num_queries=r.num_queries,
+            candidates=list(r.candidates),
+        )
+        return cpb.RecommendIndexResponse(
+            frontier=[point_pb(p) for p in rec.frontier],
+            chosen=point_pb(rec.chosen) if rec.chosen is not None else None,
+            sample_points=rec.sample_points,
+            num_queries=rec.num_queries,
+            k=rec.k,
+            target_recall=rec.target_recall,
+            held_out_queries=rec.held_out,
+            batch_size=BATCH,
+            points_measured=rec.points_measured,
+            seconds=rec.seconds,
+        )
 
 
 class PointServicer(pgrpc.PointServiceServicer):

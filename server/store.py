@@ -172,6 +172,15 @@ class Store(RegistryTables, MigrationTables):
             self._w.execute("UPDATE collections SET next_label=? WHERE cid=?", (next_label, cid))
         return seq
 
+    def set_index_spec(self, cid: int, index_spec: str, operating_point: str, train_min_points: int) -> int:
+        """Records the index an ``auto`` collection was rebuilt onto (``compaction.rebuild_onto``)."""
+        with self._tx() as seq:
+            self._w.execute(
+                "UPDATE collections SET index_spec=?, operating_point=?, train_min_points=? WHERE cid=?",
+                (index_spec, operating_point, train_min_points, cid),
+            )
+        return seq
+
     def delete(self, cid: int, ids: Sequence[str]) -> int:
         with self._tx() as seq:
             rows = [(cid, pid) for pid in ids]
@@ -216,6 +225,18 @@ class Store(RegistryTables, MigrationTables):
         labels = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         x = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), d)
         return labels, x
+
+    def home_vectors_at(self, cid: int, labels: np.ndarray, d: int) -> np.ndarray:
+        """The home vectors of ``labels`` ((n,) int64, each a live label), in that order: (m, d) float32
+        with m <= n when some were deleted or renumbered meanwhile (the index advisor's sample)."""
+        found: dict[int, bytes] = {}
+        values = [int(v) for v in labels.tolist()]
+        for i in range(0, len(values), _CHUNK):
+            chunk = values[i : i + _CHUNK]
+            q = f"SELECT label, vec FROM vectors WHERE cid=? AND label IN ({','.join('?' * len(chunk))})"
+            found.update((int(r[0]), r[1]) for r in self._r.execute(q, (cid, *chunk)))
+        blob = b"".join(found[v] for v in values if v in found)
+        return np.frombuffer(blob, dtype="<f4").reshape(-1, d).copy()
 
     def points(self, cid: int, ids: Sequence[str]) -> dict[str, tuple[str | None, int]]:
         """id -> (payload, sequence) for the ids that exist."""

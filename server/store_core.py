@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS collections (
     train_min_points INTEGER NOT NULL, created_at REAL NOT NULL,
     next_label INTEGER NOT NULL DEFAULT 0, last_sequence INTEGER NOT NULL DEFAULT 0,
     prefix_dims INTEGER NOT NULL DEFAULT 0, basis_transform TEXT NOT NULL DEFAULT '',
-    ef_construction INTEGER NOT NULL DEFAULT 0);
+    ef_construction INTEGER NOT NULL DEFAULT 0, target_recall REAL NOT NULL DEFAULT 0,
+    operating_point TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS points (
     cid INTEGER NOT NULL, pid TEXT NOT NULL, payload TEXT, sequence INTEGER NOT NULL,
     PRIMARY KEY (cid, pid));
@@ -53,10 +54,13 @@ CREATE TABLE IF NOT EXISTS migrations (cid INTEGER PRIMARY KEY, record TEXT NOT 
 """
 
 #: (table, column, declaration) added after the first release (see StoreCore._migrate); ``vectors.projected``
-#: marks a migration's forward projections (``server/migration``), 0 for vectors a client wrote
+#: marks a migration's forward projections (``server/migration``), 0 for vectors a client wrote;
+#: ``collections.target_recall`` and ``operating_point`` hold an ``auto`` collection's target and choice
 _ADDED_COLUMNS = (
     ("collections", "ef_construction", "INTEGER NOT NULL DEFAULT 0"),
     ("vectors", "projected", "INTEGER NOT NULL DEFAULT 0"),
+    ("collections", "target_recall", "REAL NOT NULL DEFAULT 0"),
+    ("collections", "operating_point", "TEXT NOT NULL DEFAULT ''"),
 )
 
 

@@ -3,8 +3,9 @@
 Specs are checked by our grammar (``server/index_spec.py``) before FAISS sees them: the ones
 that crashed FAISS (HNSW M of 0 or 1, also inside ``IVFn_HNSWm`` and ``HNSWm_PQ``), untrainable
 PQ/IVF parameters, NSG and oversized IVFs answer INVALID_ARGUMENT and create nothing; every
-form the grammar accepts is built, trained at its minimum, merged and searched in a subprocess
-(a FAISS abort there fails the test instead of killing pytest). A collection whose index cannot
+form the grammar accepts (fast-scan PQ and refine stages, which the index advisor recommends,
+included) is built, trained at its minimum, merged, searched past its size and with dead labels
+in a subprocess (a FAISS abort there fails the test instead of killing pytest). A collection whose index cannot
 be built is marked failed: its searches answer FAILED_PRECONDITION with the reason, the rest
 serves, the build is retried with a back-off; a restart with a collection an earlier version
 accepted (``HNSW1``, ``train_min_points`` below what PQ needs) reaches SERVING.
@@ -61,6 +62,19 @@ MAIN = [
     "IVF3,SQ8",
     "SQ4",
     "SQfp16",
+    # fast-scan PQ and refine stages (what the index advisor recommends)
+    "PQ2x4fs",
+    "PQ1x4fs",
+    "IVF4,PQ2x4fs",
+    "IVF2,PQ1x4fs,RFlat",
+    "IVF4_HNSW2,PQ4x4fs,Refine(SQ8)",
+    "HNSW2_SQ8,RFlat",
+    "HNSW2,Refine(SQfp16)",
+    "IVF1,Flat,Refine(Flat)",
+    "PQ4x4,RFlat",
+    "PQ2x4fs,Refine(SQ8)",
+    "SQ8,RFlat",
+    "Flat,RFlat",
 ]
 
 _BUILD_ALL = """
@@ -88,6 +102,8 @@ for metric, same in (("l2", False), ("ip", False), ("l2", True)):
         seg.merge()
         _, I, _ = seg.search(xb[2:5], 2)
         assert (I[:, 0] >= 2).all(), (spec, I)  # labels 0 and 1 are dead
+        _, I, _ = seg.search(xb[2:4], n + 40)  # more than the index holds (a refine stage asks k_factor times more)
+        assert I.shape == (2, n + 40) and not np.isin(I, [0, 1]).any(), (spec, I)
         if same:
             continue
         index = s.new_index()
@@ -147,8 +163,17 @@ def test_every_spec_of_the_grammar_builds_without_crashing() -> None:
         ("LSH", 16, "component 'LSH' is not supported"),
         ("L2norm,Flat", 16, "component 'L2norm' is not supported"),
         ("IMI2x4,Flat", 16, "not supported"),
-        ("IVF4,PQ4x4fs", 16, "stores 'PQ4x4fs'"),
-        ("IDMap,Flat", 16, "IDMap and Refine wrappers"),
+        ("IVF4,PQ4x8fs", 16, "fast-scan PQ needs 4-bit codes (PQ4x4fs)"),
+        ("HNSW32_PQ4x4fs", 16, "fast-scan PQ is for IVF lists and flat indexes"),
+        ("HNSW32,PQ4x4fs", 16, "fast-scan PQ is for IVF lists and flat indexes"),
+        ("IVF4,PQ3x4fs", 16, "PQ m=3 must divide the dimension it encodes, 16"),
+        ("PQ5x4fs,RFlat", 16, "PQ m=5 must divide"),
+        ("IVF4,Flat,Refine(PQ4)", 16, "refines with 'PQ4'"),
+        ("IVF4,Flat,RFlat,RFlat", 16, "may only come last"),
+        ("IVF4,RFlat,Flat", 16, "may only come last"),
+        ("RFlat,IVF4,Flat", 16, "a refine stage comes last"),
+        ("Refine(Flat)", 16, "a refine stage comes last"),
+        ("IDMap,Flat", 16, "IDMap wrappers are managed by the service"),
         ("Flat," * 9 + "Flat", 16, "components; the limit is 8"),
     ],
 )
@@ -158,8 +183,34 @@ def test_unsafe_specs_are_refused(spec: str, d: int, needle: str) -> None:
     assert needle in e.value.message
 
 
+def test_fast_scan_and_refine_forms() -> None:
+    """What the parsed spec says about the forms the advisor recommends: the refine stage, HNSW
+    seen through it, code sizes with the refine copy, flat fast-scan taking no search parameters."""
+    s = IndexSpec.parse("HNSW32_SQ8,RFlat", D, "l2")
+    assert (s.refine, s.is_hnsw, s.graph_m, s.nlist, s.takes_params) == ("Flat", True, 32, 0, True)
+    assert s.bytes_per_vector == D + 4 * D  # SQ8 codes and the refine stage's float32 copy
+    assert s.memory_per_vector == 5 * D + 8 * 32 + 12
+    s = IndexSpec.parse("IVF64,PQ8x4fs,Refine(SQfp16)", D, "ip")
+    assert (s.refine, s.is_hnsw, s.nlist, s.fast_scan, s.takes_params) == ("SQfp16", False, 64, True, True)
+    assert s.bytes_per_vector == 4 + 2 * D + 1  # 8 4-bit codes, fp16 copy, a 1-byte list number
+    assert s.min_train_points == 64 and s.needs_training
+    s = IndexSpec.parse("PQ8x4fs", D, "l2")
+    assert (s.fast_scan, s.takes_params, s.min_train_points) == (True, False, 16)
+    assert not IndexSpec.parse("PQ8x4fs,RFlat", D, "l2").takes_params  # its base refuses parameters
+    assert IndexSpec.parse("PCA8,IVF4,PQ4x4fs,RFlat", D, "l2").bytes_per_vector == 2 + 4 * D + 1
+
+
 def test_training_minimum_per_quantizer() -> None:
-    cases = {"IVF64,Flat": 64, "IVF4,PQ8": 256, "IVF4,PQ8x4": 16, "OPQ4,IVF4,PQ4": 256, "PCA8,HNSW16": 8, "SQ8": 1}
+    cases = {
+        "IVF64,Flat": 64,
+        "IVF4,PQ8": 256,
+        "IVF4,PQ8x4": 16,
+        "OPQ4,IVF4,PQ4": 256,
+        "PCA8,HNSW16": 8,
+        "SQ8": 1,
+        "IVF4,PQ8x4fs,RFlat": 16,
+        "IVF32,PQ8x4fs,Refine(SQ8)": 32,
+    }
     for spec, need in cases.items():
         s = IndexSpec.parse(spec, D, "l2")
         assert s.min_train_points == need, spec

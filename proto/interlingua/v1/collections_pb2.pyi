@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from interlingua.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -82,13 +83,19 @@ class CreateCollectionRequest(_message.Message):
     PREFIX_DIMS_FIELD_NUMBER: _builtins.int
     BASIS_TRANSFORM_FIELD_NUMBER: _builtins.int
     EF_CONSTRUCTION_FIELD_NUMBER: _builtins.int
+    TARGET_RECALL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name: 1 to 128 characters from [A-Za-z0-9._-]."""
     home_space: _builtins.str
     """Name of a registered space; the index holds vectors of this space."""
     index_spec: _builtins.str
     """FAISS index factory string: `Flat`, `HNSW32`, `IVF1024,Flat`,
-    `IVF1024,PQ32`, `OPQ16,IVF256,PQ16`, ... Empty means `Flat`.
+    `IVF1024,PQ32`, `OPQ16,IVF256,PQ16`, `IVF1024,PQ192x4fs,RFlat` (fast-scan
+    PQ with a refine stage), `HNSW32_SQ8,RFlat`, ... Empty means `Flat`.
+    `auto`: start exact (Flat) and, once the collection holds enough points, let
+    the index advisor (RecommendIndex) choose the fastest spec and search
+    parameters reaching `target_recall` at k = 10, and rebuild onto it in the
+    background (searches and writes go on; one reference swap).
     """
     train_min_points: _builtins.int
     """Points needed before an index that needs training is trained. 0 picks a
@@ -112,6 +119,10 @@ class CreateCollectionRequest(_message.Message):
     Larger builds slower and reaches a given recall at a smaller ef_search. 0 (default)
     keeps FAISS's default of 40. Must be 0 for other index types.
     """
+    target_recall: _builtins.float
+    """With index_spec `auto` (and only then): the Recall@10 the chosen index must
+    reach on the collection's own vectors, in (0, 1].
+    """
     def __init__(
         self,
         *,
@@ -122,10 +133,11 @@ class CreateCollectionRequest(_message.Message):
         prefix_dims: _builtins.int = ...,
         basis_transform: _builtins.str = ...,
         ef_construction: _builtins.int = ...,
+        target_recall: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_transform", b"basis_transform", "ef_construction", b"ef_construction", "home_space", b"home_space", "index_spec", b"index_spec", "name", b"name", "prefix_dims", b"prefix_dims", "train_min_points", b"train_min_points"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_transform", b"basis_transform", "ef_construction", b"ef_construction", "home_space", b"home_space", "index_spec", b"index_spec", "name", b"name", "prefix_dims", b"prefix_dims", "target_recall", b"target_recall", "train_min_points", b"train_min_points"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -219,6 +231,9 @@ class CollectionInfo(_message.Message):
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
     FAILED_AT_FIELD_NUMBER: _builtins.int
     COMPACTIONS_FIELD_NUMBER: _builtins.int
+    TARGET_RECALL_FIELD_NUMBER: _builtins.int
+    OPERATING_POINT_FIELD_NUMBER: _builtins.int
+    ADVISOR_STATUS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the collection."""
     home_space: _builtins.str
@@ -263,6 +278,12 @@ class CollectionInfo(_message.Message):
     """Server time of the failure, seconds since the Unix epoch (0 when not failed)."""
     compactions: _builtins.int
     """Sealed-index rebuilds that reclaimed dead labels since the server started."""
+    target_recall: _builtins.float
+    """Collections created with index_spec `auto`: the Recall@10 target (0 otherwise)."""
+    advisor_status: _builtins.str
+    """Collections created with index_spec `auto`: where the advisor stands, e.g. "waiting for
+    10000 points (1234 now)", "measuring", "chose ...", "failed: ...; retrying at ..."
+    """
     @_builtins.property
     def vectors_per_space(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Number of stored vectors per space name (a point may have vectors in
@@ -272,6 +293,12 @@ class CollectionInfo(_message.Message):
     @_builtins.property
     def recall_at_dims(self) -> _containers.ScalarMap[_builtins.int, _builtins.float]:
         """From the basis transform's last evaluation: Recall@10 at each prefix dimension."""
+
+    @_builtins.property
+    def operating_point(self) -> Global___OperatingPoint:
+        """Collections created with index_spec `auto`: the operating point the advisor chose and the
+        index now serves (its search parameters are the defaults of every search); unset until chosen.
+        """
 
     def __init__(
         self,
@@ -298,14 +325,179 @@ class CollectionInfo(_message.Message):
         failure_reason: _builtins.str = ...,
         failed_at: _builtins.float = ...,
         compactions: _builtins.int = ...,
+        target_recall: _builtins.float = ...,
+        operating_point: Global___OperatingPoint | None = ...,
+        advisor_status: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operating_point", b"operating_point"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_transform", b"basis_transform", "checkpoint_sequence", b"checkpoint_sequence", "compactions", b"compactions", "created_at", b"created_at", "deleted_labels", b"deleted_labels", "ef_construction", b"ef_construction", "failed_at", b"failed_at", "failure_reason", b"failure_reason", "fresh_vectors", b"fresh_vectors", "home_space", b"home_space", "index_bytes_per_vector", b"index_bytes_per_vector", "index_spec", b"index_spec", "indexed_vectors", b"indexed_vectors", "last_sequence", b"last_sequence", "name", b"name", "num_points", b"num_points", "prefix_dims", b"prefix_dims", "recall_at_dims", b"recall_at_dims", "rerank_bytes_per_vector", b"rerank_bytes_per_vector", "state", b"state", "train_min_points", b"train_min_points", "vectors_per_space", b"vectors_per_space"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advisor_status", b"advisor_status", "basis_transform", b"basis_transform", "checkpoint_sequence", b"checkpoint_sequence", "compactions", b"compactions", "created_at", b"created_at", "deleted_labels", b"deleted_labels", "ef_construction", b"ef_construction", "failed_at", b"failed_at", "failure_reason", b"failure_reason", "fresh_vectors", b"fresh_vectors", "home_space", b"home_space", "index_bytes_per_vector", b"index_bytes_per_vector", "index_spec", b"index_spec", "indexed_vectors", b"indexed_vectors", "last_sequence", b"last_sequence", "name", b"name", "num_points", b"num_points", "operating_point", b"operating_point", "prefix_dims", b"prefix_dims", "recall_at_dims", b"recall_at_dims", "rerank_bytes_per_vector", b"rerank_bytes_per_vector", "state", b"state", "target_recall", b"target_recall", "train_min_points", b"train_min_points", "vectors_per_space", b"vectors_per_space"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CollectionInfo: _TypeAlias = CollectionInfo  # noqa: Y015
+
+@_typing.final
+class OperatingPoint(_message.Message):
+    """One measured operating point of an index: a spec with its search parameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_SPEC_FIELD_NUMBER: _builtins.int
+    EF_SEARCH_FIELD_NUMBER: _builtins.int
+    NPROBE_FIELD_NUMBER: _builtins.int
+    K_FACTOR_FIELD_NUMBER: _builtins.int
+    RECALL_FIELD_NUMBER: _builtins.int
+    QPS_FIELD_NUMBER: _builtins.int
+    BYTES_PER_VECTOR_FIELD_NUMBER: _builtins.int
+    BUILD_SECONDS_FIELD_NUMBER: _builtins.int
+    TRAIN_POINTS_FIELD_NUMBER: _builtins.int
+    index_spec: _builtins.str
+    """FAISS factory string (as CreateCollection accepts it)."""
+    ef_search: _builtins.int
+    """Search parameters of the point (0: not applicable to the spec)."""
+    nprobe: _builtins.int
+    k_factor: _builtins.int
+    """Refine stage: candidates re-ranked per result (k * k_factor from the base index)."""
+    recall: _builtins.float
+    """Recall@k against exact search, on the queries measured."""
+    qps: _builtins.float
+    """Queries per second, searched in batches of `batch_size` on the server's search thread."""
+    bytes_per_vector: _builtins.int
+    """Estimated memory per vector: codes (and the refine stage's copy), IVF ids, HNSW links."""
+    build_seconds: _builtins.float
+    """Seconds to train the index and add the sample."""
+    train_points: _builtins.int
+    """Fewest points the spec trains on (0: it needs no training)."""
+    def __init__(
+        self,
+        *,
+        index_spec: _builtins.str = ...,
+        ef_search: _builtins.int = ...,
+        nprobe: _builtins.int = ...,
+        k_factor: _builtins.int = ...,
+        recall: _builtins.float = ...,
+        qps: _builtins.float = ...,
+        bytes_per_vector: _builtins.int = ...,
+        build_seconds: _builtins.float = ...,
+        train_points: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_seconds", b"build_seconds", "bytes_per_vector", b"bytes_per_vector", "ef_search", b"ef_search", "index_spec", b"index_spec", "k_factor", b"k_factor", "nprobe", b"nprobe", "qps", b"qps", "recall", b"recall", "train_points", b"train_points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OperatingPoint: _TypeAlias = OperatingPoint  # noqa: Y015
+
+@_typing.final
+class RecommendIndexRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    TARGET_RECALL_FIELD_NUMBER: _builtins.int
+    K_FIELD_NUMBER: _builtins.int
+    QUERIES_FIELD_NUMBER: _builtins.int
+    SAMPLE_SIZE_FIELD_NUMBER: _builtins.int
+    NUM_QUERIES_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    collection: _builtins.str
+    """Name of the collection."""
+    target_recall: _builtins.float
+    """Recall@k the chosen point must reach, in (0, 1]."""
+    k: _builtins.int
+    """k of Recall@k; 0 means 10. At most the server's max_k and the sample size."""
+    sample_size: _builtins.int
+    """Points to build the candidates on; 0: every live point up to 100000 (less the held-out queries)."""
+    num_queries: _builtins.int
+    """Held-out queries when `queries` is empty; 0: min(1000, points / 10)."""
+    @_builtins.property
+    def queries(self) -> _common_pb2.Vectors:
+        """Optional queries in the home space. Without them, stored home vectors left out of the
+        sample (held out) are the queries.
+        """
+
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Index specs to measure; empty: Flat, HNSW32, HNSW32_SQ8,RFlat, IVF<n>,PQ<d/2>x4fs,RFlat and
+        IVF<n>,Flat, with n lists for the collection's size.
+        """
+
+    def __init__(
+        self,
+        *,
+        collection: _builtins.str = ...,
+        target_recall: _builtins.float = ...,
+        k: _builtins.int = ...,
+        queries: _common_pb2.Vectors | None = ...,
+        sample_size: _builtins.int = ...,
+        num_queries: _builtins.int = ...,
+        candidates: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["queries", b"queries"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "collection", b"collection", "k", b"k", "num_queries", b"num_queries", "queries", b"queries", "sample_size", b"sample_size", "target_recall", b"target_recall"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecommendIndexRequest: _TypeAlias = RecommendIndexRequest  # noqa: Y015
+
+@_typing.final
+class RecommendIndexResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRONTIER_FIELD_NUMBER: _builtins.int
+    CHOSEN_FIELD_NUMBER: _builtins.int
+    SAMPLE_POINTS_FIELD_NUMBER: _builtins.int
+    NUM_QUERIES_FIELD_NUMBER: _builtins.int
+    K_FIELD_NUMBER: _builtins.int
+    TARGET_RECALL_FIELD_NUMBER: _builtins.int
+    HELD_OUT_QUERIES_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    POINTS_MEASURED_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    sample_points: _builtins.int
+    """Vectors the candidates were built on, and queries measured."""
+    num_queries: _builtins.int
+    k: _builtins.int
+    target_recall: _builtins.float
+    held_out_queries: _builtins.bool
+    """True when the queries were stored vectors held out of the sample."""
+    batch_size: _builtins.int
+    """Queries per timed search call."""
+    points_measured: _builtins.int
+    """Operating points measured in all (the frontier keeps the undominated ones)."""
+    seconds: _builtins.float
+    """Wall-clock seconds of the whole run."""
+    @_builtins.property
+    def frontier(self) -> _containers.RepeatedCompositeFieldContainer[Global___OperatingPoint]:
+        """The QPS / recall frontier over every point measured: recall ascending, QPS descending."""
+
+    @_builtins.property
+    def chosen(self) -> Global___OperatingPoint:
+        """The fastest frontier point whose recall reaches the target."""
+
+    def __init__(
+        self,
+        *,
+        frontier: _abc.Iterable[Global___OperatingPoint] | None = ...,
+        chosen: Global___OperatingPoint | None = ...,
+        sample_points: _builtins.int = ...,
+        num_queries: _builtins.int = ...,
+        k: _builtins.int = ...,
+        target_recall: _builtins.float = ...,
+        held_out_queries: _builtins.bool = ...,
+        batch_size: _builtins.int = ...,
+        points_measured: _builtins.int = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chosen", b"chosen"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "chosen", b"chosen", "frontier", b"frontier", "held_out_queries", b"held_out_queries", "k", b"k", "num_queries", b"num_queries", "points_measured", b"points_measured", "sample_points", b"sample_points", "seconds", b"seconds", "target_recall", b"target_recall"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecommendIndexResponse: _TypeAlias = RecommendIndexResponse  # noqa: Y015
 
 @_typing.final
 class ListCollectionsRequest(_message.Message):

@@ -55,6 +55,11 @@ class CollectionServiceStub:
                 request_serializer=interlingua_dot_v1_dot_collections__pb2.DeleteCollectionRequest.SerializeToString,
                 response_deserializer=interlingua_dot_v1_dot_collections__pb2.DeleteCollectionResponse.FromString,
                 _registered_method=True)
+        self.RecommendIndex = channel.unary_unary(
+                '/interlingua.v1.CollectionService/RecommendIndex',
+                request_serializer=interlingua_dot_v1_dot_collections__pb2.RecommendIndexRequest.SerializeToString,
+                response_deserializer=interlingua_dot_v1_dot_collections__pb2.RecommendIndexResponse.FromString,
+                _registered_method=True)
 
 
 class CollectionServiceServicer:
@@ -93,6 +98,20 @@ class CollectionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecommendIndex(self, request, context):
+        """Index advisor: builds candidate index specs on a seeded sample of the collection's stored
+        home vectors, sweeps their search parameters (efSearch, nprobe, refine k_factor) against
+        exact ground truth and returns the QPS / Recall@k frontier and the fastest point whose recall
+        reaches the target. Runs for seconds to minutes (one at a time per server); nothing of the
+        collection changes. NOT_FOUND for an unknown collection; INVALID_ARGUMENT for a target
+        outside (0, 1], k out of range, bad queries or candidate specs; FAILED_PRECONDITION when the
+        collection is failed or too small, or when no candidate reaches the target (the message
+        quotes the best recall reached).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollectionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +134,11 @@ def add_CollectionServiceServicer_to_server(servicer, server):
                     servicer.DeleteCollection,
                     request_deserializer=interlingua_dot_v1_dot_collections__pb2.DeleteCollectionRequest.FromString,
                     response_serializer=interlingua_dot_v1_dot_collections__pb2.DeleteCollectionResponse.SerializeToString,
+            ),
+            'RecommendIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecommendIndex,
+                    request_deserializer=interlingua_dot_v1_dot_collections__pb2.RecommendIndexRequest.FromString,
+                    response_serializer=interlingua_dot_v1_dot_collections__pb2.RecommendIndexResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +250,33 @@ class CollectionService:
             '/interlingua.v1.CollectionService/DeleteCollection',
             interlingua_dot_v1_dot_collections__pb2.DeleteCollectionRequest.SerializeToString,
             interlingua_dot_v1_dot_collections__pb2.DeleteCollectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecommendIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/interlingua.v1.CollectionService/RecommendIndex',
+            interlingua_dot_v1_dot_collections__pb2.RecommendIndexRequest.SerializeToString,
+            interlingua_dot_v1_dot_collections__pb2.RecommendIndexResponse.FromString,
             options,
             channel_credentials,
             insecure,

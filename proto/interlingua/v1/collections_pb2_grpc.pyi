@@ -47,6 +47,16 @@ class CollectionServiceStub:
     """Deletes a collection, its points, vectors and index files; NOT_FOUND if
     unknown.
     """
+    RecommendIndex: _grpc.UnaryUnaryMultiCallable[_collections_pb2.RecommendIndexRequest, _collections_pb2.RecommendIndexResponse]
+    """Index advisor: builds candidate index specs on a seeded sample of the collection's stored
+    home vectors, sweeps their search parameters (efSearch, nprobe, refine k_factor) against
+    exact ground truth and returns the QPS / Recall@k frontier and the fastest point whose recall
+    reaches the target. Runs for seconds to minutes (one at a time per server); nothing of the
+    collection changes. NOT_FOUND for an unknown collection; INVALID_ARGUMENT for a target
+    outside (0, 1], k out of range, bad queries or candidate specs; FAILED_PRECONDITION when the
+    collection is failed or too small, or when no candidate reaches the target (the message
+    quotes the best recall reached).
+    """
 
 @_typing.type_check_only
 class CollectionServiceAsyncStub(CollectionServiceStub):
@@ -66,6 +76,16 @@ class CollectionServiceAsyncStub(CollectionServiceStub):
     DeleteCollection: _aio.UnaryUnaryMultiCallable[_collections_pb2.DeleteCollectionRequest, _collections_pb2.DeleteCollectionResponse]  # type: ignore[assignment]
     """Deletes a collection, its points, vectors and index files; NOT_FOUND if
     unknown.
+    """
+    RecommendIndex: _aio.UnaryUnaryMultiCallable[_collections_pb2.RecommendIndexRequest, _collections_pb2.RecommendIndexResponse]  # type: ignore[assignment]
+    """Index advisor: builds candidate index specs on a seeded sample of the collection's stored
+    home vectors, sweeps their search parameters (efSearch, nprobe, refine k_factor) against
+    exact ground truth and returns the QPS / Recall@k frontier and the fastest point whose recall
+    reaches the target. Runs for seconds to minutes (one at a time per server); nothing of the
+    collection changes. NOT_FOUND for an unknown collection; INVALID_ARGUMENT for a target
+    outside (0, 1], k out of range, bad queries or candidate specs; FAILED_PRECONDITION when the
+    collection is failed or too small, or when no candidate reaches the target (the message
+    quotes the best recall reached).
     """
 
 class CollectionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -107,6 +127,22 @@ class CollectionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_collections_pb2.DeleteCollectionResponse, _abc.Awaitable[_collections_pb2.DeleteCollectionResponse]]:
         """Deletes a collection, its points, vectors and index files; NOT_FOUND if
         unknown.
+        """
+
+    @_abc_1.abstractmethod
+    def RecommendIndex(
+        self,
+        request: _collections_pb2.RecommendIndexRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_collections_pb2.RecommendIndexResponse, _abc.Awaitable[_collections_pb2.RecommendIndexResponse]]:
+        """Index advisor: builds candidate index specs on a seeded sample of the collection's stored
+        home vectors, sweeps their search parameters (efSearch, nprobe, refine k_factor) against
+        exact ground truth and returns the QPS / Recall@k frontier and the fastest point whose recall
+        reaches the target. Runs for seconds to minutes (one at a time per server); nothing of the
+        collection changes. NOT_FOUND for an unknown collection; INVALID_ARGUMENT for a target
+        outside (0, 1], k out of range, bad queries or candidate specs; FAILED_PRECONDITION when the
+        collection is failed or too small, or when no candidate reaches the target (the message
+        quotes the best recall reached).
         """
 
 def add_CollectionServiceServicer_to_server(servicer: CollectionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
