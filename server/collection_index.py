@@ -28,7 +28,7 @@ import numpy as np
 
 from . import checkpoint
 from .advisor import auto_rebuild
-from .compaction import COMPACT_FRACTION, COMPACT_MIN_DEAD, compact, merge_dropping_dead
+from .compaction import COMPACT_FRACTION, COMPACT_MIN_DEAD, compact, merge_dropping_dead, regraph
 from .device import Device
 from .errors import InvalidArgument
 from .failures import BuildFailures, Failure
@@ -258,6 +258,8 @@ class CollectionIndex:
                     self.save_checkpoint(merged.sealed, merged.sequence)
         if compact_fraction is not None:
             compact(self, fraction=compact_fraction, min_dead=compact_min_dead, checkpoint_after=checkpoint_after)
+        if not force and time.monotonic() - self.last_write >= idle_seconds:  # never mid bulk load, nor at shutdown
+            regraph(self, checkpoint_after=checkpoint_after)
         return merged is not None
 
     def save_checkpoint(self, index: Any, sequence: int) -> None:

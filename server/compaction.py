@@ -44,7 +44,7 @@ from .segments import Snapshot
 if TYPE_CHECKING:
     from .collection_index import CollectionIndex
 
-__all__ = ["COMPACT_FRACTION", "COMPACT_MIN_DEAD", "compact", "merge_dropping_dead", "rebuild_onto"]
+__all__ = ["COMPACT_FRACTION", "COMPACT_MIN_DEAD", "compact", "merge_dropping_dead", "rebuild_onto", "regraph"]
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,28 @@ def compact(col: CollectionIndex, *, fraction: float, min_dead: int, checkpoint_
         return False
 
 
-def _compact(col: CollectionIndex, fraction: float, min_dead: int, checkpoint_after: bool) -> bool:
+def regraph(col: CollectionIndex, *, checkpoint_after: bool = True) -> bool:
+    """Rebuilds an HNSW graph grown by merges in one add once it has doubled (``wants_regraph``; the
+    caller checks the collection is idle): the same path as a compaction. Returns True after one."""
+    seg = col.segments
+    if col.failure is not None or time.monotonic() < col.compact_not_before or not seg.wants_regraph():
+        return False
+    try:
+        return _compact(col, 0.0, 0, checkpoint_after, regraph=True)
+    except Exception:
+        col.compact_not_before = time.monotonic() + RETRY_SECONDS
+        log.exception("graph rebuild of %s failed; retrying in %.0fs", col.name, RETRY_SECONDS)
+        return False
+
+
+def _compact(
+    col: CollectionIndex, fraction: float, min_dead: int, checkpoint_after: bool, *, regraph: bool = False
+) -> bool:
     seg = col.segments
     with col.maint_lock:
         s = seg.snapshot
-        if col.dropped or not seg.wants_compaction(fraction, min_dead):
+        wanted = seg.wants_regraph() if regraph else seg.wants_compaction(fraction, min_dead)
+        if col.dropped or not wanted:
             return False
         t0 = time.perf_counter()
         labels, x = col.store.home_vectors_from(col.row.cid, 0, col.home.dim)
@@ -98,13 +115,15 @@ def _compact(col: CollectionIndex, fraction: float, min_dead: int, checkpoint_af
         new = _renumber(col, s, sealed_keep, labels[labels >= s.nsealed] - s.nsealed, index, drop_checkpoint=True)
         if new is None:
             return False
+        seg.graph_built_n = int(index.ntotal)
         if checkpoint_after:
             col.save_checkpoint(index, seq)
     col.compactions += 1
     col.metrics.compactions.labels(col.name).inc()
     col.publish_gauges()
     log.info(
-        "compacted %s: %d of %d labels were dead, %d remain, in %.2fs",
+        "%s %s: %d of %d labels were dead, %d remain, in %.2fs",
+        "rebuilt the graph of" if regraph else "compacted",
         col.name,
         s.ndead_sealed + s.ndead_fresh,
         s.nlabels,

@@ -74,6 +74,7 @@ class Segments(SegmentMerges):
         self.largest = spec.metric != "l2"  # ip/cosine: higher is better
         self.train_min_points = train_min_points if spec.needs_training else 0
         self.training = False
+        self.graph_built_n = 0
         #: (the sealed index they were built for, {(ef_search, nprobe): SearchParameters}) without a selector
         self._param_cache: tuple[Any, dict[tuple[int | None, int | None], Any]] = (None, {})
         self._merge_lock = threading.Lock()
@@ -110,6 +111,7 @@ class Segments(SegmentMerges):
         were ever allocated; ``ids``/``labels`` are every live home vector; ``fresh_x`` (nf, d) the
         vectors of the live labels >= sealed.ntotal, in label order."""
         nsealed = int(sealed.ntotal) if sealed is not None else 0
+        self.graph_built_n = nsealed  # how a checkpointed graph was grown is not known: rebuilt once it doubles
         nlabels = max(nlabels, nsealed, int(labels.max()) + 1 if labels.size else 0)
         alive = np.zeros((nlabels + 7) // 8 + 1, dtype=np.uint8)
         bits = np.zeros(nlabels, dtype=bool)
