@@ -89,7 +89,7 @@ def regraph(col: CollectionIndex, *, checkpoint_after: bool = True) -> bool:
     if col.failure is not None or time.monotonic() < col.compact_not_before or not seg.wants_regraph():
         return False
     try:
-        return _compact(col, 0.0, 0, checkpoint_after, regraph=True)
+        return _compact(col, 0.0, 0, checkpoint_after, rebuild_graph=True)
     except Exception:
         col.compact_not_before = time.monotonic() + RETRY_SECONDS
         log.exception("graph rebuild of %s failed; retrying in %.0fs", col.name, RETRY_SECONDS)
@@ -97,12 +97,12 @@ def regraph(col: CollectionIndex, *, checkpoint_after: bool = True) -> bool:
 
 
 def _compact(
-    col: CollectionIndex, fraction: float, min_dead: int, checkpoint_after: bool, *, regraph: bool = False
+    col: CollectionIndex, fraction: float, min_dead: int, checkpoint_after: bool, *, rebuild_graph: bool = False
 ) -> bool:
     seg = col.segments
     with col.maint_lock:
         s = seg.snapshot
-        wanted = seg.wants_regraph() if regraph else seg.wants_compaction(fraction, min_dead)
+        wanted = seg.wants_regraph() if rebuild_graph else seg.wants_compaction(fraction, min_dead)
         if col.dropped or not wanted:
             return False
         t0 = time.perf_counter()
@@ -123,7 +123,7 @@ def _compact(
     col.publish_gauges()
     log.info(
         "%s %s: %d of %d labels were dead, %d remain, in %.2fs",
-        "rebuilt the graph of" if regraph else "compacted",
+        "rebuilt the graph of" if rebuild_graph else "compacted",
         col.name,
         s.ndead_sealed + s.ndead_fresh,
         s.nlabels,

@@ -31,6 +31,7 @@ from .config import ServerConfig
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .lifecycle import EngineLifecycle, Lifecycle, lower_priority
 from .metrics import Metrics
+from .migration.runtime import Migration
 from .migration.search import search as migration_search
 from .pipeline import SearchParams
 from .routes import IDENTITY, Route
@@ -140,9 +141,13 @@ class Engine(EngineLifecycle):
         self._ready()
         return sorted(self.collections.values(), key=lambda c: c.name)
 
+    def _migration(self, collection: str) -> Migration | None:
+        """The collection's running migration, if any (its writes and searches go through it)."""
+        return self.migrations.get(collection) if self.migrations is not None else None
+
     def delete_collection(self, name: str) -> None:
         col = self.collection(name)
-        if self.migrations is not None and self.migrations.get(name) is not None:
+        if self.migrations is not None and self._migration(name) is not None:
             self.migrations.abort(name)  # its companion index goes with it
         with self._ddl_lock:
             with self._registry_lock:
@@ -198,7 +203,7 @@ class Engine(EngineLifecycle):
         plds = v.check_payloads(payloads, len(ids), self.limits)
         if sp.metric == "cosine":
             x = v.normalize_rows(x, what="vectors")
-        mig = self.migrations.get(collection) if self.migrations is not None else None
+        mig = self._migration(collection)
         if mig is not None:
             return mig.upsert(sp, ids, x, plds)
         return col.upsert(sp, ids, x, plds)
@@ -206,7 +211,7 @@ class Engine(EngineLifecycle):
     def delete_points(self, collection: str, ids: list[str], missing_ok: bool) -> tuple[int, int]:
         col = self.collection(collection)
         v.check_ids(ids, self.limits)
-        mig = self.migrations.get(collection) if self.migrations is not None else None
+        mig = self._migration(collection)
         if mig is not None:
             return mig.delete(ids, missing_ok)
         return col.delete(ids, missing_ok)
@@ -227,7 +232,7 @@ class Engine(EngineLifecycle):
         a sampled batch is mirrored to the route's shadow candidate, off the reply path."""
         t0 = time.perf_counter()
         col = self.collection(collection)
-        mig = self.migrations.get(collection) if self.migrations is not None else None
+        mig = self._migration(collection)
         if mig is not None:  # which index answers which space in which phase: server/migration/search.py
             t1 = t0
             space = self.get_space(query_space)

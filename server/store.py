@@ -36,6 +36,7 @@ import numpy as np
 
 from .collection_spec import SPEC_COLUMNS, CollectionSpec
 from .errors import AlreadyExists
+from .store_core import vector_rows
 from .store_migrations import MigrationTables
 from .store_registry import RegistryTables, RouteRow, TransformRow
 
@@ -223,8 +224,7 @@ class Store(RegistryTables, MigrationTables):
             "SELECT label, vec FROM vectors WHERE cid=? AND label>=? ORDER BY label", (cid, from_label)
         ).fetchall()
         labels = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        x = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), d)
-        return labels, x
+        return labels, vector_rows(rows, d)
 
     def home_vectors_at(self, cid: int, labels: np.ndarray, d: int) -> np.ndarray:
         """The home vectors of ``labels`` ((n,) int64, each a live label), in that order: (m, d) float32

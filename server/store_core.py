@@ -15,10 +15,19 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["StoreCore"]
+import numpy as np
+
+__all__ = ["StoreCore", "vector_rows"]
+
+
+def vector_rows(rows: Sequence[Sequence[Any]], d: int, col: int = 1) -> np.ndarray:
+    """The packed float32 vectors in column ``col`` of query ``rows`` as one (len(rows), d) array."""
+    return np.frombuffer(b"".join(r[col] for r in rows), dtype="<f4").reshape(len(rows), d)
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);

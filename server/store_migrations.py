@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .store_core import StoreCore
+from .store_core import StoreCore, vector_rows
 
 __all__ = ["MigrationTables"]
 
@@ -44,9 +44,6 @@ class MigrationTables(StoreCore):
         q = "SELECT pid FROM vectors WHERE cid=? AND space=? AND projected=1"
         return {r[0] for r in self._r.execute(q, (cid, space))}
 
-    def ids_with_vector(self, cid: int, space: str) -> set[str]:
-        return {r[0] for r in self._r.execute("SELECT pid FROM vectors WHERE cid=? AND space=?", (cid, space))}
-
     def vectors_to_sync(self, cid: int, companion: int, space: str, d: int) -> tuple[list[str], np.ndarray]:
         """(ids, x (n, d)) of the client-written ``space`` vectors of ``cid`` that the companion lacks, holds
         older, or holds as projections: what a crash between the two writes of a backfill left behind."""
@@ -56,8 +53,7 @@ class MigrationTables(StoreCore):
             " ORDER BY a.pid",
             (companion, cid, space),
         ).fetchall()
-        x = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), d)
-        return [r[0] for r in rows], x
+        return [r[0] for r in rows], vector_rows(rows, d)
 
     def ids_missing_from(self, companion: int, cid: int) -> list[str]:
         """Ids of the companion's points that collection ``cid`` no longer has (a crash between deletes)."""
@@ -73,8 +69,7 @@ class MigrationTables(StoreCore):
             "SELECT pid, vec FROM vectors WHERE cid=? AND space=? AND pid>? ORDER BY pid LIMIT ?",
             (cid, space, after, limit),
         ).fetchall()
-        x = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), d)
-        return [r[0] for r in rows], x
+        return [r[0] for r in rows], vector_rows(rows, d)
 
     def home_vectors(self, cid: int, space: str, d: int) -> tuple[list[str], np.ndarray]:
         """Every (ids, x (n, d)) of ``space`` in collection ``cid``, by id."""

@@ -30,7 +30,7 @@ from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..store import SpaceRow
 from .calibration import IDENTITY, ScoreCalibration
 from .order import backfill_order
-from .runtime import COMPANION_PREFIX, STRATEGIES, Migration, MigrationRecord
+from .runtime import COMPANION_PREFIX, PHASES, STRATEGIES, Migration, MigrationRecord
 
 if TYPE_CHECKING:
     from ..compat import TransformRecord
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 __all__ = ["Migrations"]
 
 log = logging.getLogger(__name__)
-PHASE_VALUES = ("backfill", "cutover", "finished", "aborted")
 
 
 class Migrations:
@@ -116,7 +115,7 @@ class Migrations:
         return mf, mn, float(m["ratio"])
 
     def _set_phase(self, name: str, phase: str) -> None:
-        for p in PHASE_VALUES:
+        for p in PHASES:
             self.engine.metrics.migration_phase.labels(name, p).set(1.0 if p == phase else 0.0)
 
     # -- start -----------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ __all__ = ["BATCH", "COMPANION_PREFIX", "PHASES", "STRATEGIES", "Migration", "Mi
 log = logging.getLogger(__name__)
 
 COMPANION_PREFIX = "~migration:"  #: companion collection names: never a valid user collection name
-PHASES = ("backfill", "cutover")  #: the durable phases; finished and aborted remove the record
+#: every phase; the first two are durable (a record), finished and aborted remove the record
+PHASES = ("backfill", "cutover", "finished", "aborted")
 STRATEGIES = ("two_indexes", "shared_index")
 BATCH = 1024  #: vectors per forward-upgrade step (one store transaction each)
 
@@ -167,15 +168,8 @@ class Migration:
                             f"{len(missing)} id(s) without one: {', '.join(map(repr, missing[:5]))}"
                         )
                 seq = self.col.upsert(space, ids, x, payloads)
-                if (
-                    self.phase == "backfill"
-                    and self.forward is not None
-                    and self.rec.forward.get("state")
-                    in (
-                        "running",
-                        "done",
-                    )
-                ):
+                projecting = self.forward is not None and self.rec.forward.get("state") in ("running", "done")
+                if self.phase == "backfill" and projecting:
                     self._project(ids, x)  # keep the projections of points not backfilled current
             else:
                 seq = self.col.upsert(space, ids, x, payloads)
@@ -196,10 +190,8 @@ class Migration:
         keep = [i for i, p in enumerate(ids) if p in self.col.pids and not self.is_real(p)]
         if not keep:
             return 0
-        y = self.project(x[keep])
         kept = [ids[i] for i in keep]
-        y = np.ascontiguousarray(y, dtype=np.float32)
-        self.companion.upsert(self.new, kept, y, [None] * len(kept), projected=True)
+        self.companion.upsert(self.new, kept, self.project(x[keep]), [None] * len(kept), projected=True)
         self.projected.update(kept)
         return len(kept)
 
@@ -208,14 +200,14 @@ class Migration:
         space, moved onto the new docs' mean and spread when the map's fit measured them (``moments``)."""
         assert self.forward is not None
         cosine = self.new.metric == "cosine"
-        y = np.asarray(self.forward.apply(np.ascontiguousarray(x, dtype=np.float32), "doc"), dtype=np.float64)
-        if cosine:
-            y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+
+        def unit(y: np.ndarray) -> np.ndarray:
+            return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12) if cosine else y
+
+        y = unit(np.asarray(self.forward.apply(np.ascontiguousarray(x, dtype=np.float32), "doc"), dtype=np.float64))
         if self.moments is not None:
             mf, mn, ratio = self.moments
-            y = (y - mf) * ratio + mn
-            if cosine:
-                y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+            y = unit((y - mf) * ratio + mn)
         return np.ascontiguousarray(y, dtype=np.float32)
 
     # -- recovery --------------------------------------------------------------------------------

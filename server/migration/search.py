@@ -22,7 +22,8 @@ Covered by ``tests/test_migration.py`` against a numpy reference.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -76,11 +77,11 @@ def _two_indexes(mig: Migration, q: Query, device: Device) -> Hits:
         return dataclasses.replace(hits, D=cal.apply(hits.D)[:, :k], ids=hits.ids[:, :k])
     mig.companion.check_search(q.params.ef_search, q.params.nprobe)
     # not backfilled, through the transform in the old index
-    old, D_old, I_old = _fetch(q, mig.fn, device, k, n, n - n_real, lambda p: not mig.is_real(p), depth)
+    old, I_old = _fetch(q, mig.fn, device, k, n, n - n_real, lambda p: not mig.is_real(p), depth)
     # backfilled, natively in the companion (projections are scored through the old index instead)
     qb = dataclasses.replace(q, col=mig.companion, route=Route(q.space.name, q.space.name, IDENTITY))
-    new, D_new, I_new = _fetch(qb, None, device, k, len(mig.companion.pids), n_real, mig.is_real)
-    D, I = merge_topk(cal.apply(D_old), I_old, D_new, I_new, k, higher_is_better=mig.new.metric != "l2")
+    new, I_new = _fetch(qb, None, device, k, len(mig.companion.pids), n_real, mig.is_real)
+    D, I = merge_topk(cal.apply(old.D), I_old, new.D, I_new, k, higher_is_better=mig.new.metric != "l2")
     return Hits(
         D,
         I,
@@ -92,13 +93,12 @@ def _two_indexes(mig: Migration, q: Query, device: Device) -> Hits:
 
 
 def _fetch(
-    q: Query, fn: object, device: Device, k: int, ntotal: int, nkind: int, keep: object, least: int = 0
-) -> tuple[Hits, np.ndarray, np.ndarray]:
+    q: Query, fn: Any, device: Device, k: int, ntotal: int, nkind: int, keep: Callable[[str], bool], least: int = 0
+) -> tuple[Hits, np.ndarray]:
     """Searches q's collection for k hits that ``keep`` accepts (``nkind`` of its ``ntotal`` points do),
     asking for more candidates (at least ``least``) until each row has k of them or the index has no
-    more. Returns the last hits and (D, I) with the others blanked ('' ids; D keeps every score, so the
-    calibration reads the whole old list's top scores)."""
-    assert callable(keep)
+    more. Returns the last hits and their ids I with the others blanked ('' ids; the hits' D keeps
+    every score, so the calibration reads the whole old list's top scores)."""
     want = min(k, nkind)
     fetch = min(ntotal, MAX_FETCH, max(k, least, int(np.ceil(2 * k * ntotal / max(nkind, 1))) + k))
     while True:
@@ -108,5 +108,4 @@ def _fetch(
         if fetch >= min(ntotal, MAX_FETCH) or int(mask.sum(1).min()) >= want:
             break
         fetch = min(ntotal, MAX_FETCH, 4 * fetch)
-    I = np.where(mask, hits.ids, "")
-    return hits, hits.D, I
+    return hits, np.where(mask, hits.ids, "")
