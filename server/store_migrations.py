@@ -71,10 +71,6 @@ class MigrationTables(StoreCore):
         ).fetchall()
         return [r[0] for r in rows], vector_rows(rows, d)
 
-    def home_vectors(self, cid: int, space: str, d: int) -> tuple[list[str], np.ndarray]:
-        """Every (ids, x (n, d)) of ``space`` in collection ``cid``, by id."""
-        return self.vectors_after(cid, space, "", 1 << 62, d)
-
     def finish_migration(self, cid: int, companion: int, old_space: str, new_space: str, reverse_transform: str) -> int:
         """Makes ``new_space`` the home of collection ``cid`` in one transaction: its old vectors are
         dropped, the companion's new-space vectors (client-written and projected, with their labels)

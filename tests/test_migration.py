@@ -392,3 +392,16 @@ def test_cli_walkthrough_and_metrics(env: Any, tmp_path: Path, capsys: pytest.Ca
     assert client.get_collection("c").home_space == "new"
     text = generate_latest(srv.metrics.registry).decode()
     assert 'interlingua_migration_phase{collection="c",phase="finished"} 1.0' in text
+
+
+def test_suggest_backfill_order_bounds_its_candidates(env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past SUGGEST_MAX_CANDIDATES points the order ranks a seeded sample, read in steps (bounded memory)."""
+    from interlingua.server.migration import manager
+
+    _srv, client, _w = env
+    monkeypatch.setattr(manager, "SUGGEST_MAX_CANDIDATES", 150)
+    monkeypatch.setattr(manager, "SUGGEST_READ_STEP", 64)
+    order = client.suggest_backfill_order("c", N)
+    assert 100 <= len(order.ids) <= 200 and len(set(order.ids)) == len(order.ids)  # about 150 of 600
+    assert set(order.ids) <= set(IDS) and np.all(np.diff(order.scores) <= 1e-6)
+    assert client.suggest_backfill_order("c", N).ids == order.ids  # seeded: the same sample each time

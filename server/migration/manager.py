@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 __all__ = ["Migrations"]
 
 log = logging.getLogger(__name__)
+SUGGEST_MAX_CANDIDATES = 1_000_000  #: SuggestBackfillOrder ranks at most this many points (a seeded sample past it)
+SUGGEST_READ_STEP = 65536  #: old vectors read per store query by SuggestBackfillOrder
 
 
 class Migrations:
@@ -297,14 +299,30 @@ class Migrations:
             raise InvalidArgument(f"n is {n}; it must be in [1, {self.engine.limits.max_batch}]")
         mig = self.active.get(collection)
         old = mig.old if mig is not None else col.home
-        ids, x = self.engine._ready().home_vectors(col.row.cid, old.name, old.dim)
-        if mig is not None:
-            keep = [i for i, p in enumerate(ids) if not mig.is_real(p)]
-            ids, x = [ids[i] for i in keep], x[keep]
+        store = self.engine._ready()
+        # read in steps, keeping at most SUGGEST_MAX_CANDIDATES (a seeded sample past that): a request never
+        # holds a whole large gallery in memory at once
+        rate = min(1.0, SUGGEST_MAX_CANDIDATES / max(len(col.pids), 1))
+        rng = np.random.default_rng(0)
+        ids: list[str] = []
+        parts: list[np.ndarray] = []
+        cursor = ""
+        while True:
+            step, x = store.vectors_after(col.row.cid, old.name, cursor, SUGGEST_READ_STEP, old.dim)
+            if not step:
+                break
+            cursor = step[-1]
+            keep = np.array([mig is None or not mig.is_real(p) for p in step], dtype=bool)
+            if rate < 1.0:
+                keep &= rng.random(len(step)) < rate
+            rows = np.flatnonzero(keep)
+            ids.extend(step[i] for i in rows.tolist())
+            parts.append(x[rows])
         if not ids:
             return [], np.zeros(0, np.float32)
-        rows, scores = backfill_order(np.ascontiguousarray(x, dtype=np.float32), n, metric=old.metric)
-        return [ids[int(r)] for r in rows], np.asarray(scores, np.float32)
+        xb = np.ascontiguousarray(np.vstack(parts), dtype=np.float32)
+        order, scores = backfill_order(xb, n, metric=old.metric)
+        return [ids[int(r)] for r in order], np.asarray(scores, np.float32)
 
     # -- start-up and shutdown ---------------------------------------------------------------------
 

@@ -151,7 +151,8 @@ class MigrationServiceServicer:
 
     def SuggestBackfillOrder(self, request, context):
         """The `n` points not yet backfilled whose re-embedding is expected to help most, best first:
-        farthest from their k-means centre in the old space (Ricci et al. 2025, §3.6).
+        farthest from their k-means centre in the old space (Ricci et al. 2025, §3.6). Past 1,000,000
+        candidates they are ranked among a seeded sample of that many (memory stays bounded).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -78,7 +78,8 @@ class MigrationServiceStub:
     """
     SuggestBackfillOrder: _grpc.UnaryUnaryMultiCallable[_migrations_pb2.SuggestBackfillOrderRequest, _migrations_pb2.SuggestBackfillOrderResponse]
     """The `n` points not yet backfilled whose re-embedding is expected to help most, best first:
-    farthest from their k-means centre in the old space (Ricci et al. 2025, §3.6).
+    farthest from their k-means centre in the old space (Ricci et al. 2025, §3.6). Past 1,000,000
+    candidates they are ranked among a seeded sample of that many (memory stays bounded).
     """
 
 @_typing.type_check_only
@@ -127,7 +128,8 @@ class MigrationServiceAsyncStub(MigrationServiceStub):
     """
     SuggestBackfillOrder: _aio.UnaryUnaryMultiCallable[_migrations_pb2.SuggestBackfillOrderRequest, _migrations_pb2.SuggestBackfillOrderResponse]  # type: ignore[assignment]
     """The `n` points not yet backfilled whose re-embedding is expected to help most, best first:
-    farthest from their k-means centre in the old space (Ricci et al. 2025, §3.6).
+    farthest from their k-means centre in the old space (Ricci et al. 2025, §3.6). Past 1,000,000
+    candidates they are ranked among a seeded sample of that many (memory stays bounded).
     """
 
 class MigrationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -221,7 +223,8 @@ class MigrationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_migrations_pb2.SuggestBackfillOrderResponse, _abc.Awaitable[_migrations_pb2.SuggestBackfillOrderResponse]]:
         """The `n` points not yet backfilled whose re-embedding is expected to help most, best first:
-        farthest from their k-means centre in the old space (Ricci et al. 2025, §3.6).
+        farthest from their k-means centre in the old space (Ricci et al. 2025, §3.6). Past 1,000,000
+        candidates they are ranked among a seeded sample of that many (memory stays bounded).
         """
 
 def add_MigrationServiceServicer_to_server(servicer: MigrationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
