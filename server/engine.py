@@ -172,6 +172,8 @@ class Engine(EngineLifecycle):
         with the maintenance thread's OpenMP threads and priority, one run at a time."""
         col = self.collection(collection)
         k, specs = advisor.check_request(col, self.limits, target_recall, k, candidates)
+        if num_queries > self.limits.max_nq:  # held-out queries are read and searched like given ones
+            raise InvalidArgument(f"num_queries is {num_queries}; it must be at most max_nq={self.limits.max_nq}")
         queries = None
         if data:
             queries = v.unpack_vectors(data, dim, col.home.dim, what="queries", limit=self.limits.max_nq)

@@ -142,6 +142,8 @@ def test_errors_have_precise_codes(stubs: Stubs) -> None:
     bad = pb.Vectors(data=np.zeros((2, 8), "<f4").tobytes(), dim=8)
     code, msg = _code(lambda: _recommend(stubs, "c", 0.9, queries=bad))
     assert code == INVALID and "queries" in msg
+    code, msg = _code(lambda: _recommend(stubs, "c", 0.9, num_queries=16385))
+    assert code == INVALID and "num_queries is 16385; it must be at most max_nq=16384" in msg
     code, msg = _code(lambda: _recommend(stubs, "small", 0.9))
     assert code == FAILED and "has 500 points; the index advisor needs at least 1000" in msg
     code, msg = _code(lambda: _recommend(stubs, "c", 0.999, candidates=["IVF32,PQ4x4fs"]))

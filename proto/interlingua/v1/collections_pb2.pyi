@@ -410,7 +410,9 @@ class RecommendIndexRequest(_message.Message):
     sample_size: _builtins.int
     """Points to build the candidates on; 0: every live point up to 100000 (less the held-out queries)."""
     num_queries: _builtins.int
-    """Held-out queries when `queries` is empty; 0: min(1000, points / 10)."""
+    """Held-out queries when `queries` is empty; 0: min(1000, points / 10). At most the server's
+    max_nq (the cap on given queries too) and half the points.
+    """
     @_builtins.property
     def queries(self) -> _common_pb2.Vectors:
         """Optional queries in the home space. Without them, stored home vectors left out of the
