@@ -203,6 +203,8 @@ class Client:
         basis_transform: str = "",
         ef_construction: int = 0,
         target_recall: float = 0.0,
+        backend: str = "",
+        backend_uri: str = "",
     ) -> CollectionInfo:
         """Creates an empty collection indexed in ``home_space`` with a FAISS factory string.
 
@@ -210,7 +212,9 @@ class Client:
         with the full vectors), after the optional home -> home ``basis_transform`` (e.g. pca_basis).
         ``ef_construction`` sets an HNSW index's build-time candidate list (0: FAISS's default, 40).
         ``index_spec="auto"`` with ``target_recall`` (Recall@10, in (0, 1]): exact at first, then
-        rebuilt in the background onto the index advisor's choice once the collection is big enough."""
+        rebuilt in the background onto the index advisor's choice once the collection is big enough.
+        ``backend``: "embedded" (SQLite + FAISS in the server) or "milvus" (a Milvus engine at
+        ``backend_uri``, a cluster address or a Milvus Lite file); "" for the server's defaults."""
         req = collections_pb2.CreateCollectionRequest(
             name=name,
             home_space=home_space,
@@ -220,6 +224,8 @@ class Client:
             basis_transform=basis_transform,
             ef_construction=ef_construction,
             target_recall=target_recall,
+            backend=backend,
+            backend_uri=backend_uri,
         )
         msg: collections_pb2.CollectionInfo = self._call(self._collections.CreateCollection, req)
         return CollectionInfo.from_proto(msg)
@@ -366,15 +372,19 @@ class Client:
         with_payload: bool = False,
         shortlist_k: int | None = None,
         funnel: Sequence[tuple[int, int]] = (),
+        k_factor: int | None = None,
     ) -> SearchResult:
         """k-NN search of xq, shape (nq, d) or (d,) (one query), embedded in ``space``.
 
         Returns a :class:`SearchResult` with ``scores`` (D) and ``ids`` (I) of shape
         (nq, k) -- (1, k) for a single query; ``scores, ids = client.search(...)``. On a prefix
         collection, ``shortlist_k`` candidates come from the prefix index and each ``funnel`` stage
-        ``(dims, keep)`` reranks them before the final full-dimensional stage.
+        ``(dims, keep)`` reranks them before the final full-dimensional stage. On an index with a
+        refine stage, ``k_factor`` sets how many candidates (k * k_factor) the refine codes re-rank.
         """
-        req = search_request(collection, queries, k, space, ef_search, nprobe, with_payload, shortlist_k, funnel)
+        req = search_request(
+            collection, queries, k, space, ef_search, nprobe, with_payload, shortlist_k, funnel, k_factor
+        )
         resp: points_pb2.SearchResponse = self._call(self._points.Search, req)
         return SearchResult.from_proto(resp, with_payload)
 
@@ -771,6 +781,7 @@ def search_request(
     with_payload: bool,
     shortlist_k: int | None = None,
     funnel: Sequence[tuple[int, int]] = (),
+    k_factor: int | None = None,
 ) -> points_pb2.SearchRequest:
     """A SearchRequest for xq of shape (nq, d) or (d,), packed as little-endian float32 (the
     ``params`` message only when a parameter is set: the server reads an absent one as empty)."""
@@ -781,13 +792,14 @@ def search_request(
     req = points_pb2.SearchRequest(collection=collection, query_space=space, k=k, with_payload=with_payload)
     req.queries.data = x.tobytes()  # set in place: a Vectors built beside it would be copied in
     req.queries.dim = x.shape[1]
-    if ef_search is not None or nprobe is not None or shortlist_k is not None or funnel:
+    if ef_search is not None or nprobe is not None or shortlist_k is not None or funnel or k_factor is not None:
         req.params.CopyFrom(
             common_pb2.SearchParams(
                 ef_search=ef_search,
                 nprobe=nprobe,
                 shortlist_k=shortlist_k,
                 funnel=[common_pb2.FunnelStage(dims=dims, keep=keep) for dims, keep in funnel],
+                k_factor=k_factor,
             )
         )
     return req
@@ -827,11 +839,14 @@ class SearchStream:
         ef_search: int | None = None,
         nprobe: int | None = None,
         with_payload: bool = False,
+        k_factor: int | None = None,
     ) -> SearchResult:
         """As :meth:`Client.search`, over the stream."""
         if self._error is not None:
             raise self._error
-        self._requests.put(search_request(collection, queries, k, space, ef_search, nprobe, with_payload))
+        self._requests.put(
+            search_request(collection, queries, k, space, ef_search, nprobe, with_payload, k_factor=k_factor)
+        )
         try:
             resp: points_pb2.SearchResponse = next(self._replies)
         except grpc.RpcError as err:

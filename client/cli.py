@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--require-ecc", action=argparse.BooleanOptionalAction, default=None, help="default gate: require ECC"
     )
+    serve.add_argument(
+        "--backend", choices=["embedded", "milvus"], help="new collections' default backend (default: embedded)"
+    )
+    serve.add_argument(
+        "--milvus-uri", help="milvus backend: http://host:19530 or a Milvus Lite file (<data-dir>/milvus.db)"
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     spaces = sub.add_parser("spaces", help="embedding spaces").add_subparsers(dest="action", required=True)
@@ -119,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recall", type=float, default=0.0, help="with --index auto: the Recall@10 target, in (0, 1]")
     p.add_argument("--train-min-points", type=int, default=0, help="0 = the server's default for the spec")
     p.add_argument("--ef-construction", type=int, default=0, help="HNSW build candidate list (default 0: FAISS's 40)")
+    p.add_argument(
+        "--backend", default="", choices=["", "embedded", "milvus"], help="default: the server's (--backend)"
+    )
+    p.add_argument("--backend-uri", default="", help="milvus: http://host:19530 or a Milvus Lite file (*.db)")
     colls.add_parser("get", parents=[conn], help="show one collection").add_argument("name")
     p = colls.add_parser(
         "recommend", parents=[conn], help="measure index specs on a collection: the QPS/recall frontier and the choice"
@@ -156,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--ef-search", type=int)
     p.add_argument("--nprobe", type=int)
+    p.add_argument("--k-factor", type=int, help="refine stage: k * k_factor candidates re-ranked")
     p.add_argument("--with-payload", action="store_true")
 
     p = sub.add_parser("stats", parents=[conn], help="state and counts of collections")
@@ -267,6 +278,7 @@ def _search(client: Client, args: argparse.Namespace) -> None:
         ef_search=args.ef_search,
         nprobe=args.nprobe,
         with_payload=args.with_payload,
+        k_factor=args.k_factor,
     )
     print_search(result, rows.indices(xq.shape[0])[0], args.json, sys.stdout)
 
@@ -293,6 +305,8 @@ def _run_client(args: argparse.Namespace) -> int:
                 args.train_min_points,
                 ef_construction=args.ef_construction,
                 target_recall=args.recall,
+                backend=args.backend,
+                backend_uri=args.backend_uri,
             )
             print_collection(info, args.json, out)
         elif cmd == ("collections", "recommend"):

@@ -111,11 +111,11 @@ class Collection(CollectionIndex):
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def check_search(self, ef_search: int | None, nprobe: int | None) -> None:
+    def check_search(self, ef_search: int | None, nprobe: int | None, k_factor: int | None = None) -> None:
         """FAILED_PRECONDITION on a failed collection, then the index's own parameter checks."""
         if self.failure is not None:
             raise FailedPrecondition(f"collection {self.name!r} failed: {self.failure.reason}")
-        self.segments.check_params(ef_search, nprobe)
+        self.segments.check_params(ef_search, nprobe, k_factor)
 
     def num_points(self) -> int:
         if self.failure is not None and self.failure.permanent:
@@ -153,6 +153,8 @@ class Collection(CollectionIndex):
         ef_search: int | None,
         nprobe: int | None,
         funnel: tuple[int, list[tuple[int, int]]] | None = None,
+        *,
+        k_factor: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray, Snapshot]:
         """xq : (nq, d) in the home space. Returns D (nq, k), ids (nq, k) object array, snapshot.
 
@@ -162,7 +164,7 @@ class Collection(CollectionIndex):
         if self.row.spec.prefix_dims:
             shortlist_k, stages = funnel or check_funnel(self.home.dim, self.row.spec.prefix_dims, k, None, [])
             for _ in range(8):  # a compaction renumbered the labels between the search and the read: again
-                _, I0, snap = self.segments.search(self.index_view(xq), shortlist_k, ef_search, nprobe)
+                _, I0, snap = self.segments.search(self.index_view(xq), shortlist_k, ef_search, nprobe, k_factor)
                 epoch, full = self.full
                 if epoch == snap.epoch:
                     break
@@ -170,7 +172,7 @@ class Collection(CollectionIndex):
                 raise Unavailable(f"collection {self.name!r} is being compacted; retry the search")
             D, I = rerank(xq, full, I0, stages, self.home.metric)
         else:
-            D, I, snap = self.segments.search(xq, k, ef_search, nprobe)
+            D, I, snap = self.segments.search(xq, k, ef_search, nprobe, k_factor)
         ids = snap.ids[np.maximum(I, 0)]
         ids[I < 0] = ""
         return D, ids, snap

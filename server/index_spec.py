@@ -68,7 +68,7 @@ PRECOMPUTED_TABLE_MAX = 2 << 30  #: FAISS's own cap on the IVFPQ precomputed tab
 DEFAULT_EF_SEARCH = 64  #: HNSW efSearch when neither the request nor the collection sets one
 DEFAULT_NPROBE = 16  #: IVF nprobe when neither the request nor the collection sets one (capped at nlist)
 DEFAULT_K_FACTOR = 4  #: refine stage: candidates re-ranked per result when the collection sets none
-MAX_K_FACTOR = 256
+MAX_K_FACTOR = 256  #: the largest k_factor a search may set
 SUPPORTED = (
     "Flat, PQm[xnbits], PQmx4fs, SQ4|SQ6|SQ8|SQfp16, HNSWM[_store], IVFn[_HNSWM],store|PQmx4fs"
     " (store: Flat, PQ or SQ), after any of PCA[W][R]k, OPQm[_k], RRk, then optionally RFlat or Refine(Flat|SQfp16|SQ8)"

@@ -30,7 +30,8 @@ from .routes import Route, resolve
 from .store import SpaceRow
 
 if TYPE_CHECKING:
-    from .collection import Collection
+    from .backends.base import AnyCollection
+    from .backends.milvus import MilvusView
     from .device import Device
     from .segments import Snapshot
 
@@ -48,6 +49,7 @@ class SearchParams:
     nprobe: int | None = None  #: IVF
     shortlist_k: int | None = None  #: prefix collections: candidates from the prefix index
     funnel: tuple[tuple[int, int], ...] = ()  #: prefix collections: (dims, keep) rerank stages
+    k_factor: int | None = None  #: refine stage: k * k_factor candidates re-ranked
 
 
 #: Query and Hits are never changed once built (dataclasses.replace makes new ones), but are not
@@ -57,7 +59,7 @@ class SearchParams:
 class Query:
     """A checked query batch on one collection: what a live search and its shadow share."""
 
-    col: Collection
+    col: AnyCollection
     space: SpaceRow  #: the query space
     route: Route  #: from the query space to the collection's home space
     xq: np.ndarray  #: (nq, d_query) float32, L2-normalized for cosine query spaces
@@ -69,7 +71,7 @@ class Query:
 class Hits:
     D: np.ndarray  #: scores, shape (nq, k) float32
     ids: np.ndarray  #: point ids, shape (nq, k) object ("" pads missing hits)
-    snapshot: Snapshot  #: the snapshot searched
+    snapshot: Snapshot | MilvusView  #: the snapshot searched (the milvus backend: what the engine searched)
     map_seconds: float  #: the transform into the home space (0.0 without one)
     transform_seconds: float  #: the transform and the basis together
     index_seconds: float  #: the index search and labels -> ids
@@ -92,7 +94,7 @@ def map_queries(
 
 
 def prepare(
-    col: Collection,
+    col: AnyCollection,
     space: SpaceRow,
     data: bytes,
     dim: int,
@@ -106,7 +108,7 @@ def prepare(
     v.check_k(params.k, limits)
     cosine = space.metric == "cosine"
     xq, normalized = v.unpack_queries(data, dim, space.dim, cosine=cosine, what="queries", limit=limits.max_nq)
-    col.check_search(params.ef_search, params.nprobe)
+    col.check_search(params.ef_search, params.nprobe, params.k_factor)
     funnel = check_funnel(col.home.dim, col.row.spec.prefix_dims, params.k, params.shortlist_k, params.funnel)
     if cosine and not normalized:
         xq = v.normalize_rows(xq, what="queries")
@@ -122,5 +124,5 @@ def run(q: Query, fn: Any, device: Device | None = None) -> Hits:
     t1 = time.perf_counter()
     xh = col.to_basis(xh, "query")
     t2 = time.perf_counter()
-    D, ids, snap = col.search(xh, p.k, p.ef_search, p.nprobe, q.funnel)
+    D, ids, snap = col.search(xh, p.k, p.ef_search, p.nprobe, q.funnel, k_factor=p.k_factor)
     return Hits(D, ids, snap, t1 - t0, t2 - t0, time.perf_counter() - t2)

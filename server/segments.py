@@ -43,7 +43,7 @@ import numpy as np
 
 from .device import GPU_MAX_K, Device
 from .errors import InvalidArgument
-from .index_spec import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, IndexSpec, SearchDefaults, search_params
+from .index_spec import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, MAX_K_FACTOR, IndexSpec, SearchDefaults, search_params
 from .segment_merge import SegmentMerges
 from .segment_snapshot import Snapshot, best_k, bit_slice, drop_dead, grow, set_bits
 
@@ -76,7 +76,7 @@ class Segments(SegmentMerges):
         self.training = False
         self.graph_built_n = 0
         #: (the sealed index they were built for, {(ef_search, nprobe): SearchParameters}) without a selector
-        self._param_cache: tuple[Any, dict[tuple[int | None, int | None], Any]] = (None, {})
+        self._param_cache: tuple[Any, dict[tuple[int | None, int | None, int | None], Any]] = (None, {})
         self._merge_lock = threading.Lock()
         self._swap_lock = threading.Lock()  # held only to publish a snapshot
         sealed = None if spec.needs_training else spec.new_index()
@@ -203,16 +203,18 @@ class Segments(SegmentMerges):
             p = faiss.SearchParametersPreTransform(index_params=p)  # type: ignore[call-arg]
         return p
 
-    def _params(self, s: Snapshot, ef_search: int | None, nprobe: int | None, selector: bool = True) -> tuple[Any, Any]:
+    def _params(
+        self, s: Snapshot, ef_search: int | None, nprobe: int | None, k_factor: int | None, selector: bool = True
+    ) -> tuple[Any, Any]:
         """FAISS SearchParameters for the sealed index (and the selector they reference): the
-        request's ef_search / nprobe, else the snapshot's defaults; a refine stage's k_factor from
-        the defaults. Without ``selector``, or for a base index that takes no parameters (flat PQ),
-        dead labels are left to the caller (:func:`drop_dead`)."""
+        request's ef_search / nprobe / k_factor, else the snapshot's defaults. Without ``selector``,
+        or for a base index that takes no parameters (flat PQ), dead labels are left to the caller
+        (:func:`drop_dead`)."""
         spec, dflt = self._spec(s), s.defaults
         base = spec.takes_params
         filtering = s.ndead_sealed and selector and base
         if not filtering:  # the common case: parameters built once per sealed index and setting (~5 µs a call)
-            key = (ef_search, nprobe)
+            key = (ef_search, nprobe, k_factor)
             owner, cache = self._param_cache
             if owner is not s.sealed:
                 owner, cache = s.sealed, {}
@@ -223,7 +225,7 @@ class Segments(SegmentMerges):
                     s.sealed,
                     ef_search=ef_search or dflt.ef_search,
                     nprobe=nprobe or dflt.nprobe,
-                    k_factor=dflt.k_factor,
+                    k_factor=k_factor or dflt.k_factor,
                     base=base,
                 )
             return hit, None
@@ -232,7 +234,7 @@ class Segments(SegmentMerges):
             s.sealed,
             ef_search=ef_search or dflt.ef_search,
             nprobe=nprobe or dflt.nprobe,
-            k_factor=dflt.k_factor,
+            k_factor=k_factor or dflt.k_factor,
             sel=sel,
             base=base,
         )
@@ -241,7 +243,7 @@ class Segments(SegmentMerges):
     def _nprobe(self, s: Snapshot, nprobe: int | None) -> int:
         return min(nprobe or s.defaults.nprobe or DEFAULT_NPROBE, self._spec(s).nlist)
 
-    def check_params(self, ef_search: int | None, nprobe: int | None) -> None:
+    def check_params(self, ef_search: int | None, nprobe: int | None, k_factor: int | None = None) -> None:
         if ef_search is not None:
             if not self.spec.is_hnsw:
                 raise InvalidArgument(
@@ -254,9 +256,22 @@ class Segments(SegmentMerges):
                 raise InvalidArgument(f"nprobe applies to IVF indexes; this collection's index is {self.spec.spec!r}")
             if not 1 <= nprobe <= self.spec.nlist:
                 raise InvalidArgument(f"nprobe is {nprobe}; it must be between 1 and nlist={self.spec.nlist}")
+        if k_factor is not None:
+            if not self.spec.refine:
+                raise InvalidArgument(
+                    f"k_factor applies to indexes with a refine stage (RFlat, Refine(...)); this collection's index"
+                    f" is {self.spec.spec!r}"
+                )
+            if not 1 <= k_factor <= MAX_K_FACTOR:
+                raise InvalidArgument(f"k_factor is {k_factor}; it must be between 1 and {MAX_K_FACTOR}")
 
     def search(
-        self, xq: np.ndarray, k: int, ef_search: int | None = None, nprobe: int | None = None
+        self,
+        xq: np.ndarray,
+        k: int,
+        ef_search: int | None = None,
+        nprobe: int | None = None,
+        k_factor: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray, Snapshot]:
         """k nearest live labels of each query.
 
@@ -267,7 +282,7 @@ class Segments(SegmentMerges):
         worst = np.float32(-np.inf if self.largest else np.inf)
         parts: list[tuple[np.ndarray, np.ndarray]] = []
         if s.sealed is not None and s.nsealed > 0:
-            parts.append(self._search_sealed(s, xq, k, ef_search, nprobe, worst))
+            parts.append(self._search_sealed(s, xq, k, ef_search, nprobe, k_factor, worst))
         if s.nfresh > 0:
             parts.append(self._search_fresh(s, xq, k, worst))
         if not parts:
@@ -280,7 +295,14 @@ class Segments(SegmentMerges):
         return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1), s
 
     def _search_sealed(
-        self, s: Snapshot, xq: np.ndarray, k: int, ef_search: int | None, nprobe: int | None, worst: np.float32
+        self,
+        s: Snapshot,
+        xq: np.ndarray,
+        k: int,
+        ef_search: int | None,
+        nprobe: int | None,
+        k_factor: int | None,
+        worst: np.float32,
     ) -> tuple[np.ndarray, np.ndarray]:
         """D, I of shape (nq, k) from the sealed index, dead labels filtered: by an IDSelector on
         the CPU, on the host (:func:`drop_dead` over k + ndead_sealed candidates) on a GPU."""
@@ -293,12 +315,12 @@ class Segments(SegmentMerges):
             return drop_dead(D, I, s.alive, k, worst)
         # the CPU index (also past what a GPU index selects, k or nprobe > GPU_MAX_K)
         if self.host_filter or not spec.takes_params:  # flat PQ: no base parameters, no selector
-            params = self._params(s, ef_search, nprobe, selector=False)[0]
+            params = self._params(s, ef_search, nprobe, k_factor, selector=False)[0]
             if not spec.takes_params and not spec.refine:
                 params = None
             D, I = self.device.search_cpu(sealed, xq, kk, params)
             return drop_dead(D, I, s.alive, k, worst)
-        params, _sel = self._params(s, ef_search, nprobe)
+        params, _sel = self._params(s, ef_search, nprobe, k_factor)
         D, I = self.device.search_cpu(sealed, xq, k, params)
         D[I < 0] = worst
         return D, I

@@ -24,7 +24,8 @@ from interlingua.v1 import spaces_pb2 as spb
 from interlingua.v1 import spaces_pb2_grpc as sgrpc
 
 from .advisor import BATCH, OperatingPoint
-from .collection import Collection
+from .backends.base import AnyCollection
+from .backends.milvus import MilvusCollection
 from .collection_spec import CollectionSpec
 from .engine import Engine
 from .errors import InterlinguaError, InvalidArgument, status_for
@@ -84,7 +85,9 @@ def space_pb(s: SpaceRow) -> pb.Space:
     )
 
 
-def collection_pb(c: Collection) -> cpb.CollectionInfo:
+def collection_pb(c: AnyCollection) -> cpb.CollectionInfo:
+    if isinstance(c, MilvusCollection):
+        return milvus_collection_pb(c)
     snap = c.segments.snapshot
     return cpb.CollectionInfo(
         name=c.name,
@@ -112,6 +115,28 @@ def collection_pb(c: Collection) -> cpb.CollectionInfo:
         target_recall=c.row.spec.target_recall,
         operating_point=point_pb(OperatingPoint.from_dict(p)) if (p := c.row.spec.point()) else None,
         advisor_status=c.advisor_status,
+        backend=c.row.spec.backend or "embedded",
+    )
+
+
+def milvus_collection_pb(c: MilvusCollection) -> cpb.CollectionInfo:
+    """A ``milvus`` collection's info: counts from the engine (UNAVAILABLE while it is unreachable)."""
+    counts = c.vector_counts()
+    spec = c.row.spec
+    return cpb.CollectionInfo(
+        name=c.name,
+        home_space=c.home.name,
+        index_spec=spec.index_spec,
+        state=STATE_TO_PB[c.state()],
+        num_points=c.num_points(),
+        vectors_per_space=counts,
+        indexed_vectors=counts.get(c.home.name, 0),
+        last_sequence=c.last_sequence,
+        created_at=c.row.created_at,
+        prefix_dims=c.home.dim,
+        ef_construction=c.index.params.get("efConstruction", 0),
+        backend=spec.backend,
+        backend_uri=spec.backend_uri,
     )
 
 
@@ -176,6 +201,8 @@ class CollectionServicer(cgrpc.CollectionServiceServicer):
             basis_transform=r.basis_transform,
             ef_construction=r.ef_construction,
             target_recall=r.target_recall,
+            backend=r.backend,
+            backend_uri=r.backend_uri,
         )
         return collection_pb(self.engine.create_collection(spec))
 
@@ -278,6 +305,7 @@ class PointServicer(pgrpc.PointServiceServicer):
                 nprobe=p.nprobe if p.HasField("nprobe") else None,
                 shortlist_k=p.shortlist_k if p.HasField("shortlist_k") else None,
                 funnel=tuple((st.dims, st.keep) for st in p.funnel),
+                k_factor=p.k_factor if p.HasField("k_factor") else None,
             )
         q = r.queries
         res = self.engine.search(r.collection, r.query_space, q.data, q.dim, params, r.with_payload)

@@ -65,7 +65,7 @@ class Stubs:
         self, col: str, space: str, xq: np.ndarray, k: int, **kw: object
     ) -> tuple[np.ndarray, np.ndarray, ppb.SearchResponse]:
         """Returns D (nq, k) float32, ids (nq, k) object array, and the raw reply."""
-        params = pb.SearchParams(**{key: kw.pop(key) for key in ("ef_search", "nprobe") if key in kw})
+        params = pb.SearchParams(**{key: kw.pop(key) for key in ("ef_search", "nprobe", "k_factor") if key in kw})
         req = ppb.SearchRequest(
             collection=col,
             query_space=space,

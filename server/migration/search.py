@@ -75,7 +75,7 @@ def _two_indexes(mig: Migration, q: Query, device: Device) -> Hits:
         wide = dataclasses.replace(q, params=dataclasses.replace(q.params, k=max(k, depth)))
         hits = run(wide, mig.fn, device)
         return dataclasses.replace(hits, D=cal.apply(hits.D)[:, :k], ids=hits.ids[:, :k])
-    mig.companion.check_search(q.params.ef_search, q.params.nprobe)
+    mig.companion.check_search(q.params.ef_search, q.params.nprobe, q.params.k_factor)
     # not backfilled, through the transform in the old index
     old, I_old = _fetch(q, mig.fn, device, k, n, n - n_real, lambda p: not mig.is_real(p), depth)
     # backfilled, natively in the companion (projections are scored through the old index instead)

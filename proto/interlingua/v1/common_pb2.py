@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1binterlingua/v1/common.proto\x12\x0einterlingua.v1\"$\n\x07Vectors\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\"s\n\x05Space\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12&\n\x06metric\x18\x03 \x01(\x0e\x32\x16.interlingua.v1.Metric\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x12\n\ncreated_at\x18\x05 \x01(\x01\"\xab\x01\n\x0cSearchParams\x12\x16\n\tef_search\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06nprobe\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0bshortlist_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12+\n\x06\x66unnel\x18\x04 \x03(\x0b\x32\x1b.interlingua.v1.FunnelStageB\x0c\n\n_ef_searchB\t\n\x07_nprobeB\x0e\n\x0c_shortlist_k\")\n\x0b\x46unnelStage\x12\x0c\n\x04\x64ims\x18\x01 \x01(\r\x12\x0c\n\x04keep\x18\x02 \x01(\r\"C\n\x05Route\x12\x13\n\x0bquery_space\x18\x01 \x01(\t\x12\x12\n\nhome_space\x18\x02 \x01(\t\x12\x11\n\ttransform\x18\x03 \x01(\t*Q\n\x06Metric\x12\x16\n\x12METRIC_UNSPECIFIED\x10\x00\x12\x11\n\rMETRIC_COSINE\x10\x01\x12\r\n\tMETRIC_IP\x10\x02\x12\r\n\tMETRIC_L2\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1binterlingua/v1/common.proto\x12\x0einterlingua.v1\"$\n\x07Vectors\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\"s\n\x05Space\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12&\n\x06metric\x18\x03 \x01(\x0e\x32\x16.interlingua.v1.Metric\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x12\n\ncreated_at\x18\x05 \x01(\x01\"\xcf\x01\n\x0cSearchParams\x12\x16\n\tef_search\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06nprobe\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0bshortlist_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12+\n\x06\x66unnel\x18\x04 \x03(\x0b\x32\x1b.interlingua.v1.FunnelStage\x12\x15\n\x08k_factor\x18\x05 \x01(\rH\x03\x88\x01\x01\x42\x0c\n\n_ef_searchB\t\n\x07_nprobeB\x0e\n\x0c_shortlist_kB\x0b\n\t_k_factor\")\n\x0b\x46unnelStage\x12\x0c\n\x04\x64ims\x18\x01 \x01(\r\x12\x0c\n\x04keep\x18\x02 \x01(\r\"C\n\x05Route\x12\x13\n\x0bquery_space\x18\x01 \x01(\t\x12\x12\n\nhome_space\x18\x02 \x01(\t\x12\x11\n\ttransform\x18\x03 \x01(\t*Q\n\x06Metric\x12\x16\n\x12METRIC_UNSPECIFIED\x10\x00\x12\x11\n\rMETRIC_COSINE\x10\x01\x12\r\n\tMETRIC_IP\x10\x02\x12\r\n\tMETRIC_L2\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'interlingua.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_METRIC']._serialized_start=488
-  _globals['_METRIC']._serialized_end=569
+  _globals['_METRIC']._serialized_start=524
+  _globals['_METRIC']._serialized_end=605
   _globals['_VECTORS']._serialized_start=47
   _globals['_VECTORS']._serialized_end=83
   _globals['_SPACE']._serialized_start=85
   _globals['_SPACE']._serialized_end=200
   _globals['_SEARCHPARAMS']._serialized_start=203
-  _globals['_SEARCHPARAMS']._serialized_end=374
-  _globals['_FUNNELSTAGE']._serialized_start=376
-  _globals['_FUNNELSTAGE']._serialized_end=417
-  _globals['_ROUTE']._serialized_start=419
-  _globals['_ROUTE']._serialized_end=486
+  _globals['_SEARCHPARAMS']._serialized_end=410
+  _globals['_FUNNELSTAGE']._serialized_start=412
+  _globals['_FUNNELSTAGE']._serialized_end=453
+  _globals['_ROUTE']._serialized_start=455
+  _globals['_ROUTE']._serialized_end=522
 # @@protoc_insertion_point(module_scope)

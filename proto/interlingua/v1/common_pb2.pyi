@@ -136,6 +136,7 @@ class SearchParams(_message.Message):
     NPROBE_FIELD_NUMBER: _builtins.int
     SHORTLIST_K_FIELD_NUMBER: _builtins.int
     FUNNEL_FIELD_NUMBER: _builtins.int
+    K_FACTOR_FIELD_NUMBER: _builtins.int
     ef_search: _builtins.int
     """HNSW: size of the dynamic candidate list (>= k is sensible); 1 to 32768."""
     nprobe: _builtins.int
@@ -143,6 +144,11 @@ class SearchParams(_message.Message):
     shortlist_k: _builtins.int
     """Prefix (Matryoshka) collections: candidates taken from the prefix index before reranking;
     k to 16384, default max(10*k, 100).
+    """
+    k_factor: _builtins.int
+    """Indexes with a refine stage (`...,RFlat`, `...,Refine(...)`): k * k_factor candidates from the
+    base index are re-ranked with the refine codes; 1 to 256, default the collection's (the index
+    advisor's choice for `auto` collections, else 4). RecommendIndex returns it per operating point.
     """
     @_builtins.property
     def funnel(self) -> _containers.RepeatedCompositeFieldContainer[Global___FunnelStage]:
@@ -158,19 +164,24 @@ class SearchParams(_message.Message):
         nprobe: _builtins.int | None = ...,
         shortlist_k: _builtins.int | None = ...,
         funnel: _abc.Iterable[Global___FunnelStage] | None = ...,
+        k_factor: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_ef_search", b"_ef_search", "_nprobe", b"_nprobe", "_shortlist_k", b"_shortlist_k", "ef_search", b"ef_search", "nprobe", b"nprobe", "shortlist_k", b"shortlist_k"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ef_search", b"_ef_search", "_k_factor", b"_k_factor", "_nprobe", b"_nprobe", "_shortlist_k", b"_shortlist_k", "ef_search", b"ef_search", "k_factor", b"k_factor", "nprobe", b"nprobe", "shortlist_k", b"shortlist_k"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ef_search", b"_ef_search", "_nprobe", b"_nprobe", "_shortlist_k", b"_shortlist_k", "ef_search", b"ef_search", "funnel", b"funnel", "nprobe", b"nprobe", "shortlist_k", b"shortlist_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ef_search", b"_ef_search", "_k_factor", b"_k_factor", "_nprobe", b"_nprobe", "_shortlist_k", b"_shortlist_k", "ef_search", b"ef_search", "funnel", b"funnel", "k_factor", b"k_factor", "nprobe", b"nprobe", "shortlist_k", b"shortlist_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__ef_search: _TypeAlias = _typing.Literal["ef_search"]  # noqa: Y015
     _WhichOneofArgType__ef_search: _TypeAlias = _typing.Literal["_ef_search", b"_ef_search"]  # noqa: Y015
+    _WhichOneofReturnType__k_factor: _TypeAlias = _typing.Literal["k_factor"]  # noqa: Y015
+    _WhichOneofArgType__k_factor: _TypeAlias = _typing.Literal["_k_factor", b"_k_factor"]  # noqa: Y015
     _WhichOneofReturnType__nprobe: _TypeAlias = _typing.Literal["nprobe"]  # noqa: Y015
     _WhichOneofArgType__nprobe: _TypeAlias = _typing.Literal["_nprobe", b"_nprobe"]  # noqa: Y015
     _WhichOneofReturnType__shortlist_k: _TypeAlias = _typing.Literal["shortlist_k"]  # noqa: Y015
     _WhichOneofArgType__shortlist_k: _TypeAlias = _typing.Literal["_shortlist_k", b"_shortlist_k"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ef_search) -> _WhichOneofReturnType__ef_search | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__k_factor) -> _WhichOneofReturnType__k_factor | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__nprobe) -> _WhichOneofReturnType__nprobe | None: ...
     @_typing.overload
