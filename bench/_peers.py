@@ -8,6 +8,8 @@ graph of the same ``M`` and ``efConstruction``; ``set_ef`` changes the search-ti
 * :class:`Interlingua` -- ``interlingua serve`` in its own process, over gRPC through
   :class:`interlingua.client.Client` (unary ``Search``; ``stream_search`` uses one ``SearchStream``;
   ``echo`` is the server's own ``grpc.health.v1.Health/Check``, an empty round trip on the same channel).
+* :class:`InterlinguaAdvised` -- Interlingua at its index advisor's operating point: ``RecommendIndex``
+  on :class:`Interlingua`'s collection (same server), a second collection on the chosen spec.
 * :class:`InterlinguaEmbedded` -- the same engine in this process (``Client.embedded``), no gRPC;
   ``faiss_same_index`` searches a clone of its own sealed graph with FAISS alone (the per-call cost).
 * :class:`Chroma` -- ``chroma run`` (its Rust server) in its own process, over HTTP through
@@ -36,9 +38,11 @@ from _common import labels_of
 from interlingua.client import Client
 from interlingua.server.segment_merge import REGRAPH_MIN
 
-__all__ = ["Chroma", "Faiss", "Interlingua", "InterlinguaEmbedded", "MilvusLite", "System"]
+__all__ = ["Chroma", "Faiss", "Interlingua", "InterlinguaAdvised", "InterlinguaEmbedded", "MilvusLite", "System"]
 
 NAME = "bench"  #: collection name on every server (Chroma wants 3+ characters)
+ADVISED = "bench_advised"  #: Interlingua's collection on the index advisor's choice
+NPROBE_SWEEP = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 SPACE = "minilm-l6@1"
 
 
@@ -74,6 +78,14 @@ class System:
     def set_ef(self, ef: int) -> None:
         raise NotImplementedError
 
+    def points(self, ef_sweep: tuple[int, ...]) -> list[dict[str, int]]:
+        """The search settings swept, cheapest first: efSearch for an HNSW graph."""
+        return [{"ef_search": ef} for ef in ef_sweep]
+
+    def set_point(self, point: dict[str, int]) -> None:
+        """Searches from now on with ``point``, one of :meth:`points`."""
+        self.set_ef(point["ef_search"])
+
     def search(self, xq: np.ndarray, k: int) -> np.ndarray:
         raise NotImplementedError
 
@@ -104,32 +116,38 @@ class Faiss(System):
         return I  # type: ignore[no-any-return]
 
 
-def build_collection(c: Client, xb: np.ndarray, m: int, efc: int, batch: int) -> tuple[float, float, bool]:
-    """Fills the HNSW collection through ``c``; returns (ingest s, graph complete s, last batch searchable)."""
-    c.register_space(SPACE, xb.shape[1], "cosine", description="bench: debdesc old_doc (MiniLM)")
-    c.create_collection(NAME, SPACE, f"HNSW{m}", ef_construction=efc)
+def build_collection(
+    c: Client, xb: np.ndarray, m: int, efc: int, batch: int, *, name: str = NAME, spec: str = ""
+) -> tuple[float, float, bool]:
+    """Fills collection ``name`` (``spec``; default HNSW ``m`` with ``efc``) through ``c``; returns
+    (ingest s, index complete s, last batch searchable)."""
+    if not spec:
+        c.register_space(SPACE, xb.shape[1], "cosine", description="bench: debdesc old_doc (MiniLM)")
+        c.create_collection(name, SPACE, f"HNSW{m}", ef_construction=efc)
+    else:
+        c.create_collection(name, SPACE, spec)
     ids = [str(i) for i in range(len(xb))]
     t0 = time.perf_counter()
-    c.upsert(NAME, ids, xb, space=SPACE, batch_size=batch)
+    c.upsert(name, ids, xb, space=SPACE, batch_size=batch)
     ingest_s = time.perf_counter() - t0
     # each acknowledged batch is searchable: the last one, before any merge could move it
     last = slice(len(xb) - min(batch, 64), len(xb))
-    got = labels_of(c.search(NAME, xb[last], 10, space=SPACE).ids)
+    got = labels_of(c.search(name, xb[last], 10, space=SPACE).ids)
     want = np.arange(len(xb))[last]
     searchable = bool(np.all((got == want[:, None]).any(axis=1)))
     while True:
-        info = c.get_collection(NAME)
+        info = c.get_collection(name)
         if info.state == "ready" and info.fresh_vectors == 0 and info.indexed_vectors == len(xb):
             break
         time.sleep(0.2)
     # a graph grown by merges is rebuilt in one add once the load is over (segment_merge.wants_regraph)
-    while len(xb) >= REGRAPH_MIN and info.compactions < 1:
+    while info.index_spec.startswith("HNSW") and len(xb) >= REGRAPH_MIN and info.compactions < 1:
         time.sleep(0.2)
-        info = c.get_collection(NAME)
+        info = c.get_collection(name)
     ready_s = time.perf_counter() - t0
     while info.checkpoint_sequence < info.last_sequence:  # a checkpoint writing beside the sweep would skew it
         time.sleep(0.2)
-        info = c.get_collection(NAME)
+        info = c.get_collection(name)
     return ingest_s, ready_s, searchable
 
 
@@ -181,6 +199,48 @@ class Interlingua(System):
         self.client.close()
         self.proc.terminate()
         self.proc.wait(60)
+
+
+class InterlinguaAdvised(System):
+    """Interlingua at the index advisor's operating point, on :class:`Interlingua`'s server:
+    ``RecommendIndex`` on its HNSW collection (the default candidates, a 100k sample, exact ground
+    truth) with real queries kept apart from the evaluation ones, then a second collection created
+    on the chosen spec and filled with the same gallery. Its swept settings start at the advisor's
+    point (on the sample) and go up: nprobe (and the refine stage's k_factor, then twice it) for an
+    IVF, efSearch for an HNSW graph. ``advise_s``: the advisor's run; ``ingest_s`` / ``ready_s``:
+    the second collection's."""
+
+    name = "interlingua_advised"
+
+    def __init__(self, base: Interlingua, xq_tune: np.ndarray, target: float) -> None:
+        self.client, self.xq_tune, self.target = base.client, xq_tune, target
+        self.params: dict[str, int] = {}
+        self.spec = ""
+        self.chosen: Any = None
+        self.advise_s = float("nan")
+
+    def build(self, xb: np.ndarray, m: int, efc: int, batch: int) -> None:
+        t0 = time.perf_counter()
+        rec = self.client.recommend_index(NAME, self.target, 10, queries=self.xq_tune, timeout=7200)
+        self.advise_s, self.chosen, self.spec = time.perf_counter() - t0, rec.chosen, rec.chosen.index_spec
+        self.recommendation = rec
+        self.ingest_s, self.ready_s, self.searchable_after_ack = build_collection(
+            self.client, xb, m, efc, batch, name=ADVISED, spec=self.spec
+        )
+
+    def points(self, ef_sweep: tuple[int, ...]) -> list[dict[str, int]]:
+        p = self.chosen
+        knob, values = ("ef_search", ef_sweep) if p.ef_search else ("nprobe", NPROBE_SWEEP)
+        start = p.ef_search or p.nprobe
+        kfs = (p.k_factor, 2 * p.k_factor) if p.k_factor else (0,)
+        out = [{knob: v, **({"k_factor": kf} if kf else {})} for v in values if start and v >= start // 2 for kf in kfs]
+        return out or [{}]
+
+    def set_point(self, point: dict[str, int]) -> None:
+        self.params = dict(point)
+
+    def search(self, xq: np.ndarray, k: int) -> np.ndarray:
+        return labels_of(self.client.search(ADVISED, xq, k, space=SPACE, **self.params).ids)  # type: ignore[arg-type]
 
 
 class InterlinguaEmbedded(System):

@@ -5,7 +5,11 @@ seeded noise to ``--n`` rows; seeded vectors without the folder) in an HNSW grap
 and ``efConstruction`` under inner product (:mod:`_peers`). For each: build time (ingest until the
 last write is acknowledged, and until the graph holds every vector), then an efSearch sweep giving
 Recall@10 (against exact search) and batch QPS at nq=64. Each system's operating point is the
-smallest swept efSearch reaching Recall@10 >= ``--target-recall``; there, the systems are measured
+smallest swept efSearch reaching Recall@10 >= ``--target-recall``. ``interlingua_advised`` is the
+service at its own index advisor's choice (issue 13): ``RecommendIndex`` on the ``interlingua``
+collection with ``--nq-tune`` real queries kept apart from the evaluation ones, a second collection
+on the chosen spec, its nprobe / efSearch and k_factor swept up from the advised point (its
+operating point: the fastest setting reaching the target). There, the systems are measured
 side by side in alternating slices (A B C D D C B A ...; :func:`search_overhead.interleaved`) so
 that the drift of a shared machine hits all alike: batch QPS at nq=64 and serial single-query
 latency (p50, p99). Ingest throughput is acknowledged, durable vectors per second through each
@@ -34,7 +38,7 @@ import faiss
 import numpy as np
 from _common import Window, batches_of, interleaved, log, machine_info, recall_at, warm_up
 from _data import DEFAULT_DATA, load
-from _peers import Chroma, Faiss, Interlingua, InterlinguaEmbedded, MilvusLite, System
+from _peers import Chroma, Faiss, Interlingua, InterlinguaAdvised, InterlinguaEmbedded, MilvusLite, System
 
 K = 10
 EF_SWEEP = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -60,25 +64,38 @@ def exact_top_k(xb: np.ndarray, xq: np.ndarray, k: int) -> np.ndarray:
 def sweep(
     sys_: System, xq: np.ndarray, gt: np.ndarray, batches: list[np.ndarray], seconds: float, target: float
 ) -> list[dict[str, Any]]:
-    """Recall@10 over xq and nq=64 QPS for each efSearch, until recall stops mattering (>= 0.995)
-    or two points have reached ``target`` (enough to place the operating point and draw the curve)."""
+    """Recall@10 over xq and nq=64 QPS for each of the system's settings (efSearch; the advised
+    collection's nprobe / k_factor ladder), until recall stops mattering (>= 0.995) or two points
+    (three on a ladder, whose QPS is not monotone) have reached ``target``."""
     rows: list[dict[str, Any]] = []
-    for ef in EF_SWEEP:
-        sys_.set_ef(ef)
+    enough = 3 if isinstance(sys_, InterlinguaAdvised) else 2
+    for point in sys_.points(EF_SWEEP):
+        sys_.set_point(point)
         I = np.vstack([sys_.search(xq[i : i + 64], K) for i in range(0, len(xq), 64)])
         w = interleaved({sys_.name: lambda x: sys_.search(x, K)}, batches, 64, seconds)[sys_.name]
-        rows.append({"system": sys_.name, "ef_search": ef, "recall_at_10": recall_at(I, gt), "qps_nq64": w.qps})
-        log(f"{sys_.name} ef={ef}: R@10 {rows[-1]['recall_at_10']:.4f}, {w.qps:.0f} QPS at nq=64")
-        if rows[-1]["recall_at_10"] >= 0.995 or sum(r["recall_at_10"] >= target for r in rows) >= 2:
+        label = " ".join(f"{k}={v}" for k, v in point.items()) or "-"
+        rows.append(
+            {
+                "system": sys_.name,
+                "ef_search": point.get("ef_search", 0),
+                "params": label,
+                "point": point,
+                "recall_at_10": recall_at(I, gt),
+                "qps_nq64": w.qps,
+            }
+        )
+        log(f"{sys_.name} {label}: R@10 {rows[-1]['recall_at_10']:.4f}, {w.qps:.0f} QPS at nq=64")
+        if rows[-1]["recall_at_10"] >= 0.995 or sum(r["recall_at_10"] >= target for r in rows) >= enough:
             break
     return rows
 
 
-def operating_point(rows: list[dict[str, Any]], target: float) -> dict[str, Any]:
-    """The smallest efSearch reaching ``target`` recall (or the best recall reached, flagged)."""
-    for r in rows:
-        if r["recall_at_10"] >= target:
-            return dict(r, reached=True)
+def operating_point(rows: list[dict[str, Any]], target: float, fastest: bool = False) -> dict[str, Any]:
+    """The smallest efSearch reaching ``target`` recall (``fastest``: the fastest setting reaching
+    it, for a ladder whose QPS is not monotone), or the best recall reached, flagged."""
+    hits = [r for r in rows if r["recall_at_10"] >= target]
+    if hits:
+        return dict(max(hits, key=lambda r: r["qps_nq64"]) if fastest else hits[0], reached=True)
     return dict(max(rows, key=lambda r: r["recall_at_10"]), reached=False)
 
 
@@ -93,7 +110,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(r["system"] for r in rows):
-        pts = [r for r in rows if r["system"] == name]
+        pts = sorted((r for r in rows if r["system"] == name), key=lambda r: r["recall_at_10"])
         ax.plot([p["recall_at_10"] for p in pts], [p["qps_nq64"] for p in pts], "o-", label=name)
     ax.set_xlabel("Recall@10 (vs exact search)")
     ax.set_ylabel("QPS (nq=64 batches, one client thread)")
@@ -118,7 +135,15 @@ def main() -> int:
     ap.add_argument("--sweep-seconds", type=float, default=1.0, help="QPS window per sweep point")
     ap.add_argument("--seconds", type=float, default=8.0, help="window per system, side by side")
     ap.add_argument("--target-recall", type=float, default=0.95)
-    ap.add_argument("--systems", default="faiss,interlingua,interlingua_embedded,chroma,milvus_lite")
+    ap.add_argument(
+        "--systems", default="faiss,interlingua,interlingua_advised,interlingua_embedded,chroma,milvus_lite"
+    )
+    ap.add_argument(
+        "--nq-tune",
+        type=int,
+        default=1000,
+        help="real queries (after the --nq-eval ones) the index advisor measures on (default: %(default)s)",
+    )
     ap.add_argument(
         "--solo",
         default="milvus_lite",
@@ -141,9 +166,19 @@ def main() -> int:
     b1 = batches_of(xq_all, 1)[:2000]
 
     folder = Path(tempfile.mkdtemp(prefix="peers-"))
+
+    def interlingua() -> Interlingua:
+        s = systems.get("interlingua")
+        if not isinstance(s, Interlingua):
+            raise SystemExit("interlingua_advised runs on the interlingua system's server: list interlingua before it")
+        return s
+
     makers = {
         "faiss": lambda: Faiss(omp),
         "interlingua": lambda: Interlingua(folder, omp),
+        "interlingua_advised": lambda: InterlinguaAdvised(
+            interlingua(), xq_all[args.nq_eval : args.nq_eval + args.nq_tune], args.target_recall
+        ),
         "interlingua_embedded": lambda: InterlinguaEmbedded(folder, omp),
         "chroma": lambda: Chroma(folder),
         "milvus_lite": lambda: MilvusLite(folder),
@@ -158,6 +193,7 @@ def main() -> int:
     ops: dict[str, dict[str, Any]] = {}
     batch_w: dict[str, Window] = {}
     serial_w: dict[str, Window] = {}
+    advised: dict[str, Any] = {}
 
     def build_and_sweep(name: str) -> System:
         s = systems[name] = makers[name]()
@@ -169,14 +205,27 @@ def main() -> int:
         os.sync()  # the page cache's write-back of what it wrote would otherwise run into the sweep
         rows = sweep(s, xq, gt, b64, args.sweep_seconds, args.target_recall)
         sweeps.extend(rows)
-        ops[name] = operating_point(rows, args.target_recall)
+        ops[name] = operating_point(rows, args.target_recall, fastest=isinstance(s, InterlinguaAdvised))
+        if isinstance(s, InterlinguaAdvised):
+            c = s.chosen
+            advised.update(
+                spec=s.spec,
+                advisor_point=" ".join(f"{k}={v}" for k, v in (("ef_search", c.ef_search), ("nprobe", c.nprobe),
+                                                                  ("k_factor", c.k_factor)) if v),
+                advisor_recall_on_sample=c.recall,
+                advisor_qps_on_sample=c.qps,
+                advisor_bytes_per_vector=c.bytes_per_vector,
+                advisor_sample_points=s.recommendation.sample_points,
+                advisor_points_measured=s.recommendation.points_measured,
+                advise_s=s.advise_s,
+            )  # fmt: skip
         return s
 
     def side_by_side(names: list[str], label: str) -> None:
         calls: dict[str, Any] = {}
         for n in names:
             s = systems[n]
-            s.set_ef(ops[n]["ef_search"])
+            s.set_point(ops[n]["point"])
             calls[n] = lambda x, s=s: s.search(x, K)
             if isinstance(s, Interlingua):
                 calls[n + "_stream"] = lambda x, s=s: s.stream_search(x, K)
@@ -203,7 +252,7 @@ def main() -> int:
     finally:
         for s in systems.values():
             s.close()
-    report(args, info, data.d, data.source, data.real, build, sweeps, ops, batch_w, serial_w, searchable)
+    report(args, info, data.d, data.source, data.real, build, sweeps, ops, batch_w, serial_w, searchable, advised)
     return 0
 
 
@@ -219,6 +268,7 @@ def report(
     batch_w: dict[str, Window],
     serial_w: dict[str, Window],
     searchable: dict[str, bool | None],
+    advised: dict[str, Any],
 ) -> None:
     print(f"# peers: n={args.n}, d={d}, k={K}, HNSW M={args.m} efConstruction={args.ef_construction}")
     print(f"# {info['date']}, {info['cpu']}, {info['cores']} cores; data: {source}\n")
@@ -226,39 +276,62 @@ def report(
     print("|---|---|---|---|")
     for n, b in build.items():
         print(f"| {n} | {b['ingest_s']:.1f} | {b['ingest_vps']:.0f} | {b['ready_s']:.1f} |")
-    print("\n| system | efSearch | Recall@10 | QPS nq=64 |")
+    if advised:
+        print(
+            f"\nIndex advisor (RecommendIndex on interlingua's collection, {advised['advisor_sample_points']} points,"
+            f" {args.nq_tune} real queries apart from the evaluation ones, {advised['advise_s']:.0f} s):"
+            f" {advised['spec']} {advised['advisor_point']}, Recall@10 {advised['advisor_recall_on_sample']:.4f}"
+            f" and {advised['advisor_qps_on_sample']:.0f} QPS on the sample,"
+            f" {advised['advisor_bytes_per_vector']} bytes per vector"
+        )
+    print("\n| system | setting | Recall@10 | QPS nq=64 |")
     print("|---|---|---|---|")
     for r in sweeps:
-        print(f"| {r['system']} | {r['ef_search']} | {r['recall_at_10']:.4f} | {r['qps_nq64']:.0f} |")
-    print(f"\nSide by side at each system's smallest efSearch with Recall@10 >= {args.target_recall}:\n")
-    if args.solo:
+        print(f"| {r['system']} | {r['params']} | {r['recall_at_10']:.4f} | {r['qps_nq64']:.0f} |")
+    print(
+        f"\nSide by side at each system's smallest efSearch (interlingua_advised: its fastest setting) with"
+        f" Recall@10 >= {args.target_recall}:\n"
+    )
+    if any(n in args.solo.split(",") for n in batch_w):
         print(f"({args.solo}: measured alone, after the others had stopped)\n")
-    print("| system | efSearch | Recall@10 | QPS nq=64 | serial QPS | p50 ms | p99 ms |")
+    print("| system | setting | Recall@10 | QPS nq=64 | serial QPS | p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|---|")
     for n, w in batch_w.items():
         if n == "grpc_echo":
             print(f"| {n} (Health/Check) | | | | {serial_w[n].qps:.0f} | {serial_w[n].pct_ms(50):.3f} | "
                   f"{serial_w[n].pct_ms(99):.3f} |")  # fmt: skip
             continue
-        op = ops[n.removesuffix("_stream").removesuffix("_faiss_same_index")]
+        op = ops[n.removesuffix("_stream").removesuffix("_faiss_same_index")]  # the same setting
         s = serial_w[n]
         flag = "" if op["reached"] else " (not reached)"
         print(
-            f"| {n} | {op['ef_search']} | {op['recall_at_10']:.4f}{flag} | {w.qps:.0f} | {s.qps:.0f} | "
+            f"| {n} | {op['params']} | {op['recall_at_10']:.4f}{flag} | {w.qps:.0f} | {s.qps:.0f} | "
             f"{s.pct_ms(50):.3f} | {s.pct_ms(99):.3f} |"
         )
     fig: dict[str, Any] = {}
     il, fa, ch, mv, em = "interlingua", "faiss", "chroma", "milvus_lite", "interlingua_embedded"
+    ad = "interlingua_advised"
+    if ad in batch_w and ops[ad]["reached"]:  # Interlingua at its advisor's operating point (issue 13)
+        qa = batch_w[ad].qps
+        if ch in batch_w:
+            fig["qps_vs_chroma"] = qa / batch_w[ch].qps
+        if fa in batch_w:
+            fig["qps_vs_faiss_hnsw"] = qa / batch_w[fa].qps
+        fig["advised_qps_nq64"] = qa
+        fig["advised_setting"] = f"{advised['spec']} {ops[ad]['params']}"
+        fig.update({k: v for k, v in advised.items() if k != "spec"})
     if il in batch_w:
         q = batch_w[il].qps
         if ch in batch_w:
-            fig["qps_vs_chroma"] = q / batch_w[ch].qps
+            fig["qps_vs_chroma_hnsw"] = q / batch_w[ch].qps
+            fig.setdefault("qps_vs_chroma", fig["qps_vs_chroma_hnsw"])
             fig["p50_vs_chroma"] = serial_w[il].pct_ms(50) / serial_w[ch].pct_ms(50)
         if mv in batch_w:
             fig["qps_vs_milvus_lite"] = q / batch_w[mv].qps
             fig["p50_vs_milvus_lite"] = serial_w[il].pct_ms(50) / serial_w[mv].pct_ms(50)
         if fa in batch_w:
-            fig["qps_vs_faiss"] = fig["qps_vs_faiss_hnsw"] = q / batch_w[fa].qps
+            fig["qps_vs_faiss"] = q / batch_w[fa].qps  # the same HNSW graph search, service vs in process
+            fig.setdefault("qps_vs_faiss_hnsw", fig["qps_vs_faiss"])
             fig["p50_overhead_ms"] = serial_w[il].pct_ms(50) - serial_w[fa].pct_ms(50)
             fig["p50_overhead_ms_stream"] = serial_w[il + "_stream"].pct_ms(50) - serial_w[fa].pct_ms(50)
         fig["ingest_vps"] = build[il]["ingest_vps"]
@@ -299,7 +372,10 @@ def report(
         k=K,
         m=args.m,
         ef_construction=args.ef_construction,
-        operating_points={n: {"ef_search": o["ef_search"], "recall_at_10": o["recall_at_10"]} for n, o in ops.items()},
+        operating_points={
+            n: {"ef_search": o["ef_search"], "params": o["params"], "recall_at_10": o["recall_at_10"]}
+            for n, o in ops.items()
+        },
         side_by_side={
             n: {
                 "qps_nq64": w.qps,
