@@ -5,19 +5,29 @@
 - deploy/Dockerfile: non-root user owning a data VOLUME, ``pip install .`` (not editable), torch
   pinned as in pyproject.toml, a HEALTHCHECK through the gRPC health service; its CLI calls
   parse with the real parser and its environment names are ones ``interlingua serve`` reads.
-- deploy/compose.yaml validates against the compose-spec schema that check-jsonschema ships;
-  images are pinned and the Grafana password comes from the environment, with no default.
+- deploy/compose.yaml and deploy/compose.milvus.yaml validate against the compose-spec schema that
+  check-jsonschema ships; images are pinned, passwords come from the environment with no default,
+  Prometheus scrapes every front-end. The milvus file's front-ends are built with EXTRAS=milvus (a
+  real extra holding pymilvus; the Dockerfile's ``pip install`` target is expanded by ``sh``), run
+  ``serve --backend milvus --milvus-uri ...`` as the real parser and config read it, each on its own
+  volume, once the Milvus standalone is healthy, which waits on etcd and MinIO in turn.
 - deploy/helm/interlingua renders with a small Go-template subset (:func:`render_chart`) and
   the manifests validate against the Kubernetes schemas of kubernetes-validate, strictly (no
   unknown fields), at the chart's oldest and the newest Kubernetes version it ships.
 - deploy/grafana/interlingua.json names only metrics that a running server exports.
+- deploy/k8s/MILVUS.md: its ``helm install`` lines for the chart set only keys the chart has and
+  render valid manifests whose environment ``interlingua serve`` reads as ``--backend milvus
+  --milvus-uri``; its image is the one its ``docker build`` makes; its NetworkPolicy is valid and
+  admits the front-ends to the Milvus port only.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -181,7 +191,8 @@ def test_dockerfile_installs_the_package_with_pinned_cpu_torch() -> None:
     assert f"torch=={args['TORCH_VERSION']}" == torch_pin
     assert args["TORCH_INDEX_URL"].endswith("/whl/cpu")
     runs = " ".join(rest for w, rest in build if w == "RUN")
-    assert re.search(r"pip install \.( |$)", runs) and "pip install -e" not in runs
+    assert re.search(r'pip install "\.\$\{EXTRAS:\+\[\$EXTRAS\]\}"( |$)', runs) and "pip install -e" not in runs
+    assert args["EXTRAS"] == '""'  # the package alone by default, as before the milvus extra
     assert '"torch==$TORCH_VERSION"' in runs
     # everything setup.py/pyproject.toml read is copied, and the context lets it through
     copied = {src for w, rest in build if w == "COPY" for src in rest.split()[:-1]}
@@ -210,62 +221,181 @@ def test_dockerfile_health_check_and_entrypoint_use_the_real_cli() -> None:
 
 # --- compose ----------------------------------------------------------------------------------
 
+#: deploy/compose.yaml (one embedded server) and deploy/compose.milvus.yaml (front-ends over Milvus)
+COMPOSE_FILES = ("compose.yaml", "compose.milvus.yaml")
+#: The Milvus address the milvus compose file's front-ends are given (issue 14's deploy layout)
+MILVUS_COMPOSE_URI = "http://milvus-standalone:19530"
 
-def _compose() -> dict[str, Any]:
-    doc: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+def _compose(name: str = "compose.yaml") -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((DEPLOY / name).read_text())
     return doc
+
+
+def _front_ends(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The services built from deploy/Dockerfile: Interlingua servers."""
+    return {n: s for n, s in doc["services"].items() if s.get("build", {}).get("dockerfile") == "deploy/Dockerfile"}
+
+
+def _final_stage_env() -> dict[str, str]:
+    *_, final = _stages(DEPLOY / "Dockerfile")
+    return _env(final)
 
 
 def test_every_yaml_file_parses() -> None:
     files = [*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")]
     templates = CHART / "templates"
-    assert len(files) >= 6
+    assert len(files) >= 8
     for f in files:
         if templates not in f.parents:  # templates are YAML only once rendered (below)
             list(yaml.safe_load_all(f.read_text()))
 
 
-def test_compose_matches_the_compose_spec() -> None:
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_compose_matches_the_compose_spec(name: str) -> None:
     schema = json.loads((resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json").read_text())
     validator = jsonschema.validators.validator_for(schema)(schema)
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(_compose())]
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(_compose(name))]
     assert not errors
     # the schema catches a misspelt key
-    broken = _compose()
+    broken = _compose(name)
     broken["services"]["grafana"]["enviroment"] = {}
     assert any("enviroment" in e.message for e in validator.iter_errors(broken))
 
 
-def test_compose_pins_images_and_takes_secrets_from_the_environment() -> None:
-    services = _compose()["services"]
-    for name, svc in services.items():
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_compose_pins_images_and_takes_secrets_from_the_environment(name: str) -> None:
+    services = _compose(name)["services"]
+    for svc_name, svc in services.items():
         image = svc["image"]
-        assert re.fullmatch(r"[\w./-]+:[\w.-]+(@sha256:[0-9a-f]{64})?", image), f"{name}: unpinned {image}"
-        assert not image.split("@")[0].endswith(":latest"), name
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+(@sha256:[0-9a-f]{64})?", image), f"{svc_name}: unpinned {image}"
+        assert not image.split("@")[0].endswith(":latest"), svc_name
         for key, value in svc.get("environment", {}).items():
             if re.search(r"PASSWORD|KEY|TOKEN|SECRET", key):  # never a literal in the file
-                assert re.fullmatch(r"\$\{\w+:[?-][^}]*\}", str(value)), f"{name}: {key}={value}"
+                assert re.fullmatch(r"\$\{\w+:[?-][^}]*\}", str(value)), f"{svc_name}: {key}={value}"
+            if re.search(r"PASSWORD|SECRET", key):  # and no default either: compose refuses to start
+                assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", str(value)), f"{svc_name}: {key}={value}"
     password = services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
     assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]+\}", password), "set from the environment, no default"
-    assert services["interlingua"]["image"].endswith(":" + _pyproject()["project"]["version"])
-    assert set(services["interlingua"].get("environment", {})) <= set(ENV_VARS) | OTHER_ENV
+    front_ends = _front_ends(_compose(name))
+    assert front_ends
+    version = _pyproject()["project"]["version"]
+    for svc in front_ends.values():
+        assert svc["image"] == f"interlingua:{version}" or svc["image"].startswith(f"interlingua:{version}-")
+        assert set(svc.get("environment", {})) <= set(ENV_VARS) | OTHER_ENV
 
 
-def test_compose_mounts_exist_and_prometheus_scrapes_the_metrics_port() -> None:
-    for svc in _compose()["services"].values():
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_compose_mounts_exist_and_prometheus_scrapes_the_metrics_port(name: str) -> None:
+    doc = _compose(name)
+    services = doc["services"]
+    for svc in services.values():
         for volume in svc.get("volumes", []):
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (DEPLOY / source).is_file(), volume
-    *_, final = _stages(DEPLOY / "Dockerfile")
-    metrics_port = _env(final)["INTERLINGUA_METRICS_PORT"]
-    prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
-    targets = [t for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
-    assert targets == [f"interlingua:{metrics_port}"]
-    grafana = _compose()["services"]["grafana"]
+            else:
+                assert source in doc["volumes"], f"named volume {source} not declared"
+    metrics_port = _final_stage_env()["INTERLINGUA_METRICS_PORT"]
+    (config,) = [
+        v.split(":")[0]
+        for v in services["prometheus"]["volumes"]
+        if v.split(":")[1] == "/etc/prometheus/prometheus.yml"
+    ]
+    prometheus = yaml.safe_load((DEPLOY / config).read_text())
+    jobs = {
+        job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
+        for job in prometheus["scrape_configs"]
+    }
+    assert sorted(jobs.pop("interlingua")) == sorted(f"{n}:{metrics_port}" for n in _front_ends(doc))
+    for targets in jobs.values():  # the others scrape services of the same file
+        assert all(t.split(":")[0] in services for t in targets), targets
+    grafana = services["grafana"]
     provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning.yaml").read_text())["providers"][0]
     dashboards = [v.split(":")[1] for v in grafana["volumes"] if v.startswith("./grafana/interlingua.json")]
     assert [str(Path(d).parent) for d in dashboards] == [provider["options"]["path"]]
+
+
+def check_uri(uri: str) -> str:
+    """The server's own check of a Milvus uri (``server/backends``, issue 14), imported here so that the
+    rest of this file does not depend on the milvus backend's modules."""
+    from interlingua.server.backends.milvus_schema import check_uri as server_check_uri
+
+    return server_check_uri(uri)
+
+
+def _host(address: str) -> str:
+    """The host of ``scheme://host:port`` or ``host:port``."""
+    return address.split("://")[-1].split(":")[0]
+
+
+def test_compose_milvus_front_ends_serve_on_the_milvus_standalone_once_it_is_healthy() -> None:
+    doc = _compose("compose.milvus.yaml")
+    services = doc["services"]
+    front_ends = _front_ends(doc)
+    assert len(front_ends) >= 2
+    milvus_name = _host(MILVUS_COMPOSE_URI)
+    *_, final = _stages(DEPLOY / "Dockerfile")
+    entry = json.loads(dict(final)["ENTRYPOINT"])
+    env = _final_stage_env()
+    extras = _pyproject()["project"]["optional-dependencies"]
+    data_volumes, host_ports = set(), set()
+    for name, svc in front_ends.items():
+        # the image holds the milvus extra: a build arg the Dockerfile declares, naming a real extra
+        (extra,) = svc["build"]["args"]["EXTRAS"].split(",")
+        assert "ARG EXTRAS=" in (DEPLOY / "Dockerfile").read_text()
+        assert any(d.startswith("pymilvus==") for d in extras[extra]), extras.get(extra)
+        # `interlingua serve --backend milvus --milvus-uri ...`, parsed by the real CLI and config
+        args = build_parser().parse_args([*entry[1:], *svc["command"]])
+        assert (args.command, args.backend, args.milvus_uri) == ("serve", "milvus", MILVUS_COMPOSE_URI), name
+        config = build_server_config(args, {})
+        assert (config.backend, config.milvus_uri) == ("milvus", MILVUS_COMPOSE_URI)
+        assert check_uri(config.milvus_uri) == MILVUS_COMPOSE_URI  # an address, not a Milvus Lite file
+        # started once Milvus answers its health check
+        assert svc["depends_on"][milvus_name] == {"condition": "service_healthy"}, name
+        # its own data volume (SQLite store: collection rows, spaces, routes, transforms) and port
+        (volume,) = svc["volumes"]
+        source, target = volume.split(":")
+        assert target == env["INTERLINGUA_DATA_DIR"] and source not in data_volumes
+        data_volumes.add(source)
+        (port,) = svc["ports"]
+        host, container = port.rsplit(":", 1)
+        assert container == env["INTERLINGUA_PORT"] and host.startswith("127.0.0.1:") and host not in host_ports
+        host_ports.add(host)
+    milvus = services[milvus_name]
+    assert re.fullmatch(r"milvusdb/milvus:v\d+\.\d+\.\d+", milvus["image"])
+    assert milvus["command"] == ["milvus", "run", "standalone"]
+    assert "ports" not in milvus  # no authentication: reachable on the compose network only
+    assert ":9091/healthz" in " ".join(milvus["healthcheck"]["test"])
+    # Milvus finds etcd and MinIO by service name, with MinIO's own credentials, once they are healthy
+    menv = milvus["environment"]
+    etcd, minio = _host(menv["ETCD_ENDPOINTS"]), _host(menv["MINIO_ADDRESS"])
+    assert menv["MINIO_ACCESS_KEY_ID"] == services[minio]["environment"]["MINIO_ROOT_USER"]
+    assert menv["MINIO_SECRET_ACCESS_KEY"] == services[minio]["environment"]["MINIO_ROOT_PASSWORD"]
+    assert milvus["depends_on"] == {etcd: {"condition": "service_healthy"}, minio: {"condition": "service_healthy"}}
+    for svc in services.values():  # a service others wait on being healthy has a health check
+        depends = svc.get("depends_on", {})
+        for dep in depends if isinstance(depends, dict) else []:
+            if depends[dep].get("condition") == "service_healthy":
+                assert "healthcheck" in services[dep], dep
+    # Prometheus scrapes Milvus on the port of its health check too
+    prometheus = yaml.safe_load((DEPLOY / "prometheus.milvus.yml").read_text())
+    milvus_job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "milvus")
+    assert milvus_job["static_configs"][0]["targets"] == [f"{milvus_name}:9091"]
+
+
+@pytest.mark.parametrize(("extras", "target"), [(None, "."), ("milvus", ".[milvus]")])
+def test_dockerfile_extras_arg_expands_to_the_pip_install_target(extras: str | None, target: str) -> None:
+    """The build stage's ``pip install`` argument, expanded by a POSIX shell as RUN does."""
+    build, _final = _stages(DEPLOY / "Dockerfile")
+    args = dict(rest.split("=", 1) for w, rest in build if w == "ARG")
+    value = args["EXTRAS"].strip('"') if extras is None else extras  # None: the Dockerfile's default
+    runs = " ".join(rest for w, rest in build if w == "RUN")
+    (argument,) = re.findall(r'pip install ("\.[^"]*")', runs)
+    out = subprocess.run(
+        ["sh", "-c", f"printf %s {argument}"], env={"EXTRAS": value}, capture_output=True, text=True, check=True
+    )
+    assert out.stdout == target
 
 
 # --- Helm chart: a Go-template subset, rendered and validated ----------------------------------
@@ -286,6 +416,7 @@ _FUNCS: dict[str, Any] = {
     "quote": lambda v: json.dumps(v if isinstance(v, str) else _scalar(v)),
     "default": lambda fallback, v: v if _truthy(v) else fallback,
     "not": lambda v: not _truthy(v),
+    "eq": lambda a, b: a == b,
     "sha256sum": lambda s: hashlib.sha256(s.encode()).hexdigest(),
     "toYaml": _to_yaml,
     "indent": lambda n, s: "\n".join(" " * n + line for line in s.split("\n")),
@@ -417,6 +548,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "serverConfig": "workers = 8\nmin_retention = 0.75\n",
         "serviceMonitor": {"enabled": True, "authorization": {"secretName": "scrape", "key": "api-key"}},
     },
+    # the front-end over a Milvus cluster (deploy/k8s/MILVUS.md): the proxy Service of release "vdb"
+    "milvus": {"backend": "milvus", "milvus": {"uri": "http://vdb-milvus:19530"}, "image": {"tag": "0.1.0-milvus"}},
 }
 
 
@@ -509,6 +642,7 @@ def test_renderer_follows_go_template_trims_and_refuses_the_unknown() -> None:
     )
     assert _render("m:\n  {{- toYaml .Values.m | nindent 2 }}\n", ctx) == "m:\n  x: y\n"
     assert _render('{{ .Values.s | default "d" }}', ctx) == "d"
+    assert _render('{{ if eq .Values.s "" }}e{{ else }}n{{ end }}{{ if eq .Values.a.b 2 }}!{{ end }}', ctx) == "e"
     with pytest.raises(KeyError):
         _render("{{ .Values.a.c }}", ctx)
     with pytest.raises(ValueError, match="subset"):
@@ -633,3 +767,126 @@ def test_chart_restarts_the_pod_when_the_config_changes_and_shows_no_key_hash() 
     assert annotations(VALUE_SETS["config"]) != annotations({}) == annotations({"image": {"tag": "x"}})
     key = VALUE_SETS["api key"]["auth"]["apiKey"]
     assert hashlib.sha256(key.encode()).hexdigest() not in json.dumps(annotations(VALUE_SETS["api key"]))
+
+
+# --- the milvus backend on Kubernetes: the chart's values and deploy/k8s/MILVUS.md -------------
+
+MILVUS_NOTES = DEPLOY / "k8s" / "MILVUS.md"
+
+
+def _container_env(sts: dict[str, Any]) -> dict[str, str]:
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+def test_chart_milvus_backend_sets_what_serve_reads_and_probes_liveness_over_tcp() -> None:
+    (sts,) = _by_kind(render_chart(VALUE_SETS["milvus"]))["StatefulSet"]
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    env = _container_env(sts)
+    assert set(env) <= set(ENV_VARS) | OTHER_ENV
+    # what `interlingua serve` makes of the pod's environment: the same as --backend/--milvus-uri
+    config = build_server_config(build_parser().parse_args(["serve"]), env)
+    assert (config.backend, config.milvus_uri) == ("milvus", "http://vdb-milvus:19530")
+    flags = build_parser().parse_args(["serve", "--backend", "milvus", "--milvus-uri", "http://vdb-milvus:19530"])
+    assert build_server_config(flags, {}).milvus_uri == config.milvus_uri
+    grpc_port = int(env["INTERLINGUA_PORT"])
+    # NOT_SERVING while Milvus is unreachable: out of the Service (readiness), not restarted (liveness)
+    assert container["livenessProbe"]["tcpSocket"] == {"port": grpc_port} and "grpc" not in container["livenessProbe"]
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["grpc"] == {"port": grpc_port}, probe
+    assert sts["spec"]["replicas"] == 1  # a collection belongs to one front-end
+    # the defaults leave the server's own default (or serverConfig's `backend`) alone
+    (plain,) = _by_kind(render_chart())["StatefulSet"]
+    assert not {"INTERLINGUA_BACKEND", "INTERLINGUA_MILVUS_URI"} & set(_container_env(plain))
+    (plain_container,) = plain["spec"]["template"]["spec"]["containers"]
+    assert plain_container["livenessProbe"]["grpc"] == {"port": grpc_port}
+
+
+def _shell_commands(markdown: str) -> list[list[str]]:
+    """The commands of the ```sh blocks, continuation lines joined, comments dropped, split as sh."""
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", markdown, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(words)
+    return commands
+
+
+def _set_values(words: list[str]) -> dict[str, Any]:
+    """``--set a.b=c`` options as helm nests them (strings only: the notes set no numbers)."""
+    values: dict[str, Any] = {}
+    for flag, assignment in itertools.pairwise(words):
+        if flag == "--set":
+            key, _, value = assignment.partition("=")
+            *path, last = key.split(".")
+            node = values
+            for part in path:
+                node = node.setdefault(part, {})
+            node[last] = value
+    return values
+
+
+def _keys(values: dict[str, Any], prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in values.items():
+        out |= _keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}"}
+    return out
+
+
+def test_milvus_notes_commands_match_the_chart_the_dockerfile_and_the_cli() -> None:
+    notes = MILVUS_NOTES.read_text()
+    commands = _shell_commands(notes)
+    installs = [c for c in commands if c[:2] == ["helm", "install"] and c[3] == "deploy/helm/interlingua"]
+    builds = [c for c in commands if c[:2] == ["docker", "build"]]
+    assert installs and len(builds) == 1
+    (build,) = builds
+    assert build[build.index("-f") + 1] == "deploy/Dockerfile" and build[-1] == "."
+    build_arg = build[build.index("--build-arg") + 1]
+    assert build_arg == "EXTRAS=milvus"
+    assert f"ARG {build_arg.split('=')[0]}=" in (DEPLOY / "Dockerfile").read_text()
+    image = build[build.index("-t") + 1]
+    chart_keys = _keys(yaml.safe_load((CHART / "values.yaml").read_text()))
+    for words in installs:
+        values = _set_values(words)
+        assert _keys(values) <= chart_keys, _keys(values) - chart_keys  # no key the chart ignores
+        docs = _by_kind(render_chart(values, release=words[2]))
+        for doc in (d for ds in docs.values() for d in ds):
+            kubernetes_validate.validate(doc, kubernetes_validate.utils.latest_version(), strict=True)
+        (sts,) = docs["StatefulSet"]
+        (container,) = sts["spec"]["template"]["spec"]["containers"]
+        assert container["image"] == image  # the image the notes build
+        config = build_server_config(build_parser().parse_args(["serve"]), _container_env(sts))
+        assert config.backend == "milvus" and check_uri(config.milvus_uri) == config.milvus_uri
+        # the notes' equivalent flags are real `serve` flags with the same effect
+        flags = f"--backend milvus --milvus-uri {config.milvus_uri}"
+        assert f"`{flags}`" in notes
+        parsed = build_server_config(build_parser().parse_args(["serve", *flags.split()]), {})
+        assert (parsed.backend, parsed.milvus_uri) == (config.backend, config.milvus_uri)
+        # the Milvus release the notes install, its proxy Service (<release>-milvus) on 19530
+        (milvus_install,) = [c for c in commands if c[:2] == ["helm", "install"] and c[3] == "zilliztech/milvus"]
+        assert _set_values(milvus_install)["cluster"]["enabled"] == "true"
+        assert config.milvus_uri == f"http://{milvus_install[2]}-milvus:19530"
+
+
+def test_milvus_notes_network_policy_admits_the_front_ends_to_the_milvus_port() -> None:
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", MILVUS_NOTES.read_text(), re.S)]
+    (policy,) = [b for b in blocks if isinstance(b, dict) and b.get("kind") == "NetworkPolicy"]
+    kubernetes_validate.validate(policy, kubernetes_validate.utils.latest_version(), strict=True)
+    uri = VALUE_SETS["milvus"]["milvus"]["uri"]
+    (sts,) = _by_kind(render_chart(VALUE_SETS["milvus"]))["StatefulSet"]
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    admitted = [
+        rule
+        for rule in policy["spec"]["ingress"]
+        for peer in rule["from"]
+        if peer["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    ]
+    assert [[p["port"] for p in rule["ports"]] for rule in admitted] == [[int(uri.rsplit(":", 1)[1])]]
+    # the proxy pods it guards belong to the release the URI names (<release>-milvus)
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    assert selected["component"] == "proxy" and f"{selected['app.kubernetes.io/instance']}-milvus" == _host(uri)
+    # the replica settings shown are YAML the Milvus chart takes (user.yaml holds a Milvus config)
+    (replicas,) = [b for b in blocks if isinstance(b, dict) and "extraConfigFiles" in b]
+    user = yaml.safe_load(replicas["extraConfigFiles"]["user.yaml"])
+    assert user["queryCoord"]["clusterLevelLoadReplicaNumber"] <= replicas["queryNode"]["replicas"]
