@@ -11,9 +11,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# Installs the package (editable) with its pinned dependencies, test, lint and codegen extras.
+# Installs the package (editable) with its pinned dependencies, test, lint, codegen and milvus extras
+# (the milvus backend's tests run on Milvus Lite).
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install --quiet -e '.[test,dev,codegen]'
+	$(PIP) install --quiet -e '.[test,dev,codegen,milvus]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -46,7 +47,7 @@ proto-check: $(STAMP)
 # The benchmarks' own extra (plots, Chroma, Milvus Lite): installed here, never by run/test.
 BENCH_STAMP := $(VENV)/.installed-bench
 $(BENCH_STAMP): pyproject.toml $(STAMP)
-	$(PIP) install --quiet -e '.[test,dev,codegen,bench]'
+	$(PIP) install --quiet -e '.[test,dev,codegen,milvus,bench]'
 	touch $(BENCH_STAMP)
 
 DATA ?= ../shared/data/debdesc

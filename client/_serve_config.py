@@ -38,6 +38,8 @@ ENV_VARS = {
     "INTERLINGUA_API_KEY": "api_key",
     "INTERLINGUA_WORKERS": "workers",
     "INTERLINGUA_DEVICE": "device",
+    "INTERLINGUA_BACKEND": "backend",
+    "INTERLINGUA_MILVUS_URI": "milvus_uri",
     "INTERLINGUA_METRICS_AUTH": "metrics_auth",
     "INTERLINGUA_MIN_RETENTION": "min_retention",
     "INTERLINGUA_MAX_NEGATIVE_FLIP_RATE": "max_negative_flip_rate",
@@ -191,7 +193,18 @@ def build_server_config(args: argparse.Namespace, environ: Mapping[str, str] | N
         for var, name in env_vars.items():
             if env.get(var):
                 table[name] = _coerce(name, env[var], table_defaults[name], var, text=True)
-    flags = ("data_dir", "host", "port", "metrics_port", "api_key", "workers", "omp_threads", "device")
+    flags = (
+        "data_dir",
+        "host",
+        "port",
+        "metrics_port",
+        "api_key",
+        "workers",
+        "omp_threads",
+        "device",
+        "backend",
+        "milvus_uri",
+    )
     for name in (*flags, "min_retention", "max_negative_flip_rate", "require_ecc"):
         flag = getattr(args, name, None)
         if flag is not None:

@@ -170,6 +170,8 @@ class CollectionInfo:
     target_recall: float = 0.0  #: index_spec "auto": the Recall@10 target (0 otherwise)
     operating_point: OperatingPoint | None = None  #: index_spec "auto": the advisor's choice (None until chosen)
     advisor_status: str = ""  #: index_spec "auto": where the advisor stands
+    backend: str = "embedded"  #: where the points and search live: "embedded" or "milvus"
+    backend_uri: str = ""  #: "milvus": the engine's address or Milvus Lite file
 
     @classmethod
     def from_proto(cls, msg: collections_pb2.CollectionInfo) -> CollectionInfo:
@@ -199,6 +201,8 @@ class CollectionInfo:
             target_recall=msg.target_recall,
             operating_point=OperatingPoint.from_proto(msg.operating_point) if msg.HasField("operating_point") else None,
             advisor_status=msg.advisor_status,
+            backend=msg.backend or "embedded",
+            backend_uri=msg.backend_uri,
         )
 
 

@@ -2,7 +2,8 @@
 
 The standard ``grpc.health.v1`` service reports NOT_SERVING while the engine
 loads and recovers (which runs in the background after :meth:`Server.start`)
-and while it drains, SERVING in between; every other RPC answers UNAVAILABLE
+and while it drains, and while a Milvus engine that ``milvus`` collections use is
+unreachable (``server/backends``), SERVING otherwise; every other RPC answers UNAVAILABLE
 until then. Server reflection is on, so ``grpcurl list`` works.
 
 Interceptors, outermost first: the gate (``gate.py``: API key, role, rate limit,
@@ -146,9 +147,9 @@ class Server:
         return self.keyring.lookup(key) is not None
 
     def _on_state(self, state: Lifecycle) -> None:
-        status = (
+        status = (  # NOT_SERVING too while a Milvus engine in use is unreachable (server/backends)
             health_pb2.HealthCheckResponse.SERVING
-            if state is Lifecycle.SERVING
+            if state is Lifecycle.SERVING and self.engine.milvus.reachable()
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for name in ("", *SERVICE_NAMES):

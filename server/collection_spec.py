@@ -49,6 +49,15 @@ class CollectionSpec:
     ef_construction: int = 0  #: HNSW efConstruction (0: FAISS's default, 40)
     target_recall: float = 0.0  #: ``auto`` collections: the Recall@10 the advisor's choice must reach (0: none)
     operating_point: str = ""  #: ``auto`` collections: the advisor's chosen point, JSON ("": not chosen yet)
+    #: where the points and the ANN search live: "embedded" (SQLite + FAISS) or "milvus"
+    #: (``server/backends``); "" in a request is the server's default, resolved before it is stored
+    backend: str = ""
+    backend_uri: str = ""  #: ``milvus``: the engine's address or Milvus Lite file, as resolved
+
+    @property
+    def on_milvus(self) -> bool:
+        """True when a Milvus engine holds the collection's points (``server/backends/milvus.py``)."""
+        return self.backend == "milvus"
 
     @property
     def auto(self) -> bool:

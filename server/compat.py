@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .collection import Collection
+from .backends.base import AnyCollection
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .fit_jobs import FitJobs, TransformRecord
 from .fit_limits import check_steps
@@ -175,7 +175,7 @@ class Compat:
             raise FailedPrecondition(f"transform {name!r} is {rec.state}, not fitting: there is no fit to cancel")
         return rec
 
-    def users(self, name: str, collections: Iterable[Collection]) -> list[str]:
+    def users(self, name: str, collections: Iterable[AnyCollection]) -> list[str]:
         """What uses transform ``name``: live routes, shadows, chains and collection bases, one phrase each."""
         out = []
         for col in collections:
@@ -191,7 +191,7 @@ class Compat:
                 out.append(f"chain {rec.name!r}")
         return out
 
-    def delete(self, name: str, collections: Iterable[Collection]) -> TransformRecord:
+    def delete(self, name: str, collections: Iterable[AnyCollection]) -> TransformRecord:
         """Removes ``name`` (any state; a fit is cancelled first) from the registry and the store;
         FailedPrecondition naming its users while anything uses it. The caller holds the lock that
         serializes collection creation, so no new collection can take it as a basis meanwhile."""

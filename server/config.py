@@ -15,12 +15,14 @@ from pathlib import Path
 from .activation import GatePolicy
 from .device import Device
 
-__all__ = ["ROLES", "ApiKey", "Limits", "RateLimit", "ServerConfig", "TLSConfig"]
+__all__ = ["BACKENDS", "ROLES", "ApiKey", "Limits", "RateLimit", "ServerConfig", "TLSConfig"]
 
 #: Roles of an API key, each including the ones before it: ``read`` searches and gets points,
 #: collections, spaces, transforms and routes; ``write`` also upserts and deletes points; ``admin``
 #: also registers spaces, creates and deletes collections, fits transforms and changes routes.
 ROLES = ("read", "write", "admin")
+#: storage and search backends of a collection (``server/backends``); the first is the default
+BACKENDS = ("embedded", "milvus")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -147,8 +149,22 @@ class ServerConfig:
     #: the pause between steps, so a forward upgrade of a big gallery yields to searches and writes
     forward_batch: int = 1024
     forward_pause_seconds: float = 0.0
+    #: where a new collection's points and ANN search live when CreateCollection names no backend:
+    #: "embedded" (SQLite + FAISS in this process) or "milvus" (a Milvus engine, ``server/backends``)
+    backend: str = "embedded"
+    #: the Milvus engine of ``milvus`` collections that name none: a cluster address
+    #: (``http://host:19530``) or a Milvus Lite file; "" is ``<data_dir>/milvus.db`` (Milvus Lite)
+    milvus_uri: str = ""
+    #: longest wait for one Milvus call (pymilvus retries within it); past it the call is UNAVAILABLE
+    milvus_timeout_seconds: float = 10.0
+    #: how often the health monitor pings each Milvus engine in use (NOT_SERVING while one is down)
+    milvus_check_seconds: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.milvus_timeout_seconds <= 0 or self.milvus_check_seconds <= 0:
+            raise ValueError("milvus_timeout_seconds and milvus_check_seconds must be > 0")
         if self.forward_batch < 1 or self.forward_pause_seconds < 0:
             raise ValueError("forward_batch must be >= 1 and forward_pause_seconds >= 0")
         Device.parse(self.device)  # ValueError for a malformed device; its GPU is checked at start

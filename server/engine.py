@@ -14,9 +14,11 @@ and ``tests/test_pipeline.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -24,10 +26,13 @@ import numpy as np
 
 from . import advisor, pipeline
 from . import validate as v
+from .backends.base import AnyCollection
+from .backends.milvus import MilvusCollection
+from .backends.milvus_schema import check_uri, parse_index, require_pymilvus
 from .collection import Collection, PointRecord
 from .collection_spec import CollectionSpec
 from .compat import TransformRecord
-from .config import ServerConfig
+from .config import BACKENDS, ServerConfig
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .lifecycle import EngineLifecycle, Lifecycle, lower_priority
 from .metrics import Metrics
@@ -35,7 +40,7 @@ from .migration.runtime import Migration
 from .migration.search import search as migration_search
 from .pipeline import SearchParams
 from .routes import IDENTITY, Route
-from .store import SpaceRow
+from .store import CollectionRow, SpaceRow, Store
 
 #: Lifecycle: re-exported from lifecycle.py
 __all__ = ["Engine", "Lifecycle", "SearchResult"]
@@ -88,12 +93,15 @@ class Engine(EngineLifecycle):
 
     # -- collections ---------------------------------------------------------------------------
 
-    def create_collection(self, spec: CollectionSpec) -> Collection:
+    def create_collection(self, spec: CollectionSpec) -> AnyCollection:
         """Creates the collection of ``spec`` (as the servicer built it from the request) once every
-        field is checked: the name, the home space, the basis transform, then the spec's own checks."""
+        field is checked: the name, the home space, the backend, the basis transform, then the spec's own checks."""
         store = self._ready()
         v.check_collection_name(spec.name)
         home = self.get_space(spec.home_space)
+        spec = self._backend(spec)
+        if spec.on_milvus:
+            return self._create_milvus(spec, home, store)
         if spec.basis_transform:
             self._basis(spec.basis_transform, home)  # checked again under the lock: DeleteTransform takes it too
         spec = spec.checked(home, self.limits)
@@ -106,6 +114,60 @@ class Engine(EngineLifecycle):
             col = Collection(row, home, store, self._folder(row.cid), self.metrics, fn, report, device=self.device)
             col.recover()
             self.collections[spec.name] = col
+        return col
+
+    def _backend(self, spec: CollectionSpec) -> CollectionSpec:
+        """``spec`` with its backend and uri resolved (the server's defaults for ""), checked."""
+        backend = spec.backend or self.config.backend
+        if backend not in BACKENDS:
+            raise InvalidArgument(f"backend {spec.backend!r} is not one of {', '.join(BACKENDS)}")
+        if backend == "embedded":
+            if spec.backend_uri:
+                raise InvalidArgument("backend_uri applies to the milvus backend; this collection is embedded")
+            return dataclasses.replace(spec, backend=backend)
+        for feature, used in (
+            ("Matryoshka prefix_dims", spec.prefix_dims),
+            ("basis_transform", spec.basis_transform),
+            ("index_spec 'auto' (the index advisor)", spec.auto),
+        ):
+            if used:
+                raise FailedPrecondition(f"the milvus backend does not support {feature} yet; use backend 'embedded'")
+        if spec.train_min_points:
+            raise InvalidArgument("train_min_points applies to the embedded backend; Milvus trains its own indexes")
+        uri = spec.backend_uri or self.config.milvus_uri or str(Path(self.config.data_dir) / "milvus.db")
+        return dataclasses.replace(spec, backend=backend, backend_uri=check_uri(uri))
+
+    def _create_milvus(self, spec: CollectionSpec, home: SpaceRow, store: Store) -> MilvusCollection:
+        """A ``milvus`` collection: the index spec mapped (INVALID_ARGUMENT), pymilvus present
+        (FAILED_PRECONDITION), the engine's collection created with one vector field per space registered
+        now, then the row; the engine's collection is dropped again if the row cannot be written."""
+        parse_index(spec.index_spec.strip() or "Flat", spec.ef_construction)  # the supported specs, named
+        spec = spec.checked(home, self.limits)
+        require_pymilvus()
+        with self._ddl_lock, self._registry_lock:
+            if spec.name in self.collections:
+                raise AlreadyExists(f"collection {spec.name!r} already exists")
+            spaces = [home, *sorted((s for s in self.spaces.values() if s.name != home.name), key=lambda s: s.name)]
+            row = CollectionRow(0, dataclasses.replace(spec, train_min_points=0), time.time(), 0, 0)
+            probe = MilvusCollection(row, home, self.spaces, store, self.milvus, self.metrics)
+            probe.create(spaces)
+            try:
+                row = store.add_collection(row.spec)
+            except BaseException:
+                probe.drop_engine_side()
+                raise
+            col = MilvusCollection(row, home, self.spaces, store, self.milvus, self.metrics)
+            col.fields, col.counts = probe.fields, {}
+            self.collections[spec.name] = col
+        return col
+
+    def embedded_collection(self, name: str, feature: str) -> Collection:
+        """Collection ``name`` on the embedded backend; FAILED_PRECONDITION naming ``feature`` on another."""
+        col = self.collection(name)
+        if not isinstance(col, Collection):
+            raise FailedPrecondition(
+                f"collection {name!r} is on the {col.backend} backend, which does not support {feature} yet"
+            )
         return col
 
     def _basis(self, name: str, home: SpaceRow) -> tuple[Any, dict[str, Any]]:
@@ -130,14 +192,14 @@ class Engine(EngineLifecycle):
                 raise FailedPrecondition(f"transform {name!r} is in use by {', '.join(users)}; stop those first")
             return compat.delete(name, list(self.collections.values()))
 
-    def collection(self, name: str) -> Collection:
+    def collection(self, name: str) -> AnyCollection:
         self._ready()
         col = self.collections.get(name)
         if col is None:
             raise NotFound(f"collection {name!r} does not exist")
         return col
 
-    def list_collections(self) -> list[Collection]:
+    def list_collections(self) -> list[AnyCollection]:
         self._ready()
         return sorted(self.collections.values(), key=lambda c: c.name)
 
@@ -170,7 +232,7 @@ class Engine(EngineLifecycle):
     ) -> advisor.Recommendation:
         """The index advisor on a collection (``advisor.py``): checked here, run on a worker thread
         with the maintenance thread's OpenMP threads and priority, one run at a time."""
-        col = self.collection(collection)
+        col = self.embedded_collection(collection, "RecommendIndex")
         k, specs = advisor.check_request(col, self.limits, target_recall, k, candidates)
         if num_queries > self.limits.max_nq:  # held-out queries are read and searched like given ones
             raise InvalidArgument(f"num_queries is {num_queries}; it must be at most max_nq={self.limits.max_nq}")

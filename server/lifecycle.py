@@ -25,6 +25,10 @@ from typing import IO
 import faiss
 
 from .activation import GatePolicy
+from .backends.base import AnyCollection
+from .backends.milvus import MilvusCollection
+from .backends.milvus_engines import MilvusEngines
+from .backends.milvus_schema import check_uri, require_pymilvus
 from .collection import Collection
 from .compat import Compat
 from .config import ServerConfig
@@ -83,11 +87,17 @@ class EngineLifecycle:
         self.device = Device.parse(config.device)  #: shared by every collection: one GPU, one lock
         self.device.omp_threads = config.omp_threads  # the CPU search thread's OpenMP team
         self.device.check_available()  # a GPU asked for but absent fails the start, not the first search
+        if config.backend == "milvus":  # `serve --backend milvus` without the extra exits with the install hint
+            require_pymilvus()
+        if config.milvus_uri:
+            check_uri(config.milvus_uri)
         self.state = Lifecycle.LOADING
         self.on_state: list[Callable[[Lifecycle], None]] = []
         self.store: Store | None = None
         self.spaces: dict[str, SpaceRow] = {}
-        self.collections: dict[str, Collection] = {}
+        self.collections: dict[str, AnyCollection] = {}
+        #: the Milvus engines of ``milvus`` collections (``server/backends``): clients, errors, health
+        self.milvus = MilvusEngines(config.milvus_timeout_seconds, config.milvus_check_seconds, self._health_changed)
         self._registry_lock = threading.Lock()
         #: serializes CreateCollection and DeleteCollection as a whole: a create of a name being
         #: dropped once hit the store's unique constraint (sqlite3.IntegrityError -> INTERNAL)
@@ -108,6 +118,15 @@ class EngineLifecycle:
         for fn in self.on_state:
             fn(state)
 
+    def _health_changed(self) -> None:
+        """A Milvus engine went down or came back: the health service re-reads :meth:`healthy`."""
+        for fn in self.on_state:
+            fn(self.state)
+
+    def healthy(self) -> bool:
+        """SERVING and every Milvus engine in use reachable: what the health service reports as SERVING."""
+        return self.state is Lifecycle.SERVING and self.milvus.reachable()
+
     def open(self) -> None:
         """Opens the store and recovers every collection, then serves. Idempotent per engine."""
         start = time.perf_counter()
@@ -127,6 +146,11 @@ class EngineLifecycle:
         for row in self.store.collections():
             spec = row.spec
             home, folder = self.spaces[spec.home_space], self._folder(row.cid)
+            if spec.on_milvus:  # attaches to its Milvus collection; the engine is reached on first use
+                self.collections[spec.name] = MilvusCollection(
+                    row, home, self.spaces, self.store, self.milvus, self.metrics
+                )
+                continue
             try:
                 basis = self.compat.get(spec.basis_transform).fn if spec.basis_transform else None
                 col = Collection(row, home, self.store, folder, self.metrics, basis, device=self.device)
@@ -182,6 +206,7 @@ class EngineLifecycle:
             except Exception:  # shutting down: the store is the source of truth anyway
                 log.exception("final merge of %s failed", col.name)
         self.device.close()
+        self.milvus.close()
         if self.store is not None:
             self.store.close()
         if self._dir_lock is not None:
@@ -207,7 +232,7 @@ class EngineLifecycle:
                 except Exception:
                     log.exception("maintenance of collection %s failed; will retry", col.name)
 
-    def _maintained(self) -> list[Collection]:
+    def _maintained(self) -> list[AnyCollection]:
         """Every collection the maintenance thread merges: the users' and the migrations' companions."""
         extra = self.migrations.all_collections() if self.migrations is not None else []
         return [*self.collections.values(), *extra]

@@ -28,7 +28,7 @@ from .metrics import Metrics
 from .store import RouteRow, Store
 
 if TYPE_CHECKING:
-    from .collection import Collection
+    from .backends.base import AnyCollection
     from .compat import Compat
 
 __all__ = ["IDENTITY", "Route", "Routes", "Shadow", "resolve"]
@@ -87,7 +87,7 @@ class Routes:
         #: the registry's lock: a route change and a transform's deletion exclude each other (searches never take it)
         self._lock = registry.lock
 
-    def load(self, collections: Mapping[str, Collection]) -> None:
+    def load(self, collections: Mapping[str, AnyCollection]) -> None:
         """Puts every live route back into its collection's routing table."""
         for col in collections.values():
             live: dict[str, Route] = {}
@@ -98,7 +98,9 @@ class Routes:
             for qs, route in live.items():
                 self.metrics.route_active.labels(col.name, qs, route.transform).set(1)
 
-    def _route(self, col: Collection, query_space: str, transform: str, shadow: str = "", rate: float = 0.0) -> Route:
+    def _route(
+        self, col: AnyCollection, query_space: str, transform: str, shadow: str = "", rate: float = 0.0
+    ) -> Route:
         fn, known = self.registry.get(transform).fn, self.registry.transforms
         sh = Shadow(shadow, self.registry.get(shadow).fn, rate) if shadow and shadow in known else None
         return Route(query_space, col.home.name, transform, fn, sh)
@@ -107,7 +109,7 @@ class Routes:
         rec = self.registry.transforms.get(name)
         return rec is not None and rec.state == "ready"
 
-    def activate(self, col: Collection, name: str, force: bool, policy: GatePolicy | None = None) -> Route:
+    def activate(self, col: AnyCollection, name: str, force: bool, policy: GatePolicy | None = None) -> Route:
         """Makes ``name`` the live route of its source space, gated by ``policy`` (default: the
         server's) unless ``force``; FailedPrecondition quotes each failing figure against its threshold."""
         rec = self.registry.get(name)
@@ -138,7 +140,7 @@ class Routes:
         self.metrics.route_active.labels(col.name, rec.source, name).set(1)
         return route
 
-    def rollback(self, col: Collection, query_space: str) -> Route | None:
+    def rollback(self, col: AnyCollection, query_space: str) -> Route | None:
         """Restores the route active before the current one, skipping deleted transforms; returns it (None:
         the route is removed)."""
         with self._lock:
@@ -163,18 +165,18 @@ class Routes:
             self.metrics.route_active.labels(col.name, query_space, route.transform).set(1)
         return route
 
-    def history(self, col: Collection) -> list[RouteRow]:
+    def history(self, col: AnyCollection) -> list[RouteRow]:
         """Every route version of a collection, newest first."""
         return self.store.routes(col.row.cid)
 
-    def live_row(self, col: Collection, query_space: str) -> RouteRow | None:
+    def live_row(self, col: AnyCollection, query_space: str) -> RouteRow | None:
         """The stored row of the live route from ``query_space`` (None when there is none)."""
         return next(
             (r for r in self.history(col) if r.query_space == query_space and r.deactivated_at == 0 and r.transform),
             None,
         )
 
-    def set_shadow(self, col: Collection, query_space: str, name: str, rate: float) -> Route:
+    def set_shadow(self, col: AnyCollection, query_space: str, name: str, rate: float) -> Route:
         """Mirrors a ``rate`` fraction (0: all) of the route's queries to ``name`` ("" stops it)."""
         if not 0 <= rate <= 1:
             raise InvalidArgument(f"sample_rate is {rate}; it must be in [0, 1]")

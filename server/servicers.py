@@ -130,7 +130,8 @@ def milvus_collection_pb(c: MilvusCollection) -> cpb.CollectionInfo:
         state=STATE_TO_PB[c.state()],
         num_points=c.num_points(),
         vectors_per_space=counts,
-        indexed_vectors=counts.get(c.home.name, 0),
+        indexed_vectors=max(0, counts.get(c.home.name, 0) - c.unflushed),
+        fresh_vectors=min(c.unflushed, counts.get(c.home.name, 0)),  # written since the last flush
         last_sequence=c.last_sequence,
         created_at=c.row.created_at,
         prefix_dims=c.home.dim,

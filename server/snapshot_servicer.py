@@ -56,7 +56,14 @@ class SnapshotServicer(sngrpc.SnapshotServiceServicer):
 
     @rpc
     def CreateSnapshot(self, request: snpb.CreateSnapshotRequest, context: grpc.ServicerContext) -> snpb.SnapshotInfo:
-        return snapshot_pb(self._ready().create(request.name))
+        snapshots = self._ready()
+        on_milvus = sorted(c.name for c in self.engine.collections.values() if c.row.spec.on_milvus)
+        if on_milvus:  # their points are in the engine: a copy of the store would hold none of them
+            raise FailedPrecondition(
+                f"the milvus backend does not support snapshots yet: collection(s) {', '.join(on_milvus[:5])} keep"
+                " their points in a Milvus engine; back that up with Milvus' own tools"
+            )
+        return snapshot_pb(snapshots.create(request.name))
 
     @rpc
     def ListSnapshots(

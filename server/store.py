@@ -123,6 +123,13 @@ class Store(RegistryTables, MigrationTables):
                 self._w.execute(f"DELETE FROM {table} WHERE cid=?", (cid,))
         return seq
 
+    def stamp(self, cid: int) -> int:
+        """One durable transaction that only takes the next sequence number as collection ``cid``'s
+        last write: a ``milvus`` collection's writes carry it (their points live in the engine)."""
+        with self._tx() as seq:
+            self._w.execute("UPDATE collections SET last_sequence=? WHERE cid=?", (seq, cid))
+        return seq
+
     def upsert(
         self,
         cid: int,

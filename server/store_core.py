@@ -64,12 +64,15 @@ CREATE TABLE IF NOT EXISTS migrations (cid INTEGER PRIMARY KEY, record TEXT NOT 
 
 #: (table, column, declaration) added after the first release (see StoreCore._migrate); ``vectors.projected``
 #: marks a migration's forward projections (``server/migration``), 0 for vectors a client wrote;
-#: ``collections.target_recall`` and ``operating_point`` hold an ``auto`` collection's target and choice
+#: ``collections.target_recall`` and ``operating_point`` hold an ``auto`` collection's target and choice;
+#: ``collections.backend`` and ``backend_uri`` where its points and search live (``server/backends``)
 _ADDED_COLUMNS = (
     ("collections", "ef_construction", "INTEGER NOT NULL DEFAULT 0"),
     ("vectors", "projected", "INTEGER NOT NULL DEFAULT 0"),
     ("collections", "target_recall", "REAL NOT NULL DEFAULT 0"),
     ("collections", "operating_point", "TEXT NOT NULL DEFAULT ''"),
+    ("collections", "backend", "TEXT NOT NULL DEFAULT 'embedded'"),
+    ("collections", "backend_uri", "TEXT NOT NULL DEFAULT ''"),
 )
 
 

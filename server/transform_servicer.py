@@ -15,7 +15,7 @@ from interlingua.v1 import transforms_pb2_grpc as tgrpc
 
 from . import validate as v
 from .activation import GatePolicy
-from .collection import Collection
+from .backends.base import AnyCollection
 from .compat import TransformRecord
 from .engine import Engine
 from .errors import InvalidArgument
@@ -71,7 +71,7 @@ def route_pb(collection: str, home: str, row: RouteRow) -> tpb.RouteInfo:
     )
 
 
-def live_route_pb(routes: Routes, col: Collection, query_space: str) -> tpb.RouteInfo:
+def live_route_pb(routes: Routes, col: AnyCollection, query_space: str) -> tpb.RouteInfo:
     """The live route from ``query_space`` as stored (transform "" when there is none)."""
     row = routes.live_row(col, query_space)
     if row is None:

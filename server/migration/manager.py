@@ -124,7 +124,7 @@ class Migrations:
 
     def start(self, collection: str, new_space: str, transform: str, reverse: str, strategy: str) -> Migration:
         e = self.engine
-        col = e.collection(collection)
+        col = e.embedded_collection(collection, "migrations")
         new = e.get_space(new_space)
         old = col.home
         if strategy not in STRATEGIES:
@@ -294,7 +294,7 @@ class Migrations:
         return mig
 
     def suggest(self, collection: str, n: int) -> tuple[list[str], np.ndarray]:
-        col = self.engine.collection(collection)
+        col = self.engine.embedded_collection(collection, "backfill advice (migrations)")
         if not 1 <= n <= self.engine.limits.max_batch:
             raise InvalidArgument(f"n is {n}; it must be in [1, {self.engine.limits.max_batch}]")
         mig = self.active.get(collection)
@@ -332,7 +332,7 @@ class Migrations:
         store = e.store
         assert store is not None
         self.companions = dict(companions)
-        by_cid = {c.row.cid: c for c in e.collections.values()}
+        by_cid = {c.row.cid: c for c in e.collections.values() if isinstance(c, Collection)}
         records = store.migrations()
         for cid, d in records.items():
             rec = MigrationRecord.from_dict(d)

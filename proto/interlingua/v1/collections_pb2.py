@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from interlingua.v1 import common_pb2 as interlingua_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n interlingua/v1/collections.proto\x12\x0einterlingua.v1\x1a\x1binterlingua/v1/common.proto\"\xc7\x01\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nhome_space\x18\x02 \x01(\t\x12\x12\n\nindex_spec\x18\x03 \x01(\t\x12\x18\n\x10train_min_points\x18\x04 \x01(\x04\x12\x13\n\x0bprefix_dims\x18\x05 \x01(\r\x12\x17\n\x0f\x62\x61sis_transform\x18\x06 \x01(\t\x12\x17\n\x0f\x65\x66_construction\x18\x07 \x01(\r\x12\x15\n\rtarget_recall\x18\x08 \x01(\x01\"$\n\x14GetCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xe6\x06\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nhome_space\x18\x02 \x01(\t\x12\x12\n\nindex_spec\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.interlingua.v1.IndexState\x12\x12\n\nnum_points\x18\x05 \x01(\x04\x12N\n\x11vectors_per_space\x18\x06 \x03(\x0b\x32\x33.interlingua.v1.CollectionInfo.VectorsPerSpaceEntry\x12\x17\n\x0findexed_vectors\x18\x07 \x01(\x04\x12\x15\n\rfresh_vectors\x18\x08 \x01(\x04\x12\x15\n\rlast_sequence\x18\t \x01(\x04\x12\x1b\n\x13\x63heckpoint_sequence\x18\n \x01(\x04\x12\x18\n\x10train_min_points\x18\x0b \x01(\x04\x12\x12\n\ncreated_at\x18\x0c \x01(\x01\x12\x16\n\x0e\x64\x65leted_labels\x18\r \x01(\x04\x12\x13\n\x0bprefix_dims\x18\x0e \x01(\r\x12\x1e\n\x16index_bytes_per_vector\x18\x0f \x01(\r\x12\x1f\n\x17rerank_bytes_per_vector\x18\x10 \x01(\r\x12\x17\n\x0f\x62\x61sis_transform\x18\x11 \x01(\t\x12H\n\x0erecall_at_dims\x18\x12 \x03(\x0b\x32\x30.interlingua.v1.CollectionInfo.RecallAtDimsEntry\x12\x17\n\x0f\x65\x66_construction\x18\x13 \x01(\r\x12\x16\n\x0e\x66\x61ilure_reason\x18\x14 \x01(\t\x12\x11\n\tfailed_at\x18\x15 \x01(\x01\x12\x13\n\x0b\x63ompactions\x18\x16 \x01(\x04\x12\x15\n\rtarget_recall\x18\x17 \x01(\x01\x12\x37\n\x0foperating_point\x18\x18 \x01(\x0b\x32\x1e.interlingua.v1.OperatingPoint\x12\x16\n\x0e\x61\x64visor_status\x18\x19 \x01(\t\x1a\x36\n\x14VectorsPerSpaceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x33\n\x11RecallAtDimsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xbd\x01\n\x0eOperatingPoint\x12\x12\n\nindex_spec\x18\x01 \x01(\t\x12\x11\n\tef_search\x18\x02 \x01(\r\x12\x0e\n\x06nprobe\x18\x03 \x01(\r\x12\x10\n\x08k_factor\x18\x04 \x01(\r\x12\x0e\n\x06recall\x18\x05 \x01(\x01\x12\x0b\n\x03qps\x18\x06 \x01(\x01\x12\x18\n\x10\x62ytes_per_vector\x18\x07 \x01(\r\x12\x15\n\rbuild_seconds\x18\x08 \x01(\x01\x12\x14\n\x0ctrain_points\x18\t \x01(\x04\"\xb5\x01\n\x15RecommendIndexRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x15\n\rtarget_recall\x18\x02 \x01(\x01\x12\t\n\x01k\x18\x03 \x01(\r\x12(\n\x07queries\x18\x04 \x01(\x0b\x32\x17.interlingua.v1.Vectors\x12\x13\n\x0bsample_size\x18\x05 \x01(\r\x12\x13\n\x0bnum_queries\x18\x06 \x01(\r\x12\x12\n\ncandidates\x18\x07 \x03(\t\"\xa0\x02\n\x16RecommendIndexResponse\x12\x30\n\x08\x66rontier\x18\x01 \x03(\x0b\x32\x1e.interlingua.v1.OperatingPoint\x12.\n\x06\x63hosen\x18\x02 \x01(\x0b\x32\x1e.interlingua.v1.OperatingPoint\x12\x15\n\rsample_points\x18\x03 \x01(\x04\x12\x13\n\x0bnum_queries\x18\x04 \x01(\r\x12\t\n\x01k\x18\x05 \x01(\r\x12\x15\n\rtarget_recall\x18\x06 \x01(\x01\x12\x18\n\x10held_out_queries\x18\x07 \x01(\x08\x12\x12\n\nbatch_size\x18\x08 \x01(\r\x12\x17\n\x0fpoints_measured\x18\t \x01(\r\x12\x0f\n\x07seconds\x18\n \x01(\x01\"\x18\n\x16ListCollectionsRequest\"N\n\x17ListCollectionsResponse\x12\x33\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1e.interlingua.v1.CollectionInfo\"\'\n\x17\x44\x65leteCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteCollectionResponse*\x89\x01\n\nIndexState\x12\x1b\n\x17INDEX_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11INDEX_STATE_EXACT\x10\x01\x12\x18\n\x14INDEX_STATE_TRAINING\x10\x02\x12\x15\n\x11INDEX_STATE_READY\x10\x03\x12\x16\n\x12INDEX_STATE_FAILED\x10\x04\x32\xf3\x03\n\x11\x43ollectionService\x12[\n\x10\x43reateCollection\x12\'.interlingua.v1.CreateCollectionRequest\x1a\x1e.interlingua.v1.CollectionInfo\x12U\n\rGetCollection\x12$.interlingua.v1.GetCollectionRequest\x1a\x1e.interlingua.v1.CollectionInfo\x12\x62\n\x0fListCollections\x12&.interlingua.v1.ListCollectionsRequest\x1a\'.interlingua.v1.ListCollectionsResponse\x12\x65\n\x10\x44\x65leteCollection\x12\'.interlingua.v1.DeleteCollectionRequest\x1a(.interlingua.v1.DeleteCollectionResponse\x12_\n\x0eRecommendIndex\x12%.interlingua.v1.RecommendIndexRequest\x1a&.interlingua.v1.RecommendIndexResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n interlingua/v1/collections.proto\x12\x0einterlingua.v1\x1a\x1binterlingua/v1/common.proto\"\xed\x01\n\x17\x43reateCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nhome_space\x18\x02 \x01(\t\x12\x12\n\nindex_spec\x18\x03 \x01(\t\x12\x18\n\x10train_min_points\x18\x04 \x01(\x04\x12\x13\n\x0bprefix_dims\x18\x05 \x01(\r\x12\x17\n\x0f\x62\x61sis_transform\x18\x06 \x01(\t\x12\x17\n\x0f\x65\x66_construction\x18\x07 \x01(\r\x12\x15\n\rtarget_recall\x18\x08 \x01(\x01\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\x13\n\x0b\x62\x61\x63kend_uri\x18\n \x01(\t\"$\n\x14GetCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x8c\x07\n\x0e\x43ollectionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nhome_space\x18\x02 \x01(\t\x12\x12\n\nindex_spec\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.interlingua.v1.IndexState\x12\x12\n\nnum_points\x18\x05 \x01(\x04\x12N\n\x11vectors_per_space\x18\x06 \x03(\x0b\x32\x33.interlingua.v1.CollectionInfo.VectorsPerSpaceEntry\x12\x17\n\x0findexed_vectors\x18\x07 \x01(\x04\x12\x15\n\rfresh_vectors\x18\x08 \x01(\x04\x12\x15\n\rlast_sequence\x18\t \x01(\x04\x12\x1b\n\x13\x63heckpoint_sequence\x18\n \x01(\x04\x12\x18\n\x10train_min_points\x18\x0b \x01(\x04\x12\x12\n\ncreated_at\x18\x0c \x01(\x01\x12\x16\n\x0e\x64\x65leted_labels\x18\r \x01(\x04\x12\x13\n\x0bprefix_dims\x18\x0e \x01(\r\x12\x1e\n\x16index_bytes_per_vector\x18\x0f \x01(\r\x12\x1f\n\x17rerank_bytes_per_vector\x18\x10 \x01(\r\x12\x17\n\x0f\x62\x61sis_transform\x18\x11 \x01(\t\x12H\n\x0erecall_at_dims\x18\x12 \x03(\x0b\x32\x30.interlingua.v1.CollectionInfo.RecallAtDimsEntry\x12\x17\n\x0f\x65\x66_construction\x18\x13 \x01(\r\x12\x16\n\x0e\x66\x61ilure_reason\x18\x14 \x01(\t\x12\x11\n\tfailed_at\x18\x15 \x01(\x01\x12\x13\n\x0b\x63ompactions\x18\x16 \x01(\x04\x12\x15\n\rtarget_recall\x18\x17 \x01(\x01\x12\x37\n\x0foperating_point\x18\x18 \x01(\x0b\x32\x1e.interlingua.v1.OperatingPoint\x12\x16\n\x0e\x61\x64visor_status\x18\x19 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x1a \x01(\t\x12\x13\n\x0b\x62\x61\x63kend_uri\x18\x1b \x01(\t\x1a\x36\n\x14VectorsPerSpaceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x33\n\x11RecallAtDimsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xbd\x01\n\x0eOperatingPoint\x12\x12\n\nindex_spec\x18\x01 \x01(\t\x12\x11\n\tef_search\x18\x02 \x01(\r\x12\x0e\n\x06nprobe\x18\x03 \x01(\r\x12\x10\n\x08k_factor\x18\x04 \x01(\r\x12\x0e\n\x06recall\x18\x05 \x01(\x01\x12\x0b\n\x03qps\x18\x06 \x01(\x01\x12\x18\n\x10\x62ytes_per_vector\x18\x07 \x01(\r\x12\x15\n\rbuild_seconds\x18\x08 \x01(\x01\x12\x14\n\x0ctrain_points\x18\t \x01(\x04\"\xb5\x01\n\x15RecommendIndexRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x15\n\rtarget_recall\x18\x02 \x01(\x01\x12\t\n\x01k\x18\x03 \x01(\r\x12(\n\x07queries\x18\x04 \x01(\x0b\x32\x17.interlingua.v1.Vectors\x12\x13\n\x0bsample_size\x18\x05 \x01(\r\x12\x13\n\x0bnum_queries\x18\x06 \x01(\r\x12\x12\n\ncandidates\x18\x07 \x03(\t\"\xa0\x02\n\x16RecommendIndexResponse\x12\x30\n\x08\x66rontier\x18\x01 \x03(\x0b\x32\x1e.interlingua.v1.OperatingPoint\x12.\n\x06\x63hosen\x18\x02 \x01(\x0b\x32\x1e.interlingua.v1.OperatingPoint\x12\x15\n\rsample_points\x18\x03 \x01(\x04\x12\x13\n\x0bnum_queries\x18\x04 \x01(\r\x12\t\n\x01k\x18\x05 \x01(\r\x12\x15\n\rtarget_recall\x18\x06 \x01(\x01\x12\x18\n\x10held_out_queries\x18\x07 \x01(\x08\x12\x12\n\nbatch_size\x18\x08 \x01(\r\x12\x17\n\x0fpoints_measured\x18\t \x01(\r\x12\x0f\n\x07seconds\x18\n \x01(\x01\"\x18\n\x16ListCollectionsRequest\"N\n\x17ListCollectionsResponse\x12\x33\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1e.interlingua.v1.CollectionInfo\"\'\n\x17\x44\x65leteCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteCollectionResponse*\x89\x01\n\nIndexState\x12\x1b\n\x17INDEX_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11INDEX_STATE_EXACT\x10\x01\x12\x18\n\x14INDEX_STATE_TRAINING\x10\x02\x12\x15\n\x11INDEX_STATE_READY\x10\x03\x12\x16\n\x12INDEX_STATE_FAILED\x10\x04\x32\xf3\x03\n\x11\x43ollectionService\x12[\n\x10\x43reateCollection\x12\'.interlingua.v1.CreateCollectionRequest\x1a\x1e.interlingua.v1.CollectionInfo\x12U\n\rGetCollection\x12$.interlingua.v1.GetCollectionRequest\x1a\x1e.interlingua.v1.CollectionInfo\x12\x62\n\x0fListCollections\x12&.interlingua.v1.ListCollectionsRequest\x1a\'.interlingua.v1.ListCollectionsResponse\x12\x65\n\x10\x44\x65leteCollection\x12\'.interlingua.v1.DeleteCollectionRequest\x1a(.interlingua.v1.DeleteCollectionResponse\x12_\n\x0eRecommendIndex\x12%.interlingua.v1.RecommendIndexRequest\x1a&.interlingua.v1.RecommendIndexResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,32 +36,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COLLECTIONINFO_VECTORSPERSPACEENTRY']._serialized_options = b'8\001'
   _globals['_COLLECTIONINFO_RECALLATDIMSENTRY']._loaded_options = None
   _globals['_COLLECTIONINFO_RECALLATDIMSENTRY']._serialized_options = b'8\001'
-  _globals['_INDEXSTATE']._serialized_start=2037
-  _globals['_INDEXSTATE']._serialized_end=2174
+  _globals['_INDEXSTATE']._serialized_start=2113
+  _globals['_INDEXSTATE']._serialized_end=2250
   _globals['_CREATECOLLECTIONREQUEST']._serialized_start=82
-  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=281
-  _globals['_GETCOLLECTIONREQUEST']._serialized_start=283
-  _globals['_GETCOLLECTIONREQUEST']._serialized_end=319
-  _globals['_COLLECTIONINFO']._serialized_start=322
-  _globals['_COLLECTIONINFO']._serialized_end=1192
-  _globals['_COLLECTIONINFO_VECTORSPERSPACEENTRY']._serialized_start=1085
-  _globals['_COLLECTIONINFO_VECTORSPERSPACEENTRY']._serialized_end=1139
-  _globals['_COLLECTIONINFO_RECALLATDIMSENTRY']._serialized_start=1141
-  _globals['_COLLECTIONINFO_RECALLATDIMSENTRY']._serialized_end=1192
-  _globals['_OPERATINGPOINT']._serialized_start=1195
-  _globals['_OPERATINGPOINT']._serialized_end=1384
-  _globals['_RECOMMENDINDEXREQUEST']._serialized_start=1387
-  _globals['_RECOMMENDINDEXREQUEST']._serialized_end=1568
-  _globals['_RECOMMENDINDEXRESPONSE']._serialized_start=1571
-  _globals['_RECOMMENDINDEXRESPONSE']._serialized_end=1859
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=1861
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=1885
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=1887
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=1965
-  _globals['_DELETECOLLECTIONREQUEST']._serialized_start=1967
-  _globals['_DELETECOLLECTIONREQUEST']._serialized_end=2006
-  _globals['_DELETECOLLECTIONRESPONSE']._serialized_start=2008
-  _globals['_DELETECOLLECTIONRESPONSE']._serialized_end=2034
-  _globals['_COLLECTIONSERVICE']._serialized_start=2177
-  _globals['_COLLECTIONSERVICE']._serialized_end=2676
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=319
+  _globals['_GETCOLLECTIONREQUEST']._serialized_start=321
+  _globals['_GETCOLLECTIONREQUEST']._serialized_end=357
+  _globals['_COLLECTIONINFO']._serialized_start=360
+  _globals['_COLLECTIONINFO']._serialized_end=1268
+  _globals['_COLLECTIONINFO_VECTORSPERSPACEENTRY']._serialized_start=1161
+  _globals['_COLLECTIONINFO_VECTORSPERSPACEENTRY']._serialized_end=1215
+  _globals['_COLLECTIONINFO_RECALLATDIMSENTRY']._serialized_start=1217
+  _globals['_COLLECTIONINFO_RECALLATDIMSENTRY']._serialized_end=1268
+  _globals['_OPERATINGPOINT']._serialized_start=1271
+  _globals['_OPERATINGPOINT']._serialized_end=1460
+  _globals['_RECOMMENDINDEXREQUEST']._serialized_start=1463
+  _globals['_RECOMMENDINDEXREQUEST']._serialized_end=1644
+  _globals['_RECOMMENDINDEXRESPONSE']._serialized_start=1647
+  _globals['_RECOMMENDINDEXRESPONSE']._serialized_end=1935
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=1937
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=1961
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=1963
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=2041
+  _globals['_DELETECOLLECTIONREQUEST']._serialized_start=2043
+  _globals['_DELETECOLLECTIONREQUEST']._serialized_end=2082
+  _globals['_DELETECOLLECTIONRESPONSE']._serialized_start=2084
+  _globals['_DELETECOLLECTIONRESPONSE']._serialized_end=2110
+  _globals['_COLLECTIONSERVICE']._serialized_start=2253
+  _globals['_COLLECTIONSERVICE']._serialized_end=2752
 # @@protoc_insertion_point(module_scope)

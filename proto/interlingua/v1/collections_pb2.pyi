@@ -84,6 +84,8 @@ class CreateCollectionRequest(_message.Message):
     BASIS_TRANSFORM_FIELD_NUMBER: _builtins.int
     EF_CONSTRUCTION_FIELD_NUMBER: _builtins.int
     TARGET_RECALL_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    BACKEND_URI_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name: 1 to 128 characters from [A-Za-z0-9._-]."""
     home_space: _builtins.str
@@ -123,6 +125,18 @@ class CreateCollectionRequest(_message.Message):
     """With index_spec `auto` (and only then): the Recall@10 the chosen index must
     reach on the collection's own vectors, in (0, 1].
     """
+    backend: _builtins.str
+    """Storage and search backend: `embedded` (SQLite + FAISS in the server process) or `milvus`
+    (a Milvus engine: Interlingua keeps spaces, routes and transforms, the engine stores the points
+    and runs the ANN search). Empty: the server's default (`interlingua serve --backend`).
+    `milvus` maps index specs Flat, HNSW<M> (with ef_construction), IVF<n>,Flat and IVF<n>,SQ8 and
+    refuses prefix_dims, basis_transform and `auto` (FAILED_PRECONDITION).
+    """
+    backend_uri: _builtins.str
+    """With backend `milvus`: the engine, a cluster address (`http://host:19530`) or a local Milvus
+    Lite file (`/path/milvus.db`). Empty: the server's default (`--milvus-uri`). Must be empty for
+    `embedded`.
+    """
     def __init__(
         self,
         *,
@@ -134,10 +148,12 @@ class CreateCollectionRequest(_message.Message):
         basis_transform: _builtins.str = ...,
         ef_construction: _builtins.int = ...,
         target_recall: _builtins.float = ...,
+        backend: _builtins.str = ...,
+        backend_uri: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_transform", b"basis_transform", "ef_construction", b"ef_construction", "home_space", b"home_space", "index_spec", b"index_spec", "name", b"name", "prefix_dims", b"prefix_dims", "target_recall", b"target_recall", "train_min_points", b"train_min_points"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "backend_uri", b"backend_uri", "basis_transform", b"basis_transform", "ef_construction", b"ef_construction", "home_space", b"home_space", "index_spec", b"index_spec", "name", b"name", "prefix_dims", b"prefix_dims", "target_recall", b"target_recall", "train_min_points", b"train_min_points"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -234,6 +250,8 @@ class CollectionInfo(_message.Message):
     TARGET_RECALL_FIELD_NUMBER: _builtins.int
     OPERATING_POINT_FIELD_NUMBER: _builtins.int
     ADVISOR_STATUS_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    BACKEND_URI_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the collection."""
     home_space: _builtins.str
@@ -284,6 +302,10 @@ class CollectionInfo(_message.Message):
     """Collections created with index_spec `auto`: where the advisor stands, e.g. "waiting for
     10000 points (1234 now)", "measuring", "chose ...", "failed: ...; retrying at ..."
     """
+    backend: _builtins.str
+    """The storage and search backend: `embedded` or `milvus`."""
+    backend_uri: _builtins.str
+    """With backend `milvus`: the engine's address or Milvus Lite file ("" for `embedded`)."""
     @_builtins.property
     def vectors_per_space(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Number of stored vectors per space name (a point may have vectors in
@@ -328,10 +350,12 @@ class CollectionInfo(_message.Message):
         target_recall: _builtins.float = ...,
         operating_point: Global___OperatingPoint | None = ...,
         advisor_status: _builtins.str = ...,
+        backend: _builtins.str = ...,
+        backend_uri: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["operating_point", b"operating_point"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["advisor_status", b"advisor_status", "basis_transform", b"basis_transform", "checkpoint_sequence", b"checkpoint_sequence", "compactions", b"compactions", "created_at", b"created_at", "deleted_labels", b"deleted_labels", "ef_construction", b"ef_construction", "failed_at", b"failed_at", "failure_reason", b"failure_reason", "fresh_vectors", b"fresh_vectors", "home_space", b"home_space", "index_bytes_per_vector", b"index_bytes_per_vector", "index_spec", b"index_spec", "indexed_vectors", b"indexed_vectors", "last_sequence", b"last_sequence", "name", b"name", "num_points", b"num_points", "operating_point", b"operating_point", "prefix_dims", b"prefix_dims", "recall_at_dims", b"recall_at_dims", "rerank_bytes_per_vector", b"rerank_bytes_per_vector", "state", b"state", "target_recall", b"target_recall", "train_min_points", b"train_min_points", "vectors_per_space", b"vectors_per_space"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advisor_status", b"advisor_status", "backend", b"backend", "backend_uri", b"backend_uri", "basis_transform", b"basis_transform", "checkpoint_sequence", b"checkpoint_sequence", "compactions", b"compactions", "created_at", b"created_at", "deleted_labels", b"deleted_labels", "ef_construction", b"ef_construction", "failed_at", b"failed_at", "failure_reason", b"failure_reason", "fresh_vectors", b"fresh_vectors", "home_space", b"home_space", "index_bytes_per_vector", b"index_bytes_per_vector", "index_spec", b"index_spec", "indexed_vectors", b"indexed_vectors", "last_sequence", b"last_sequence", "name", b"name", "num_points", b"num_points", "operating_point", b"operating_point", "prefix_dims", b"prefix_dims", "recall_at_dims", b"recall_at_dims", "rerank_bytes_per_vector", b"rerank_bytes_per_vector", "state", b"state", "target_recall", b"target_recall", "train_min_points", b"train_min_points", "vectors_per_space", b"vectors_per_space"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

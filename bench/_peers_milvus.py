@@ -1,0 +1,84 @@
+"""Interlingua over Milvus Lite, for bench/peers.py: the layer's cost over the engine (issue 14).
+
+:class:`InterlinguaMilvus` follows :class:`_peers.System`: an ``interlingua serve --backend milvus
+--milvus-uri <folder>/il_milvus.db`` subprocess (Milvus Lite inside the server's process, as
+:class:`_peers.MilvusLite` runs it inside the bench's), one HNSW collection of M / efConstruction like
+the other systems, filled through the client in ``batch``-sized upserts and searched through gRPC at
+efSearch ``ef``. ``ingest_s``: until the last upsert is acknowledged; ``ready_s``: until the engine
+reports every vector indexed (the server flushes a collection once its writes are idle, as the
+embedded backend merges) and a first search answered. Its QPS over :class:`_peers.MilvusLite`'s on the
+same data is ``milvus_layer_qps_ratio`` (target >= 0.9).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _peers import NAME, SPACE, System, free_port
+
+from interlingua.client import Client
+
+__all__ = ["InterlinguaMilvus"]
+
+
+class InterlinguaMilvus(System):
+    name = "interlingua_milvus"
+
+    def __init__(self, folder: Path, omp_threads: int) -> None:
+        self.port = free_port()
+        self.uri = folder / "il_milvus.db"
+        cmd = [
+            str(Path(sys.executable).with_name("interlingua")),
+            "serve",
+            "--data-dir",
+            str(folder / "interlingua_milvus"),
+            "--port",
+            str(self.port),
+            "--no-metrics",
+            "--omp-threads",
+            str(omp_threads),
+            "--backend",
+            "milvus",
+            "--milvus-uri",
+            str(self.uri),
+            "--log-level",
+            "WARNING",
+        ]
+        self.proc = subprocess.Popen(cmd)
+        self.client = Client(f"127.0.0.1:{self.port}", timeout=600)
+        self.client.wait_ready(120)
+        self.ef: int | None = None
+        self.stream: Any = None
+
+    def build(self, xb: np.ndarray, m: int, efc: int, batch: int) -> None:
+        c = self.client
+        c.register_space(SPACE, xb.shape[1], "cosine", description="bench: debdesc old_doc (MiniLM)")
+        c.create_collection(NAME, SPACE, f"HNSW{m}", ef_construction=efc, backend="milvus")
+        ids = [str(i) for i in range(len(xb))]
+        t0 = time.perf_counter()
+        c.upsert(NAME, ids, xb, space=SPACE, batch_size=batch)
+        self.ingest_s = time.perf_counter() - t0
+        while True:  # the engine's index holds every vector, nothing pending
+            info = c.get_collection(NAME)
+            if info.indexed_vectors >= len(xb) and info.fresh_vectors == 0:
+                break
+            time.sleep(0.2)
+        self.search(xb[:1], 10)
+        self.ready_s = time.perf_counter() - t0
+
+    def set_ef(self, ef: int) -> None:
+        self.ef = ef
+
+    def search(self, xq: np.ndarray, k: int) -> np.ndarray:
+        ids = self.client.search(NAME, xq, k, space=SPACE, ef_search=self.ef).ids
+        return np.array([[int(p) if p else -1 for p in row] for row in ids], dtype=np.int64)
+
+    def close(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(60)

@@ -1,0 +1,402 @@
+"""A collection whose points and ANN search live in a Milvus engine: the ``milvus`` backend.
+
+:class:`MilvusCollection` answers the request surface of :class:`~..collection.Collection` (upsert,
+delete, get, search, payloads, counts, state, drop) over one Milvus collection
+(``milvus_schema.py``); Interlingua keeps what is its own: the collection's row, spaces, routes and
+transforms in the local SQLite store, the route resolution and the query transform before the
+search (``pipeline.py``: a new-model query reaches this backend already in the home space), checks
+and gRPC errors. Writes keep the embedded backend's semantics under the collection's write lock: a
+write takes its sequence number from the store (one durable transaction), reads the rows it
+touches, merges (an upsert in one space keeps the point's other vectors, and its payload when none
+is given) and upserts whole rows, at consistency level Strong, so the next search sees an
+acknowledged write (read-your-writes). Searches return what the embedded backend returns: scores
+(IP for cosine and ip, squared L2 for l2), ids, "" and -inf (+inf for l2) padding. One front-end
+per Milvus collection: two front-ends writing the same points could interleave their
+read-merge-write. Covered by ``tests/test_backends.py``, the API suite run on both backends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ..collection import PointRecord, _missing_message
+from ..collection_index import SEARCH_STAGES
+from ..errors import FailedPrecondition, InterlinguaError, InvalidArgument, NotFound, Unavailable
+from ..metrics import Metrics
+from ..routes import Route
+from ..store import CollectionRow, SpaceRow, Store
+from .milvus_engines import MilvusEngines, NotLoaded
+from .milvus_schema import (
+    MAX_ID_CHARS,
+    MAX_PAYLOAD_BYTES,
+    METRIC,
+    MilvusIndex,
+    field_name,
+    milvus_name,
+    parse_index,
+    require_pymilvus,
+)
+
+__all__ = ["MilvusCollection", "MilvusView"]
+
+R = TypeVar("R")
+log = logging.getLogger(__name__)
+_CHUNK = 4096  #: ids per query and rows per upsert call
+
+
+@dataclass(frozen=True)
+class MilvusView:
+    """What a search read, as the embedded backend's ``Snapshot`` tells it: ``sealed`` is None for an
+    exact (FLAT) search, else the engine's index type."""
+
+    sealed: str | None
+    sequence: int
+
+
+class MilvusCollection:
+    """One collection in a Milvus engine; the request surface of :class:`~..collection.Collection`."""
+
+    backend = "milvus"
+
+    def __init__(
+        self,
+        row: CollectionRow,
+        home: SpaceRow,
+        spaces: Mapping[str, SpaceRow],
+        store: Store,
+        engines: MilvusEngines,
+        metrics: Metrics,
+    ) -> None:
+        self.row = row
+        self.spaces = spaces  #: the engine's registry of spaces (read only here)
+        self.name = row.spec.name
+        self.home = home
+        self.store = store
+        self.engines = engines
+        self.metrics = metrics
+        self.uri = row.spec.backend_uri
+        self.mname = milvus_name(self.name)
+        self.index: MilvusIndex = parse_index(row.spec.index_spec, row.spec.ef_construction)
+        self.home_field = field_name(home.name)
+        self.fields: dict[str, str] | None = None  #: space -> vector field, read from the engine once
+        self.routes: Mapping[str, Route] = {}  #: replaced whole on every change (one reference swap)
+        self.lock = threading.Lock()  #: serializes this front-end's writes (read-merge-write)
+        self.dropped = False
+        self.retired = ""
+        self.failure = None  #: the engine builds the index: never failed in this front-end
+        self.counts: dict[str, int] = {}  #: space -> vectors, refreshed by :meth:`vector_counts`
+        self.last_sequence = row.last_sequence
+        self.checkpoint_sequence = 0
+        self.stage_timers = {s: metrics.search_seconds.labels(self.name, s) for s in SEARCH_STAGES}
+        self._loaded_epoch = -1
+        self.unflushed = 0  #: home vectors written since the last flush (CollectionInfo.fresh_vectors)
+        self.last_write = time.monotonic()
+        engines.watch(self.uri)
+
+    # -- the engine ----------------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[[Any], R]) -> R:
+        """fn(client) on this collection, loaded first after the engine came back (or forgot it)."""
+        for attempt in range(2):
+            epoch = self.engines.epoch(self.uri)
+            if epoch != self._loaded_epoch and attempt == 0 and self.fields is not None:
+                self._load()
+            try:
+                return self.engines.call(self.uri, what, fn)
+            except NotLoaded:
+                self._load()
+        raise Unavailable(f"milvus collection {self.mname!r} at {self.uri} does not stay loaded; retry")
+
+    def _load(self) -> None:
+        epoch = self.engines.epoch(self.uri)
+        with contextlib.suppress(NotLoaded):
+            self.engines.call(self.uri, "load", lambda c: c.load_collection(self.mname, timeout=self.engines.timeout))
+        self._loaded_epoch = epoch
+
+    def create(self, spaces: Sequence[SpaceRow]) -> None:
+        """Creates the Milvus collection: one vector field per space in ``spaces`` (the home space first)."""
+        pymilvus = require_pymilvus()
+        dt = pymilvus.DataType
+        schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", dt.VARCHAR, is_primary=True, max_length=MAX_ID_CHARS)
+        schema.add_field("payload", dt.VARCHAR, max_length=MAX_PAYLOAD_BYTES, nullable=True)
+        schema.add_field("seq", dt.INT64)
+        schema.add_field("spaces", dt.ARRAY, element_type=dt.VARCHAR, max_capacity=len(spaces), max_length=32)
+        index = pymilvus.MilvusClient.prepare_index_params()
+        for sp in spaces:
+            f = field_name(sp.name)
+            schema.add_field(f, dt.FLOAT_VECTOR, dim=sp.dim)
+            if sp.name == self.home.name:
+                index.add_index(
+                    f, index_type=self.index.index_type, metric_type=METRIC[sp.metric], params=self.index.params
+                )
+            else:
+                index.add_index(f, index_type="FLAT", metric_type=METRIC[sp.metric])
+        t = self.engines.timeout
+
+        def create(c: Any) -> None:
+            if c.has_collection(self.mname, timeout=t):
+                raise FailedPrecondition(
+                    f"milvus collection {self.mname!r} already exists at {self.uri} (another front-end or an earlier"
+                    " data dir holds it); drop it there or choose another name"
+                )
+            c.create_collection(self.mname, schema=schema, index_params=index, consistency_level="Strong", timeout=t)
+
+        self._call("create collection", create)
+        self.fields = {sp.name: field_name(sp.name) for sp in spaces}
+        self._loaded_epoch = self.engines.epoch(self.uri)
+
+    def _fields(self) -> dict[str, str]:
+        """space -> vector field, from the engine's schema (once; spaces are immutable)."""
+        if self.fields is None:
+            spaces = self.spaces
+            desc = self._call("describe", lambda c: c.describe_collection(self.mname, timeout=self.engines.timeout))
+            have = {f["name"] for f in desc["fields"]}
+            fields = {s: field_name(s) for s in spaces if field_name(s) in have}
+            fields[self.home.name] = self.home_field
+            self.fields = fields
+        return self.fields
+
+    def _rows(self, ids: Sequence[str], out: list[str]) -> dict[str, dict[str, Any]]:
+        """The engine's rows of ``ids`` that exist, with fields ``out``."""
+        rows: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(ids), _CHUNK):
+            chunk = list(ids[i : i + _CHUNK])
+            got = self._call("query", functools.partial(_query, self.mname, chunk, out, self.engines.timeout, ""))
+            rows.update((r["id"], r) for r in got)
+        return rows
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def upsert(
+        self,
+        space: SpaceRow,
+        ids: list[str],
+        x: np.ndarray,
+        payloads: Sequence[str | None],
+        *,
+        projected: bool = False,
+    ) -> int:
+        """x : shape (n, d) float32, already normalized for cosine spaces. Returns the sequence."""
+        self._check_live()
+        fields = self._fields()
+        f = fields.get(space.name)
+        if f is None:
+            raise FailedPrecondition(
+                f"collection {self.name!r} (backend milvus) has no vector field for space {space.name!r}: its fields"
+                f" are fixed when it is created ({', '.join(sorted(fields))}); Milvus Lite cannot add a field"
+            )
+        for i, p in enumerate(payloads):
+            if p is not None and len(p.encode()) > MAX_PAYLOAD_BYTES:
+                raise InvalidArgument(f"payloads[{i}] is over {MAX_PAYLOAD_BYTES} bytes, the milvus backend's limit")
+        with self.lock:
+            self._check_live()
+            old = self._rows(ids, ["id", "payload", "spaces", *fields.values()])
+            seq = self.store.stamp(self.row.cid)
+            rows, new_vectors = [], 0
+            zeros = {fld: np.zeros(self.spaces[sp].dim, np.float32) for sp, fld in fields.items()}
+            for i, pid in enumerate(ids):
+                prev = old.get(pid)
+                have = set(prev["spaces"]) if prev else set()
+                new_vectors += f not in have
+                have.add(f)
+                row: dict[str, Any] = {"id": pid, "seq": seq, "spaces": sorted(have)}
+                row["payload"] = payloads[i] if payloads[i] is not None else (prev["payload"] if prev else None)
+                for fld, zero in zeros.items():  # no vector in a space: zeros, and not in ``spaces``
+                    row[fld] = x[i] if fld == f else (_vector(prev[fld]) if prev and fld in have else zero)
+                rows.append(row)
+            for i in range(0, len(rows), _CHUNK):
+                chunk = rows[i : i + _CHUNK]
+                self._call("upsert", functools.partial(_upsert, self.mname, chunk, self.engines.timeout))
+            self.counts[space.name] = self.counts.get(space.name, 0) + new_vectors
+            self.last_sequence, self.last_write = seq, time.monotonic()
+            self.unflushed += len(ids) if f == self.home_field else 0
+        self.metrics.points.labels(self.name, space.name).set(self.counts[space.name])
+        return seq
+
+    def delete(self, ids: list[str], missing_ok: bool) -> tuple[int, int]:
+        """Deletes points; returns (deleted, sequence)."""
+        with self.lock:
+            self._check_live()
+            old = self._rows(ids, ["id", "spaces"])
+            if len(old) < len(set(ids)) and not missing_ok:
+                raise NotFound(_missing_message(self.name, [pid for pid in ids if pid not in old]))
+            if not old:
+                return 0, 0
+            seq = self.store.stamp(self.row.cid)
+            present = list(old)
+            for i in range(0, len(present), _CHUNK):
+                chunk = present[i : i + _CHUNK]
+                self._call("delete", functools.partial(_delete, self.mname, chunk, self.engines.timeout))
+            by_field = {f: s for s, f in (self.fields or {}).items()}
+            for r in old.values():
+                for f in r["spaces"]:
+                    if f in by_field and by_field[f] in self.counts:
+                        self.counts[by_field[f]] -= 1
+            self.last_sequence = seq
+        self.publish_gauges()
+        return len(present), seq
+
+    def _check_live(self) -> None:
+        if self.dropped:
+            raise NotFound(f"collection {self.name!r} was deleted")
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def check_search(self, ef_search: int | None, nprobe: int | None, k_factor: int | None = None) -> None:
+        self.index.check_params(ef_search, nprobe, k_factor)
+
+    def get(
+        self,
+        ids: list[str],
+        with_vectors: bool,
+        with_payload: bool,
+        spaces: set[str],
+    ) -> list[PointRecord]:
+        self._check_live()
+        fields = self._fields()
+        want = {f: s for s, f in fields.items() if not spaces or s in spaces} if with_vectors else {}
+        rows = self._rows(ids, ["id", "payload", "seq", "spaces", *want])
+        missing = [pid for pid in ids if pid not in rows]
+        if missing:
+            raise NotFound(_missing_message(self.name, missing))
+        out = []
+        for pid in ids:
+            r = rows[pid]
+            vecs = {want[f]: _vector(r[f]).astype("<f4").tobytes() for f in r["spaces"] if f in want}
+            out.append(
+                PointRecord(pid, dict(sorted(vecs.items())), r["payload"] if with_payload else None, int(r["seq"]))
+            )
+        return out
+
+    def search(
+        self,
+        xq: np.ndarray,
+        k: int,
+        ef_search: int | None,
+        nprobe: int | None,
+        funnel: object = None,
+        k_factor: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, MilvusView]:
+        """xq : (nq, d) in the home space. Returns D (nq, k), ids (nq, k) object array, the view searched.
+        Fewer than k hits: ids "" and D -inf (+inf for l2), as the embedded backend pads."""
+        nq = len(xq)
+        largest = self.home.metric != "l2"
+        D = np.full((nq, k), -np.inf if largest else np.inf, dtype=np.float32)
+        ids = np.full((nq, k), "", dtype=object)
+        params = self.index.search_params(self.home.metric, k, ef_search, nprobe)
+        fields = self.fields if self.fields is not None else self._fields()
+        flt = f'array_contains(spaces, "{self.home_field}")' if len(fields) > 1 else ""
+        data = list(np.ascontiguousarray(xq, dtype=np.float32))
+        hits = self._call(
+            "search",
+            lambda c: c.search(
+                self.mname, data=data, limit=k, anns_field=self.home_field, search_params=params, filter=flt,
+                output_fields=["id"], timeout=self.engines.timeout,
+            ),
+        )  # fmt: skip
+        for i, row in enumerate(hits):
+            for j, h in enumerate(row[:k]):
+                D[i, j] = h["distance"]
+                ids[i, j] = h["id"]
+        return D, ids, MilvusView(None if self.index.exact else self.index.index_type, self.last_sequence)
+
+    def payloads(self, ids: np.ndarray) -> list[str]:
+        """Payloads aligned with ``ids`` (any shape, flattened), "" where none."""
+        flat = [str(p) for p in ids.ravel()]
+        rows = self._rows(sorted({p for p in flat if p}), ["id", "payload"])
+        return [(rows[p]["payload"] or "") if p in rows else "" for p in flat]
+
+    def num_points(self) -> int:
+        return self._count("")
+
+    def _count(self, flt: str) -> int:
+        got = self._call("count", functools.partial(_query, self.mname, None, ["count(*)"], self.engines.timeout, flt))
+        return int(got[0]["count(*)"])
+
+    def vector_counts(self) -> dict[str, int]:
+        """space -> vectors stored, counted by the engine (and kept for the points gauge)."""
+        counts = {}
+        for space, f in self._fields().items():
+            if n := self._count(f'array_contains(spaces, "{f}")'):
+                counts[space] = n
+        self.counts = counts
+        self.publish_gauges()
+        return counts
+
+    def state(self) -> str:
+        return "ready"
+
+    def to_basis(self, x: np.ndarray, side: str = "doc") -> np.ndarray:
+        """No basis transform on this backend (refused at creation)."""
+        return x
+
+    # -- maintenance: the engine's own ---------------------------------------------------------
+
+    def maintain(self, *, idle_seconds: float = 0.0, force: bool = False, **_: Any) -> bool:
+        """Flushes the collection once its writes have been idle ``idle_seconds`` (or when ``force``d, at
+        shutdown), as the embedded backend merges: the engine then seals its growing segment and builds
+        the index on it. True after a flush; an unreachable engine is tried again at the next call."""
+        if not self.unflushed or self.dropped:
+            return False
+        if not force and time.monotonic() - self.last_write < idle_seconds:
+            return False
+        n = self.unflushed
+        try:
+            self._call("flush", lambda c: c.flush(self.mname, timeout=self.engines.timeout))
+        except InterlinguaError as e:
+            log.warning("flush of milvus collection %s failed: %s", self.name, e.message)
+            return False
+        self.unflushed = max(0, self.unflushed - n)
+        return True
+
+    def publish_gauges(self) -> None:
+        for space, n in self.counts.items():
+            self.metrics.points.labels(self.name, space).set(n)
+        self.metrics.index_ready.labels(self.name).set(1)
+        self.metrics.collection_failed.labels(self.name).set(0)
+
+    def drop_engine_side(self) -> None:
+        """Drops the Milvus collection only (a creation whose row could not be written)."""
+        self._call("drop collection", lambda c: c.drop_collection(self.mname, timeout=self.engines.timeout))
+
+    def drop(self) -> None:
+        """Drops the Milvus collection, then the collection's row (routes with it) from the store."""
+        with self.lock:
+            self._call("drop collection", lambda c: c.drop_collection(self.mname, timeout=self.engines.timeout))
+            self.dropped = True
+            self.store.drop_collection(self.row.cid)
+        for space in self.counts:
+            self.metrics.points.remove(self.name, space)
+        for gauge in (self.metrics.index_ready, self.metrics.collection_failed):
+            with contextlib.suppress(KeyError):
+                gauge.remove(self.name)
+        for stage in SEARCH_STAGES:
+            self.metrics.search_seconds.remove(self.name, stage)
+
+
+def _vector(v: Any) -> np.ndarray:
+    return np.asarray(v, dtype=np.float32)
+
+
+def _query(name: str, ids: list[str] | None, out: list[str], timeout: float, flt: str, client: Any) -> Any:
+    if ids is None:
+        return client.query(name, filter=flt, output_fields=out, timeout=timeout)
+    return client.query(name, ids=ids, output_fields=out, timeout=timeout)
+
+
+def _upsert(name: str, rows: list[dict[str, Any]], timeout: float, client: Any) -> Any:
+    return client.upsert(name, rows, timeout=timeout)
+
+
+def _delete(name: str, ids: list[str], timeout: float, client: Any) -> Any:
+    return client.delete(name, ids=ids, timeout=timeout)

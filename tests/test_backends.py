@@ -1,0 +1,424 @@
+"""The API suite on both storage backends: ``embedded`` (SQLite + FAISS) and ``milvus`` (Milvus Lite).
+
+Each test talks to a real server over a real channel (port 0) whose default backend is the
+parameter, with seeded data and numpy brute force as the reference: collections, points, payloads,
+overwrites, deletes, exact and HNSW searches, a routed search through a fitted transform, errors,
+read-your-writes and a restart on the same data dir. The ``milvus`` runs need the ``milvus`` extra
+(pymilvus, milvus-lite) and are skipped with a reason without it. Milvus-only tests: the scores of
+both backends on the same data, the features the backend refuses, a missing pymilvus (a subprocess
+that cannot import it), and an engine killed and restarted under a serving front-end (health and
+UNAVAILABLE).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import brute_force, make_data, recall_at, start_server, wait_for
+
+from interlingua.client import Client, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from interlingua.server import Server
+
+HAVE_MILVUS = all(importlib.util.find_spec(m) is not None for m in ("pymilvus", "milvus_lite"))
+NEEDS_MILVUS = pytest.mark.skipif(
+    not HAVE_MILVUS, reason="the milvus backend needs pymilvus and milvus-lite: pip install 'interlingua[milvus]'"
+)
+D = 32
+
+
+@pytest.fixture(params=["embedded", pytest.param("milvus", marks=NEEDS_MILVUS)])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+class Env:
+    """A server whose new collections default to ``backend``, on ``data``, and a client of it."""
+
+    def __init__(self, data: Path, backend: str) -> None:
+        self.data, self.backend = data, backend
+        self.server: Server | None = None
+        self.client: Client | None = None
+
+    def start(self) -> Client:
+        self.server, port = start_server(self.data, backend=self.backend, merge_idle_seconds=0.2)
+        self.client = Client(f"127.0.0.1:{port}", timeout=60)
+        return self.client
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.server is not None:
+            self.server.stop(None)
+        self.client = self.server = None
+
+
+@pytest.fixture
+def env(tmp_path: Path, backend: str) -> Iterator[Env]:
+    e = Env(tmp_path / "data", backend)
+    c = e.start()
+    c.register_space("old@1", D)
+    c.register_space("new@1", D)
+    c.register_space("l2@1", 16, metric="l2")
+    yield e
+    e.stop()
+
+
+def _ids(n: int, prefix: str = "p") -> list[str]:
+    return [f"{prefix}{i}" for i in range(n)]
+
+
+def test_collection_lifecycle(env: Env, backend: str) -> None:
+    c = env.client
+    assert c is not None
+    info = c.create_collection("docs", "old@1", "HNSW16", ef_construction=64)
+    assert (info.name, info.home_space, info.index_spec, info.backend, info.num_points) == (
+        "docs", "old@1", "HNSW16", backend, 0,
+    )  # fmt: skip
+    assert info.ef_construction == 64
+    assert info.backend_uri == (str((env.data / "milvus.db").resolve()) if backend == "milvus" else "")
+    c.create_collection("other", "l2@1")
+    assert [i.name for i in c.list_collections()] == ["docs", "other"]
+    assert c.get_collection("other").backend == backend
+    c.delete_collection("docs")
+    with pytest.raises(NotFound, match="'docs' does not exist"):
+        c.get_collection("docs")
+    assert [i.name for i in c.list_collections()] == ["other"]
+    assert c.create_collection("docs", "old@1").num_points == 0  # the name is free again, and empty
+
+
+def test_points_payloads_overwrite_delete(env: Env) -> None:
+    c = env.client
+    assert c is not None
+    c.create_collection("g", "old@1")
+    x, y = make_data(20, D, seed=1), make_data(5, D, seed=2)
+    s1 = c.upsert("g", _ids(20), x, space="old@1", payloads=[f'{{"n": {i}}}' for i in range(20)])
+    s2 = c.upsert("g", _ids(5), y, space="new@1")  # another space: keeps the home vectors and payloads
+    assert s2 > s1
+    got = c.get("g", ["p3", "p10"], with_vectors=True, with_payload=True)
+    assert [p.id for p in got] == ["p3", "p10"]
+    assert sorted(got[0].vectors) == ["new@1", "old@1"] and list(got[1].vectors) == ["old@1"]
+    np.testing.assert_allclose(got[0].vectors["old@1"], x[3] / np.linalg.norm(x[3]), rtol=1e-6)
+    np.testing.assert_allclose(got[0].vectors["new@1"], y[3] / np.linalg.norm(y[3]), rtol=1e-6)
+    assert (got[0].payload, got[1].payload, got[0].sequence, got[1].sequence) == ({"n": 3}, {"n": 10}, s2, s1)
+    only_new = c.get("g", ["p3"], with_vectors=True, spaces=["new@1"])[0]
+    assert list(only_new.vectors) == ["new@1"] and only_new.payload is None
+    info = c.get_collection("g")
+    assert (info.num_points, info.vectors_per_space) == (20, {"old@1": 20, "new@1": 5})
+    # overwrite: the new vector and payload replace the old ones, searches find the new vector
+    z = make_data(1, D, seed=3)
+    c.upsert("g", ["p7"], z, space="old@1", payloads=['{"v": 2}'])
+    p7 = c.get("g", ["p7"], with_vectors=True, with_payload=True)[0]
+    np.testing.assert_allclose(p7.vectors["old@1"], z[0] / np.linalg.norm(z[0]), rtol=1e-6)
+    assert p7.payload == {"v": 2}
+    res = c.search("g", z, 1, space="old@1", with_payload=True)
+    assert res.ids[0, 0] == "p7" and res.payloads == [[{"v": 2}]]
+    assert res.scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert c.get_collection("g").vectors_per_space == {"old@1": 20, "new@1": 5}  # an overwrite adds none
+    # delete: a missing id refuses the whole call (nothing deleted) unless missing_ok
+    with pytest.raises(NotFound, match=r"1 id\(s\) not found in collection 'g': 'nope'"):
+        c.delete("g", ["p0", "nope"])
+    assert c.get("g", ["p0"])[0].id == "p0"
+    assert c.delete("g", ["p0", "p1", "nope"], missing_ok=True) == 2
+    assert c.delete("g", ["nope"], missing_ok=True) == 0
+    with pytest.raises(NotFound, match="'p0'"):
+        c.get("g", ["p0", "p2"])
+    info = c.get_collection("g")
+    assert (info.num_points, info.vectors_per_space) == (18, {"old@1": 18, "new@1": 3})
+    assert "p0" not in c.search("g", x[:1], 18, space="old@1").ids
+
+
+@pytest.mark.parametrize("space", ["old@1", "l2@1"])
+def test_flat_search_is_exact(env: Env, space: str) -> None:
+    c = env.client
+    assert c is not None
+    metric, d = ("cosine", D) if space == "old@1" else ("l2", 16)
+    c.create_collection("f", space, "Flat")
+    xb, xq = make_data(400, d, seed=4), make_data(8, d, seed=5)
+    c.upsert("f", _ids(400), xb, space=space)
+    res = c.search("f", xq, 10, space=space)
+    Dref, Iref = brute_force(xb, xq, 10, metric)
+    assert res.ids.tolist() == np.array(_ids(400), dtype=object)[Iref].tolist()
+    np.testing.assert_allclose(res.scores, Dref, rtol=1e-4, atol=1e-4)
+    # more than there are: "" and the worst score pad each row, as FAISS pads -1
+    c.upsert("f", ["a", "b"], xb[:2], space=space)
+    c.delete("f", _ids(400))
+    res = c.search("f", xq[:2], 4, space=space)
+    assert res.ids.tolist() == [["a", "b", "", ""], ["a", "b", "", ""]] or set(res.ids[0, :2]) == {"a", "b"}
+    assert (res.ids[:, 2:] == "").all()
+    worst = -np.inf if metric == "cosine" else np.inf
+    assert (res.scores[:, 2:] == worst).all()
+
+
+def test_hnsw_and_ivf_recall(env: Env) -> None:
+    c = env.client
+    assert c is not None
+    xb, xq = make_data(3000, D, seed=6), make_data(50, D, seed=7)
+    _, Iref = brute_force(xb, xq, 10)
+    ids = np.array(_ids(3000), dtype=object)
+    c.create_collection("h", "old@1", "HNSW16")
+    c.create_collection("i", "old@1", "IVF8,Flat")
+    for name in ("h", "i"):
+        c.upsert(name, list(ids), xb, space="old@1")
+    lab = {p: i for i, p in enumerate(ids)}
+
+    def labels(r: np.ndarray) -> np.ndarray:
+        return np.vectorize(lambda p: lab.get(p, -1))(r)
+
+    rh = c.search("h", xq, 10, space="old@1", ef_search=128)
+    assert recall_at(labels(rh.ids), Iref) >= 0.95
+    ri = c.search("i", xq, 10, space="old@1", nprobe=8)  # every list: exact
+    assert recall_at(labels(ri.ids), Iref) >= 0.99
+    with pytest.raises(InvalidArgument, match="nprobe is 9; it must be between 1 and nlist=8"):
+        c.search("i", xq, 10, space="old@1", nprobe=9)
+    with pytest.raises(InvalidArgument, match="ef_search applies to HNSW indexes"):
+        c.search("i", xq, 10, space="old@1", ef_search=32)
+
+
+def test_routed_search_through_a_fitted_transform(env: Env) -> None:
+    """A new-model query reaches the old gallery through a transform the pipeline applies before the backend."""
+    c = env.client
+    assert c is not None
+    rng = np.random.default_rng(8)
+    Q, _ = np.linalg.qr(rng.standard_normal((D, D)))
+    old = make_data(300, D, seed=9).astype(np.float64)
+    old /= np.linalg.norm(old, axis=1, keepdims=True)
+    new = old @ Q
+    c.create_collection("g", "old@1", "Flat")
+    c.upsert("g", _ids(300), old, space="old@1")
+    with pytest.raises(FailedPrecondition, match="no route"):
+        c.search("g", new[:5], 3, space="new@1")
+    c.fit_transform("t", "procrustes", source_space="new@1", target_space="old@1", doc_pairs=(new, old), timeout=60)
+    c.activate_route("g", "t", force=True)
+    res = c.search("g", new[:20], 3, space="new@1")
+    assert res.route.transform == "t"
+    assert res.ids[:, 0].tolist() == _ids(20)  # each query finds its own old item
+    Dref, Iref = brute_force(old, new[:20] @ Q.T, 3)
+    assert res.ids.tolist() == np.array(_ids(300), dtype=object)[Iref].tolist()
+    np.testing.assert_allclose(res.scores, Dref, atol=1e-4)
+
+
+def test_read_your_writes(env: Env) -> None:
+    c = env.client
+    assert c is not None
+    c.create_collection("w", "old@1", "HNSW16")
+    x = make_data(30, D, seed=10)
+    for i in range(30):  # each acknowledged write is in the very next search and get
+        c.upsert("w", [f"w{i}"], x[i : i + 1], space="old@1")
+        assert c.search("w", x[i : i + 1], 1, space="old@1").ids[0, 0] == f"w{i}"
+        assert c.get("w", [f"w{i}"])[0].id == f"w{i}"
+    c.delete("w", ["w29"])
+    assert "w29" not in c.search("w", x[29:30], 5, space="old@1").ids
+
+
+def test_restart_reattaches(env: Env, backend: str) -> None:
+    c = env.client
+    assert c is not None
+    c.create_collection("r", "old@1", "HNSW16")
+    xb = make_data(200, D, seed=11)
+    c.upsert("r", _ids(200), xb, space="old@1", payloads=[f'{{"i": {i}}}' for i in range(200)])
+    before = c.search("r", xb[:5], 5, space="old@1")
+    env.stop()
+    c = env.start()
+    info = c.get_collection("r")
+    assert (info.backend, info.num_points, info.vectors_per_space) == (backend, 200, {"old@1": 200})
+    after = c.search("r", xb[:5], 5, space="old@1", with_payload=True)
+    assert after.ids.tolist() == before.ids.tolist()
+    assert after.payloads is not None and after.payloads[0][0] == {"i": 0}
+    c.upsert("r", ["new"], xb[:1], space="old@1")  # and takes writes
+    assert c.get_collection("r").num_points == 201
+
+
+def test_errors_on_both_backends(env: Env, backend: str) -> None:
+    c = env.client
+    assert c is not None
+    c.create_collection("e", "old@1")
+    c.upsert("e", ["a"], make_data(1, D), space="old@1")
+    with pytest.raises(InvalidArgument, match="ef_search applies to HNSW indexes"):
+        c.search("e", make_data(1, D), 1, space="old@1", ef_search=16)
+    with pytest.raises(InvalidArgument, match="backend 'cassandra' is not one of embedded, milvus"):
+        c.create_collection("x", "old@1", backend="cassandra")
+    with pytest.raises(InvalidArgument, match="backend_uri applies to the milvus backend"):
+        c.create_collection("x", "old@1", backend="embedded", backend_uri="/tmp/x.db")
+    with pytest.raises(InvalidArgument, match="neither a Milvus address"):
+        c.create_collection("x", "old@1", backend="milvus", backend_uri="ftp://host/db")
+    with pytest.raises(NotFound, match="'nope' does not exist"):
+        c.search("nope", make_data(1, D), 1, space="old@1")
+    with pytest.raises(InvalidArgument, match="vectors"):
+        c.upsert("e", ["b"], make_data(1, 16), space="old@1")
+    assert [i.name for i in c.list_collections()] == ["e"]
+
+
+# -- milvus only ------------------------------------------------------------------------------
+
+
+@NEEDS_MILVUS
+def test_milvus_scores_equal_embedded(tmp_path: Path) -> None:
+    """The same data in both backends of one server: the same ids and scores (IP, squared L2)."""
+    srv, port = start_server(tmp_path / "data")
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            for name, metric, d in (("cos@1", "cosine", D), ("ip@1", "ip", D), ("l2@1", "l2", 16)):
+                c.register_space(name, d, metric=metric)
+                xb, xq = make_data(500, d, seed=12), make_data(10, d, seed=13)
+                for backend in ("embedded", "milvus"):
+                    c.create_collection(f"{backend}-{metric}", name, backend=backend)
+                    c.upsert(f"{backend}-{metric}", _ids(500), xb, space=name)
+                e = c.search(f"embedded-{metric}", xq, 10, space=name)
+                m = c.search(f"milvus-{metric}", xq, 10, space=name)
+                assert m.ids.tolist() == e.ids.tolist(), metric
+                np.testing.assert_allclose(m.scores, e.scores, rtol=1e-5, atol=1e-5)
+                assert m.exact  # Flat: the engine searched exhaustively
+            assert c.get_collection("milvus-l2").backend == "milvus"
+            assert c.get_collection("embedded-l2").backend == "embedded"
+    finally:
+        srv.stop(None)
+
+
+@NEEDS_MILVUS
+def test_milvus_refuses_what_it_does_not_do(tmp_path: Path) -> None:
+    """Each feature the milvus backend does not do yet: FAILED_PRECONDITION naming it, nothing changed."""
+    srv, port = start_server(tmp_path / "data", backend="milvus")
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            c.register_space("old@1", D)
+            c.register_space("new@1", D)
+            c.create_collection("m", "old@1", "HNSW16")
+            c.upsert("m", _ids(50), make_data(50, D), space="old@1")
+            refused = {
+                "Matryoshka prefix_dims": lambda: c.create_collection("x", "old@1", prefix_dims=8),
+                "basis_transform": lambda: c.create_collection("x", "old@1", basis_transform="b"),
+                "index_spec 'auto'": lambda: c.create_collection("x", "old@1", "auto", target_recall=0.9),
+                "migrations": lambda: c.start_migration("m", "new@1", "t"),
+                "snapshots": lambda: c.create_snapshot("s"),
+                "RecommendIndex": lambda: c.recommend_index("m", 0.9),
+            }
+            for feature, call in refused.items():
+                with pytest.raises(FailedPrecondition, match=f"milvus backend.*{feature}") as exc:
+                    call()
+                assert "does not support" in exc.value.message, feature
+            with pytest.raises(InvalidArgument, match=r"not supported by the milvus backend; it supports Flat, HNSW"):
+                c.create_collection("x", "old@1", "IVF16,PQ8")
+            with pytest.raises(InvalidArgument, match="train_min_points applies to the embedded backend"):
+                c.create_collection("x", "old@1", "IVF16,Flat", 100)
+            c.register_space("later@1", D)  # after the collection: no vector field for it
+            with pytest.raises(FailedPrecondition, match="no vector field for space 'later@1'"):
+                c.upsert("m", ["a"], make_data(1, D), space="later@1")
+            assert [i.name for i in c.list_collections()] == ["m"]
+            assert c.list_snapshots() == []
+            info = c.get_collection("m")
+            assert (info.num_points, info.vectors_per_space) == (50, {"old@1": 50})
+    finally:
+        srv.stop(None)
+
+
+_NO_PYMILVUS = """
+import sys
+sys.modules["pymilvus"] = None  # import pymilvus -> ImportError, as without the extra
+from interlingua.client.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@NEEDS_MILVUS
+def test_missing_pymilvus_gives_the_install_hint(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", _NO_PYMILVUS, "serve", "--data-dir", str(tmp_path / "d"), "--backend", "milvus"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert "pip install 'interlingua[milvus]'" in run.stderr
+    code = """
+import sys
+sys.modules["pymilvus"] = None
+sys.path.insert(0, sys.argv[2])
+from conftest import start_server
+from interlingua.client import Client, FailedPrecondition
+srv, port = start_server(__import__("pathlib").Path(sys.argv[1]))
+with Client(f"127.0.0.1:{port}") as c:
+    c.register_space("s@1", 4)
+    try:
+        c.create_collection("m", "s@1", backend="milvus")
+    except FailedPrecondition as e:
+        print("REFUSED", e.message)
+    print("LEFT", [i.name for i in c.list_collections()], c.create_collection("e", "s@1").backend)
+srv.stop(None)
+"""
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "d2"), str(Path(__file__).parent)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "REFUSED the milvus backend needs pymilvus and milvus-lite: pip install 'interlingua[milvus]'" in run.stdout
+    assert "LEFT [] embedded" in run.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _milvus_server(data: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """Milvus Lite's own gRPC server (``python -m milvus_lite server``) in a process of its own."""
+    args = [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data), "--host", "127.0.0.1"]
+    with log.open("ab") as out:
+        return subprocess.Popen([*args, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+
+
+@NEEDS_MILVUS
+@pytest.mark.slow
+def test_engine_down_and_back(tmp_path: Path) -> None:
+    """The engine killed under a serving front-end: health NOT_SERVING and UNAVAILABLE with a clear
+    message; restarted on its data: SERVING again, the same answers."""
+    port, log = _free_port(), tmp_path / "milvus.log"
+    engine = _milvus_server(tmp_path / "milvus", port, log)
+    uri = f"http://127.0.0.1:{port}"
+    srv = None
+    try:
+        srv, iport = start_server(
+            tmp_path / "data", backend="milvus", milvus_uri=uri, milvus_check_seconds=0.2, milvus_timeout_seconds=3.0
+        )
+        with Client(f"127.0.0.1:{iport}", timeout=30) as c:
+            c.register_space("old@1", D)
+            wait_for(lambda: c.health() == "SERVING", 60)
+            deadline = time.monotonic() + 60
+            while True:  # the engine process needs a moment to listen
+                try:
+                    c.create_collection("g", "old@1", "HNSW16")
+                    break
+                except Unavailable:
+                    assert time.monotonic() < deadline, log.read_text()[-2000:]
+                    time.sleep(0.2)
+            xb = make_data(100, D, seed=14)
+            c.upsert("g", _ids(100), xb, space="old@1")
+            before = c.search("g", xb[:3], 5, space="old@1")
+            wait_for(lambda: c.health() == "SERVING", 10)
+            engine.kill()
+            engine.wait(30)
+            wait_for(lambda: c.health() == "NOT_SERVING", 10)
+            for call in (
+                lambda: c.search("g", xb[:3], 5, space="old@1"),
+                lambda: c.upsert("g", ["x"], xb[:1], space="old@1"),
+                lambda: c.get_collection("g"),
+            ):
+                with pytest.raises(Unavailable, match=f"milvus engine at {uri} is unreachable"):
+                    call()
+            assert c.list_spaces()[0].name == "old@1"  # what Interlingua holds itself still answers
+            engine = _milvus_server(tmp_path / "milvus", port, log)
+            wait_for(lambda: c.health() == "SERVING", 60)
+            after = c.search("g", xb[:3], 5, space="old@1")
+            assert after.ids.tolist() == before.ids.tolist()
+            assert c.get_collection("g").num_points == 100
+    finally:
+        if srv is not None:
+            srv.stop(None)
+        engine.kill()
+        engine.wait(30)
