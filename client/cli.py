@@ -393,6 +393,9 @@ def _serve(args: argparse.Namespace) -> None:
     except ConfigError as err:
         raise UsageError(f"serve: {err}") from None
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pymilvus logs each failed call with a traceback (a ping a second while an engine is down); the
+    # milvus backend reports what matters itself, once per change (server/backends/milvus_engines.py)
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
     from interlingua.server import serve
     from interlingua.server.errors import InterlinguaError as Refused
 

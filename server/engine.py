@@ -149,8 +149,12 @@ class Engine(EngineLifecycle):
                 raise AlreadyExists(f"collection {spec.name!r} already exists")
             spaces = [home, *sorted((s for s in self.spaces.values() if s.name != home.name), key=lambda s: s.name)]
             row = CollectionRow(0, dataclasses.replace(spec, train_min_points=0), time.time(), 0, 0)
-            probe = MilvusCollection(row, home, self.spaces, store, self.milvus, self.metrics)
-            probe.create(spaces)
+            try:
+                probe = MilvusCollection(row, home, self.spaces, store, self.milvus, self.metrics)
+                probe.create(spaces)
+            except BaseException:
+                self._unwatch_unused(spec.backend_uri)
+                raise
             try:
                 row = store.add_collection(row.spec)
             except BaseException:
@@ -160,6 +164,11 @@ class Engine(EngineLifecycle):
             col.fields, col.counts = probe.fields, {}
             self.collections[spec.name] = col
         return col
+
+    def _unwatch_unused(self, uri: str) -> None:
+        """Stops the health checks of Milvus engine ``uri`` unless a collection uses it."""
+        if not any(c.row.spec.backend_uri == uri for c in self.collections.values() if c.row.spec.on_milvus):
+            self.milvus.unwatch(uri)
 
     def embedded_collection(self, name: str, feature: str) -> Collection:
         """Collection ``name`` on the embedded backend; FAILED_PRECONDITION naming ``feature`` on another."""
@@ -212,11 +221,17 @@ class Engine(EngineLifecycle):
         if self.migrations is not None and self._migration(name) is not None:
             self.migrations.abort(name)  # its companion index goes with it
         with self._ddl_lock:
+            on_milvus = col.row.spec.on_milvus
             with self._registry_lock:
                 if self.collections.get(name) is not col:
                     raise NotFound(f"collection {name!r} does not exist")
-                del self.collections[name]
-            col.drop()
+                if not on_milvus:
+                    del self.collections[name]
+            col.drop()  # milvus: the engine drops first, and may refuse (UNAVAILABLE): the collection stays
+            if on_milvus:
+                with self._registry_lock:
+                    del self.collections[name]
+                self._unwatch_unused(col.row.spec.backend_uri)
 
     def recommend_index(
         self,

@@ -135,9 +135,9 @@ class MilvusCollection:
         for sp in spaces:
             f = field_name(sp.name)
             schema.add_field(f, dt.FLOAT_VECTOR, dim=sp.dim)
-            if sp.name == self.home.name:
+            if sp.name == self.home.name:  # the build parameters twice: see MilvusIndex.build_params
                 index.add_index(
-                    f, index_type=self.index.index_type, metric_type=METRIC[sp.metric], params=self.index.params
+                    f, index_type=self.index.index_type, metric_type=METRIC[sp.metric], params=self.index.build_params()
                 )
             else:
                 index.add_index(f, index_type="FLAT", metric_type=METRIC[sp.metric])

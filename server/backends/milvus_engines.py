@@ -74,6 +74,8 @@ class MilvusEngines:
 
     def _mark(self, uri: str, reason: str | None) -> None:
         with self._lock:
+            if uri not in self._epoch:  # not (or no longer) watched: its state is nobody's health
+                return
             was_down = uri in self._down
             if reason is None:
                 self._down.pop(uri, None)
@@ -100,6 +102,15 @@ class MilvusEngines:
         if self._monitor is None:
             self._monitor = threading.Thread(target=self._loop, name="interlingua-milvus-health", daemon=True)
             self._monitor.start()
+
+    def unwatch(self, uri: str) -> None:
+        """Stops checking ``uri`` (no collection uses it any more: a failed creation, the last one dropped),
+        so an engine nothing uses never holds the health service at NOT_SERVING."""
+        with self._lock:
+            self._epoch.pop(uri, None)
+            was_down = self._down.pop(uri, None) is not None
+        if was_down:
+            self.on_change()
 
     def client(self, uri: str) -> Any:
         """The client of ``uri``, connected on first use; Unavailable while the engine cannot be reached."""
@@ -167,6 +178,8 @@ class MilvusEngines:
             for uri in list(self._epoch):
                 if self._stop.is_set():
                     return
+                if uri not in self._epoch:  # unwatched meanwhile
+                    continue
                 try:
                     self.ping(uri)
                 except Exception:  # a bug in a ping must not end the monitor
