@@ -28,7 +28,7 @@ from . import advisor, pipeline
 from . import validate as v
 from .backends.base import AnyCollection
 from .backends.milvus import MilvusCollection
-from .backends.milvus_schema import check_uri, parse_index, require_pymilvus
+from .backends.milvus_schema import MAX_VECTOR_FIELDS, check_uri, parse_index, require_pymilvus
 from .collection import Collection, PointRecord
 from .collection_spec import CollectionSpec
 from .compat import TransformRecord
@@ -139,15 +139,17 @@ class Engine(EngineLifecycle):
 
     def _create_milvus(self, spec: CollectionSpec, home: SpaceRow, store: Store) -> MilvusCollection:
         """A ``milvus`` collection: the index spec mapped (INVALID_ARGUMENT), pymilvus present
-        (FAILED_PRECONDITION), the engine's collection created with one vector field per space registered
-        now, then the row; the engine's collection is dropped again if the row cannot be written."""
+        (FAILED_PRECONDITION), the engine's collection created with a vector field for the home space and
+        the oldest other spaces (``MAX_VECTOR_FIELDS`` in all), then the row; the engine's collection is
+        dropped again if the row cannot be written."""
         parse_index(spec.index_spec.strip() or "Flat", spec.ef_construction)  # the supported specs, named
         spec = spec.checked(home, self.limits)
         require_pymilvus()
         with self._ddl_lock, self._registry_lock:
             if spec.name in self.collections:
                 raise AlreadyExists(f"collection {spec.name!r} already exists")
-            spaces = [home, *sorted((s for s in self.spaces.values() if s.name != home.name), key=lambda s: s.name)]
+            others = sorted((s for s in self.spaces.values() if s.name != home.name), key=lambda s: s.created_at)
+            spaces = [home, *others][:MAX_VECTOR_FIELDS]  # a vector field each (milvus_schema.py)
             row = CollectionRow(0, dataclasses.replace(spec, train_min_points=0), time.time(), 0, 0)
             try:
                 probe = MilvusCollection(row, home, self.spaces, store, self.milvus, self.metrics)

@@ -321,6 +321,15 @@ def test_milvus_refuses_what_it_does_not_do(tmp_path: Path) -> None:
             c.register_space("later@1", D)  # after the collection: no vector field for it
             with pytest.raises(FailedPrecondition, match="no vector field for space 'later@1'"):
                 c.upsert("m", ["a"], make_data(1, D), space="later@1")
+            c.register_space("s4@1", 8)
+            c.register_space("s5@1", 8)  # the 5th: over Milvus' 4 vector fields per collection
+            c.create_collection("m2", "s5@1")
+            for sp, d in (("s5@1", 8), ("old@1", D), ("new@1", D), ("later@1", D)):  # home, then the oldest
+                c.upsert("m2", ["a"], make_data(1, d), space=sp)
+            with pytest.raises(FailedPrecondition, match="no vector field for space 's4@1'"):
+                c.upsert("m2", ["a"], make_data(1, 8), space="s4@1")
+            assert c.get_collection("m2").vectors_per_space == {"s5@1": 1, "old@1": 1, "new@1": 1, "later@1": 1}
+            c.delete_collection("m2")
             bad = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
             with pytest.raises(Unavailable, match=f"milvus engine at {bad} is unreachable"):
                 c.create_collection("x", "old@1", backend_uri=bad)

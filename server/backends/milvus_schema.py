@@ -8,8 +8,9 @@ sanitize alike stay apart). Its fields:
 - ``payload``: VARCHAR, nullable: the JSON payload as the client sent it (at most 65,535 bytes);
 - ``seq``: INT64, the sequence number of the point's last write (``GetPoints``' ``sequence``);
 - ``spaces``: ARRAY of VARCHAR: the vector fields the point has a vector in;
-- one FLOAT_VECTOR field per space (:func:`field_name`), for the home space and every other space
-  registered when the collection was created. Milvus Lite 3.2.2 answers ``AddCollectionField``
+- one FLOAT_VECTOR field per space (:func:`field_name`), for the home space and the other spaces
+  registered when the collection was created, oldest first, ``MAX_VECTOR_FIELDS`` in all (Milvus'
+  default cap on vector fields per collection). Milvus Lite 3.2.2 answers ``AddCollectionField``
   with UNIMPLEMENTED, so a space registered later cannot get a field: writes in it are refused
   (FAILED_PRECONDITION). The vector fields are not nullable: Milvus Lite 3.2.2 accepts nullable
   vector fields but returns a null as zeros in searches (scoring 0, filling results) and refuses an
@@ -40,6 +41,7 @@ from ..index_spec import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, MAX_EF_CONSTRUCTION,
 __all__ = [
     "INSTALL_HINT",
     "MAX_PAYLOAD_BYTES",
+    "MAX_VECTOR_FIELDS",
     "METRIC",
     "SUPPORTED",
     "MilvusIndex",
@@ -55,7 +57,8 @@ SUPPORTED = "Flat, HNSW<M> (M 2..256, with ef_construction), IVF<nlist>,Flat and
 METRIC = {"cosine": "IP", "ip": "IP", "l2": "L2"}  #: Interlingua metric -> Milvus metric_type
 MAX_PAYLOAD_BYTES = 65535  #: Milvus VARCHAR's longest value
 MAX_ID_CHARS = 512
-MAX_SPACES = 64  #: vector fields a collection may have (Milvus' default cap is 4 per collection on clusters)
+#: vector fields of a collection: Milvus' default ``proxy.maxVectorFieldNum`` (a cluster refuses more)
+MAX_VECTOR_FIELDS = 4
 DEFAULT_EF_CONSTRUCTION = 40  #: FAISS's default, so both backends build the same graph by default
 
 _HNSW = re.compile(r"^HNSW(\d+)$")

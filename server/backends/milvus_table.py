@@ -1,0 +1,202 @@
+"""One Interlingua collection's Milvus collection: its creation, schema, reads by id, counts and loading.
+
+:class:`MilvusTable` holds what a ``milvus`` collection keeps beside the engine (its row, fields,
+counts, the write lock) and every engine call goes through :meth:`MilvusTable._call`: the engine's
+errors mapped (``milvus_engines.py``: UNAVAILABLE while it is unreachable) and the collection loaded
+again after the engine restarted and forgot it. The request surface (writes, get, search) is
+:class:`~.milvus.MilvusCollection`, as :class:`~..collection.Collection` stands on
+:class:`~..collection_index.CollectionIndex`. Covered by ``tests/test_backends.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ..collection_index import SEARCH_STAGES
+from ..errors import FailedPrecondition, Unavailable
+from ..metrics import Metrics
+from ..routes import Route
+from ..store import CollectionRow, SpaceRow, Store
+from .milvus_engines import MilvusEngines, NotLoaded
+from .milvus_schema import (
+    MAX_ID_CHARS,
+    MAX_PAYLOAD_BYTES,
+    METRIC,
+    MilvusIndex,
+    field_name,
+    milvus_name,
+    parse_index,
+    require_pymilvus,
+)
+
+__all__ = ["CHUNK", "MilvusTable", "as_vector", "delete_ids", "query_rows", "upsert_rows"]
+
+R = TypeVar("R")
+CHUNK = 4096  #: ids per query and rows per upsert or delete call
+
+
+class MilvusTable:
+    """A ``milvus`` collection's state and its engine calls; see :class:`~.milvus.MilvusCollection`."""
+
+    def __init__(
+        self,
+        row: CollectionRow,
+        home: SpaceRow,
+        spaces: Mapping[str, SpaceRow],
+        store: Store,
+        engines: MilvusEngines,
+        metrics: Metrics,
+    ) -> None:
+        self.row = row
+        self.spaces = spaces  #: the engine's registry of spaces (read only here)
+        self.name = row.spec.name
+        self.home = home
+        self.store = store
+        self.engines = engines
+        self.metrics = metrics
+        self.uri = row.spec.backend_uri
+        self.mname = milvus_name(self.name)
+        self.index: MilvusIndex = parse_index(row.spec.index_spec, row.spec.ef_construction)
+        self.home_field = field_name(home.name)
+        self.fields: dict[str, str] | None = None  #: space -> vector field, read from the engine once
+        self.routes: Mapping[str, Route] = {}  #: replaced whole on every change (one reference swap)
+        self.lock = threading.Lock()  #: serializes this front-end's writes (read-merge-write)
+        self.dropped = False
+        self.retired = ""
+        self.failure = None  #: the engine builds the index: never failed in this front-end
+        self.counts: dict[str, int] = {}  #: space -> vectors, refreshed by :meth:`vector_counts`
+        self.last_sequence = row.last_sequence
+        self.checkpoint_sequence = 0
+        self.stage_timers = {s: metrics.search_seconds.labels(self.name, s) for s in SEARCH_STAGES}
+        self._loaded_epoch = -1
+        self.unflushed = 0  #: home vectors written since the last flush (CollectionInfo.fresh_vectors)
+        self.last_write = time.monotonic()
+        engines.watch(self.uri)
+
+    # -- the engine ----------------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[[Any], R]) -> R:
+        """fn(client) on this collection, loaded first after the engine came back (or forgot it)."""
+        for attempt in range(2):
+            epoch = self.engines.epoch(self.uri)
+            if epoch != self._loaded_epoch and attempt == 0 and self.fields is not None:
+                self._load()
+            try:
+                return self.engines.call(self.uri, what, fn)
+            except NotLoaded:
+                self._load()
+        raise Unavailable(f"milvus collection {self.mname!r} at {self.uri} does not stay loaded; retry")
+
+    def _load(self) -> None:
+        epoch = self.engines.epoch(self.uri)
+        with contextlib.suppress(NotLoaded):
+            self.engines.call(self.uri, "load", lambda c: c.load_collection(self.mname, timeout=self.engines.timeout))
+        self._loaded_epoch = epoch
+
+    def create(self, spaces: Sequence[SpaceRow]) -> None:
+        """Creates the Milvus collection: one vector field per space in ``spaces`` (the home space first)."""
+        pymilvus = require_pymilvus()
+        dt = pymilvus.DataType
+        schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", dt.VARCHAR, is_primary=True, max_length=MAX_ID_CHARS)
+        schema.add_field("payload", dt.VARCHAR, max_length=MAX_PAYLOAD_BYTES, nullable=True)
+        schema.add_field("seq", dt.INT64)
+        schema.add_field("spaces", dt.ARRAY, element_type=dt.VARCHAR, max_capacity=len(spaces), max_length=32)
+        index = pymilvus.MilvusClient.prepare_index_params()
+        for sp in spaces:
+            f = field_name(sp.name)
+            schema.add_field(f, dt.FLOAT_VECTOR, dim=sp.dim)
+            if sp.name == self.home.name:  # the build parameters twice: see MilvusIndex.build_params
+                index.add_index(
+                    f, index_type=self.index.index_type, metric_type=METRIC[sp.metric], params=self.index.build_params()
+                )
+            else:
+                index.add_index(f, index_type="FLAT", metric_type=METRIC[sp.metric])
+        t = self.engines.timeout
+
+        def create(c: Any) -> None:
+            if c.has_collection(self.mname, timeout=t):
+                raise FailedPrecondition(
+                    f"milvus collection {self.mname!r} already exists at {self.uri} (another front-end or an earlier"
+                    " data dir holds it); drop it there or choose another name"
+                )
+            c.create_collection(self.mname, schema=schema, index_params=index, consistency_level="Strong", timeout=t)
+
+        self._call("create collection", create)
+        self.fields = {sp.name: field_name(sp.name) for sp in spaces}
+        self._loaded_epoch = self.engines.epoch(self.uri)
+
+    def _fields(self) -> dict[str, str]:
+        """space -> vector field, from the engine's schema (once; spaces are immutable)."""
+        if self.fields is None:
+            spaces = self.spaces
+            desc = self._call("describe", lambda c: c.describe_collection(self.mname, timeout=self.engines.timeout))
+            have = {f["name"] for f in desc["fields"]}
+            fields = {s: field_name(s) for s in spaces if field_name(s) in have}
+            fields[self.home.name] = self.home_field
+            self.fields = fields
+        return self.fields
+
+    def _rows(self, ids: Sequence[str], out: list[str]) -> dict[str, dict[str, Any]]:
+        """The engine's rows of ``ids`` that exist, with fields ``out``."""
+        rows: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(ids), CHUNK):
+            chunk = list(ids[i : i + CHUNK])
+            got = self._call("query", functools.partial(query_rows, self.mname, chunk, out, self.engines.timeout, ""))
+            rows.update((r["id"], r) for r in got)
+        return rows
+
+    def num_points(self) -> int:
+        return self._count("")
+
+    def _count(self, flt: str) -> int:
+        got = self._call(
+            "count", functools.partial(query_rows, self.mname, None, ["count(*)"], self.engines.timeout, flt)
+        )
+        return int(got[0]["count(*)"])
+
+    def vector_counts(self) -> dict[str, int]:
+        """space -> vectors stored, counted by the engine (and kept for the points gauge)."""
+        counts = {}
+        for space, f in self._fields().items():
+            if n := self._count(f'array_contains(spaces, "{f}")'):
+                counts[space] = n
+        self.counts = counts
+        self.publish_gauges()
+        return counts
+
+    def publish_gauges(self) -> None:
+        for space, n in self.counts.items():
+            self.metrics.points.labels(self.name, space).set(n)
+        self.metrics.index_ready.labels(self.name).set(1)
+        self.metrics.collection_failed.labels(self.name).set(0)
+
+    def drop_engine_side(self) -> None:
+        """Drops the Milvus collection only (a creation whose row could not be written)."""
+        self._call("drop collection", lambda c: c.drop_collection(self.mname, timeout=self.engines.timeout))
+
+
+def as_vector(v: Any) -> np.ndarray:
+    """A vector the engine returned (a list of floats) as float32."""
+    return np.asarray(v, dtype=np.float32)
+
+
+def query_rows(name: str, ids: list[str] | None, out: list[str], timeout: float, flt: str, client: Any) -> Any:
+    if ids is None:
+        return client.query(name, filter=flt, output_fields=out, timeout=timeout)
+    return client.query(name, ids=ids, output_fields=out, timeout=timeout)
+
+
+def upsert_rows(name: str, rows: list[dict[str, Any]], timeout: float, client: Any) -> Any:
+    return client.upsert(name, rows, timeout=timeout)
+
+
+def delete_ids(name: str, ids: list[str], timeout: float, client: Any) -> Any:
+    return client.delete(name, ids=ids, timeout=timeout)
