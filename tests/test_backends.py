@@ -334,6 +334,9 @@ def test_milvus_refuses_what_it_does_not_do(tmp_path: Path) -> None:
             with pytest.raises(Unavailable, match=f"milvus engine at {bad} is unreachable"):
                 c.create_collection("x", "old@1", backend_uri=bad)
             assert c.health() == "SERVING"  # an engine no collection uses is not the server's health
+            big = '"' + "a" * 65534 + '"'  # a JSON string of 65,536 bytes: the server's limit, over Milvus' VARCHAR
+            with pytest.raises(InvalidArgument, match=r"payloads\[0\] is over 65535 bytes, the milvus backend's limit"):
+                c.upsert("m", ["p0"], make_data(1, D), space="old@1", payloads=[big])
             assert [i.name for i in c.list_collections()] == ["m"]
             assert c.list_snapshots() == []
             info = c.get_collection("m")
@@ -560,3 +563,19 @@ def test_milvus_names_and_index_mapping() -> None:
     for bad in ("milvus:19530", "ftp://h/x", "/data/milvus", "http://h:1/x y"):
         with pytest.raises(Invalid, match="neither a Milvus address"):
             check_uri(bad)
+
+
+@NEEDS_MILVUS
+def test_embedded_client_on_milvus(tmp_path: Path) -> None:
+    """Client.embedded (the engine in this process) serves milvus collections too, and re-attaches."""
+    xb = make_data(100, D, seed=16)
+    with Client.embedded(tmp_path / "data", backend="milvus", metrics_port=None) as c:
+        c.register_space("old@1", D)
+        assert c.create_collection("m", "old@1", "HNSW8").backend == "milvus"
+        c.upsert("m", _ids(100), xb, space="old@1")
+        before = c.search("m", xb[:4], 3, space="old@1").ids.tolist()
+    assert (tmp_path / "data" / "milvus.db").exists()
+    with Client.embedded(tmp_path / "data", metrics_port=None) as c:
+        info = c.get_collection("m")
+        assert (info.backend, info.num_points) == ("milvus", 100)
+        assert c.search("m", xb[:4], 3, space="old@1").ids.tolist() == before
