@@ -382,6 +382,14 @@ class Client:
         ``(dims, keep)`` reranks them before the final full-dimensional stage. On an index with a
         refine stage, ``k_factor`` sets how many candidates (k * k_factor) the refine codes re-rank.
         """
+        if self._embedded is not None and not funnel:  # in process: straight into the engine
+            x = query_matrix(queries)
+            ints = (ef_search, nprobe, shortlist_k, k_factor)
+            res = self._embedded.search(collection, x, k, space, ints, with_payload)
+            if res is not None:
+                r = res.route
+                route = (r.query_space, r.home_space, r.transform)
+                return SearchResult.from_arrays(res.D, res.ids, res.payloads, route, res.exact, with_payload)
         req = search_request(
             collection, queries, k, space, ef_search, nprobe, with_payload, shortlist_k, funnel, k_factor
         )
@@ -771,6 +779,14 @@ class Client:
             stream.cancel()  # type: ignore[no-untyped-call]  # frees the call when we stop early
 
 
+def query_matrix(queries: npt.ArrayLike) -> npt.NDArray[Any]:
+    """Queries of shape (nq, d) or (d,) as an (nq, d) C-contiguous little-endian float32 array."""
+    xq = np.asarray(queries)
+    if xq.ndim != 2:
+        xq = as_matrix(xq.reshape(1, -1) if xq.ndim == 1 else xq, "queries")
+    return np.ascontiguousarray(xq, dtype="<f4")
+
+
 def search_request(
     collection: str,
     queries: npt.ArrayLike,
@@ -785,10 +801,7 @@ def search_request(
 ) -> points_pb2.SearchRequest:
     """A SearchRequest for xq of shape (nq, d) or (d,), packed as little-endian float32 (the
     ``params`` message only when a parameter is set: the server reads an absent one as empty)."""
-    xq = np.asarray(queries)
-    if xq.ndim != 2:
-        xq = as_matrix(xq.reshape(1, -1) if xq.ndim == 1 else xq, "queries")
-    x = np.ascontiguousarray(xq, dtype="<f4")
+    x = query_matrix(queries)
     req = points_pb2.SearchRequest(collection=collection, query_space=space, k=k, with_payload=with_payload)
     req.queries.data = x.tobytes()  # set in place: a Vectors built beside it would be copied in
     req.queries.dim = x.shape[1]

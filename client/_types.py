@@ -233,6 +233,16 @@ class Route:
 _ROUTES: dict[tuple[str, str, str], Route] = {}  #: SearchResult.from_proto's Route values
 
 
+def _route(key: tuple[str, str, str]) -> Route:
+    """One immutable Route per distinct route, not one per search."""
+    route = _ROUTES.get(key)
+    if route is None:
+        route = Route(*key)
+        if len(_ROUTES) < 1024:
+            _ROUTES[key] = route
+    return route
+
+
 @dataclass(frozen=True, eq=False)
 class SearchResult:
     """The k nearest neighbours of nq queries; unpacks as ``D, I = client.search(...)``.
@@ -264,13 +274,27 @@ class SearchResult:
             flat = [decode_payload(p) for p in msg.payloads]
             payloads = [flat[i * k : (i + 1) * k] for i in range(nq)]
         r = msg.route
-        key = (r.query_space, r.home_space, r.transform)
-        route = _ROUTES.get(key)
-        if route is None:  # one immutable Route per distinct route, not one per search
-            route = Route(*key)
-            if len(_ROUTES) < 1024:
-                _ROUTES[key] = route
-        return cls(scores, ids.reshape(nq, k), payloads, route, msg.exact)
+        return cls(scores, ids.reshape(nq, k), payloads, _route((r.query_space, r.home_space, r.transform)), msg.exact)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        D: npt.NDArray[np.float32],
+        ids: npt.NDArray[np.object_],
+        payloads: list[str] | None,
+        route: tuple[str, str, str],
+        exact: bool,
+        with_payload: bool,
+    ) -> SearchResult:
+        """The result of an embedded client's direct search (the engine's arrays, copied), as
+        :meth:`from_proto` reads the same search's reply: D (nq, k), ids (nq, k) object, the
+        payloads' JSON texts row-major."""
+        nq, k = D.shape
+        out = None
+        if with_payload:
+            flat = [decode_payload(p) for p in payloads or ()]
+            out = [flat[i * k : (i + 1) * k] for i in range(nq)]
+        return cls(D.astype(np.float32), ids.astype(object), out, _route(route), exact)
 
 
 @dataclass(frozen=True)

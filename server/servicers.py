@@ -159,6 +159,22 @@ _LE_F4 = np.dtype("<f4")
 _PLAIN_PARAMS: dict[int, SearchParams] = {}  #: SearchParams(k) of requests that set no parameter
 
 
+def request_params(
+    k: int,
+    *,
+    ef_search: int | None = None,
+    nprobe: int | None = None,
+    shortlist_k: int | None = None,
+    funnel: tuple[tuple[int, int], ...] = (),
+    k_factor: int | None = None,
+) -> SearchParams:
+    """A search's parameters as the engine takes them (None: not set), for the servicer and for an
+    embedded client's direct search (``interlingua.client._embedded``)."""
+    if ef_search is None and nprobe is None and shortlist_k is None and not funnel and k_factor is None:
+        return _PLAIN_PARAMS.get(k) or _plain_params(k)
+    return SearchParams(k, ef_search, nprobe, shortlist_k, funnel, k_factor)
+
+
 def _plain_params(k: int) -> SearchParams:
     params = SearchParams(k)
     if len(_PLAIN_PARAMS) < 4096:  # k is checked later: a bounded cache of any int the wire carried
@@ -300,7 +316,7 @@ class PointServicer(pgrpc.PointServiceServicer):
         if not p.ListFields():  # no parameter set: one SearchParams per k, not one per call
             params = _PLAIN_PARAMS.get(r.k) or _plain_params(r.k)
         else:
-            params = SearchParams(
+            params = request_params(
                 r.k,
                 ef_search=p.ef_search if p.HasField("ef_search") else None,
                 nprobe=p.nprobe if p.HasField("nprobe") else None,

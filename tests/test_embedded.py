@@ -156,6 +156,10 @@ def _failures(c: Client) -> list[Callable[[], object]]:
         lambda: c.get_migration("flat"),
         lambda: c.delete_snapshot("nope"),
         lambda: c.health("no.such.Service"),
+        # the embedded client's direct search: a request over receive_bytes takes the message path
+        lambda: c.search("flat", np.ones((1, 4096)), K, space="old"),
+        lambda: c.search("flat", x, K, space="old", k_factor=2),
+        lambda: c.search("flat", x, K, space="old", nprobe=0),
     ]
 
 
@@ -194,6 +198,32 @@ def test_errors_map_to_the_same_typed_exceptions(tmp_path: Path) -> None:
     assert kinds[5:10] == [InvalidArgument] * 3 + [FailedPrecondition, InvalidArgument]
     assert kinds[14] is ResourceExhausted and "larger than max" in embedded[14][1]
     assert "stream message 0" in embedded[13][1]
+    assert kinds[20] is ResourceExhausted and "larger than max" in embedded[20][1]
+    assert kinds[21:] == [InvalidArgument] * 2
+
+
+@pytest.mark.parametrize("bad", [{"k": -1}, {"ef_search": -5}, {"k_factor": 2**32}, {"k": True}])
+def test_values_a_message_refuses_fail_alike(tmp_path: Path, bad: dict[str, object]) -> None:
+    """Values a proto field refuses raise the same exception in process as over gRPC: the direct
+    search leaves them to the message path."""
+    x = np.ones((1, D), np.float32)
+    kw: dict[str, object] = {"k": K, "space": "old", **bad}
+    got = []
+    with Client.embedded(tmp_path / "e") as c:
+        _setup_errors(c)
+        with pytest.raises(Exception) as e:
+            c.search("flat", x, **kw)  # type: ignore[arg-type]
+        got.append((type(e.value), str(e.value)))
+    server, port = start_server(tmp_path / "g")
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as g:
+            _setup_errors(g)
+            with pytest.raises(Exception) as e:
+                g.search("flat", x, **kw)  # type: ignore[arg-type]
+            got.append((type(e.value), str(e.value)))
+    finally:
+        server.stop(None)
+    assert got[0] == got[1], got
 
 
 def test_a_failing_request_iterator_raises_its_own_error(tmp_path: Path) -> None:
