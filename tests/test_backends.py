@@ -529,7 +529,7 @@ def test_milvus_names_and_index_mapping() -> None:
     """Pure mapping rules of server/backends/milvus_schema.py (no engine needed)."""
     import re
 
-    from interlingua.server.backends.milvus_schema import check_uri, field_name, milvus_name, parse_index
+    from interlingua.server.backends.milvus_schema import check_uri, field_name, id_filter, milvus_name, parse_index
     from interlingua.server.errors import InvalidArgument as Invalid
 
     names = ["docs", "a.b-c", "a_b_c", "x" * 128, "9lives"]
@@ -538,6 +538,7 @@ def test_milvus_names_and_index_mapping() -> None:
     assert len(set(mapped)) == len(names)  # "a.b-c" and "a_b_c" sanitize alike, their hashes differ
     assert re.fullmatch(r"v_[0-9a-f]{16}", field_name("minilm-l6@1")) and field_name("a") != field_name("b")
     assert parse_index("Flat", 0).index_type == "FLAT"
+    assert id_filter(['a"b', "c\\d", "n\nl", "e'f"]) == 'id in ["a\\"b", "c\\\\d", "n\\nl", "e\'f"]'
     h = parse_index("HNSW32", 100)
     assert (h.index_type, h.params) == ("HNSW", {"M": 32, "efConstruction": 100})
     assert parse_index("HNSW32", 0).params["efConstruction"] == 40  # FAISS's default, as the embedded backend
@@ -579,3 +580,31 @@ def test_embedded_client_on_milvus(tmp_path: Path) -> None:
         info = c.get_collection("m")
         assert (info.backend, info.num_points) == ("milvus", 100)
         assert c.search("m", xb[:4], 3, space="old@1").ids.tolist() == before
+
+
+def test_ids_with_quotes_and_escapes(env: Env) -> None:
+    """Ids are data, never part of an expression: quotes, backslashes, control characters, unicode."""
+    c = env.client
+    assert c is not None
+    ids = [
+        'a"b',
+        "c\\d",
+        "e'f",
+        "ü😀",
+        'x" or id != "',
+        "x' or id != '",
+        "a,b",
+        " sp ace ",
+        "new\nline",
+        "t\tab",
+        "\x01",
+    ]
+    c.create_collection("q", "old@1")
+    x = make_data(len(ids), D, seed=17)
+    c.upsert("q", ids, x, space="old@1", payloads=[f'{{"i": {i}}}' for i in range(len(ids))])
+    assert [p.id for p in c.get("q", ids)] == ids
+    assert [p.payload for p in c.get("q", ids[4:6], with_payload=True)] == [{"i": 4}, {"i": 5}]
+    assert c.delete("q", ['x" or id != "', "x' or id != '"]) == 2  # exactly those two
+    assert c.get_collection("q").num_points == len(ids) - 2
+    res = c.search("q", x[:1], 3, space="old@1", with_payload=True)
+    assert res.ids[0, 0] == 'a"b' and res.payloads is not None and res.payloads[0][0] == {"i": 0}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -47,6 +48,7 @@ __all__ = [
     "MilvusIndex",
     "check_uri",
     "field_name",
+    "id_filter",
     "milvus_name",
     "parse_index",
     "require_pymilvus",
@@ -89,6 +91,18 @@ def milvus_name(name: str) -> str:
     """The Milvus collection of Interlingua collection ``name``: ``il_<sanitized>_<hash>``."""
     digest = hashlib.sha256(name.encode()).hexdigest()[:10]
     return f"il_{re.sub(r'[^A-Za-z0-9_]', '_', name)[:100]}_{digest}"
+
+
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def id_filter(ids: Sequence[str]) -> str:
+    """The expression ``id in ["...", ...]`` selecting ``ids``, each a double-quoted literal with ``\\``,
+    ``"``, newline, carriage return and tab escaped (the escapes Milvus' grammar and Milvus Lite's both
+    read). pymilvus' own ``ids=`` quotes nothing: an id holding ``'`` or ``\\`` broke the query, and one
+    like ``x' or id != '`` selected other points."""
+    quoted = ('"' + "".join(_ESCAPES.get(ch, ch) for ch in pid) + '"' for pid in ids)
+    return f"id in [{', '.join(quoted)}]"
 
 
 def field_name(space: str) -> str:

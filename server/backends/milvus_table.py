@@ -31,6 +31,7 @@ from .milvus_schema import (
     METRIC,
     MilvusIndex,
     field_name,
+    id_filter,
     milvus_name,
     parse_index,
     require_pymilvus,
@@ -189,9 +190,8 @@ def as_vector(v: Any) -> np.ndarray:
 
 
 def query_rows(name: str, ids: list[str] | None, out: list[str], timeout: float, flt: str, client: Any) -> Any:
-    if ids is None:
-        return client.query(name, filter=flt, output_fields=out, timeout=timeout)
-    return client.query(name, ids=ids, output_fields=out, timeout=timeout)
+    """The rows of ``ids`` (None: those matching ``flt``), with fields ``out``."""
+    return client.query(name, filter=flt if ids is None else id_filter(ids), output_fields=out, timeout=timeout)
 
 
 def upsert_rows(name: str, rows: list[dict[str, Any]], timeout: float, client: Any) -> Any:
@@ -199,4 +199,4 @@ def upsert_rows(name: str, rows: list[dict[str, Any]], timeout: float, client: A
 
 
 def delete_ids(name: str, ids: list[str], timeout: float, client: Any) -> Any:
-    return client.delete(name, ids=ids, timeout=timeout)
+    return client.delete(name, filter=id_filter(ids), timeout=timeout)
