@@ -608,3 +608,42 @@ def test_ids_with_quotes_and_escapes(env: Env) -> None:
     assert c.get_collection("q").num_points == len(ids) - 2
     res = c.search("q", x[:1], 3, space="old@1", with_payload=True)
     assert res.ids[0, 0] == 'a"b' and res.payloads is not None and res.payloads[0][0] == {"i": 0}
+
+
+def test_concurrent_writes_and_searches(env: Env) -> None:
+    """Writers on disjoint ids and readers at once: every acknowledged point is there, counted once."""
+    import threading
+
+    c = env.client
+    assert c is not None
+    c.create_collection("cc", "old@1", "HNSW16")
+    x = make_data(400, D, seed=18)
+    errors: list[BaseException] = []
+
+    def write(t: int) -> None:
+        try:
+            for b in range(5):
+                lo = t * 100 + b * 20
+                c.upsert("cc", _ids(lo + 20)[lo:], x[lo : lo + 20], space="old@1")
+                c.upsert("cc", _ids(lo + 20)[lo:], x[lo : lo + 20], space="new@1")  # a second space, merged
+        except BaseException as e:
+            errors.append(e)
+
+    def read() -> None:
+        try:
+            for _ in range(20):
+                c.search("cc", x[:5], 5, space="old@1")
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in range(4)] + [
+        threading.Thread(target=read) for _ in range(2)
+    ]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    info = c.get_collection("cc")
+    assert (info.num_points, info.vectors_per_space) == (400, {"old@1": 400, "new@1": 400})
+    assert c.search("cc", x[399:400], 1, space="old@1").ids[0, 0] == "p399"
