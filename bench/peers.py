@@ -69,12 +69,15 @@ def exact_top_k(xb: np.ndarray, xq: np.ndarray, k: int) -> np.ndarray:
 def sweep(
     sys_: System, xq: np.ndarray, gt: np.ndarray, batches: list[np.ndarray], seconds: float, target: float
 ) -> list[dict[str, Any]]:
-    """Recall@10 over xq and nq=64 QPS for each of the system's settings (efSearch; the advised
-    collection's nprobe / k_factor ladder), until recall stops mattering (>= 0.995) or two points
-    (three on a ladder, whose QPS is not monotone) have reached ``target``."""
+    """Recall@10 over xq and nq=64 QPS for each of the system's settings, until recall stops
+    mattering (>= 0.995) or two points have reached ``target``; on a grid (the advised collection:
+    nprobe or efSearch for each k_factor) each row until it reaches ``target``."""
     rows: list[dict[str, Any]] = []
-    enough = 3 if isinstance(sys_, InterlinguaAdvised) else 2
+    group = getattr(sys_, "group", None)  # a grid: each value of this setting swept up to the target
+    done: set[int] = set()
     for point in sys_.points(EF_SWEEP):
+        if group is not None and point.get(group) in done:
+            continue
         sys_.set_point(point)
         I = np.vstack([sys_.search(xq[i : i + 64], K) for i in range(0, len(xq), 64)])
         w = interleaved({sys_.name: lambda x: sys_.search(x, K)}, batches, 64, seconds)[sys_.name]
@@ -90,7 +93,11 @@ def sweep(
             }
         )
         log(f"{sys_.name} {label}: R@10 {rows[-1]['recall_at_10']:.4f}, {w.qps:.0f} QPS at nq=64")
-        if rows[-1]["recall_at_10"] >= 0.995 or sum(r["recall_at_10"] >= target for r in rows) >= enough:
+        if group is not None:
+            if rows[-1]["recall_at_10"] >= target:
+                done.add(point.get(group, 0))
+            continue
+        if rows[-1]["recall_at_10"] >= 0.995 or sum(r["recall_at_10"] >= target for r in rows) >= 2:
             break
     return rows
 
@@ -201,6 +208,7 @@ def main() -> int:
     batch_w: dict[str, Window] = {}
     serial_w: dict[str, Window] = {}
     advised: dict[str, Any] = {}
+    failed: dict[str, str] = {}
 
     def build_and_sweep(name: str) -> System:
         s = systems[name] = makers[name]()
@@ -252,15 +260,24 @@ def main() -> int:
         side_by_side(together, "side by side")
         for name in together:  # before the solo systems: none of them may run in the background then
             systems.pop(name).close()
-        for name in solo:
-            build_and_sweep(name)
-        if solo:
-            side_by_side(solo, " and ".join(solo))
-        for name in solo:
+        built = []
+        for name in solo:  # a late system that fails is left out: the figures of the others still count
+            try:
+                build_and_sweep(name)
+                built.append(name)
+            except Exception as e:
+                log(f"{name}: FAILED, left out: {e!r}")
+                failed[name] = repr(e)[:500]
+                if name in systems:
+                    systems.pop(name).close()
+        if built:
+            side_by_side(built, " and ".join(built))
+        for name in built:
             systems.pop(name).close()
     finally:
         for s in systems.values():
             s.close()
+    advised["failed_systems"] = failed
     report(args, info, data.d, data.source, data.real, build, sweeps, ops, batch_w, serial_w, searchable, advised)
     return 0
 
@@ -285,7 +302,7 @@ def report(
     print("|---|---|---|---|")
     for n, b in build.items():
         print(f"| {n} | {b['ingest_s']:.1f} | {b['ingest_vps']:.0f} | {b['ready_s']:.1f} |")
-    if advised:
+    if "spec" in advised:
         print(
             f"\nIndex advisor (RecommendIndex on interlingua's collection, {advised['advisor_sample_points']} points,"
             f" {args.nq_tune} real queries apart from the evaluation ones, {advised['advise_s']:.0f} s):"
@@ -328,7 +345,7 @@ def report(
             fig["qps_vs_faiss_hnsw"] = qa / batch_w[fa].qps
         fig["advised_qps_nq64"] = qa
         fig["advised_setting"] = f"{advised['spec']} {ops[ad]['params']}"
-        fig.update({k: v for k, v in advised.items() if k != "spec"})
+        fig.update({k: v for k, v in advised.items() if k not in ("spec", "failed_systems")})
     if il in batch_w:
         q = batch_w[il].qps
         if ch in batch_w:
@@ -383,6 +400,7 @@ def report(
     out = dict(
         fig,
         targets_met=all(met.values()),
+        failed_systems=advised.get("failed_systems", {}),
         targets=met,
         n=args.n,
         d=d,
