@@ -111,6 +111,17 @@ def operating_point(rows: list[dict[str, Any]], target: float, fastest: bool = F
     return dict(max(rows, key=lambda r: r["recall_at_10"]), reached=False)
 
 
+def frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The settings no other one beats on both Recall@10 and QPS, by recall (an efSearch sweep is
+    one already, but for timing noise)."""
+    out = [
+        r
+        for r in rows
+        if not any(o["recall_at_10"] >= r["recall_at_10"] and o["qps_nq64"] > r["qps_nq64"] for o in rows)
+    ]
+    return sorted(out, key=lambda r: r["recall_at_10"])
+
+
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     try:
         import matplotlib
@@ -123,7 +134,12 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(r["system"] for r in rows):
         pts = sorted((r for r in rows if r["system"] == name), key=lambda r: r["recall_at_10"])
-        ax.plot([p["recall_at_10"] for p in pts], [p["qps_nq64"] for p in pts], "o-", label=name)
+        front = frontier(pts) if any("k_factor" in p["point"] for p in pts) else pts
+        (line,) = ax.plot([p["recall_at_10"] for p in front], [p["qps_nq64"] for p in front], "o-", label=name)
+        if len(front) < len(pts):  # a grid (the advised collection): every setting, the frontier joined
+            ax.plot(
+                [p["recall_at_10"] for p in pts], [p["qps_nq64"] for p in pts], ".", color=line.get_color(), alpha=0.35
+            )
     ax.set_xlabel("Recall@10 (vs exact search)")
     ax.set_ylabel("QPS (nq=64 batches, one client thread)")
     ax.set_yscale("log")
