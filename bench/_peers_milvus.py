@@ -32,9 +32,16 @@ class InterlinguaMilvus(System):
     def __init__(self, folder: Path, omp_threads: int) -> None:
         self.port = free_port()
         self.uri = folder / "il_milvus.db"
+        # GetCollection counts each space's vectors in the engine: on Milvus Lite (a Python engine)
+        # that count over 200k rows outlasts the default 10 s engine timeout, which the server
+        # then reads as an unreachable engine. The wait below polls GetCollection: a longer timeout.
+        config = folder / "il_milvus.toml"
+        config.write_text("milvus_timeout_seconds = 600.0\n")
         cmd = [
             str(Path(sys.executable).with_name("interlingua")),
             "serve",
+            "--config",
+            str(config),
             "--data-dir",
             str(folder / "interlingua_milvus"),
             "--port",
