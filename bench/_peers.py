@@ -356,7 +356,11 @@ class MilvusLite(System):
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("vec", DataType.FLOAT_VECTOR, dim=xb.shape[1])
         index = c.prepare_index_params()
-        index.add_index(field_name="vec", index_type="HNSW", metric_type="IP", params={"M": m, "efConstruction": efc})
+        # the build parameters flat (as pymilvus 3.0.2 sends them) and under "params" (the only form
+        # Milvus Lite 3.2.2 reads: given flat only, it built its default index, and every efSearch
+        # gave Recall@10 1.0; server/backends/milvus_schema.py sends both the same way)
+        hnsw = {"M": m, "efConstruction": efc}
+        index.add_index(field_name="vec", index_type="HNSW", metric_type="IP", params={**hnsw, "params": dict(hnsw)})
         c.create_collection(NAME, schema=schema, index_params=index)
         t0 = time.perf_counter()
         for i in range(0, len(xb), batch):
