@@ -34,6 +34,7 @@ from ._tls import TLS
 from ._types import (
     BackfillOrder,
     CollectionInfo,
+    CollectionMove,
     ForwardProgress,
     MigrationInfo,
     PointRecord,
@@ -53,6 +54,7 @@ __all__ = [
     "Cancelled",
     "Client",
     "CollectionInfo",
+    "CollectionMove",
     "DeadlineExceeded",
     "FailedPrecondition",
     "FitFailed",

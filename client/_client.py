@@ -69,6 +69,7 @@ from ._types import (
     MIGRATION_STRATEGIES,
     BackfillOrder,
     CollectionInfo,
+    CollectionMove,
     IndexRecommendation,
     MigrationInfo,
     PointRecord,
@@ -77,6 +78,7 @@ from ._types import (
     SearchResult,
     Space,
     TransformInfo,
+    milvus_uri,
 )
 from ._wire import PayloadArg, as_matrix, upsert_requests
 
@@ -244,6 +246,25 @@ class Client:
     def delete_collection(self, name: str) -> None:
         """Deletes a collection with its points, vectors and index files."""
         self._call(self._collections.DeleteCollection, collections_pb2.DeleteCollectionRequest(name=name))
+
+    def move_collection(self, name: str, to: str = "", *, timeout: float | None = 3600.0) -> CollectionMove:
+        """Moves embedded collection ``name`` to a Milvus engine while it serves: copies every point, catches up
+        the writes made meanwhile, verifies counts and spot searches on both sides, then switches it (searches
+        and writes go on; writes wait during the last catch-up and the switch). ``to``: ``milvus://host:port``,
+        ``http://host:port`` or a Milvus Lite file (``*.db``); "" for the server's default engine.
+        FailedPrecondition (nothing changed) for a collection that cannot move, quoting why; Unavailable when
+        the engine cannot be reached. ``timeout`` (seconds) replaces the client's per-call one when longer."""
+        try:
+            uri = milvus_uri(to)
+        except ValueError as err:
+            raise InvalidArgument(str(err)) from None
+        req = collections_pb2.MoveCollectionRequest(name=name, backend="milvus", backend_uri=uri)
+        timeout = max(timeout, self.timeout) if timeout is not None and self.timeout is not None else None
+        try:
+            msg = self._collections.MoveCollection(req, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return CollectionMove.from_proto(msg)
 
     def recommend_index(
         self,

@@ -21,6 +21,7 @@ from interlingua.jsonsafe import finite
 
 from ._types import (
     CollectionInfo,
+    CollectionMove,
     IndexRecommendation,
     OperatingPoint,
     RouteInfo,
@@ -34,6 +35,7 @@ __all__ = [
     "print_collection",
     "print_collections",
     "print_json",
+    "print_move",
     "print_recommendation",
     "print_report",
     "print_routes",
@@ -142,6 +144,22 @@ def print_collection(info: CollectionInfo, as_json: bool, out: TextIO) -> None:
     fields["created_at"] = _when(info.created_at) + " UTC"
     fields["vectors_per_space"] = ", ".join(f"{k}={v}" for k, v in sorted(info.vectors_per_space.items()))
     print_table(("FIELD", "VALUE"), [(k, str(v)) for k, v in fields.items()], out)
+
+
+def print_move(move: CollectionMove, as_json: bool, out: TextIO) -> None:
+    """One line: where the collection went, what was copied and caught up, and the verification's figures."""
+    if as_json:
+        print_json([move], out)
+        return
+    c = move.collection
+    print(
+        f"moved collection {c.name} to {c.backend} at {c.backend_uri}: {move.points_copied} points"
+        f" ({move.vectors_copied} vectors) copied, {move.writes_caught_up} writes and {move.deletes_caught_up} deletes"
+        f" caught up; verified {move.num_points} points, spot searches {move.spot_queries} (top-1 self"
+        f" {move.spot_top1_self_milvus}/{move.spot_queries}, agreement {move.spot_top1_agreement:.3f}, top-10 overlap"
+        f" {move.spot_top10_overlap:.3f}); {move.seconds:.1f}s, writes paused {move.write_pause_seconds:.2f}s",
+        file=out,
+    )
 
 
 def _params(p: OperatingPoint) -> str:

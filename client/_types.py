@@ -12,6 +12,8 @@ transform's config and report are ``{}`` when empty). Covered by
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +30,7 @@ __all__ = [
     "MIGRATION_STRATEGIES",
     "BackfillOrder",
     "CollectionInfo",
+    "CollectionMove",
     "ForwardProgress",
     "IndexRecommendation",
     "MigrationInfo",
@@ -41,6 +44,7 @@ __all__ = [
     "SearchResult",
     "Space",
     "TransformInfo",
+    "milvus_uri",
 ]
 
 METRICS: dict[str, common_pb2.Metric.ValueType] = {
@@ -204,6 +208,63 @@ class CollectionInfo:
             backend=msg.backend or "embedded",
             backend_uri=msg.backend_uri,
         )
+
+
+@dataclass(frozen=True)
+class CollectionMove:
+    """What :meth:`~interlingua.client.Client.move_collection` did: the collection on its new backend, what was
+    copied and caught up, and the verification's figures (counts equal on both sides, spot searches)."""
+
+    collection: CollectionInfo
+    points_copied: int  #: by the bulk copy
+    vectors_copied: int  #: by the bulk copy, all spaces together
+    writes_caught_up: int  #: points written during the copy and copied again
+    deletes_caught_up: int  #: points deleted during the copy and deleted in the engine
+    seconds: float  #: the whole move
+    write_pause_seconds: float  #: how long the collection's writes waited (last catch-up, verification, switch)
+    spot_queries: int  #: spot searches on both sides (stored home vectors, k = 10)
+    spot_top1_self_embedded: int  #: spot searches whose top-1 is the queried point (0 for ip spaces)
+    spot_top1_self_milvus: int
+    spot_top1_agreement: float  #: fraction with the same top-1 on both sides
+    spot_top10_overlap: float  #: mean top-10 overlap of the two sides
+    num_points: int  #: verified equal on both sides
+    vectors_per_space: dict[str, int]  #: verified equal on both sides
+
+    @classmethod
+    def from_proto(cls, msg: collections_pb2.MoveCollectionResponse) -> CollectionMove:
+        return cls(
+            collection=CollectionInfo.from_proto(msg.collection),
+            points_copied=msg.points_copied,
+            vectors_copied=msg.vectors_copied,
+            writes_caught_up=msg.writes_caught_up,
+            deletes_caught_up=msg.deletes_caught_up,
+            seconds=msg.seconds,
+            write_pause_seconds=msg.write_pause_seconds,
+            spot_queries=msg.spot_queries,
+            spot_top1_self_embedded=msg.spot_top1_self_embedded,
+            spot_top1_self_milvus=msg.spot_top1_self_milvus,
+            spot_top1_agreement=msg.spot_top1_agreement,
+            spot_top10_overlap=msg.spot_top10_overlap,
+            num_points=msg.num_points,
+            vectors_per_space=dict(msg.vectors_per_space),
+        )
+
+
+def milvus_uri(to: str) -> str:
+    """The engine address a move names: ``milvus://host:port`` -> ``http://host:port`` (port 19530 when none),
+    ``http(s)://`` and ``tcp://`` as given, "" (the server's default) as given, anything else a Milvus Lite file
+    (``*.db``) made absolute. ValueError for a path that is not a ``.db`` file or a ``milvus://`` without a host."""
+    to = to.strip()
+    if not to or re.match(r"^(https?|tcp)://", to):
+        return to
+    if to.startswith("milvus://"):
+        m = re.fullmatch(r"milvus://([^\s/:]+)(:\d+)?/?", to)
+        if m is None:
+            raise ValueError(f"{to!r} is not milvus://HOST[:PORT]")
+        return f"http://{m.group(1)}{m.group(2) or ':19530'}"
+    if "://" in to or not to.endswith(".db"):
+        raise ValueError(f"{to!r} is neither milvus://HOST:PORT, http(s)://HOST:PORT nor a Milvus Lite file (*.db)")
+    return os.path.abspath(os.path.expanduser(to))
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,9 +3,10 @@
 ::
 
     interlingua serve [--config server.toml] [--data-dir D] [--port P] [--no-metrics] [--device cuda] ...
-    interlingua spaces {list,register,get} ...      interlingua collections {list,create,get,delete,recommend} ...
+    interlingua spaces {list,register,get} ...      interlingua collections {list,create,get,delete,recommend,move} ...
     interlingua collections create NAME --home-space S --index auto --recall 0.95
     interlingua collections recommend NAME --recall 0.95 [-k 10] [--queries xq.npy] [--candidates SPEC ...] [--json]
+    interlingua collections move NAME [--to milvus://HOST:PORT | http://HOST:PORT | FILE.db] [--json]
     interlingua ingest COLLECTION --space S --vectors xb.npy [--ids ids.txt] [--payloads p.jsonl] [--only-ids F]
     interlingua search COLLECTION --space S --vectors xq.npy [--rows 0:5] [-k 10] [--json]
     interlingua stats [COLLECTION] [--json]         interlingua health
@@ -47,6 +48,7 @@ from ._migration_cli import read_id_list, select_rows
 from ._output import (
     print_collection,
     print_collections,
+    print_move,
     print_recommendation,
     print_routes,
     print_routes_listing,
@@ -55,7 +57,7 @@ from ._output import (
     print_transform,
     print_transforms,
 )
-from ._types import KINDS, METRICS
+from ._types import KINDS, METRICS, milvus_uri
 
 if TYPE_CHECKING:
     from interlingua.server.config import ServerConfig
@@ -141,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-queries", type=int, default=0, help="held-out queries (default: min(1000, points/10))")
     p.add_argument("--candidates", nargs="+", default=[], metavar="SPEC", help="index specs to measure")
     colls.add_parser("delete", parents=[conn], help="delete a collection").add_argument("name")
+    p = colls.add_parser(
+        "move", parents=[conn], help="move an embedded collection to a Milvus engine while it serves, then switch it"
+    )
+    p.add_argument("name")
+    p.add_argument(
+        "--to",
+        type=_engine_uri,
+        default="",
+        metavar="URI",
+        help="milvus://HOST:PORT, http://HOST:PORT or a Milvus Lite file (*.db); default: the server's milvus uri",
+    )
 
     p = sub.add_parser("ingest", parents=[conn], help="upsert vectors from a .npy file")
     p.add_argument("collection")
@@ -230,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=1.0, help="fraction of live queries mirrored (default: 1)")
     p.add_argument("--stop", action="store_true", help="stop the route's shadow")
     return parser
+
+
+def _engine_uri(text: str) -> str:
+    """``collections move --to``: the engine's uri as the server takes it (``milvus://`` -> ``http://``)."""
+    try:
+        return milvus_uri(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_server_config(args: argparse.Namespace) -> ServerConfig:
@@ -323,6 +344,8 @@ def _run_client(args: argparse.Namespace) -> int:
             print_recommendation(rec, args.json, out)
         elif cmd == ("collections", "get"):
             print_collection(client.get_collection(args.name), args.json, out)
+        elif cmd == ("collections", "move"):
+            print_move(client.move_collection(args.name, args.to), args.json, out)
         elif cmd == ("collections", "delete"):
             client.delete_collection(args.name)
             print(f"deleted collection {args.name}", file=out)

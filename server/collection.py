@@ -93,6 +93,8 @@ class Collection(CollectionIndex):
                 return 0, 0
             removed = self.store.vectors_per_space(self.row.cid, present)
             seq = self.store.delete(self.row.cid, present)
+            if self.deletes_seen is not None:
+                self.deletes_seen.extend(present)
             dead = [lab for pid in present if (lab := self.pids.pop(pid)) >= 0]
             self.segments.kill(dead, seq)
             for space, n in removed.items():

@@ -99,6 +99,8 @@ class CollectionIndex:
         self.dropped = False
         #: set when a finished migration reopened the collection as a new object: writes to this one fail
         self.retired = ""
+        #: while a move copies the collection (``backends/move.py``): the ids deleted since its start
+        self.deletes_seen: list[str] | None = None
         self.pids: dict[str, int] = {}  # point id -> home label, or -1 without a home vector
         self.counts: dict[str, int] = {}  # space -> stored vectors
         self.next_label = row.next_label

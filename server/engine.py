@@ -29,11 +29,12 @@ from . import validate as v
 from .backends.base import AnyCollection
 from .backends.milvus import MilvusCollection
 from .backends.milvus_schema import MAX_VECTOR_FIELDS, check_uri, parse_index, require_pymilvus
+from .backends.move import MoveReport, move_collection
 from .collection import Collection, PointRecord
 from .collection_spec import CollectionSpec
 from .compat import TransformRecord
 from .config import BACKENDS, ServerConfig
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .errors import AlreadyExists, FailedPrecondition, InterlinguaError, InvalidArgument, NotFound, Unavailable
 from .lifecycle import EngineLifecycle, Lifecycle, lower_priority
 from .metrics import Metrics
 from .migration.runtime import Migration
@@ -218,11 +219,25 @@ class Engine(EngineLifecycle):
         """The collection's running migration, if any (its writes and searches go through it)."""
         return self.migrations.get(collection) if self.migrations is not None else None
 
+    def move_collection(self, name: str, backend: str, uri: str) -> MoveReport:
+        """Moves embedded collection ``name`` to a Milvus engine while it serves (``backends/move.py``)."""
+        return move_collection(self, name, backend, uri)
+
+    def _moved(self, name: str, col: AnyCollection, err: InterlinguaError) -> AnyCollection:
+        """The collection that replaced ``col`` when a move retired it (a request that resolved it just
+        before the switch is answered by the new one); ``err`` again otherwise."""
+        now = self.collections.get(name)
+        if col.retired and now is not None and now is not col and not now.retired:
+            return now
+        raise err
+
     def delete_collection(self, name: str) -> None:
         col = self.collection(name)
         if self.migrations is not None and self._migration(name) is not None:
             self.migrations.abort(name)  # its companion index goes with it
         with self._ddl_lock:
+            if name in self.moving:
+                raise FailedPrecondition(f"collection {name!r} is being moved; delete it after the move")
             on_milvus = col.row.spec.on_milvus
             with self._registry_lock:
                 if self.collections.get(name) is not col:
@@ -287,7 +302,10 @@ class Engine(EngineLifecycle):
         mig = self._migration(collection)
         if mig is not None:
             return mig.upsert(sp, ids, x, plds)
-        return col.upsert(sp, ids, x, plds)
+        try:
+            return col.upsert(sp, ids, x, plds)
+        except Unavailable as e:
+            return self._moved(collection, col, e).upsert(sp, ids, x, plds)
 
     def delete_points(self, collection: str, ids: list[str], missing_ok: bool) -> tuple[int, int]:
         col = self.collection(collection)
@@ -295,7 +313,10 @@ class Engine(EngineLifecycle):
         mig = self._migration(collection)
         if mig is not None:
             return mig.delete(ids, missing_ok)
-        return col.delete(ids, missing_ok)
+        try:
+            return col.delete(ids, missing_ok)
+        except Unavailable as e:
+            return self._moved(collection, col, e).delete(ids, missing_ok)
 
     def get_points(
         self, collection: str, ids: list[str], with_vectors: bool, with_payload: bool, spaces: list[str]
@@ -304,7 +325,10 @@ class Engine(EngineLifecycle):
         v.check_ids(ids, self.limits)
         for s in spaces:
             self.get_space(s)
-        return col.get(ids, with_vectors, with_payload, set(spaces))
+        try:
+            return col.get(ids, with_vectors, with_payload, set(spaces))
+        except (Unavailable, NotFound) as e:  # NotFound: its points were dropped after a move's switch
+            return self._moved(collection, col, e).get(ids, with_vectors, with_payload, set(spaces))
 
     def search(
         self, collection: str, query_space: str, data: bytes, dim: int, params: SearchParams, with_payload: bool = False
@@ -329,6 +353,8 @@ class Engine(EngineLifecycle):
             self._child(self.metrics.transform_seconds, route.transform).observe(hits.map_seconds)
         t3 = time.perf_counter()
         payloads = col.payloads(hits.ids) if with_payload else None
+        if col.retired and with_payload:  # moved meanwhile: its store rows may be gone, the new side has them
+            payloads = self.collection(collection).payloads(hits.ids)
         t4 = time.perf_counter()
         timers = col.stage_timers
         timers["validate"].observe(t1 - t0)

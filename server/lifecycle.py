@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -99,6 +100,8 @@ class EngineLifecycle:
         #: the Milvus engines of ``milvus`` collections (``server/backends``): clients, errors, health
         self.milvus = MilvusEngines(config.milvus_timeout_seconds, config.milvus_check_seconds, self._health_changed)
         self._registry_lock = threading.Lock()
+        #: collections a MoveCollection is copying (``backends/move.py``): not deleted, not migrated meanwhile
+        self.moving: set[str] = set()
         #: serializes CreateCollection and DeleteCollection as a whole: a create of a name being
         #: dropped once hit the store's unique constraint (sqlite3.IntegrityError -> INTERNAL)
         self._ddl_lock = threading.Lock()
@@ -147,6 +150,7 @@ class EngineLifecycle:
             spec = row.spec
             home, folder = self.spaces[spec.home_space], self._folder(row.cid)
             if spec.on_milvus:  # attaches to its Milvus collection; the engine is reached on first use
+                self._drop_moved_leftovers(row.cid, folder)
                 self.collections[spec.name] = MilvusCollection(
                     row, home, self.spaces, self.store, self.milvus, self.metrics
                 )
@@ -177,6 +181,18 @@ class EngineLifecycle:
         self._maintainer = threading.Thread(target=self._maintain_loop, name="interlingua-maintain", daemon=True)
         self._maintainer.start()
         self._set_state(Lifecycle.SERVING)
+
+    def _drop_moved_leftovers(self, cid: int, folder: Path) -> None:
+        """A collection moved to milvus whose embedded points or index files were not all dropped before a
+        crash (``backends/move.py``: the switch was durable, the clean-up not): drops them now."""
+        assert self.store is not None
+        if self.store.point_count(cid):
+            n = 0
+            while m := self.store.purge_points(cid, 40960):
+                n += m
+            log.info("dropped %d embedded points left over by the move of collection %d to milvus", n, cid)
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
     def lock_data_dir(self) -> None:
         """Takes the data dir's exclusive lock (creating the folder) unless held: FailedPrecondition,

@@ -119,16 +119,17 @@ def collection_pb(c: AnyCollection) -> cpb.CollectionInfo:
     )
 
 
-def milvus_collection_pb(c: MilvusCollection) -> cpb.CollectionInfo:
-    """A ``milvus`` collection's info: counts from the engine (UNAVAILABLE while it is unreachable)."""
-    counts = c.vector_counts()
+def milvus_collection_pb(c: MilvusCollection, known: tuple[int, dict[str, int]] | None = None) -> cpb.CollectionInfo:
+    """A ``milvus`` collection's info: counts from the engine (UNAVAILABLE while it is unreachable), or
+    ``known`` ones (points, vectors per space: a move's, just verified)."""
+    num_points, counts = known if known is not None else (c.num_points(), c.vector_counts())
     spec = c.row.spec
     return cpb.CollectionInfo(
         name=c.name,
         home_space=c.home.name,
         index_spec=spec.index_spec,
         state=STATE_TO_PB[c.state()],
-        num_points=c.num_points(),
+        num_points=num_points,
         vectors_per_space=counts,
         indexed_vectors=max(0, counts.get(c.home.name, 0) - c.unflushed),
         fresh_vectors=min(c.unflushed, counts.get(c.home.name, 0)),  # written since the last flush
@@ -235,6 +236,26 @@ class CollectionServicer(cgrpc.CollectionServiceServicer):
     def DeleteCollection(self, request: cpb.DeleteCollectionRequest, context: grpc.ServicerContext) -> Any:
         self.engine.delete_collection(request.name)
         return cpb.DeleteCollectionResponse()
+
+    @rpc
+    def MoveCollection(self, request: cpb.MoveCollectionRequest, context: grpc.ServicerContext) -> Any:
+        m = self.engine.move_collection(request.name, request.backend, request.backend_uri)
+        return cpb.MoveCollectionResponse(
+            collection=milvus_collection_pb(m.collection, (m.num_points, m.vectors_per_space)),
+            points_copied=m.points_copied,
+            vectors_copied=m.vectors_copied,
+            writes_caught_up=m.writes_caught_up,
+            deletes_caught_up=m.deletes_caught_up,
+            seconds=m.seconds,
+            write_pause_seconds=m.write_pause_seconds,
+            spot_queries=m.spot.queries,
+            spot_top1_self_embedded=m.spot.self_embedded,
+            spot_top1_self_milvus=m.spot.self_milvus,
+            spot_top1_agreement=m.spot.agreement,
+            spot_top10_overlap=m.spot.overlap,
+            num_points=m.num_points,
+            vectors_per_space=m.vectors_per_space,
+        )
 
     @rpc
     def RecommendIndex(self, request: cpb.RecommendIndexRequest, context: grpc.ServicerContext) -> Any:

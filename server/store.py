@@ -123,6 +123,26 @@ class Store(RegistryTables, MigrationTables):
                 self._w.execute(f"DELETE FROM {table} WHERE cid=?", (cid,))
         return seq
 
+    def set_backend(self, cid: int, backend: str, uri: str) -> int:
+        """Switches collection ``cid`` to ``backend`` at ``uri`` (``MoveCollection``): one durable transaction."""
+        with self._tx() as seq:
+            self._w.execute(
+                "UPDATE collections SET backend=?, backend_uri=?, train_min_points=0 WHERE cid=?", (backend, uri, cid)
+            )
+        return seq
+
+    def purge_points(self, cid: int, limit: int) -> int:
+        """Deletes up to ``limit`` points of collection ``cid`` with their vectors (a moved collection's
+        leftovers, in transactions of bounded size); returns how many, 0 once none is left."""
+        with self._tx():
+            pids = [r[0] for r in self._w.execute("SELECT pid FROM points WHERE cid=? LIMIT ?", (cid, limit))]
+            rows = [(cid, pid) for pid in pids]
+            self._w.executemany("DELETE FROM vectors WHERE cid=? AND pid=?", rows)
+            self._w.executemany("DELETE FROM points WHERE cid=? AND pid=?", rows)
+            if not pids:  # vectors without a point: none are written, but leave nothing behind
+                self._w.execute("DELETE FROM vectors WHERE cid=?", (cid,))
+        return len(pids)
+
     def stamp(self, cid: int) -> int:
         """One durable transaction that only takes the next sequence number as collection ``cid``'s
         last write: a ``milvus`` collection's writes carry it (their points live in the engine)."""
@@ -261,6 +281,17 @@ class Store(RegistryTables, MigrationTables):
             for pid, space, vec in self._r.execute(q, (cid, *chunk)):
                 out.setdefault(pid, {})[space] = bytes(vec)
         return out
+
+    def points_page(self, cid: int, after: str, limit: int) -> list[tuple[str, str | None, int]]:
+        """(id, payload, sequence) of up to ``limit`` points with ids after ``after``, in id order."""
+        rows = self._r.execute(
+            "SELECT pid, payload, sequence FROM points WHERE cid=? AND pid>? ORDER BY pid LIMIT ?", (cid, after, limit)
+        )
+        return [(r[0], r[1], int(r[2])) for r in rows]
+
+    def points_since(self, cid: int, sequence: int) -> list[str]:
+        """The ids of points whose last write is newer than ``sequence``."""
+        return [r[0] for r in self._r.execute("SELECT pid FROM points WHERE cid=? AND sequence>?", (cid, sequence))]
 
     def point_ids(self, cid: int) -> list[str]:
         return [r[0] for r in self._r.execute("SELECT pid FROM points WHERE cid=?", (cid,))]

@@ -37,10 +37,11 @@ from .milvus_schema import (
     require_pymilvus,
 )
 
-__all__ = ["CHUNK", "MilvusTable", "as_vector", "delete_ids", "query_rows", "upsert_rows"]
+__all__ = ["CHUNK", "MOVE_PROPERTY", "MilvusTable", "as_vector", "delete_ids", "query_rows", "upsert_rows"]
 
 R = TypeVar("R")
 CHUNK = 4096  #: ids per query and rows per upsert or delete call
+MOVE_PROPERTY = "interlingua_move"  #: collection property marking a collection a move made (``move.py``)
 
 
 class MilvusTable:
@@ -101,11 +102,14 @@ class MilvusTable:
             self.engines.call(self.uri, "load", lambda c: c.load_collection(self.mname, timeout=self.engines.timeout))
         self._loaded_epoch = epoch
 
-    def create(self, spaces: Sequence[SpaceRow]) -> None:
-        """Creates the Milvus collection: one vector field per space in ``spaces`` (the home space first)."""
+    def create(self, spaces: Sequence[SpaceRow], marker: str = "") -> None:
+        """Creates the Milvus collection: one vector field per space in ``spaces`` (the home space first).
+        ``marker``: a move's mark (``move.py``), kept as the collection property ``MOVE_PROPERTY`` (Milvus Lite
+        keeps no schema description) and as the schema's description."""
         pymilvus = require_pymilvus()
         dt = pymilvus.DataType
-        schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description=marker)
+        extra = {"properties": {MOVE_PROPERTY: marker}} if marker else {}
         schema.add_field("id", dt.VARCHAR, is_primary=True, max_length=MAX_ID_CHARS)
         schema.add_field("payload", dt.VARCHAR, max_length=MAX_PAYLOAD_BYTES, nullable=True)
         schema.add_field("seq", dt.INT64)
@@ -128,7 +132,9 @@ class MilvusTable:
                     f"milvus collection {self.mname!r} already exists at {self.uri} (another front-end or an earlier"
                     " data dir holds it); drop it there or choose another name"
                 )
-            c.create_collection(self.mname, schema=schema, index_params=index, consistency_level="Strong", timeout=t)
+            c.create_collection(
+                self.mname, schema=schema, index_params=index, consistency_level="Strong", timeout=t, **extra
+            )
 
         self._call("create collection", create)
         self.fields = {sp.name: field_name(sp.name) for sp in spaces}

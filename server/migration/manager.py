@@ -132,6 +132,10 @@ class Migrations:
         if new.name == old.name:
             raise InvalidArgument(f"new_space {new_space!r} is already the home space of collection {collection!r}")
         with self.lock, e._ddl_lock:
+            if collection in e.moving or e.collections.get(collection) is not col:
+                raise FailedPrecondition(
+                    f"collection {collection!r} is being moved to another backend (or was just moved); retry after it"
+                )
             if collection in self.active:
                 m = self.active[collection]
                 raise FailedPrecondition(

@@ -596,3 +596,131 @@ class DeleteCollectionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteCollectionResponse: _TypeAlias = DeleteCollectionResponse  # noqa: Y015
+
+@_typing.final
+class MoveCollectionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    BACKEND_URI_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name of the collection (on the embedded backend)."""
+    backend: _builtins.str
+    """The backend to move to: `milvus` (empty means `milvus`, the only one a collection moves to)."""
+    backend_uri: _builtins.str
+    """The engine: a cluster address (`http://host:19530`) or a Milvus Lite file (`/path/milvus.db`).
+    Empty: the server's default (`serve --milvus-uri`, else `<data_dir>/milvus.db`).
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        backend: _builtins.str = ...,
+        backend_uri: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "backend_uri", b"backend_uri", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MoveCollectionRequest: _TypeAlias = MoveCollectionRequest  # noqa: Y015
+
+@_typing.final
+class MoveCollectionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class VectorsPerSpaceEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    POINTS_COPIED_FIELD_NUMBER: _builtins.int
+    VECTORS_COPIED_FIELD_NUMBER: _builtins.int
+    WRITES_CAUGHT_UP_FIELD_NUMBER: _builtins.int
+    DELETES_CAUGHT_UP_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    WRITE_PAUSE_SECONDS_FIELD_NUMBER: _builtins.int
+    SPOT_QUERIES_FIELD_NUMBER: _builtins.int
+    SPOT_TOP1_SELF_EMBEDDED_FIELD_NUMBER: _builtins.int
+    SPOT_TOP1_SELF_MILVUS_FIELD_NUMBER: _builtins.int
+    SPOT_TOP1_AGREEMENT_FIELD_NUMBER: _builtins.int
+    SPOT_TOP10_OVERLAP_FIELD_NUMBER: _builtins.int
+    NUM_POINTS_FIELD_NUMBER: _builtins.int
+    VECTORS_PER_SPACE_FIELD_NUMBER: _builtins.int
+    points_copied: _builtins.int
+    """Points copied by the bulk copy (the catch-up's are in writes_caught_up)."""
+    vectors_copied: _builtins.int
+    """Vectors copied by the bulk copy, all spaces together."""
+    writes_caught_up: _builtins.int
+    """Points written during the bulk copy and copied again by the catch-up passes."""
+    deletes_caught_up: _builtins.int
+    """Points deleted during the copy and deleted in the engine by the catch-up."""
+    seconds: _builtins.float
+    """Wall-clock seconds of the whole move."""
+    write_pause_seconds: _builtins.float
+    """Seconds the collection's writes waited: the last catch-up, the verification and the switch."""
+    spot_queries: _builtins.int
+    """Spot searches run on both sides: stored home vectors of seeded points, k = 10."""
+    spot_top1_self_embedded: _builtins.int
+    """Spot searches whose top-1 on the embedded side is the queried point itself (or a point of equal
+    score); 0 for ip spaces, where a point need not be its own nearest.
+    """
+    spot_top1_self_milvus: _builtins.int
+    """The same on the engine."""
+    spot_top1_agreement: _builtins.float
+    """Fraction of spot searches whose top-1 is the same point (or of equal score) on both sides."""
+    spot_top10_overlap: _builtins.float
+    """Mean overlap of the two sides' top-10 ids, |A & B| / 10, over the spot searches."""
+    num_points: _builtins.int
+    """Points, as verified equal on both sides."""
+    @_builtins.property
+    def collection(self) -> Global___CollectionInfo:
+        """The collection after the move (backend `milvus`, counts from the engine)."""
+
+    @_builtins.property
+    def vectors_per_space(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Vectors per space, as verified equal on both sides."""
+
+    def __init__(
+        self,
+        *,
+        collection: Global___CollectionInfo | None = ...,
+        points_copied: _builtins.int = ...,
+        vectors_copied: _builtins.int = ...,
+        writes_caught_up: _builtins.int = ...,
+        deletes_caught_up: _builtins.int = ...,
+        seconds: _builtins.float = ...,
+        write_pause_seconds: _builtins.float = ...,
+        spot_queries: _builtins.int = ...,
+        spot_top1_self_embedded: _builtins.int = ...,
+        spot_top1_self_milvus: _builtins.int = ...,
+        spot_top1_agreement: _builtins.float = ...,
+        spot_top10_overlap: _builtins.float = ...,
+        num_points: _builtins.int = ...,
+        vectors_per_space: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "deletes_caught_up", b"deletes_caught_up", "num_points", b"num_points", "points_copied", b"points_copied", "seconds", b"seconds", "spot_queries", b"spot_queries", "spot_top10_overlap", b"spot_top10_overlap", "spot_top1_agreement", b"spot_top1_agreement", "spot_top1_self_embedded", b"spot_top1_self_embedded", "spot_top1_self_milvus", b"spot_top1_self_milvus", "vectors_copied", b"vectors_copied", "vectors_per_space", b"vectors_per_space", "write_pause_seconds", b"write_pause_seconds", "writes_caught_up", b"writes_caught_up"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MoveCollectionResponse: _TypeAlias = MoveCollectionResponse  # noqa: Y015

@@ -60,6 +60,11 @@ class CollectionServiceStub:
                 request_serializer=interlingua_dot_v1_dot_collections__pb2.RecommendIndexRequest.SerializeToString,
                 response_deserializer=interlingua_dot_v1_dot_collections__pb2.RecommendIndexResponse.FromString,
                 _registered_method=True)
+        self.MoveCollection = channel.unary_unary(
+                '/interlingua.v1.CollectionService/MoveCollection',
+                request_serializer=interlingua_dot_v1_dot_collections__pb2.MoveCollectionRequest.SerializeToString,
+                response_deserializer=interlingua_dot_v1_dot_collections__pb2.MoveCollectionResponse.FromString,
+                _registered_method=True)
 
 
 class CollectionServiceServicer:
@@ -112,6 +117,26 @@ class CollectionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MoveCollection(self, request, context):
+        """Moves a running embedded collection to a Milvus engine: creates the engine's collection, copies
+        every point (id, payload, sequence, each space's vector) from the store in bounded chunks while
+        searches and writes go on, catches up the writes and deletes made meanwhile under the
+        collection's write lock (writes wait, searches go on), verifies point and per-space vector
+        counts and spot searches on both sides, then switches the collection (its row, then the request
+        path; routes keep working) and drops the embedded points and index files. On any failure the
+        engine's collection is dropped again and the collection stays embedded, unchanged. Runs for
+        seconds to minutes. NOT_FOUND for an unknown collection; INVALID_ARGUMENT for a backend other
+        than `milvus` or a bad uri; FAILED_PRECONDITION when the collection is already on milvus, has a
+        running migration, prefix_dims, a basis_transform, index_spec `auto`, an index spec the milvus
+        backend cannot map, vectors in more spaces than Milvus' vector field cap, a payload or id over
+        Milvus' limits, is failed or being moved, when the engine already holds another collection of that
+        name, when pymilvus is missing (the install hint), or when the verification fails (the message
+        quotes the figures); UNAVAILABLE when the engine cannot be reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollectionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +164,11 @@ def add_CollectionServiceServicer_to_server(servicer, server):
                     servicer.RecommendIndex,
                     request_deserializer=interlingua_dot_v1_dot_collections__pb2.RecommendIndexRequest.FromString,
                     response_serializer=interlingua_dot_v1_dot_collections__pb2.RecommendIndexResponse.SerializeToString,
+            ),
+            'MoveCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveCollection,
+                    request_deserializer=interlingua_dot_v1_dot_collections__pb2.MoveCollectionRequest.FromString,
+                    response_serializer=interlingua_dot_v1_dot_collections__pb2.MoveCollectionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -277,6 +307,33 @@ class CollectionService:
             '/interlingua.v1.CollectionService/RecommendIndex',
             interlingua_dot_v1_dot_collections__pb2.RecommendIndexRequest.SerializeToString,
             interlingua_dot_v1_dot_collections__pb2.RecommendIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoveCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/interlingua.v1.CollectionService/MoveCollection',
+            interlingua_dot_v1_dot_collections__pb2.MoveCollectionRequest.SerializeToString,
+            interlingua_dot_v1_dot_collections__pb2.MoveCollectionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,22 @@ class CollectionServiceStub:
     collection is failed or too small, or when no candidate reaches the target (the message
     quotes the best recall reached).
     """
+    MoveCollection: _grpc.UnaryUnaryMultiCallable[_collections_pb2.MoveCollectionRequest, _collections_pb2.MoveCollectionResponse]
+    """Moves a running embedded collection to a Milvus engine: creates the engine's collection, copies
+    every point (id, payload, sequence, each space's vector) from the store in bounded chunks while
+    searches and writes go on, catches up the writes and deletes made meanwhile under the
+    collection's write lock (writes wait, searches go on), verifies point and per-space vector
+    counts and spot searches on both sides, then switches the collection (its row, then the request
+    path; routes keep working) and drops the embedded points and index files. On any failure the
+    engine's collection is dropped again and the collection stays embedded, unchanged. Runs for
+    seconds to minutes. NOT_FOUND for an unknown collection; INVALID_ARGUMENT for a backend other
+    than `milvus` or a bad uri; FAILED_PRECONDITION when the collection is already on milvus, has a
+    running migration, prefix_dims, a basis_transform, index_spec `auto`, an index spec the milvus
+    backend cannot map, vectors in more spaces than Milvus' vector field cap, a payload or id over
+    Milvus' limits, is failed or being moved, when the engine already holds another collection of that
+    name, when pymilvus is missing (the install hint), or when the verification fails (the message
+    quotes the figures); UNAVAILABLE when the engine cannot be reached.
+    """
 
 @_typing.type_check_only
 class CollectionServiceAsyncStub(CollectionServiceStub):
@@ -86,6 +102,22 @@ class CollectionServiceAsyncStub(CollectionServiceStub):
     outside (0, 1], k out of range, bad queries or candidate specs; FAILED_PRECONDITION when the
     collection is failed or too small, or when no candidate reaches the target (the message
     quotes the best recall reached).
+    """
+    MoveCollection: _aio.UnaryUnaryMultiCallable[_collections_pb2.MoveCollectionRequest, _collections_pb2.MoveCollectionResponse]  # type: ignore[assignment]
+    """Moves a running embedded collection to a Milvus engine: creates the engine's collection, copies
+    every point (id, payload, sequence, each space's vector) from the store in bounded chunks while
+    searches and writes go on, catches up the writes and deletes made meanwhile under the
+    collection's write lock (writes wait, searches go on), verifies point and per-space vector
+    counts and spot searches on both sides, then switches the collection (its row, then the request
+    path; routes keep working) and drops the embedded points and index files. On any failure the
+    engine's collection is dropped again and the collection stays embedded, unchanged. Runs for
+    seconds to minutes. NOT_FOUND for an unknown collection; INVALID_ARGUMENT for a backend other
+    than `milvus` or a bad uri; FAILED_PRECONDITION when the collection is already on milvus, has a
+    running migration, prefix_dims, a basis_transform, index_spec `auto`, an index spec the milvus
+    backend cannot map, vectors in more spaces than Milvus' vector field cap, a payload or id over
+    Milvus' limits, is failed or being moved, when the engine already holds another collection of that
+    name, when pymilvus is missing (the install hint), or when the verification fails (the message
+    quotes the figures); UNAVAILABLE when the engine cannot be reached.
     """
 
 class CollectionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -143,6 +175,28 @@ class CollectionServiceServicer(metaclass=_abc_1.ABCMeta):
         outside (0, 1], k out of range, bad queries or candidate specs; FAILED_PRECONDITION when the
         collection is failed or too small, or when no candidate reaches the target (the message
         quotes the best recall reached).
+        """
+
+    @_abc_1.abstractmethod
+    def MoveCollection(
+        self,
+        request: _collections_pb2.MoveCollectionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_collections_pb2.MoveCollectionResponse, _abc.Awaitable[_collections_pb2.MoveCollectionResponse]]:
+        """Moves a running embedded collection to a Milvus engine: creates the engine's collection, copies
+        every point (id, payload, sequence, each space's vector) from the store in bounded chunks while
+        searches and writes go on, catches up the writes and deletes made meanwhile under the
+        collection's write lock (writes wait, searches go on), verifies point and per-space vector
+        counts and spot searches on both sides, then switches the collection (its row, then the request
+        path; routes keep working) and drops the embedded points and index files. On any failure the
+        engine's collection is dropped again and the collection stays embedded, unchanged. Runs for
+        seconds to minutes. NOT_FOUND for an unknown collection; INVALID_ARGUMENT for a backend other
+        than `milvus` or a bad uri; FAILED_PRECONDITION when the collection is already on milvus, has a
+        running migration, prefix_dims, a basis_transform, index_spec `auto`, an index spec the milvus
+        backend cannot map, vectors in more spaces than Milvus' vector field cap, a payload or id over
+        Milvus' limits, is failed or being moved, when the engine already holds another collection of that
+        name, when pymilvus is missing (the install hint), or when the verification fails (the message
+        quotes the figures); UNAVAILABLE when the engine cannot be reached.
         """
 
 def add_CollectionServiceServicer_to_server(servicer: CollectionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
