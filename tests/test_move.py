@@ -27,9 +27,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import brute_force, connect, make_data, recall_at, start_server
+from conftest import brute_force, connect, make_data, recall_at, start_server, wait_for
 
-from interlingua.client import Client, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from interlingua.client import Client, CollectionMove, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from interlingua.client._types import milvus_uri
 from interlingua.client.cli import main
 from interlingua.server import Server
@@ -214,7 +214,15 @@ def test_writes_and_searches_during_a_move(tmp_path: Path, monkeypatch: pytest.M
             th.start()
         time.sleep(0.3)
         try:
-            m = c.move_collection("c", str(tmp_path / "engine.db"))
+            moved: list[object] = []
+            mover = threading.Thread(target=lambda: moved.append(c.move_collection("c", str(tmp_path / "engine.db"))))
+            mover.start()
+            wait_for(lambda: "c" in srv.engine.moving, 10)
+            with pytest.raises(FailedPrecondition, match="'c' is being moved; delete it after the move"):
+                c.delete_collection("c")  # nor can a migration start meanwhile
+            mover.join()
+            m = moved[0]
+            assert isinstance(m, CollectionMove)
             time.sleep(0.5)  # writes go on on the new side
         finally:
             done.set()
