@@ -276,6 +276,8 @@ def test_refusals_change_nothing(tmp_path: Path) -> None:
         for sp in ("old@1", "new@1", "s3@1", "s4@1", "s5@1"):
             c.upsert("wide", ["a"], x[:1], space=sp)
         c.create_collection("on", "old@1", backend="milvus", backend_uri=uri)
+        c.create_collection("big", "old@1")  # a payload the server takes (65,536 bytes) but Milvus' VARCHAR not
+        c.upsert("big", _ids(20), x[:20], space="old@1", payloads=['"' + "a" * 65534 + '"'] + ["{}"] * 19)
         state = {i.name: (i.backend, i.num_points, i.vectors_per_space) for i in c.list_collections()}
         engine_before = _milvus_names(srv, uri)
         bad = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
@@ -289,6 +291,8 @@ def test_refusals_change_nothing(tmp_path: Path) -> None:
             ("pq", uri, FailedPrecondition, r"'pq' cannot be moved: index spec 'IVF4,PQ8' is not supported by the"),
             ("wide", uri, FailedPrecondition, r"'wide' has vectors in 5 spaces \(old@1, new@1, s3@1, s4@1, s5@1\);"),
             ("ok", bad, Unavailable, f"milvus engine at {bad} is unreachable"),
+            # found by the copy: the engine's collection is dropped again
+            ("big", uri, FailedPrecondition, "point 'p0' has a payload of 65536 bytes; the milvus backend holds at"),
         ]
         for name, to, exc, msg in refusals:
             with pytest.raises(exc, match=msg):
