@@ -123,6 +123,11 @@ def milvus_collection_pb(c: MilvusCollection, known: tuple[int, dict[str, int]] 
     """A ``milvus`` collection's info: counts from the engine (UNAVAILABLE while it is unreachable), or
     ``known`` ones (points, vectors per space: a move's, just verified)."""
     num_points, counts = known if known is not None else (c.num_points(), c.vector_counts())
+    home = counts.get(c.home.name, 0)
+    # indexed: what the engine's index covers (its own report), fresh: the rest (unflushed, or flushed
+    # and still searched by brute force while the engine indexes it)
+    indexed = min(home, c.index_progress()[0]) if known is None else home - min(c.unflushed, home)
+    indexed = min(indexed, home - min(c.unflushed, home))
     spec = c.row.spec
     return cpb.CollectionInfo(
         name=c.name,
@@ -131,8 +136,8 @@ def milvus_collection_pb(c: MilvusCollection, known: tuple[int, dict[str, int]] 
         state=STATE_TO_PB[c.state()],
         num_points=num_points,
         vectors_per_space=counts,
-        indexed_vectors=max(0, counts.get(c.home.name, 0) - c.unflushed),
-        fresh_vectors=min(c.unflushed, counts.get(c.home.name, 0)),  # written since the last flush
+        indexed_vectors=indexed,
+        fresh_vectors=home - indexed,  # written since the last flush, or not indexed by the engine yet
         last_sequence=c.last_sequence,
         created_at=c.row.created_at,
         prefix_dims=c.home.dim,

@@ -178,9 +178,15 @@ def test_hnsw_and_ivf_recall(env: Env) -> None:
     def r(name: str, **params: int) -> float:
         return recall_at(labels(c.search(name, xq, 10, space="old@1", **params).ids), Iref)  # type: ignore[arg-type]
 
-    # once the indexes are built (the embedded backend's merge, the engine's flush), a search of one
-    # list of 8 or a graph walk of 10 loses recall: the parameters reach the index
-    wait_for(lambda: r("i", nprobe=1) < 0.9, 60)
+    # once the collection reports every vector indexed (the embedded backend's merge; the engine's
+    # own index progress, not just a flush), the index serves: a search of one list of 8 or a graph
+    # walk of 10 loses recall at once (the parameters reach the index)
+    def indexed(name: str) -> bool:
+        info = c.get_collection(name)
+        return info.indexed_vectors == 3000 and info.fresh_vectors == 0
+
+    wait_for(lambda: indexed("i"), 60)
+    assert r("i", nprobe=1) < 0.9
     wait_for(lambda: r("q", nprobe=1) < 0.9, 60)
     wait_for(lambda: r("h", ef_search=10) < 1.0, 60)
     assert r("h", ef_search=128) >= 0.95

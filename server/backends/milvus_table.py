@@ -169,6 +169,15 @@ class MilvusTable:
         )
         return int(got[0]["count(*)"])
 
+    def index_progress(self) -> tuple[int, int]:
+        """(rows indexed, rows waiting for the index) of the home field's index, as the engine
+        reports them (``describe_index``): a flushed segment is searched by brute force until the
+        engine has built its index, so only these rows search at the index's speed and recall."""
+        info = self._call(
+            "describe index", lambda c: c.describe_index(self.mname, self.home_field, timeout=self.engines.timeout)
+        )
+        return int(info.get("indexed_rows") or 0), int(info.get("pending_index_rows") or 0)
+
     def vector_counts(self) -> dict[str, int]:
         """space -> vectors stored, counted by the engine (and kept for the points gauge)."""
         counts = {}
