@@ -52,7 +52,7 @@ def _check_knn(D: np.ndarray, ids: np.ndarray, Dref: np.ndarray, Iref: np.ndarra
 
 def test_public_names_are_pinned() -> None:
     assert sorted(interlingua.client.__all__) == [
-        "AlreadyExists", "BackfillOrder", "Cancelled", "Client", "CollectionInfo", "DeadlineExceeded",
+        "AlreadyExists", "BackfillOrder", "Cancelled", "Client", "CollectionInfo", "CollectionMove", "DeadlineExceeded",
         "FailedPrecondition", "FitFailed", "ForwardProgress", "ForwardUpgradeFailed", "InterlinguaError", "Internal",
         "InvalidArgument", "MigrationInfo", "NotFound", "PermissionDenied", "PointRecord", "ResourceExhausted",
         "Route", "RouteInfo", "RoutesListing", "ScoreCalibration", "SearchResult", "SearchStream", "SnapshotInfo",
