@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import Stubs, connect, make_data, start_server
+from conftest import Stubs, connect, make_data, start_server, wait_for
 
 from interlingua.server import Limits
 from interlingua.v1 import collections_pb2 as cpb
@@ -33,6 +33,9 @@ def env(tmp_path: Path) -> Iterator[Stubs]:
     xb = make_data(50, D, seed=0)
     s.upsert("gallery", "old@1", [f"p{i}" for i in range(50)], xb, payloads=['{"a": 1}'] * 50)
     s.upsert("hnsw", "old@1", [f"p{i}" for i in range(50)], xb)
+    # the background merge moves fresh rows into the sealed index, and a search's last float bits with
+    # them: let it happen before any fingerprint, so a rejected request is the only thing in between
+    wait_for(lambda: all(s.info(n).fresh_vectors == 0 for n in ("gallery", "hnsw")), 30)
     yield s
     s.channel.close()
     srv.stop(None)
