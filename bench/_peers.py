@@ -154,27 +154,35 @@ def build_collection(
     return ingest_s, ready_s, searchable
 
 
+def serve(data_dir: Path, omp_threads: int, *extra: str) -> tuple[subprocess.Popen[bytes], Client]:
+    """``interlingua serve`` on ``data_dir`` and a free port in its own process (no metrics, warnings
+    only, ``extra`` flags added), and a client once it serves."""
+    port = free_port()
+    cmd = [
+        str(Path(sys.executable).with_name("interlingua")),
+        "serve",
+        *extra,
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        str(port),
+        "--no-metrics",
+        "--omp-threads",
+        str(omp_threads),
+        "--log-level",
+        "WARNING",
+    ]
+    proc = subprocess.Popen(cmd)
+    client = Client(f"127.0.0.1:{port}", timeout=600)
+    client.wait_ready(120)
+    return proc, client
+
+
 class Interlingua(System):
     name = "interlingua"
 
     def __init__(self, folder: Path, omp_threads: int) -> None:
-        self.port = free_port()
-        cmd = [
-            str(Path(sys.executable).with_name("interlingua")),
-            "serve",
-            "--data-dir",
-            str(folder / "interlingua"),
-            "--port",
-            str(self.port),
-            "--no-metrics",
-            "--omp-threads",
-            str(omp_threads),
-            "--log-level",
-            "WARNING",
-        ]
-        self.proc = subprocess.Popen(cmd)
-        self.client = Client(f"127.0.0.1:{self.port}", timeout=600)
-        self.client.wait_ready(120)
+        self.proc, self.client = serve(folder / "interlingua", omp_threads)
         self.ef: int | None = None
         self.stream: Any = None
 

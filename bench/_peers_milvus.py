@@ -12,16 +12,13 @@ same data is ``milvus_layer_qps_ratio`` (target >= 0.9).
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _peers import NAME, SPACE, System, free_port
-
-from interlingua.client import Client
+from _common import labels_of
+from _peers import NAME, SPACE, System, serve
 
 __all__ = ["InterlinguaMilvus"]
 
@@ -30,35 +27,14 @@ class InterlinguaMilvus(System):
     name = "interlingua_milvus"
 
     def __init__(self, folder: Path, omp_threads: int) -> None:
-        self.port = free_port()
         self.uri = folder / "il_milvus.db"
         # GetCollection counts each space's vectors in the engine: on Milvus Lite (a Python engine)
         # that count over 200k rows outlasts the default 10 s engine timeout, which the server
         # then reads as an unreachable engine. The wait below polls GetCollection: a longer timeout.
         config = folder / "il_milvus.toml"
         config.write_text("milvus_timeout_seconds = 600.0\n")
-        cmd = [
-            str(Path(sys.executable).with_name("interlingua")),
-            "serve",
-            "--config",
-            str(config),
-            "--data-dir",
-            str(folder / "interlingua_milvus"),
-            "--port",
-            str(self.port),
-            "--no-metrics",
-            "--omp-threads",
-            str(omp_threads),
-            "--backend",
-            "milvus",
-            "--milvus-uri",
-            str(self.uri),
-            "--log-level",
-            "WARNING",
-        ]
-        self.proc = subprocess.Popen(cmd)
-        self.client = Client(f"127.0.0.1:{self.port}", timeout=600)
-        self.client.wait_ready(120)
+        extra = ("--config", str(config), "--backend", "milvus", "--milvus-uri", str(self.uri))
+        self.proc, self.client = serve(folder / "interlingua_milvus", omp_threads, *extra)
         self.ef: int | None = None
         self.stream: Any = None
 
@@ -82,8 +58,7 @@ class InterlinguaMilvus(System):
         self.ef = ef
 
     def search(self, xq: np.ndarray, k: int) -> np.ndarray:
-        ids = self.client.search(NAME, xq, k, space=SPACE, ef_search=self.ef).ids
-        return np.array([[int(p) if p else -1 for p in row] for row in ids], dtype=np.int64)
+        return labels_of(self.client.search(NAME, xq, k, space=SPACE, ef_search=self.ef).ids)
 
     def close(self) -> None:
         self.client.close()

@@ -124,10 +124,11 @@ def milvus_collection_pb(c: MilvusCollection, known: tuple[int, dict[str, int]] 
     ``known`` ones (points, vectors per space: a move's, just verified)."""
     num_points, counts = known if known is not None else (c.num_points(), c.vector_counts())
     home = counts.get(c.home.name, 0)
-    # indexed: what the engine's index covers (its own report), fresh: the rest (unflushed, or flushed
-    # and still searched by brute force while the engine indexes it)
-    indexed = min(home, c.index_progress()[0]) if known is None else home - min(c.unflushed, home)
-    indexed = min(indexed, home - min(c.unflushed, home))
+    flushed = home - min(c.unflushed, home)
+    # indexed: what the engine's index covers of the flushed rows (its own report; a move's verified
+    # counts are taken as flushed), fresh: the rest (unflushed, or flushed and still searched by brute
+    # force while the engine indexes it)
+    indexed = flushed if known is not None else min(flushed, c.index_progress()[0])
     spec = c.row.spec
     return cpb.CollectionInfo(
         name=c.name,
