@@ -120,9 +120,10 @@ def collection_pb(c: AnyCollection) -> cpb.CollectionInfo:
 
 
 def milvus_collection_pb(c: MilvusCollection, known: tuple[int, dict[str, int]] | None = None) -> cpb.CollectionInfo:
-    """A ``milvus`` collection's info: counts from the engine (UNAVAILABLE while it is unreachable), or
-    ``known`` ones (points, vectors per space: a move's, just verified)."""
-    num_points, counts = known if known is not None else (c.num_points(), c.vector_counts())
+    """A ``milvus`` collection's info: the counts the front-end keeps (counted in the engine once, when
+    first needed: UNAVAILABLE while it is unreachable then), or ``known`` ones (points, vectors per
+    space: a move's, just verified)."""
+    num_points, counts = known if known is not None else c.counted()
     home = counts.get(c.home.name, 0)
     flushed = home - min(c.unflushed, home)
     # indexed: what the engine's index covers of the flushed rows (its own report; a move's verified

@@ -653,3 +653,121 @@ def test_concurrent_writes_and_searches(env: Env) -> None:
     info = c.get_collection("cc")
     assert (info.num_points, info.vectors_per_space) == (400, {"old@1": 400, "new@1": 400})
     assert c.search("cc", x[399:400], 1, space="old@1").ids[0, 0] == "p399"
+
+
+def _engine_client(uri: str) -> object:
+    """A second pymilvus client on the server's Milvus Lite file (the same engine, in this process)."""
+    from pymilvus import MilvusClient
+
+    return MilvusClient(uri=uri)
+
+
+@NEEDS_MILVUS
+def test_counts_are_kept_by_the_front_end(tmp_path: Path) -> None:
+    """num_points and vectors_per_space are the front-end's: exact after overwrites (in one space and
+    another), deletes with missing ids and a write batch over one engine call; GetCollection asks the
+    engine for no count (a row deleted behind the front-end's back is not seen), and a restarted
+    front-end counts in the engine again (it is then)."""
+    from interlingua.server.backends.milvus_schema import milvus_name
+
+    e = Env(tmp_path / "data", "milvus")
+    c = e.start()
+    try:
+        c.register_space("old@1", D)
+        c.register_space("new@1", D)
+        c.create_collection("k", "old@1", "HNSW16")
+        x = make_data(5000, D, seed=21)
+        c.upsert("k", _ids(5000), x, space="old@1", batch_size=5000)  # two engine calls (CHUNK 4096)
+        c.upsert("k", _ids(3000)[1000:], x[1000:3000], space="new@1")
+        c.upsert("k", _ids(1500), x[:1500][::-1].copy(), space="old@1")  # overwrites: no new vector
+        c.upsert("k", [*_ids(1000)[900:], "q0", "q1"], x[:102], space="new@1")  # 102 new vectors, 2 new points
+        want = (5002, {"old@1": 5000, "new@1": 2102})
+        info = c.get_collection("k")
+        assert (info.num_points, info.vectors_per_space) == want
+        assert c.delete("k", ["p0", "p1500", "gone", "p2999", "q1", "gone2"], missing_ok=True) == 4
+        assert c.delete("k", ["gone"], missing_ok=True) == 0
+        with pytest.raises(NotFound):
+            c.delete("k", ["p2", "gone"])  # refused whole: p2 stays
+        want = (4998, {"old@1": 4997, "new@1": 2099})
+        info = c.get_collection("k")
+        assert (info.num_points, info.vectors_per_space) == want
+        # the engine is not asked: two rows deleted behind the front-end's back stay counted
+        assert e.server is not None
+        uri, mname = str(e.data / "milvus.db"), milvus_name("k")
+        mc = _engine_client(uri)
+        mc.delete(mname, filter='id in ["p5", "p2000"]')  # type: ignore[attr-defined]
+        info = c.get_collection("k")
+        assert (info.num_points, info.vectors_per_space) == want
+        e.stop()
+        c = e.start()  # counted in the engine once, at the first need
+        info = c.get_collection("k")
+        assert (info.num_points, info.vectors_per_space) == (4996, {"old@1": 4995, "new@1": 2098})
+        c.upsert("k", ["p5", "z"], x[:2], space="old@1")
+        info = c.get_collection("k")
+        assert (info.num_points, info.vectors_per_space) == (4998, {"old@1": 4997, "new@1": 2098})
+    finally:
+        e.stop()
+
+
+@NEEDS_MILVUS
+def test_counts_exact_under_concurrent_overwrites(tmp_path: Path) -> None:
+    """Writers overwriting and deleting their own points in two spaces at once (a reader searching):
+    the kept counts equal a numpy-side model of the final state, and so do the engine's own counts
+    after a restart."""
+    import threading
+
+    e = Env(tmp_path / "data", "milvus")
+    c = e.start()
+    try:
+        c.register_space("old@1", D)
+        c.register_space("new@1", D)
+        c.create_collection("cw", "old@1", "HNSW16")
+        x = make_data(600, D, seed=22)
+        state: list[dict[str, set[str]]] = [{} for _ in range(4)]  # per writer: id -> spaces
+        errors: list[BaseException] = []
+        stop = threading.Event()
+
+        def write(t: int) -> None:
+            rng = np.random.default_rng(100 + t)
+            mine = _ids(150 * (t + 1))[150 * t :]
+            have = state[t]
+            try:
+                for _ in range(12):
+                    pick = sorted(rng.choice(mine, 40, replace=False).tolist())
+                    space = "old@1" if rng.random() < 0.6 else "new@1"
+                    c.upsert("cw", pick, x[rng.choice(600, 40)], space=space)
+                    for p in pick:
+                        have.setdefault(p, set()).add(space)
+                    gone = sorted(rng.choice(mine, 8, replace=False).tolist())
+                    c.delete("cw", gone, missing_ok=True)
+                    for p in gone:
+                        have.pop(p, None)
+            except BaseException as err:
+                errors.append(err)
+
+        def read() -> None:
+            try:
+                while not stop.is_set():
+                    c.search("cw", x[:4], 5, space="old@1")
+            except BaseException as err:
+                errors.append(err)
+
+        writers = [threading.Thread(target=write, args=(t,)) for t in range(4)]
+        reader = threading.Thread(target=read)
+        for th in [*writers, reader]:
+            th.start()
+        for th in writers:
+            th.join()
+        stop.set()
+        reader.join()
+        assert not errors, errors
+        points = {p: s for st in state for p, s in st.items()}
+        per_space = {sp: n for sp in ("old@1", "new@1") if (n := sum(sp in s for s in points.values()))}
+        info = c.get_collection("cw")
+        assert (info.num_points, info.vectors_per_space) == (len(points), per_space)
+        e.stop()
+        c = e.start()
+        info = c.get_collection("cw")
+        assert (info.num_points, info.vectors_per_space) == (len(points), per_space)
+    finally:
+        e.stop()

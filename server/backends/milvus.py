@@ -79,11 +79,12 @@ class MilvusCollection(MilvusTable):
                 raise InvalidArgument(f"payloads[{i}] is over {MAX_PAYLOAD_BYTES} bytes, the milvus backend's limit")
         with self.lock:
             self._check_live()
+            self._ensure_counted()
             old = self._rows(ids, ["id", "payload", "spaces", *fields.values()])
             seq = self.store.stamp(self.row.cid)
             rows, new_vectors = [], 0
             zeros = {fld: np.zeros(self.spaces[sp].dim, np.float32) for sp, fld in fields.items()}
-            for i, pid in enumerate(ids):
+            for i, pid in enumerate(ids):  # ids are unique in a request (validate.py)
                 prev = old.get(pid)
                 have = set(prev["spaces"]) if prev else set()
                 new_vectors += f not in have
@@ -93,9 +94,15 @@ class MilvusCollection(MilvusTable):
                 for fld, zero in zeros.items():  # no vector in a space: zeros, and not in ``spaces``
                     row[fld] = x[i] if fld == f else (as_vector(prev[fld]) if prev and fld in have else zero)
                 rows.append(row)
-            for i in range(0, len(rows), CHUNK):
-                chunk = rows[i : i + CHUNK]
-                self._call("upsert", functools.partial(upsert_rows, self.mname, chunk, self.engines.timeout))
+            try:
+                for i in range(0, len(rows), CHUNK):
+                    chunk = rows[i : i + CHUNK]
+                    self._call("upsert", functools.partial(upsert_rows, self.mname, chunk, self.engines.timeout))
+            except BaseException:
+                self._forget_counts()  # the engine may hold part of it: count again when next needed
+                raise
+            if self.npoints is not None:
+                self.npoints += len(ids) - len(old)
             self.counts[space.name] = self.counts.get(space.name, 0) + new_vectors
             self.last_sequence, self.last_write = seq, time.monotonic()
             self.unflushed += len(ids) if f == self.home_field else 0
@@ -106,22 +113,29 @@ class MilvusCollection(MilvusTable):
         """Deletes points; returns (deleted, sequence)."""
         with self.lock:
             self._check_live()
-            old = self._rows(ids, ["id", "spaces"])
+            self._ensure_counted()
+            old = self._rows(list(dict.fromkeys(ids)), ["id", "spaces"])
             if len(old) < len(set(ids)) and not missing_ok:
                 raise NotFound(_missing_message(self.name, [pid for pid in ids if pid not in old]))
             if not old:
                 return 0, 0
             seq = self.store.stamp(self.row.cid)
             present = list(old)
-            for i in range(0, len(present), CHUNK):
-                chunk = present[i : i + CHUNK]
-                self._call("delete", functools.partial(delete_ids, self.mname, chunk, self.engines.timeout))
-            by_field = {f: s for s, f in (self.fields or {}).items()}
+            try:
+                for i in range(0, len(present), CHUNK):
+                    chunk = present[i : i + CHUNK]
+                    self._call("delete", functools.partial(delete_ids, self.mname, chunk, self.engines.timeout))
+            except BaseException:
+                self._forget_counts()
+                raise
+            by_field = {f: s for s, f in self._fields().items()}
             for r in old.values():
                 for f in r["spaces"]:
                     if f in by_field and by_field[f] in self.counts:
                         self.counts[by_field[f]] -= 1
-            self.last_sequence = seq
+            if self.npoints is not None:
+                self.npoints -= len(present)
+            self.last_sequence, self.last_write = seq, time.monotonic()
         self.publish_gauges()
         return len(present), seq
 

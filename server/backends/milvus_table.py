@@ -5,7 +5,16 @@ counts, the write lock) and every engine call goes through :meth:`MilvusTable._c
 errors mapped (``milvus_engines.py``: UNAVAILABLE while it is unreachable) and the collection loaded
 again after the engine restarted and forgot it. The request surface (writes, get, search) is
 :class:`~.milvus.MilvusCollection`, as :class:`~..collection.Collection` stands on
-:class:`~..collection_index.CollectionIndex`. Covered by ``tests/test_backends.py``.
+:class:`~..collection_index.CollectionIndex`.
+
+**Counts** (points, vectors per space) are the front-end's: counted in the engine once, under the
+write lock, when first needed after the collection is opened (:meth:`MilvusTable.counted`), then kept
+exact by every write, which reads the rows it touches anyway (an upsert knows which ids and which
+vectors are new, a delete which rows and vectors go). ``GetCollection`` therefore issues no count
+query: on Milvus Lite a filtered count materializes every matching row (over 10 s at 200k rows) and
+over-counted after concurrent overwrites. Counts assigned whole (a new collection's empty ones, a
+move's verified ones) are kept as given; a write whose engine call failed (it may have been applied
+in part) makes them counted again. Covered by ``tests/test_backends.py``.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ __all__ = ["CHUNK", "MOVE_PROPERTY", "MilvusTable", "as_vector", "delete_ids", "
 
 R = TypeVar("R")
 CHUNK = 4096  #: ids per query and rows per upsert or delete call
+COUNT_TIMEOUT = 600.0  #: seconds for the one count of a collection (Milvus Lite: seconds per 100k rows)
 MOVE_PROPERTY = "interlingua_move"  #: collection property marking a collection a move made (``move.py``)
 
 
@@ -73,7 +83,9 @@ class MilvusTable:
         self.dropped = False
         self.retired = ""
         self.failure = None  #: the engine builds the index: never failed in this front-end
-        self.counts: dict[str, int] = {}  #: space -> vectors, refreshed by :meth:`vector_counts`
+        self._counts: dict[str, int] = {}  #: space -> vectors (see :attr:`counts`)
+        self._counts_known = False  #: ``_counts`` exact: counted once, or assigned whole
+        self.npoints: int | None = None  #: points, exact once counted (None: not yet)
         self.last_sequence = row.last_sequence
         self.checkpoint_sequence = 0
         self.stage_timers = {s: metrics.search_seconds.labels(self.name, s) for s in SEARCH_STAGES}
@@ -160,13 +172,55 @@ class MilvusTable:
             rows.update((r["id"], r) for r in got)
         return rows
 
+    @property
+    def counts(self) -> dict[str, int]:
+        """space -> vectors stored: kept by the writes, exact once :meth:`counted` (the points gauge's)."""
+        return self._counts
+
+    @counts.setter
+    def counts(self, value: dict[str, int]) -> None:
+        """Counts assigned whole (a new collection's ``{}``, a move's verified counts) are kept as exact."""
+        self._counts, self._counts_known = value, True
+
+    def counted(self) -> tuple[int, dict[str, int]]:
+        """(points, space -> vectors), exact: counted in the engine the first time (under the write lock),
+        kept by the writes since."""
+        if self.npoints is None or not self._counts_known:
+            with self.lock:
+                self._ensure_counted()
+        npoints = self.npoints
+        assert npoints is not None
+        return npoints, dict(self._counts)
+
+    def _ensure_counted(self) -> None:
+        """Counts points and each space's vectors in the engine unless known; the caller holds the write
+        lock, so no write of this front-end runs meanwhile. One vector field: every point has a home
+        vector (writes in other spaces are refused), so one ``count(*)`` answers both."""
+        if self.npoints is None:
+            self.npoints = self._count("")
+        if not self._counts_known:
+            fields = self._fields()
+            if len(fields) == 1:
+                counts = {self.home.name: self.npoints} if self.npoints else {}
+            else:
+                counts = {s: n for s, f in fields.items() if (n := self._count(f'array_contains(spaces, "{f}")'))}
+            self._counts, self._counts_known = counts, True
+            self.publish_gauges()
+
+    def _forget_counts(self) -> None:
+        """A write failed part-way (the engine may hold some of it): count again when next needed."""
+        self.npoints, self._counts_known = None, False
+
     def num_points(self) -> int:
-        return self._count("")
+        return self.counted()[0]
+
+    def vector_counts(self) -> dict[str, int]:
+        """space -> vectors stored (kept by the front-end; see :meth:`counted`)."""
+        return self.counted()[1]
 
     def _count(self, flt: str) -> int:
-        got = self._call(
-            "count", functools.partial(query_rows, self.mname, None, ["count(*)"], self.engines.timeout, flt)
-        )
+        t = max(self.engines.timeout, COUNT_TIMEOUT)
+        got = self._call("count", functools.partial(query_rows, self.mname, None, ["count(*)"], t, flt))
         return int(got[0]["count(*)"])
 
     def index_progress(self) -> tuple[int, int]:
@@ -177,16 +231,6 @@ class MilvusTable:
             "describe index", lambda c: c.describe_index(self.mname, self.home_field, timeout=self.engines.timeout)
         )
         return int(info.get("indexed_rows") or 0), int(info.get("pending_index_rows") or 0)
-
-    def vector_counts(self) -> dict[str, int]:
-        """space -> vectors stored, counted by the engine (and kept for the points gauge)."""
-        counts = {}
-        for space, f in self._fields().items():
-            if n := self._count(f'array_contains(spaces, "{f}")'):
-                counts[space] = n
-        self.counts = counts
-        self.publish_gauges()
-        return counts
 
     def publish_gauges(self) -> None:
         for space, n in self.counts.items():
