@@ -353,10 +353,13 @@ class MilvusLite(System):
     def __init__(self, folder: Path) -> None:
         from pymilvus import MilvusClient
 
-        self.client = MilvusClient(str(folder / "milvus.db"))
+        self.db = folder / "milvus.db"
+        self.client = MilvusClient(str(self.db))
         self.params: dict[str, Any] = {"params": {"ef": 64}}
 
     def build(self, xb: np.ndarray, m: int, efc: int, batch: int) -> None:
+        from _common import log
+        from _peers_milvus import lite_indexed
         from pymilvus import DataType
 
         c = self.client
@@ -369,20 +372,19 @@ class MilvusLite(System):
         # gave Recall@10 1.0; server/backends/milvus_schema.py sends both the same way)
         hnsw = {"M": m, "efConstruction": efc}
         index.add_index(field_name="vec", index_type="HNSW", metric_type="IP", params={**hnsw, "params": dict(hnsw)})
-        c.create_collection(NAME, schema=schema, index_params=index)
+        c.create_collection(NAME, schema=schema, index_params=index, consistency_level="Strong")  # as the service's
         t0 = time.perf_counter()
         for i in range(0, len(xb), batch):
             c.insert(NAME, [{"id": j, "vec": xb[j]} for j in range(i, min(i + batch, len(xb)))])
         self.ingest_s = time.perf_counter() - t0
         c.flush(NAME)
-        while True:
-            info = c.describe_index(NAME, "vec")
-            if int(info.get("indexed_rows", 0)) >= len(xb) and int(info.get("pending_index_rows", 0)) == 0:
-                break
-            time.sleep(0.2)
-        c.load_collection(NAME)
+        c.load_collection(NAME)  # loaded already (created with its index): Milvus Lite indexes loaded ones only
+        # Milvus Lite's describe_index reports every row indexed at once, and searches a new segment by
+        # brute force until its background thread has built that segment's index: wait for the files
+        segments = lite_indexed(self.db, NAME, "vec", len(xb))
         self.search(xb[:1], 10)
         self.ready_s = time.perf_counter() - t0
+        log(f"{self.name}: {segments} segments, every one indexed")
 
     def set_ef(self, ef: int) -> None:
         self.params = {"params": {"ef": ef}}

@@ -126,10 +126,14 @@ def milvus_collection_pb(c: MilvusCollection, known: tuple[int, dict[str, int]] 
     num_points, counts = known if known is not None else c.counted()
     home = counts.get(c.home.name, 0)
     flushed = home - min(c.unflushed, home)
-    # indexed: what the engine's index covers of the flushed rows (its own report; a move's verified
-    # counts are taken as flushed), fresh: the rest (unflushed, or flushed and still searched by brute
-    # force while the engine indexes it)
-    indexed = flushed if known is not None else min(flushed, c.index_progress()[0])
+    # indexed: what the engine's index covers of the flushed rows (its own report, less the rows still
+    # waiting for it; a move's verified counts are taken as flushed), fresh: the rest (unflushed, or
+    # flushed and still searched by brute force while the engine indexes it)
+    if known is not None:
+        indexed = flushed
+    else:
+        done, pending = c.index_progress()
+        indexed = max(0, min(flushed - pending, done))
     spec = c.row.spec
     return cpb.CollectionInfo(
         name=c.name,

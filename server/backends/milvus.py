@@ -221,11 +221,20 @@ class MilvusCollection(MilvusTable):
     def maintain(self, *, idle_seconds: float = 0.0, force: bool = False, **_: Any) -> bool:
         """Flushes the collection once its writes have been idle ``idle_seconds`` (or when ``force``d, at
         shutdown), as the embedded backend merges: the engine then seals its growing segment and builds
-        the index on it. True after a flush; an unreachable engine is tried again at the next call."""
+        the index on it. A write in progress is not idle: a bulk load whose upserts each take longer than
+        ``idle_seconds`` was flushed after nearly every batch, one small segment each, which Milvus Lite
+        then merged and indexed again and again (and searched by brute force meanwhile). True after a
+        flush; an unreachable engine is tried again at the next call."""
         if not self.unflushed or self.dropped:
             return False
-        if not force and time.monotonic() - self.last_write < idle_seconds:
-            return False
+        if not force:
+            if not self.lock.acquire(blocking=False):  # a write is in progress
+                return False
+            try:
+                if time.monotonic() - self.last_write < idle_seconds:
+                    return False
+            finally:
+                self.lock.release()
         n = self.unflushed
         try:
             self._call("flush", lambda c: c.flush(self.mname, timeout=self.engines.timeout))

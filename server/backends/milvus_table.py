@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
+import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -46,7 +49,17 @@ from .milvus_schema import (
     require_pymilvus,
 )
 
-__all__ = ["CHUNK", "MOVE_PROPERTY", "MilvusTable", "as_vector", "delete_ids", "query_rows", "upsert_rows"]
+__all__ = [
+    "CHUNK",
+    "MOVE_PROPERTY",
+    "MilvusTable",
+    "as_vector",
+    "delete_ids",
+    "is_lite",
+    "lite_index_rows",
+    "query_rows",
+    "upsert_rows",
+]
 
 R = TypeVar("R")
 CHUNK = 4096  #: ids per query and rows per upsert or delete call
@@ -224,9 +237,16 @@ class MilvusTable:
         return int(got[0]["count(*)"])
 
     def index_progress(self) -> tuple[int, int]:
-        """(rows indexed, rows waiting for the index) of the home field's index, as the engine
-        reports them (``describe_index``): a flushed segment is searched by brute force until the
-        engine has built its index, so only these rows search at the index's speed and recall."""
+        """(rows indexed, rows waiting for the index) of the home field's index: a flushed segment is
+        searched by brute force until the engine has built its index, so only the indexed rows search at
+        the index's speed and recall. A Milvus engine reports them (``describe_index``); Milvus Lite 3.2
+        reports every row indexed at once (``indexed_rows`` is its row count) and builds each new
+        segment's index in a background thread, so on a Milvus Lite file they are read from its files
+        (:func:`lite_index_rows`)."""
+        if is_lite(self.uri):
+            got = lite_index_rows(Path(self.uri), self.mname, self.home_field, self.index.index_type)
+            if got is not None:
+                return got
         info = self._call(
             "describe index", lambda c: c.describe_index(self.mname, self.home_field, timeout=self.engines.timeout)
         )
@@ -241,6 +261,36 @@ class MilvusTable:
     def drop_engine_side(self) -> None:
         """Drops the Milvus collection only (a creation whose row could not be written)."""
         self._call("drop collection", lambda c: c.drop_collection(self.mname, timeout=self.engines.timeout))
+
+
+def is_lite(uri: str) -> bool:
+    """A Milvus Lite file (``*.db``), not a Milvus address."""
+    return uri.endswith(".db") and "://" not in uri
+
+
+def lite_index_rows(db: Path, mname: str, field: str, index_type: str) -> tuple[int, int] | None:
+    """(rows in segments whose index is built, rows in segments without one) of the vector ``field`` of
+    collection ``mname`` in the Milvus Lite 3.2 directory ``db``: its manifest lists the segments (data
+    files), and the engine writes a segment's index to ``indexes/<segment>.<field>.<type>.idx`` once it
+    is built, before it searches with it (``Segment.build_or_load_index``). Rows are physical rows
+    (overwritten versions until compaction drops them). None when the files are not laid out so (another
+    Milvus Lite version) or changed while read (a compaction)."""
+    col = db / "collections" / mname
+    try:
+        parquet: Any = importlib.import_module("pyarrow.parquet")
+        partitions = json.loads((col / "manifest.json").read_text())["partitions"]
+        indexed = pending = 0
+        for part, info in partitions.items():
+            base = col / "partitions" / part
+            for rel in info["data_files"]:
+                rows = int(parquet.ParquetFile(base / rel).metadata.num_rows)
+                if (base / "indexes" / f"{Path(rel).stem}.{field}.{index_type.lower()}.idx").exists():
+                    indexed += rows
+                else:
+                    pending += rows
+    except (OSError, ValueError, KeyError, TypeError, ImportError):
+        return None
+    return indexed, pending
 
 
 def as_vector(v: Any) -> np.ndarray:
