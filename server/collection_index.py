@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint
-from .advisor import auto_rebuild
+from .advisor import auto_rebuild, stored_status
 from .compaction import COMPACT_FRACTION, COMPACT_MIN_DEAD, compact, merge_dropping_dead, regraph
 from .device import Device
 from .errors import InvalidArgument
@@ -114,7 +114,7 @@ class CollectionIndex:
         metrics.compactions.labels(self.name)  # exported at 0 from the start
         self.dead_gauge = metrics.dead_labels.labels(self.name)
         #: ``auto`` collections: where the index advisor stands (CollectionInfo.advisor_status)
-        self.advisor_status = "" if not row.spec.target_recall else ("waiting" if row.spec.auto else "chosen")
+        self.advisor_status = stored_status(row.spec)
         self.auto_not_before = 0.0  #: time.monotonic() before which the advisor is not run again (after a failure)
         if broken:
             self.fail(broken, permanent=True)
@@ -226,7 +226,7 @@ class CollectionIndex:
         merged = self._merge_and_compact(
             min_fresh, fraction, idle_seconds, force, checkpoint_after, compact_fraction, compact_min_dead
         )
-        if not force and self.row.spec.auto:
+        if not force and self.row.spec.target_recall:  # auto: advised, then tuned as it grows
             auto_rebuild(self)
         return merged
 

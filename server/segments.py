@@ -214,7 +214,7 @@ class Segments(SegmentMerges):
         base = spec.takes_params
         filtering = s.ndead_sealed and selector and base
         if not filtering:  # the common case: parameters built once per sealed index and setting (~5 µs a call)
-            key = (ef_search, nprobe, k_factor)
+            key = (ef_search or dflt.ef_search, nprobe or dflt.nprobe, k_factor or dflt.k_factor)  # defaults change
             owner, cache = self._param_cache
             if owner is not s.sealed:
                 owner, cache = s.sealed, {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ NOT_FOUND = grpc.StatusCode.NOT_FOUND
 @pytest.fixture(autouse=True)
 def _quick_timing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(advisor, "TIME_MIN_SECONDS", 0.02)  # each point timed briefly: tests check recall
+    monkeypatch.setattr(advisor, "TUNE_TIME_SECONDS", 0.02)
 
 
 def _fill(stubs: Stubs, name: str, x: np.ndarray, space: str = "s", prefix: str = "") -> list[str]:
@@ -227,10 +229,14 @@ def test_recommended_forms_serve_through_merges_deletes_compaction_and_restart(t
 
 def test_auto_rebuild_under_concurrent_writes_and_searches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An ``auto`` collection passes AUTO_MIN_POINTS while three threads write (new ids, overwrites,
-    deletes) and three search: it is rebuilt onto the advisor's choice beside the live index with no
-    failed request; afterwards every acknowledged id is there with its last vector, deleted ones are
-    gone, searches agree with brute force at about the target, and a restart serves the same choice."""
+    deletes) and three search: it is rebuilt onto the advisor's choice beside the live index, then
+    tuned on the whole index (a pass of seconds here: each setting timed for 1 s) with no failed
+    request, searches and writes going on through the tuning; afterwards every acknowledged id is
+    there with its last vector, deleted ones are gone, searches agree with brute force at about the
+    target, and a restart serves the same choice with the same tuned defaults."""
     monkeypatch.setattr(advisor, "AUTO_MIN_POINTS", 3000)
+    monkeypatch.setattr(advisor, "READVISE_GROWTH", 1e9)  # one advisor run (the growth test runs another)
+    monkeypatch.setattr(advisor, "TUNE_TIME_SECONDS", 1.0)
     data = tmp_path / "data"
     server, port = start_server(data, merge_idle_seconds=0.05)
     stubs = connect(port)
@@ -300,23 +306,29 @@ def test_auto_rebuild_under_concurrent_writes_and_searches(tmp_path: Path, monke
         for t in threads:
             t.start()
         deadline = time.monotonic() + 240
-        while not (info := stubs.info("a")).HasField("operating_point"):
+        tuning: tuple[int, int] | None = None  # (searches, writes) when the tuning pass was first seen
+        while "tuned on" not in (info := stubs.info("a")).advisor_status:
             assert time.monotonic() < deadline, info
             assert not errors, errors[:5]
-            time.sleep(0.1)
-        swapped = counts["searches"], counts["writes"]
+            if tuning is None and info.advisor_status.endswith("; tuning"):
+                assert info.HasField("operating_point")  # after the swap
+                tuning = counts["searches"], counts["writes"]
+            time.sleep(0.02)
+        tuned = counts["searches"], counts["writes"]
+        assert tuning is not None and tuned[0] > tuning[0] and tuned[1] > tuning[1], (tuning, tuned)
         time.sleep(1.0)  # keep going on the new index: writes merge into it (clone + add)
         stop.set()
         for t in threads:
             t.join(30)
         assert not errors, errors[:5]
-        assert counts["searches"] > swapped[0] and counts["writes"] > swapped[1]
+        assert counts["searches"] > tuned[0] and counts["writes"] > tuned[1]
         op = info.operating_point
         assert info.index_spec == op.index_spec != "auto" and info.target_recall == pytest.approx(0.9)
         assert op.recall >= 0.9 and op.qps > 0 and info.advisor_status.startswith("chose ")
-        deadline = time.monotonic() + 30
-        while (info := stubs.info("a")).fresh_vectors:  # the last writes merged into the chosen index
-            assert time.monotonic() < deadline
+        monkeypatch.setattr(advisor, "RETUNE_GROWTH", 1e9)  # no later tuning: the restart compares this one
+        deadline = time.monotonic() + 60
+        while (info := stubs.info("a")).fresh_vectors or info.advisor_status.endswith("tuning"):
+            assert time.monotonic() < deadline  # the last writes merged into the chosen index
             time.sleep(0.05)
         _check_all_there(stubs, live, deleted)
     finally:
@@ -328,8 +340,108 @@ def test_auto_rebuild_under_concurrent_writes_and_searches(tmp_path: Path, monke
     try:
         again = stubs.info("a")
         assert again.index_spec == info.index_spec and again.operating_point == info.operating_point
-        assert again.checkpoint_sequence > 0 and again.advisor_status == "chosen"
+        assert again.checkpoint_sequence > 0 and again.advisor_status.startswith("chosen at "), again.advisor_status
+        assert "; tuned on " in again.advisor_status and again.operating_point.recall >= 0.9
         _check_all_there(stubs, live, deleted)
+    finally:
+        stubs.channel.close()
+        server.stop(None)
+
+
+def _reference(xb: np.ndarray, xq: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The ids of each query's 10 nearest in xb by numpy brute force (cosine), in chunks: (nq, 10)."""
+    return np.concatenate([ids[brute_force(xb, xq[b : b + 100], 10, "cosine")[1]] for b in range(0, len(xq), 100)])
+
+
+def _wait_info(stubs: Stubs, done: Any, timeout: float = 120.0) -> cpb.CollectionInfo:
+    deadline = time.monotonic() + timeout
+    while not done(info := stubs.info("a")):
+        assert time.monotonic() < deadline, info
+        time.sleep(0.05)
+    return info
+
+
+def _tuned_on(status: str) -> int:
+    """N of "tuned on N points" in an advisor status (0: none)."""
+    m = re.search(r"tuned on (\d+) points", status)
+    return int(m.group(1)) if m else 0
+
+
+def test_auto_tuning_on_the_whole_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The advisor measures IVF32,PQ16x4fs,RFlat on a sample of 2,000 of 20,000 points with a
+    refine k_factor of at most 2 (its grid here), so every point it can choose under-reaches the
+    target on the whole index (checked: nprobe 32 = all lists, k_factor 2). The tuning pass after
+    the rebuild sets defaults with which a search that sets no parameters reaches Recall@10 0.95 on
+    1,000 fresh queries (neither stored nor used for tuning) against numpy brute force. Growing 2x
+    tunes again; the tuned defaults survive a restart; growing past READVISE_GROWTH (3x here) runs
+    the advisor again, then tunes."""
+    monkeypatch.setattr(advisor, "AUTO_MIN_POINTS", 20_000)
+    monkeypatch.setattr(advisor, "SAMPLE_MAX", 2000)
+    monkeypatch.setattr(advisor, "AUTO_CANDIDATES", ("IVF32,PQ16x4fs,RFlat",))
+    monkeypatch.setattr(advisor, "K_FACTORS", (1, 2))
+    monkeypatch.setattr(advisor, "READVISE_GROWTH", 3.0)
+    target, spec = 0.95, "IVF32,PQ16x4fs,RFlat"
+    x = make_data(61_000, D, seed=21)
+    fresh, ids = x[60_000:], np.array([f"p{i}" for i in range(60_000)], dtype=object)
+    data = tmp_path / "data"
+    server, port = start_server(data, merge_idle_seconds=0.05)
+    stubs = connect(port)
+
+    def grow(n0: int, n1: int) -> None:
+        for b in range(n0, n1, 2000):
+            stubs.upsert("a", "s", list(ids[b : b + 2000]), x[b : b + 2000])
+
+    def recall(n: int, **params: int) -> float:
+        _, got, _ = stubs.search("a", "s", fresh, 10, **params)
+        return recall_at(got, _reference(x[:n], fresh, ids))
+
+    def check_defaults(n: int, op: cpb.OperatingPoint) -> None:
+        """A search setting nothing searches with the tuned point's parameters and reaches the target."""
+        _, plain, _ = stubs.search("a", "s", fresh[:200], 10)
+        _, explicit, _ = stubs.search("a", "s", fresh[:200], 10, nprobe=op.nprobe, k_factor=op.k_factor)
+        assert (plain == explicit).all()
+        assert recall(n) >= target
+
+    try:
+        stubs.register("s", D)
+        stubs.collections.CreateCollection(
+            cpb.CreateCollectionRequest(name="a", home_space="s", index_spec="auto", target_recall=target)
+        )
+        grow(0, 20_000)
+        info = _wait_info(stubs, lambda i: "tuned on" in i.advisor_status)
+        status, op = info.advisor_status, info.operating_point
+        chose = re.search(rf"^chose {re.escape(spec)} nprobe=(\d+) k_factor=(\d+) \(Recall@10 ([\d.]+)", status)
+        assert chose is not None and info.index_spec == op.index_spec == spec, status
+        advised_nprobe, advised_kf, sample_recall = int(chose[1]), int(chose[2]), float(chose[3])
+        assert advised_kf <= 2 and sample_recall >= target + advisor.AUTO_MARGIN
+        # the premise: the sample's point, and any the advisor could choose, under-reach on the whole index
+        assert recall(20_000, nprobe=advised_nprobe, k_factor=advised_kf) < target
+        assert recall(20_000, nprobe=32, k_factor=2) < target
+        assert _tuned_on(status) == 20_000 and "no setting reached" not in status, status
+        assert op.recall >= target + advisor.AUTO_MARGIN and op.k_factor > 2, op
+        check_defaults(20_000, op)
+
+        grow(20_000, 40_000)  # 2x: tuned again, not advised again
+        info = _wait_info(stubs, lambda i: _tuned_on(i.advisor_status) > 30_000)
+        assert "grown" in info.advisor_status and "since advised" not in info.advisor_status, info.advisor_status
+        op = info.operating_point
+        assert op.index_spec == spec and op.recall >= target + advisor.AUTO_MARGIN
+        check_defaults(40_000, op)
+    finally:
+        stubs.channel.close()
+        server.stop(None)
+    server, port = start_server(data, merge_idle_seconds=0.05)
+    stubs = connect(port)
+    try:
+        again = stubs.info("a")
+        assert again.operating_point == op and again.index_spec == spec
+        assert again.advisor_status.startswith(f"chosen at 20000 points; tuned on {_tuned_on(info.advisor_status)}")
+        check_defaults(40_000, op)
+
+        grow(40_000, 60_000)  # 3x the points advised on: the advisor again (the same spec: no rebuild), then tuned
+        info = _wait_info(stubs, lambda i: "since advised" in i.advisor_status and "tuned on" in i.advisor_status)
+        assert info.advisor_status.startswith(f"chose {spec} ") and _tuned_on(info.advisor_status) > 50_000
+        check_defaults(60_000, info.operating_point)
     finally:
         stubs.channel.close()
         server.stop(None)
