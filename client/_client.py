@@ -800,8 +800,13 @@ class Client:
             stream.cancel()  # type: ignore[no-untyped-call]  # frees the call when we stop early
 
 
+_F32 = np.dtype("<f4")
+
+
 def query_matrix(queries: npt.ArrayLike) -> npt.NDArray[Any]:
     """Queries of shape (nq, d) or (d,) as an (nq, d) C-contiguous little-endian float32 array."""
+    if type(queries) is np.ndarray and queries.dtype == _F32 and queries.ndim == 2 and queries.flags.c_contiguous:
+        return queries  # already so: no numpy calls
     xq = np.asarray(queries)
     if xq.ndim != 2:
         xq = as_matrix(xq.reshape(1, -1) if xq.ndim == 1 else xq, "queries")

@@ -355,7 +355,16 @@ class SearchResult:
         if with_payload:
             flat = [decode_payload(p) for p in payloads or ()]
             out = [flat[i * k : (i + 1) * k] for i in range(nq)]
-        return cls(D.astype(np.float32), ids.astype(object), out, _route(route), exact)
+        # D is the search's own new array: no copy; ids too, but a route's shadow check may still read them
+        res = cls.__new__(cls)  # the frozen dataclass's fields in one update (its __init__: a setattr per field)
+        res.__dict__.update(
+            scores=D if D.dtype == np.float32 else D.astype(np.float32),
+            ids=ids if route[2] == "identity" and ids.dtype == object else ids.astype(object),
+            payloads=out,
+            route=_route(route),
+            exact=exact,
+        )
+        return res
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,8 @@ class Collection(CollectionIndex):
             D, I = rerank(xq, full, I0, stages, self.home.metric)
         else:
             D, I, snap = self.segments.search(xq, k, ef_search, nprobe, k_factor)
+        if I.min() >= 0:  # every hit found (the common case: one numpy call less than the padding)
+            return D, snap.ids[I], snap
         ids = snap.ids[np.maximum(I, 0)]
         ids[I < 0] = ""
         return D, ids, snap

@@ -34,7 +34,7 @@ from .errors import InvalidArgument
 from .failures import BuildFailures, Failure
 from .funnel import shrink
 from .index_spec import IndexSpec
-from .metrics import Metrics
+from .metrics import Metrics, StageTimes
 from .pipeline import map_queries
 from .routes import Route
 from .segments import Segments
@@ -109,8 +109,8 @@ class CollectionIndex:
         self.last_write = time.monotonic()
         self.compactions = 0  #: sealed-index rebuilds that reclaimed dead labels since start-up
         self.compact_not_before = 0.0  #: time.monotonic() before which no compaction is tried (after one raised)
-        #: interlingua_search_seconds children, looked up once rather than per search
-        self.stage_timers = {s: metrics.search_seconds.labels(self.name, s) for s in SEARCH_STAGES}
+        #: interlingua_search_seconds children, fed by one append per search (engine.search)
+        self.stage_timers = StageTimes(metrics.search_seconds, self.name, SEARCH_STAGES)
         metrics.compactions.labels(self.name)  # exported at 0 from the start
         self.dead_gauge = metrics.dead_labels.labels(self.name)
         #: ``auto`` collections: where the index advisor stands (CollectionInfo.advisor_status)

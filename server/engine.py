@@ -17,14 +17,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import faiss
-import numpy as np
 
-from . import advisor, pipeline
+from . import advisor, pipeline, serial
 from . import validate as v
 from .backends.base import AnyCollection
 from .backends.milvus import MilvusCollection
@@ -36,24 +34,15 @@ from .compat import TransformRecord
 from .config import BACKENDS, ServerConfig
 from .errors import AlreadyExists, FailedPrecondition, InterlinguaError, InvalidArgument, NotFound, Unavailable
 from .lifecycle import EngineLifecycle, Lifecycle, lower_priority
-from .metrics import Metrics
+from .metrics import FOLD_EVERY, Metrics
 from .migration.runtime import Migration
 from .migration.search import search as migration_search
-from .pipeline import SearchParams
-from .routes import IDENTITY, Route
+from .pipeline import SearchParams, SearchResult
+from .routes import IDENTITY
 from .store import CollectionRow, SpaceRow, Store
 
-#: Lifecycle: re-exported from lifecycle.py
+#: Lifecycle and SearchResult: re-exported from lifecycle.py and pipeline.py
 __all__ = ["Engine", "Lifecycle", "SearchResult"]
-
-
-@dataclass(slots=True)  # not frozen, never changed: see pipeline.Query
-class SearchResult:
-    D: np.ndarray  #: scores, shape (nq, k) float32
-    ids: np.ndarray  #: point ids, shape (nq, k) object ("" pads missing hits)
-    payloads: list[str] | None  #: nq*k JSON payloads, row-major, with with_payload
-    route: Route
-    exact: bool
 
 
 class Engine(EngineLifecycle):
@@ -335,15 +324,23 @@ class Engine(EngineLifecycle):
     ) -> SearchResult:
         """The query path of ``pipeline.py`` (route -> home -> basis -> index -> ids), then payloads;
         a sampled batch is mirrored to the route's shadow candidate, off the reply path."""
+        if not with_payload and params.shortlist_k is None and not params.funnel and len(data) == 4 * dim:
+            p = params
+            one = serial.search_one(self, collection, query_space, data, dim, p.k, p.ef_search, p.nprobe, p.k_factor)
+            if one is not None:  # the plain single-query case, in one function (serial.py)
+                return one
         t0 = time.perf_counter()
-        col = self.collection(collection)
-        mig = self._migration(collection)
+        # the lookups of collection(), _migration() and get_space(), inline (the serial path pays per call)
+        col = self.collections.get(collection) if self.state is Lifecycle.SERVING else None
+        if col is None:
+            col = self.collection(collection)  # its error
+        mig = self.migrations.active.get(collection) if self.migrations is not None else None
+        space = self.spaces.get(query_space) or self.get_space(query_space)
         if mig is not None:  # which index answers which space in which phase: server/migration/search.py
             t1 = t0
-            space = self.get_space(query_space)
             hits, route = migration_search(mig, space, data, dim, params, self.limits, self.device)
         else:
-            q = pipeline.prepare(col, self.get_space(query_space), data, dim, params, self.limits)
+            q = pipeline.prepare(col, space, data, dim, params, self.limits)
             t1 = time.perf_counter()
             route = q.route
             hits = pipeline.run(q, route.fn, self.device)
@@ -351,17 +348,18 @@ class Engine(EngineLifecycle):
                 self.shadows.submit(q, hits.ids)
         if route.transform != IDENTITY:
             self._child(self.metrics.transform_seconds, route.transform).observe(hits.map_seconds)
-        t3 = time.perf_counter()
-        payloads = col.payloads(hits.ids) if with_payload else None
-        if col.retired and with_payload:  # moved meanwhile: its store rows may be gone, the new side has them
-            payloads = self.collection(collection).payloads(hits.ids)
-        t4 = time.perf_counter()
-        timers = col.stage_timers
-        timers["validate"].observe(t1 - t0)
-        timers["transform"].observe(hits.transform_seconds)
-        timers["index"].observe(hits.index_seconds)
+        payloads: list[str] | None = None
+        fetch: float | None = None
         if with_payload:
-            timers["fetch"].observe(t4 - t3)
+            t3 = time.perf_counter()
+            payloads = col.payloads(hits.ids)
+            if col.retired:  # moved meanwhile: its store rows may be gone, the new side has them
+                payloads = self.collection(collection).payloads(hits.ids)
+            fetch = time.perf_counter() - t3
+        timers = col.stage_timers  # one append for the four stage timers (metrics.StageTimes)
+        timers.append((t1 - t0, hits.transform_seconds, hits.index_seconds, fetch))
+        if len(timers) >= FOLD_EVERY:
+            timers.fold()
         self._child(self.metrics.search_queries, col.name, query_space, route.transform).inc(len(hits.D))
         return SearchResult(hits.D, hits.ids, payloads, route, exact=hits.snapshot.sealed is None)
 

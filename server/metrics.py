@@ -7,20 +7,31 @@ appends ``_total`` to a Counter's name). Each :class:`Metrics` owns its
 
 from __future__ import annotations
 
+import collections
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.samples import Sample
 
 from .rpcwrap import is_non_blocking, wrap_rpc_behavior
 
-__all__ = ["KeyCheck", "Metrics", "MetricsInterceptor"]
+__all__ = [
+    "FOLD_EVERY",
+    "BufferedCounter",
+    "BufferedHistogram",
+    "KeyCheck",
+    "Metrics",
+    "MetricsInterceptor",
+    "StageTimes",
+]
 
 #: Returns True for a key allowed to read /metrics.
 KeyCheck = Callable[[str], bool]
@@ -45,6 +56,106 @@ _LATENCY_BUCKETS = (
 )
 
 
+#: observations a buffered series holds before it folds them itself (bounded memory without a scraper)
+FOLD_EVERY = 4096
+
+
+class BufferedHistogram(Histogram):
+    """A Histogram for the search path: ``observe`` appends to a deque (~0.05 µs, atomic under the
+    GIL) instead of two locked increments and a bucket scan (~1.5 µs); the values are folded into
+    the buckets and the sum when the series is collected (a scrape, ``generate_latest``), or once
+    :data:`FOLD_EVERY` wait. :class:`StageTimes` feeds several children with one append per search.
+    A scrape shows every observation made before it; the exposition is a Histogram's. No exemplars."""
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        self._pending: collections.deque[float] = collections.deque()
+        self._fold_lock = threading.Lock()
+        self._bounds = np.asarray(self._upper_bounds, dtype=np.float64)
+        self._sources: list[StageTimes] = []  #: folded into this child before it is collected
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        pending = self._pending
+        pending.append(amount)
+        if len(pending) >= FOLD_EVERY:
+            self._fold()
+
+    def _fold(self) -> None:
+        with self._fold_lock:  # popleft() of n values that are there: appends meanwhile stay for the next fold
+            pending = self._pending
+            n = len(pending)
+            if n:
+                self._add(np.fromiter((pending.popleft() for _ in range(n)), dtype=np.float64, count=n))
+
+    def _add(self, v: np.ndarray) -> None:
+        """Observes every value of ``v`` (shape (n,) float64) as ``Histogram.observe`` would."""
+        # bucket i counts the values <= its bound: the first bound >= v (NaN: none, as Histogram.observe)
+        counts = np.bincount(np.searchsorted(self._bounds, v, side="left"), minlength=len(self._bounds) + 1)
+        for i in np.flatnonzero(counts[: len(self._bounds)]):
+            self._buckets[i].inc(float(counts[i]))
+        self._sum.inc(float(v.sum()))
+
+    def _child_samples(self) -> Iterable[Sample]:
+        for source in self._sources:
+            source.fold()
+        self._fold()
+        return super()._child_samples()
+
+
+class StageTimes(collections.deque):  # type: ignore[type-arg]
+    """A collection's search stage times, one ``append((validate, transform, index, fetch))`` per
+    search (seconds; ``fetch`` None when no payloads were read: not observed), for its
+    ``interlingua_search_seconds`` children (:class:`BufferedHistogram`): folded into them when they
+    are collected, or by :meth:`fold` once :data:`FOLD_EVERY` wait (the searcher checks ``len``)."""
+
+    def __init__(self, histogram: BufferedHistogram, collection: str, stages: Iterable[str]) -> None:
+        super().__init__()
+        self.children: list[BufferedHistogram] = [histogram.labels(collection, s) for s in stages]
+        self.lock = threading.Lock()
+        for child in self.children:
+            child._sources.append(self)
+
+    def fold(self) -> None:
+        with self.lock:
+            n = len(self)
+            if not n:
+                return
+            rows = [self.popleft() for _ in range(n)]
+        for j, child in enumerate(self.children):
+            v = np.array([r[j] for r in rows if r[j] is not None], dtype=np.float64)
+            if len(v):
+                with child._fold_lock:
+                    child._add(v)
+
+
+class BufferedCounter(Counter):
+    """A Counter for the search path, buffered as :class:`BufferedHistogram` (``inc`` appends)."""
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        self._pending: collections.deque[float] = collections.deque()
+        self._fold_lock = threading.Lock()
+
+    def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        pending = self._pending
+        pending.append(amount)
+        if len(pending) >= FOLD_EVERY:
+            self._fold()
+
+    def _fold(self) -> None:
+        with self._fold_lock:
+            pending = self._pending
+            n = len(pending)
+            if n:
+                self._value.inc(float(sum(pending.popleft() for _ in range(n))))
+
+    def _child_samples(self) -> Iterable[Sample]:
+        self._fold()
+        return super()._child_samples()
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
@@ -61,13 +172,13 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.search_queries = Counter(
+        self.search_queries = BufferedCounter(
             "interlingua_search_queries",
             "Query vectors searched, by query space and route.",
             ["collection", "query_space", "route"],
             registry=r,
         )
-        self.search_seconds = Histogram(
+        self.search_seconds = BufferedHistogram(
             "interlingua_search_seconds",
             "Time of each stage of a search batch.",
             ["collection", "stage"],
@@ -116,7 +227,7 @@ class Metrics:
             ["collection", "query_space", "transform"],
             registry=r,
         )
-        self.transform_seconds = Histogram(
+        self.transform_seconds = BufferedHistogram(
             "interlingua_transform_seconds",
             "Time to map a query batch through a transform.",
             ["transform"],

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .device import Device
     from .segments import Snapshot
 
-__all__ = ["Hits", "Query", "SearchParams", "map_queries", "prepare", "run"]
+__all__ = ["Hits", "Query", "SearchParams", "SearchResult", "map_queries", "prepare", "run"]
 
 Funnel = tuple[int, list[tuple[int, int]]]  #: (shortlist_k, stages), from funnel.check_funnel
 
@@ -50,6 +50,17 @@ class SearchParams:
     shortlist_k: int | None = None  #: prefix collections: candidates from the prefix index
     funnel: tuple[tuple[int, int], ...] = ()  #: prefix collections: (dims, keep) rerank stages
     k_factor: int | None = None  #: refine stage: k * k_factor candidates re-ranked
+
+
+@dataclass(slots=True)  # not frozen, never changed: see Query
+class SearchResult:
+    """What ``Engine.search`` returns (``serial.search_one`` too)."""
+
+    D: np.ndarray  #: scores, shape (nq, k) float32
+    ids: np.ndarray  #: point ids, shape (nq, k) object ("" pads missing hits)
+    payloads: list[str] | None  #: nq*k JSON payloads, row-major, with with_payload
+    route: Route
+    exact: bool
 
 
 #: Query and Hits are never changed once built (dataclasses.replace makes new ones), but are not
@@ -105,11 +116,20 @@ def prepare(
     """Resolves the route (unless a migration gives one, ``server/migration/search.py``) and checks
     everything a search needs, in the order errors are reported."""
     route = route or resolve(col.name, col.home.name, space.name, col.routes)
-    v.check_k(params.k, limits)
+    k = params.k
+    if k <= 0 or k > limits.max_k:
+        v.check_k(k, limits)  # its error
     cosine = space.metric == "cosine"
     xq, normalized = v.unpack_queries(data, dim, space.dim, cosine=cosine, what="queries", limit=limits.max_nq)
-    col.check_search(params.ef_search, params.nprobe, params.k_factor)
-    funnel = check_funnel(col.home.dim, col.row.spec.prefix_dims, params.k, params.shortlist_k, params.funnel)
+    if params.ef_search is not None or params.nprobe is not None or params.k_factor is not None:
+        col.check_search(params.ef_search, params.nprobe, params.k_factor)
+    elif col.failure is not None:
+        col.check_search(None, None, None)  # its error
+    prefix_dims = col.row.spec.prefix_dims
+    if prefix_dims or params.shortlist_k is not None or params.funnel:
+        funnel = check_funnel(col.home.dim, prefix_dims, k, params.shortlist_k, params.funnel)
+    else:
+        funnel = (k, [])  # what check_funnel gives a collection that indexes all dims
     if cosine and not normalized:
         xq = v.normalize_rows(xq, what="queries")
     return Query(col, space, route, xq, params, funnel)

@@ -40,6 +40,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+from faiss import swig_ptr
 
 from .device import GPU_MAX_K, Device
 from .errors import InvalidArgument
@@ -77,6 +78,10 @@ class Segments(SegmentMerges):
         self.graph_built_n = 0
         #: (the sealed index they were built for, {(ef_search, nprobe): SearchParameters}) without a selector
         self._param_cache: tuple[Any, dict[tuple[int | None, int | None, int | None], Any]] = (None, {})
+        #: (sealed index, its snapshot's defaults, the request's (ef_search, nprobe, k_factor) -> parameters)
+        #: of single-query searches that took the selector-free CPU path: search()'s serial hot path
+        #: reuses them while both the index and the defaults (an advisor's tuning) stay the same
+        self._serial_params: tuple[Any, Any, dict[tuple[int | None, int | None, int | None], Any]] = (None, None, {})
         self._merge_lock = threading.Lock()
         self._swap_lock = threading.Lock()  # held only to publish a snapshot
         sealed = None if spec.needs_training else spec.new_index()
@@ -279,6 +284,19 @@ class Segments(SegmentMerges):
         l2, where fewer than k labels are live) and the snapshot they were computed on.
         """
         s = self.snapshot
+        if s.nfresh == 0 and s.ndead_sealed == 0 and len(xq) == 1 and s.sealed_search is s.sealed is not None:
+            # the serial hot path, one query on the calling thread (what device.search_cpu does for it):
+            # a sealed CPU index with no dead labels and nothing fresh; FAISS's own search() minus its
+            # wrapper's checks (xq is (1, d) C-contiguous float32 here, D and I made as it makes them)
+            owner, dflt, fast = self._serial_params
+            hit = fast.get((ef_search, nprobe, k_factor)) if owner is s.sealed and dflt is s.defaults else None
+            if hit is not None and xq.dtype == np.float32 and xq.flags.c_contiguous and xq.shape[1] == s.sealed.d:
+                D = np.empty((1, k), dtype=np.float32)
+                I = np.empty((1, k), dtype=np.int64)
+                s.sealed.search_c(1, swig_ptr(xq), k, swig_ptr(D), swig_ptr(I), hit)
+                if I[0, k - 1] < 0:  # fewer than k hits (FAISS pads at the end): -inf (+inf for l2) there
+                    D[I < 0] = -np.inf if self.largest else np.inf
+                return D, I, s
         worst = np.float32(-np.inf if self.largest else np.inf)
         parts: list[tuple[np.ndarray, np.ndarray]] = []
         if s.sealed is not None and s.nsealed > 0:
@@ -321,6 +339,11 @@ class Segments(SegmentMerges):
             D, I = self.device.search_cpu(sealed, xq, kk, params)
             return drop_dead(D, I, s.alive, k, worst)
         params, _sel = self._params(s, ef_search, nprobe, k_factor)
+        if _sel is None and len(xq) == 1:  # what the serial hot path of search() may reuse for this index
+            owner, dflt, fast = self._serial_params
+            if owner is not sealed or dflt is not s.defaults:
+                self._serial_params = owner, dflt, fast = sealed, s.defaults, {}
+            fast[(ef_search, nprobe, k_factor)] = params
         D, I = self.device.search_cpu(sealed, xq, k, params)
         D[I < 0] = worst
         return D, I

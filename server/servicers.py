@@ -168,7 +168,8 @@ def point_pb(p: OperatingPoint) -> cpb.OperatingPoint:
 
 
 _LE_F4 = np.dtype("<f4")
-_PLAIN_PARAMS: dict[int, SearchParams] = {}  #: SearchParams(k) of requests that set no parameter
+#: SearchParams by (k, ef_search, nprobe, shortlist_k, funnel, k_factor): one per distinct request, not one per call
+_PARAMS: dict[tuple[Any, ...], SearchParams] = {}
 
 
 def request_params(
@@ -182,15 +183,12 @@ def request_params(
 ) -> SearchParams:
     """A search's parameters as the engine takes them (None: not set), for the servicer and for an
     embedded client's direct search (``interlingua.client._embedded``)."""
-    if ef_search is None and nprobe is None and shortlist_k is None and not funnel and k_factor is None:
-        return _PLAIN_PARAMS.get(k) or _plain_params(k)
-    return SearchParams(k, ef_search, nprobe, shortlist_k, funnel, k_factor)
-
-
-def _plain_params(k: int) -> SearchParams:
-    params = SearchParams(k)
-    if len(_PLAIN_PARAMS) < 4096:  # k is checked later: a bounded cache of any int the wire carried
-        _PLAIN_PARAMS[k] = params
+    key = (k, ef_search, nprobe, shortlist_k, funnel, k_factor)
+    params = _PARAMS.get(key)
+    if params is None:
+        params = SearchParams(k, ef_search, nprobe, shortlist_k, funnel, k_factor)
+        if len(_PARAMS) < 4096:  # values are checked later: a bounded cache of what the wire carried
+            _PARAMS[key] = params
     return params
 
 
@@ -346,7 +344,7 @@ class PointServicer(pgrpc.PointServiceServicer):
     def _search(self, r: ppb.SearchRequest) -> ppb.SearchResponse:
         p = r.params
         if not p.ListFields():  # no parameter set: one SearchParams per k, not one per call
-            params = _PLAIN_PARAMS.get(r.k) or _plain_params(r.k)
+            params = request_params(r.k)
         else:
             params = request_params(
                 r.k,

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..collection_index import SEARCH_STAGES
 from ..errors import FailedPrecondition, Unavailable
-from ..metrics import Metrics
+from ..metrics import Metrics, StageTimes
 from ..routes import Route
 from ..store import CollectionRow, SpaceRow, Store
 from .milvus_engines import MilvusEngines, NotLoaded
@@ -101,7 +101,7 @@ class MilvusTable:
         self.npoints: int | None = None  #: points, exact once counted (None: not yet)
         self.last_sequence = row.last_sequence
         self.checkpoint_sequence = 0
-        self.stage_timers = {s: metrics.search_seconds.labels(self.name, s) for s in SEARCH_STAGES}
+        self.stage_timers = StageTimes(metrics.search_seconds, self.name, SEARCH_STAGES)
         self._loaded_epoch = -1
         self.unflushed = 0  #: home vectors written since the last flush (CollectionInfo.fresh_vectors)
         self.last_write = time.monotonic()
