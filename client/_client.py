@@ -404,7 +404,9 @@ class Client:
         refine stage, ``k_factor`` sets how many candidates (k * k_factor) the refine codes re-rank.
         """
         if self._embedded is not None and not funnel:  # in process: straight into the engine
-            x = query_matrix(queries)
+            x = queries
+            if type(x) is not np.ndarray or x.dtype != _F32 or x.ndim != 2 or not x.flags.c_contiguous:
+                x = query_matrix(queries)
             ints = (ef_search, nprobe, shortlist_k, k_factor)
             res = self._embedded.search(collection, x, k, space, ints, with_payload)
             if res is not None:

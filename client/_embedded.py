@@ -332,7 +332,8 @@ class Embedded:
         from interlingua.server.errors import InterlinguaError, status_for
         from interlingua.server.metrics import Metrics
         from interlingua.server.migration_servicer import MigrationServicer
-        from interlingua.server.servicers import CollectionServicer, PointServicer, SpaceServicer
+        from interlingua.server.serial import search_one
+        from interlingua.server.servicers import CollectionServicer, PointServicer, SpaceServicer, request_params
         from interlingua.server.snapshot_servicer import SnapshotServicer
         from interlingua.server.transform_servicer import TransformServicer
 
@@ -376,6 +377,7 @@ class Embedded:
         self.health = _Health(eng, SERVICE_NAMES)
         self._limit = self.config.limits.receive_bytes
         self._domain, self._status_for = InterlinguaError, status_for
+        self._search_one, self._request_params = search_one, request_params
 
     def search(
         self,
@@ -392,8 +394,7 @@ class Embedded:
         parse, reply, unpack: ~25 µs a search) is skipped. Returns the engine's SearchResult, or None
         where the request must take the message path to fail as it would there: a value a proto
         field refuses (the caller's ValueError / TypeError), or a request near ``receive_bytes``."""
-        from interlingua.server.servicers import request_params
-
+        search_one, request_params = self._search_one, self._request_params
         if type(collection) is not str or type(space) is not str or type(k) is not int or not 0 <= k <= _UINT32:
             return None
         for v in ints:
@@ -402,6 +403,13 @@ class Embedded:
         if x.nbytes + 4 * (len(collection) + len(space)) + 64 > self._limit:
             return None
         ef_search, nprobe, shortlist_k, k_factor = ints
+        if len(x) == 1 and shortlist_k is None and not with_payload:  # the serial hot path (server/serial.py):
+            try:  # HNSW opens no OpenMP region for one query, so no OpenMP setting around it
+                one = search_one(self.engine, collection, space, x, k, ef_search, nprobe, k_factor, hnsw_only=True)
+            except Exception:
+                one = None  # the full path below answers, or fails as it does
+            if one is not None:
+                return one
         params = request_params(k, ef_search=ef_search, nprobe=nprobe, shortlist_k=shortlist_k, k_factor=k_factor)
         omp = _get_omp()
         if omp != 1:

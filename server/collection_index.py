@@ -36,7 +36,7 @@ from .funnel import shrink
 from .index_spec import IndexSpec
 from .metrics import Metrics, StageTimes
 from .pipeline import map_queries
-from .routes import Route
+from .routes import IDENTITY, Route
 from .segments import Segments
 from .store import CollectionRow, SpaceRow, Store
 from .transforms import Transform
@@ -110,7 +110,12 @@ class CollectionIndex:
         self.compactions = 0  #: sealed-index rebuilds that reclaimed dead labels since start-up
         self.compact_not_before = 0.0  #: time.monotonic() before which no compaction is tried (after one raised)
         #: interlingua_search_seconds children, fed by one append per search (engine.search)
-        self.stage_timers = StageTimes(metrics.search_seconds, self.name, SEARCH_STAGES)
+        self.stage_timers = StageTimes(
+            metrics.search_seconds,
+            self.name,
+            SEARCH_STAGES,
+            queries=metrics.search_queries.labels(self.name, home.name, IDENTITY),
+        )
         metrics.compactions.labels(self.name)  # exported at 0 from the start
         self.dead_gauge = metrics.dead_labels.labels(self.name)
         #: ``auto`` collections: where the index advisor stands (CollectionInfo.advisor_status)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import faiss
+import numpy as np
 
 from . import advisor, pipeline, serial
 from . import validate as v
@@ -325,8 +326,8 @@ class Engine(EngineLifecycle):
         """The query path of ``pipeline.py`` (route -> home -> basis -> index -> ids), then payloads;
         a sampled batch is mirrored to the route's shadow candidate, off the reply path."""
         if not with_payload and params.shortlist_k is None and not params.funnel and len(data) == 4 * dim:
-            p = params
-            one = serial.search_one(self, collection, query_space, data, dim, p.k, p.ef_search, p.nprobe, p.k_factor)
+            p, x = params, np.frombuffer(data, dtype="<f4")
+            one = serial.search_one(self, collection, query_space, x, p.k, p.ef_search, p.nprobe, p.k_factor)
             if one is not None:  # the plain single-query case, in one function (serial.py)
                 return one
         t0 = time.perf_counter()

@@ -106,14 +106,21 @@ class StageTimes(collections.deque):  # type: ignore[type-arg]
     """A collection's search stage times, one ``append((validate, transform, index, fetch))`` per
     search (seconds; ``fetch`` None when no payloads were read: not observed), for its
     ``interlingua_search_seconds`` children (:class:`BufferedHistogram`): folded into them when they
-    are collected, or by :meth:`fold` once :data:`FOLD_EVERY` wait (the searcher checks ``len``)."""
+    are collected, or by :meth:`fold` once :data:`FOLD_EVERY` wait (the searcher checks ``len``).
+    A fifth value counts queries into ``queries`` (the serial path's, one append for both)."""
 
-    def __init__(self, histogram: BufferedHistogram, collection: str, stages: Iterable[str]) -> None:
+    def __init__(
+        self, histogram: BufferedHistogram, collection: str, stages: Iterable[str], queries: Any = None
+    ) -> None:
         super().__init__()
         self.children: list[BufferedHistogram] = [histogram.labels(collection, s) for s in stages]
         self.lock = threading.Lock()
         for child in self.children:
             child._sources.append(self)
+        #: the queries counter's child a row's fifth value adds to (serial.py: the identity route's)
+        self.queries: BufferedCounter | None = queries
+        if queries is not None:
+            queries._sources.append(self)
 
     def fold(self) -> None:
         with self.lock:
@@ -126,6 +133,9 @@ class StageTimes(collections.deque):  # type: ignore[type-arg]
             if len(v):
                 with child._fold_lock:
                     child._add(v)
+        counted = sum(r[4] for r in rows if len(r) > 4)
+        if counted and self.queries is not None:
+            self.queries.inc(counted)
 
 
 class BufferedCounter(Counter):
@@ -135,6 +145,7 @@ class BufferedCounter(Counter):
         super()._metric_init()
         self._pending: collections.deque[float] = collections.deque()
         self._fold_lock = threading.Lock()
+        self._sources: list[StageTimes] = []  #: folded into this child before it is collected
 
     def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
         if amount < 0:
@@ -152,6 +163,8 @@ class BufferedCounter(Counter):
                 self._value.inc(float(sum(pending.popleft() for _ in range(n))))
 
     def _child_samples(self) -> Iterable[Sample]:
+        for source in self._sources:
+            source.fold()
         self._fold()
         return super()._child_samples()
 
@@ -159,13 +172,13 @@ class BufferedCounter(Counter):
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
-        self.handled = Counter(
+        self.handled = BufferedCounter(
             "grpc_server_handled",
             "RPCs completed on the server, by status code.",
             ["grpc_service", "grpc_method", "grpc_code"],
             registry=r,
         )
-        self.handling = Histogram(
+        self.handling = BufferedHistogram(
             "grpc_server_handling_seconds",
             "Time to handle an RPC on the server.",
             ["grpc_service", "grpc_method"],
@@ -344,19 +357,34 @@ class MetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
 
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
+        self._wrapped: dict[tuple[str, int], tuple[Any, Any]] = {}  #: (method, id(handler)) -> (handler, wrapped)
 
     def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
         handler = continuation(details)
         if handler is None:
             return None
-        service, method = _split(details.method)
-        handled, handling = self.m.handled, self.m.handling.labels(service, method)
+        key = (details.method, id(handler))
+        hit = self._wrapped.get(key)
+        if hit is not None and hit[0] is handler:  # built once per method handler, not per call
+            return hit[1]
+        wrapped = self._wrap(handler, details.method)
+        if len(self._wrapped) < 4096:  # only methods with a handler get here: a fixed set
+            self._wrapped[key] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: Any, full_method: str) -> Any:
+        service, method = _split(full_method)
+        handling = self.m.handling.labels(service, method)
+        by_code: dict[str, Any] = {}  #: status code name -> the handled counter's child
 
         def record(context: grpc.ServicerContext, start: float, failed: bool) -> None:
             code = context.code() if hasattr(context, "code") else None
             if code is None:
                 code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
-            handled.labels(service, method, code.name).inc()
+            child = by_code.get(code.name)
+            if child is None:
+                child = by_code[code.name] = self.m.handled.labels(service, method, code.name)
+            child.inc()
             handling.observe(time.perf_counter() - start)
 
         def wrap(behavior: Callable[..., Any], _req_stream: bool, resp_stream: bool) -> Callable[..., Any]:

@@ -80,12 +80,26 @@ def _decoder(parse: Callable[[bytes], Any]) -> Callable[[bytes, str], Any]:
 
 
 class DecodeInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    """Parses requests in the handler (INVALID_ARGUMENT when they do not parse); innermost."""
+    """Parses requests in the handler (INVALID_ARGUMENT when they do not parse); innermost. The
+    wrapped handler is built once per method handler (nothing in it is per call), not per call."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[int, tuple[Any, Any]] = {}  #: id(handler) -> (handler, wrapped)
 
     def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
         handler = continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
+        hit = self._wrapped.get(id(handler))
+        if hit is not None and hit[0] is handler:
+            return hit[1]
+        wrapped = self._wrap(handler)
+        if len(self._wrapped) < 4096:  # the service's handlers: a fixed set
+            self._wrapped[id(handler)] = (handler, wrapped)
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler: Any) -> Any:
         decode = _decoder(handler.request_deserializer)
 
         def wrap(behavior: Behavior, req_stream: bool, resp_stream: bool) -> Behavior:

@@ -78,10 +78,16 @@ class Segments(SegmentMerges):
         self.graph_built_n = 0
         #: (the sealed index they were built for, {(ef_search, nprobe): SearchParameters}) without a selector
         self._param_cache: tuple[Any, dict[tuple[int | None, int | None, int | None], Any]] = (None, {})
-        #: (sealed index, its snapshot's defaults, the request's (ef_search, nprobe, k_factor) -> parameters)
-        #: of single-query searches that took the selector-free CPU path: search()'s serial hot path
-        #: reuses them while both the index and the defaults (an advisor's tuning) stay the same
-        self._serial_params: tuple[Any, Any, dict[tuple[int | None, int | None, int | None], Any]] = (None, None, {})
+        #: (sealed index, its snapshot's defaults, the spec requests are checked against, the request's
+        #: (ef_search, nprobe, k_factor) -> parameters) of single-query searches that took the
+        #: selector-free CPU path, after their checks: search()'s and serial.py's hot paths reuse them
+        #: while the index, the defaults (an advisor's tuning) and the spec stay the same
+        self._serial_params: tuple[Any, Any, Any, dict[tuple[int | None, int | None, int | None], Any]] = (
+            None,
+            None,
+            None,
+            {},
+        )
         self._merge_lock = threading.Lock()
         self._swap_lock = threading.Lock()  # held only to publish a snapshot
         sealed = None if spec.needs_training else spec.new_index()
@@ -288,8 +294,9 @@ class Segments(SegmentMerges):
             # the serial hot path, one query on the calling thread (what device.search_cpu does for it):
             # a sealed CPU index with no dead labels and nothing fresh; FAISS's own search() minus its
             # wrapper's checks (xq is (1, d) C-contiguous float32 here, D and I made as it makes them)
-            owner, dflt, fast = self._serial_params
-            hit = fast.get((ef_search, nprobe, k_factor)) if owner is s.sealed and dflt is s.defaults else None
+            owner, dflt, spec, fast = self._serial_params
+            same = owner is s.sealed and dflt is s.defaults and spec is self.spec
+            hit = fast.get((ef_search, nprobe, k_factor)) if same else None
             if hit is not None and xq.dtype == np.float32 and xq.flags.c_contiguous and xq.shape[1] == s.sealed.d:
                 D = np.empty((1, k), dtype=np.float32)
                 I = np.empty((1, k), dtype=np.int64)
@@ -340,9 +347,9 @@ class Segments(SegmentMerges):
             return drop_dead(D, I, s.alive, k, worst)
         params, _sel = self._params(s, ef_search, nprobe, k_factor)
         if _sel is None and len(xq) == 1:  # what the serial hot path of search() may reuse for this index
-            owner, dflt, fast = self._serial_params
-            if owner is not sealed or dflt is not s.defaults:
-                self._serial_params = owner, dflt, fast = sealed, s.defaults, {}
+            owner, dflt, spec, fast = self._serial_params
+            if owner is not sealed or dflt is not s.defaults or spec is not self.spec:
+                self._serial_params = owner, dflt, spec, fast = sealed, s.defaults, self.spec, {}
             fast[(ef_search, nprobe, k_factor)] = params
         D, I = self.device.search_cpu(sealed, xq, k, params)
         D[I < 0] = worst

@@ -36,7 +36,7 @@ from .collection import Collection
 from .lifecycle import Lifecycle
 from .metrics import FOLD_EVERY
 from .pipeline import SearchResult
-from .routes import IDENTITY, resolve
+from .routes import _IDENTITY_ROUTES, resolve
 from .validate import MAX_NORM
 
 if TYPE_CHECKING:
@@ -51,16 +51,19 @@ def search_one(
     engine: Engine,
     collection: str,
     query_space: str,
-    data: bytes,
-    dim: int,
+    x: np.ndarray,
     k: int,
     ef_search: int | None,
     nprobe: int | None,
     k_factor: int | None,
+    *,
+    hnsw_only: bool = False,
 ) -> SearchResult | None:
-    """The k nearest points of one query (``data``: ``dim`` little-endian float32) in ``collection``,
-    or None when the request is not the plain case (module docstring): the caller then runs
-    ``Engine.search``, which answers it or raises its error."""
+    """The k nearest points of one query in ``collection``, or None when the request is not the plain
+    case (module docstring): the caller then runs ``Engine.search``, which answers it or raises its
+    error. ``x``: the query, C-contiguous little-endian float32 of any shape (its size is the
+    dimension), only read. ``hnsw_only``: None for other indexes (their single-query search may open
+    an OpenMP region: the embedded client then sets the thread's OpenMP threads first)."""
     t0 = time.perf_counter()
     if engine.state is not Lifecycle.SERVING:
         return None
@@ -69,31 +72,29 @@ def search_one(
     if type(col) is not Collection or (migrations is not None and collection in migrations.active):
         return None
     space = engine.spaces.get(query_space)
-    if space is None or space.dim != dim or len(data) != 4 * dim or not 0 < k <= engine.limits.max_k:
+    dim = x.size
+    if space is None or space.dim != dim or not 0 < k <= engine.limits.max_k:
         return None
     if query_space != col.home.name or col.basis is not None or col.retired or col.row.spec.prefix_dims:
         return None
-    if col.failure is not None:
+    seg = col.segments
+    s = seg.snapshot
+    sealed: Any = s.sealed  # (an `is` test against Snapshot.sealed_search would widen it back to Optional)
+    if sealed is None or s.nfresh or s.ndead_sealed or s.sealed_search is not s.sealed or col.failures.current:
         return None
-    x = np.frombuffer(data, dtype="<f4")
+    if hnsw_only and not seg.spec.is_hnsw:
+        return None
+    # the parameters an earlier pipeline search built for this index, defaults and request, after its
+    # checks (check_search) passed: the same request passes them again (the spec is the index's)
+    owner, dflt, spec, fast = seg._serial_params
+    same = owner is sealed and dflt is s.defaults and spec is seg.spec
+    params = fast.get((ef_search, nprobe, k_factor)) if same else None
+    if params is None or col.index_dims != dim:  # (the sealed index's d: no basis, no prefix)
+        return None
     ss = float(fvec_norm_L2sqr(swig_ptr(x), dim))  # NaN and inf fail the comparison
     if not 0.0 < ss <= _MAX_SQ:
         return None
-    xq = (x / np.float32(math.sqrt(ss))).reshape(1, dim) if space.metric == "cosine" else x.reshape(1, dim)
-    seg = col.segments
-    if ef_search is not None or nprobe is not None or k_factor is not None:
-        try:
-            seg.check_params(ef_search, nprobe, k_factor)
-        except Exception:
-            return None  # the full path reports it, in its order
-    s = seg.snapshot
-    sealed: Any = s.sealed  # (an `is` test against Snapshot.sealed_search would widen it back to Optional)
-    if sealed is None or s.nfresh or s.ndead_sealed or sealed.d != dim or s.sealed_search is not s.sealed:
-        return None
-    owner, dflt, fast = seg._serial_params
-    params = fast.get((ef_search, nprobe, k_factor)) if owner is sealed and dflt is s.defaults else None
-    if params is None:
-        return None
+    xq = x / np.float32(math.sqrt(ss)) if space.metric == "cosine" else x
     t1 = time.perf_counter()
     D = np.empty((1, k), dtype=np.float32)
     I = np.empty((1, k), dtype=np.int64)
@@ -105,10 +106,9 @@ def search_one(
         ids = s.ids[np.maximum(I, 0)]
         ids[I < 0] = ""
     t2 = time.perf_counter()
-    route = resolve(collection, query_space, query_space, col.routes)
-    timers = col.stage_timers
-    timers.append((t1 - t0, 0.0, t2 - t1, None))
+    timers = col.stage_timers  # the stage times and one query for the identity route's counter
+    timers.append((t1 - t0, 0.0, t2 - t1, None, 1))
     if len(timers) >= FOLD_EVERY:
         timers.fold()
-    engine._child(engine.metrics.search_queries, collection, query_space, IDENTITY).inc(1)
+    route = _IDENTITY_ROUTES.get(query_space) or resolve(collection, query_space, query_space, col.routes)
     return SearchResult(D, ids, None, route, exact=False)

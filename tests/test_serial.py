@@ -31,10 +31,8 @@ def _sealed(stubs: Stubs, name: str, n: int) -> None:
 
 def _one(engine: Any, col: str, space: str, x: np.ndarray, k: int, **kw: Any) -> Any:
     """serial.search_one on one query, straight (None: not the plain case)."""
-    b = np.ascontiguousarray(x, "<f4").tobytes()
-    return serial.search_one(
-        engine, col, space, b, x.shape[-1], k, kw.get("ef_search"), kw.get("nprobe"), kw.get("k_factor")
-    )
+    q = np.ascontiguousarray(x, "<f4")
+    return serial.search_one(engine, col, space, q, k, kw.get("ef_search"), kw.get("nprobe"), kw.get("k_factor"))
 
 
 @pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
@@ -124,4 +122,4 @@ def test_what_the_serial_path_leaves_to_the_pipeline(server: tuple[Any, int], st
     assert _one(engine, "e", "s", q, 10) is None
     res = engine.search("e", "s", np.ascontiguousarray(q, "<f4").tobytes(), D, SearchParams(10))
     assert res.ids[0][0] == _one(engine, "e", "s", q, 10).ids[0][0]
-    assert seg._serial_params[2][(None, None, None)].efSearch == new.ef_search
+    assert seg._serial_params[3][(None, None, None)].efSearch == new.ef_search
