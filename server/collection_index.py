@@ -10,7 +10,7 @@ answers every point RPC with FAILED_PRECONDITION; one whose training or merge ra
 writes but answers searches with FAILED_PRECONDITION, and the build is retried with an exponential
 back-off (sooner once new writes arrive), never in a tight loop. The request surface (writes,
 reads, search) is :class:`~.collection.Collection`. An ``auto`` collection's maintenance also runs
-the index advisor once it holds enough points, and rebuilds onto its choice (``advisor.py``).
+the index advisor once it holds enough points, and rebuilds onto its choice (``advisor_auto.py``).
 Covered by ``tests/test_durability.py`` (recovery), ``tests/test_index_safety.py``,
 ``tests/test_compaction.py`` and ``tests/test_advisor.py``.
 """
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint
-from .advisor import auto_rebuild, stored_status
+from .advisor_auto import auto_rebuild, stored_status
 from .compaction import COMPACT_FRACTION, COMPACT_MIN_DEAD, compact, merge_dropping_dead, regraph
 from .device import Device
 from .errors import InvalidArgument

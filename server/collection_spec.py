@@ -10,7 +10,7 @@ builds its index from it (:meth:`CollectionSpec.parse_index`). Its fields are th
 specs, train_min_points) and ``tests/test_advisor.py`` (``auto``, target_recall).
 
 ``index_spec="auto"`` with a ``target_recall`` keeps ``auto`` in the store while the collection is
-exact (Flat) and waits for the index advisor (``advisor.py``); once it chose, the store holds the
+exact (Flat) and waits for the index advisor (``advisor_auto.py``); once it chose, the store holds the
 chosen spec and, in ``operating_point``, the chosen point as JSON (its search parameters are the
 collection's search defaults), and ``target_recall`` stays.
 """

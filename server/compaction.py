@@ -20,7 +20,7 @@ and swap the snapshot, the point map and the rerank vectors, one reference each
 killed meanwhile stay dead. Recovery compacts too. Covered by ``tests/test_compaction.py``.
 
 :func:`rebuild_onto` is a compaction onto another index spec: an ``auto`` collection's move onto
-the index advisor's choice (``advisor.py``). The new index is trained on a seeded sample of the
+the index advisor's choice (``advisor_auto.py``). The new index is trained on a seeded sample of the
 live vectors and filled with all of them beside the live one; under the write lock the snapshot
 takes the new index with its spec and search defaults at once, and the store records the spec and
 the operating point after the renumbering (a crash in between leaves the old spec over the new

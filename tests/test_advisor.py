@@ -26,7 +26,7 @@ from conftest import Stubs, brute_force, connect, make_data, recall_at, start_se
 
 from interlingua.client import Client
 from interlingua.client.cli import main
-from interlingua.server import advisor
+from interlingua.server import advisor, advisor_auto
 from interlingua.server.index_spec import IndexSpec, search_params
 from interlingua.v1 import collections_pb2 as cpb
 from interlingua.v1 import common_pb2 as pb
@@ -41,7 +41,7 @@ NOT_FOUND = grpc.StatusCode.NOT_FOUND
 @pytest.fixture(autouse=True)
 def _quick_timing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(advisor, "TIME_MIN_SECONDS", 0.02)  # each point timed briefly: tests check recall
-    monkeypatch.setattr(advisor, "TUNE_TIME_SECONDS", 0.02)
+    monkeypatch.setattr(advisor_auto, "TUNE_TIME_SECONDS", 0.02)
 
 
 def _fill(stubs: Stubs, name: str, x: np.ndarray, space: str = "s", prefix: str = "") -> list[str]:
@@ -234,9 +234,9 @@ def test_auto_rebuild_under_concurrent_writes_and_searches(tmp_path: Path, monke
     request, searches and writes going on through the tuning; afterwards every acknowledged id is
     there with its last vector, deleted ones are gone, searches agree with brute force at about the
     target, and a restart serves the same choice with the same tuned defaults."""
-    monkeypatch.setattr(advisor, "AUTO_MIN_POINTS", 3000)
-    monkeypatch.setattr(advisor, "READVISE_GROWTH", 1e9)  # one advisor run (the growth test runs another)
-    monkeypatch.setattr(advisor, "TUNE_TIME_SECONDS", 1.0)
+    monkeypatch.setattr(advisor_auto, "AUTO_MIN_POINTS", 3000)
+    monkeypatch.setattr(advisor_auto, "READVISE_GROWTH", 1e9)  # one advisor run (the growth test runs another)
+    monkeypatch.setattr(advisor_auto, "TUNE_TIME_SECONDS", 1.0)
     data = tmp_path / "data"
     server, port = start_server(data, merge_idle_seconds=0.05)
     stubs = connect(port)
@@ -325,7 +325,7 @@ def test_auto_rebuild_under_concurrent_writes_and_searches(tmp_path: Path, monke
         op = info.operating_point
         assert info.index_spec == op.index_spec != "auto" and info.target_recall == pytest.approx(0.9)
         assert op.recall >= 0.9 and op.qps > 0 and info.advisor_status.startswith("chose ")
-        monkeypatch.setattr(advisor, "RETUNE_GROWTH", 1e9)  # no later tuning: the restart compares this one
+        monkeypatch.setattr(advisor_auto, "RETUNE_GROWTH", 1e9)  # no later tuning: the restart compares this one
         deadline = time.monotonic() + 60
         while (info := stubs.info("a")).fresh_vectors or info.advisor_status.endswith("tuning"):
             assert time.monotonic() < deadline  # the last writes merged into the chosen index
@@ -375,11 +375,11 @@ def test_auto_tuning_on_the_whole_index(tmp_path: Path, monkeypatch: pytest.Monk
     1,000 fresh queries (neither stored nor used for tuning) against numpy brute force. Growing 2x
     tunes again; the tuned defaults survive a restart; growing past READVISE_GROWTH (3x here) runs
     the advisor again, then tunes."""
-    monkeypatch.setattr(advisor, "AUTO_MIN_POINTS", 20_000)
+    monkeypatch.setattr(advisor_auto, "AUTO_MIN_POINTS", 20_000)
     monkeypatch.setattr(advisor, "SAMPLE_MAX", 2000)
-    monkeypatch.setattr(advisor, "AUTO_CANDIDATES", ("IVF32,PQ16x4fs,RFlat",))
+    monkeypatch.setattr(advisor_auto, "AUTO_CANDIDATES", ("IVF32,PQ16x4fs,RFlat",))
     monkeypatch.setattr(advisor, "K_FACTORS", (1, 2))
-    monkeypatch.setattr(advisor, "READVISE_GROWTH", 3.0)
+    monkeypatch.setattr(advisor_auto, "READVISE_GROWTH", 3.0)
     target, spec = 0.95, "IVF32,PQ16x4fs,RFlat"
     x = make_data(61_000, D, seed=21)
     fresh, ids = x[60_000:], np.array([f"p{i}" for i in range(60_000)], dtype=object)
@@ -413,19 +413,19 @@ def test_auto_tuning_on_the_whole_index(tmp_path: Path, monkeypatch: pytest.Monk
         chose = re.search(rf"^chose {re.escape(spec)} nprobe=(\d+) k_factor=(\d+) \(Recall@10 ([\d.]+)", status)
         assert chose is not None and info.index_spec == op.index_spec == spec, status
         advised_nprobe, advised_kf, sample_recall = int(chose[1]), int(chose[2]), float(chose[3])
-        assert advised_kf <= 2 and sample_recall >= target + advisor.AUTO_MARGIN
+        assert advised_kf <= 2 and sample_recall >= target + advisor_auto.AUTO_MARGIN
         # the premise: the sample's point, and any the advisor could choose, under-reach on the whole index
         assert recall(20_000, nprobe=advised_nprobe, k_factor=advised_kf) < target
         assert recall(20_000, nprobe=32, k_factor=2) < target
         assert _tuned_on(status) == 20_000 and "no setting reached" not in status, status
-        assert op.recall >= target + advisor.AUTO_MARGIN and op.k_factor > 2, op
+        assert op.recall >= target + advisor_auto.AUTO_MARGIN and op.k_factor > 2, op
         check_defaults(20_000, op)
 
         grow(20_000, 40_000)  # 2x: tuned again, not advised again
         info = _wait_info(stubs, lambda i: _tuned_on(i.advisor_status) > 30_000)
         assert "grown" in info.advisor_status and "since advised" not in info.advisor_status, info.advisor_status
         op = info.operating_point
-        assert op.index_spec == spec and op.recall >= target + advisor.AUTO_MARGIN
+        assert op.index_spec == spec and op.recall >= target + advisor_auto.AUTO_MARGIN
         check_defaults(40_000, op)
     finally:
         stubs.channel.close()
