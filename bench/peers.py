@@ -257,7 +257,7 @@ def main() -> int:
         for n in names:
             s = systems[n]
             s.set_point(ops[n]["point"])
-            calls[n] = lambda x, s=s: s.search(x, K)
+            calls[n] = lambda x, s=s: s.timed(x, K)  # the client call alone (System.timed)
             if isinstance(s, Interlingua):
                 calls[n + "_stream"] = lambda x, s=s: s.stream_search(x, K)
                 calls["grpc_echo"] = s.echo
