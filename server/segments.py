@@ -40,7 +40,6 @@ from typing import Any
 
 import faiss
 import numpy as np
-from faiss import swig_ptr
 
 from .device import GPU_MAX_K, Device
 from .errors import InvalidArgument
@@ -80,8 +79,8 @@ class Segments(SegmentMerges):
         self._param_cache: tuple[Any, dict[tuple[int | None, int | None, int | None], Any]] = (None, {})
         #: (sealed index, its snapshot's defaults, the spec requests are checked against, the request's
         #: (ef_search, nprobe, k_factor) -> parameters) of single-query searches that took the
-        #: selector-free CPU path, after their checks: search()'s and serial.py's hot paths reuse them
-        #: while the index, the defaults (an advisor's tuning) and the spec stay the same
+        #: selector-free CPU path, after their checks: serial.py's hot path reuses them while the index,
+        #: the defaults (an advisor's tuning) and the spec stay the same
         self._serial_params: tuple[Any, Any, Any, dict[tuple[int | None, int | None, int | None], Any]] = (
             None,
             None,
@@ -290,20 +289,6 @@ class Segments(SegmentMerges):
         l2, where fewer than k labels are live) and the snapshot they were computed on.
         """
         s = self.snapshot
-        if s.nfresh == 0 and s.ndead_sealed == 0 and len(xq) == 1 and s.sealed_search is s.sealed is not None:
-            # the serial hot path, one query on the calling thread (what device.search_cpu does for it):
-            # a sealed CPU index with no dead labels and nothing fresh; FAISS's own search() minus its
-            # wrapper's checks (xq is (1, d) C-contiguous float32 here, D and I made as it makes them)
-            owner, dflt, spec, fast = self._serial_params
-            same = owner is s.sealed and dflt is s.defaults and spec is self.spec
-            hit = fast.get((ef_search, nprobe, k_factor)) if same else None
-            if hit is not None and xq.dtype == np.float32 and xq.flags.c_contiguous and xq.shape[1] == s.sealed.d:
-                D = np.empty((1, k), dtype=np.float32)
-                I = np.empty((1, k), dtype=np.int64)
-                s.sealed.search_c(1, swig_ptr(xq), k, swig_ptr(D), swig_ptr(I), hit)
-                if I[0, k - 1] < 0:  # fewer than k hits (FAISS pads at the end): -inf (+inf for l2) there
-                    D[I < 0] = -np.inf if self.largest else np.inf
-                return D, I, s
         worst = np.float32(-np.inf if self.largest else np.inf)
         parts: list[tuple[np.ndarray, np.ndarray]] = []
         if s.sealed is not None and s.nsealed > 0:
@@ -346,7 +331,7 @@ class Segments(SegmentMerges):
             D, I = self.device.search_cpu(sealed, xq, kk, params)
             return drop_dead(D, I, s.alive, k, worst)
         params, _sel = self._params(s, ef_search, nprobe, k_factor)
-        if _sel is None and len(xq) == 1:  # what the serial hot path of search() may reuse for this index
+        if _sel is None and len(xq) == 1:  # what serial.search_one may reuse for this index
             owner, dflt, spec, fast = self._serial_params
             if owner is not sealed or dflt is not s.defaults or spec is not self.spec:
                 self._serial_params = owner, dflt, spec, fast = sealed, s.defaults, self.spec, {}

@@ -5,7 +5,7 @@ efSearch 384 reads several MB of vectors and graph, which evicts the interpreter
 code and data from the CPU caches, so each numpy call or Python frame after it costs 5-15 µs
 instead of ~1 µs (measured: the seven numpy calls of the batch normalization took 124 µs p50
 after a 64 MB sweep, 7 µs warm). :func:`search_one` answers the common case with one Python frame
-and a handful of C calls, the same answer ``Engine.search`` gives (``tests/test_search.py``
+and a handful of C calls, the same answer ``Engine.search`` gives (``tests/test_serial.py``
 compares them), and returns None for anything else, which then takes the full pipeline
 (``pipeline.py``) and gets its checks and errors there:
 
@@ -37,14 +37,12 @@ from .lifecycle import Lifecycle
 from .metrics import FOLD_EVERY
 from .pipeline import SearchResult
 from .routes import _IDENTITY_ROUTES, resolve
-from .validate import MAX_NORM
+from .validate import FAST_MAX_NORM_SQ
 
 if TYPE_CHECKING:
     from .engine import Engine
 
 __all__ = ["search_one"]
-
-_MAX_SQ = (0.999 * MAX_NORM) ** 2  #: validate.unpack_queries' bound on a query's squared norm, with its margin
 
 
 def search_one(
@@ -92,7 +90,7 @@ def search_one(
     if params is None or col.index_dims != dim:  # (the sealed index's d: no basis, no prefix)
         return None
     ss = float(fvec_norm_L2sqr(swig_ptr(x), dim))  # NaN and inf fail the comparison
-    if not 0.0 < ss <= _MAX_SQ:
+    if not 0.0 < ss <= FAST_MAX_NORM_SQ:  # validate.unpack_queries' bound
         return None
     xq = x / np.float32(math.sqrt(ss)) if space.metric == "cosine" else x
     t1 = time.perf_counter()

@@ -19,6 +19,7 @@ from .config import Limits
 from .errors import InvalidArgument, ResourceExhausted, shown
 
 __all__ = [
+    "FAST_MAX_NORM_SQ",
     "MAX_NORM",
     "METRICS",
     "check_collection_name",
@@ -151,7 +152,8 @@ def unpack_vectors(data: bytes, dim: int, d: int, *, what: str, limit: int | Non
 
 #: unpack_queries' bound on sqrt(d) * max|x| (check_norms' own bound on every norm, with a margin)
 _FAST_MAX_NORM = 0.999 * MAX_NORM
-_FAST_MAX_NORM_SQ = _FAST_MAX_NORM * _FAST_MAX_NORM  #: the same bound on one query's float32 sum of squares
+#: the same bound on one query's float32 sum of squares (here and in serial.search_one)
+FAST_MAX_NORM_SQ = _FAST_MAX_NORM * _FAST_MAX_NORM
 
 
 def unpack_queries(
@@ -173,7 +175,7 @@ def unpack_queries(
     x = np.frombuffer(data, dtype="<f4")
     if n == 1:  # one FAISS call for the finiteness, norm and zero checks (NaN fails both comparisons, Inf too)
         ss = float(fvec_norm_L2sqr(swig_ptr(x), d))  # C++: no numpy dispatch, no overflow warning (inf)
-        if 0.0 < ss <= _FAST_MAX_NORM_SQ:
+        if 0.0 < ss <= FAST_MAX_NORM_SQ:
             return (x / np.float32(math.sqrt(ss))).reshape(1, d), True
         return unpack_vectors(data, dim, d, what=what, limit=limit), False
     # Every norm is at most sqrt(d) * max|x| (check_norms' own bound): under _FAST_MAX_NORM, x * x
