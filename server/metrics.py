@@ -60,35 +60,66 @@ _LATENCY_BUCKETS = (
 FOLD_EVERY = 4096
 
 
-class BufferedHistogram(Histogram):
-    """A Histogram for the search path: ``observe`` appends to a deque (~0.05 µs, atomic under the
-    GIL) instead of two locked increments and a bucket scan (~1.5 µs); the values are folded into
-    the buckets and the sum when the series is collected (a scrape, ``generate_latest``), or once
-    :data:`FOLD_EVERY` wait. :class:`StageTimes` feeds several children with one append per search.
-    A scrape shows every observation made before it; the exposition is a Histogram's. No exemplars."""
+class _Buffer:
+    """What :class:`BufferedHistogram` and :class:`BufferedCounter` share: values wait in a deque
+    (an append is atomic under the GIL) and are folded into the series by ``_fold`` when it is
+    collected, once :data:`FOLD_EVERY` wait, or from the :class:`StageTimes` that feed it."""
 
-    def _metric_init(self) -> None:
-        super()._metric_init()
-        self._pending: collections.deque[float] = collections.deque()
+    _pending: collections.deque[float]
+    _fold_lock: threading.Lock
+    _sources: list[StageTimes]  #: folded into this child before it is collected
+
+    def _buffer_init(self) -> None:
+        self._pending = collections.deque()
         self._fold_lock = threading.Lock()
-        self._bounds = np.asarray(self._upper_bounds, dtype=np.float64)
-        self._sources: list[StageTimes] = []  #: folded into this child before it is collected
+        self._sources = []
 
-    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+    def _push(self, amount: float) -> None:
         pending = self._pending
         pending.append(amount)
         if len(pending) >= FOLD_EVERY:
             self._fold()
 
+    def _drain(self) -> np.ndarray | None:
+        """The values waiting, shape (n,) float64 (None: none), taken under the fold lock: popleft() of
+        the n that are there, so appends meanwhile stay for the next fold. Call with the lock held."""
+        pending = self._pending
+        n = len(pending)
+        return np.fromiter((pending.popleft() for _ in range(n)), dtype=np.float64, count=n) if n else None
+
     def _fold(self) -> None:
-        with self._fold_lock:  # popleft() of n values that are there: appends meanwhile stay for the next fold
-            pending = self._pending
-            n = len(pending)
-            if n:
-                self._add(np.fromiter((pending.popleft() for _ in range(n)), dtype=np.float64, count=n))
+        raise NotImplementedError
+
+    def _fold_all(self) -> None:
+        for source in self._sources:
+            source.fold()
+        self._fold()
+
+
+class BufferedHistogram(_Buffer, Histogram):
+    """A Histogram for the search path: ``observe`` appends to a deque (~0.05 µs) instead of two
+    locked increments and a bucket scan (~1.5 µs); the values are folded into the buckets and the
+    sum when the series is collected (a scrape, ``generate_latest``), or once :data:`FOLD_EVERY`
+    wait. :class:`StageTimes` feeds several children with one append per search. A scrape shows
+    every observation made before it; the exposition is a Histogram's. No exemplars."""
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        self._buffer_init()
+        self._bounds = np.asarray(self._upper_bounds, dtype=np.float64)
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        self._push(amount)
+
+    def _fold(self) -> None:
+        with self._fold_lock:
+            v = self._drain()
+            if v is not None:
+                self._add(v)
 
     def _add(self, v: np.ndarray) -> None:
-        """Observes every value of ``v`` (shape (n,) float64) as ``Histogram.observe`` would."""
+        """Observes every value of ``v`` (shape (n,) float64) as ``Histogram.observe`` would. Call
+        with the fold lock held."""
         # bucket i counts the values <= its bound: the first bound >= v (NaN: none, as Histogram.observe)
         counts = np.bincount(np.searchsorted(self._bounds, v, side="left"), minlength=len(self._bounds) + 1)
         for i in np.flatnonzero(counts[: len(self._bounds)]):
@@ -96,9 +127,7 @@ class BufferedHistogram(Histogram):
         self._sum.inc(float(v.sum()))
 
     def _child_samples(self) -> Iterable[Sample]:
-        for source in self._sources:
-            source.fold()
-        self._fold()
+        self._fold_all()
         return super()._child_samples()
 
 
@@ -138,34 +167,26 @@ class StageTimes(collections.deque):  # type: ignore[type-arg]
             self.queries.inc(counted)
 
 
-class BufferedCounter(Counter):
+class BufferedCounter(_Buffer, Counter):
     """A Counter for the search path, buffered as :class:`BufferedHistogram` (``inc`` appends)."""
 
     def _metric_init(self) -> None:
         super()._metric_init()
-        self._pending: collections.deque[float] = collections.deque()
-        self._fold_lock = threading.Lock()
-        self._sources: list[StageTimes] = []  #: folded into this child before it is collected
+        self._buffer_init()
 
     def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
         if amount < 0:
             raise ValueError("Counters can only be incremented by non-negative amounts.")
-        pending = self._pending
-        pending.append(amount)
-        if len(pending) >= FOLD_EVERY:
-            self._fold()
+        self._push(amount)
 
     def _fold(self) -> None:
         with self._fold_lock:
-            pending = self._pending
-            n = len(pending)
-            if n:
-                self._value.inc(float(sum(pending.popleft() for _ in range(n))))
+            v = self._drain()
+            if v is not None:
+                self._value.inc(float(v.sum()))
 
     def _child_samples(self) -> Iterable[Sample]:
-        for source in self._sources:
-            source.fold()
-        self._fold()
+        self._fold_all()
         return super()._child_samples()
 
 
