@@ -79,6 +79,7 @@ from ._types import (
     Space,
     TransformInfo,
     milvus_uri,
+    serial_route,
 )
 from ._wire import PayloadArg, as_matrix, upsert_requests
 
@@ -403,12 +404,37 @@ class Client:
         ``(dims, keep)`` reranks them before the final full-dimensional stage. On an index with a
         refine stage, ``k_factor`` sets how many candidates (k * k_factor) the refine codes re-rank.
         """
-        if self._embedded is not None and not funnel:  # in process: straight into the engine
+        emb = self._embedded
+        if emb is not None and not funnel:  # in process: straight into the engine
             x = queries
             if type(x) is not np.ndarray or x.dtype != _F32 or x.ndim != 2 or not x.flags.c_contiguous:
                 x = query_matrix(queries)
+            if (
+                len(x) == 1
+                and type(k) is int
+                and (ef_search is None or type(ef_search) is int)
+                and nprobe is None
+                and shortlist_k is None
+                and k_factor is None
+                and not with_payload
+            ):  # the serial hot path (server/serial.py) called from here, one query on HNSW: at 1M every
+                # Python frame between the user and FAISS costs 5-15 µs on cold caches (Embedded.search's
+                # other checks are the proto fields' ranges: search_one only accepts parameters a pipeline
+                # search built and checked, and declines anything else, which then takes Embedded.search)
+                try:
+                    one = None
+                    if x.nbytes + 4 * (len(collection) + len(space)) + 64 <= emb.receive_bytes:
+                        one = emb.search_one(emb.engine, collection, space, x, k, ef_search, None, None, hnsw_only=True)
+                except Exception:
+                    one = None  # the full path below answers, or fails as it does
+                if one is not None:  # an identity route's own new arrays: SearchResult.from_arrays, inline
+                    res = _new_result(SearchResult)
+                    res.__dict__.update(
+                        scores=one.D, ids=one.ids, payloads=None, route=serial_route(one.route), exact=False
+                    )
+                    return res
             ints = (ef_search, nprobe, shortlist_k, k_factor)
-            res = self._embedded.search(collection, x, k, space, ints, with_payload)
+            res = emb.search(collection, x, k, space, ints, with_payload)
             if res is not None:
                 r = res.route
                 route = (r.query_space, r.home_space, r.transform)
@@ -803,6 +829,7 @@ class Client:
 
 
 _F32 = np.dtype("<f4")
+_new_result = object.__new__  #: a SearchResult without its frozen __init__ (from_arrays does the same)
 
 
 def query_matrix(queries: npt.ArrayLike) -> npt.NDArray[Any]:

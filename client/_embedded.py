@@ -375,9 +375,9 @@ class Embedded:
             MigrationServicer(eng), migrations_pb2.DESCRIPTOR.services_by_name["MigrationService"], methods
         )
         self.health = _Health(eng, SERVICE_NAMES)
-        self._limit = self.config.limits.receive_bytes
+        self.receive_bytes = self.config.limits.receive_bytes
         self._domain, self._status_for = InterlinguaError, status_for
-        self._search_one, self._request_params = search_one, request_params
+        self.search_one, self._request_params = search_one, request_params  # (Client.search calls search_one)
 
     def search(
         self,
@@ -394,13 +394,13 @@ class Embedded:
         parse, reply, unpack: ~25 µs a search) is skipped. Returns the engine's SearchResult, or None
         where the request must take the message path to fail as it would there: a value a proto
         field refuses (the caller's ValueError / TypeError), or a request near ``receive_bytes``."""
-        search_one, request_params = self._search_one, self._request_params
+        search_one, request_params = self.search_one, self._request_params
         if type(collection) is not str or type(space) is not str or type(k) is not int or not 0 <= k <= _UINT32:
             return None
         for v in ints:
             if v is not None and (type(v) is not int or not 0 <= v <= _UINT32):
                 return None
-        if x.nbytes + 4 * (len(collection) + len(space)) + 64 > self._limit:
+        if x.nbytes + 4 * (len(collection) + len(space)) + 64 > self.receive_bytes:
             return None
         ef_search, nprobe, shortlist_k, k_factor = ints
         if len(x) == 1 and shortlist_k is None and not with_payload:  # the serial hot path (server/serial.py):

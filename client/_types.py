@@ -45,6 +45,7 @@ __all__ = [
     "Space",
     "TransformInfo",
     "milvus_uri",
+    "serial_route",
 ]
 
 METRICS: dict[str, common_pb2.Metric.ValueType] = {
@@ -301,6 +302,22 @@ def _route(key: tuple[str, str, str]) -> Route:
         route = Route(*key)
         if len(_ROUTES) < 1024:
             _ROUTES[key] = route
+    return route
+
+
+_SERIAL_ROUTES: dict[int, tuple[Any, Route]] = {}  #: id(engine route) -> (that route, its Route)
+
+
+def serial_route(r: Any) -> Route:
+    """The Route of an engine's route object ``r`` (``query_space``, ``home_space``, ``transform``),
+    cached by the object (an embedded client's serial searches return the engine's few route objects
+    again and again); the cache holds ``r``, so its id is not reused while cached."""
+    hit = _SERIAL_ROUTES.get(id(r))
+    if hit is not None and hit[0] is r:
+        return hit[1]
+    route = _route((r.query_space, r.home_space, r.transform))
+    if len(_SERIAL_ROUTES) < 1024:
+        _SERIAL_ROUTES[id(r)] = (r, route)
     return route
 
 

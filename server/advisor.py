@@ -57,6 +57,7 @@ __all__ = [
     "Recommendation",
     "choose",
     "default_candidates",
+    "recall_at_k",
     "recommend",
     "recommend_collection",
     "run_in_worker",
@@ -164,7 +165,7 @@ def default_candidates(n_sample: int, n_total: int, d: int) -> list[str]:
     return out
 
 
-def _recall(I: np.ndarray, gt: np.ndarray) -> float:
+def recall_at_k(I: np.ndarray, gt: np.ndarray) -> float:
     """Recall@k: mean |I[i] & gt[i]| / k over the rows (k = gt's width; -1 never matches)."""
     nq, k = int(gt.shape[0]), int(gt.shape[1])
     if k <= 32:
@@ -290,7 +291,7 @@ def recommend(
                     params.get("ef_search", 0),
                     params.get("nprobe", 0),
                     params.get("k_factor", 0),
-                    round(_recall(I, gt), 6),
+                    round(recall_at_k(I, gt), 6),
                     round(qps, 1),
                     spec.memory_per_vector,
                     round(build_s, 3),

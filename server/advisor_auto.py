@@ -47,8 +47,8 @@ from .advisor import (
     RUN_LOCK,
     SEED,
     OperatingPoint,
-    _recall,
     choose,
+    recall_at_k,
     recommend_collection,
     time_point,
 )
@@ -250,7 +250,7 @@ def tune_collection(col: CollectionIndex, start: OperatingPoint, goal: float, k:
         I = np.empty((nq, k + 1), dtype=np.int64)
         for b in range(0, nq, BATCH):
             I[b : b + BATCH] = col.device.search_cpu(index, xq[b : b + BATCH], k + 1, p)[1]
-        return _recall(_drop_self(I, own, k), gt)
+        return recall_at_k(_drop_self(I, own, k), gt)
 
     same = start.index_spec == spec.spec
     primary = [0]

@@ -30,6 +30,7 @@ from .collection_spec import CollectionSpec
 from .engine import Engine
 from .errors import InterlinguaError, InvalidArgument, status_for
 from .pipeline import SearchParams
+from .serial import search_one
 from .store import SpaceRow
 
 __all__ = ["CollectionServicer", "PointServicer", "SpaceServicer"]
@@ -170,6 +171,21 @@ def point_pb(p: OperatingPoint) -> cpb.OperatingPoint:
 _LE_F4 = np.dtype("<f4")
 #: SearchParams by (k, ef_search, nprobe, shortlist_k, funnel, k_factor): one per distinct request, not one per call
 _PARAMS: dict[tuple[Any, ...], SearchParams] = {}
+
+
+_ROUTE_PB: dict[int, tuple[Any, pb.Route]] = {}  #: id(engine route) -> (that route, its message)
+
+
+def route_pb(r: Any) -> pb.Route:
+    """The Route message of an engine's route object ``r``, built once per route object (the cache
+    holds ``r``: its id is not reused while cached); a reply's constructor copies it in."""
+    hit = _ROUTE_PB.get(id(r))
+    if hit is not None and hit[0] is r:
+        return hit[1]
+    msg = pb.Route(query_space=r.query_space, home_space=r.home_space, transform=r.transform)
+    if len(_ROUTE_PB) < 1024:
+        _ROUTE_PB[id(r)] = (r, msg)
+    return msg
 
 
 def request_params(
@@ -342,7 +358,25 @@ class PointServicer(pgrpc.PointServiceServicer):
         )
 
     def _search(self, r: ppb.SearchRequest) -> ppb.SearchResponse:
-        p = r.params
+        p, q = r.params, r.queries
+        if not r.with_payload and not p.funnel and not p.HasField("shortlist_k"):
+            data = q.data
+            if len(data) == 4 * q.dim:  # the serial hot path (serial.py) from here: fewer frames on cold caches
+                one = search_one(
+                    self.engine,
+                    r.collection,
+                    r.query_space,
+                    np.frombuffer(data, dtype=_LE_F4),
+                    r.k,
+                    p.ef_search if p.HasField("ef_search") else None,
+                    p.nprobe if p.HasField("nprobe") else None,
+                    p.k_factor if p.HasField("k_factor") else None,
+                )
+                if one is not None:
+                    k = one.D.shape[1]
+                    return ppb.SearchResponse(
+                        nq=1, k=k, ids=one.ids.ravel().tolist(), scores=one.D.tobytes(), route=route_pb(one.route)
+                    )
         if not p.ListFields():  # no parameter set: one SearchParams per k, not one per call
             params = request_params(r.k)
         else:
@@ -354,7 +388,6 @@ class PointServicer(pgrpc.PointServiceServicer):
                 funnel=tuple((st.dims, st.keep) for st in p.funnel),
                 k_factor=p.k_factor if p.HasField("k_factor") else None,
             )
-        q = r.queries
         res = self.engine.search(r.collection, r.query_space, q.data, q.dim, params, r.with_payload)
         D, route = res.D, res.route
         reply = ppb.SearchResponse(
