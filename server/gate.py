@@ -20,11 +20,11 @@ from typing import Any
 import grpc
 
 from .auth import METHODS, OPEN_PREFIXES, Keyring, MethodKind, Principal
-from .errors import InterlinguaError, status_for
+from .errors import InterlinguaError, RateLimited, status_for
 from .rpcwrap import Behavior, abort_with, wrap_rpc_behavior
 from .throttle import RateLimiter, StreamSlots
 
-__all__ = ["GateInterceptor", "OnDeny", "peer_host"]
+__all__ = ["METERED_STREAMS", "GateInterceptor", "OnDeny", "peer_host"]
 
 
 def peer_host(peer: str) -> str:
@@ -81,7 +81,49 @@ class GateInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         caller = f"key:{principal.name}" if principal is not None else None
         slots = self.open_slots if is_open else self.slots
+        if principal is not None and method in METERED_STREAMS:  # each message is a call's work: charged as one
+            p, limiter, on_deny = principal, self.limiter, self.on_deny
+            return wrap_rpc_behavior(
+                handler,
+                lambda behavior, _rq, _rs: _slotted(
+                    _metered(behavior, limiter, p.name, p.rate_per_second, method, on_deny), slots, caller, on_deny
+                ),
+            )
         return wrap_rpc_behavior(handler, lambda behavior, _rq, _rs: _slotted(behavior, slots, caller, self.on_deny))
+
+
+#: Request streams whose every message is the work of one unary call (a search batch, an upsert batch):
+#: the key's rate limit charges each message after the first (the call itself took a token), so a
+#: stream is no way around it. A FitTransform stream's chunks are one call's data, capped by the fit
+#: limits instead.
+METERED_STREAMS = frozenset({"/interlingua.v1.PointService/SearchStream", "/interlingua.v1.PointService/UpsertStream"})
+
+
+def _metered(
+    behavior: Behavior, limiter: RateLimiter, name: str, rate: float | None, method: str, on_deny: OnDeny
+) -> Behavior:
+    """``behavior`` with each request message after the first charged to key ``name``'s rate limit; over
+    it, the stream ends with RESOURCE_EXHAUSTED and ``retry-after`` (the messages before it stand)."""
+    what = method.rsplit("/", 1)[-1]
+
+    def call(request_iterator: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
+        def charged() -> Any:
+            first = True
+            for message in request_iterator:
+                if not first:
+                    try:
+                        limiter.take(name, rate)
+                    except RateLimited as e:
+                        on_deny(status_for(e).name)
+                        raise RateLimited(
+                            f"{e.message} (each {what} message counts as one call)", retry_after=e.retry_after
+                        ) from None
+                first = False
+                yield message
+
+        return behavior(charged(), context, *callback)
+
+    return call
 
 
 def _slotted(behavior: Behavior, slots: StreamSlots, caller: str | None, on_deny: OnDeny) -> Behavior:

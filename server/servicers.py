@@ -28,8 +28,9 @@ from .backends.base import AnyCollection
 from .backends.milvus import MilvusCollection
 from .collection_spec import CollectionSpec
 from .engine import Engine
-from .errors import InterlinguaError, InvalidArgument, status_for
+from .errors import InterlinguaError, InvalidArgument
 from .pipeline import SearchParams
+from .rpcwrap import abort_with
 from .serial import search_one
 from .store import SpaceRow
 
@@ -54,7 +55,7 @@ def rpc_call(fn: Callable[..., R], request: Any, context: grpc.ServicerContext, 
     try:
         return fn(request)
     except InterlinguaError as e:
-        context.abort(status_for(e), e.message)
+        abort_with(context, e)  # (a rate limit: with retry-after)
     except Exception:
         log.exception("unexpected error in %s", what)
         context.abort(grpc.StatusCode.INTERNAL, f"internal error in {what}; see the server log")
@@ -71,7 +72,7 @@ def rpc(fn: F) -> F:
         try:  # rpc_call's body, inlined: no closure per call
             return fn(self, request, context)
         except InterlinguaError as e:
-            context.abort(status_for(e), e.message)
+            abort_with(context, e)  # (a rate limit: with retry-after)
         except Exception:
             log.exception("unexpected error in %s", what)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error in {what}; see the server log")
@@ -323,14 +324,16 @@ class PointServicer(pgrpc.PointServiceServicer):
 
     @rpc
     def UpsertStream(self, request_iterator: Iterator[ppb.UpsertRequest], context: grpc.ServicerContext) -> Any:
-        total = seq = 0
-        for i, r in enumerate(request_iterator):
-            try:
+        total = seq = done = 0
+        try:  # (reading the next message can fail too: a message that does not parse, the key's rate limit)
+            for r in request_iterator:
                 seq = self._upsert(r)
-            except InterlinguaError as e:
-                e.message = f"stream message {i}: {e.message} (messages 0..{i - 1}, {total} vectors, were committed)"
-                raise
-            total += len(r.ids)
+                total += len(r.ids)
+                done += 1
+        except InterlinguaError as e:
+            head = "" if e.message.startswith(f"stream message {done} ") else f"stream message {done}: "
+            e.message = f"{head}{e.message} (messages 0..{done - 1}, {total} vectors, were committed)"
+            raise
         return ppb.UpsertResponse(upserted=total, sequence=seq)
 
     @rpc

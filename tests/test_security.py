@@ -46,6 +46,7 @@ KEYS = (
     ApiKey("writer", hash_key("write-key"), "write"),
     ApiKey("boss", hash_key("admin-key"), "admin"),
     ApiKey("slow", hash_key("slow-key"), "read", rate_per_second=0.5),
+    ApiKey("slow-writer", hash_key("slow-write-key"), "write", rate_per_second=0.5),
 )
 
 
@@ -170,6 +171,37 @@ def test_rate_limited_key_gets_retry_after(secured: tuple[Server, int]) -> None:
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert dict(err.value.trailing_metadata() or ())["retry-after"]
     s.channel.close()
+
+
+def test_each_stream_message_is_charged_to_the_rate_limit(secured: tuple[Server, int]) -> None:
+    """A SearchStream or UpsertStream is no way around a key's rate limit: each message after the
+    first (the call took a token) is charged as one call; over it the stream ends RESOURCE_EXHAUSTED
+    with retry-after, and what came before stands."""
+    _, port = secured
+    xq = make_data(3, D, seed=11)
+    with Client(f"127.0.0.1:{port}", api_key="slow-key") as slow, slow.search_stream() as stream:
+        first = stream.search("gallery", xq[0], 3, space="old@1")  # the call's own token
+        assert first.ids.shape == (1, 3)
+        with pytest.raises(ResourceExhausted, match="each SearchStream message counts as one call") as exc:
+            stream.search("gallery", xq[1], 3, space="old@1")
+        assert exc.value.retry_after is not None and 0 < exc.value.retry_after <= 2.0
+    with Client(f"127.0.0.1:{port}", api_key="admin-key") as admin:
+        before = admin.get_collection("gallery").num_points
+    with Client(f"127.0.0.1:{port}", api_key="slow-write-key") as writer:
+        x = make_data(3, D, seed=12)
+        with pytest.raises(
+            ResourceExhausted, match=r"stream message 1: .*UpsertStream message.*0\.\.0, 1 vectors"
+        ) as up:
+            writer.upsert_stream("gallery", ["m0", "m1", "m2"], x, space="old@1", batch_size=1)
+        assert up.value.retry_after is not None
+    with Client(f"127.0.0.1:{port}", api_key="admin-key") as admin:
+        assert admin.get_collection("gallery").num_points == before + 1  # message 0 committed, 1 and 2 not
+        assert admin.get("gallery", ["m0"])[0].id == "m0"
+        with admin.search_stream() as stream:  # an unlimited key: every message passes, as unary calls answer
+            for i in range(20):
+                got = stream.search("gallery", xq[i % 3], 3, space="old@1")
+                want = admin.search("gallery", xq[i % 3], 3, space="old@1")
+                assert got.ids.tolist() == want.ids.tolist()
 
 
 # -- /metrics behind auth ------------------------------------------------------------------------
