@@ -30,6 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -181,6 +183,10 @@ def main() -> int:
     )
     ap.add_argument("--plot", type=Path, help="PNG of QPS vs Recall@10")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
+    ap.add_argument("--workdir", type=Path, help="where the systems' data folders go (default: the temp dir)")
+    ap.add_argument(
+        "--keep-workdir", action="store_true", help="keep the systems' data folders (removed by default, even on error)"
+    )
     args = ap.parse_args()
     omp = os.cpu_count() or 1
     info = machine_info()
@@ -194,7 +200,8 @@ def main() -> int:
     b64 = batches_of(xq_all, 64)[:64]
     b1 = batches_of(xq_all, 1)[:2000]
 
-    folder = Path(tempfile.mkdtemp(prefix="peers-"))
+    folder = Path(tempfile.mkdtemp(prefix="peers-", dir=args.workdir))  # several GB at 1M: removed at the end
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a `timeout` or kill: the finally blocks still run
 
     def interlingua() -> Interlingua:
         s = systems.get("interlingua")
@@ -293,6 +300,8 @@ def main() -> int:
     finally:
         for s in systems.values():
             s.close()
+        if not args.keep_workdir:
+            shutil.rmtree(folder, ignore_errors=True)
     advised["failed_systems"] = failed
     report(args, info, data.d, data.source, data.real, build, sweeps, ops, batch_w, serial_w, searchable, advised)
     return 0
