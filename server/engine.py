@@ -36,7 +36,7 @@ from .config import BACKENDS, ServerConfig
 from .errors import AlreadyExists, FailedPrecondition, InterlinguaError, InvalidArgument, NotFound, Unavailable
 from .lifecycle import EngineLifecycle, Lifecycle, lower_priority
 from .metrics import FOLD_EVERY, Metrics
-from .migration.runtime import Migration
+from .migration.runtime import MigrationBase
 from .migration.search import search as migration_search
 from .pipeline import SearchParams, SearchResult
 from .routes import IDENTITY
@@ -205,7 +205,7 @@ class Engine(EngineLifecycle):
         self._ready()
         return sorted(self.collections.values(), key=lambda c: c.name)
 
-    def _migration(self, collection: str) -> Migration | None:
+    def _migration(self, collection: str) -> MigrationBase | None:
         """The collection's running migration, if any (its writes and searches go through it)."""
         return self.migrations.get(collection) if self.migrations is not None else None
 
@@ -315,6 +315,10 @@ class Engine(EngineLifecycle):
         v.check_ids(ids, self.limits)
         for s in spaces:
             self.get_space(s)
+        mig = self._migration(collection)
+        if mig is not None:  # a milvus migration's index switch holds reads by id (milvus_migration.py)
+            with mig.reading():
+                return col.get(ids, with_vectors, with_payload, set(spaces))
         try:
             return col.get(ids, with_vectors, with_payload, set(spaces))
         except (Unavailable, NotFound) as e:  # NotFound: its points were dropped after a move's switch
@@ -353,7 +357,11 @@ class Engine(EngineLifecycle):
         fetch: float | None = None
         if with_payload:
             t3 = time.perf_counter()
-            payloads = col.payloads(hits.ids)
+            if mig is not None:
+                with mig.reading():
+                    payloads = col.payloads(hits.ids)
+            else:
+                payloads = col.payloads(hits.ids)
             if col.retired:  # moved meanwhile: its store rows may be gone, the new side has them
                 payloads = self.collection(collection).payloads(hits.ids)
             fetch = time.perf_counter() - t3

@@ -1,7 +1,7 @@
 """Thin gRPC servicer of ``MigrationService``: proto <-> :class:`~.migration.manager.Migrations`.
 
 Every check and state change is the manager's (``server/migration/manager.py``); this module only
-converts requests and :class:`~.migration.runtime.Migration` to and from the proto. Covered by
+converts requests and :class:`~.migration.runtime.MigrationBase` (either backend) to and from the proto. Covered by
 ``tests/test_migration.py``.
 """
 
@@ -15,7 +15,7 @@ from interlingua.v1 import migrations_pb2_grpc as mgrpc
 from .engine import Engine
 from .errors import InvalidArgument, Unavailable
 from .migration.manager import Migrations
-from .migration.runtime import Migration
+from .migration.runtime import MigrationBase
 from .servicers import rpc
 
 __all__ = ["MigrationServicer", "migration_pb"]
@@ -30,7 +30,7 @@ _STRATEGY = {"two_indexes": mpb.MIGRATION_STRATEGY_TWO_INDEXES, "shared_index": 
 _STRATEGY_NAME = {v: k for k, v in _STRATEGY.items()}
 
 
-def migration_pb(m: Migration) -> mpb.MigrationInfo:
+def migration_pb(m: MigrationBase) -> mpb.MigrationInfo:
     r, fw, cal = m.rec, m.rec.forward, m.calibration
     home = r.new_space if r.phase in ("cutover", "finished") else r.old_space
     return mpb.MigrationInfo(

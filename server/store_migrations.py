@@ -101,3 +101,21 @@ class MigrationTables(StoreCore):
                 w.execute(f"DELETE FROM {table} WHERE cid=?", (companion,))
             w.execute("DELETE FROM migrations WHERE cid=?", (cid,))
         return seq
+
+    def rehome_collection(self, cid: int, old_space: str, new_space: str, reverse_transform: str) -> int:
+        """Makes ``new_space`` the home of collection ``cid`` whose points live in a Milvus engine (the
+        milvus backend's FinishMigration, ``backends/milvus_migration.py``) in one transaction: the home
+        changes, the routes into the old home end (the reverse transform, if any, becomes the route from
+        ``old_space``) and the record is removed."""
+        now = time.time()
+        with self._tx() as seq:
+            w = self._w
+            w.execute("UPDATE collections SET home_space=?, last_sequence=? WHERE cid=?", (new_space, seq, cid))
+            w.execute("UPDATE routes SET deactivated_at=? WHERE cid=? AND deactivated_at=0", (now, cid))
+            if reverse_transform:
+                w.execute(
+                    "INSERT INTO routes (cid, query_space, transform, activated_at, forced) VALUES (?,?,?,?,0)",
+                    (cid, old_space, reverse_transform, now),
+                )
+            w.execute("DELETE FROM migrations WHERE cid=?", (cid,))
+        return seq

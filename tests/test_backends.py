@@ -315,7 +315,6 @@ def test_milvus_refuses_what_it_does_not_do(tmp_path: Path) -> None:
                 "Matryoshka prefix_dims": lambda: c.create_collection("x", "old@1", prefix_dims=8),
                 "basis_transform": lambda: c.create_collection("x", "old@1", basis_transform="b"),
                 "index_spec 'auto'": lambda: c.create_collection("x", "old@1", "auto", target_recall=0.9),
-                "migrations": lambda: c.start_migration("m", "new@1", "t"),
                 "snapshots": lambda: c.create_snapshot("s"),
                 "RecommendIndex": lambda: c.recommend_index("m", 0.9),
             }

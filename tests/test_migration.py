@@ -1,6 +1,8 @@
 """Model migrations over a real server: every phase change, searches in each phase against a numpy
 reference, forward upgrades, restarts, rollback, errors that change nothing, and concurrent writes,
-searches and a cutover (each reply wholly before or wholly after it)."""
+searches and a cutover (each reply wholly before or wholly after it). The tests marked ``BOTH`` run on
+the embedded and the ``milvus`` backend (Milvus Lite; skipped with a reason without the extra); the
+milvus backend's own cases are in ``tests/test_migration_milvus.py``."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import start_server, wait_for
 from prometheus_client import generate_latest
+from test_backends import NEEDS_MILVUS
 
 from interlingua.client import Client
 from interlingua.client import FailedPrecondition as ClientFailedPrecondition
@@ -51,9 +54,13 @@ def unit(x: np.ndarray) -> np.ndarray:
 IDS = [f"p{i:04d}" for i in range(N)]
 
 
+#: runs a test on both backends (the ``backend`` fixture is "embedded" otherwise)
+BOTH = pytest.mark.parametrize("backend", ["embedded", pytest.param("milvus", marks=NEEDS_MILVUS)])
+
+
 def setup(client: Client, w: dict[str, np.ndarray], *, spec: str = "Flat") -> None:
     client.register_space("old", D_OLD)
-    client.register_space("new", D_NEW)
+    client.register_space("new", D_NEW)  # before the collection: a milvus collection gets a field for it
     client.create_collection("c", "old", index_spec=spec)
     client.upsert("c", IDS, w["docs_old"], space="old", payloads=[f'{{"i": {i}}}' for i in range(N)])
     docs, queries = (w["docs_new"], w["docs_old"]), (w["q_new"], w["q_old"])
@@ -65,8 +72,13 @@ def setup(client: Client, w: dict[str, np.ndarray], *, spec: str = "Flat") -> No
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Iterator[tuple[Server, Client, dict[str, np.ndarray]]]:
-    srv, port = start_server(tmp_path / "data")
+def backend() -> str:
+    return "embedded"
+
+
+@pytest.fixture
+def env(tmp_path: Path, backend: str) -> Iterator[tuple[Server, Client, dict[str, np.ndarray]]]:
+    srv, port = start_server(tmp_path / "data", backend=backend)
     client = Client(f"127.0.0.1:{port}")
     w = world()
     setup(client, w)
@@ -123,6 +135,7 @@ def search(client: Client, space: str, xq: np.ndarray) -> np.ndarray:
     return np.asarray(client.search("c", xq, K, space=space).ids, dtype=object)
 
 
+@BOTH
 def test_lifecycle_backfill_cutover_rollback_finish(env: Any) -> None:
     srv, client, w = env
     info = client.start_migration("c", "new", "t", reverse_transform="r")
@@ -171,9 +184,10 @@ def test_lifecycle_backfill_cutover_rollback_finish(env: Any) -> None:
     assert all(p for p in hits.payloads)  # type: ignore[union-attr]
 
 
-def test_restart_resumes_every_phase(tmp_path: Path) -> None:
+@BOTH
+def test_restart_resumes_every_phase(tmp_path: Path, backend: str) -> None:
     data = tmp_path / "data"
-    srv, port = start_server(data)
+    srv, port = start_server(data, backend=backend)
     client = Client(f"127.0.0.1:{port}")
     w = world(1)
     setup(client, w)
@@ -184,7 +198,7 @@ def test_restart_resumes_every_phase(tmp_path: Path) -> None:
     client.close()
     srv.stop(None)
 
-    srv, port = start_server(data)
+    srv, port = start_server(data, backend=backend)
     client = Client(f"127.0.0.1:{port}")
     info = client.get_migration("c")
     assert (info.phase, info.backfilled) == ("backfill", len(part))
@@ -196,7 +210,7 @@ def test_restart_resumes_every_phase(tmp_path: Path) -> None:
     client.close()
     srv.stop(None)
 
-    srv, port = start_server(data)
+    srv, port = start_server(data, backend=backend)
     client = Client(f"127.0.0.1:{port}")
     assert client.get_migration("c").phase == "cutover"
     np.testing.assert_array_equal(search(client, "old", w["q_old"]), after)
@@ -204,7 +218,7 @@ def test_restart_resumes_every_phase(tmp_path: Path) -> None:
     client.close()
     srv.stop(None)
 
-    srv, port = start_server(data)
+    srv, port = start_server(data, backend=backend)
     client = Client(f"127.0.0.1:{port}")
     assert client.get_collection("c").home_space == "new"
     assert [c.name for c in client.list_collections()] == ["c"]  # no companion left behind
@@ -238,6 +252,7 @@ def test_forward_upgrade_shared_index_and_forced_cutover(env: Any) -> None:
     assert client.get_collection("c").num_points == N
 
 
+@BOTH
 def test_refusals_change_nothing(env: Any) -> None:
     _srv, client, w = env
     with pytest.raises(ClientNotFound, match="has no migration"):
@@ -289,6 +304,7 @@ def test_refusals_change_nothing(env: Any) -> None:
         search(client, "new", w["q_new"])
 
 
+@BOTH
 def test_suggest_backfill_order(env: Any) -> None:
     _srv, client, w = env
     order = client.suggest_backfill_order("c", 50)
@@ -394,6 +410,7 @@ def test_cli_walkthrough_and_metrics(env: Any, tmp_path: Path, capsys: pytest.Ca
     assert 'interlingua_migration_phase{collection="c",phase="finished"} 1.0' in text
 
 
+@BOTH
 def test_suggest_backfill_order_bounds_its_candidates(env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past SUGGEST_MAX_CANDIDATES points the order ranks a seeded sample, read in steps (bounded memory)."""
     from interlingua.server.migration import manager

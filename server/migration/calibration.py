@@ -81,15 +81,17 @@ class ScoreCalibration:
         level: np.ndarray = np.where(ok, top, 0.0).sum(1) / np.maximum(ok.sum(1), 1)
         return level
 
-    def apply(self, D: np.ndarray) -> np.ndarray:
+    def apply(self, D: np.ndarray, levels: np.ndarray | None = None) -> np.ndarray:
         """D (nq, k) old-index scores, each row best first -> (nq, k) float32 on the new scale (padding scores
-        stay finite)."""
+        stay finite). ``levels`` (nq,): each query's level when D is not its whole old list's top (the milvus
+        backend searches the points not backfilled apart: ``query_level`` of the whole list's top-``depth``)."""
         D64 = np.asarray(D, dtype=np.float64)
         if D64.ndim != 2:
             raise ValueError(f"D must have shape (nq, k), got {D64.shape}")
         out = D64 * self.scale + self.bias
         if self.level:
-            out += self.level * self.query_level(D64)[:, None]
+            lv = self.query_level(D64) if levels is None else np.asarray(levels, dtype=np.float64)
+            out += self.level * lv[:, None]
         return np.clip(out, -_F32_MAX, _F32_MAX).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,23 +14,28 @@ Covered by ``tests/test_migration.py`` and ``tests/test_migration_restart.py``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import checkpoint
+from ..backends import milvus_migration
+from ..backends.milvus import MilvusCollection
+from ..backends.milvus_migration import MilvusMigration
 from ..collection import Collection
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..store import SpaceRow
 from .calibration import IDENTITY, ScoreCalibration
 from .order import backfill_order
-from .runtime import COMPANION_PREFIX, PHASES, STRATEGIES, Migration, MigrationRecord
+from .runtime import COMPANION_PREFIX, PHASES, STRATEGIES, Migration, MigrationBase, MigrationRecord
 
 if TYPE_CHECKING:
     from ..compat import TransformRecord
@@ -49,16 +54,16 @@ class Migrations:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.active: dict[str, Migration] = {}  #: collection name -> its migration
+        self.active: dict[str, MigrationBase] = {}  #: collection name -> its migration
         self.companions: dict[int, Collection] = {}  #: companion cid -> collection, loaded or created
         self.lock = threading.Lock()  #: starts, finishes and aborts
 
     # -- lookups ---------------------------------------------------------------------------------
 
-    def get(self, collection: str) -> Migration | None:
+    def get(self, collection: str) -> MigrationBase | None:
         return self.active.get(collection)
 
-    def require(self, collection: str) -> Migration:
+    def require(self, collection: str) -> MigrationBase:
         self.engine.collection(collection)  # NOT_FOUND for the collection first
         mig = self.active.get(collection)
         if mig is None:
@@ -122,10 +127,13 @@ class Migrations:
 
     # -- start -----------------------------------------------------------------------------------
 
-    def start(self, collection: str, new_space: str, transform: str, reverse: str, strategy: str) -> Migration:
+    def start(self, collection: str, new_space: str, transform: str, reverse: str, strategy: str) -> MigrationBase:
         e = self.engine
-        col = e.embedded_collection(collection, "migrations")
+        any_col = e.collection(collection)
         new = e.get_space(new_space)
+        if isinstance(any_col, MilvusCollection):
+            return self._start_milvus(any_col, new, transform, reverse, strategy)
+        col = any_col
         old = col.home
         if strategy not in STRATEGIES:
             raise InvalidArgument(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
@@ -181,9 +189,66 @@ class Migrations:
         mig.publish()
         return mig
 
+    def _checked_start(
+        self, col: Collection | MilvusCollection, new: SpaceRow, transform: str, reverse: str, strategy: str
+    ) -> tuple[Transform, Transform | None, ScoreCalibration]:
+        """The checks every backend's start shares (the caller holds the locks): the collection, the
+        transforms, the spec in the new space; returns (fn, reverse fn, calibration)."""
+        e, collection, old = self.engine, col.name, col.home
+        if collection in e.moving or e.collections.get(collection) is not col:
+            raise FailedPrecondition(
+                f"collection {collection!r} is being moved to another backend (or was just moved); retry after it"
+            )
+        if collection in self.active:
+            m = self.active[collection]
+            raise FailedPrecondition(
+                f"collection {collection!r} is already migrating to {m.new.name!r} (phase {m.phase}, coverage "
+                f"{100 * m.coverage():.1f}%); finish or abort it first"
+            )
+        fn, trec = self._ready(transform, new, old, "transform")
+        rfn = self._ready(reverse, old, new, "reverse_transform")[0] if reverse else None
+        try:
+            dataclasses.replace(col.row.spec, home_space=new.name).checked(new, e.limits)
+        except InvalidArgument as err:
+            raise InvalidArgument(f"the collection's index spec does not fit space {new.name!r}: {err}") from None
+        fit = trec.report.get("fit")
+        cal = (fit if isinstance(fit, dict) else {}).get("score_calibration", trec.report.get("score_calibration"))
+        calibration = (
+            ScoreCalibration.from_dict({**cal, "source": f"transform {transform!r}: {cal.get('source', '')}"})
+            if isinstance(cal, dict)
+            else dataclasses.replace(IDENTITY, source=f"identity: transform {transform!r} has no score_calibration")
+        )
+        return fn, rfn, calibration
+
+    def _start_milvus(
+        self, col: MilvusCollection, new: SpaceRow, transform: str, reverse: str, strategy: str
+    ) -> MigrationBase:
+        """StartMigration on a ``milvus`` collection: the new space's vector field is the new side
+        (``backends/milvus_migration.py``); refused before anything changes when it has none."""
+        e, collection, old = self.engine, col.name, col.home
+        if strategy not in STRATEGIES:
+            raise InvalidArgument(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if new.name == old.name:
+            raise InvalidArgument(f"new_space {new.name!r} is already the home space of collection {collection!r}")
+        with self.lock, e._ddl_lock:
+            fn, rfn, calibration = self._checked_start(col, new, transform, reverse, strategy)
+            milvus_migration.require_field(col, new)
+            rec = MigrationRecord(
+                collection, col.row.cid, 0, old.name, new.name, transform, reverse, strategy, "backfill",
+                time.time(), calibration=calibration.to_dict(),
+            )  # fmt: skip
+            mig = MilvusMigration(rec, col, (old, new), (fn, rfn, None), e._ready(), e.metrics)
+            mig.field_index()  # the engine answers (UNAVAILABLE otherwise) before the record is written
+            mig.points()
+            e._ready().put_migration(col.row.cid, rec.to_dict())
+            self.active[collection] = mig
+        self._set_phase(collection, "backfill")
+        mig.publish()
+        return mig
+
     # -- phase changes ---------------------------------------------------------------------------
 
-    def cutover(self, collection: str, force: bool) -> Migration:
+    def cutover(self, collection: str, force: bool) -> MigrationBase:
         mig = self.require(collection)
         with mig.lock:
             if mig.phase != "backfill":
@@ -193,11 +258,18 @@ class Migrations:
                 figure = f"coverage is {100 * mig.coverage():.2f}% ({real} of {n} points backfilled"
                 if not force:
                     raise FailedPrecondition(f"{figure}); cutover needs 100% or force")
+                if mig.engine_side:
+                    raise FailedPrecondition(
+                        f"{figure}); collection {collection!r} is on the milvus backend, which has no forward "
+                        "upgrade to project the other points: a forced cutover needs every point backfilled"
+                    )
                 if not mig.complete():
                     raise FailedPrecondition(
                         f"{figure}, {len(mig.projected)} projected); a forced cutover needs every other point "
                         "projected: run ForwardUpgrade first"
                     )
+            if isinstance(mig, MilvusMigration):
+                mig.switch_index()  # the new field gets the collection's index (no write runs: the lock)
             mig.stop.set()  # the forward thread sees it under the lock and ends; joined below
             forward = dict(mig.rec.forward)
             if forward.get("state") == "running":
@@ -211,7 +283,7 @@ class Migrations:
         self._set_phase(collection, "cutover")
         return mig
 
-    def rollback(self, collection: str) -> Migration:
+    def rollback(self, collection: str) -> MigrationBase:
         mig = self.require(collection)
         with mig.lock:
             if mig.phase != "cutover":
@@ -224,7 +296,7 @@ class Migrations:
         self._set_phase(collection, "backfill")
         return mig
 
-    def abort(self, collection: str) -> Migration:
+    def abort(self, collection: str) -> MigrationBase:
         mig = self.require(collection)
         e = self.engine
         with self.lock:
@@ -233,13 +305,17 @@ class Migrations:
                 e._ready().delete_migration(mig.rec.cid)  # durable first: a leftover companion is dropped at start
                 mig.rec = dataclasses.replace(mig.rec, phase="aborted")
                 del self.active[collection]
-                self.companions.pop(mig.companion.row.cid, None)
-                mig.companion.drop()
+                if isinstance(mig, Migration):  # milvus: the backfilled vectors stay in the field, as stored
+                    self.companions.pop(mig.companion.row.cid, None)
+                    mig.companion.drop()
         self._set_phase(collection, "aborted")
         return mig
 
-    def finish(self, collection: str) -> Migration:
+    def finish(self, collection: str) -> MigrationBase:
         mig = self.require(collection)
+        if isinstance(mig, MilvusMigration):
+            return self._finish_milvus(mig)
+        assert isinstance(mig, Migration)
         e = self.engine
         col, comp = mig.col, mig.companion
         with self.lock, e._ddl_lock, mig.lock:
@@ -274,10 +350,53 @@ class Migrations:
         e.metrics.migration_coverage.remove(collection, mig.old.name)
         return mig
 
+    def _finish_milvus(self, mig: MilvusMigration) -> MigrationBase:
+        """FinishMigration of a ``milvus`` collection: the new space becomes home in one store transaction
+        (the switch point), the collection is reopened with it, then the old vectors are dropped from the
+        rows (a crash before that leaves them as vectors of another space: nothing is lost or wrong)."""
+        e, col, collection = self.engine, mig.col, mig.rec.collection
+        with self.lock, e._ddl_lock, mig.lock:
+            if mig.phase != "cutover":
+                raise FailedPrecondition(
+                    f"collection {collection!r} is in phase {mig.phase}; FinishMigration needs a cutover first"
+                )
+            store = e._ready()
+            npoints, counts = col.counted()
+            with mig.gate.switch(), col.lock:
+                store.rehome_collection(col.row.cid, mig.old.name, mig.new.name, mig.rec.reverse_transform)
+                row = store.collection(collection)
+                assert row is not None
+                fresh = MilvusCollection(row, mig.new, e.spaces, store, e.milvus, e.metrics)
+                fresh.fields = dict(col._fields())
+                col.retired = f"collection {collection!r} was reopened with home space {mig.new.name!r}; retry"
+                e.collections[collection] = fresh
+                assert e.routes is not None
+                e.routes.load({collection: fresh})
+                del self.active[collection]
+                mig.rec = dataclasses.replace(mig.rec, phase="finished")
+            with fresh.lock:
+                try:
+                    n = mig.drop_old_vectors(fresh)
+                except BaseException:
+                    fresh._forget_counts()  # some rows may keep their old vector: counted again when needed
+                    raise
+                fresh.counts = {s: c for s, c in counts.items() if s != mig.old.name}
+                fresh.npoints = npoints
+            log.info("finished the migration of %s: dropped %d old vectors", collection, n)
+        self._set_phase(collection, "finished")
+        e.metrics.migration_coverage.remove(collection, mig.old.name)
+        return mig
+
     # -- forward upgrade and advice ----------------------------------------------------------------
 
-    def forward_upgrade(self, collection: str, transform: str) -> Migration:
+    def forward_upgrade(self, collection: str, transform: str) -> MigrationBase:
         mig = self.require(collection)
+        if not isinstance(mig, Migration):
+            raise FailedPrecondition(
+                f"collection {collection!r} is on the milvus backend, which does not support forward upgrades yet"
+                " (a projected vector would need a marker beside the new field's vectors); backfill every point,"
+                " then cut over"
+            )
         fn, frec = self._ready(transform, mig.old, mig.new, "transform")
         with mig.lock:
             if mig.phase != "backfill":
@@ -289,7 +408,7 @@ class Migrations:
                     f"a forward upgrade of {collection!r} with {mig.rec.forward['transform']!r} is running "
                     f"({mig.rec.forward['done']} of {mig.rec.forward['total']} points)"
                 )
-            total = int(mig.col.counts.get(mig.old.name, 0))
+            total = mig.old_vectors()
             mig.rec.forward = dict(state="running", transform=transform, cursor="", done=0, total=total, error="")
             mig.forward, mig.moments = fn, self._moments(frec, mig.new.dim)
             mig.rec.forward["corrected"] = mig.moments is not None
@@ -297,26 +416,39 @@ class Migrations:
         mig.start_forward()
         return mig
 
+    def _old_vectors(
+        self, col: Collection | MilvusCollection, old: SpaceRow, mig: MigrationBase | None
+    ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+        """(ids, x, keep) SUGGEST_READ_STEP at a time: the collection's old-space vectors, keep False for the
+        backfilled points (the milvus backend leaves them out in the engine's query)."""
+        if isinstance(col, MilvusCollection):
+            mm = mig if isinstance(mig, MilvusMigration) else None
+            with mm.reading() if mm is not None else contextlib.nullcontext():
+                for ids, x in milvus_migration.old_vectors(col, old, mm, SUGGEST_READ_STEP):
+                    yield ids, x, np.ones(len(ids), dtype=bool)
+            return
+        store, cursor = self.engine._ready(), ""
+        while True:
+            step, x = store.vectors_after(col.row.cid, old.name, cursor, SUGGEST_READ_STEP, old.dim)
+            if not step:
+                return
+            cursor = step[-1]
+            real = mig.is_real if isinstance(mig, Migration) else None
+            yield step, x, np.array([real is None or not real(p) for p in step], dtype=bool)
+
     def suggest(self, collection: str, n: int) -> tuple[list[str], np.ndarray]:
-        col = self.engine.embedded_collection(collection, "backfill advice (migrations)")
+        col = self.engine.collection(collection)
         if not 1 <= n <= self.engine.limits.max_batch:
             raise InvalidArgument(f"n is {n}; it must be in [1, {self.engine.limits.max_batch}]")
         mig = self.active.get(collection)
         old = mig.old if mig is not None else col.home
-        store = self.engine._ready()
         # read in steps, keeping at most SUGGEST_MAX_CANDIDATES (a seeded sample past that): a request never
         # holds a whole large gallery in memory at once
-        rate = min(1.0, SUGGEST_MAX_CANDIDATES / max(len(col.pids), 1))
+        rate = min(1.0, SUGGEST_MAX_CANDIDATES / max(col.num_points(), 1))
         rng = np.random.default_rng(0)
         ids: list[str] = []
         parts: list[np.ndarray] = []
-        cursor = ""
-        while True:
-            step, x = store.vectors_after(col.row.cid, old.name, cursor, SUGGEST_READ_STEP, old.dim)
-            if not step:
-                break
-            cursor = step[-1]
-            keep = np.array([mig is None or not mig.is_real(p) for p in step], dtype=bool)
+        for step, x, keep in self._old_vectors(col, old, mig):
             if rate < 1.0:
                 keep &= rng.random(len(step)) < rate
             rows = np.flatnonzero(keep)
@@ -336,13 +468,13 @@ class Migrations:
         store = e.store
         assert store is not None
         self.companions = dict(companions)
-        by_cid = {c.row.cid: c for c in e.collections.values() if isinstance(c, Collection)}
+        by_cid = {c.row.cid: c for c in e.collections.values()}
         records = store.migrations()
         for cid, d in records.items():
             rec = MigrationRecord.from_dict(d)
             col, comp = by_cid.get(cid), self.companions.get(rec.companion_cid)
             try:
-                if col is None or comp is None:
+                if col is None or (comp is None and not isinstance(col, MilvusCollection)):
                     raise RuntimeError("its collection or companion index is missing")
                 assert e.compat is not None
                 fn = e.compat.get(rec.transform).fn
@@ -352,7 +484,13 @@ class Migrations:
                 ffn = frec.fn if frec is not None else None
                 if fn is None:
                     raise RuntimeError(f"transform {rec.transform!r} is not loaded")
-                mig = self._new(rec, col, comp, e.spaces[rec.new_space], (fn, rfn, ffn))
+                new = e.spaces[rec.new_space]
+                mig: MigrationBase
+                if isinstance(col, MilvusCollection):  # the engine is reached on first use, as the collection's
+                    mig = MilvusMigration(rec, col, (col.home, new), (fn, rfn, None), store, e.metrics)
+                else:
+                    assert comp is not None
+                    mig = self._new(rec, col, comp, new, (fn, rfn, ffn))
                 if frec is not None:
                     mig.moments = self._moments(frec, mig.new.dim)
                 with mig.lock:
@@ -362,9 +500,10 @@ class Migrations:
                 )
                 self.active[rec.collection] = mig
                 self._set_phase(rec.collection, rec.phase)
-                if rec.forward.get("state") == "running" and ffn is not None and rec.phase == "backfill":
-                    mig.start_forward()
-                mig.publish()
+                if isinstance(mig, Migration):
+                    if rec.forward.get("state") == "running" and ffn is not None and rec.phase == "backfill":
+                        mig.start_forward()
+                    mig.publish()  # a milvus migration publishes at its first write (its counts need the engine)
             except Exception:
                 log.exception("migration of collection %s cannot be resumed; it is left stored", rec.collection)
         known = {int(d["companion_cid"]) for d in records.values()}

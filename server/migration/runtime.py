@@ -12,10 +12,12 @@ the durable state (one JSON row, ``store_migrations.py``); the phase changes are
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
     from ..metrics import Metrics
     from ..transforms import Transform
 
-__all__ = ["BATCH", "COMPANION_PREFIX", "PHASES", "STRATEGIES", "Migration", "MigrationRecord"]
+__all__ = ["BATCH", "COMPANION_PREFIX", "PHASES", "STRATEGIES", "Migration", "MigrationBase", "MigrationRecord"]
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +72,104 @@ class MigrationRecord:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-class Migration:
-    """A running migration (module docstring). ``fn``: new -> old (queries), ``reverse``: old -> new
-    (queries, after the cutover), ``forward``: old -> new (gallery vectors), each a Transform or None."""
+class MigrationBase:
+    """What a running migration is on either backend: its record, spaces, transforms, calibration, lock and
+    forward-upgrade state. :class:`Migration` is the embedded one (a companion collection);
+    ``backends/milvus_migration.py``'s ``MilvusMigration`` backfills into the new space's vector field of the
+    same Milvus collection. ``fn``: new -> old (queries), ``reverse``: old -> new (queries, after the cutover),
+    ``forward``: old -> new (gallery vectors), each a Transform or None."""
+
+    engine_side = False  #: True when the Milvus engine holds the new-space vectors (no companion)
+
+    def __init__(
+        self,
+        rec: MigrationRecord,
+        spaces: tuple[SpaceRow, SpaceRow],
+        fns: tuple[Transform, Transform | None, Transform | None],
+        store: Store,
+        metrics: Metrics,
+    ) -> None:
+        self.rec = rec
+        self.old, self.new = spaces
+        self.fn, self.reverse, self.forward = fns
+        self.store = store
+        self.metrics = metrics
+        self.calibration = ScoreCalibration.from_dict(rec.calibration)
+        self.lock = threading.RLock()  #: writes, forward steps and phase changes
+        self.projected: set[str] = set()  #: ids whose new-space vector is a forward projection
+        self.stop = threading.Event()  #: ends the forward-upgrade thread
+        self.thread: threading.Thread | None = None
+        #: the forward map's gallery-side correction (mapped mean, target mean, ratio) from its fit
+        #: (``transforms.fit.doc_moments``), or None
+        self.moments: tuple[np.ndarray, np.ndarray, float] | None = None
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @property
+    def phase(self) -> str:
+        return self.rec.phase
+
+    def points(self) -> int:
+        raise NotImplementedError
+
+    def backfilled(self) -> int:
+        """Points with a new-space vector a client wrote."""
+        raise NotImplementedError
+
+    def old_vectors(self) -> int:
+        """Points with an old-space vector."""
+        raise NotImplementedError
+
+    def complete(self) -> bool:
+        """Every point has a new-space vector, real or projected (the new side alone can serve)."""
+        raise NotImplementedError
+
+    def coverage(self) -> float:
+        n = self.points()
+        return 1.0 if n == 0 else min(1.0, self.backfilled() / n)
+
+    def save(self) -> None:
+        self.store.put_migration(self.rec.cid, self.rec.to_dict())
+
+    def reading(self) -> AbstractContextManager[object]:
+        """Held by searches and reads by id of the collection (nothing to wait for on the embedded backend)."""
+        return contextlib.nullcontext()
+
+    def publish(self) -> None:
+        """Exports coverage and forward progress (the phase gauge is set by the manager)."""
+        m, name = self.metrics, self.rec.collection
+        m.migration_coverage.labels(name, self.new.name).set(self.coverage())
+        n = self.points()
+        m.migration_coverage.labels(name, self.old.name).set(1.0 if n == 0 else min(1.0, self.old_vectors() / n))
+        fw = self.rec.forward
+        total = int(fw.get("total", 0))
+        m.migration_forward_progress.labels(name).set(1.0 if not total else min(1.0, int(fw.get("done", 0)) / total))
+
+    # -- writes (the caller validated and normalized x) ------------------------------------------
+
+    def upsert(self, space: SpaceRow, ids: list[str], x: np.ndarray, payloads: Sequence[str | None]) -> int:
+        raise NotImplementedError
+
+    def delete(self, ids: list[str], missing_ok: bool) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def reconcile(self) -> tuple[int, int]:
+        """Repairs what a crash between a write's steps left (returns (dropped, copied)); nothing by default."""
+        return 0, 0
+
+    def stop_forward(self, state: str = "") -> None:
+        """Stops the forward thread and waits for it (never call it holding :attr:`lock`: the thread
+        takes it); ``state`` (e.g. "cancelled") is recorded if it was running."""
+        self.stop.set()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
+        self.thread = None
+        if state and self.rec.forward.get("state") == "running":
+            self.rec.forward["state"] = state
+
+
+class Migration(MigrationBase):
+    """A running migration of an embedded collection (module docstring)."""
 
     def __init__(
         self,
@@ -87,27 +184,12 @@ class Migration:
         batch: int = BATCH,
         pause: float = 0.0,
     ) -> None:
-        self.rec = rec
+        super().__init__(rec, spaces, fns, store, metrics)
         self.col, self.companion = col, companion
-        self.old, self.new = spaces
-        self.fn, self.reverse, self.forward = fns
-        self.store = store
-        self.metrics = metrics
-        self.calibration = ScoreCalibration.from_dict(rec.calibration)
-        self.lock = threading.RLock()  #: writes, forward steps and phase changes
-        self.projected: set[str] = store.projected_ids(companion.row.cid, self.new.name)
-        self.stop = threading.Event()  #: ends the forward-upgrade thread
-        self.thread: threading.Thread | None = None
+        self.projected = store.projected_ids(companion.row.cid, self.new.name)
         self.batch, self.pause = batch, pause  #: forward-upgrade step size and the pause between steps
-        #: the forward map's gallery-side correction (mapped mean, target mean, ratio) from its fit
-        #: (``transforms.fit.doc_moments``), or None
-        self.moments: tuple[np.ndarray, np.ndarray, float] | None = None
 
     # -- state -----------------------------------------------------------------------------------
-
-    @property
-    def phase(self) -> str:
-        return self.rec.phase
 
     def points(self) -> int:
         return len(self.col.pids)
@@ -116,9 +198,8 @@ class Migration:
         """Points with a new-space vector a client wrote."""
         return len(self.companion.pids) - len(self.projected)
 
-    def coverage(self) -> float:
-        n = self.points()
-        return 1.0 if n == 0 else min(1.0, self.backfilled() / n)
+    def old_vectors(self) -> int:
+        return int(self.col.counts.get(self.old.name, 0))
 
     def is_real(self, pid: str) -> bool:
         return pid in self.companion.pids and pid not in self.projected
@@ -126,20 +207,6 @@ class Migration:
     def complete(self) -> bool:
         """Every point has a new-space vector, real or projected (the companion alone can serve)."""
         return len(self.companion.pids) >= len(self.col.pids)  # the companion's ids are the collection's
-
-    def save(self) -> None:
-        self.store.put_migration(self.rec.cid, self.rec.to_dict())
-
-    def publish(self) -> None:
-        """Exports coverage and forward progress (the phase gauge is set by the manager)."""
-        m, name = self.metrics, self.rec.collection
-        m.migration_coverage.labels(name, self.new.name).set(self.coverage())
-        n = self.points()
-        with_old = self.col.counts.get(self.old.name, 0)
-        m.migration_coverage.labels(name, self.old.name).set(1.0 if n == 0 else min(1.0, with_old / n))
-        fw = self.rec.forward
-        total = int(fw.get("total", 0))
-        m.migration_forward_progress.labels(name).set(1.0 if not total else min(1.0, int(fw.get("done", 0)) / total))
 
     # -- writes (the caller validated and normalized x) ------------------------------------------
 
@@ -233,16 +300,6 @@ class Migration:
         self.stop.clear()
         self.thread = threading.Thread(target=self._forward_loop, name=f"forward-{self.rec.collection}", daemon=True)
         self.thread.start()
-
-    def stop_forward(self, state: str = "") -> None:
-        """Stops the forward thread and waits for it (never call it holding :attr:`lock`: the thread
-        takes it); ``state`` (e.g. "cancelled") is recorded if it was running."""
-        self.stop.set()
-        if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join()
-        self.thread = None
-        if state and self.rec.forward.get("state") == "running":
-            self.rec.forward["state"] = state
 
     def _forward_loop(self) -> None:
         fw = self.rec.forward

@@ -16,7 +16,9 @@ other         the collection's own routes, as before       the same
 A reply reads the phase once, so it is served wholly before or wholly after a cutover. The two
 lists of ``two_indexes`` are over-fetched until each has ``k`` points of its own kind (backfilled
 in the companion, not backfilled in the old index), then merged by :func:`~.calibration.merge_topk`.
-Covered by ``tests/test_migration.py`` against a numpy reference.
+A migrating ``milvus`` collection is searched by ``backends/milvus_migration.py`` with the same table (its
+new-space vectors are a second vector field of the same Milvus collection). Covered by
+``tests/test_migration.py`` and ``tests/test_migration_milvus.py`` against a numpy reference.
 """
 
 from __future__ import annotations
@@ -27,15 +29,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..backends.milvus_migration import search as milvus_search
 from ..pipeline import Hits, Query, SearchParams, prepare, run
 from ..routes import IDENTITY, Route
 from .calibration import merge_topk
+from .runtime import Migration, MigrationBase
 
 if TYPE_CHECKING:
     from ..config import Limits
     from ..device import Device
     from ..store import SpaceRow
-    from .runtime import Migration
 
 __all__ = ["MAX_FETCH", "search"]
 
@@ -43,9 +46,11 @@ MAX_FETCH = 16384  #: most candidates one side of a two-index search asks its in
 
 
 def search(
-    mig: Migration, space: SpaceRow, data: bytes, dim: int, params: SearchParams, limits: Limits, device: Device
+    mig: MigrationBase, space: SpaceRow, data: bytes, dim: int, params: SearchParams, limits: Limits, device: Device
 ) -> tuple[Hits, Route]:
     """The hits of one search on a migrating collection (module docstring) and the route that served it."""
+    if not isinstance(mig, Migration):  # the new space's vector field of the same Milvus collection
+        return milvus_search(mig, space, data, dim, params, limits, device)
     col, comp, phase = mig.col, mig.companion, mig.phase
     if space.name == mig.new.name:
         native = Route(space.name, space.name, IDENTITY)
