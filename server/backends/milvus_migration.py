@@ -6,7 +6,7 @@ migration to another of those spaces needs no companion collection: a backfill u
 space's vector into its field (``MilvusCollection.upsert``, one engine upsert of the whole row, so
 there is no second step to repair after a crash), and the field's points are the *backfilled* ones.
 :class:`MilvusMigration` is the run-time state (the record and its phase are the embedded backend's,
-``migration/manager.py``); :func:`search` answers the table of ``migration/search.py``:
+``migration/manager.py``); ``milvus_migration_search.py`` answers the table of ``migration/search.py``:
 
 - new-space queries in backfill: the backfilled points natively in the new field (filter: the point has
   a new vector), the others through ``transform`` in the old field (filter: an old vector and no new
@@ -42,22 +42,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import FailedPrecondition, InterlinguaError, NotFound
-from ..migration.calibration import merge_topk
 from ..migration.runtime import MigrationBase, MigrationRecord
-from ..pipeline import Hits, SearchParams, map_queries, prepare, run
-from ..routes import IDENTITY, Route
-from .milvus import MilvusCollection, MilvusView
+from .milvus import MilvusCollection
 from .milvus_schema import METRIC, MilvusIndex, field_name, parse_index, require_pymilvus
 from .milvus_table import CHUNK, as_vector, upsert_rows
 
 if TYPE_CHECKING:
-    from ..config import Limits
-    from ..device import Device
     from ..metrics import Metrics
     from ..store import SpaceRow, Store
     from ..transforms import Transform
 
-__all__ = ["MilvusMigration", "old_vectors", "require_field", "search"]
+__all__ = ["MilvusMigration", "old_vectors", "require_field"]
 
 log = logging.getLogger(__name__)
 MAX_QUERY_BATCH = 16384  #: Milvus' largest query-iterator batch
@@ -331,135 +326,3 @@ def old_vectors(
             ids, xs = [], []
     if ids:
         yield ids, np.vstack(xs)
-
-
-# -- searches ------------------------------------------------------------------------------------
-
-
-def _field_search(
-    col: MilvusCollection,
-    field: str,
-    space: SpaceRow,
-    index: MilvusIndex,
-    xq: np.ndarray,
-    p: SearchParams,
-    flt: str,
-    k: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """D (nq, k), ids (nq, k) of ``xq`` (in ``space``) on vector ``field`` among the rows ``flt`` selects,
-    padded as the embedded backend pads ('' ids, -inf; +inf for l2). Search parameters the field's index
-    does not take (ef_search on a FLAT field) are not sent."""
-    nq = len(xq)
-    D = np.full((nq, k), -np.inf if space.metric != "l2" else np.inf, dtype=np.float32)
-    ids = np.full((nq, k), "", dtype=object)
-    sp = index.search_params(space.metric, k, p.ef_search, p.nprobe)
-    data = list(np.ascontiguousarray(xq, dtype=np.float32))
-    hits = col._call(
-        "search",
-        lambda c: c.search(
-            col.mname, data=data, limit=k, anns_field=field, search_params=sp, filter=flt, output_fields=["id"],
-            timeout=col.engines.timeout,
-        ),
-    )  # fmt: skip
-    for i, row in enumerate(hits):
-        for j, h in enumerate(row[:k]):
-            D[i, j] = h["distance"]
-            ids[i, j] = h["id"]
-    return D, ids
-
-
-def _has(field: str) -> str:
-    return f'array_contains(spaces, "{field}")'
-
-
-def search(
-    mig: MigrationBase, space: SpaceRow, data: bytes, dim: int, params: SearchParams, limits: Limits, device: Device
-) -> tuple[Hits, Route]:
-    """The hits of one search on a migrating ``milvus`` collection (module docstring) and its route."""
-    assert isinstance(mig, MilvusMigration)
-    with mig.reading():
-        return _search(mig, space, data, dim, params, limits, device)
-
-
-def _search(
-    mig: MilvusMigration,
-    space: SpaceRow,
-    data: bytes,
-    dim: int,
-    params: SearchParams,
-    limits: Limits,
-    device: Device,
-) -> tuple[Hits, Route]:
-    col, phase = mig.col, mig.phase
-    if space.name == mig.new.name:
-        if phase == "cutover" or mig.complete():
-            route = Route(space.name, space.name, IDENTITY)
-            return _one_field(mig, mig.new, mig.new_field, space, data, dim, params, limits, device, route), route
-        via = Route(space.name, mig.old.name, mig.rec.transform, mig.fn)
-        return _two_fields(mig, space, data, dim, params, limits, device, via), via
-    if space.name == mig.old.name and phase == "cutover" and mig.reverse is not None:
-        via = Route(space.name, mig.new.name, mig.rec.reverse_transform, mig.reverse)
-        return _one_field(mig, mig.new, mig.new_field, space, data, dim, params, limits, device, via), via
-    q = prepare(col, space, data, dim, params, limits)  # the old field: the collection's own path
-    return run(q, q.route.fn, device), q.route
-
-
-def _one_field(
-    mig: MilvusMigration,
-    target: SpaceRow,
-    field: str,
-    space: SpaceRow,
-    data: bytes,
-    dim: int,
-    params: SearchParams,
-    limits: Limits,
-    device: Device,
-    route: Route,
-) -> Hits:
-    """Queries of ``space`` through ``route`` into ``target``'s field, among the points with a vector there."""
-    q = prepare(mig.col, space, data, dim, params, limits, route)  # the collection's checks and parameters
-    t0 = time.perf_counter()
-    xh = q.xq if route.fn is None else map_queries(route.fn, q.xq, target.metric, target.dim, device=device)
-    t1 = time.perf_counter()
-    index = mig.field_index() if field == mig.new_field else mig.col.index
-    D, ids = _field_search(mig.col, field, target, index, xh, params, _has(field), params.k)
-    return Hits(D, ids, _view(mig, index), t1 - t0, t1 - t0, time.perf_counter() - t1)
-
-
-def _two_fields(
-    mig: MilvusMigration,
-    space: SpaceRow,
-    data: bytes,
-    dim: int,
-    params: SearchParams,
-    limits: Limits,
-    device: Device,
-    via: Route,
-) -> Hits:
-    """Backfilled points natively in the new field, the rest through the transform in the old field."""
-    col, k, cal = mig.col, params.k, mig.calibration
-    q = prepare(col, space, data, dim, params, limits, via)
-    t0 = time.perf_counter()
-    xh = map_queries(mig.fn, q.xq, mig.old.metric, mig.old.dim, device=device)
-    t1 = time.perf_counter()
-    old_f, new_f, depth = mig.old_field, mig.new_field, cal.depth if cal.level else 0
-    if mig.backfilled() == 0:  # nothing backfilled: the old field alone, on the new scale
-        D_old, I_old = _field_search(col, old_f, mig.old, col.index, xh, params, _has(old_f), max(k, depth))
-        D, I = cal.apply(D_old)[:, :k], I_old[:, :k]
-        return Hits(D, I, _view(mig, col.index), t1 - t0, t1 - t0, time.perf_counter() - t1)
-    rest = f"{_has(old_f)} and not {_has(new_f)}"
-    D_old, I_old = _field_search(col, old_f, mig.old, col.index, xh, params, rest, k)
-    levels = None
-    if depth:  # each query's level: the top-depth of its whole old list, backfilled points included
-        D_top, _ = _field_search(col, old_f, mig.old, col.index, xh, params, _has(old_f), depth)
-        levels = cal.query_level(D_top)
-    index = mig.field_index()
-    D_new, I_new = _field_search(col, new_f, mig.new, index, q.xq, params, _has(new_f), k)
-    D, I = merge_topk(cal.apply(D_old, levels), I_old, D_new, I_new, k, higher_is_better=mig.new.metric != "l2")
-    return Hits(D, I, _view(mig, col.index, index), t1 - t0, t1 - t0, time.perf_counter() - t1)
-
-
-def _view(mig: MilvusMigration, *indexes: MilvusIndex) -> MilvusView:
-    """What a search read: exact when every field it searched is FLAT, else the first approximate index type."""
-    approx = [i.index_type for i in indexes if not i.exact]
-    return MilvusView(approx[0] if approx else None, mig.col.last_sequence)

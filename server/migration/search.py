@@ -16,7 +16,7 @@ other         the collection's own routes, as before       the same
 A reply reads the phase once, so it is served wholly before or wholly after a cutover. The two
 lists of ``two_indexes`` are over-fetched until each has ``k`` points of its own kind (backfilled
 in the companion, not backfilled in the old index), then merged by :func:`~.calibration.merge_topk`.
-A migrating ``milvus`` collection is searched by ``backends/milvus_migration.py`` with the same table (its
+A migrating ``milvus`` collection is searched by ``backends/milvus_migration_search.py`` with the same table (its
 new-space vectors are a second vector field of the same Milvus collection). Covered by
 ``tests/test_migration.py`` and ``tests/test_migration_milvus.py`` against a numpy reference.
 """
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..backends.milvus_migration import search as milvus_search
+from ..backends.milvus_migration_search import search as milvus_search
 from ..pipeline import Hits, Query, SearchParams, prepare, run
 from ..routes import IDENTITY, Route
 from .calibration import merge_topk
