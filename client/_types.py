@@ -97,6 +97,8 @@ class OperatingPoint:
     bytes_per_vector: int
     build_seconds: float
     train_points: int  #: fewest points the spec trains on (0: no training)
+    tuned_points: int = 0  #: ``auto`` collections: live points its last tuning pass measured on (0: not tuned)
+    tuned_queries: int = 0  #: ``auto`` collections: recent queries that pass searched (0: stored vectors)
 
     @classmethod
     def from_proto(cls, msg: collections_pb2.OperatingPoint) -> OperatingPoint:
@@ -110,6 +112,8 @@ class OperatingPoint:
             bytes_per_vector=msg.bytes_per_vector,
             build_seconds=msg.build_seconds,
             train_points=msg.train_points,
+            tuned_points=msg.tuned_points,
+            tuned_queries=msg.tuned_queries,
         )
 
 

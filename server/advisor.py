@@ -104,6 +104,8 @@ class OperatingPoint:
     #: ``auto`` collections: points of the whole index the last tuning pass measured recall and QPS
     #: on (0: measured on the advisor's sample, not tuned yet)
     tuned_points: int = 0
+    #: ``auto`` collections: recent real queries the last tuning pass searched (0: stored vectors)
+    tuned_queries: int = 0
 
     def defaults(self) -> SearchDefaults:
         """The point's search parameters as a collection's defaults."""

@@ -55,6 +55,7 @@ from .advisor import (
 from .compaction import rebuild_onto
 from .errors import FailedPrecondition
 from .index_spec import FAISS_METRIC, IndexSpec, search_params
+from .query_sample import MIN_QUERIES
 from .segment_snapshot import bit_slice
 
 if TYPE_CHECKING:
@@ -122,11 +123,13 @@ class Tuning:
     queries: int
     settings: int  #: settings whose recall was measured
     seconds: float
+    recent: bool = False  #: the queries were the collection's recent ones (query_sample.py), not stored vectors
 
     def text(self) -> str:
         """``tuned on 20000 points: nprobe=8 k_factor=4 (Recall@10 0.9712, 9120 QPS on 500 queries)``."""
         p = self.point
-        how = f"(Recall@{AUTO_K} {p.recall:.4f}, {p.qps:.0f} QPS on {self.queries} held-out stored vectors)"
+        what = "recent queries" if self.recent else "held-out stored vectors"
+        how = f"(Recall@{AUTO_K} {p.recall:.4f}, {p.qps:.0f} QPS on {self.queries} {what})"
         params = p.params() or "no parameters"
         if self.reached:
             return f"tuned on {self.points} points: {params} {how}"
@@ -200,9 +203,13 @@ def _sweep(
     return reaching, measured
 
 
-def tune_collection(col: CollectionIndex, start: OperatingPoint, goal: float, k: int = AUTO_K) -> Tuning | None:
-    """Tunes ``col``'s search defaults on its whole sealed index: :data:`TUNE_QUERIES` seeded stored
-    vectors of it are the queries (each left out of its own results), their exact k nearest live
+def tune_collection(
+    col: CollectionIndex, start: OperatingPoint, goal: float, k: int = AUTO_K, queries: np.ndarray | None = None
+) -> Tuning | None:
+    """Tunes ``col``'s search defaults on its whole sealed index: ``queries`` (recent real ones, shape
+    (nq, home dim), as ``pipeline.run`` sees them before the basis: query_sample.py) or else
+    :data:`TUNE_QUERIES` seeded stored vectors of it are the queries (each left out of its own
+    results), their exact k nearest live
     neighbours are computed by brute force (``faiss.knn``, in batches of :data:`TUNE_GT_BATCH`), and
     the spec's knobs are swept from ``start``'s setting (:func:`_from_step`, :func:`_sweep`) with the
     SearchParameters and IDSelector a search builds, on the live index while searches go on. The
@@ -231,15 +238,21 @@ def tune_collection(col: CollectionIndex, start: OperatingPoint, goal: float, k:
         member[labels] = True
         bitmap = np.packbits(member, bitorder="little")
         sel = faiss.IDSelectorBitmap(s.nsealed, faiss.swig_ptr(bitmap))
-    nq = min(TUNE_QUERIES, n // 2)
-    rows = np.sort(np.random.default_rng(SEED).choice(n, nq, replace=False))
-    xq, own = np.ascontiguousarray(xb[rows]), labels[rows]
-    gt = np.empty((nq, k + 1), dtype=np.int64)
+    own: np.ndarray | None = None
+    if queries is not None:  # real queries: not in the collection, nothing to leave out
+        xq = np.ascontiguousarray(col.index_view(col.to_basis(queries, "query")), dtype=np.float32)
+        nq, kk = len(xq), k
+    else:
+        nq, kk = min(TUNE_QUERIES, n // 2), k + 1
+        rows = np.sort(np.random.default_rng(SEED).choice(n, nq, replace=False))
+        xq, own = np.ascontiguousarray(xb[rows]), labels[rows]
+    gt = np.empty((nq, kk), dtype=np.int64)
     for b in range(0, nq, TUNE_GT_BATCH):
-        _, pos = faiss.knn(xq[b : b + TUNE_GT_BATCH], xb, k + 1, metric=FAISS_METRIC[col.home.metric])
+        _, pos = faiss.knn(xq[b : b + TUNE_GT_BATCH], xb, kk, metric=FAISS_METRIC[col.home.metric])
         gt[b : b + TUNE_GT_BATCH] = labels[pos]
     del xb
-    gt = _drop_self(gt, own, k)
+    if own is not None:
+        gt = _drop_self(gt, own, k)
     index = s.sealed
 
     def evaluate(primary: int, k_factor: int) -> float:
@@ -247,10 +260,10 @@ def tune_collection(col: CollectionIndex, start: OperatingPoint, goal: float, k:
         p = search_params(
             index, ef_search=knobs.get("ef_search"), nprobe=knobs.get("nprobe"), k_factor=knobs.get("k_factor"), sel=sel
         )
-        I = np.empty((nq, k + 1), dtype=np.int64)
+        I = np.empty((nq, kk), dtype=np.int64)
         for b in range(0, nq, BATCH):
-            I[b : b + BATCH] = col.device.search_cpu(index, xq[b : b + BATCH], k + 1, p)[1]
-        return recall_at_k(_drop_self(I, own, k), gt)
+            I[b : b + BATCH] = col.device.search_cpu(index, xq[b : b + BATCH], kk, p)[1]
+        return recall_at_k(I if own is None else _drop_self(I, own, k), gt)
 
     same = start.index_spec == spec.spec
     primary = [0]
@@ -276,8 +289,9 @@ def tune_collection(col: CollectionIndex, start: OperatingPoint, goal: float, k:
         recall=round(r, 6),
         qps=round(qps, 1),
         tuned_points=n,
+        tuned_queries=nq if own is None else 0,
     )
-    return Tuning(point, bool(reaching), goal, n, nq, len(measured), time.perf_counter() - t0)
+    return Tuning(point, bool(reaching), goal, n, nq, len(measured), time.perf_counter() - t0, own is None)
 
 
 def set_defaults(col: CollectionIndex, point: OperatingPoint, status: str) -> bool:
@@ -349,6 +363,10 @@ def auto_rebuild(col: CollectionIndex) -> bool:
         if live >= RETUNE_GROWTH * point.tuned_points:
             head = f"{point.index_spec} (advised at {advised} points), grown {live / point.tuned_points:.1f}x"
             return _tune(col, point, head, readvise=True, live=live)
+        sample = col.query_sample
+        if not point.tuned_queries and sample is not None and len(sample) >= MIN_QUERIES:
+            head = f"{point.index_spec} (advised at {advised} points), {len(sample)} recent queries"
+            return _tune(col, point, head, readvise=True, live=live)
     except Exception as e:
         col.auto_not_before = time.monotonic() + AUTO_RETRY_SECONDS
         col.advisor_status = f"failed: {type(e).__name__}: {e}"[:300] + f"; retrying in {AUTO_RETRY_SECONDS:.0f}s"
@@ -360,8 +378,11 @@ def _advise(col: CollectionIndex, live: int, why: str = "") -> bool:
     """Runs the advisor, rebuilds onto its choice where that is not the index already, and tunes."""
     target = col.row.spec.target_recall
     col.advisor_status = f"measuring ({why})" if why else "measuring"
+    queries = _recent(col)
     with RUN_LOCK:
-        rec = recommend_collection(col, target, AUTO_K, candidates=AUTO_CANDIDATES, require_target=False)
+        rec = recommend_collection(
+            col, target, AUTO_K, queries=queries, candidates=AUTO_CANDIDATES, require_target=False
+        )
     # the target with a margin, else the target; nothing reached it (ties can keep even Flat a
     # hair below 1.0): stay exact
     point = choose(rec.frontier, min(1.0, target + AUTO_MARGIN)) or rec.chosen
@@ -384,13 +405,22 @@ def _advise(col: CollectionIndex, live: int, why: str = "") -> bool:
     return _tune(col, point, chosen, readvise=False, live=live) or True
 
 
+def _recent(col: CollectionIndex) -> np.ndarray | None:
+    """The collection's recent queries (query_sample.py) once there are :data:`MIN_QUERIES`, else None
+    (the advisor and the tuning pass then search stored vectors)."""
+    sample = col.query_sample
+    if sample is None or len(sample) < MIN_QUERIES:
+        return None
+    return sample.take()
+
+
 def _tune(col: CollectionIndex, start: OperatingPoint, head: str, *, readvise: bool, live: int) -> bool:
     """A tuning pass from ``start``; its result becomes the defaults. With ``readvise``, a pass that
     cannot reach the target runs the advisor again. False when there was nothing to tune."""
     target = col.row.spec.target_recall
     col.advisor_status = f"{head}; tuning"
     with RUN_LOCK:
-        t = tune_collection(col, start, min(1.0, target + AUTO_MARGIN))
+        t = tune_collection(col, start, min(1.0, target + AUTO_MARGIN), queries=_recent(col))
     if t is None:  # nothing to tune on (yet): not before the retry delay
         col.auto_not_before = time.monotonic() + AUTO_RETRY_SECONDS
         col.advisor_status = f"{head}; not tuned (nothing to tune on)"

@@ -36,6 +36,7 @@ from .funnel import shrink
 from .index_spec import IndexSpec
 from .metrics import Metrics, StageTimes
 from .pipeline import map_queries
+from .query_sample import QuerySample
 from .routes import IDENTITY, Route
 from .segments import Segments
 from .store import CollectionRow, SpaceRow, Store
@@ -121,6 +122,8 @@ class CollectionIndex:
         #: ``auto`` collections: where the index advisor stands (CollectionInfo.advisor_status)
         self.advisor_status = stored_status(row.spec)
         self.auto_not_before = 0.0  #: time.monotonic() before which the advisor is not run again (after a failure)
+        #: collections with a recall target: their recent queries, which the tuning pass searches (query_sample.py)
+        self.query_sample = QuerySample(home.dim) if row.spec.target_recall else None
         if broken:
             self.fail(broken, permanent=True)
 

@@ -142,6 +142,9 @@ def run(q: Query, fn: Any, device: Device | None = None) -> Hits:
     t0 = time.perf_counter()
     xh = q.xq if fn is None else map_queries(fn, q.xq, col.home.metric, col.home.dim, device=device)
     t1 = time.perf_counter()
+    sample = getattr(col, "query_sample", None)  # an ``auto`` collection's recent queries (query_sample.py)
+    if sample is not None:
+        sample.offer(xh)
     xh = col.to_basis(xh, "query")
     t2 = time.perf_counter()
     D, ids, snap = col.search(xh, p.k, p.ef_search, p.nprobe, q.funnel, k_factor=p.k_factor)

@@ -36,6 +36,7 @@ from .collection import Collection
 from .lifecycle import Lifecycle
 from .metrics import FOLD_EVERY
 from .pipeline import SearchResult
+from .query_sample import EVERY as QUERY_EVERY
 from .routes import _IDENTITY_ROUTES, resolve
 from .validate import FAST_MAX_NORM_SQ
 
@@ -106,7 +107,10 @@ def search_one(
     t2 = time.perf_counter()
     timers = col.stage_timers  # the stage times and one query for the identity route's counter
     timers.append((t1 - t0, 0.0, t2 - t1, None, 1))
-    if len(timers) >= FOLD_EVERY:
+    n = len(timers)
+    if n >= FOLD_EVERY:
         timers.fold()
+    elif not n % QUERY_EVERY and col.query_sample is not None:  # an ``auto`` collection's recent queries
+        col.query_sample.add(xq)
     route = _IDENTITY_ROUTES.get(query_space) or resolve(collection, query_space, query_space, col.routes)
     return SearchResult(D, ids, None, route, exact=False)

@@ -166,6 +166,8 @@ def point_pb(p: OperatingPoint) -> cpb.OperatingPoint:
         bytes_per_vector=p.bytes_per_vector,
         build_seconds=p.build_seconds,
         train_points=p.train_points,
+        tuned_points=p.tuned_points,
+        tuned_queries=p.tuned_queries,
     )
 
 

@@ -376,6 +376,8 @@ class OperatingPoint(_message.Message):
     BYTES_PER_VECTOR_FIELD_NUMBER: _builtins.int
     BUILD_SECONDS_FIELD_NUMBER: _builtins.int
     TRAIN_POINTS_FIELD_NUMBER: _builtins.int
+    TUNED_POINTS_FIELD_NUMBER: _builtins.int
+    TUNED_QUERIES_FIELD_NUMBER: _builtins.int
     index_spec: _builtins.str
     """FAISS factory string (as CreateCollection accepts it)."""
     ef_search: _builtins.int
@@ -393,6 +395,14 @@ class OperatingPoint(_message.Message):
     """Seconds to train the index and add the sample."""
     train_points: _builtins.int
     """Fewest points the spec trains on (0: it needs no training)."""
+    tuned_points: _builtins.int
+    """An `auto` collection's point: live points of the whole index its last tuning pass measured on
+    (0: measured on the advisor's sample, not tuned yet).
+    """
+    tuned_queries: _builtins.int
+    """An `auto` collection's point: the collection's recent queries that tuning pass searched (0: it
+    searched held-out stored vectors).
+    """
     def __init__(
         self,
         *,
@@ -405,10 +415,12 @@ class OperatingPoint(_message.Message):
         bytes_per_vector: _builtins.int = ...,
         build_seconds: _builtins.float = ...,
         train_points: _builtins.int = ...,
+        tuned_points: _builtins.int = ...,
+        tuned_queries: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_seconds", b"build_seconds", "bytes_per_vector", b"bytes_per_vector", "ef_search", b"ef_search", "index_spec", b"index_spec", "k_factor", b"k_factor", "nprobe", b"nprobe", "qps", b"qps", "recall", b"recall", "train_points", b"train_points"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_seconds", b"build_seconds", "bytes_per_vector", b"bytes_per_vector", "ef_search", b"ef_search", "index_spec", b"index_spec", "k_factor", b"k_factor", "nprobe", b"nprobe", "qps", b"qps", "recall", b"recall", "train_points", b"train_points", "tuned_points", b"tuned_points", "tuned_queries", b"tuned_queries"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
