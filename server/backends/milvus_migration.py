@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import FailedPrecondition, InterlinguaError, NotFound
+from ..errors import FailedPrecondition, InterlinguaError
 from ..migration.runtime import MigrationBase, MigrationRecord
 from .milvus import MilvusCollection
 from .milvus_schema import METRIC, MilvusIndex, field_name, parse_index, require_pymilvus
@@ -162,19 +162,12 @@ class MilvusMigration(MigrationBase):
                     have = self.col._rows(missing, ["id"])
                     missing = [p for p in missing if p not in have]
                 if missing:
-                    raise NotFound(
-                        f"{len(missing)} id(s) not in collection {self.rec.collection!r} (backfill upserts "
-                        f"new-space vectors of existing points until the cutover): " + ", ".join(map(repr, missing[:5]))
-                    )
+                    raise self.not_backfillable(missing)
             elif space.name == self.old.name and self.phase == "cutover":
                 rows = self.col._rows(ids, ["id", "spaces"])
                 missing = [p for p in ids if p not in rows or self.new_field not in rows[p]["spaces"]]
                 if missing:
-                    raise FailedPrecondition(
-                        f"collection {self.rec.collection!r} is cut over to {self.new.name!r}: new points are "
-                        f"upserted in {self.new.name!r} (old-space vectors only update points it has); "
-                        f"{len(missing)} id(s) without one: {', '.join(map(repr, missing[:5]))}"
-                    )
+                    raise self.cut_over_refusal(missing)
             seq = self.col.upsert(space, ids, x, payloads)
         self.publish()
         return seq

@@ -131,25 +131,14 @@ class Migrations:
         e = self.engine
         any_col = e.collection(collection)
         new = e.get_space(new_space)
-        if isinstance(any_col, MilvusCollection):
-            return self._start_milvus(any_col, new, transform, reverse, strategy)
-        col = any_col
-        old = col.home
         if strategy not in STRATEGIES:
             raise InvalidArgument(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if new.name == old.name:
+        if new.name == any_col.home.name:
             raise InvalidArgument(f"new_space {new_space!r} is already the home space of collection {collection!r}")
+        if isinstance(any_col, MilvusCollection):
+            return self._start_milvus(any_col, new, transform, reverse, strategy)
+        col, old = any_col, any_col.home
         with self.lock, e._ddl_lock:
-            if collection in e.moving or e.collections.get(collection) is not col:
-                raise FailedPrecondition(
-                    f"collection {collection!r} is being moved to another backend (or was just moved); retry after it"
-                )
-            if collection in self.active:
-                m = self.active[collection]
-                raise FailedPrecondition(
-                    f"collection {collection!r} is already migrating to {m.new.name!r} (phase {m.phase}, coverage "
-                    f"{100 * m.coverage():.1f}%); finish or abort it first"
-                )
             if col.failure is not None:
                 raise FailedPrecondition(f"collection {collection!r} failed: {col.failure.reason}")
             if col.row.spec.prefix_dims or col.row.spec.basis_transform:
@@ -157,20 +146,9 @@ class Migrations:
                     f"collection {collection!r} has a prefix_dims or basis_transform index; migrations support "
                     "collections that index their home vectors as they are"
                 )
-            fn, trec = self._ready(transform, new, old, "transform")
-            rfn = self._ready(reverse, old, new, "reverse_transform")[0] if reverse else None
+            fn, rfn, calibration = self._checked_start(col, new, transform, reverse, strategy)
             spec = dataclasses.replace(col.row.spec, name=f"{COMPANION_PREFIX}{col.row.cid}", home_space=new.name)
-            try:
-                spec = spec.checked(new, e.limits)
-            except InvalidArgument as err:
-                raise InvalidArgument(f"the collection's index spec does not fit space {new.name!r}: {err}") from None
-            fit = trec.report.get("fit")
-            cal = (fit if isinstance(fit, dict) else {}).get("score_calibration", trec.report.get("score_calibration"))
-            calibration = (
-                ScoreCalibration.from_dict({**cal, "source": f"transform {transform!r}: {cal.get('source', '')}"})
-                if isinstance(cal, dict)
-                else dataclasses.replace(IDENTITY, source=f"identity: transform {transform!r} has no score_calibration")
-            )
+            spec = spec.checked(new, e.limits)  # (_checked_start has checked that it fits)
             store = e._ready()
             row = store.add_collection(spec)
             comp = Collection(row, new, store, e._folder(row.cid), e.metrics, device=e.device)
@@ -226,10 +204,6 @@ class Migrations:
         """StartMigration on a ``milvus`` collection: the new space's vector field is the new side
         (``backends/milvus_migration.py``); refused before anything changes when it has none."""
         e, collection, old = self.engine, col.name, col.home
-        if strategy not in STRATEGIES:
-            raise InvalidArgument(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if new.name == old.name:
-            raise InvalidArgument(f"new_space {new.name!r} is already the home space of collection {collection!r}")
         with self.lock, e._ddl_lock:
             fn, rfn, calibration = self._checked_start(col, new, transform, reverse, strategy)
             milvus_migration.require_field(col, new)

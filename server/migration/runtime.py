@@ -150,6 +150,21 @@ class MigrationBase:
     def upsert(self, space: SpaceRow, ids: list[str], x: np.ndarray, payloads: Sequence[str | None]) -> int:
         raise NotImplementedError
 
+    def not_backfillable(self, missing: Sequence[str]) -> NotFound:
+        """The error of a backfill upsert naming ids the collection does not have (either backend)."""
+        return NotFound(
+            f"{len(missing)} id(s) not in collection {self.rec.collection!r} (backfill upserts "
+            f"new-space vectors of existing points until the cutover): " + ", ".join(map(repr, missing[:5]))
+        )
+
+    def cut_over_refusal(self, missing: Sequence[str]) -> FailedPrecondition:
+        """The error of an old-space upsert after the cutover naming ids without a new vector (either backend)."""
+        return FailedPrecondition(
+            f"collection {self.rec.collection!r} is cut over to {self.new.name!r}: new points are "
+            f"upserted in {self.new.name!r} (old-space vectors only update points it has); "
+            f"{len(missing)} id(s) without one: {', '.join(map(repr, missing[:5]))}"
+        )
+
     def delete(self, ids: list[str], missing_ok: bool) -> tuple[int, int]:
         raise NotImplementedError
 
@@ -217,11 +232,7 @@ class Migration(MigrationBase):
                 if self.phase == "backfill":
                     missing = [p for p in ids if p not in self.col.pids]
                     if missing:
-                        raise NotFound(
-                            f"{len(missing)} id(s) not in collection {self.rec.collection!r} (backfill upserts "
-                            f"new-space vectors of existing points until the cutover): "
-                            + ", ".join(map(repr, missing[:5]))
-                        )
+                        raise self.not_backfillable(missing)
                 seq = self.col.upsert(space, ids, x, payloads)  # the source of truth, as before the migration
                 self.companion.upsert(space, ids, x, [None] * len(ids))
                 self.projected.difference_update(ids)
@@ -229,11 +240,7 @@ class Migration(MigrationBase):
                 if self.phase == "cutover":
                     missing = [p for p in ids if p not in self.companion.pids]
                     if missing:
-                        raise FailedPrecondition(
-                            f"collection {self.rec.collection!r} is cut over to {self.new.name!r}: new points are "
-                            f"upserted in {self.new.name!r} (old-space vectors only update points it has); "
-                            f"{len(missing)} id(s) without one: {', '.join(map(repr, missing[:5]))}"
-                        )
+                        raise self.cut_over_refusal(missing)
                 seq = self.col.upsert(space, ids, x, payloads)
                 projecting = self.forward is not None and self.rec.forward.get("state") in ("running", "done")
                 if self.phase == "backfill" and projecting:
