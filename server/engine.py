@@ -117,7 +117,6 @@ class Engine(EngineLifecycle):
                 raise InvalidArgument("backend_uri applies to the milvus backend; this collection is embedded")
             return dataclasses.replace(spec, backend=backend)
         for feature, used in (
-            ("Matryoshka prefix_dims", spec.prefix_dims),
             ("basis_transform", spec.basis_transform),
             ("index_spec 'auto' (the index advisor)", spec.auto),
         ):

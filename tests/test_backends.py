@@ -301,6 +301,98 @@ def test_milvus_scores_equal_embedded(tmp_path: Path) -> None:
         srv.stop(None)
 
 
+def _funnel_reference(
+    xb: np.ndarray, xq: np.ndarray, metric: str, m: int, shortlist_k: int, stages: list[tuple[int, int]], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Numpy brute force of a funnel search: the best ``shortlist_k`` by the first m dims (re-normalized
+    unless l2), each stage (dims, keep) rescoring the survivors, then all dims keeping k. (D, row indices)."""
+    if metric == "cosine":
+        xb = xb / np.linalg.norm(xb, axis=1, keepdims=True)
+        xq = xq / np.linalg.norm(xq, axis=1, keepdims=True)
+    d = xb.shape[1]
+
+    def scores(q: np.ndarray, rows: np.ndarray, dims: int) -> np.ndarray:
+        a, b = xb[rows, :dims].astype(np.float64), q[:dims].astype(np.float64)
+        if metric != "l2" and dims < d:
+            a, b = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b)
+        return -(a @ b) if metric != "l2" else ((a - b) ** 2).sum(axis=1)  # ascending: best first
+
+    Dout, Iout = np.zeros((len(xq), k)), np.zeros((len(xq), k), np.int64)
+    for i, q in enumerate(xq):
+        rows = np.arange(len(xb))
+        for dims, keep in [(m, shortlist_k), *stages, (d, k)]:
+            s = scores(q, rows, dims)
+            order = np.argsort(s, kind="stable")[:keep]
+            rows, best = rows[order], s[order]
+        Dout[i], Iout[i] = (-best if metric != "l2" else best), rows
+    return Dout, Iout
+
+
+@NEEDS_MILVUS
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+def test_milvus_prefix_funnel_equals_embedded_and_brute_force(tmp_path: Path, metric: str) -> None:
+    """A Matryoshka prefix collection on milvus (the prefix field indexed, full vectors reranked in the
+    front-end) answers what the embedded prefix collection and a numpy funnel reference answer: the
+    default shortlist and a funnel stage, Flat and HNSW; it survives a restart. Its errors: a shortlist
+    below k, a stage not above the prefix (INVALID_ARGUMENT), a space past the 3 fields a prefix
+    collection keeps for spaces (FAILED_PRECONDITION), nothing changed."""
+    data = tmp_path / "data"
+    srv, port = start_server(data)
+    d, m, n = D, 8, 600
+    xb, xq = make_data(n, d, seed=21), make_data(12, d, seed=22)
+    ids = np.array(_ids(n), dtype=object)
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            c.register_space("s@1", d, metric=metric)
+            for other in ("o1@1", "o2@1", "o3@1"):
+                c.register_space(other, 8)
+            for backend in ("embedded", "milvus"):
+                for spec in ("Flat", "HNSW16"):
+                    name = f"{backend}-{spec}"
+                    c.create_collection(name, "s@1", spec, prefix_dims=m, backend=backend)
+                    c.upsert(name, list(ids[: n // 2]), xb[: n // 2], space="s@1")
+                    c.upsert(name, list(ids[n // 2 :]), xb[n // 2 :], space="s@1", payloads=['{"a": 1}'] * (n - n // 2))
+            for shortlist_k, stages in ((None, []), (40, [(16, 20)])):
+                Dref, Iref = _funnel_reference(xb, xq, metric, m, shortlist_k or 100, stages, 10)
+                e = c.search("embedded-Flat", xq, 10, space="s@1", shortlist_k=shortlist_k, funnel=stages)
+                r = c.search("milvus-Flat", xq, 10, space="s@1", shortlist_k=shortlist_k, funnel=stages)
+                assert r.ids.tolist() == e.ids.tolist() == ids[Iref].tolist(), (shortlist_k, stages)
+                np.testing.assert_allclose(r.scores, e.scores, rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(r.scores, Dref, rtol=1e-4, atol=1e-4)
+                hnsw = ("milvus-HNSW16", xq, 10)
+                h = c.search(*hnsw, space="s@1", ef_search=200, shortlist_k=shortlist_k, funnel=stages)
+                pairs = zip(h.ids.tolist(), ids[Iref].tolist(), strict=True)
+                assert np.mean([len(set(a) & set(b)) / 10 for a, b in pairs]) > 0.9
+            c.upsert("milvus-Flat", ["p0"], xb[1:2], space="s@1")  # an overwrite rewrites the prefix too
+            got = c.search("milvus-Flat", xb[1:2], 2, space="s@1")
+            assert sorted(got.ids[0].tolist()) == ["p0", "p1"]  # equal vectors: p0's prefix is p1's now
+            assert got.scores[0, 0] == pytest.approx(got.scores[0, 1], abs=1e-5)
+            for call, code, match in (
+                (lambda: c.search("milvus-Flat", xq, 10, space="s@1", shortlist_k=5), InvalidArgument,
+                 "shortlist_k is 5; it must be between k=10"),
+                (lambda: c.search("milvus-Flat", xq, 10, space="s@1", funnel=[(4, 20)]), InvalidArgument,
+                 r"funnel\[0\].dims is 4; stage dims must increase, above the prefix \(8\)"),
+                (lambda: c.upsert("milvus-Flat", ["z"], make_data(1, 8), space="o3@1"), FailedPrecondition,
+                 "no vector field for space 'o3@1'"),
+            ):  # fmt: skip
+                with pytest.raises(code, match=match):
+                    call()
+            for sp in ("o1@1", "o2@1"):  # the two oldest other spaces have a field each
+                c.upsert("milvus-Flat", ["p5"], make_data(1, 8), space=sp)
+            info = c.get_collection("milvus-Flat")
+            assert (info.num_points, info.vectors_per_space) == (n, {"s@1": n, "o1@1": 1, "o2@1": 1})
+            assert c.get("milvus-Flat", ["p400"], with_payload=True)[0].payload == {"a": 1}
+            before = c.search("milvus-HNSW16", xq, 10, space="s@1")
+        srv.stop(None)
+        srv, port = start_server(data)
+        with Client(f"127.0.0.1:{port}") as c:
+            after = c.search("milvus-HNSW16", xq, 10, space="s@1")
+            assert after.ids.tolist() == before.ids.tolist()
+            np.testing.assert_allclose(after.scores, before.scores, rtol=1e-6)
+    finally:
+        srv.stop(None)
+
+
 @NEEDS_MILVUS
 def test_milvus_refuses_what_it_does_not_do(tmp_path: Path) -> None:
     """Each feature the milvus backend does not do yet: FAILED_PRECONDITION naming it, nothing changed."""
@@ -312,7 +404,6 @@ def test_milvus_refuses_what_it_does_not_do(tmp_path: Path) -> None:
             c.create_collection("m", "old@1", "HNSW16")
             c.upsert("m", _ids(50), make_data(50, D), space="old@1")
             refused = {
-                "Matryoshka prefix_dims": lambda: c.create_collection("x", "old@1", prefix_dims=8),
                 "basis_transform": lambda: c.create_collection("x", "old@1", basis_transform="b"),
                 "index_spec 'auto'": lambda: c.create_collection("x", "old@1", "auto", target_recall=0.9),
                 "snapshots": lambda: c.create_snapshot("s"),

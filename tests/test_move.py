@@ -155,6 +155,44 @@ def test_move_two_spaces_routes_and_restart(tmp_path: Path) -> None:
         srv.stop(None)
 
 
+def test_move_a_prefix_collection(tmp_path: Path) -> None:
+    """A Matryoshka prefix collection (Flat, two spaces) moves with its prefix field: the same funnel
+    answers before and after the move (default shortlist and a stage), and after a restart."""
+    data, uri = tmp_path / "data", str((tmp_path / "engine.db").resolve())
+    srv, port = start_server(data, merge_idle_seconds=0.2)
+    c = Client(f"127.0.0.1:{port}", timeout=120)
+    try:
+        c.register_space("old@1", D)
+        c.register_space("new@1", D)
+        xb, xq = make_data(400, D, seed=31), make_data(15, D, seed=32)
+        ids = _ids(400)
+        c.create_collection("mrl", "old@1", prefix_dims=8)
+        c.upsert("mrl", ids, xb, space="old@1")
+        c.upsert("mrl", ids[:50], xb[:50], space="new@1")
+        asks: list[tuple[int | None, list[tuple[int, int]]]] = [(None, []), (30, [(16, 15)])]
+        before = [c.search("mrl", xq, 10, space="old@1", shortlist_k=sk, funnel=st) for sk, st in asks]
+        m = c.move_collection("mrl", uri)
+        assert (m.num_points, m.vectors_per_space) == (400, {"old@1": 400, "new@1": 50})
+        assert (m.spot_top1_self_milvus, m.spot_top1_agreement) == (32, 1.0)
+
+        def same() -> None:
+            for (sk, st), b in zip(asks, before, strict=True):
+                a = c.search("mrl", xq, 10, space="old@1", shortlist_k=sk, funnel=st)
+                assert a.ids.tolist() == b.ids.tolist()
+                np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+
+        same()
+        c.close()
+        srv.stop(None)
+        srv, port = start_server(data, merge_idle_seconds=0.2)
+        c = Client(f"127.0.0.1:{port}", timeout=120)
+        assert c.get_collection("mrl").backend == "milvus"
+        same()
+    finally:
+        c.close()
+        srv.stop(None)
+
+
 def test_writes_and_searches_during_a_move(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Writers (upserts, overwrites, deletes) and readers in threads while the collection moves: no failed
     request, and every acknowledged write is there after the move (deleted ids absent)."""
@@ -270,6 +308,8 @@ def test_refusals_change_nothing(tmp_path: Path) -> None:
         c.upsert("mig", _ids(10), x[:10], space="old@1")
         c.start_migration("mig", "new@1", "t")
         c.create_collection("prefix", "old@1", prefix_dims=8)
+        for sp in ("old@1", "new@1", "s3@1", "s4@1"):  # 4 spaces: one over what a prefix collection's fields hold
+            c.upsert("prefix", ["a"], x[:1], space=sp)
         c.create_collection("basis", "old@1", basis_transform="pca")
         c.create_collection("auto", "old@1", "auto", target_recall=0.9)
         c.create_collection("pq", "old@1", "IVF4,PQ8", 256)
@@ -286,7 +326,13 @@ def test_refusals_change_nothing(tmp_path: Path) -> None:
             ("nope", uri, NotFound, "collection 'nope' does not exist"),
             ("on", uri, FailedPrecondition, "'on' is already on the milvus backend at " + uri),
             ("mig", uri, FailedPrecondition, "'mig' has a running migration to space 'new@1'.*finish or abort it"),
-            ("prefix", uri, FailedPrecondition, "'prefix' uses Matryoshka prefix_dims, which the milvus backend"),
+            (
+                "prefix",
+                uri,
+                FailedPrecondition,
+                r"'prefix' has vectors in 4 spaces \(old@1, new@1, s3@1, s4@1\); a"
+                r" milvus collection holds at most 4 vector fields \(3 spaces and a Matryoshka prefix field\)",
+            ),
             ("basis", uri, FailedPrecondition, "'basis' uses basis_transform, which the milvus backend does not"),
             ("auto", uri, FailedPrecondition, r"'auto' uses index_spec 'auto' \(the index advisor\)"),
             ("pq", uri, FailedPrecondition, r"'pq' cannot be moved: index spec 'IVF4,PQ8' is not supported by the"),

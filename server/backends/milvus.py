@@ -31,6 +31,7 @@ import numpy as np
 from ..collection import PointRecord, _missing_message
 from ..collection_index import SEARCH_STAGES
 from ..errors import FailedPrecondition, InterlinguaError, InvalidArgument, NotFound
+from ..funnel import check_funnel, rerank, shrink
 from ..store import SpaceRow
 from .milvus_schema import MAX_PAYLOAD_BYTES
 from .milvus_table import CHUNK, MilvusTable, as_vector, delete_ids, upsert_rows
@@ -93,6 +94,8 @@ class MilvusCollection(MilvusTable):
                 row["payload"] = payloads[i] if payloads[i] is not None else (prev["payload"] if prev else None)
                 for fld, zero in zeros.items():  # no vector in a space: zeros, and not in ``spaces``
                     row[fld] = x[i] if fld == f else (as_vector(prev[fld]) if prev and fld in have else zero)
+                if self.prefix_dims:  # the home vector's prefix, as the embedded index holds it
+                    row[self.prefix_field] = self._prefix(row[self.home_field][None])[0]
                 rows.append(row)
             try:
                 for i in range(0, len(rows), CHUNK):
@@ -145,6 +148,10 @@ class MilvusCollection(MilvusTable):
 
     # -- reads ---------------------------------------------------------------------------------
 
+    def _prefix(self, x: np.ndarray) -> np.ndarray:
+        """x (n, d) -> its first ``prefix_dims`` dims (n, m), re-normalized for cosine and ip (``funnel.shrink``)."""
+        return shrink(x, self.prefix_dims, normalize=self.home.metric != "l2")
+
     def check_search(self, ef_search: int | None, nprobe: int | None, k_factor: int | None = None) -> None:
         self.index.check_params(ef_search, nprobe, k_factor)
 
@@ -177,31 +184,60 @@ class MilvusCollection(MilvusTable):
         k: int,
         ef_search: int | None,
         nprobe: int | None,
-        funnel: object = None,
+        funnel: tuple[int, list[tuple[int, int]]] | None = None,
         k_factor: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray, MilvusView]:
         """xq : (nq, d) in the home space. Returns D (nq, k), ids (nq, k) object array, the view searched.
-        Fewer than k hits: ids "" and D -inf (+inf for l2), as the embedded backend pads."""
+        Fewer than k hits: ids "" and D -inf (+inf for l2), as the embedded backend pads.
+
+        A prefix collection searches its prefix field for ``funnel`` = (shortlist_k, stages)
+        (:func:`~..funnel.check_funnel`) candidates, their full home vectors returned with the hits, and
+        reranks them through the stages as the embedded backend does (:func:`~..funnel.rerank`)."""
         nq = len(xq)
         largest = self.home.metric != "l2"
-        D = np.full((nq, k), -np.inf if largest else np.inf, dtype=np.float32)
-        ids = np.full((nq, k), "", dtype=object)
-        params = self.index.search_params(self.home.metric, k, ef_search, nprobe)
         fields = self.fields if self.fields is not None else self._fields()
         flt = f'array_contains(spaces, "{self.home_field}")' if len(fields) > 1 else ""
-        data = list(np.ascontiguousarray(xq, dtype=np.float32))
+        view = MilvusView(None if self.index.exact else self.index.index_type, self.last_sequence)
+        if self.prefix_dims:
+            limit, stages = funnel or check_funnel(self.home.dim, self.prefix_dims, k, None, [])
+            xs, out = self._prefix(xq), ["id", self.home_field]
+        else:
+            limit, stages, xs, out = k, [], xq, ["id"]
+        params = self.index.search_params(self.home.metric, limit, ef_search, nprobe)
+        data = list(np.ascontiguousarray(xs, dtype=np.float32))
         hits = self._call(
             "search",
             lambda c: c.search(
-                self.mname, data=data, limit=k, anns_field=self.home_field, search_params=params, filter=flt,
-                output_fields=["id"], timeout=self.engines.timeout,
+                self.mname, data=data, limit=limit, anns_field=self.index_field, search_params=params, filter=flt,
+                output_fields=out, timeout=self.engines.timeout,
             ),
         )  # fmt: skip
+        if self.prefix_dims:
+            return (*self._rerank(xq, hits, limit, stages), view)
+        D = np.full((nq, k), -np.inf if largest else np.inf, dtype=np.float32)
+        ids = np.full((nq, k), "", dtype=object)
         for i, row in enumerate(hits):
             for j, h in enumerate(row[:k]):
                 D[i, j] = h["distance"]
                 ids[i, j] = h["id"]
-        return D, ids, MilvusView(None if self.index.exact else self.index.index_type, self.last_sequence)
+        return D, ids, view
+
+    def _rerank(
+        self, xq: np.ndarray, hits: Any, limit: int, stages: list[tuple[int, int]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The prefix search's ``hits`` (nq lists of at most ``limit``, with full home vectors) reranked
+        with ``stages``: D (nq, k), ids (nq, k), "" where fewer were found."""
+        labels: list[str] = []
+        full = np.zeros((max(1, sum(min(len(row), limit) for row in hits)), self.home.dim), np.float32)
+        I = np.full((len(xq), limit), -1, np.int64)
+        for i, row in enumerate(hits):
+            for j, h in enumerate(row[:limit]):
+                I[i, j] = len(labels)
+                full[len(labels)] = as_vector(h[self.home_field])
+                labels.append(str(h["id"]))
+        D, I = rerank(np.ascontiguousarray(xq, dtype=np.float32), full, I, stages, self.home.metric)
+        names = np.array([*labels, ""], dtype=object)
+        return D, names[np.where(I < 0, len(labels), I)]
 
     def payloads(self, ids: np.ndarray) -> list[str]:
         """Payloads aligned with ``ids`` (any shape, flattened), "" where none."""

@@ -20,7 +20,12 @@ sanitize alike stay apart). Its fields:
 
 The home field carries the collection's index (:func:`parse_index`: Flat -> FLAT, HNSW<M> ->
 HNSW with efConstruction, IVF<n>,Flat -> IVF_FLAT, IVF<n>,SQ8 -> IVF_SQ8); other fields a FLAT
-index (Milvus loads a collection only when every vector field is indexed). Metrics: cosine
+index (Milvus loads a collection only when every vector field is indexed). A collection created with
+Matryoshka ``prefix_dims = m`` has one more vector field (:func:`prefix_field`, so one space less): the
+first m dimensions of each home vector, re-normalized for cosine and ip as the embedded backend's
+index holds them (:func:`~..transforms.matryoshka.shrink`); it carries the collection's index and the
+home field a FLAT one, searched for ``shortlist_k`` candidates whose full vectors come back with the
+hits and are reranked in the front-end (``funnel.rerank``, the embedded backend's stages). Metrics: cosine
 (vectors normalized by the engine) and ip -> IP, l2 -> L2 (squared, as FAISS): scores equal the
 embedded backend's. Covered by ``tests/test_backends.py``.
 """
@@ -51,6 +56,7 @@ __all__ = [
     "id_filter",
     "milvus_name",
     "parse_index",
+    "prefix_field",
     "require_pymilvus",
 ]
 
@@ -108,6 +114,11 @@ def id_filter(ids: Sequence[str]) -> str:
 def field_name(space: str) -> str:
     """The vector field of ``space``: ``v_`` and a hash of its name (space names allow ``@``, ``.``, ``-``)."""
     return "v_" + hashlib.sha256(space.encode()).hexdigest()[:16]
+
+
+def prefix_field(space: str) -> str:
+    """The Matryoshka prefix field of a ``prefix_dims`` collection whose home space is ``space``."""
+    return "p_" + hashlib.sha256(space.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -40,12 +40,14 @@ from .milvus_engines import MilvusEngines, NotLoaded
 from .milvus_schema import (
     MAX_ID_CHARS,
     MAX_PAYLOAD_BYTES,
+    MAX_VECTOR_FIELDS,
     METRIC,
     MilvusIndex,
     field_name,
     id_filter,
     milvus_name,
     parse_index,
+    prefix_field,
     require_pymilvus,
 )
 
@@ -90,6 +92,9 @@ class MilvusTable:
         self.mname = milvus_name(self.name)
         self.index: MilvusIndex = parse_index(row.spec.index_spec, row.spec.ef_construction)
         self.home_field = field_name(home.name)
+        self.prefix_dims = row.spec.prefix_dims  #: Matryoshka prefix the index holds (0: every dimension)
+        self.prefix_field = prefix_field(home.name) if self.prefix_dims else ""
+        self.index_field = self.prefix_field or self.home_field  #: the vector field with the collection's index
         self.fields: dict[str, str] | None = None  #: space -> vector field, read from the engine once
         self.routes: Mapping[str, Route] = {}  #: replaced whole on every change (one reference swap)
         self.lock = threading.Lock()  #: serializes this front-end's writes (read-merge-write)
@@ -128,10 +133,12 @@ class MilvusTable:
         self._loaded_epoch = epoch
 
     def create(self, spaces: Sequence[SpaceRow], marker: str = "") -> None:
-        """Creates the Milvus collection: one vector field per space in ``spaces`` (the home space first).
+        """Creates the Milvus collection: one vector field per space in ``spaces`` (the home space first),
+        and a prefix collection's prefix field (then one space less: ``MAX_VECTOR_FIELDS`` in all).
         ``marker``: a move's mark (``move.py``), kept as the collection property ``MOVE_PROPERTY`` (Milvus Lite
         keeps no schema description) and as the schema's description."""
         pymilvus = require_pymilvus()
+        spaces = spaces[: MAX_VECTOR_FIELDS - bool(self.prefix_dims)]
         dt = pymilvus.DataType
         schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description=marker)
         extra = {"properties": {MOVE_PROPERTY: marker}} if marker else {}
@@ -143,12 +150,20 @@ class MilvusTable:
         for sp in spaces:
             f = field_name(sp.name)
             schema.add_field(f, dt.FLOAT_VECTOR, dim=sp.dim)
-            if sp.name == self.home.name:  # the build parameters twice: see MilvusIndex.build_params
+            if sp.name == self.home.name and not self.prefix_dims:  # build parameters twice: see build_params
                 index.add_index(
                     f, index_type=self.index.index_type, metric_type=METRIC[sp.metric], params=self.index.build_params()
                 )
             else:
                 index.add_index(f, index_type="FLAT", metric_type=METRIC[sp.metric])
+        if self.prefix_dims:
+            schema.add_field(self.prefix_field, dt.FLOAT_VECTOR, dim=self.prefix_dims)
+            index.add_index(
+                self.prefix_field,
+                index_type=self.index.index_type,
+                metric_type=METRIC[self.home.metric],
+                params=self.index.build_params(),
+            )
         t = self.engines.timeout
 
         def create(c: Any) -> None:
@@ -244,11 +259,11 @@ class MilvusTable:
         segment's index in a background thread, so on a Milvus Lite file they are read from its files
         (:func:`lite_index_rows`)."""
         if is_lite(self.uri):
-            got = lite_index_rows(Path(self.uri), self.mname, self.home_field, self.index.index_type)
+            got = lite_index_rows(Path(self.uri), self.mname, self.index_field, self.index.index_type)
             if got is not None:
                 return got
         info = self._call(
-            "describe index", lambda c: c.describe_index(self.mname, self.home_field, timeout=self.engines.timeout)
+            "describe index", lambda c: c.describe_index(self.mname, self.index_field, timeout=self.engines.timeout)
         )
         return int(info.get("indexed_rows") or 0), int(info.get("pending_index_rows") or 0)
 

@@ -4,9 +4,10 @@
 
 1. **Engine side**: the Milvus collection of the same name is created (``milvus_schema.py``: a vector
    field for the home space, every other space the collection has vectors in, then the oldest other
-   spaces, ``MAX_VECTOR_FIELDS`` in all), marked as this move's (:func:`marker`, a collection property):
-   a leftover of an earlier move that crashed is recognized by it and dropped; any other collection of
-   that name is refused.
+   spaces, ``MAX_VECTOR_FIELDS`` in all, one less beside a ``prefix_dims`` collection's prefix field,
+   whose vectors the copy computes from the home vectors), marked as this move's (:func:`marker`, a
+   collection property): a leftover of an earlier move that crashed is recognized by it and dropped;
+   any other collection of that name is refused.
 2. **Copy**, holding no lock of the collection (searches and writes go on): every point (id, payload,
    sequence, each space's vector) read from the store in pages of at most ``COPY_BYTES`` and upserted.
    The collection's deletes are recorded from the copy's start (``Collection.deletes_seen``), and
@@ -170,7 +171,6 @@ def check_move(engine: Engine, name: str, backend: str, uri: str) -> tuple[Colle
             " finish or abort it before moving the collection"
         )
     for feature, on in (
-        ("Matryoshka prefix_dims", spec.prefix_dims),
         ("basis_transform", spec.basis_transform),
         ("index_spec 'auto' (the index advisor)", spec.auto or spec.target_recall),
     ):
@@ -188,12 +188,14 @@ def check_move(engine: Engine, name: str, backend: str, uri: str) -> tuple[Colle
     counts = store.vector_counts(col.row.cid)
     by_age = sorted((s for s in engine.spaces.values() if s.name != col.home.name), key=lambda s: s.created_at)
     used = [col.home, *(s for s in by_age if counts.get(s.name))]
-    if len(used) > MAX_VECTOR_FIELDS:
+    most = MAX_VECTOR_FIELDS - bool(spec.prefix_dims)  # a prefix collection's prefix field takes one
+    if len(used) > most:
+        prefix = " and a Matryoshka prefix field" if spec.prefix_dims else ""
         raise FailedPrecondition(
             f"collection {name!r} has vectors in {len(used)} spaces ({', '.join(s.name for s in used)}); a milvus"
-            f" collection holds at most {MAX_VECTOR_FIELDS} vector fields"
+            f" collection holds at most {MAX_VECTOR_FIELDS} vector fields ({most} spaces{prefix})"
         )
-    spaces = [*used, *(s for s in by_age if s not in used)][:MAX_VECTOR_FIELDS]
+    spaces = [*used, *(s for s in by_age if s not in used)][:most]
     require_pymilvus()
     try:  # UNAVAILABLE naming the engine when it cannot be reached
         engine.milvus.call(uri, "connect", lambda c: c.get_server_version(timeout=engine.milvus.timeout))
@@ -231,7 +233,7 @@ class _Move:
         self.table = MilvusCollection(row, col.home, engine.spaces, self.store, engine.milvus, engine.metrics)
         self.fields = {s.name: field_name(s.name) for s in spaces}
         self.zeros = {field_name(s.name): np.zeros(s.dim, np.float32) for s in spaces}
-        row_bytes = 4 * sum(s.dim for s in spaces) + 1024
+        row_bytes = 4 * (sum(s.dim for s in spaces) + row.spec.prefix_dims) + 1024
         self.page = max(1, min(CHUNK, COPY_BYTES // row_bytes))
         self.sample: list[str] = []  #: reservoir of points with a home vector (spot searches)
         self._rng = random.Random(VERIFY_SEED)
@@ -307,6 +309,8 @@ class _Move:
                     row[f] = np.frombuffer(b, dtype="<f4")
                     have.append(f)
             row["spaces"] = sorted(have)
+            if self.table.prefix_dims:  # the home vector's prefix (zeros without one: not in ``spaces``)
+                row[self.table.prefix_field] = self.table._prefix(row[self.fields[self.col.home.name]][None])[0]
             rows.append(row)
             self.vectors += len(v)
         return rows
