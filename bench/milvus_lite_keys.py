@@ -14,7 +14,8 @@ flushed segment, searched at ef 64, k 10, nq 64, in collections that differ only
 - ``peer_shuffled``: the peer's schema, the same keys 0..n-1 written in a shuffled order.
 
 The sides alternate (rotated each round), a ``gc.collect()`` before each timed search. Then 100 point
-reads by id, as a write's read-merge does (``id in [...]``, ``pk in [...]``). Prints one line per side.
+reads by id, as a write's read-merge does (``id in [...]``, ``pk in [...]``). Prints a table and, as its
+last line, one JSON object (``search_p50_ms``, ``read_p50_ms`` by collection).
 
     nice -n 19 .venv/bin/python bench/milvus_lite_keys.py [--n 100000] [--reps 20]
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
+import json
 import statistics
 import tempfile
 import time
@@ -106,12 +108,7 @@ def main() -> None:
                 cols[name].search(xq, top_k=10, output_fields=out[name], anns_field="v", search_params={"ef": 64})
                 if rep:  # the first round warms up
                     times[name].append(time.perf_counter() - t0)
-        for name, t in times.items():
-            t.sort()
-            print(
-                f"search nq={nq} {name:20s} p50 {1e3 * statistics.median(t):6.1f} ms  p25 {1e3 * t[len(t) // 4]:6.1f}"
-                f"  min {1e3 * t[0]:6.1f}  (n={n}, {args.reps} reps)"
-            )
+        search_p50 = {name: 1e3 * statistics.median(t) for name, t in times.items()}
         pick = rng.choice(n, 100, replace=False).tolist()
         by_id = "id in [" + ", ".join(f'"{ids[j]}"' for j in pick) + "]"
         reads = {
@@ -119,14 +116,24 @@ def main() -> None:
             "hash_int64_pk": "pk in [" + ", ".join(str(h63(ids[j])) for j in pick) + "]",
             "seq_int64_pk": by_id,
         }
+        read_p50: dict[str, float] = {}
         for name, expr in reads.items():
             lat = []
             for _ in range(5):
                 t0 = time.perf_counter()
                 got = cols[name].query(expr=expr, output_fields=["id"])
                 lat.append(time.perf_counter() - t0)
-            print(f"query 100 ids {name:20s} p50 {1e3 * statistics.median(lat):6.1f} ms  ({len(got)} rows)")
+            assert len(got) == 100, (name, len(got))
+            read_p50[name] = 1e3 * statistics.median(lat)
         db.close()
+    print(f"# milvus_lite_keys: n={n} x {d}, HNSW M16 efC 40, ef 64, k 10, nq={nq}, {args.reps} reps\n")
+    print("| collection | search p50 ms | vs peer_int64 | 100 reads by id p50 ms |")
+    print("|---|---|---|---|")
+    for name, v in search_p50.items():
+        r = f"{read_p50[name]:.1f}" if name in read_p50 else ""
+        print(f"| {name} | {v:.1f} | {search_p50['peer_int64'] / v:.3f} | {r} |")
+    figures = {"search_p50_ms": search_p50, "read_p50_ms": read_p50}
+    print(json.dumps({"n": n, "d": d, "nq": nq, "reps": args.reps, **figures}))
 
 
 if __name__ == "__main__":

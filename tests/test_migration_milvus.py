@@ -1,8 +1,8 @@
 """Model migrations of ``milvus`` collections (Milvus Lite, over a real server on port 0): what only this
 backend has. The API suite of migrations runs on both backends in ``tests/test_migration.py`` (its
 ``BOTH`` tests: lifecycle and searches against a numpy reference, restarts, refusals, backfill advice);
-here: a space without a vector field refused up front with nothing changed, the refusals of what the
-backend does not do (forward upgrades, forced cutovers), the cutover's index switch on an HNSW
+here: a space without a vector field and a prefix collection refused up front with nothing changed, the
+refusals of what the backend does not do (forward upgrades, forced cutovers), the cutover's index switch on an HNSW
 collection with searches and reads by id running through it (none fails; each reply is the
 before- or the after-cutover answer), a field a crash left without an index repaired at the next
 start, and a finished migration dropping the old vectors from the rows. Skipped with a reason without
@@ -68,6 +68,21 @@ def test_a_space_without_a_field_is_refused_and_nothing_changes(env: Any) -> Non
     client.delete_transform("t2")  # no migration holds it
     info = client.start_migration("c", "new", "t")  # a space with a field migrates
     assert (info.phase, info.points) == ("backfill", N)
+
+
+def test_a_prefix_collection_is_refused_and_nothing_changes(env: Any) -> None:
+    """Its index is on the prefix field (the home field is FLAT), which the cutover's index switch does
+    not move: refused up front, as on the embedded backend."""
+    _srv, client, w = env
+    client.create_collection("pc", "old", index_spec="HNSW16", prefix_dims=8)
+    client.upsert("pc", IDS, w["docs_old"], space="old")
+    before = client.search("pc", w["q_old"], K, space="old").ids
+    with pytest.raises(FailedPrecondition, match="'pc' has a prefix_dims or basis_transform index"):
+        client.start_migration("pc", "new", "t")
+    with pytest.raises(NotFound, match="has no migration"):
+        client.get_migration("pc")
+    assert client.get_collection("pc").home_space == "old"
+    np.testing.assert_array_equal(client.search("pc", w["q_old"], K, space="old").ids, before)
 
 
 def test_refusals_of_what_the_backend_does_not_do(env: Any) -> None:

@@ -259,26 +259,27 @@ class MilvusCollection(MilvusTable):
         shutdown), as the embedded backend merges: the engine then seals its growing segment and builds
         the index on it. A write in progress is not idle: a bulk load whose upserts each take longer than
         ``idle_seconds`` was flushed after nearly every batch, one small segment each, which Milvus Lite
-        then merged and indexed again and again (and searched by brute force meanwhile). True after a
+        then merged and indexed again and again (and searched by brute force meanwhile). The flush holds
+        the write lock and the table's ``flush_gate``: writes and reads by id wait for it. True after a
         flush; an unreachable engine is tried again at the next call."""
         if not self.unflushed or self.dropped:
             return False
-        if not force:
-            if not self.lock.acquire(blocking=False):  # a write is in progress
-                return False
-            try:
-                if time.monotonic() - self.last_write < idle_seconds:
-                    return False
-            finally:
-                self.lock.release()
-        n = self.unflushed
-        try:
-            self._call("flush", lambda c: c.flush(self.mname, timeout=self.engines.timeout))
-        except InterlinguaError as e:
-            log.warning("flush of milvus collection %s failed: %s", self.name, e.message)
+        if not self.lock.acquire(blocking=force):  # a write is in progress (at shutdown: wait for it)
             return False
-        self.unflushed = max(0, self.unflushed - n)
-        return True
+        try:  # writes wait for the flush, and reads by id (flush_gate: Milvus Lite answered one partly)
+            if not force and time.monotonic() - self.last_write < idle_seconds:
+                return False
+            n = self.unflushed
+            try:
+                with self.flush_gate.exclusive():
+                    self._call("flush", lambda c: c.flush(self.mname, timeout=self.engines.timeout))
+            except InterlinguaError as e:
+                log.warning("flush of milvus collection %s failed: %s", self.name, e.message)
+                return False
+            self.unflushed = max(0, self.unflushed - n)
+            return True
+        finally:
+            self.lock.release()
 
     def drop(self) -> None:
         """Drops the Milvus collection, then the collection's row (routes with it) from the store."""

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -45,7 +44,7 @@ from ..errors import FailedPrecondition, InterlinguaError
 from ..migration.runtime import MigrationBase, MigrationRecord
 from .milvus import MilvusCollection
 from .milvus_schema import METRIC, MilvusIndex, field_name, parse_index, require_pymilvus
-from .milvus_table import CHUNK, as_vector, upsert_rows
+from .milvus_table import CHUNK, ReadWriteGate, as_vector, upsert_rows
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -73,43 +72,6 @@ def require_field(col: MilvusCollection, space: SpaceRow) -> str:
     return f
 
 
-class _Gate:
-    """Many readers (searches, reads by id) or one index switch; readers wait while a switch runs."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._switching = False
-
-    @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._switching:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def switch(self) -> Iterator[None]:
-        with self._cond:
-            while self._switching:
-                self._cond.wait()
-            self._switching = True
-            while self._readers:
-                self._cond.wait()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._switching = False
-                self._cond.notify_all()
-
-
 class MilvusMigration(MigrationBase):
     """A running migration of a ``milvus`` collection (module docstring)."""
 
@@ -127,7 +89,7 @@ class MilvusMigration(MigrationBase):
         super().__init__(rec, spaces, fns, store, metrics)
         self.col = col
         self.old_field, self.new_field = field_name(self.old.name), field_name(self.new.name)
-        self.gate = _Gate()
+        self.gate = ReadWriteGate()
         self._index: MilvusIndex | None = None  #: the new field's index, read from the engine on first use
         self.switch_seconds = 0.0  #: how long the last index switch held the gate
 
@@ -239,7 +201,7 @@ class MilvusMigration(MigrationBase):
             return 0.0
         col, t = self.col, self.col.engines.timeout
         t0 = time.perf_counter()
-        with self.gate.switch():
+        with self.gate.exclusive():
             self._engine("flush", lambda c: c.flush(col.mname, timeout=t))
             try:
                 for attempt in range(SWITCH_TRIES):

@@ -141,11 +141,6 @@ class Migrations:
         with self.lock, e._ddl_lock:
             if col.failure is not None:
                 raise FailedPrecondition(f"collection {collection!r} failed: {col.failure.reason}")
-            if col.row.spec.prefix_dims or col.row.spec.basis_transform:
-                raise FailedPrecondition(
-                    f"collection {collection!r} has a prefix_dims or basis_transform index; migrations support "
-                    "collections that index their home vectors as they are"
-                )
             fn, rfn, calibration = self._checked_start(col, new, transform, reverse, strategy)
             spec = dataclasses.replace(col.row.spec, name=f"{COMPANION_PREFIX}{col.row.cid}", home_space=new.name)
             spec = spec.checked(new, e.limits)  # (_checked_start has checked that it fits)
@@ -173,6 +168,11 @@ class Migrations:
         """The checks every backend's start shares (the caller holds the locks): the collection, the
         transforms, the spec in the new space; returns (fn, reverse fn, calibration)."""
         e, collection, old = self.engine, col.name, col.home
+        if col.row.spec.prefix_dims or col.row.spec.basis_transform:  # (a milvus prefix field holds the index)
+            raise FailedPrecondition(
+                f"collection {collection!r} has a prefix_dims or basis_transform index; migrations support "
+                "collections that index their home vectors as they are"
+            )
         if collection in e.moving or e.collections.get(collection) is not col:
             raise FailedPrecondition(
                 f"collection {collection!r} is being moved to another backend (or was just moved); retry after it"
@@ -336,7 +336,7 @@ class Migrations:
                 )
             store = e._ready()
             npoints, counts = col.counted()
-            with mig.gate.switch(), col.lock:
+            with mig.gate.exclusive(), col.lock:
                 store.rehome_collection(col.row.cid, mig.old.name, mig.new.name, mig.rec.reverse_transform)
                 row = store.collection(collection)
                 assert row is not None
