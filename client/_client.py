@@ -413,9 +413,9 @@ class Client:
                 len(x) == 1
                 and type(k) is int
                 and (ef_search is None or type(ef_search) is int)
-                and nprobe is None
+                and (nprobe is None or type(nprobe) is int)
+                and (k_factor is None or type(k_factor) is int)
                 and shortlist_k is None
-                and k_factor is None
                 and not with_payload
             ):  # the serial hot path (server/serial.py) called from here, one query on HNSW: at 1M every
                 # Python frame between the user and FAISS costs 5-15 µs on cold caches (Embedded.search's
@@ -424,7 +424,9 @@ class Client:
                 try:
                     one = None
                     if x.nbytes + 4 * (len(collection) + len(space)) + 64 <= emb.receive_bytes:
-                        one = emb.search_one(emb.engine, collection, space, x, k, ef_search, None, None, hnsw_only=True)
+                        one = emb.search_one(
+                            emb.engine, collection, space, x, k, ef_search, nprobe, k_factor, hnsw_only=True
+                        )
                 except Exception:
                     one = None  # the full path below answers, or fails as it does
                 if one is not None:  # an identity route's own new arrays: SearchResult.from_arrays, inline

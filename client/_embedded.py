@@ -394,7 +394,7 @@ class Embedded:
         parse, reply, unpack: ~25 µs a search) is skipped. Returns the engine's SearchResult, or None
         where the request must take the message path to fail as it would there: a value a proto
         field refuses (the caller's ValueError / TypeError), or a request near ``receive_bytes``."""
-        search_one, request_params = self.search_one, self._request_params
+        request_params = self._request_params
         if type(collection) is not str or type(space) is not str or type(k) is not int or not 0 <= k <= _UINT32:
             return None
         for v in ints:
@@ -403,13 +403,8 @@ class Embedded:
         if x.nbytes + 4 * (len(collection) + len(space)) + 64 > self.receive_bytes:
             return None
         ef_search, nprobe, shortlist_k, k_factor = ints
-        if len(x) == 1 and shortlist_k is None and not with_payload:  # the serial hot path (server/serial.py):
-            try:  # HNSW opens no OpenMP region for one query, so no OpenMP setting around it
-                one = search_one(self.engine, collection, space, x, k, ef_search, nprobe, k_factor, hnsw_only=True)
-            except Exception:
-                one = None  # the full path below answers, or fails as it does
-            if one is not None:
-                return one
+        # (one HNSW query took the serial path in Client.search already; others try it in Engine.search,
+        # with the OpenMP setting below around them)
         params = request_params(k, ef_search=ef_search, nprobe=nprobe, shortlist_k=shortlist_k, k_factor=k_factor)
         omp = _get_omp()
         if omp != 1:

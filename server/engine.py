@@ -333,6 +333,13 @@ class Engine(EngineLifecycle):
             one = serial.search_one(self, collection, query_space, x, p.k, p.ef_search, p.nprobe, p.k_factor)
             if one is not None:  # the plain single-query case, in one function (serial.py)
                 return one
+        return self.search_pipeline(collection, query_space, data, dim, params, with_payload)
+
+    def search_pipeline(
+        self, collection: str, query_space: str, data: bytes, dim: int, params: SearchParams, with_payload: bool = False
+    ) -> SearchResult:
+        """:meth:`search` without its serial attempt: for callers that tried ``serial.search_one``
+        themselves and were declined (the gRPC servicer), so it is not tried twice."""
         t0 = time.perf_counter()
         # the lookups of collection(), _migration() and get_space(), inline (the serial path pays per call)
         col = self.collections.get(collection) if self.state is Lifecycle.SERVING else None

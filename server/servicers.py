@@ -393,7 +393,7 @@ class PointServicer(pgrpc.PointServiceServicer):
                 funnel=tuple((st.dims, st.keep) for st in p.funnel),
                 k_factor=p.k_factor if p.HasField("k_factor") else None,
             )
-        res = self.engine.search(r.collection, r.query_space, q.data, q.dim, params, r.with_payload)
+        res = self.engine.search_pipeline(r.collection, r.query_space, q.data, q.dim, params, r.with_payload)
         D, route = res.D, res.route
         reply = ppb.SearchResponse(
             nq=D.shape[0],
