@@ -42,7 +42,7 @@ class QuerySample:
         self._x = np.empty((0, d), dtype=np.float32)  # grown to capacity on first use
         self._pos = 0  #: next row to write
         self._filled = 0
-        self.added = 0  #: rows added since start (the tuning pass compares it with its last use)
+        self.added = 0  #: rows added since start (more than it holds once the ring has wrapped)
         self._calls = 0
         self._lock = threading.Lock()
 

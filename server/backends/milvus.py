@@ -94,9 +94,8 @@ class MilvusCollection(MilvusTable):
                 row["payload"] = payloads[i] if payloads[i] is not None else (prev["payload"] if prev else None)
                 for fld, zero in zeros.items():  # no vector in a space: zeros, and not in ``spaces``
                     row[fld] = x[i] if fld == f else (as_vector(prev[fld]) if prev and fld in have else zero)
-                if self.prefix_dims:  # the home vector's prefix, as the embedded index holds it
-                    row[self.prefix_field] = self._prefix(row[self.home_field][None])[0]
                 rows.append(row)
+            self.set_prefixes(rows)
             try:
                 for i in range(0, len(rows), CHUNK):
                     chunk = rows[i : i + CHUNK]
@@ -151,6 +150,13 @@ class MilvusCollection(MilvusTable):
     def _prefix(self, x: np.ndarray) -> np.ndarray:
         """x (n, d) -> its first ``prefix_dims`` dims (n, m), re-normalized for cosine and ip (``funnel.shrink``)."""
         return shrink(x, self.prefix_dims, normalize=self.home.metric != "l2")
+
+    def set_prefixes(self, rows: list[dict[str, Any]]) -> None:
+        """A prefix collection's rows (engine rows with their home field) get their prefix field: the home
+        vector's prefix, as the embedded index holds it (zeros stay zeros), one :meth:`_prefix` for all."""
+        if self.prefix_dims and rows:
+            for row, v in zip(rows, self._prefix(np.stack([r[self.home_field] for r in rows])), strict=True):
+                row[self.prefix_field] = v
 
     def check_search(self, ef_search: int | None, nprobe: int | None, k_factor: int | None = None) -> None:
         self.index.check_params(ef_search, nprobe, k_factor)

@@ -309,10 +309,9 @@ class _Move:
                     row[f] = np.frombuffer(b, dtype="<f4")
                     have.append(f)
             row["spaces"] = sorted(have)
-            if self.table.prefix_dims:  # the home vector's prefix (zeros without one: not in ``spaces``)
-                row[self.table.prefix_field] = self.table._prefix(row[self.fields[self.col.home.name]][None])[0]
             rows.append(row)
             self.vectors += len(v)
+        self.table.set_prefixes(rows)  # (zeros for a point without a home vector: not in ``spaces``)
         return rows
 
     # -- copy, catch-up ----------------------------------------------------------------------------
