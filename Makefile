@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test check proto proto-check bench clean reliability
+.PHONY: install run test check proto proto-check bench clean reliability etcd
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,18 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/interlingua serve
 
-test: $(STAMP)
+# tests/test_shared_registry.py runs a real etcd: Debian's etcd-server, installed here where the
+# machine allows it (root or password-less sudo, apt); otherwise those tests skip with the reason.
+etcd:
+	@command -v etcd >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] && echo "" || echo "sudo -n" ); \
+	  command -v apt-get >/dev/null 2>&1 && \
+	  ( DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq etcd-server >/dev/null 2>&1 || \
+	    { $$SUDO apt-get update -qq >/dev/null 2>&1 && \
+	      DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq etcd-server >/dev/null 2>&1; } ) ; \
+	  command -v etcd >/dev/null 2>&1 || echo "etcd not installed: the shared-registry tests will skip"; }
+
+test: $(STAMP) etcd
 	$(PY) -m pytest -q
 
 # Issue 10's reliability suite (tests/reliability, ~25 min with the default 600 s soak; see

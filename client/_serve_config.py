@@ -40,6 +40,7 @@ ENV_VARS = {
     "INTERLINGUA_DEVICE": "device",
     "INTERLINGUA_BACKEND": "backend",
     "INTERLINGUA_MILVUS_URI": "milvus_uri",
+    "INTERLINGUA_REGISTRY": "registry",
     "INTERLINGUA_METRICS_AUTH": "metrics_auth",
     "INTERLINGUA_MIN_RETENTION": "min_retention",
     "INTERLINGUA_MAX_NEGATIVE_FLIP_RATE": "max_negative_flip_rate",
@@ -204,6 +205,7 @@ def build_server_config(args: argparse.Namespace, environ: Mapping[str, str] | N
         "device",
         "backend",
         "milvus_uri",
+        "registry",
     )
     for name in (*flags, "min_retention", "max_negative_flip_rate", "require_ecc"):
         flag = getattr(args, name, None)

@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--milvus-uri", help="milvus backend: http://host:19530 or a Milvus Lite file (<data-dir>/milvus.db)"
     )
+    serve.add_argument(
+        "--registry",
+        help="share spaces, transforms, milvus collections and their routes with other front-ends: "
+        "etcd://host:2379/<prefix> (docs/ARCHITECTURE.md)",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     spaces = sub.add_parser("spaces", help="embedding spaces").add_subparsers(dest="action", required=True)

@@ -147,9 +147,9 @@ class Server:
         return self.keyring.lookup(key) is not None
 
     def _on_state(self, state: Lifecycle) -> None:
-        status = (  # NOT_SERVING too while a Milvus engine in use is unreachable (server/backends)
+        status = (  # NOT_SERVING too while a Milvus engine is unreachable or the shared registry is out of sync
             health_pb2.HealthCheckResponse.SERVING
-            if state is Lifecycle.SERVING and self.engine.milvus.reachable()
+            if state is Lifecycle.SERVING and self.engine.healthy()
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for name in ("", *SERVICE_NAMES):

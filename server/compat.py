@@ -24,7 +24,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,7 @@ from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .fit_jobs import FitJobs, TransformRecord
 from .fit_limits import check_steps
 from .metrics import Metrics
-from .store import SpaceRow, Store
+from .store import SpaceRow, Store, TransformRow
 from .transforms import Calibration, Transform, load_transform
 from .transforms.artefact import EvalData
 from .transforms.kinds import WIRE_KINDS
@@ -51,7 +51,9 @@ class Compat:
         self.metrics = metrics
         self.transforms: dict[str, TransformRecord] = {}
         self.lock = threading.Lock()  #: registry changes, and route changes (``routes.Routes`` takes it too)
-        self.jobs = FitJobs(store, metrics, self._export_report, omp_threads)
+        #: called with a transform's name once its fit is stored (``shared.py`` publishes it)
+        self.on_stored: list[Callable[[str], None]] = []
+        self.jobs = FitJobs(store, metrics, self._fitted, omp_threads)
 
     def close(self) -> None:
         """Cancels queued fits, stops a running one at its next progress step, and waits for it."""
@@ -63,34 +65,61 @@ class Compat:
         """Loads every stored transform (chains after their links)."""
         rows = sorted(self.store.transforms(), key=lambda r: (r.kind == "chain", r.created_at))
         for row in rows:
-            with np.load(io.BytesIO(row.weights)) as z:
-                arrays = {k: z[k] for k in z.files}
-            config = json.loads(row.config)
-            fn = load_transform(row.kind, row.d_in, row.d_out, config, arrays, self._link)
-            rec = TransformRecord(
-                row.name,
-                row.kind,
-                row.source_space,
-                row.target_space,
-                config,
-                row.created_at,
-                row.doc_pairs,
-                row.query_pairs,
-                "ready",
-                stage="done",
-                progress=1.0,
-                report=json.loads(row.report),
-                checksum=row.checksum,
-                fn=fn,
-            )
+            rec = self._record(row)
             self.transforms[row.name] = rec
             self._export_report(rec)
+
+    def adopt(self, row: TransformRow) -> TransformRecord:
+        """Stores and registers a transform fitted elsewhere (another front-end of a shared registry,
+        ``shared.py``); the caller holds :attr:`lock`. Its links must be registered first."""
+        rec = self._record(row)
+        self.store.add_transform(row)
+        self.transforms[row.name] = rec
+        self._export_report(rec)
+        return rec
+
+    def forget(self, name: str) -> None:
+        """Removes a transform deleted elsewhere (``shared.py``); the caller holds :attr:`lock` and has
+        checked that nothing here uses it."""
+        self.store.delete_transform(name)
+        self.transforms.pop(name, None)
+        for gauge in (self.metrics.ecc_margin, self.metrics.retention):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name)
+
+    def _record(self, row: TransformRow) -> TransformRecord:
+        """The ready transform of a stored row (its weights loaded)."""
+        with np.load(io.BytesIO(row.weights)) as z:
+            arrays = {k: z[k] for k in z.files}
+        config = json.loads(row.config)
+        fn = load_transform(row.kind, row.d_in, row.d_out, config, arrays, self._link)
+        return TransformRecord(
+            row.name,
+            row.kind,
+            row.source_space,
+            row.target_space,
+            config,
+            row.created_at,
+            row.doc_pairs,
+            row.query_pairs,
+            "ready",
+            stage="done",
+            progress=1.0,
+            report=json.loads(row.report),
+            checksum=row.checksum,
+            fn=fn,
+        )
 
     def _link(self, name: str) -> Transform:
         rec = self.transforms.get(name)
         if rec is None or rec.fn is None:
             raise NotFound(f"transform {name!r} does not exist or is not ready")
         return rec.fn
+
+    def _fitted(self, rec: TransformRecord) -> None:
+        self._export_report(rec)
+        for fn in self.on_stored:
+            fn(rec.name)
 
     def _export_report(self, rec: TransformRecord) -> None:
         report = rec.report

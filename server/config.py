@@ -159,12 +159,23 @@ class ServerConfig:
     milvus_timeout_seconds: float = 10.0
     #: how often the health monitor pings each Milvus engine in use (NOT_SERVING while one is down)
     milvus_check_seconds: float = 1.0
+    #: a registry shared with other front-ends serving the same Milvus collections (``shared.py``):
+    #: ``etcd://host:2379[,host:2379...]/<prefix>``; "" keeps everything in this front-end's store
+    registry: str = ""
+    #: longest wait for one etcd call, and for another front-end's write lock on a collection
+    registry_timeout_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.milvus_timeout_seconds <= 0 or self.milvus_check_seconds <= 0:
             raise ValueError("milvus_timeout_seconds and milvus_check_seconds must be > 0")
+        if self.registry:
+            from .etcd import parse_registry_uri
+
+            parse_registry_uri(self.registry)  # ValueError naming what is wrong
+        if self.registry_timeout_seconds <= 0:
+            raise ValueError("registry_timeout_seconds must be > 0")
         if self.forward_batch < 1 or self.forward_pause_seconds < 0:
             raise ValueError("forward_batch must be >= 1 and forward_pause_seconds >= 0")
         Device.parse(self.device)  # ValueError for a malformed device; its GPU is checked at start

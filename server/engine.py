@@ -67,6 +67,9 @@ class Engine(EngineLifecycle):
             if name in self.spaces:
                 raise AlreadyExists(f"space {name!r} is already registered (spaces are immutable)")
             row = SpaceRow(name, dim, metric, description, time.time())
+            if self.shared is not None:  # registered there first: AlreadyExists if another front-end differs
+                self.shared.require_sync()
+                self.shared.publish_space(row)
             store.add_space(row)
             self.spaces[name] = row
         return row
@@ -148,12 +151,23 @@ class Engine(EngineLifecycle):
                 self._unwatch_unused(spec.backend_uri)
                 raise
             try:
+                if self.shared is not None:
+                    self.shared.require_sync()
                 row = store.add_collection(row.spec)
             except BaseException:
                 probe.drop_engine_side()
                 raise
+            if self.shared is not None:  # other front-ends attach it: AlreadyExists if one has the name
+                try:
+                    self.shared.publish_collection(row)
+                except BaseException:
+                    store.drop_collection(row.cid)
+                    probe.drop_engine_side()
+                    raise
             col = MilvusCollection(row, home, self.spaces, store, self.milvus, self.metrics)
             col.fields, col.counts = probe.fields, {}
+            if self.shared is not None:
+                self.shared.hook(col)
             self.collections[spec.name] = col
         return col
 
@@ -189,9 +203,17 @@ class Engine(EngineLifecycle):
         compat = self.require_compat()
         with self._ddl_lock:
             users = self.migrations.users(name) if self.migrations is not None else []
+            users += compat.users(name, list(self.collections.values()))
             if users:
                 raise FailedPrecondition(f"transform {name!r} is in use by {', '.join(users)}; stop those first")
-            return compat.delete(name, list(self.collections.values()))
+            rec = compat.get(name)
+            if self.shared is None or rec.state != "ready":
+                return compat.delete(name, list(self.collections.values()))
+            try:
+                self.shared.unpublish_transform(name)  # the other front-ends forget it
+                return compat.delete(name, list(self.collections.values()))
+            finally:
+                self.shared.deleting.discard(name)
 
     def collection(self, name: str) -> AnyCollection:
         self._ready()
@@ -210,7 +232,14 @@ class Engine(EngineLifecycle):
 
     def move_collection(self, name: str, backend: str, uri: str) -> MoveReport:
         """Moves embedded collection ``name`` to a Milvus engine while it serves (``backends/move.py``)."""
-        return move_collection(self, name, backend, uri)
+        if self.shared is not None and self.shared.exists(name):
+            raise AlreadyExists(f"collection {name!r} already exists in the shared registry {self.shared.uri}")
+        report = move_collection(self, name, backend, uri)
+        col = self.collections.get(name)
+        if self.shared is not None and isinstance(col, MilvusCollection):  # the other front-ends attach it
+            self.shared.publish_collection(col.row)
+            self.shared.hook(col)
+        return report
 
     def _moved(self, name: str, col: AnyCollection, err: InterlinguaError) -> AnyCollection:
         """The collection that replaced ``col`` when a move retired it (a request that resolved it just
@@ -233,7 +262,14 @@ class Engine(EngineLifecycle):
                     raise NotFound(f"collection {name!r} does not exist")
                 if not on_milvus:
                     del self.collections[name]
-            col.drop()  # milvus: the engine drops first, and may refuse (UNAVAILABLE): the collection stays
+            if on_milvus and self.shared is not None:  # the other front-ends detach it
+                self.shared.unpublish_collection(name)
+            try:
+                col.drop()  # milvus: the engine drops first, and may refuse (UNAVAILABLE): the collection stays
+            except BaseException:
+                if on_milvus and self.shared is not None:
+                    self.shared.publish_collection(col.row)
+                raise
             if on_milvus:
                 with self._registry_lock:
                     del self.collections[name]

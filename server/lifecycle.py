@@ -41,6 +41,7 @@ from .migration.runtime import COMPANION_PREFIX
 from .restore import lock_data_dir
 from .routes import Routes
 from .shadow import ShadowRunner
+from .shared import SharedRegistry
 from .store import SpaceRow, Store
 
 __all__ = ["EngineLifecycle", "Lifecycle", "limit_numpy_blas", "lower_priority"]
@@ -111,6 +112,8 @@ class EngineLifecycle:
         self.routes: Routes | None = None  #: the owner of every collection's route table
         self.shadows: ShadowRunner | None = None  #: runs the shadow searches of routes that have one
         self.migrations: Migrations | None = None  #: every collection's model migration (server/migration)
+        #: the registry shared with other front-ends (``shared.py``; ``registry`` in the config), or None
+        self.shared: SharedRegistry | None = None
         #: exclusive, pid inside: a second server, embedded client or restore on the folder is refused
         self._dir_lock: IO[bytes] | None = None
 
@@ -127,8 +130,10 @@ class EngineLifecycle:
             fn(self.state)
 
     def healthy(self) -> bool:
-        """SERVING and every Milvus engine in use reachable: what the health service reports as SERVING."""
-        return self.state is Lifecycle.SERVING and self.milvus.reachable()
+        """SERVING, every Milvus engine in use reachable and the shared registry (if any) in sync: what the
+        health service reports as SERVING."""
+        in_sync = self.shared is None or self.shared.in_sync
+        return self.state is Lifecycle.SERVING and self.milvus.reachable() and in_sync
 
     def open(self) -> None:
         """Opens the store and recovers every collection, then serves. Idempotent per engine."""
@@ -178,6 +183,10 @@ class EngineLifecycle:
             replayed,
             time.perf_counter() - start,
         )
+        if c.registry:  # NOT_SERVING until the first read of the registry; etcd down never stops a start
+            self.shared = SharedRegistry(self, c.registry, c.registry_timeout_seconds)  # type: ignore[arg-type]
+            self.routes.shared = self.shared
+            self.shared.start()
         self._maintainer = threading.Thread(target=self._maintain_loop, name="interlingua-maintain", daemon=True)
         self._maintainer.start()
         self._set_state(Lifecycle.SERVING)
@@ -210,6 +219,8 @@ class EngineLifecycle:
         self._stop.set()
         if self._maintainer is not None:
             self._maintainer.join()
+        if self.shared is not None:
+            self.shared.close()
         if self.compat is not None:
             self.compat.close()
         if self.shadows is not None:

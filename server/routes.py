@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .activation import GatePolicy, gate
-from .errors import FailedPrecondition, InvalidArgument, NoRoute, NotFound
+from .errors import FailedPrecondition, InvalidArgument, NoRoute, NotFound, Unavailable
 from .metrics import Metrics
 from .store import RouteRow, Store
 
 if TYPE_CHECKING:
     from .backends.base import AnyCollection
     from .compat import Compat
+    from .shared import SharedRegistry
 
 __all__ = ["IDENTITY", "Route", "Routes", "Shadow", "resolve"]
 
@@ -86,6 +87,8 @@ class Routes:
         self.policy = policy
         #: the registry's lock: a route change and a transform's deletion exclude each other (searches never take it)
         self._lock = registry.lock
+        #: a shared registry (``shared.py``): milvus collections' route changes are committed there first
+        self.shared: SharedRegistry | None = None
 
     def load(self, collections: Mapping[str, AnyCollection]) -> None:
         """Puts every live route back into its collection's routing table."""
@@ -132,6 +135,7 @@ class Routes:
             if self.registry.transforms.get(name) is not rec:
                 raise NotFound(f"transform {name!r} was deleted")
             old = col.routes.get(rec.source)
+            self._commit(col, rec.source, {"transform": name, "forced": bool(reason), "shadow": "", "shadow_rate": 0.0})
             self.store.set_route(col.row.cid, rec.source, name, bool(reason), time.time())
             route = Route(rec.source, col.home.name, name, rec.fn, None)
             col.routes = {**col.routes, rec.source: route}  # the swap: one reference
@@ -152,6 +156,8 @@ class Routes:
             live = history[0]
             ready = [r.transform for r in history[1:] if not r.transform or self._is_ready(r.transform)]
             previous = next((t for t in ready if t != live.transform), "")
+            change = {"transform": previous, "forced": False, "shadow": "", "shadow_rate": 0.0}
+            self._commit(col, query_space, change if previous else None)
             self.store.set_route(col.row.cid, query_space, previous, False, time.time())
             table = dict(col.routes)
             route = self._route(col, query_space, previous) if previous else None
@@ -164,6 +170,39 @@ class Routes:
         if route is not None:
             self.metrics.route_active.labels(col.name, query_space, route.transform).set(1)
         return route
+
+    def _commit(self, col: AnyCollection, query_space: str, change: dict[str, Any] | None) -> None:
+        """A shared collection's change goes to the shared registry first (``shared.py``: compare-and-swap
+        on the table this front-end applied; FAILED_PRECONDITION when another front-end changed it)."""
+        if self.shared is not None and col.row.spec.on_milvus:
+            self.shared.commit_route(col, query_space, change)  # type: ignore[arg-type]
+
+    def replace(self, col: AnyCollection, entries: Mapping[str, Mapping[str, Any]]) -> None:
+        """Makes ``entries`` (query space -> transform, forced, shadow, shadow_rate: a shared registry's
+        table) the collection's table, recording each change in the store; the caller holds :attr:`_lock`.
+        Unknown if a transform it names is not registered here yet (the registry re-reads)."""
+        for qs, e in entries.items():
+            for t in (e.get("transform", ""), e.get("shadow", "")):
+                if t and not self._is_ready(t):
+                    raise Unavailable(f"transform {t!r} of the route {qs!r} -> collection {col.name!r} is not here yet")
+        now, old = time.time(), col.routes
+        table: dict[str, Route] = {}
+        for qs in sorted({*old, *entries}):
+            before, e = old.get(qs), entries.get(qs, {})
+            transform, shadow, rate = e.get("transform", ""), e.get("shadow", ""), float(e.get("shadow_rate", 0.0))
+            if (before.transform if before else "") != transform:
+                self.store.set_route(col.row.cid, qs, transform, bool(e.get("forced", False)), now)
+            was = before.shadow if before else None
+            if transform and (was.transform if was else "", was.sample_rate if was else 0.0) != (shadow, rate):
+                self.store.set_shadow(col.row.cid, qs, shadow, rate)
+            if transform:
+                table[qs] = self._route(col, qs, transform, shadow, rate)
+        col.routes = table  # the swap: one reference
+        for qs in {*old, *table}:
+            if qs in old and (qs not in table or table[qs].transform != old[qs].transform):
+                self.metrics.route_active.labels(col.name, qs, old[qs].transform).set(0)
+            if qs in table:
+                self.metrics.route_active.labels(col.name, qs, table[qs].transform).set(1)
 
     def history(self, col: AnyCollection) -> list[RouteRow]:
         """Every route version of a collection, newest first."""
@@ -193,6 +232,7 @@ class Routes:
                         f"{query_space!r} -> {col.home.name!r}"
                     )
                 shadow = Shadow(name, rec.fn, rate or 1.0)
+            self._commit(col, query_space, {"shadow": name, "shadow_rate": shadow.sample_rate if shadow else 0.0})
             self.store.set_shadow(col.row.cid, query_space, name, shadow.sample_rate if shadow else 0.0)
             new = Route(route.query_space, route.home_space, route.transform, route.fn, shadow)
             col.routes = {**col.routes, query_space: new}

@@ -61,6 +61,10 @@ class RegistryTables(StoreCore):
             self._w.execute("DELETE FROM transforms WHERE name=?", (name,))
         return seq
 
+    def transform(self, name: str) -> TransformRow | None:
+        r = self._r.execute("SELECT * FROM transforms WHERE name=?", (name,)).fetchone()
+        return TransformRow(*r) if r else None
+
     def transforms(self) -> list[TransformRow]:
         return [TransformRow(*r) for r in self._r.execute("SELECT * FROM transforms ORDER BY name")]
 

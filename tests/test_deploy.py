@@ -47,6 +47,7 @@ from prometheus_client.metrics_core import Metric
 
 from interlingua.client._serve_config import ENV_VARS, build_server_config
 from interlingua.client.cli import build_parser
+from interlingua.server.etcd import parse_registry_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -339,7 +340,7 @@ def test_compose_milvus_front_ends_serve_on_the_milvus_standalone_once_it_is_hea
     entry = json.loads(dict(final)["ENTRYPOINT"])
     env = _final_stage_env()
     extras = _pyproject()["project"]["optional-dependencies"]
-    data_volumes, host_ports = set(), set()
+    data_volumes, host_ports, registries = set(), set(), set()
     for name, svc in front_ends.items():
         # the image holds the milvus extra: a build arg the Dockerfile declares, naming a real extra
         (extra,) = svc["build"]["args"]["EXTRAS"].split(",")
@@ -351,6 +352,7 @@ def test_compose_milvus_front_ends_serve_on_the_milvus_standalone_once_it_is_hea
         config = build_server_config(args, {})
         assert (config.backend, config.milvus_uri) == ("milvus", MILVUS_COMPOSE_URI)
         assert check_uri(config.milvus_uri) == MILVUS_COMPOSE_URI  # an address, not a Milvus Lite file
+        registries.add(config.registry)  # one shared registry (checked against Milvus' etcd below)
         # started once Milvus answers its health check
         assert svc["depends_on"][milvus_name] == {"condition": "service_healthy"}, name
         # its own data volume (SQLite store: collection rows, spaces, routes, transforms) and port
@@ -373,6 +375,12 @@ def test_compose_milvus_front_ends_serve_on_the_milvus_standalone_once_it_is_hea
     assert menv["MINIO_ACCESS_KEY_ID"] == services[minio]["environment"]["MINIO_ROOT_USER"]
     assert menv["MINIO_SECRET_ACCESS_KEY"] == services[minio]["environment"]["MINIO_ROOT_PASSWORD"]
     assert milvus["depends_on"] == {etcd: {"condition": "service_healthy"}, minio: {"condition": "service_healthy"}}
+    # the front-ends share one registry in Milvus' own etcd, under a prefix of their own, once it is healthy
+    (registry,) = registries
+    endpoints, prefix = parse_registry_uri(registry)
+    assert endpoints == [menv["ETCD_ENDPOINTS"]] and prefix == "/interlingua/"
+    for svc in front_ends.values():
+        assert svc["depends_on"][etcd] == {"condition": "service_healthy"}
     for svc in services.values():  # a service others wait on being healthy has a health check
         depends = svc.get("depends_on", {})
         for dep in depends if isinstance(depends, dict) else []:
@@ -549,7 +557,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "serviceMonitor": {"enabled": True, "authorization": {"secretName": "scrape", "key": "api-key"}},
     },
     # the front-end over a Milvus cluster (deploy/k8s/MILVUS.md): the proxy Service of release "vdb"
-    "milvus": {"backend": "milvus", "milvus": {"uri": "http://vdb-milvus:19530"}, "image": {"tag": "0.1.0-milvus"}},
+    "milvus": {
+        "backend": "milvus",
+        "milvus": {"uri": "http://vdb-milvus:19530"},
+        "registry": "etcd://vdb-etcd:2379/interlingua",
+        "image": {"tag": "0.1.0-milvus"},
+    },
 }
 
 
@@ -787,14 +800,18 @@ def test_chart_milvus_backend_sets_what_serve_reads_and_probes_liveness_over_tcp
     # what `interlingua serve` makes of the pod's environment: the same as --backend/--milvus-uri
     config = build_server_config(build_parser().parse_args(["serve"]), env)
     assert (config.backend, config.milvus_uri) == ("milvus", "http://vdb-milvus:19530")
-    flags = build_parser().parse_args(["serve", "--backend", "milvus", "--milvus-uri", "http://vdb-milvus:19530"])
+    assert config.registry == "etcd://vdb-etcd:2379/interlingua"
+    flags = build_parser().parse_args(
+        ["serve", "--backend", "milvus", "--milvus-uri", "http://vdb-milvus:19530", "--registry", config.registry]
+    )
     assert build_server_config(flags, {}).milvus_uri == config.milvus_uri
+    assert build_server_config(flags, {}).registry == config.registry
     grpc_port = int(env["INTERLINGUA_PORT"])
     # NOT_SERVING while Milvus is unreachable: out of the Service (readiness), not restarted (liveness)
     assert container["livenessProbe"]["tcpSocket"] == {"port": grpc_port} and "grpc" not in container["livenessProbe"]
     for probe in ("startupProbe", "readinessProbe"):
         assert container[probe]["grpc"] == {"port": grpc_port}, probe
-    assert sts["spec"]["replicas"] == 1  # a collection belongs to one front-end
+    assert sts["spec"]["replicas"] == 1  # one data volume per front-end: more front-ends are more releases
     # the defaults leave the server's own default (or serverConfig's `backend`) alone
     (plain,) = _by_kind(render_chart())["StatefulSet"]
     assert not {"INTERLINGUA_BACKEND", "INTERLINGUA_MILVUS_URI"} & set(_container_env(plain))

@@ -78,7 +78,7 @@ class MilvusCollection(MilvusTable):
         for i, p in enumerate(payloads):
             if p is not None and len(p.encode()) > MAX_PAYLOAD_BYTES:
                 raise InvalidArgument(f"payloads[{i}] is over {MAX_PAYLOAD_BYTES} bytes, the milvus backend's limit")
-        with self.lock:
+        with self.lock, self.writing():
             self._check_live()
             self._ensure_counted()
             old = self._rows(ids, ["id", "payload", "spaces", *fields.values()])
@@ -101,7 +101,7 @@ class MilvusCollection(MilvusTable):
                     chunk = rows[i : i + CHUNK]
                     self._call("upsert", functools.partial(upsert_rows, self.mname, chunk, self.engines.timeout))
             except BaseException:
-                self._forget_counts()  # the engine may hold part of it: count again when next needed
+                self.forget_counts()  # the engine may hold part of it: count again when next needed
                 raise
             if self.npoints is not None:
                 self.npoints += len(ids) - len(old)
@@ -113,7 +113,7 @@ class MilvusCollection(MilvusTable):
 
     def delete(self, ids: list[str], missing_ok: bool) -> tuple[int, int]:
         """Deletes points; returns (deleted, sequence)."""
-        with self.lock:
+        with self.lock, self.writing():
             self._check_live()
             self._ensure_counted()
             old = self._rows(list(dict.fromkeys(ids)), ["id", "spaces"])
@@ -128,7 +128,7 @@ class MilvusCollection(MilvusTable):
                     chunk = present[i : i + CHUNK]
                     self._call("delete", functools.partial(delete_ids, self.mname, chunk, self.engines.timeout))
             except BaseException:
-                self._forget_counts()
+                self.forget_counts()
                 raise
             by_field = {f: s for s, f in self._fields().items()}
             for r in old.values():
@@ -291,10 +291,16 @@ class MilvusCollection(MilvusTable):
         """Drops the Milvus collection, then the collection's row (routes with it) from the store."""
         with self.lock:
             self.drop_engine_side()
-            self.dropped = True
-            self.store.drop_collection(self.row.cid)
+            self.detach()
+
+    def detach(self) -> None:
+        """Forgets the collection here, leaving the engine's: another front-end of a shared registry
+        dropped it (``shared.py``), or :meth:`drop` did."""
+        self.dropped = True
+        self.store.drop_collection(self.row.cid)
         for space in self.counts:
-            self.metrics.points.remove(self.name, space)
+            with contextlib.suppress(KeyError):
+                self.metrics.points.remove(self.name, space)
         for gauge in (self.metrics.index_ready, self.metrics.collection_failed):
             with contextlib.suppress(KeyError):
                 gauge.remove(self.name)

@@ -139,6 +139,9 @@ class MilvusTable:
         self.fields: dict[str, str] | None = None  #: space -> vector field, read from the engine once
         self.routes: Mapping[str, Route] = {}  #: replaced whole on every change (one reference swap)
         self.lock = threading.Lock()  #: serializes this front-end's writes (read-merge-write)
+        #: taken inside :attr:`lock` by every write batch: a shared registry's write lock across front-ends
+        #: (``shared.py``); nothing on a front-end of its own
+        self.writing: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         self.flush_gate = ReadWriteGate()  #: reads by id against flushes
         self.dropped = False
         self.retired = ""
@@ -279,8 +282,9 @@ class MilvusTable:
             self._counts, self._counts_known = counts, True
             self.publish_gauges()
 
-    def _forget_counts(self) -> None:
-        """A write failed part-way (the engine may hold some of it): count again when next needed."""
+    def forget_counts(self) -> None:
+        """Counts again when next needed: a write failed part-way (the engine may hold some of it), or
+        another front-end of a shared registry wrote (``shared.py``). The caller holds :attr:`lock`."""
         self.npoints, self._counts_known = None, False
 
     def num_points(self) -> int:

@@ -136,6 +136,13 @@ class Migrations:
         if new.name == any_col.home.name:
             raise InvalidArgument(f"new_space {new_space!r} is already the home space of collection {collection!r}")
         if isinstance(any_col, MilvusCollection):
+            shared = e.shared
+            if shared is not None:
+                raise FailedPrecondition(
+                    f"collection {collection!r} is shared with other front-ends through the registry "
+                    f"{shared.uri}; a migration's state is not shared yet, so migrations of shared collections "
+                    "are refused"
+                )
             return self._start_milvus(any_col, new, transform, reverse, strategy)
         col, old = any_col, any_col.home
         with self.lock, e._ddl_lock:
@@ -352,7 +359,7 @@ class Migrations:
                 try:
                     n = mig.drop_old_vectors(fresh)
                 except BaseException:
-                    fresh._forget_counts()  # some rows may keep their old vector: counted again when needed
+                    fresh.forget_counts()  # some rows may keep their old vector: counted again when needed
                     raise
                 fresh.counts = {s: c for s, c in counts.items() if s != mig.old.name}
                 fresh.npoints = npoints

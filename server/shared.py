@@ -1,0 +1,505 @@
+"""The shared registry: several front-ends serving the same Milvus collections through one etcd.
+
+A front-end started with ``registry = "etcd://host:2379/<prefix>"`` keeps its own SQLite store as
+before and mirrors into it what every front-end of the prefix shares (``docs/ARCHITECTURE.md``,
+"Several front-ends on one engine")::
+
+    <prefix>/spaces/<name>              a space (JSON): created once, compare-and-swap on absence
+    <prefix>/transforms/<name>          a ready transform's row (JSON, no weights) and its weights' sha256
+    <prefix>/weights/<name>/<sha>/<i>   its weights in chunks under etcd's request limit, written first
+    <prefix>/collections/<name>         a milvus collection's spec: any front-end can serve it
+    <prefix>/routes/<collection>        the collection's whole route table, one JSON value
+    <prefix>/locks/<collection>         the write lock (a lease), held for one write batch
+    <prefix>/writes/<collection>        the last writer: others count the collection again
+
+**Atomic activation.** A route change (activate, roll back, shadow) writes the new table in one etcd
+transaction that compares the key's ``mod_revision`` with the one this front-end last applied: of
+two front-ends changing a table at once one wins, the other gets FAILED_PRECONDITION and nothing
+changed. Every front-end watches the prefix and swaps its in-memory table in one reference
+(``Routes.replace``), so a search sees the old table or the new one, never a mix.
+
+**Writes.** The milvus backend's read-merge-write needs one writer per collection: each write batch
+holds ``locks/<collection>`` (created only if absent, under this front-end's lease, so a crashed
+holder's lock expires), and on release records itself in ``writes/<collection>``; a front-end that
+sees another writer there forgets its counts and counts again.
+
+**Health.** The registry is in sync once it has read the whole prefix and is watching from the
+revision read; while the watch is broken (etcd down, a keep-alive failed) :attr:`in_sync` is False
+and the health service reports NOT_SERVING; route changes are then UNAVAILABLE. It re-reads and
+resumes by itself. Not shared: migrations (refused on shared collections), embedded collections and
+their routes, metrics. Covered by ``tests/test_shared_registry.py`` with a real etcd and two front-ends
+on one Milvus Lite server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .backends.milvus import MilvusCollection
+from .collection_spec import CollectionSpec
+from .errors import AlreadyExists, FailedPrecondition, Unavailable
+from .etcd import KV, Etcd, Event, parse_registry_uri
+from .store import CollectionRow, SpaceRow, TransformRow
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["CHUNK_BYTES", "LEASE_TTL", "SharedRegistry"]
+
+log = logging.getLogger(__name__)
+
+LEASE_TTL = 10  #: seconds a crashed front-end's write lock outlives it
+CHUNK_BYTES = 512 * 1024  #: transform weights per etcd value (etcd takes requests up to 1.5 MiB; base64 adds 1/3)
+_SPACE_FIELDS = ("name", "dim", "metric", "description", "created_at")
+
+
+class SharedRegistry:
+    """One front-end's view of a shared registry (module docstring); :meth:`start` syncs and watches."""
+
+    def __init__(self, engine: Engine, uri: str, timeout: float) -> None:
+        endpoints, self.prefix = parse_registry_uri(uri)
+        self.uri = uri
+        self.etcd = Etcd(endpoints, timeout)
+        self.engine = engine
+        self.id = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"  #: this front-end
+        self.in_sync = False
+        self.error = "not read yet"  #: why not in sync
+        #: collection -> (mod_revision, entries) of the route table this front-end applied last
+        self.tables: dict[str, tuple[int, dict[str, dict[str, Any]]]] = {}
+        self.unpublished: set[str] = set()  #: transforms fitted here that the registry does not have yet
+        self.deleting: set[str] = set()  #: transforms this front-end is deleting (``Engine.delete_transform``)
+        self.lease = 0
+        self._last_write: dict[str, int] = {}  #: collection -> revision of this front-end's last write
+        self._first_sync = True
+        #: this data dir has been synced with this registry before: what it lacks was deleted elsewhere,
+        #: except the transforms fitted here and not published yet (kept in the marker across a crash)
+        self._marker = Path(engine.config.data_dir) / "registry.json"
+        try:
+            marker = json.loads(self._marker.read_text()) if self._marker.exists() else {}
+        except (OSError, ValueError) as e:  # never keeps the server from starting: joins afresh
+            log.warning("%s is unreadable (%s); this data dir joins the registry as new", self._marker, e)
+            marker = {}
+        self._joined = marker.get("uri") == uri
+        if self._joined:
+            self.unpublished.update(marker.get("unpublished", []))
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def key(self, kind: str, name: str) -> str:
+        return f"{self.prefix}{kind}/{name}"
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Syncs and watches in the background (health is NOT_SERVING until the first sync)."""
+        assert self.engine.compat is not None
+        self.engine.compat.on_stored.append(self.publish_transform)
+        for col in self.engine.collections.values():
+            if isinstance(col, MilvusCollection):
+                self.hook(col)
+        for target, name in ((self._run, "registry-watch"), (self._keepalive, "registry-keepalive")):
+            t = threading.Thread(target=target, name=f"interlingua-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.etcd.abort_watch()
+        for t in self._threads:
+            t.join(5)
+        if self.lease:
+            with contextlib.suppress(Unavailable):
+                self.etcd.revoke(self.lease)
+
+    def _set_sync(self, ok: bool, why: str = "") -> None:
+        changed = ok != self.in_sync
+        self.in_sync, self.error = ok, why
+        if changed:
+            log.log(
+                logging.INFO if ok else logging.WARNING,
+                "shared registry %s: %s",
+                self.uri,
+                "in sync" if ok else f"out of sync: {why}",
+            )
+            self.engine._health_changed()
+
+    def require_sync(self) -> None:
+        if not self.in_sync:
+            raise Unavailable(f"the shared registry {self.uri} is not in sync ({self.error}); retry")
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            try:
+                kvs, rev = self.etcd.range(self.prefix)
+                self._sync(kvs)
+                self._set_sync(True)
+                backoff = 0.05
+                self.etcd.watch(self.prefix, rev + 1, self._on_events, self._stop)
+            except Exception as e:  # etcd gone, or an apply failed: re-read from scratch
+                if self._stop.is_set():
+                    return
+                why = e.message if isinstance(e, Unavailable) else f"{type(e).__name__}: {e}"
+                if not isinstance(e, Unavailable):
+                    log.exception("applying the shared registry failed")
+                self._set_sync(False, why)
+                self._stop.wait(backoff)
+                backoff = min(2 * backoff, 2.0)
+
+    def _keepalive(self) -> None:
+        """Renews the lease and probes etcd once a second: a silent etcd ends the watch (NOT_SERVING)."""
+        while not self._stop.wait(1.0):
+            try:
+                if self.lease and self.etcd.keepalive(self.lease) == 0:
+                    self.lease = 0  # expired: the next write takes a new one
+                elif not self.lease:
+                    self.etcd.range(self.key("spaces", "\x00"))  # a cheap read
+            except Unavailable as e:
+                if self.in_sync:
+                    self._set_sync(False, e.message)
+                    self.etcd.abort_watch()
+
+    # -- reading the registry ------------------------------------------------------------------
+
+    def _split(self, key: str) -> tuple[str, str]:
+        kind, _, name = key[len(self.prefix) :].partition("/")
+        return kind, name
+
+    def _sync(self, kvs: list[KV]) -> None:
+        """Applies a whole read of the prefix: what the registry has is added or replaced here; what
+        this front-end has and the registry lacks is published when this data dir first joins the
+        registry, and otherwise removed here (another front-end deleted it meanwhile), but for the
+        transforms fitted here whose publication has not succeeded yet (:attr:`unpublished`)."""
+        by: dict[str, dict[str, KV]] = {}
+        for kv in kvs:
+            kind, name = self._split(kv.key)
+            by.setdefault(kind, {})[name] = kv
+        e, first = self.engine, self._first_sync
+        spaces = {n: json.loads(kv.value) for n, kv in by.get("spaces", {}).items()}
+        for d in sorted(spaces.values(), key=lambda d: d["created_at"]):
+            self._apply_space(d)
+        for name, row in list(e.spaces.items()):
+            if name not in spaces:
+                try:
+                    self.publish_space(row)
+                except AlreadyExists as err:  # registered meanwhile with another definition
+                    log.error("%s; this front-end keeps its own", err.message)
+        heads = {n: json.loads(kv.value) for n, kv in by.get("transforms", {}).items()}
+        for name, head in sorted(heads.items(), key=lambda t: (t[1]["kind"] == "chain", t[1]["created_at"])):
+            self._apply_transform(name, head)
+        assert e.compat is not None
+        for name, rec in list(e.compat.transforms.items()):
+            if rec.state == "ready" and name not in heads:
+                if (first and not self._joined) or name in self.unpublished:
+                    self.publish_transform(name)
+                else:
+                    self._remove_transform(name)
+        cols = by.get("collections", {})
+        for name, kv in cols.items():
+            self._attach(name, json.loads(kv.value))
+        for name, col in list(e.collections.items()):
+            if isinstance(col, MilvusCollection) and name not in cols and name not in e.moving:
+                if first and not self._joined:
+                    try:
+                        self.publish_collection(col.row)
+                    except AlreadyExists as err:
+                        log.error("%s; this front-end's collection of that name is not shared", err.message)
+                else:
+                    self._detach(name)
+        routes = by.get("routes", {})
+        for name, col in list(e.collections.items()):
+            if not isinstance(col, MilvusCollection):
+                continue
+            table = routes.get(name)
+            if table is None and first and not self._joined and col.routes:
+                self._publish_table(col)
+            else:
+                entries = json.loads(table.value) if table else {}
+                self._apply_routes(name, entries, table.mod_revision if table else 0, force=True)
+            with col.lock:
+                col.forget_counts()  # writes may have been missed
+        self._joined = True
+        self._save_marker()
+        self._first_sync = False
+
+    def _save_marker(self) -> None:
+        tmp = self._marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"uri": self.uri, "front_end": self.id, "unpublished": sorted(self.unpublished)}))
+        os.replace(tmp, self._marker)
+
+    def _on_events(self, events: list[Event]) -> None:
+        for ev in events:
+            kind, name = self._split(ev.key)
+            plain = kind in ("weights", "locks", "writes")  # values that are not JSON
+            value = None if plain or ev.value is None else json.loads(ev.value)
+            if kind == "spaces" and value is not None:
+                self._apply_space(value)
+            elif kind == "transforms":
+                if value is None:
+                    self._remove_transform(name)
+                else:
+                    self._apply_transform(name, value)
+            elif kind == "collections":
+                if value is None:
+                    self._detach(name)
+                else:
+                    self._attach(name, value)
+            elif kind == "routes" and value is not None:
+                self._apply_routes(name, value, ev.mod_revision)
+            elif kind == "writes" and ev.value is not None and ev.value.decode() != self.id:
+                col = self.engine.collections.get(name)
+                if isinstance(col, MilvusCollection):
+                    with col.lock:  # not in the middle of a write's count update
+                        col.forget_counts()
+
+    # -- spaces --------------------------------------------------------------------------------
+
+    def publish_space(self, row: SpaceRow) -> None:
+        """Registers ``row`` in the registry unless there; AlreadyExists if it is there with another definition."""
+        value = json.dumps({f: getattr(row, f) for f in _SPACE_FIELDS}).encode()
+        ok, _ = self.etcd.put_if(self.key("spaces", row.name), value, 0)
+        if not ok:
+            kv = self.etcd.get(self.key("spaces", row.name))
+            d = json.loads(kv.value) if kv else {}
+            if (d.get("dim"), d.get("metric")) != (row.dim, row.metric):
+                raise AlreadyExists(
+                    f"space {row.name!r} is already registered in the shared registry {self.uri} as {d.get('dim')}"
+                    f" dims, {d.get('metric')}"
+                )
+
+    def _apply_space(self, d: dict[str, Any]) -> None:
+        e = self.engine
+        row = SpaceRow(**{f: d[f] for f in _SPACE_FIELDS})
+        with e._registry_lock:
+            have = e.spaces.get(row.name)
+            if have is None:
+                assert e.store is not None
+                e.store.add_space(row)
+                e.spaces[row.name] = row
+            elif (have.dim, have.metric) != (row.dim, row.metric):
+                log.error(
+                    "space %s differs here (%d, %s) from the shared registry's (%d, %s); this front-end keeps its own",
+                    row.name,
+                    have.dim,
+                    have.metric,
+                    row.dim,
+                    row.metric,
+                )
+
+    # -- transforms ----------------------------------------------------------------------------
+
+    def publish_transform(self, name: str) -> None:
+        """Publishes stored transform ``name`` (weights first, then its head); kept for the next sync
+        when etcd cannot be reached."""
+        assert self.engine.store is not None
+        row = self.engine.store.transform(name)
+        if row is None:
+            return
+        if name not in self.unpublished:
+            self.unpublished.add(name)
+            self._save_marker()  # a crash before it is published: published at the next start
+        sha = hashlib.sha256(row.weights).hexdigest()
+        chunks = [row.weights[i : i + CHUNK_BYTES] for i in range(0, len(row.weights), CHUNK_BYTES)] or [b""]
+        head = {k: v for k, v in dataclasses.asdict(row).items() if k != "weights"}
+        head.update(sha256=sha, chunks=len(chunks))
+        try:
+            for i, chunk in enumerate(chunks):
+                self.etcd.put(self.key("weights", f"{name}/{sha[:16]}/{i}"), chunk)
+            ok, _ = self.etcd.put_if(self.key("transforms", name), json.dumps(head).encode(), 0)
+        except Unavailable as e:
+            log.warning("transform %s is not in the shared registry yet: %s", name, e.message)
+            return
+        self.unpublished.discard(name)
+        self._save_marker()
+        if not ok:
+            log.error("transform %s was published by another front-end too; the registry keeps the first", name)
+
+    def unpublish_transform(self, name: str) -> None:
+        """Deletes ``name`` from the registry; this front-end's own watch then leaves it to the caller."""
+        self.require_sync()
+        self.deleting.add(name)
+        self.etcd.txn(
+            [],
+            [
+                self.etcd.op_delete(self.key("transforms", name)),
+                self.etcd.op_delete(self.key("weights", f"{name}/"), prefix=True),
+            ],
+        )
+
+    def _apply_transform(self, name: str, head: dict[str, Any]) -> None:
+        compat = self.engine.compat
+        assert compat is not None
+        have = compat.transforms.get(name)
+        if have is not None and have.state != "failed":
+            if have.checksum != head["checksum"]:
+                log.error("transform %s differs here from the shared registry's; this front-end keeps its own", name)
+            return
+        kvs, _ = self.etcd.range(self.key("weights", f"{name}/{head['sha256'][:16]}/"))
+        parts = {int(kv.key.rsplit("/", 1)[1]): kv.value for kv in kvs}
+        weights = b"".join(parts[i] for i in range(head["chunks"]) if i in parts)
+        if len(parts) != head["chunks"] or hashlib.sha256(weights).hexdigest() != head["sha256"]:
+            raise Unavailable(f"transform {name!r}'s weights in the registry are incomplete; reading again")
+        fields = {f.name: head[f.name] for f in dataclasses.fields(TransformRow) if f.name != "weights"}
+        with compat.lock:
+            if name not in compat.transforms or compat.transforms[name].state == "failed":
+                compat.adopt(TransformRow(**fields, weights=weights))
+
+    def _remove_transform(self, name: str) -> None:
+        e, compat = self.engine, self.engine.compat
+        assert compat is not None
+        with compat.lock:
+            rec = compat.transforms.get(name)
+            if rec is None or rec.state != "ready" or name in self.deleting:
+                return
+            users = compat.users(name, list(e.collections.values()))
+            users += e.migrations.users(name) if e.migrations is not None else []
+            if users:
+                log.warning(
+                    "transform %s was deleted from the shared registry; kept here for %s", name, ", ".join(users)
+                )
+                return
+            compat.forget(name)
+
+    # -- collections ---------------------------------------------------------------------------
+
+    def publish_collection(self, row: CollectionRow) -> None:
+        """Registers a milvus collection; AlreadyExists if another front-end registered the name."""
+        value = json.dumps({"spec": dataclasses.asdict(row.spec), "created_at": row.created_at}).encode()
+        ok, _ = self.etcd.put_if(self.key("collections", row.spec.name), value, 0)
+        if not ok:
+            raise AlreadyExists(f"collection {row.spec.name!r} already exists in the shared registry {self.uri}")
+
+    def exists(self, name: str) -> bool:
+        return self.etcd.get(self.key("collections", name)) is not None
+
+    def unpublish_collection(self, name: str) -> None:
+        self.require_sync()
+        self.etcd.txn([], [self.etcd.op_delete(self.key(kind, name)) for kind in ("collections", "routes", "writes")])
+
+    def _attach(self, name: str, d: dict[str, Any]) -> None:
+        e, spec = self.engine, CollectionSpec(**d["spec"])
+        with e._ddl_lock, e._registry_lock:
+            have = e.collections.get(name)
+            if have is not None:
+                if not isinstance(have, MilvusCollection) or have.uri != spec.backend_uri:
+                    log.error(
+                        "collection %s of the shared registry (%s) is another one here; not attached",
+                        name,
+                        spec.backend_uri,
+                    )
+                return
+            assert e.store is not None
+            row = e.store.add_collection(spec)
+            col = MilvusCollection(row, e.spaces[spec.home_space], e.spaces, e.store, e.milvus, e.metrics)
+            self.hook(col)
+            e.collections[name] = col
+        log.info("attached collection %s from the shared registry", name)
+
+    def _detach(self, name: str) -> None:
+        e = self.engine
+        with e._ddl_lock, e._registry_lock:
+            col = e.collections.get(name)
+            if not isinstance(col, MilvusCollection) or name in e.moving:
+                return
+            del e.collections[name]
+            with col.lock:  # after a write in progress
+                col.detach()
+        self.tables.pop(name, None)
+        e._unwatch_unused(col.uri)
+        log.info("detached collection %s: deleted in the shared registry", name)
+
+    def hook(self, col: MilvusCollection) -> None:
+        """Makes ``col``'s writes take the shared write lock."""
+        col.writing = functools.partial(self.writing, col)
+
+    # -- routes --------------------------------------------------------------------------------
+
+    def commit_route(self, col: MilvusCollection, query_space: str, change: dict[str, Any] | None) -> None:
+        """Writes the collection's table with ``change`` merged into ``query_space``'s entry (None:
+        removed) if nobody changed it since this front-end applied it; the caller holds the routes' lock
+        and applies the change here after."""
+        self.require_sync()
+        rev, entries = self.tables.get(col.name, (0, {}))
+        new = dict(entries)
+        if change is None:
+            new.pop(query_space, None)
+        else:
+            new[query_space] = {**entries.get(query_space, {}), **change}
+        ok, now = self.etcd.put_if(self.key("routes", col.name), json.dumps(new).encode(), rev)
+        if not ok:
+            raise FailedPrecondition(
+                f"the route table of collection {col.name!r} was changed by another front-end since this one read "
+                "it; read the routes again and retry"
+            )
+        self.tables[col.name] = (now, new)
+
+    def _publish_table(self, col: MilvusCollection) -> None:
+        entries = {
+            qs: {
+                "transform": r.transform,
+                "forced": False,
+                "shadow": r.shadow.transform if r.shadow else "",
+                "shadow_rate": r.shadow.sample_rate if r.shadow else 0.0,
+            }
+            for qs, r in col.routes.items()
+        }
+        ok, rev = self.etcd.put_if(self.key("routes", col.name), json.dumps(entries).encode(), 0)
+        if ok:
+            self.tables[col.name] = (rev, entries)
+
+    def _apply_routes(self, name: str, entries: dict[str, Any], rev: int, *, force: bool = False) -> None:
+        e = self.engine
+        col = e.collections.get(name)
+        if not isinstance(col, MilvusCollection) or e.routes is None:
+            return
+        with e.routes._lock:
+            if not force and self.tables.get(name, (0, {}))[0] >= rev:
+                return  # this front-end's own change, applied when it was made
+            e.routes.replace(col, entries)
+            self.tables[name] = (rev, entries)
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def _lease(self) -> int:
+        if not self.lease:
+            self.lease = self.etcd.grant(LEASE_TTL)
+        return self.lease
+
+    @contextlib.contextmanager
+    def writing(self, col: MilvusCollection) -> Iterator[None]:
+        """Holds the collection's write lock in etcd for one write batch (the caller holds its local one)."""
+        lock, writes = self.key("locks", col.name), self.key("writes", col.name)
+        lease, deadline, pause = self._lease(), time.monotonic() + self.etcd.timeout, 0.002
+        while True:
+            ok, _, got = self.etcd.txn_range(
+                [self.etcd.same_revision(lock, 0)], [self.etcd.op_put(lock, self.id.encode(), lease)], writes
+            )
+            if ok:
+                break
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"collection {col.name!r} is being written by another front-end for over {self.etcd.timeout:g}s;"
+                    " retry"
+                )
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
+        if got is not None and got.mod_revision != self._last_write.get(col.name):
+            col.forget_counts()  # another front-end wrote since: count again
+        try:
+            yield
+        finally:
+            _, rev = self.etcd.txn([], [self.etcd.op_put(writes, self.id.encode()), self.etcd.op_delete(lock)])
+            self._last_write[col.name] = rev

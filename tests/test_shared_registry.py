@@ -1,0 +1,442 @@
+"""Several front-ends sharing one registry (``server/shared.py``) in a real etcd, over one Milvus Lite
+server process: spaces, transforms, collections and route tables seen by every front-end, atomic
+activation (a front-end acting on a table it has not seen yet loses, nothing changes), writes from
+both front-ends, NOT_SERVING while etcd is gone and recovery, deletions while a front-end was down.
+
+etcd is Debian's ``etcd-server`` (``make test`` installs it where it can); without the binary, or
+without the milvus extra, these tests skip with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import brute_force, make_data, start_server, wait_for
+
+from interlingua.client import AlreadyExists, Client, FailedPrecondition, NotFound, Unavailable
+from interlingua.server import Server
+from interlingua.server.config import ServerConfig
+from interlingua.server.errors import Unavailable as EtcdDown
+from interlingua.server.etcd import Etcd, parse_registry_uri
+
+ETCD = shutil.which("etcd")
+HAVE_MILVUS = all(importlib.util.find_spec(m) is not None for m in ("pymilvus", "milvus_lite"))
+pytestmark = [
+    pytest.mark.skipif(ETCD is None, reason="needs the etcd binary (Debian: apt-get install etcd-server)"),
+    pytest.mark.skipif(not HAVE_MILVUS, reason="needs the milvus extra: pip install 'interlingua[milvus]'"),
+]
+D, N = 16, 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EtcdProcess:
+    """A real etcd on loopback ports of its own, restartable on the same data dir."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port, self.peer = folder, _free_port(), _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert ETCD is not None
+        url, peer = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer}"
+        args = [ETCD, "--data-dir", str(self.folder / "etcd"), "--listen-client-urls", url,
+                "--advertise-client-urls", url, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"default={peer}"]  # fmt: skip
+        with (self.folder / "etcd.log").open("ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        client = Etcd([f"127.0.0.1:{self.port}"], timeout=1.0)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.range("/")
+                return
+            except EtcdDown:
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise AssertionError((self.folder / "etcd.log").read_text()[-2000:]) from None
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(30)
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
+    e = EtcdProcess(tmp_path_factory.mktemp("etcd"))
+    e.start()
+    yield e
+    e.kill()
+
+
+@pytest.fixture(scope="module")
+def milvus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Milvus Lite's own gRPC server in a process of its own: one engine for every front-end."""
+    import sys
+
+    folder, port = tmp_path_factory.mktemp("milvus"), _free_port()
+    args = [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(folder), "--host", "127.0.0.1"]
+    with (folder / "log").open("ab") as out:
+        proc = subprocess.Popen([*args, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    yield uri
+    proc.kill()
+    proc.wait(30)
+
+
+_prefixes = iter(range(1_000_000))
+
+
+@pytest.fixture
+def pair(tmp_path: Path, etcd: EtcdProcess, milvus: str) -> Iterator[Any]:
+    """Two front-ends (own data dirs) sharing a fresh prefix of the etcd; returns a factory of more."""
+    registry = f"etcd://127.0.0.1:{etcd.port}/il{next(_prefixes)}-{time.time_ns()}"
+    servers: list[Server] = []
+    clients: list[Client] = []
+
+    def front_end(name: str) -> tuple[Server, Client]:
+        config = {"backend": "milvus", "milvus_uri": milvus, "registry": registry, "milvus_check_seconds": 0.2}
+        srv, port = start_server(tmp_path / name, **config)  # type: ignore[arg-type]
+        c = Client(f"127.0.0.1:{port}", timeout=60)
+        servers.append(srv)
+        clients.append(c)
+        wait_for(lambda: c.health() == "SERVING", 30)
+        return srv, c
+
+    yield front_end
+    for c in clients:
+        c.close()
+    for s in servers:
+        s.stop(None)
+    import pymilvus
+
+    engine = pymilvus.MilvusClient(milvus)  # the next test starts on an empty engine
+    for name in engine.list_collections():
+        engine.drop_collection(name)
+    engine.close()
+
+
+def _create(c: Client, name: str) -> None:
+    """The collection on the engine, which needs a moment to listen after it started."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            c.create_collection(name, "old", "Flat")
+            return
+        except Unavailable:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+
+def _world(c: Client, name: str = "g") -> dict[str, np.ndarray]:
+    c.register_space("old", D)
+    c.register_space("new", D)
+    _create(c, name)
+    rng = np.random.default_rng(7)
+    old = make_data(N, D, seed=3)
+    rot = np.linalg.qr(rng.standard_normal((D, D)))[0].astype(np.float32)
+    return {"old": old, "new": (old @ rot).astype(np.float32), "rot": rot}
+
+
+def _fit(c: Client, name: str, w: dict[str, np.ndarray], noise: float = 0.0) -> None:
+    rng = np.random.default_rng(len(name))
+    new = (w["new"] + noise * rng.standard_normal(w["new"].shape)).astype(np.float32)
+    c.fit_transform(name, "procrustes", source_space="new", target_space="old", doc_pairs=(new, w["old"]))
+
+
+def _ready(c: Client, name: str) -> bool:
+    """Transform ``name`` is ready on ``c`` (not there yet: False)."""
+    try:
+        return c.get_transform(name).state == "ready"
+    except NotFound:
+        return False
+
+
+def _live(c: Client, collection: str) -> dict[str, str]:
+    return {r.query_space: r.transform for r in c.list_routes(collection).active}
+
+
+def test_a_second_front_end_serves_what_the_first_registered(pair: Any) -> None:
+    _, a = pair("a")
+    _, b = pair("b")
+    w = _world(a)
+    ids = [f"p{i}" for i in range(N)]
+    a.upsert("g", ids, w["old"], space="old")
+    wait_for(lambda: [s.name for s in b.list_spaces()] == ["new", "old"], 10)
+    wait_for(lambda: [col.name for col in b.list_collections()] == ["g"], 10)
+    assert b.get_collection("g").num_points == N
+    xq = w["old"][:20]
+    _, ref = brute_force(w["old"], xq, 5)
+    for c in (a, b):
+        np.testing.assert_array_equal(c.search("g", xq, 5, space="old").ids, np.array(ids)[ref])
+    _fit(a, "t", w)
+    a.wait_transform("t")
+    wait_for(lambda: _ready(b, "t"), 10)
+    with pytest.raises(FailedPrecondition, match="no route"):
+        b.search("g", w["new"][:3], 5, space="new")
+    a.activate_route("g", "t", force=True)  # activated on a ...
+    wait_for(lambda: _live(b, "g") == {"new": "t"}, 10)  # ... served by b
+    qn = w["new"][:20]
+    np.testing.assert_array_equal(b.search("g", qn, 5, space="new").ids, a.search("g", qn, 5, space="new").ids)
+    assert (b.search("g", qn, 5, space="new").ids[:, 0] == np.array(ids)[:20]).all()  # the rotation undone
+    b.rollback_route("g", "new")  # rolled back on b: a has no route either
+    wait_for(lambda: _live(a, "g") == {}, 10)
+    with pytest.raises(FailedPrecondition, match="no route"):
+        a.search("g", qn, 5, space="new")
+
+
+def test_an_activation_on_a_stale_table_loses_and_changes_nothing(pair: Any) -> None:
+    """b has not seen a's activation yet (its watch is held): b's own activation is refused, b keeps
+    serving the table it had, and once its watch runs again it serves a's."""
+    _, a = pair("a")
+    srv_b, b = pair("b")
+    w = _world(a)
+    a.upsert("g", [f"p{i}" for i in range(N)], w["old"], space="old")
+    _fit(a, "t1", w)
+    _fit(a, "t2", w, noise=0.01)
+    for name in ("t1", "t2"):
+        a.wait_transform(name)
+        wait_for(lambda n=name: _ready(b, n), 10)
+    shared = srv_b.engine.shared
+    held, release = threading.Event(), threading.Event()
+    apply = shared._apply_routes
+
+    def slow(*args: Any, **kw: Any) -> None:
+        held.set()
+        release.wait(30)
+        apply(*args, **kw)
+
+    shared._apply_routes = slow  # b's watch stalls on the next route table
+    a.activate_route("g", "t1", force=True)
+    assert held.wait(10)
+    with pytest.raises(FailedPrecondition, match="changed by another front-end"):
+        b.activate_route("g", "t2", force=True)
+    assert _live(b, "g") == {}  # nothing changed on b
+    release.set()
+    wait_for(lambda: _live(b, "g") == {"new": "t1"}, 10)
+    b.activate_route("g", "t2", force=True)  # on the table it has now seen: accepted
+    wait_for(lambda: _live(a, "g") == {"new": "t2"}, 10)
+    assert [r.transform for r in b.list_routes("g").history][:2] == ["t2", "t1"]
+
+
+def test_concurrent_activations_leave_one_table_everywhere(pair: Any, etcd: EtcdProcess) -> None:
+    srv_a, a = pair("a")
+    _, b = pair("b")
+    w = _world(a)
+    for i in range(3):
+        _fit(a, f"t{i}", w, noise=0.01 * i)
+        a.wait_transform(f"t{i}")
+    wait_for(lambda: all(_ready(b, f"t{i}") for i in range(3)), 10)
+    outcomes: list[str] = []
+    go = threading.Barrier(6)
+
+    def activate(c: Client, t: str) -> None:
+        go.wait()
+        try:
+            c.activate_route("g", t, force=True)
+            outcomes.append("won")
+        except FailedPrecondition as e:
+            assert "changed by another front-end" in e.message
+            outcomes.append("lost")
+
+    threads = [threading.Thread(target=activate, args=(c, f"t{i}")) for c in (a, b) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(outcomes) == 6 and "won" in outcomes
+    shared = srv_a.engine.shared
+    kv = Etcd([f"127.0.0.1:{etcd.port}"]).get(shared.key("routes", "g"))
+    assert kv is not None
+    import json
+
+    final = json.loads(kv.value)["new"]["transform"]
+    wait_for(lambda: _live(a, "g") == _live(b, "g") == {"new": final}, 10)
+
+
+def test_writes_from_both_front_ends_merge_and_count(pair: Any) -> None:
+    _, a = pair("a")
+    _, b = pair("b")
+    w = _world(a)
+    wait_for(lambda: [col.name for col in b.list_collections()] == ["g"], 10)
+    half = N // 2
+    errors: list[BaseException] = []
+
+    def write(c: Client, lo: int, hi: int) -> None:
+        try:
+            for i in range(lo, hi, 25):
+                j = min(i + 25, hi)
+                c.upsert("g", [f"p{k}" for k in range(i, j)], w["old"][i:j], space="old")
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(a, 0, half)), threading.Thread(target=write, args=(b, half, N))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    b.upsert("g", ["p0", "p1"], w["new"][:2], space="new")  # b adds new-space vectors to a's points
+    for c in (a, b):
+        info = c.get_collection("g")
+        assert (info.num_points, info.vectors_per_space) == (N, {"old": N, "new": 2})
+    got = a.get("g", ["p0"], with_vectors=True)[0]
+    assert set(got.vectors) == {"old", "new"}  # a's old vector kept by b's write
+    np.testing.assert_allclose(got.vectors["new"], w["new"][0] / np.linalg.norm(w["new"][0]), rtol=1e-5)
+    a.delete("g", ["p0"])
+    wait_for(lambda: b.get_collection("g").num_points == N - 1, 10)
+
+
+def test_health_follows_the_registry(pair: Any, etcd: EtcdProcess) -> None:
+    _, a = pair("a")
+    _, b = pair("b")
+    w = _world(a)
+    a.upsert("g", [f"p{i}" for i in range(N)], w["old"], space="old")
+    _fit(a, "t", w)
+    a.wait_transform("t")
+    etcd.kill()
+    try:
+        for c in (a, b):
+            wait_for(lambda c=c: c.health() == "NOT_SERVING", 10)
+        assert b.search("g", w["old"][:2], 3, space="old").ids.shape == (2, 3)  # its last table still serves
+        with pytest.raises(Unavailable, match="not in sync"):
+            a.activate_route("g", "t", force=True)
+        assert _live(a, "g") == {}
+    finally:
+        etcd.start()
+    for c in (a, b):
+        wait_for(lambda c=c: c.health() == "SERVING", 30)
+    a.activate_route("g", "t", force=True)
+    wait_for(lambda: _live(b, "g") == {"new": "t"}, 10)
+
+
+def test_deletions_reach_every_front_end_even_one_that_was_down(pair: Any, tmp_path: Path) -> None:
+    _, a = pair("a")
+    srv_b, b = pair("b")
+    w = _world(a)
+    _create(a, "h")
+    _fit(a, "t", w)
+    a.wait_transform("t")
+    wait_for(lambda: len(b.list_collections()) == 2 and _ready(b, "t"), 10)
+    with pytest.raises(AlreadyExists, match="already exists"):
+        b.create_collection("h", "old", "Flat")
+    a.delete_collection("g")
+    wait_for(lambda: [col.name for col in b.list_collections()] == ["h"], 10)
+    with pytest.raises(NotFound):
+        b.search("g", w["old"][:1], 3, space="old")
+    srv_b.stop(None)  # b is down while a deletes h and t
+    a.delete_collection("h")
+    a.delete_transform("t")
+    config = srv_b.engine.config
+    srv_b2, port = start_server(
+        config.data_dir, **{k: getattr(config, k) for k in ("backend", "milvus_uri", "registry")}
+    )
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as b2:
+            wait_for(lambda: b2.health() == "SERVING", 30)
+            assert b2.list_collections() == [] and b2.list_transforms() == []
+            assert [s.name for s in b2.list_spaces()] == ["new", "old"]
+    finally:
+        srv_b2.stop(None)
+
+
+def test_migrations_of_shared_collections_are_refused(pair: Any) -> None:
+    _, a = pair("a")
+    w = _world(a)
+    _fit(a, "t", w)
+    a.wait_transform("t")
+    with pytest.raises(FailedPrecondition, match="shared with other front-ends"):
+        a.start_migration("g", "new", "t")
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["etcd://127.0.0.1:2379", "http://127.0.0.1:2379/x", "etcd://127.0.0.1:notaport/x", "etcd:///x", "etcd://h:1//"],
+)
+def test_a_malformed_registry_is_refused_at_start(uri: str) -> None:
+    with pytest.raises(ValueError, match="registry"):
+        ServerConfig(registry=uri)
+
+
+def test_registry_uri_parsing() -> None:
+    assert parse_registry_uri("etcd://a:1,b:2/x/y") == (["a:1", "b:2"], "/x/y/")
+
+
+def test_a_space_registered_elsewhere_with_another_definition_is_refused(pair: Any) -> None:
+    """b has not seen a's space yet (its watch is held): its own registration of the name with another
+    dimension is refused by the registry, and nothing is stored on b."""
+    _, a = pair("a")
+    srv_b, b = pair("b")
+    shared = srv_b.engine.shared
+    held, release = threading.Event(), threading.Event()
+    apply = shared._apply_space
+
+    def slow(d: Any) -> None:
+        held.set()
+        release.wait(30)
+        apply(d)
+
+    shared._apply_space = slow
+    a.register_space("s", D)
+    assert held.wait(10)
+    with pytest.raises(AlreadyExists, match=f"already registered in the shared registry .* as {D} dims"):
+        b.register_space("s", 2 * D)
+    assert b.list_spaces() == []
+    release.set()
+    wait_for(lambda: [(s.name, s.dim) for s in b.list_spaces()] == [("s", D)], 10)
+    b.register_space("t", D)  # and b's own registrations reach a
+    wait_for(lambda: [s.name for s in a.list_spaces()] == ["s", "t"], 10)
+
+
+def test_large_transform_weights_travel_in_chunks(pair: Any, etcd: EtcdProcess) -> None:
+    srv_a, a = pair("a")
+    _, b = pair("b")
+    d = 384  # a procrustes map of 384 x 384 float32: 576 KiB of weights, over one chunk
+    a.register_space("big-old", d)
+    a.register_space("big-new", d)
+    x = make_data(600, d, seed=5)
+    rot = np.linalg.qr(np.random.default_rng(5).standard_normal((d, d)))[0].astype(np.float32)
+    a.fit_transform("tb", "procrustes", source_space="big-new", target_space="big-old", doc_pairs=(x @ rot, x))
+    info = a.wait_transform("tb")
+    wait_for(lambda: _ready(b, "tb"), 20)
+    assert b.get_transform("tb").checksum == info.checksum
+    kvs, _ = Etcd([f"127.0.0.1:{etcd.port}"]).range(srv_a.engine.shared.key("weights", "tb/"))
+    assert len(kvs) >= 2
+
+
+def test_a_front_end_joining_publishes_what_it_has(tmp_path: Path, pair: Any, milvus: str) -> None:
+    """A front-end that served a milvus collection on its own is restarted with the registry: its
+    spaces, collection, transform and route reach the other front-end, which serves the same answers."""
+    srv, port = start_server(tmp_path / "a", backend="milvus", milvus_uri=milvus)
+    with Client(f"127.0.0.1:{port}", timeout=60) as solo:
+        w = _world(solo, "j")
+        ids = [f"p{i}" for i in range(N)]
+        solo.upsert("j", ids, w["old"], space="old")
+        _fit(solo, "t", w)
+        solo.wait_transform("t")
+        solo.activate_route("j", "t", force=True)
+        before = solo.search("j", w["new"][:10], 5, space="new").ids
+    srv.stop(None)
+    _, a = pair("a")  # the same data dir, now with the registry
+    _, b = pair("b")
+    wait_for(lambda: [col.name for col in b.list_collections()] == ["j"] and _live(b, "j") == {"new": "t"}, 10)
+    np.testing.assert_array_equal(b.search("j", w["new"][:10], 5, space="new").ids, before)
+    assert b.get_collection("j").num_points == N
+    assert _live(a, "j") == {"new": "t"}
