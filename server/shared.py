@@ -9,6 +9,8 @@ before and mirrors into it what every front-end of the prefix shares (``docs/ARC
     <prefix>/weights/<name>/<sha>/<i>   its weights in chunks under etcd's request limit, written first
     <prefix>/collections/<name>         a milvus collection's spec: any front-end can serve it
     <prefix>/routes/<collection>        the collection's whole route table, one JSON value
+    <prefix>/migrations/<collection>    its migration's record (phase, transforms, calibration), and
+                                        whether a cutover's index switch is running
     <prefix>/locks/<collection>         the write lock (a lease), held for one write batch
     <prefix>/writes/<collection>        the last writer: others count the collection again
 
@@ -26,8 +28,12 @@ sees another writer there forgets its counts and counts again.
 **Health.** The registry is in sync once it has read the whole prefix and is watching from the
 revision read; while the watch is broken (etcd down, a keep-alive failed) :attr:`in_sync` is False
 and the health service reports NOT_SERVING; route changes are then UNAVAILABLE. It re-reads and
-resumes by itself. Not shared: migrations (refused on shared collections), embedded collections and
-their routes, metrics. Covered by ``tests/test_shared_registry.py`` with a real etcd and two front-ends
+resumes by itself. **Migrations** of shared collections: the front-end that receives a phase change
+writes the record with a compare-and-swap, then changes its own state; the others follow it
+(``migration/follow.py``), holding their requests while the leader's cutover switches the new field's
+index, and reopening the collection with the new home at FinishMigration (one transaction: record,
+collection spec, route table). Not shared: embedded collections and their routes, metrics. Covered by
+``tests/test_shared_registry.py`` with a real etcd and two front-ends
 on one Milvus Lite server.
 """
 
@@ -52,10 +58,13 @@ from .backends.milvus import MilvusCollection
 from .collection_spec import CollectionSpec
 from .errors import AlreadyExists, FailedPrecondition, Unavailable
 from .etcd import KV, Etcd, Event, parse_registry_uri
+from .migration import follow
+from .migration.runtime import MigrationRecord
 from .store import CollectionRow, SpaceRow, TransformRow
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .migration.manager import Migrations
 
 __all__ = ["CHUNK_BYTES", "LEASE_TTL", "SharedRegistry"]
 
@@ -83,6 +92,9 @@ class SharedRegistry:
         self.deleting: set[str] = set()  #: transforms this front-end is deleting (``Engine.delete_transform``)
         self.lease = 0
         self._last_write: dict[str, int] = {}  #: collection -> revision of this front-end's last write
+        #: collection -> mod_revision of its migration record as this front-end applied it (0: none)
+        self.mig_rev: dict[str, int] = {}
+        self._mig_seen: dict[str, int] = {}  #: collection -> the last revision of its record handled here
         self._first_sync = True
         #: this data dir has been synced with this registry before: what it lacks was deleted elsewhere,
         #: except the transforms fitted here and not published yet (kept in the marker across a crash)
@@ -219,6 +231,9 @@ class SharedRegistry:
                         log.error("%s; this front-end's collection of that name is not shared", err.message)
                 else:
                     self._detach(name)
+        self._sync_migrations(
+            {n: (json.loads(kv.value), kv.mod_revision) for n, kv in by.get("migrations", {}).items()}
+        )
         routes = by.get("routes", {})
         for name, col in list(e.collections.items()):
             if not isinstance(col, MilvusCollection):
@@ -241,6 +256,13 @@ class SharedRegistry:
         os.replace(tmp, self._marker)
 
     def _on_events(self, events: list[Event]) -> None:
+        rehomed = set()  # collections a FinishMigration reopened: their migration's deletion is part of it
+        for ev in events:
+            kind, name = self._split(ev.key)
+            if kind == "collections" and ev.value is not None:
+                col = self.engine.collections.get(name)
+                if col is not None and json.loads(ev.value)["spec"]["home_space"] != col.home.name:
+                    rehomed.add(name)
         for ev in events:
             kind, name = self._split(ev.key)
             plain = kind in ("weights", "locks", "writes")  # values that are not JSON
@@ -259,6 +281,14 @@ class SharedRegistry:
                     self._attach(name, value)
             elif kind == "routes" and value is not None:
                 self._apply_routes(name, value, ev.mod_revision)
+            elif kind == "migrations" and ev.mod_revision > self._mig_seen.get(name, 0):
+                self._mig_seen[name] = ev.mod_revision
+                self.mig_rev[name] = ev.mod_revision if value is not None else 0
+                if value is not None:
+                    rec = MigrationRecord.from_dict(value["record"])
+                    follow.adopt(self._migrations(), name, rec, value["switching"])
+                elif name not in rehomed:
+                    follow.forget(self._migrations(), name)
             elif kind == "writes" and ev.value is not None and ev.value.decode() != self.id:
                 col = self.engine.collections.get(name)
                 if isinstance(col, MilvusCollection):
@@ -391,6 +421,12 @@ class SharedRegistry:
 
     def _attach(self, name: str, d: dict[str, Any]) -> None:
         e, spec = self.engine, CollectionSpec(**d["spec"])
+        have = e.collections.get(name)
+        if isinstance(have, MilvusCollection) and have.uri == spec.backend_uri and have.home.name != spec.home_space:
+            fresh = follow.adopt_finish(self._migrations(), name, spec.home_space)  # FinishMigration elsewhere
+            if fresh is not None:
+                self.hook(fresh)
+            return
         with e._ddl_lock, e._registry_lock:
             have = e.collections.get(name)
             if have is not None:
@@ -470,6 +506,71 @@ class SharedRegistry:
                 return  # this front-end's own change, applied when it was made
             e.routes.replace(col, entries)
             self.tables[name] = (rev, entries)
+
+    # -- migrations ----------------------------------------------------------------------------
+
+    def _migrations(self) -> Migrations:
+        assert self.engine.migrations is not None
+        return self.engine.migrations
+
+    def commit_migration(self, name: str, rec: MigrationRecord | None, *, switching: bool = False) -> None:
+        """Writes the migration record of collection ``name`` (None: deletes it) if nobody changed it since
+        this front-end applied it; FAILED_PRECONDITION otherwise, nothing changed. ``switching``: the
+        cutover's index switch is running (the other front-ends hold their requests, ``follow_switch``)."""
+        self.require_sync()
+        key, rev = self.key("migrations", name), self.mig_rev.get(name, 0)
+        if rec is None:
+            ok, now = self.etcd.txn([self.etcd.same_revision(key, rev)], [self.etcd.op_delete(key)])
+        else:
+            value = json.dumps({"record": rec.to_dict(), "switching": switching}).encode()
+            ok, now = self.etcd.put_if(key, value, rev)
+        if not ok:
+            raise FailedPrecondition(
+                f"the migration of collection {name!r} was changed by another front-end since this one read it; "
+                "read it again and retry"
+            )
+        self.mig_rev[name] = now if rec is not None else 0
+        self._mig_seen[name] = now
+
+    def commit_finish(self, col: MilvusCollection, new_space: str, reverse: str) -> None:
+        """FinishMigration in one transaction: the record goes, the collection's spec names ``new_space`` as
+        home, and its route table becomes the reverse transform's route from the old home (or none), as
+        ``Store.rehome_collection`` does locally; FAILED_PRECONDITION if the record or table changed meanwhile."""
+        self.require_sync()
+        name, old = col.name, col.home.name
+        mkey, rkey = self.key("migrations", name), self.key("routes", name)
+        entries = {old: {"transform": reverse, "forced": False, "shadow": "", "shadow_rate": 0.0}} if reverse else {}
+        spec = dataclasses.replace(col.row.spec, home_space=new_space)
+        value = json.dumps({"spec": dataclasses.asdict(spec), "created_at": col.row.created_at}).encode()
+        ok, now = self.etcd.txn(
+            [self.etcd.same_revision(mkey, self.mig_rev.get(name, 0)),
+             self.etcd.same_revision(rkey, self.tables.get(name, (0, {}))[0])],
+            [self.etcd.op_delete(mkey), self.etcd.op_put(self.key("collections", name), value),
+             self.etcd.op_put(rkey, json.dumps(entries).encode())],
+        )  # fmt: skip
+        if not ok:
+            raise FailedPrecondition(
+                f"the migration or the routes of collection {name!r} were changed by another front-end since this "
+                "one read them; read them again and retry"
+            )
+        self.mig_rev[name], self._mig_seen[name], self.tables[name] = 0, now, (now, entries)
+
+    def _sync_migrations(self, records: dict[str, tuple[dict[str, Any], int]]) -> None:
+        migs = self._migrations()
+        for name, col in list(self.engine.collections.items()):
+            if not isinstance(col, MilvusCollection):
+                continue
+            got = records.get(name)
+            if got is not None:
+                value, rev = got
+                self.mig_rev[name] = self._mig_seen[name] = rev
+                follow.adopt(migs, name, MigrationRecord.from_dict(value["record"]), value["switching"])
+            elif name in migs.active:
+                self.mig_rev[name] = 0
+                if self._joined:
+                    follow.forget(migs, name)
+                else:  # joining: this front-end's migration is the registry's
+                    self.commit_migration(name, migs.active[name].rec)
 
     # -- writes --------------------------------------------------------------------------------
 

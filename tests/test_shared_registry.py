@@ -357,13 +357,161 @@ def test_deletions_reach_every_front_end_even_one_that_was_down(pair: Any, tmp_p
         srv_b2.stop(None)
 
 
-def test_migrations_of_shared_collections_are_refused(pair: Any) -> None:
-    _, a = pair("a")
+def _migration_world(a: Client, b: Client) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Collection m (HNSW16: its new field gets the index at the cutover) with N old vectors, t (new -> old)
+    and r (old -> new) fitted on a and seen by b."""
     w = _world(a)
+    a.create_collection("m", "old", "HNSW16")
+    ids = [f"p{i}" for i in range(N)]
+    a.upsert("m", ids, w["old"], space="old")
     _fit(a, "t", w)
-    a.wait_transform("t")
-    with pytest.raises(FailedPrecondition, match="shared with other front-ends"):
-        a.start_migration("g", "new", "t")
+    a.fit_transform("r", "procrustes", source_space="old", target_space="new", doc_pairs=(w["old"], w["new"]))
+    for name in ("t", "r"):
+        a.wait_transform(name)
+        wait_for(lambda n=name: _ready(b, n), 10)
+    wait_for(lambda: "m" in [col.name for col in b.list_collections()], 10)
+    return w, ids
+
+
+def _migration(c: Client, collection: str) -> tuple[str, str]:
+    """(phase, reverse transform) of the collection's migration; ("none", "") without one."""
+    try:
+        info = c.get_migration(collection)
+    except NotFound:
+        return "none", ""
+    return info.phase, info.reverse_transform
+
+
+def _phase(c: Client, collection: str) -> str:
+    return _migration(c, collection)[0]
+
+
+def test_a_migration_runs_across_front_ends(pair: Any) -> None:
+    """Started on b, backfilled through both, cut over on a while b searches, rolled back on b, cut over and
+    finished on a: every front-end follows each phase, answers alike, and ends with the new home."""
+    _, a = pair("a")
+    srv_b, b = pair("b")
+    w, ids = _migration_world(a, b)
+    b.start_migration("m", "new", "t", reverse_transform="r")
+    wait_for(lambda: _phase(a, "m") == "backfill", 10)
+    with pytest.raises(FailedPrecondition):
+        a.start_migration("m", "new", "t")  # one migration per collection, on every front-end
+    half = N // 2
+    a.upsert("m", ids[:half], w["new"][:half], space="new")
+    b.upsert("m", ids[half:], w["new"][half:], space="new")
+    qn = w["new"][:20]
+    for c in (a, b):
+        info = c.get_migration("m")
+        assert info.phase == "backfill"
+        np.testing.assert_array_equal(c.search("m", qn, 5, space="new").ids[:, 0], np.array(ids)[:20])
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def search_on_b() -> None:
+        while not stop.is_set():
+            try:
+                b.search("m", w["old"][:4], 5, space="old")
+                b.search("m", qn[:4], 5, space="new")
+            except BaseException as e:
+                failures.append(e)
+
+    followed: list[bool] = []
+    mig_b = srv_b.engine.migrations.active["m"]
+    follow_switch = mig_b.follow_switch
+
+    def record(switching: bool) -> None:
+        followed.append(switching)
+        follow_switch(switching)
+
+    mig_b.follow_switch = record
+    t = threading.Thread(target=search_on_b)
+    t.start()
+    try:
+        a.cutover("m")  # the index switch: b's requests wait for it, none fails
+    finally:
+        stop.set()
+        t.join(60)
+    assert not failures, failures[:3]
+    # b held its requests during a's switch, and let them go after it
+    wait_for(lambda: True in followed and followed[-1] is False, 10)
+    wait_for(lambda: _phase(b, "m") == "cutover", 10)
+    b.rollback_cutover("m")
+    wait_for(lambda: _phase(a, "m") == "backfill", 10)
+    a.cutover("m")
+    wait_for(lambda: _phase(b, "m") == "cutover", 10)
+    a.finish_migration("m")
+    wait_for(lambda: b.get_collection("m").home_space == "new", 10)
+    assert _phase(b, "m") == "none"
+    wait_for(lambda: _live(b, "m") == {"old": "r"}, 10)  # the reverse transform serves old-model queries
+    for c in (a, b):
+        np.testing.assert_array_equal(c.search("m", qn, 5, space="new").ids[:, 0], np.array(ids)[:20])
+        got = c.search("m", w["old"][:20], 5, space="old").ids
+        np.testing.assert_array_equal(got[:, 0], np.array(ids)[:20])
+        info = c.get_collection("m")
+        assert (info.num_points, info.vectors_per_space) == (N, {"new": N})
+
+
+def test_a_migration_changed_elsewhere_is_refused_then_followed(pair: Any) -> None:
+    """b has not applied a's abort and restart yet (its watch is held): b's own abort of the migration it
+    knows is refused with nothing changed; once its watch runs it follows, and its abort reaches a."""
+    from interlingua.server.migration import follow
+
+    _, a = pair("a")
+    _, b = pair("b")
+    w, ids = _migration_world(a, b)
+    a.start_migration("m", "new", "t")
+    wait_for(lambda: _phase(b, "m") == "backfill", 10)
+    held, release = threading.Event(), threading.Event()
+    real = follow.forget
+
+    def slow(*args: Any, **kw: Any) -> None:
+        held.set()
+        release.wait(30)
+        real(*args, **kw)
+
+    follow.forget = slow  # type: ignore[assignment]  # b's watch stalls on the next abort
+    try:
+        a.upsert("m", ids[:10], w["new"][:10], space="new")
+        a.abort_migration("m")
+        assert held.wait(10)
+        a.start_migration("m", "new", "t", reverse_transform="r")  # a record b has not applied either
+        with pytest.raises(FailedPrecondition, match="changed by another front-end"):
+            b.abort_migration("m")
+        assert _phase(b, "m") == "backfill" and _phase(a, "m") == "backfill"
+    finally:
+        release.set()
+        follow.forget = real  # type: ignore[assignment]
+    wait_for(lambda: _migration(b, "m") == ("backfill", "r"), 10)
+    b.abort_migration("m")
+    wait_for(lambda: _phase(a, "m") == "none", 10)
+    assert a.get_collection("m").home_space == b.get_collection("m").home_space == "old"
+
+
+def test_a_front_end_down_during_a_migration_catches_up(pair: Any) -> None:
+    """b stops in backfill; a backfills, cuts over and finishes; b restarts on its data dir with the new home."""
+    _, a = pair("a")
+    srv_b, b = pair("b")
+    w, ids = _migration_world(a, b)
+    a.start_migration("m", "new", "t", reverse_transform="r")
+    wait_for(lambda: _phase(b, "m") == "backfill", 10)
+    config = srv_b.engine.config
+    srv_b.stop(None)
+    a.upsert("m", ids, w["new"], space="new")
+    a.cutover("m")
+    a.finish_migration("m")
+    srv_b2, port = start_server(
+        config.data_dir, **{k: getattr(config, k) for k in ("backend", "milvus_uri", "registry")}
+    )
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as b2:
+            wait_for(lambda: b2.health() == "SERVING", 30)
+            info = b2.get_collection("m")
+            assert (info.home_space, info.num_points, info.vectors_per_space) == ("new", N, {"new": N})
+            assert _phase(b2, "m") == "none" and _live(b2, "m") == {"old": "r"}
+            qn = w["new"][:20]
+            np.testing.assert_array_equal(b2.search("m", qn, 5, space="new").ids, a.search("m", qn, 5, space="new").ids)
+    finally:
+        srv_b2.stop(None)
 
 
 @pytest.mark.parametrize(

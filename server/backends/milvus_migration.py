@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,7 @@ __all__ = ["MilvusMigration", "old_vectors", "require_field"]
 log = logging.getLogger(__name__)
 MAX_QUERY_BATCH = 16384  #: Milvus' largest query-iterator batch
 SWITCH_TRIES = 3  #: release + drop_index attempts (a concurrent load by another client can undo a release)
+FOLLOW_SECONDS = 600.0  #: longest another front-end's index switch holds this one's requests (``follow_switch``)
 
 
 def require_field(col: MilvusCollection, space: SpaceRow) -> str:
@@ -92,6 +94,8 @@ class MilvusMigration(MigrationBase):
         self.gate = ReadWriteGate()
         self._index: MilvusIndex | None = None  #: the new field's index, read from the engine on first use
         self.switch_seconds = 0.0  #: how long the last index switch held the gate
+        #: another front-end of a shared registry is switching the index (``follow_switch``): its end
+        self._followed: threading.Event | None = None
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -221,6 +225,25 @@ class MilvusMigration(MigrationBase):
             self._index = target
         self.switch_seconds = time.perf_counter() - t0
         return self.switch_seconds
+
+    def follow_switch(self, switching: bool) -> None:
+        """Another front-end of a shared registry (``shared.py``) runs :meth:`switch_index` on the engine:
+        while ``switching``, a thread holds this front-end's lock and gate as the switch holds the other's
+        (writes, searches and reads by id of the collection wait, none meets a released collection), at most
+        ``FOLLOW_SECONDS``; then the field's index is read from the engine again."""
+        if switching and self._followed is None:
+            done = self._followed = threading.Event()
+
+            def hold() -> None:
+                with self.lock, self.gate.exclusive():
+                    if not done.wait(FOLLOW_SECONDS):
+                        log.warning("%s: the index switch of another front-end did not end in time", self.col.mname)
+                    self._index = None
+
+            threading.Thread(target=hold, name=f"follow-switch-{self.rec.collection}", daemon=True).start()
+        elif not switching and self._followed is not None:
+            self._followed.set()
+            self._followed = None
 
     # -- finish ----------------------------------------------------------------------------------
 

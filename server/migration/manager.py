@@ -136,13 +136,6 @@ class Migrations:
         if new.name == any_col.home.name:
             raise InvalidArgument(f"new_space {new_space!r} is already the home space of collection {collection!r}")
         if isinstance(any_col, MilvusCollection):
-            shared = e.shared
-            if shared is not None:
-                raise FailedPrecondition(
-                    f"collection {collection!r} is shared with other front-ends through the registry "
-                    f"{shared.uri}; a migration's state is not shared yet, so migrations of shared collections "
-                    "are refused"
-                )
             return self._start_milvus(any_col, new, transform, reverse, strategy)
         col, old = any_col, any_col.home
         with self.lock, e._ddl_lock:
@@ -221,6 +214,8 @@ class Migrations:
             mig = MilvusMigration(rec, col, (old, new), (fn, rfn, None), e._ready(), e.metrics)
             mig.field_index()  # the engine answers (UNAVAILABLE otherwise) before the record is written
             mig.points()
+            if e.shared is not None:  # the other front-ends follow it (``follow.py``); first one wins
+                e.shared.commit_migration(collection, rec)
             e._ready().put_migration(col.row.cid, rec.to_dict())
             self.active[collection] = mig
         self._set_phase(collection, "backfill")
@@ -231,6 +226,10 @@ class Migrations:
 
     def cutover(self, collection: str, force: bool) -> MigrationBase:
         mig = self.require(collection)
+        shared = self.engine.shared if isinstance(mig, MilvusMigration) else None
+        if isinstance(mig, MilvusMigration) and shared is not None:  # others write too: count in the engine
+            with mig.col.lock:
+                mig.col.forget_counts()
         with mig.lock:
             if mig.phase != "backfill":
                 raise FailedPrecondition(f"collection {collection!r} is in phase {mig.phase}, not backfill")
@@ -250,7 +249,7 @@ class Migrations:
                         "projected: run ForwardUpgrade first"
                     )
             if isinstance(mig, MilvusMigration):
-                mig.switch_index()  # the new field gets the collection's index (no write runs: the lock)
+                self._switch(mig)  # the new field gets the collection's index (no write runs: the lock)
             mig.stop.set()  # the forward thread sees it under the lock and ends; joined below
             forward = dict(mig.rec.forward)
             if forward.get("state") == "running":
@@ -258,6 +257,8 @@ class Migrations:
             rec = dataclasses.replace(
                 mig.rec, phase="cutover", cutover_at=time.time(), forced=real < n, forward=forward
             )
+            if shared is not None:
+                shared.commit_migration(collection, rec)
             mig.store.put_migration(rec.cid, rec.to_dict())  # durable first, then the one swap
             mig.rec = rec
         mig.stop_forward()
@@ -272,6 +273,8 @@ class Migrations:
                     f"collection {collection!r} is in phase {mig.phase}; only a cutover rolls back"
                 )
             rec = dataclasses.replace(mig.rec, phase="backfill", cutover_at=0.0, forced=False)
+            if isinstance(mig, MilvusMigration) and self.engine.shared is not None:
+                self.engine.shared.commit_migration(collection, rec)
             mig.store.put_migration(rec.cid, rec.to_dict())
             mig.rec = rec
         self._set_phase(collection, "backfill")
@@ -283,6 +286,8 @@ class Migrations:
         with self.lock:
             mig.stop_forward("cancelled")
             with mig.lock:
+                if isinstance(mig, MilvusMigration) and e.shared is not None:
+                    e.shared.commit_migration(collection, None)
                 e._ready().delete_migration(mig.rec.cid)  # durable first: a leftover companion is dropped at start
                 mig.rec = dataclasses.replace(mig.rec, phase="aborted")
                 del self.active[collection]
@@ -344,11 +349,15 @@ class Migrations:
             store = e._ready()
             npoints, counts = col.counted()
             with mig.gate.exclusive(), col.lock:
+                if e.shared is not None:  # record, spec and route table in one transaction (``shared.py``)
+                    e.shared.commit_finish(col, mig.new.name, mig.rec.reverse_transform)
                 store.rehome_collection(col.row.cid, mig.old.name, mig.new.name, mig.rec.reverse_transform)
                 row = store.collection(collection)
                 assert row is not None
                 fresh = MilvusCollection(row, mig.new, e.spaces, store, e.milvus, e.metrics)
                 fresh.fields = dict(col._fields())
+                if e.shared is not None:
+                    e.shared.hook(fresh)
                 col.retired = f"collection {collection!r} was reopened with home space {mig.new.name!r}; retry"
                 e.collections[collection] = fresh
                 assert e.routes is not None
@@ -367,6 +376,20 @@ class Migrations:
         self._set_phase(collection, "finished")
         e.metrics.migration_coverage.remove(collection, mig.old.name)
         return mig
+
+    def _switch(self, mig: MilvusMigration) -> None:
+        """:meth:`MilvusMigration.switch_index`, announced to the other front-ends of a shared registry
+        first (they hold their requests of the collection meanwhile, ``follow_switch``) and after."""
+        shared = self.engine.shared
+        if shared is None or mig.field_index() == mig.col.index:
+            mig.switch_index()
+            return
+        name = mig.rec.collection
+        shared.commit_migration(name, mig.rec, switching=True)
+        try:
+            mig.switch_index()
+        finally:
+            shared.commit_migration(name, mig.rec, switching=False)
 
     # -- forward upgrade and advice ----------------------------------------------------------------
 
