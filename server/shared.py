@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 LEASE_TTL = 10  #: seconds a crashed front-end's write lock outlives it
 CHUNK_BYTES = 512 * 1024  #: transform weights per etcd value (etcd takes requests up to 1.5 MiB; base64 adds 1/3)
 _SPACE_FIELDS = ("name", "dim", "metric", "description", "created_at")
+LEASE_GONE = "requested lease not found"  #: etcd's answer to a write under an expired lease
 
 
 class SharedRegistry:
@@ -180,6 +181,9 @@ class SharedRegistry:
                 elif not self.lease:
                     self.etcd.range(self.key("spaces", "\x00"))  # a cheap read
             except Unavailable as e:
+                if LEASE_GONE in e.message:  # etcd answered: the lease expired (a long pause, say)
+                    self.lease = 0
+                    continue
                 if self.in_sync:
                     self._set_sync(False, e.message)
                     self.etcd.abort_watch()
@@ -583,11 +587,17 @@ class SharedRegistry:
     def writing(self, col: MilvusCollection) -> Iterator[None]:
         """Holds the collection's write lock in etcd for one write batch (the caller holds its local one)."""
         lock, writes = self.key("locks", col.name), self.key("writes", col.name)
-        lease, deadline, pause = self._lease(), time.monotonic() + self.etcd.timeout, 0.002
+        deadline, pause = time.monotonic() + self.etcd.timeout, 0.002
         while True:
-            ok, _, got = self.etcd.txn_range(
-                [self.etcd.same_revision(lock, 0)], [self.etcd.op_put(lock, self.id.encode(), lease)], writes
-            )
+            lease = self._lease()
+            try:
+                ok, _, got = self.etcd.txn_range(
+                    [self.etcd.same_revision(lock, 0)], [self.etcd.op_put(lock, self.id.encode(), lease)], writes
+                )
+            except Unavailable as e:
+                if LEASE_GONE not in e.message:
+                    raise
+                self.lease, ok = 0, False  # expired: a new one at the next try
             if ok:
                 break
             if time.monotonic() > deadline:

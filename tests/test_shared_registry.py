@@ -111,8 +111,9 @@ def pair(tmp_path: Path, etcd: EtcdProcess, milvus: str) -> Iterator[Any]:
     servers: list[Server] = []
     clients: list[Client] = []
 
-    def front_end(name: str) -> tuple[Server, Client]:
+    def front_end(name: str, **overrides: object) -> tuple[Server, Client]:
         config = {"backend": "milvus", "milvus_uri": milvus, "registry": registry, "milvus_check_seconds": 0.2}
+        config.update(overrides)
         srv, port = start_server(tmp_path / name, **config)  # type: ignore[arg-type]
         c = Client(f"127.0.0.1:{port}", timeout=60)
         servers.append(srv)
@@ -302,6 +303,32 @@ def test_writes_from_both_front_ends_merge_and_count(pair: Any) -> None:
     np.testing.assert_allclose(got.vectors["new"], w["new"][0] / np.linalg.norm(w["new"][0]), rtol=1e-5)
     a.delete("g", ["p0"])
     wait_for(lambda: b.get_collection("g").num_points == N - 1, 10)
+
+
+def test_the_write_lock_of_a_crashed_front_end_expires(pair: Any, etcd: EtcdProcess) -> None:
+    """A lock left by a front-end that died (its lease no longer renewed) holds writes until the lease
+    expires, then they go through; a lock that outlasts registry_timeout_seconds is UNAVAILABLE, nothing
+    written."""
+    srv_a, a = pair("a", registry_timeout_seconds=3.0)
+    w = _world(a)
+    ids = [f"p{i}" for i in range(N)]
+    a.upsert("g", ids[:10], w["old"][:10], space="old")
+    direct = Etcd([f"127.0.0.1:{etcd.port}"])
+    lock = srv_a.engine.shared.key("locks", "g")
+    direct.put(lock, b"a-front-end-that-died", lease=direct.grant(1))
+    t0 = time.monotonic()
+    a.upsert("g", ids[10:20], w["old"][10:20], space="old")  # waits for the lease to expire
+    assert 0.5 < time.monotonic() - t0 < 3.0
+    direct.put(lock, b"a-front-end-that-hangs")  # no lease: held until deleted
+    with pytest.raises(Unavailable, match="being written by another front-end for over 3s"):
+        a.upsert("g", ids[20:30], w["old"][20:30], space="old")
+    assert a.get_collection("g").num_points == 20
+    direct.delete(lock)
+    a.upsert("g", ids[20:30], w["old"][20:30], space="old")
+    assert a.get_collection("g").num_points == 30
+    direct.revoke(srv_a.engine.shared.lease)  # a's own lease gone (a long pause): the next write takes another
+    a.upsert("g", ids[30:40], w["old"][30:40], space="old")
+    assert a.get_collection("g").num_points == 40 and a.health() == "SERVING"
 
 
 def test_health_follows_the_registry(pair: Any, etcd: EtcdProcess) -> None:
