@@ -421,7 +421,8 @@ class SharedRegistry:
 
     def unpublish_collection(self, name: str) -> None:
         self.require_sync()
-        self.etcd.txn([], [self.etcd.op_delete(self.key(kind, name)) for kind in ("collections", "routes", "writes")])
+        kinds = ("collections", "routes", "migrations", "locks", "writes")
+        self.etcd.txn([], [self.etcd.op_delete(self.key(kind, name)) for kind in kinds])
 
     def _attach(self, name: str, d: dict[str, Any]) -> None:
         e, spec = self.engine, CollectionSpec(**d["spec"])
