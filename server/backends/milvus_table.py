@@ -149,6 +149,9 @@ class MilvusTable:
         self._counts: dict[str, int] = {}  #: space -> vectors (see :attr:`counts`)
         self._counts_known = False  #: ``_counts`` exact: counted once, or assigned whole
         self.npoints: int | None = None  #: points, exact once counted (None: not yet)
+        #: a write is adding points without a home vector (searches filter them out until the counts tell)
+        self.may_lack_home = False
+        self._next_count = 0.0  #: monotonic time before which the maintenance does not count again
         self.last_sequence = row.last_sequence
         self.checkpoint_sequence = 0
         self.stage_timers = StageTimes(metrics.search_seconds, self.name, SEARCH_STAGES)
@@ -281,6 +284,7 @@ class MilvusTable:
                 counts = {s: n for s, f in fields.items() if (n := self._count(f'array_contains(spaces, "{f}")'))}
             self._counts, self._counts_known = counts, True
             self.publish_gauges()
+        self.may_lack_home = False  # no write runs (the caller's lock): the counts are exact
 
     def forget_counts(self) -> None:
         """Counts again when next needed: a write failed part-way (the engine may hold some of it), or
