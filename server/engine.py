@@ -119,33 +119,35 @@ class Engine(EngineLifecycle):
             if spec.backend_uri:
                 raise InvalidArgument("backend_uri applies to the milvus backend; this collection is embedded")
             return dataclasses.replace(spec, backend=backend)
-        for feature, used in (
-            ("basis_transform", spec.basis_transform),
-            ("index_spec 'auto' (the index advisor)", spec.auto),
-        ):
-            if used:
-                raise FailedPrecondition(f"the milvus backend does not support {feature} yet; use backend 'embedded'")
+        if spec.auto:
+            raise FailedPrecondition(
+                "the milvus backend does not support index_spec 'auto' (the index advisor) yet; use backend 'embedded'"
+            )
         if spec.train_min_points:
             raise InvalidArgument("train_min_points applies to the embedded backend; Milvus trains its own indexes")
         uri = spec.backend_uri or self.config.milvus_uri or str(Path(self.config.data_dir) / "milvus.db")
         return dataclasses.replace(spec, backend=backend, backend_uri=check_uri(uri))
 
     def _create_milvus(self, spec: CollectionSpec, home: SpaceRow, store: Store) -> MilvusCollection:
-        """A ``milvus`` collection: the index spec mapped (INVALID_ARGUMENT), pymilvus present
-        (FAILED_PRECONDITION), the engine's collection created with a vector field for the home space and
-        the oldest other spaces (``MAX_VECTOR_FIELDS`` in all), then the row; the engine's collection is
-        dropped again if the row cannot be written."""
+        """A ``milvus`` collection: the basis transform checked, the index spec mapped (INVALID_ARGUMENT),
+        pymilvus present (FAILED_PRECONDITION), the engine's collection created with a vector field for the
+        home space and the oldest other spaces (``MAX_VECTOR_FIELDS`` in all with a basis collection's basis
+        field and a prefix collection's prefix field), then the row; the engine's collection is dropped
+        again if the row cannot be written."""
+        if spec.basis_transform:
+            self._basis(spec.basis_transform, home)  # checked again under the lock: DeleteTransform takes it too
         parse_index(spec.index_spec.strip() or "Flat", spec.ef_construction)  # the supported specs, named
         spec = spec.checked(home, self.limits)
         require_pymilvus()
         with self._ddl_lock, self._registry_lock:
             if spec.name in self.collections:
                 raise AlreadyExists(f"collection {spec.name!r} already exists")
+            basis = self._basis(spec.basis_transform, home)[0] if spec.basis_transform else None
             others = sorted((s for s in self.spaces.values() if s.name != home.name), key=lambda s: s.created_at)
             spaces = [home, *others][:MAX_VECTOR_FIELDS]  # a vector field each (milvus_schema.py)
             row = CollectionRow(0, dataclasses.replace(spec, train_min_points=0), time.time(), 0, 0)
             try:
-                probe = MilvusCollection(row, home, self.spaces, store, self.milvus, self.metrics)
+                probe = MilvusCollection(row, home, self.spaces, store, self.milvus, self.metrics, basis=basis)
                 probe.create(spaces)
             except BaseException:
                 self._unwatch_unused(spec.backend_uri)
@@ -164,7 +166,7 @@ class Engine(EngineLifecycle):
                     store.drop_collection(row.cid)
                     probe.drop_engine_side()
                     raise
-            col = MilvusCollection(row, home, self.spaces, store, self.milvus, self.metrics)
+            col = MilvusCollection(row, home, self.spaces, store, self.milvus, self.metrics, basis=basis)
             col.fields, col.counts = probe.fields, {}
             if self.shared is not None:
                 self.shared.hook(col)

@@ -43,6 +43,7 @@ from .routes import Routes
 from .shadow import ShadowRunner
 from .shared import SharedRegistry
 from .store import SpaceRow, Store
+from .transforms import Transform
 
 __all__ = ["EngineLifecycle", "Lifecycle", "limit_numpy_blas", "lower_priority"]
 
@@ -156,8 +157,9 @@ class EngineLifecycle:
             home, folder = self.spaces[spec.home_space], self._folder(row.cid)
             if spec.on_milvus:  # attaches to its Milvus collection; the engine is reached on first use
                 self._drop_moved_leftovers(row.cid, folder)
+                basis = self.loaded_basis(spec.basis_transform)
                 self.collections[spec.name] = MilvusCollection(
-                    row, home, self.spaces, self.store, self.milvus, self.metrics
+                    row, home, self.spaces, self.store, self.milvus, self.metrics, basis=basis
                 )
                 continue
             try:
@@ -283,6 +285,19 @@ class EngineLifecycle:
         if self.compat is None:
             raise Unavailable("the compatibility layer is not loaded yet")
         return self.compat
+
+    def loaded_basis(self, name: str) -> Transform | None:
+        """The function of basis transform ``name`` for a milvus collection opened here (at start-up, or
+        attached from a shared registry); None for "", and for a transform not loaded here (logged: the
+        collection's writes and searches then fail with FAILED_PRECONDITION, ``MilvusCollection.to_basis``,
+        where an embedded one would be marked failed). Creations check theirs first (``Engine._basis``)."""
+        if not name:
+            return None
+        rec = self.compat.transforms.get(name) if self.compat is not None else None
+        if rec is None or rec.fn is None:
+            log.error("basis transform %s is not loaded; the milvus collections that use it refuse requests", name)
+            return None
+        return rec.fn
 
     def require_routes(self) -> Routes:
         """The route tables (activate, roll back, shadow), once the service is serving."""

@@ -149,6 +149,7 @@ def milvus_collection_pb(c: MilvusCollection, known: tuple[int, dict[str, int]] 
         last_sequence=c.last_sequence,
         created_at=c.row.created_at,
         prefix_dims=c.home.dim,
+        basis_transform=spec.basis_transform,
         ef_construction=c.index.params.get("efConstruction", 0),
         backend=spec.backend,
         backend_uri=spec.backend_uri,

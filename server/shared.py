@@ -444,7 +444,8 @@ class SharedRegistry:
                 return
             assert e.store is not None
             row = e.store.add_collection(spec)
-            col = MilvusCollection(row, e.spaces[spec.home_space], e.spaces, e.store, e.milvus, e.metrics)
+            home, basis = e.spaces[spec.home_space], e.loaded_basis(spec.basis_transform)
+            col = MilvusCollection(row, home, e.spaces, e.store, e.milvus, e.metrics, basis=basis)
             self.hook(col)
             e.collections[name] = col
         log.info("attached collection %s from the shared registry", name)

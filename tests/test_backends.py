@@ -404,7 +404,6 @@ def test_milvus_refuses_what_it_does_not_do(tmp_path: Path) -> None:
             c.create_collection("m", "old@1", "HNSW16")
             c.upsert("m", _ids(50), make_data(50, D), space="old@1")
             refused = {
-                "basis_transform": lambda: c.create_collection("x", "old@1", basis_transform="b"),
                 "index_spec 'auto'": lambda: c.create_collection("x", "old@1", "auto", target_recall=0.9),
                 "snapshots": lambda: c.create_snapshot("s"),
                 "RecommendIndex": lambda: c.recommend_index("m", 0.9),

@@ -301,7 +301,6 @@ def test_refusals_change_nothing(tmp_path: Path) -> None:
         x = make_data(300, D, seed=5)
         Q = _rotation(6)
         c.fit_transform("t", "procrustes", source_space="new@1", target_space="old@1", doc_pairs=(x @ Q, x))
-        c.fit_transform("pca", "pca_basis", source_space="old@1", target_space="old@1", doc_pairs=(x, x))
         c.create_collection("ok", "old@1", "HNSW16")
         c.upsert("ok", _ids(300), x, space="old@1")
         c.create_collection("mig", "old@1")
@@ -310,7 +309,6 @@ def test_refusals_change_nothing(tmp_path: Path) -> None:
         c.create_collection("prefix", "old@1", prefix_dims=8)
         for sp in ("old@1", "new@1", "s3@1", "s4@1"):  # 4 spaces: one over what a prefix collection's fields hold
             c.upsert("prefix", ["a"], x[:1], space=sp)
-        c.create_collection("basis", "old@1", basis_transform="pca")
         c.create_collection("auto", "old@1", "auto", target_recall=0.9)
         c.create_collection("pq", "old@1", "IVF4,PQ8", 256)
         c.create_collection("wide", "old@1")
@@ -333,7 +331,6 @@ def test_refusals_change_nothing(tmp_path: Path) -> None:
                 r"'prefix' has vectors in 4 spaces \(old@1, new@1, s3@1, s4@1\); a"
                 r" milvus collection holds at most 4 vector fields \(3 spaces and a Matryoshka prefix field\)",
             ),
-            ("basis", uri, FailedPrecondition, "'basis' uses basis_transform, which the milvus backend does not"),
             ("auto", uri, FailedPrecondition, r"'auto' uses index_spec 'auto' \(the index advisor\)"),
             ("pq", uri, FailedPrecondition, r"'pq' cannot be moved: index spec 'IVF4,PQ8' is not supported by the"),
             ("wide", uri, FailedPrecondition, r"'wide' has vectors in 5 spaces \(old@1, new@1, s3@1, s4@1, s5@1\);"),

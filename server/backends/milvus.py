@@ -4,7 +4,8 @@
 delete, get, search, payloads, counts, state, drop) over one Milvus collection
 (``milvus_schema.py``); Interlingua keeps what is its own: the collection's row, spaces, routes and
 transforms in the local SQLite store, the route resolution and the query transform before the
-search (``pipeline.py``: a new-model query reaches this backend already in the home space), checks
+search (``pipeline.py``: a new-model query reaches this backend already in the home space, and
+through the collection's basis transform, if any: :meth:`MilvusCollection.to_basis`), checks
 and gRPC errors. Writes keep the embedded backend's semantics under the collection's write lock: a
 write takes its sequence number from the store (one durable transaction), reads the rows it
 touches, merges (an upsert in one space keeps the point's other vectors, and its payload when none
@@ -13,7 +14,8 @@ acknowledged write (read-your-writes). Searches return what the embedded backend
 (IP for cosine and ip, squared L2 for l2), ids, "" and -inf (+inf for l2) padding. One front-end
 per Milvus collection: two front-ends writing the same points could interleave their
 read-merge-write. The collection's state and engine calls are :class:`~.milvus_table.MilvusTable`'s.
-Covered by ``tests/test_backends.py``, the API suite run on both backends.
+Covered by ``tests/test_backends.py``, the API suite run on both backends, and
+``tests/test_milvus_basis.py`` (basis collections on both backends).
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ from ..collection import PointRecord, _missing_message
 from ..collection_index import SEARCH_STAGES
 from ..errors import FailedPrecondition, InterlinguaError, InvalidArgument, NotFound
 from ..funnel import check_funnel, rerank, shrink
+from ..pipeline import map_queries
 from ..store import SpaceRow
-from .milvus_schema import MAX_PAYLOAD_BYTES
+from ..transforms import Transform
+from .milvus_schema import MAX_PAYLOAD_BYTES, MAX_VECTOR_FIELDS
 from .milvus_table import CHUNK, MilvusTable, as_vector, delete_ids, upsert_rows
 
 __all__ = ["RECOUNT_SECONDS", "MilvusCollection", "MilvusView"]
@@ -69,13 +73,11 @@ class MilvusCollection(MilvusTable):
     ) -> int:
         """x : shape (n, d) float32, already normalized for cosine spaces. Returns the sequence."""
         self._check_live()
+        self._loaded_basis()  # its error before the write takes a sequence number
         fields = self._fields()
         f = fields.get(space.name)
         if f is None:
-            raise FailedPrecondition(
-                f"collection {self.name!r} (backend milvus) has no vector field for space {space.name!r}: its fields"
-                f" are fixed when it is created ({', '.join(sorted(fields))}); Milvus Lite cannot add a field"
-            )
+            raise FailedPrecondition(self._no_field_message(space.name, fields))
         for i, p in enumerate(payloads):
             if p is not None and len(p.encode()) > MAX_PAYLOAD_BYTES:
                 raise InvalidArgument(f"payloads[{i}] is over {MAX_PAYLOAD_BYTES} bytes, the milvus backend's limit")
@@ -96,7 +98,7 @@ class MilvusCollection(MilvusTable):
                 for fld, zero in zeros.items():  # no vector in a space: zeros, and not in ``spaces``
                     row[fld] = x[i] if fld == f else (as_vector(prev[fld]) if prev and fld in have else zero)
                 rows.append(row)
-            self.set_prefixes(rows)
+            self.derive_fields(rows)
             if f != self.home_field and len(old) < len(ids):
                 self.may_lack_home = True  # new points without a home vector: searches filter from now
             try:
@@ -151,15 +153,37 @@ class MilvusCollection(MilvusTable):
 
     # -- reads ---------------------------------------------------------------------------------
 
+    def _no_field_message(self, space: str, fields: dict[str, str]) -> str:
+        """Why a write in ``space`` is refused: the collection's vector fields, and what took them."""
+        taken = [w for w, on in (("basis", self.basis_field), ("Matryoshka prefix", self.prefix_field)) if on]
+        extra = f", {len(taken)} of them for its {' and '.join(taken)} field{'s' * (len(taken) > 1)}" if taken else ""
+        return (
+            f"collection {self.name!r} (backend milvus) has no vector field for space {space!r}: its fields are fixed"
+            f" when it is created, {MAX_VECTOR_FIELDS} vector fields at most{extra}, so the home space and the oldest"
+            f" other spaces registered then ({', '.join(sorted(fields))}); Milvus Lite cannot add a field. Create"
+            " the collection on backend 'embedded' to hold vectors in more spaces"
+        )
+
     def _prefix(self, x: np.ndarray) -> np.ndarray:
         """x (n, d) -> its first ``prefix_dims`` dims (n, m), re-normalized for cosine and ip (``funnel.shrink``)."""
         return shrink(x, self.prefix_dims, normalize=self.home.metric != "l2")
 
-    def set_prefixes(self, rows: list[dict[str, Any]]) -> None:
-        """A prefix collection's rows (engine rows with their home field) get their prefix field: the home
-        vector's prefix, as the embedded index holds it (zeros stay zeros), one :meth:`_prefix` for all."""
-        if self.prefix_dims and rows:
-            for row, v in zip(rows, self._prefix(np.stack([r[self.home_field] for r in rows])), strict=True):
+    def derive_fields(self, rows: list[dict[str, Any]]) -> None:
+        """Engine rows (with their home field and ``spaces``) get the fields computed from the home vector,
+        as the embedded index holds it: a basis collection's basis field (:meth:`to_basis`, doc side; zeros
+        for a point without a home vector), a prefix collection's prefix field (:meth:`_prefix` of the full
+        field's vector: zeros stay zeros). One batch for all rows."""
+        if not rows or not (self.basis_field or self.prefix_dims):
+            return
+        full = np.stack([r[self.home_field] for r in rows])
+        if self.basis_field:
+            has = np.array([self.home_field in r["spaces"] for r in rows])
+            full = self.to_basis(full)
+            full[~has] = 0.0
+            for row, v in zip(rows, full, strict=True):
+                row[self.basis_field] = v
+        if self.prefix_dims:
+            for row, v in zip(rows, self._prefix(full), strict=True):
                 row[self.prefix_field] = v
 
     def check_search(self, ef_search: int | None, nprobe: int | None, k_factor: int | None = None) -> None:
@@ -197,12 +221,14 @@ class MilvusCollection(MilvusTable):
         funnel: tuple[int, list[tuple[int, int]]] | None = None,
         k_factor: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray, MilvusView]:
-        """xq : (nq, d) in the home space. Returns D (nq, k), ids (nq, k) object array, the view searched.
+        """xq : (nq, d) in the home space, through the basis for a basis collection (``pipeline.run``:
+        :meth:`to_basis`, query side). Returns D (nq, k), ids (nq, k) object array, the view searched.
         Fewer than k hits: ids "" and D -inf (+inf for l2), as the embedded backend pads.
 
         A prefix collection searches its prefix field for ``funnel`` = (shortlist_k, stages)
-        (:func:`~..funnel.check_funnel`) candidates, their full home vectors returned with the hits, and
-        reranks them through the stages as the embedded backend does (:func:`~..funnel.rerank`)."""
+        (:func:`~..funnel.check_funnel`) candidates, their full vectors (the basis field's, or the home
+        field's) returned with the hits, and reranks them through the stages as the embedded backend
+        does (:func:`~..funnel.rerank`)."""
         nq = len(xq)
         largest = self.home.metric != "l2"
         fields = self.fields if self.fields is not None else self._fields()
@@ -210,7 +236,7 @@ class MilvusCollection(MilvusTable):
         view = MilvusView(None if self.index.exact else self.index.index_type, self.last_sequence)
         if self.prefix_dims:
             limit, stages = funnel or check_funnel(self.home.dim, self.prefix_dims, k, None, [])
-            xs, out = self._prefix(xq), ["id", self.home_field]
+            xs, out = self._prefix(xq), ["id", self.full_field]
         else:
             limit, stages, xs, out = k, [], xq, ["id"]
         params = self.index.search_params(self.home.metric, limit, ef_search, nprobe)
@@ -251,7 +277,7 @@ class MilvusCollection(MilvusTable):
     def _rerank(
         self, xq: np.ndarray, hits: Any, limit: int, stages: list[tuple[int, int]]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The prefix search's ``hits`` (nq lists of at most ``limit``, with full home vectors) reranked
+        """The prefix search's ``hits`` (nq lists of at most ``limit``, with their full vectors) reranked
         with ``stages``: D (nq, k), ids (nq, k), "" where fewer were found."""
         labels: list[str] = []
         full = np.zeros((max(1, sum(min(len(row), limit) for row in hits)), self.home.dim), np.float32)
@@ -259,7 +285,7 @@ class MilvusCollection(MilvusTable):
         for i, row in enumerate(hits):
             for j, h in enumerate(row[:limit]):
                 I[i, j] = len(labels)
-                full[len(labels)] = as_vector(h[self.home_field])
+                full[len(labels)] = as_vector(h[self.full_field])
                 labels.append(str(h["id"]))
         D, I = rerank(np.ascontiguousarray(xq, dtype=np.float32), full, I, stages, self.home.metric)
         names = np.array([*labels, ""], dtype=object)
@@ -275,8 +301,22 @@ class MilvusCollection(MilvusTable):
         return "ready"
 
     def to_basis(self, x: np.ndarray, side: str = "doc") -> np.ndarray:
-        """No basis transform on this backend (refused at creation)."""
-        return x
+        """x (n, d) in the collection's basis (re-normalized for cosine), or x itself without one, as the
+        embedded backend maps them (``CollectionIndex.to_basis``; in numpy on both sides here: the engine
+        searches). FAILED_PRECONDITION when the basis transform is not loaded in this front-end."""
+        basis = self._loaded_basis()
+        if basis is None or not len(x):
+            return x
+        return map_queries(basis, x, self.home.metric, self.home.dim, side)
+
+    def _loaded_basis(self) -> Transform | None:
+        """The basis transform (None without one); FAILED_PRECONDITION when it is not loaded here."""
+        if self.basis_field and self.basis is None:
+            raise FailedPrecondition(
+                f"collection {self.name!r}'s basis transform {self.row.spec.basis_transform!r} is not loaded in this"
+                " front-end; restart it once the transform is registered"
+            )
+        return self.basis
 
     # -- maintenance: the engine's own ---------------------------------------------------------
 

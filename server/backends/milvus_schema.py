@@ -9,14 +9,15 @@ sanitize alike stay apart). Its fields:
 - ``seq``: INT64, the sequence number of the point's last write (``GetPoints``' ``sequence``);
 - ``spaces``: ARRAY of VARCHAR: the vector fields the point has a vector in;
 - one FLOAT_VECTOR field per space (:func:`field_name`), for the home space and the other spaces
-  registered when the collection was created, oldest first, ``MAX_VECTOR_FIELDS`` in all (Milvus'
-  default cap on vector fields per collection). Milvus Lite 3.2.2 answers ``AddCollectionField``
-  with UNIMPLEMENTED, so a space registered later cannot get a field: writes in it are refused
-  (FAILED_PRECONDITION). The vector fields are not nullable: Milvus Lite 3.2.2 accepts nullable
-  vector fields but returns a null as zeros in searches (scoring 0, filling results) and refuses an
-  upsert batch whose nullable vector column is all null. A point without a vector in a space holds
-  zeros there and ``spaces`` leaves the field out; searches of a collection with more than one space
-  filter on ``array_contains(spaces, <home field>)``, and run without a filter with the home space alone.
+  registered when the collection was created, oldest first, ``MAX_VECTOR_FIELDS`` in all with the
+  prefix and basis fields below (Milvus' default cap on vector fields per collection). Milvus Lite
+  3.2.2 answers ``AddCollectionField`` with UNIMPLEMENTED, so a space registered later, or one past
+  the cap, cannot get a field: writes in it are refused (FAILED_PRECONDITION). The vector fields are
+  not nullable: Milvus Lite 3.2.2 accepts nullable vector fields but returns a null as zeros in
+  searches (scoring 0, filling results) and refuses an upsert batch whose nullable vector column is
+  all null. A point without a vector in a space holds zeros there and ``spaces`` leaves the field
+  out; searches of a collection with more than one space filter on ``array_contains(spaces, <home
+  field>)``, and run without a filter with the home space alone.
 
 The home field carries the collection's index (:func:`parse_index`: Flat -> FLAT, HNSW<M> ->
 HNSW with efConstruction, IVF<n>,Flat -> IVF_FLAT, IVF<n>,SQ8 -> IVF_SQ8); other fields a FLAT
@@ -25,9 +26,13 @@ Matryoshka ``prefix_dims = m`` has one more vector field (:func:`prefix_field`, 
 first m dimensions of each home vector, re-normalized for cosine and ip as the embedded backend's
 index holds them (:func:`~..transforms.matryoshka.shrink`); it carries the collection's index and the
 home field a FLAT one, searched for ``shortlist_k`` candidates whose full vectors come back with the
-hits and are reranked in the front-end (``funnel.rerank``, the embedded backend's stages). Metrics: cosine
+hits and are reranked in the front-end (``funnel.rerank``, the embedded backend's stages). A collection
+created with a ``basis_transform`` has one more vector field again (:func:`basis_field`): each home
+vector mapped by the basis (its doc side, re-normalized for cosine), as the embedded backend's index
+holds it; it carries the index (a prefix collection's prefix field then holds its prefix, and the rerank
+reads it), the home field keeps the vectors as written (``GetPoints``) with a FLAT index. Metrics: cosine
 (vectors normalized by the engine) and ip -> IP, l2 -> L2 (squared, as FAISS): scores equal the
-embedded backend's. Covered by ``tests/test_backends.py``.
+embedded backend's. Covered by ``tests/test_backends.py`` and ``tests/test_milvus_basis.py``.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ __all__ = [
     "METRIC",
     "SUPPORTED",
     "MilvusIndex",
+    "basis_field",
     "check_uri",
     "field_name",
     "id_filter",
@@ -114,6 +120,11 @@ def id_filter(ids: Sequence[str]) -> str:
 def field_name(space: str) -> str:
     """The vector field of ``space``: ``v_`` and a hash of its name (space names allow ``@``, ``.``, ``-``)."""
     return "v_" + hashlib.sha256(space.encode()).hexdigest()[:16]
+
+
+def basis_field(space: str) -> str:
+    """The basis field of a ``basis_transform`` collection whose home space is ``space``: its home vectors mapped."""
+    return "b_" + hashlib.sha256(space.encode()).hexdigest()[:16]
 
 
 def prefix_field(space: str) -> str:

@@ -36,6 +36,7 @@ from ..errors import FailedPrecondition, Unavailable
 from ..metrics import Metrics, StageTimes
 from ..routes import Route
 from ..store import CollectionRow, SpaceRow, Store
+from ..transforms import Transform
 from .milvus_engines import MilvusEngines, NotLoaded
 from .milvus_schema import (
     MAX_ID_CHARS,
@@ -43,6 +44,7 @@ from .milvus_schema import (
     MAX_VECTOR_FIELDS,
     METRIC,
     MilvusIndex,
+    basis_field,
     field_name,
     id_filter,
     milvus_name,
@@ -121,6 +123,8 @@ class MilvusTable:
         store: Store,
         engines: MilvusEngines,
         metrics: Metrics,
+        *,
+        basis: Transform | None = None,
     ) -> None:
         self.row = row
         self.spaces = spaces  #: the engine's registry of spaces (read only here)
@@ -135,7 +139,13 @@ class MilvusTable:
         self.home_field = field_name(home.name)
         self.prefix_dims = row.spec.prefix_dims  #: Matryoshka prefix the index holds (0: every dimension)
         self.prefix_field = prefix_field(home.name) if self.prefix_dims else ""
-        self.index_field = self.prefix_field or self.home_field  #: the vector field with the collection's index
+        #: home -> home transform (``basis_transform``) whose doc side maps every vector of the basis field;
+        #: None without one, or when it is not loaded here (then writes and searches fail: ``to_basis``)
+        self.basis = basis
+        self.basis_field = basis_field(home.name) if row.spec.basis_transform else ""
+        self.full_field = self.basis_field or self.home_field  #: the full vectors a search scores (and reranks)
+        self.index_field = self.prefix_field or self.full_field  #: the vector field with the collection's index
+        self.extra_fields = bool(self.prefix_field) + bool(self.basis_field)  #: vector fields that are no space's
         self.fields: dict[str, str] | None = None  #: space -> vector field, read from the engine once
         self.routes: Mapping[str, Route] = {}  #: replaced whole on every change (one reference swap)
         self.lock = threading.Lock()  #: serializes this front-end's writes (read-merge-write)
@@ -182,11 +192,12 @@ class MilvusTable:
 
     def create(self, spaces: Sequence[SpaceRow], marker: str = "") -> None:
         """Creates the Milvus collection: one vector field per space in ``spaces`` (the home space first),
-        and a prefix collection's prefix field (then one space less: ``MAX_VECTOR_FIELDS`` in all).
+        a basis collection's basis field and a prefix collection's prefix field (one space less each:
+        ``MAX_VECTOR_FIELDS`` in all).
         ``marker``: a move's mark (``move.py``), kept as the collection property ``MOVE_PROPERTY`` (Milvus Lite
         keeps no schema description) and as the schema's description."""
         pymilvus = require_pymilvus()
-        spaces = spaces[: MAX_VECTOR_FIELDS - bool(self.prefix_dims)]
+        spaces = spaces[: MAX_VECTOR_FIELDS - self.extra_fields]
         dt = pymilvus.DataType
         schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description=marker)
         extra = {"properties": {MOVE_PROPERTY: marker}} if marker else {}
@@ -198,20 +209,25 @@ class MilvusTable:
         for sp in spaces:
             f = field_name(sp.name)
             schema.add_field(f, dt.FLOAT_VECTOR, dim=sp.dim)
-            if sp.name == self.home.name and not self.prefix_dims:  # build parameters twice: see build_params
+            if f == self.index_field:  # build parameters twice: see build_params
                 index.add_index(
                     f, index_type=self.index.index_type, metric_type=METRIC[sp.metric], params=self.index.build_params()
                 )
             else:
                 index.add_index(f, index_type="FLAT", metric_type=METRIC[sp.metric])
-        if self.prefix_dims:
-            schema.add_field(self.prefix_field, dt.FLOAT_VECTOR, dim=self.prefix_dims)
-            index.add_index(
-                self.prefix_field,
-                index_type=self.index.index_type,
-                metric_type=METRIC[self.home.metric],
-                params=self.index.build_params(),
-            )
+        for f, dim in ((self.basis_field, self.home.dim), (self.prefix_field, self.prefix_dims)):
+            if not f:
+                continue
+            schema.add_field(f, dt.FLOAT_VECTOR, dim=dim)
+            if f == self.index_field:
+                index.add_index(
+                    f,
+                    index_type=self.index.index_type,
+                    metric_type=METRIC[self.home.metric],
+                    params=self.index.build_params(),
+                )
+            else:
+                index.add_index(f, index_type="FLAT", metric_type=METRIC[self.home.metric])
         t = self.engines.timeout
 
         def create(c: Any) -> None:

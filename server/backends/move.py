@@ -4,8 +4,9 @@
 
 1. **Engine side**: the Milvus collection of the same name is created (``milvus_schema.py``: a vector
    field for the home space, every other space the collection has vectors in, then the oldest other
-   spaces, ``MAX_VECTOR_FIELDS`` in all, one less beside a ``prefix_dims`` collection's prefix field,
-   whose vectors the copy computes from the home vectors), marked as this move's (:func:`marker`, a
+   spaces, ``MAX_VECTOR_FIELDS`` in all, one less beside a ``prefix_dims`` collection's prefix field
+   and one less beside a ``basis_transform`` collection's basis field, whose vectors the copy computes
+   from the home vectors), marked as this move's (:func:`marker`, a
    collection property): a leftover of an earlier move that crashed is recognized by it and dropped;
    any other collection of that name is refused.
 2. **Copy**, holding no lock of the collection (searches and writes go on): every point (id, payload,
@@ -17,8 +18,9 @@
    then the last one under the collection's write lock (writes wait; searches go on), with the
    DDL lock and the maintenance lock held too.
 4. **Verification** (still under the lock): the point count and each space's vector count equal on
-   both sides, and ``VERIFY_QUERIES`` spot searches (seeded stored home vectors, k = 10, HNSW at
-   ef 256, IVF at nprobe = nlist) agree (:func:`spot_check`). A mismatch rolls back.
+   both sides, and ``VERIFY_QUERIES`` spot searches (seeded stored home vectors, through the basis
+   for a basis collection, k = 10, HNSW at ef 256, IVF at nprobe = nlist) agree (:func:`spot_check`).
+   A mismatch rolls back.
 5. **Switch**: the collection's row takes backend ``milvus`` and the uri in one store transaction
    (durable: the switch), then the registry entry becomes the :class:`~.milvus.MilvusCollection`
    (routes carried over; they are per collection name) and the embedded object is retired: a write
@@ -170,14 +172,11 @@ def check_move(engine: Engine, name: str, backend: str, uri: str) -> tuple[Colle
             f"collection {name!r} has a running migration to space {mig.new.name!r} (phase {mig.phase});"
             " finish or abort it before moving the collection"
         )
-    for feature, on in (
-        ("basis_transform", spec.basis_transform),
-        ("index_spec 'auto' (the index advisor)", spec.auto or spec.target_recall),
-    ):
-        if on:
-            raise FailedPrecondition(
-                f"collection {name!r} uses {feature}, which the milvus backend does not support yet; it cannot be moved"
-            )
+    if spec.auto or spec.target_recall:
+        raise FailedPrecondition(
+            f"collection {name!r} uses index_spec 'auto' (the index advisor), which the milvus backend does not"
+            " support yet; it cannot be moved"
+        )
     if col.failure is not None:
         raise FailedPrecondition(f"collection {name!r} failed ({col.failure.reason}); it cannot be moved")
     try:
@@ -188,12 +187,13 @@ def check_move(engine: Engine, name: str, backend: str, uri: str) -> tuple[Colle
     counts = store.vector_counts(col.row.cid)
     by_age = sorted((s for s in engine.spaces.values() if s.name != col.home.name), key=lambda s: s.created_at)
     used = [col.home, *(s for s in by_age if counts.get(s.name))]
-    most = MAX_VECTOR_FIELDS - bool(spec.prefix_dims)  # a prefix collection's prefix field takes one
+    fields = (("a basis field", spec.basis_transform), ("a Matryoshka prefix field", spec.prefix_dims))
+    extra = [what for what, used_by in fields if used_by]  # vector fields that hold no space's vectors
+    most = MAX_VECTOR_FIELDS - len(extra)
     if len(used) > most:
-        prefix = " and a Matryoshka prefix field" if spec.prefix_dims else ""
         raise FailedPrecondition(
             f"collection {name!r} has vectors in {len(used)} spaces ({', '.join(s.name for s in used)}); a milvus"
-            f" collection holds at most {MAX_VECTOR_FIELDS} vector fields ({most} spaces{prefix})"
+            f" collection holds at most {MAX_VECTOR_FIELDS} vector fields ({' and '.join([f'{most} spaces', *extra])})"
         )
     spaces = [*used, *(s for s in by_age if s not in used)][:most]
     require_pymilvus()
@@ -230,10 +230,13 @@ class _Move:
         self.cid = col.row.cid
         self.uri = row.spec.backend_uri
         self.spaces = spaces
-        self.table = MilvusCollection(row, col.home, engine.spaces, self.store, engine.milvus, engine.metrics)
+        self.table = MilvusCollection(
+            row, col.home, engine.spaces, self.store, engine.milvus, engine.metrics, basis=col.basis
+        )
         self.fields = {s.name: field_name(s.name) for s in spaces}
         self.zeros = {field_name(s.name): np.zeros(s.dim, np.float32) for s in spaces}
-        row_bytes = 4 * (sum(s.dim for s in spaces) + row.spec.prefix_dims) + 1024
+        basis_dims = col.home.dim if row.spec.basis_transform else 0
+        row_bytes = 4 * (sum(s.dim for s in spaces) + basis_dims + row.spec.prefix_dims) + 1024
         self.page = max(1, min(CHUNK, COPY_BYTES // row_bytes))
         self.sample: list[str] = []  #: reservoir of points with a home vector (spot searches)
         self._rng = random.Random(VERIFY_SEED)
@@ -311,7 +314,7 @@ class _Move:
             row["spaces"] = sorted(have)
             rows.append(row)
             self.vectors += len(v)
-        self.table.set_prefixes(rows)  # (zeros for a point without a home vector: not in ``spaces``)
+        self.table.derive_fields(rows)  # (zeros for a point without a home vector: not in ``spaces``)
         return rows
 
     # -- copy, catch-up ----------------------------------------------------------------------------
@@ -373,7 +376,7 @@ class _Move:
         ids = [p for p in self.sample if home in vecs.get(p, {})]
         if not ids:
             return SpotCheck(0, 0, 0, 1.0, 1.0), got_points, got
-        xq = np.stack([np.frombuffer(vecs[p][home], dtype="<f4") for p in ids])
+        xq = col.to_basis(np.stack([np.frombuffer(vecs[p][home], dtype="<f4") for p in ids]))  # as indexed
         index = table.index
         ef, nprobe = (VERIFY_EF if index.is_hnsw else None), (index.nlist or None)
         De, Ie, _ = col.search(xq, VERIFY_K, ef, nprobe)
