@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 LEASE_TTL = 10  #: seconds a crashed front-end's write lock outlives it
 CHUNK_BYTES = 512 * 1024  #: transform weights per etcd value (etcd takes requests up to 1.5 MiB; base64 adds 1/3)
 _SPACE_FIELDS = ("name", "dim", "metric", "description", "created_at")
+JSON_KINDS = ("spaces", "transforms", "collections", "routes", "migrations")  #: the keys whose values are JSON
 LEASE_GONE = "requested lease not found"  #: etcd's answer to a write under an expired lease
 
 
@@ -200,22 +201,30 @@ class SharedRegistry:
         registry, and otherwise removed here (another front-end deleted it meanwhile), but for the
         transforms fitted here whose publication has not succeeded yet (:attr:`unpublished`)."""
         by: dict[str, dict[str, KV]] = {}
+        vals: dict[str, dict[str, Any]] = {}  #: kind -> name -> the JSON value (malformed ones left out)
         for kv in kvs:
             kind, name = self._split(kv.key)
             by.setdefault(kind, {})[name] = kv
+            if kind in JSON_KINDS:
+                with self._malformed(kv.key):
+                    vals.setdefault(kind, {})[name] = json.loads(kv.value)
         e, first = self.engine, self._first_sync
-        spaces = {n: json.loads(kv.value) for n, kv in by.get("spaces", {}).items()}
-        for d in sorted(spaces.values(), key=lambda d: d["created_at"]):
-            self._apply_space(d)
+        spaces = vals.get("spaces", {})
+        for name, d in sorted(spaces.items(), key=lambda t: str(t[1].get("created_at", ""))):
+            with self._malformed(self.key("spaces", name)):
+                self._apply_space(d)
         for name, row in list(e.spaces.items()):
             if name not in spaces:
                 try:
                     self.publish_space(row)
                 except AlreadyExists as err:  # registered meanwhile with another definition
                     log.error("%s; this front-end keeps its own", err.message)
-        heads = {n: json.loads(kv.value) for n, kv in by.get("transforms", {}).items()}
-        for name, head in sorted(heads.items(), key=lambda t: (t[1]["kind"] == "chain", t[1]["created_at"])):
-            self._apply_transform(name, head)
+        heads = vals.get("transforms", {})
+        for name, head in sorted(
+            heads.items(), key=lambda t: (t[1].get("kind") == "chain", str(t[1].get("created_at")))
+        ):
+            with self._malformed(self.key("transforms", name)):
+                self._apply_transform(name, head)
         assert e.compat is not None
         for name, rec in list(e.compat.transforms.items()):
             if rec.state == "ready" and name not in heads:
@@ -224,8 +233,9 @@ class SharedRegistry:
                 else:
                     self._remove_transform(name)
         cols = by.get("collections", {})
-        for name, kv in cols.items():
-            self._attach(name, json.loads(kv.value))
+        for name, d in vals.get("collections", {}).items():
+            with self._malformed(self.key("collections", name)):
+                self._attach(name, d)
         for name, col in list(e.collections.items()):
             if isinstance(col, MilvusCollection) and name not in cols and name not in e.moving:
                 if first and not self._joined:
@@ -235,9 +245,8 @@ class SharedRegistry:
                         log.error("%s; this front-end's collection of that name is not shared", err.message)
                 else:
                     self._detach(name)
-        self._sync_migrations(
-            {n: (json.loads(kv.value), kv.mod_revision) for n, kv in by.get("migrations", {}).items()}
-        )
+        migrations = {n: (d, by["migrations"][n].mod_revision) for n, d in vals.get("migrations", {}).items()}
+        self._sync_migrations(migrations)
         routes = by.get("routes", {})
         for name, col in list(e.collections.items()):
             if not isinstance(col, MilvusCollection):
@@ -245,14 +254,26 @@ class SharedRegistry:
             table = routes.get(name)
             if table is None and first and not self._joined and col.routes:
                 self._publish_table(col)
-            else:
-                entries = json.loads(table.value) if table else {}
-                self._apply_routes(name, entries, table.mod_revision if table else 0, force=True)
+            elif table is None or name in vals.get("routes", {}):
+                with self._malformed(self.key("routes", name)):
+                    entries = vals["routes"][name] if table else {}
+                    self._apply_routes(name, entries, table.mod_revision if table else 0, force=True)
             with col.lock:
                 col.forget_counts()  # writes may have been missed
         self._joined = True
         self._save_marker()
         self._first_sync = False
+
+    @contextlib.contextmanager
+    def _malformed(self, key: str) -> Iterator[None]:
+        """Skips a registry value this front-end cannot read (not JSON, a field missing or of the wrong
+        type: written by another tool or version), logging it, so that one bad key does not keep the
+        front-end out of sync; an unreachable etcd (UNAVAILABLE) still ends the sync."""
+        try:
+            yield
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            log.error("shared registry %s: %s cannot be read here (%s: %s); skipped", self.uri, key,
+                      type(err).__name__, err)  # fmt: skip
 
     def _save_marker(self) -> None:
         tmp = self._marker.with_suffix(".tmp")
@@ -265,39 +286,44 @@ class SharedRegistry:
             kind, name = self._split(ev.key)
             if kind == "collections" and ev.value is not None:
                 col = self.engine.collections.get(name)
-                if col is not None and json.loads(ev.value)["spec"]["home_space"] != col.home.name:
-                    rehomed.add(name)
+                with self._malformed(ev.key):
+                    if col is not None and json.loads(ev.value)["spec"]["home_space"] != col.home.name:
+                        rehomed.add(name)
         for ev in events:
-            kind, name = self._split(ev.key)
-            plain = kind in ("weights", "locks", "writes")  # values that are not JSON
-            value = None if plain or ev.value is None else json.loads(ev.value)
-            if kind == "spaces" and value is not None:
-                self._apply_space(value)
-            elif kind == "transforms":
-                if value is None:
-                    self._remove_transform(name)
-                else:
-                    self._apply_transform(name, value)
-            elif kind == "collections":
-                if value is None:
-                    self._detach(name)
-                else:
-                    self._attach(name, value)
-            elif kind == "routes" and value is not None:
-                self._apply_routes(name, value, ev.mod_revision)
-            elif kind == "migrations" and ev.mod_revision > self._mig_seen.get(name, 0):
-                self._mig_seen[name] = ev.mod_revision
-                self.mig_rev[name] = ev.mod_revision if value is not None else 0
-                if value is not None:
-                    rec = MigrationRecord.from_dict(value["record"])
-                    follow.adopt(self._migrations(), name, rec, value["switching"])
-                elif name not in rehomed:
-                    follow.forget(self._migrations(), name)
-            elif kind == "writes" and ev.value is not None and ev.value.decode() != self.id:
-                col = self.engine.collections.get(name)
-                if isinstance(col, MilvusCollection):
-                    with col.lock:  # not in the middle of a write's count update
-                        col.forget_counts()
+            with self._malformed(ev.key):
+                self._on_event(ev, rehomed)
+
+    def _on_event(self, ev: Event, rehomed: set[str]) -> None:
+        """One change under the prefix (``_on_events``: in revision order)."""
+        kind, name = self._split(ev.key)
+        value = None if kind not in JSON_KINDS or ev.value is None else json.loads(ev.value)
+        if kind == "spaces" and value is not None:
+            self._apply_space(value)
+        elif kind == "transforms":
+            if value is None:
+                self._remove_transform(name)
+            else:
+                self._apply_transform(name, value)
+        elif kind == "collections":
+            if value is None:
+                self._detach(name)
+            else:
+                self._attach(name, value)
+        elif kind == "routes" and value is not None:
+            self._apply_routes(name, value, ev.mod_revision)
+        elif kind == "migrations" and ev.mod_revision > self._mig_seen.get(name, 0):
+            self._mig_seen[name] = ev.mod_revision
+            self.mig_rev[name] = ev.mod_revision if value is not None else 0
+            if value is not None:
+                rec = MigrationRecord.from_dict(value["record"])
+                follow.adopt(self._migrations(), name, rec, value["switching"])
+            elif name not in rehomed:
+                follow.forget(self._migrations(), name)
+        elif kind == "writes" and ev.value is not None and ev.value.decode() != self.id:
+            col = self.engine.collections.get(name)
+            if isinstance(col, MilvusCollection):
+                with col.lock:  # not in the middle of a write's count update
+                    col.forget_counts()
 
     # -- spaces --------------------------------------------------------------------------------
 

@@ -364,7 +364,7 @@ class Migrations:
                 e.routes.load({collection: fresh})
                 del self.active[collection]
                 mig.rec = dataclasses.replace(mig.rec, phase="finished")
-            with fresh.lock:
+            with fresh.lock, fresh.writing():  # (shared: the other front-ends count the collection again after it)
                 try:
                     n = mig.drop_old_vectors(fresh)
                 except BaseException:
