@@ -287,6 +287,12 @@ class Metrics:
             ["collection", "phase"],
             registry=r,
         )
+        self.registry_in_sync = Gauge(
+            "interlingua_registry_in_sync",
+            "1 while this front-end has read its shared registry (serve --registry) and watches it, 0 while the "
+            "watch is broken (health NOT_SERVING); absent without a registry.",
+            registry=r,
+        )
         self.migration_coverage = Gauge(
             "interlingua_migration_coverage",
             "Fraction of a migrating collection's points with a client-written vector in each of its two spaces.",

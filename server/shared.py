@@ -141,6 +141,7 @@ class SharedRegistry:
     def _set_sync(self, ok: bool, why: str = "") -> None:
         changed = ok != self.in_sync
         self.in_sync, self.error = ok, why
+        self.engine.metrics.registry_in_sync.set(1.0 if ok else 0.0)
         if changed:
             log.log(
                 logging.INFO if ok else logging.WARNING,

@@ -350,16 +350,22 @@ def test_a_malformed_registry_value_is_skipped(pair: Any, etcd: EtcdProcess, cap
 
 
 def test_health_follows_the_registry(pair: Any, etcd: EtcdProcess) -> None:
-    _, a = pair("a")
+    srv_a, a = pair("a")
     _, b = pair("b")
     w = _world(a)
     a.upsert("g", [f"p{i}" for i in range(N)], w["old"], space="old")
     _fit(a, "t", w)
     a.wait_transform("t")
+
+    def in_sync() -> float | None:
+        return srv_a.engine.metrics.registry.get_sample_value("interlingua_registry_in_sync")
+
+    assert in_sync() == 1.0
     etcd.kill()
     try:
         for c in (a, b):
             wait_for(lambda c=c: c.health() == "NOT_SERVING", 10)
+        assert in_sync() == 0.0  # interlingua_registry_in_sync, for the dashboards
         assert b.search("g", w["old"][:2], 3, space="old").ids.shape == (2, 3)  # its last table still serves
         with pytest.raises(Unavailable, match="not in sync"):
             a.activate_route("g", "t", force=True)
