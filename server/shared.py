@@ -137,6 +137,7 @@ class SharedRegistry:
         if self.lease:
             with contextlib.suppress(Unavailable):
                 self.etcd.revoke(self.lease)
+        self.etcd.close()
 
     def _set_sync(self, ok: bool, why: str = "") -> None:
         changed = ok != self.in_sync

@@ -61,15 +61,18 @@ class EtcdProcess:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         client = Etcd([f"127.0.0.1:{self.port}"], timeout=1.0)
         deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.range("/")
-                return
-            except EtcdDown:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise AssertionError((self.folder / "etcd.log").read_text()[-2000:]) from None
-                time.sleep(0.1)
+        try:
+            while True:
+                try:
+                    client.range("/")
+                    return
+                except EtcdDown:
+                    if time.monotonic() > deadline:
+                        self.kill()
+                        raise AssertionError((self.folder / "etcd.log").read_text()[-2000:]) from None
+                    time.sleep(0.1)
+        finally:
+            client.close()
 
     def kill(self) -> None:
         if self.proc is not None:
@@ -99,6 +102,14 @@ def milvus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield uri
     proc.kill()
     proc.wait(30)
+
+
+@pytest.fixture
+def direct(etcd: EtcdProcess) -> Iterator[Etcd]:
+    """A client of the test's etcd, for reading and writing keys behind the front-ends' backs."""
+    client = Etcd([f"127.0.0.1:{etcd.port}"])
+    yield client
+    client.close()
 
 
 _prefixes = iter(range(1_000_000))
@@ -237,7 +248,7 @@ def test_an_activation_on_a_stale_table_loses_and_changes_nothing(pair: Any) -> 
     assert [r.transform for r in b.list_routes("g").history][:2] == ["t2", "t1"]
 
 
-def test_concurrent_activations_leave_one_table_everywhere(pair: Any, etcd: EtcdProcess) -> None:
+def test_concurrent_activations_leave_one_table_everywhere(pair: Any, direct: Etcd) -> None:
     srv_a, a = pair("a")
     _, b = pair("b")
     w = _world(a)
@@ -264,7 +275,7 @@ def test_concurrent_activations_leave_one_table_everywhere(pair: Any, etcd: Etcd
         t.join(60)
     assert len(outcomes) == 6 and "won" in outcomes
     shared = srv_a.engine.shared
-    kv = Etcd([f"127.0.0.1:{etcd.port}"]).get(shared.key("routes", "g"))
+    kv = direct.get(shared.key("routes", "g"))
     assert kv is not None
     import json
 
@@ -305,7 +316,7 @@ def test_writes_from_both_front_ends_merge_and_count(pair: Any) -> None:
     wait_for(lambda: b.get_collection("g").num_points == N - 1, 10)
 
 
-def test_the_write_lock_of_a_crashed_front_end_expires(pair: Any, etcd: EtcdProcess) -> None:
+def test_the_write_lock_of_a_crashed_front_end_expires(pair: Any, direct: Etcd) -> None:
     """A lock left by a front-end that died (its lease no longer renewed) holds writes until the lease
     expires, then they go through; a lock that outlasts registry_timeout_seconds is UNAVAILABLE, nothing
     written."""
@@ -313,7 +324,6 @@ def test_the_write_lock_of_a_crashed_front_end_expires(pair: Any, etcd: EtcdProc
     w = _world(a)
     ids = [f"p{i}" for i in range(N)]
     a.upsert("g", ids[:10], w["old"][:10], space="old")
-    direct = Etcd([f"127.0.0.1:{etcd.port}"])
     lock = srv_a.engine.shared.key("locks", "g")
     direct.put(lock, b"a-front-end-that-died", lease=direct.grant(1))
     t0 = time.monotonic()
@@ -331,11 +341,11 @@ def test_the_write_lock_of_a_crashed_front_end_expires(pair: Any, etcd: EtcdProc
     assert a.get_collection("g").num_points == 40 and a.health() == "SERVING"
 
 
-def test_a_malformed_registry_value_is_skipped(pair: Any, etcd: EtcdProcess, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_malformed_registry_value_is_skipped(pair: Any, direct: Etcd, caplog: pytest.LogCaptureFixture) -> None:
     """Values another tool (or version) wrote under the prefix that this front-end cannot read are logged
     and skipped, at the first read and from the watch: the front-ends stay SERVING and apply the rest."""
     srv_a, a = pair("a")
-    direct, shared = Etcd([f"127.0.0.1:{etcd.port}"]), srv_a.engine.shared
+    shared = srv_a.engine.shared
     direct.put(shared.key("spaces", "junk"), b"not json")
     direct.put(shared.key("collections", "junk"), b'{"no": "spec"}')
     _, b = pair("b")  # its first read meets both
@@ -605,7 +615,7 @@ def test_a_space_registered_elsewhere_with_another_definition_is_refused(pair: A
     wait_for(lambda: [s.name for s in a.list_spaces()] == ["s", "t"], 10)
 
 
-def test_large_transform_weights_travel_in_chunks(pair: Any, etcd: EtcdProcess) -> None:
+def test_large_transform_weights_travel_in_chunks(pair: Any, direct: Etcd) -> None:
     srv_a, a = pair("a")
     _, b = pair("b")
     d = 384  # a procrustes map of 384 x 384 float32: 576 KiB of weights, over one chunk
@@ -617,7 +627,7 @@ def test_large_transform_weights_travel_in_chunks(pair: Any, etcd: EtcdProcess) 
     info = a.wait_transform("tb")
     wait_for(lambda: _ready(b, "tb"), 20)
     assert b.get_transform("tb").checksum == info.checksum
-    kvs, _ = Etcd([f"127.0.0.1:{etcd.port}"]).range(srv_a.engine.shared.key("weights", "tb/"))
+    kvs, _ = direct.range(srv_a.engine.shared.key("weights", "tb/"))
     assert len(kvs) >= 2
 
 
