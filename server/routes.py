@@ -179,14 +179,20 @@ class Routes:
 
     def replace(self, col: AnyCollection, entries: Mapping[str, Mapping[str, Any]]) -> None:
         """Makes ``entries`` (query space -> transform, forced, shadow, shadow_rate: a shared registry's
-        table) the collection's table, recording each change in the store; the caller holds :attr:`_lock`.
-        Unknown if a transform it names is not registered here yet (the registry re-reads)."""
+        table) the collection's table, then records each change in the store's history (the registry is
+        the source of truth here, the store its mirror: a route ListRoutes shows live is already served);
+        the caller holds :attr:`_lock`. UNAVAILABLE if a transform it names is not registered here yet (the
+        registry re-reads)."""
         for qs, e in entries.items():
             for t in (e.get("transform", ""), e.get("shadow", "")):
                 if t and not self._is_ready(t):
                     raise Unavailable(f"transform {t!r} of the route {qs!r} -> collection {col.name!r} is not here yet")
         now, old = time.time(), col.routes
         table: dict[str, Route] = {}
+        for qs, e in entries.items():
+            if e.get("transform"):
+                table[qs] = self._route(col, qs, e["transform"], e.get("shadow", ""), float(e.get("shadow_rate", 0.0)))
+        col.routes = table  # the swap, one reference, before the history: a route ListRoutes shows live serves
         for qs in sorted({*old, *entries}):
             before, e = old.get(qs), entries.get(qs, {})
             transform, shadow, rate = e.get("transform", ""), e.get("shadow", ""), float(e.get("shadow_rate", 0.0))
@@ -195,9 +201,6 @@ class Routes:
             was = before.shadow if before else None
             if transform and (was.transform if was else "", was.sample_rate if was else 0.0) != (shadow, rate):
                 self.store.set_shadow(col.row.cid, qs, shadow, rate)
-            if transform:
-                table[qs] = self._route(col, qs, transform, shadow, rate)
-        col.routes = table  # the swap: one reference
         for qs in {*old, *table}:
             if qs in old and (qs not in table or table[qs].transform != old[qs].transform):
                 self.metrics.route_active.labels(col.name, qs, old[qs].transform).set(0)
