@@ -97,6 +97,9 @@ class SharedRegistry:
         #: collection -> mod_revision of its migration record as this front-end applied it (0: none)
         self.mig_rev: dict[str, int] = {}
         self._mig_seen: dict[str, int] = {}  #: collection -> the last revision of its record handled here
+        #: held by a commit of a migration record from its etcd call until it is marked seen, and by the
+        #: watch's check of an event against it: a front-end never follows its own change
+        self._mig_lock = threading.Lock()
         self._first_sync = True
         #: this data dir has been synced with this registry before: what it lacks was deleted elsewhere,
         #: except the transforms fitted here and not published yet (kept in the marker across a crash)
@@ -313,9 +316,12 @@ class SharedRegistry:
                 self._attach(name, value)
         elif kind == "routes" and value is not None:
             self._apply_routes(name, value, ev.mod_revision)
-        elif kind == "migrations" and ev.mod_revision > self._mig_seen.get(name, 0):
-            self._mig_seen[name] = ev.mod_revision
-            self.mig_rev[name] = ev.mod_revision if value is not None else 0
+        elif kind == "migrations":
+            with self._mig_lock:  # after a commit of this front-end's own that is still running
+                if ev.mod_revision <= self._mig_seen.get(name, 0):
+                    return  # this front-end's own change (or one applied by a full read)
+                self._mig_seen[name] = ev.mod_revision
+                self.mig_rev[name] = ev.mod_revision if value is not None else 0
             if value is not None:
                 rec = MigrationRecord.from_dict(value["record"])
                 follow.adopt(self._migrations(), name, rec, value["switching"])
@@ -552,19 +558,20 @@ class SharedRegistry:
         this front-end applied it; FAILED_PRECONDITION otherwise, nothing changed. ``switching``: the
         cutover's index switch is running (the other front-ends hold their requests, ``follow_switch``)."""
         self.require_sync()
-        key, rev = self.key("migrations", name), self.mig_rev.get(name, 0)
-        if rec is None:
-            ok, now = self.etcd.txn([self.etcd.same_revision(key, rev)], [self.etcd.op_delete(key)])
-        else:
-            value = json.dumps({"record": rec.to_dict(), "switching": switching}).encode()
-            ok, now = self.etcd.put_if(key, value, rev)
-        if not ok:
-            raise FailedPrecondition(
-                f"the migration of collection {name!r} was changed by another front-end since this one read it; "
-                "read it again and retry"
-            )
-        self.mig_rev[name] = now if rec is not None else 0
-        self._mig_seen[name] = now
+        with self._mig_lock:  # the watch meets this change's event after it is marked seen here
+            key, rev = self.key("migrations", name), self.mig_rev.get(name, 0)
+            if rec is None:
+                ok, now = self.etcd.txn([self.etcd.same_revision(key, rev)], [self.etcd.op_delete(key)])
+            else:
+                value = json.dumps({"record": rec.to_dict(), "switching": switching}).encode()
+                ok, now = self.etcd.put_if(key, value, rev)
+            if not ok:
+                raise FailedPrecondition(
+                    f"the migration of collection {name!r} was changed by another front-end since this one read "
+                    "it; read it again and retry"
+                )
+            self.mig_rev[name] = now if rec is not None else 0
+            self._mig_seen[name] = now
 
     def commit_finish(self, col: MilvusCollection, new_space: str, reverse: str) -> None:
         """FinishMigration in one transaction: the record goes, the collection's spec names ``new_space`` as
@@ -576,18 +583,20 @@ class SharedRegistry:
         entries = {old: {"transform": reverse, "forced": False, "shadow": "", "shadow_rate": 0.0}} if reverse else {}
         spec = dataclasses.replace(col.row.spec, home_space=new_space)
         value = json.dumps({"spec": dataclasses.asdict(spec), "created_at": col.row.created_at}).encode()
-        ok, now = self.etcd.txn(
-            [self.etcd.same_revision(mkey, self.mig_rev.get(name, 0)),
-             self.etcd.same_revision(rkey, self.tables.get(name, (0, {}))[0])],
-            [self.etcd.op_delete(mkey), self.etcd.op_put(self.key("collections", name), value),
-             self.etcd.op_put(rkey, json.dumps(entries).encode())],
-        )  # fmt: skip
-        if not ok:
-            raise FailedPrecondition(
-                f"the migration or the routes of collection {name!r} were changed by another front-end since this "
-                "one read them; read them again and retry"
-            )
-        self.mig_rev[name], self._mig_seen[name], self.tables[name] = 0, now, (now, entries)
+        assert self.engine.routes is not None
+        with self._mig_lock, self.engine.routes._lock:  # neither the record nor the table followed as another's
+            ok, now = self.etcd.txn(
+                [self.etcd.same_revision(mkey, self.mig_rev.get(name, 0)),
+                 self.etcd.same_revision(rkey, self.tables.get(name, (0, {}))[0])],
+                [self.etcd.op_delete(mkey), self.etcd.op_put(self.key("collections", name), value),
+                 self.etcd.op_put(rkey, json.dumps(entries).encode())],
+            )  # fmt: skip
+            if not ok:
+                raise FailedPrecondition(
+                    f"the migration or the routes of collection {name!r} were changed by another front-end since "
+                    "this one read them; read them again and retry"
+                )
+            self.mig_rev[name], self._mig_seen[name], self.tables[name] = 0, now, (now, entries)
 
     def _sync_migrations(self, records: dict[str, tuple[dict[str, Any], int]]) -> None:
         migs = self._migrations()
@@ -597,7 +606,8 @@ class SharedRegistry:
             got = records.get(name)
             if got is not None:
                 value, rev = got
-                self.mig_rev[name] = self._mig_seen[name] = rev
+                with self._mig_lock:
+                    self.mig_rev[name] = self._mig_seen[name] = rev
                 follow.adopt(migs, name, MigrationRecord.from_dict(value["record"]), value["switching"])
             elif name in migs.active:
                 self.mig_rev[name] = 0

@@ -418,6 +418,39 @@ def test_deletions_reach_every_front_end_even_one_that_was_down(pair: Any, tmp_p
         srv_b2.stop(None)
 
 
+def test_a_collection_moved_to_the_engine_is_shared(pair: Any, milvus: str) -> None:
+    """An embedded collection of a shared front-end moved to the shared engine is attached by the other
+    front-end, with the same answers; moving a name the registry has already is refused, nothing changed."""
+    _, a = pair("a")
+    _, b = pair("b")
+    a.register_space("old", D)
+    a.create_collection("e", "old", "Flat", backend="embedded")  # local to a: not in the registry
+    xb = make_data(N, D, seed=3)
+    ids = np.array([f"p{i}" for i in range(N)])
+    a.upsert("e", list(ids), xb, space="old")
+    assert [col.name for col in b.list_collections()] == []
+    deadline = time.monotonic() + 60
+    while True:  # the engine process needs a moment to listen when this test runs first
+        try:
+            report = a.move_collection("e", milvus)
+            break
+        except Unavailable:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    assert report.points_copied == N and report.collection.backend == "milvus"
+    wait_for(lambda: [col.name for col in b.list_collections()] == ["e"], 10)
+    xq = make_data(10, D, seed=4)
+    _, ref = brute_force(xb, xq, 5)
+    for c in (a, b):
+        np.testing.assert_array_equal(c.search("e", xq, 5, space="old").ids, ids[ref])
+    b.create_collection("e2", "old", "Flat", backend="embedded")  # b's own, then a's of the same name
+    a.create_collection("e2", "old", "Flat", backend="embedded")
+    b.move_collection("e2", milvus)
+    with pytest.raises(AlreadyExists, match="already exists in the shared registry"):
+        a.move_collection("e2", milvus)
+    assert a.get_collection("e2").backend == "embedded"
+
+
 def _migration_world(a: Client, b: Client) -> tuple[dict[str, np.ndarray], list[str]]:
     """Collection m (HNSW16: its new field gets the index at the cutover) with N old vectors, t (new -> old)
     and r (old -> new) fitted on a and seen by b."""
