@@ -204,18 +204,20 @@ class Engine(EngineLifecycle):
         with collection creation so that no new collection takes it as its basis meanwhile."""
         compat = self.require_compat()
         with self._ddl_lock:
-            users = self.migrations.users(name) if self.migrations is not None else []
-            users += compat.users(name, list(self.collections.values()))
+            rec = compat.get(name)
+            publish = self.shared if self.shared is not None and rec.state == "ready" else None
+            # a published one is checked in full before the registry forgets it (compat.delete checks its
+            # routes, chains and bases again, under its lock); otherwise compat.delete's check is the one
+            users = self.transform_users(name) if publish else self.migrations.users(name) if self.migrations else []
             if users:
                 raise FailedPrecondition(f"transform {name!r} is in use by {', '.join(users)}; stop those first")
-            rec = compat.get(name)
-            if self.shared is None or rec.state != "ready":
+            if publish is None:
                 return compat.delete(name, list(self.collections.values()))
             try:
-                self.shared.unpublish_transform(name)  # the other front-ends forget it
+                publish.unpublish_transform(name)  # the other front-ends forget it
                 return compat.delete(name, list(self.collections.values()))
             finally:
-                self.shared.deleting.discard(name)
+                publish.deleting.discard(name)
 
     def collection(self, name: str) -> AnyCollection:
         self._ready()

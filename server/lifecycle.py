@@ -286,6 +286,12 @@ class EngineLifecycle:
             raise Unavailable("the compatibility layer is not loaded yet")
         return self.compat
 
+    def transform_users(self, name: str) -> list[str]:
+        """What uses transform ``name`` here: routes, shadows, chains, bases (``Compat.users``) and migrations."""
+        assert self.compat is not None
+        users = self.compat.users(name, list(self.collections.values()))
+        return users + (self.migrations.users(name) if self.migrations is not None else [])
+
     def loaded_basis(self, name: str) -> Transform | None:
         """The function of basis transform ``name`` for a milvus collection opened here (at start-up, or
         attached from a shared registry); None for "", and for a transform not loaded here (logged: the

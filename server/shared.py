@@ -432,8 +432,7 @@ class SharedRegistry:
             rec = compat.transforms.get(name)
             if rec is None or rec.state != "ready" or name in self.deleting:
                 return
-            users = compat.users(name, list(e.collections.values()))
-            users += e.migrations.users(name) if e.migrations is not None else []
+            users = e.transform_users(name)
             if users:
                 log.warning(
                     "transform %s was deleted from the shared registry; kept here for %s", name, ", ".join(users)
@@ -443,9 +442,14 @@ class SharedRegistry:
 
     # -- collections ---------------------------------------------------------------------------
 
+    @staticmethod
+    def _collection_value(spec: CollectionSpec, created_at: float) -> bytes:
+        """A collection's value under ``collections/<name>``, as :meth:`_attach` reads it."""
+        return json.dumps({"spec": dataclasses.asdict(spec), "created_at": created_at}).encode()
+
     def publish_collection(self, row: CollectionRow) -> None:
         """Registers a milvus collection; AlreadyExists if another front-end registered the name."""
-        value = json.dumps({"spec": dataclasses.asdict(row.spec), "created_at": row.created_at}).encode()
+        value = self._collection_value(row.spec, row.created_at)
         ok, _ = self.etcd.put_if(self.key("collections", row.spec.name), value, 0)
         if not ok:
             raise AlreadyExists(f"collection {row.spec.name!r} already exists in the shared registry {self.uri}")
@@ -462,9 +466,7 @@ class SharedRegistry:
         e, spec = self.engine, CollectionSpec(**d["spec"])
         have = e.collections.get(name)
         if isinstance(have, MilvusCollection) and have.uri == spec.backend_uri and have.home.name != spec.home_space:
-            fresh = follow.adopt_finish(self._migrations(), name, spec.home_space)  # FinishMigration elsewhere
-            if fresh is not None:
-                self.hook(fresh)
+            follow.adopt_finish(self._migrations(), name, spec.home_space)  # FinishMigration elsewhere
             return
         with e._ddl_lock, e._registry_lock:
             have = e.collections.get(name)
@@ -581,8 +583,7 @@ class SharedRegistry:
         name, old = col.name, col.home.name
         mkey, rkey = self.key("migrations", name), self.key("routes", name)
         entries = {old: {"transform": reverse, "forced": False, "shadow": "", "shadow_rate": 0.0}} if reverse else {}
-        spec = dataclasses.replace(col.row.spec, home_space=new_space)
-        value = json.dumps({"spec": dataclasses.asdict(spec), "created_at": col.row.created_at}).encode()
+        value = self._collection_value(dataclasses.replace(col.row.spec, home_space=new_space), col.row.created_at)
         assert self.engine.routes is not None
         with self._mig_lock, self.engine.routes._lock:  # neither the record nor the table followed as another's
             ok, now = self.etcd.txn(

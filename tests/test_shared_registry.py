@@ -9,6 +9,7 @@ without the milvus extra, these tests skip with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import shutil
 import socket
@@ -173,6 +174,25 @@ def _fit(c: Client, name: str, w: dict[str, np.ndarray], noise: float = 0.0) -> 
     c.fit_transform(name, "procrustes", source_space="new", target_space="old", doc_pairs=(new, w["old"]))
 
 
+@contextlib.contextmanager
+def _stalled(owner: Any, attr: str) -> Iterator[threading.Event]:
+    """``owner.attr`` (a step of a front-end's watch) waits until the block ends, then runs; yields an event
+    set once a call waits: the front-end has not applied what came from etcd meanwhile."""
+    held, release, real = threading.Event(), threading.Event(), getattr(owner, attr)
+
+    def slow(*args: Any, **kw: Any) -> Any:
+        held.set()
+        release.wait(30)
+        return real(*args, **kw)
+
+    setattr(owner, attr, slow)
+    try:
+        yield held
+    finally:
+        release.set()
+        setattr(owner, attr, real)
+
+
 def _ready(c: Client, name: str) -> bool:
     """Transform ``name`` is ready on ``c`` (not there yet: False)."""
     try:
@@ -226,22 +246,12 @@ def test_an_activation_on_a_stale_table_loses_and_changes_nothing(pair: Any) -> 
     for name in ("t1", "t2"):
         a.wait_transform(name)
         wait_for(lambda n=name: _ready(b, n), 10)
-    shared = srv_b.engine.shared
-    held, release = threading.Event(), threading.Event()
-    apply = shared._apply_routes
-
-    def slow(*args: Any, **kw: Any) -> None:
-        held.set()
-        release.wait(30)
-        apply(*args, **kw)
-
-    shared._apply_routes = slow  # b's watch stalls on the next route table
-    a.activate_route("g", "t1", force=True)
-    assert held.wait(10)
-    with pytest.raises(FailedPrecondition, match="changed by another front-end"):
-        b.activate_route("g", "t2", force=True)
-    assert _live(b, "g") == {}  # nothing changed on b
-    release.set()
+    with _stalled(srv_b.engine.shared, "_apply_routes") as held:  # b's watch stalls on the next route table
+        a.activate_route("g", "t1", force=True)
+        assert held.wait(10)
+        with pytest.raises(FailedPrecondition, match="changed by another front-end"):
+            b.activate_route("g", "t2", force=True)
+        assert _live(b, "g") == {}  # nothing changed on b
     wait_for(lambda: _live(b, "g") == {"new": "t1"}, 10)
     b.activate_route("g", "t2", force=True)  # on the table it has now seen: accepted
     wait_for(lambda: _live(a, "g") == {"new": "t2"}, 10)
@@ -556,16 +566,7 @@ def test_a_migration_changed_elsewhere_is_refused_then_followed(pair: Any) -> No
     w, ids = _migration_world(a, b)
     a.start_migration("m", "new", "t")
     wait_for(lambda: _phase(b, "m") == "backfill", 10)
-    held, release = threading.Event(), threading.Event()
-    real = follow.forget
-
-    def slow(*args: Any, **kw: Any) -> None:
-        held.set()
-        release.wait(30)
-        real(*args, **kw)
-
-    follow.forget = slow  # type: ignore[assignment]  # b's watch stalls on the next abort
-    try:
+    with _stalled(follow, "forget") as held:  # b's watch stalls on the next abort
         a.upsert("m", ids[:10], w["new"][:10], space="new")
         a.abort_migration("m")
         assert held.wait(10)
@@ -573,9 +574,6 @@ def test_a_migration_changed_elsewhere_is_refused_then_followed(pair: Any) -> No
         with pytest.raises(FailedPrecondition, match="changed by another front-end"):
             b.abort_migration("m")
         assert _phase(b, "m") == "backfill" and _phase(a, "m") == "backfill"
-    finally:
-        release.set()
-        follow.forget = real  # type: ignore[assignment]
     wait_for(lambda: _migration(b, "m") == ("backfill", "r"), 10)
     b.abort_migration("m")
     wait_for(lambda: _phase(a, "m") == "none", 10)
@@ -627,22 +625,12 @@ def test_a_space_registered_elsewhere_with_another_definition_is_refused(pair: A
     dimension is refused by the registry, and nothing is stored on b."""
     _, a = pair("a")
     srv_b, b = pair("b")
-    shared = srv_b.engine.shared
-    held, release = threading.Event(), threading.Event()
-    apply = shared._apply_space
-
-    def slow(d: Any) -> None:
-        held.set()
-        release.wait(30)
-        apply(d)
-
-    shared._apply_space = slow
-    a.register_space("s", D)
-    assert held.wait(10)
-    with pytest.raises(AlreadyExists, match=f"already registered in the shared registry .* as {D} dims"):
-        b.register_space("s", 2 * D)
-    assert b.list_spaces() == []
-    release.set()
+    with _stalled(srv_b.engine.shared, "_apply_space") as held:
+        a.register_space("s", D)
+        assert held.wait(10)
+        with pytest.raises(AlreadyExists, match=f"already registered in the shared registry .* as {D} dims"):
+            b.register_space("s", 2 * D)
+        assert b.list_spaces() == []
     wait_for(lambda: [(s.name, s.dim) for s in b.list_spaces()] == [("s", D)], 10)
     b.register_space("t", D)  # and b's own registrations reach a
     wait_for(lambda: [s.name for s in a.list_spaces()] == ["s", "t"], 10)

@@ -93,15 +93,7 @@ def adopt_finish(migs: Migrations, name: str, new_space: str) -> MilvusCollectio
         if isinstance(mig, MilvusMigration):
             mig.follow_switch(False)
         with col.lock:
-            e.store.rehome_collection(col.row.cid, col.home.name, new_space, reverse)
-            row = e.store.collection(name)
-            assert row is not None
-            fresh = MilvusCollection(row, new, e.spaces, e.store, e.milvus, e.metrics)
-            fresh.fields = dict(col.fields) if col.fields is not None else None
-            col.retired = f"collection {name!r} was reopened with home space {new_space!r}; retry"
-            e.collections[name] = fresh
-        assert e.routes is not None
-        e.routes.load({name: fresh})
+            fresh = migs.reopen_milvus(col, new, reverse)
     migs._set_phase(name, "finished")
     if mig is not None:
         with contextlib.suppress(KeyError):  # (published at this front-end's first write of it, if any)

@@ -346,22 +346,12 @@ class Migrations:
                 raise FailedPrecondition(
                     f"collection {collection!r} is in phase {mig.phase}; FinishMigration needs a cutover first"
                 )
-            store = e._ready()
+            e._ready()
             npoints, counts = col.counted()
             with mig.gate.exclusive(), col.lock:
                 if e.shared is not None:  # record, spec and route table in one transaction (``shared.py``)
                     e.shared.commit_finish(col, mig.new.name, mig.rec.reverse_transform)
-                store.rehome_collection(col.row.cid, mig.old.name, mig.new.name, mig.rec.reverse_transform)
-                row = store.collection(collection)
-                assert row is not None
-                fresh = MilvusCollection(row, mig.new, e.spaces, store, e.milvus, e.metrics)
-                fresh.fields = dict(col._fields())
-                if e.shared is not None:
-                    e.shared.hook(fresh)
-                col.retired = f"collection {collection!r} was reopened with home space {mig.new.name!r}; retry"
-                e.collections[collection] = fresh
-                assert e.routes is not None
-                e.routes.load({collection: fresh})
+                fresh = self.reopen_milvus(col, mig.new, mig.rec.reverse_transform)
                 del self.active[collection]
                 mig.rec = dataclasses.replace(mig.rec, phase="finished")
             with fresh.lock, fresh.writing():  # (shared: the other front-ends count the collection again after it)
@@ -376,6 +366,25 @@ class Migrations:
         self._set_phase(collection, "finished")
         e.metrics.migration_coverage.remove(collection, mig.old.name)
         return mig
+
+    def reopen_milvus(self, col: MilvusCollection, new: SpaceRow, reverse: str) -> MilvusCollection:
+        """``col`` reopened with home space ``new``, by FinishMigration here or followed from another front-end
+        of a shared registry (``follow.adopt_finish``): the row rehomed in one store transaction (the routes
+        into the old home end; ``reverse``, if any, becomes the route from it), the new collection swapped
+        in, its routes loaded. The caller holds :attr:`lock`, the engine's DDL lock and ``col.lock``."""
+        e, store = self.engine, self.engine.store
+        assert store is not None and e.routes is not None
+        store.rehome_collection(col.row.cid, col.home.name, new.name, reverse)
+        row = store.collection(col.name)
+        assert row is not None
+        fresh = MilvusCollection(row, new, e.spaces, store, e.milvus, e.metrics)
+        fresh.fields = dict(col.fields) if col.fields is not None else None  # (None: read from the engine when used)
+        if e.shared is not None:
+            e.shared.hook(fresh)
+        col.retired = f"collection {col.name!r} was reopened with home space {new.name!r}; retry"
+        e.collections[col.name] = fresh
+        e.routes.load({col.name: fresh})
+        return fresh
 
     def _switch(self, mig: MilvusMigration) -> None:
         """:meth:`MilvusMigration.switch_index`, announced to the other front-ends of a shared registry
