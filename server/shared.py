@@ -13,6 +13,7 @@ before and mirrors into it what every front-end of the prefix shares (``docs/ARC
                                         whether a cutover's index switch is running
     <prefix>/locks/<collection>         the write lock (a lease), held for one write batch
     <prefix>/writes/<collection>        the last writer: others count the collection again
+    <prefix>/keys/<collection>          the next free primary key: front-ends reserve blocks of keys
 
 **Atomic activation.** A route change (activate, roll back, shadow) writes the new table in one etcd
 transaction that compares the key's ``mod_revision`` with the one this front-end last applied: of
@@ -71,6 +72,7 @@ __all__ = ["CHUNK_BYTES", "LEASE_TTL", "SharedRegistry"]
 log = logging.getLogger(__name__)
 
 LEASE_TTL = 10  #: seconds a crashed front-end's write lock outlives it
+KEY_BLOCK = 16384  #: primary keys a front-end reserves at a time (``milvus_table.py``, "Keys")
 CHUNK_BYTES = 512 * 1024  #: transform weights per etcd value (etcd takes requests up to 1.5 MiB; base64 adds 1/3)
 _SPACE_FIELDS = ("name", "dim", "metric", "description", "created_at")
 JSON_KINDS = ("spaces", "transforms", "collections", "routes", "migrations")  #: the keys whose values are JSON
@@ -94,6 +96,7 @@ class SharedRegistry:
         self.deleting: set[str] = set()  #: transforms this front-end is deleting (``Engine.delete_transform``)
         self.lease = 0
         self._last_write: dict[str, int] = {}  #: collection -> revision of this front-end's last write
+        self._keys: dict[str, tuple[int, int]] = {}  #: collection -> its keys reserved here and unused [from, to)
         #: collection -> mod_revision of its migration record as this front-end applied it (0: none)
         self.mig_rev: dict[str, int] = {}
         self._mig_seen: dict[str, int] = {}  #: collection -> the last revision of its record handled here
@@ -448,9 +451,17 @@ class SharedRegistry:
         return json.dumps({"spec": dataclasses.asdict(spec), "created_at": created_at}).encode()
 
     def publish_collection(self, row: CollectionRow) -> None:
-        """Registers a milvus collection; AlreadyExists if another front-end registered the name."""
-        value = self._collection_value(row.spec, row.created_at)
-        ok, _ = self.etcd.put_if(self.key("collections", row.spec.name), value, 0)
+        """Registers a milvus collection, with the next of its primary keys this front-end's store would
+        hand out (:meth:`take_keys` goes on from there); AlreadyExists if another front-end registered the name."""
+        assert self.engine.store is not None
+        name, keys = row.spec.name, self.engine.store.keys_used(row.cid)
+        ok, _ = self.etcd.txn(
+            [self.etcd.same_revision(self.key("collections", name), 0)],
+            [
+                self.etcd.op_put(self.key("collections", name), self._collection_value(row.spec, row.created_at)),
+                self.etcd.op_put(self.key("keys", name), str(keys).encode()),
+            ],
+        )
         if not ok:
             raise AlreadyExists(f"collection {row.spec.name!r} already exists in the shared registry {self.uri}")
 
@@ -459,7 +470,8 @@ class SharedRegistry:
 
     def unpublish_collection(self, name: str) -> None:
         self.require_sync()
-        kinds = ("collections", "routes", "migrations", "locks", "writes")
+        self._keys.pop(name, None)
+        kinds = ("collections", "routes", "migrations", "locks", "writes", "keys")
         self.etcd.txn([], [self.etcd.op_delete(self.key(kind, name)) for kind in kinds])
 
     def _attach(self, name: str, d: dict[str, Any]) -> None:
@@ -495,13 +507,38 @@ class SharedRegistry:
             del e.collections[name]
             with col.lock:  # after a write in progress
                 col.detach()
+                self._keys.pop(name, None)  # a collection of that name created again has keys of its own
         self.tables.pop(name, None)
         e._unwatch_unused(col.uri)
         log.info("detached collection %s: deleted in the shared registry", name)
 
     def hook(self, col: MilvusCollection) -> None:
-        """Makes ``col``'s writes take the shared write lock."""
+        """Makes ``col``'s writes take the shared write lock, and its new points' keys from the registry."""
         col.writing = functools.partial(self.writing, col)
+        col.take_keys = functools.partial(self.take_keys, col)
+
+    def take_keys(self, col: MilvusCollection, n: int) -> int:
+        """The first of ``n`` primary keys for ``col``'s new points, from a block this front-end reserved
+        in ``keys/<collection>`` (a compare-and-swap per :data:`KEY_BLOCK` keys, before the engine write
+        uses them: no key is handed out twice, a crash leaves a gap). A collection registered without the
+        key (none should be) starts past every key its engine holds."""
+        start, end = self._keys.get(col.name, (0, 0))
+        if end - start < n:
+            key, want = self.key("keys", col.name), max(n, KEY_BLOCK)
+            while True:
+                kv = self.etcd.get(key)
+                if kv is not None:
+                    start = int(kv.value)
+                else:
+                    col.check_keys()  # (the store's counter, moved past the engine's keys)
+                    assert self.engine.store is not None
+                    start = self.engine.store.keys_used(col.row.cid)
+                ok, _ = self.etcd.put_if(key, str(start + want).encode(), kv.mod_revision if kv else 0)
+                if ok:
+                    break
+            end = start + want
+        self._keys[col.name] = (start + n, end)
+        return start
 
     # -- routes --------------------------------------------------------------------------------
 

@@ -121,6 +121,7 @@ class Store(RegistryTables, MigrationTables):
         with self._tx() as seq:
             for table in ("vectors", "points", "routes", "collections", "migrations"):
                 self._w.execute(f"DELETE FROM {table} WHERE cid=?", (cid,))
+            self._w.execute("DELETE FROM meta WHERE key=?", (f"keys:{cid}",))
         return seq
 
     def set_backend(self, cid: int, backend: str, uri: str) -> int:
@@ -149,6 +150,38 @@ class Store(RegistryTables, MigrationTables):
         with self._tx() as seq:
             self._w.execute("UPDATE collections SET last_sequence=? WHERE cid=?", (seq, cid))
         return seq
+
+    # -- a milvus collection's primary keys --------------------------------------------------------
+    # Dense INT64 keys (``backends/milvus_table.py``, "Keys"): a counter per collection in ``meta``, under
+    # ``keys:<cid>``; keys below it may be in the engine, none at or above it was handed out.
+
+    def stamp_keys(self, cid: int, n: int) -> tuple[int, int]:
+        """:meth:`stamp` that also takes ``n`` keys of collection ``cid`` in the same transaction:
+        (sequence, the first of the n keys)."""
+        with self._tx() as seq:
+            self._w.execute("UPDATE collections SET last_sequence=? WHERE cid=?", (seq, cid))
+            first = self._take_keys(cid, n, 0)
+        return seq, first
+
+    def reserve_keys(self, cid: int, n: int, floor: int = 0) -> int:
+        """Takes ``n`` keys of collection ``cid``, none below ``floor``, in one durable transaction;
+        returns the first."""
+        with self._tx():
+            return self._take_keys(cid, n, floor)
+
+    def keys_used(self, cid: int) -> int:
+        """The next key collection ``cid`` would hand out (0 before any)."""
+        with self._lock:
+            return self._keys_used(cid)
+
+    def _keys_used(self, cid: int) -> int:
+        r = self._w.execute("SELECT value FROM meta WHERE key=?", (f"keys:{cid}",)).fetchone()
+        return int(r[0]) if r else 0
+
+    def _take_keys(self, cid: int, n: int, floor: int) -> int:
+        first = max(self._keys_used(cid), floor)
+        self._w.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"keys:{cid}", first + n))
+        return first
 
     def upsert(
         self,

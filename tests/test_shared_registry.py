@@ -29,6 +29,7 @@ from interlingua.server import Server
 from interlingua.server.config import ServerConfig
 from interlingua.server.errors import Unavailable as EtcdDown
 from interlingua.server.etcd import Etcd, parse_registry_uri
+from interlingua.server.shared import KEY_BLOCK
 
 ETCD = shutil.which("etcd")
 HAVE_MILVUS = all(importlib.util.find_spec(m) is not None for m in ("pymilvus", "milvus_lite"))
@@ -293,8 +294,17 @@ def test_concurrent_activations_leave_one_table_everywhere(pair: Any, direct: Et
     wait_for(lambda: _live(a, "g") == _live(b, "g") == {"new": final}, 10)
 
 
-def test_writes_from_both_front_ends_merge_and_count(pair: Any) -> None:
-    _, a = pair("a")
+def _engine_keys(srv: Server, name: str) -> dict[str, int]:
+    """id -> primary key of every row the engine holds for ``name``; one row per id, no key twice."""
+    col = srv.engine.collections[name]
+    got = col._call("q", lambda c: c.query(col.mname, filter="pk >= 0", output_fields=["pk", "id"], limit=16384))
+    rows = {str(r["id"]): int(r["pk"]) for r in got}
+    assert len(rows) == len(got) and len(set(rows.values())) == len(rows)
+    return rows
+
+
+def test_writes_from_both_front_ends_merge_and_count(pair: Any, direct: Etcd) -> None:
+    sa, a = pair("a")
     _, b = pair("b")
     w = _world(a)
     wait_for(lambda: [col.name for col in b.list_collections()] == ["g"], 10)
@@ -324,6 +334,14 @@ def test_writes_from_both_front_ends_merge_and_count(pair: Any) -> None:
     np.testing.assert_allclose(got.vectors["new"], w["new"][0] / np.linalg.norm(w["new"][0]), rtol=1e-5)
     a.delete("g", ["p0"])
     wait_for(lambda: b.get_collection("g").num_points == N - 1, 10)
+    keys = _engine_keys(sa, "g")  # each front-end's new points took keys from its own block
+    assert len(keys) == N - 1
+    by_a = {keys[f"p{k}"] for k in range(1, half)}
+    by_b = {keys[f"p{k}"] for k in range(half, N)}
+    assert max(by_a) < min(by_b) or max(by_b) < min(by_a)
+    assert max(keys.values()) < 2 * KEY_BLOCK
+    registered = direct.get(sa.engine.shared.key("keys", "g"))
+    assert registered is not None and int(registered.value) == 2 * KEY_BLOCK
 
 
 def test_the_write_lock_of_a_crashed_front_end_expires(pair: Any, direct: Etcd) -> None:
@@ -430,8 +448,9 @@ def test_deletions_reach_every_front_end_even_one_that_was_down(pair: Any, tmp_p
 
 def test_a_collection_moved_to_the_engine_is_shared(pair: Any, milvus: str) -> None:
     """An embedded collection of a shared front-end moved to the shared engine is attached by the other
-    front-end, with the same answers; moving a name the registry has already is refused, nothing changed."""
-    _, a = pair("a")
+    front-end, with the same answers, and both go on with keys past the copy's; moving a name the registry
+    has already is refused, nothing changed."""
+    sa, a = pair("a")
     _, b = pair("b")
     a.register_space("old", D)
     a.create_collection("e", "old", "Flat", backend="embedded")  # local to a: not in the registry
@@ -453,6 +472,12 @@ def test_a_collection_moved_to_the_engine_is_shared(pair: Any, milvus: str) -> N
     _, ref = brute_force(xb, xq, 5)
     for c in (a, b):
         np.testing.assert_array_equal(c.search("e", xq, 5, space="old").ids, ids[ref])
+    copied = _engine_keys(sa, "e")
+    assert sorted(copied.values()) == list(range(N))  # the copy's keys: the registry goes on from there
+    b.upsert("e", ["b0"], make_data(1, D, seed=5), space="old")
+    a.upsert("e", ["a0", "p3"], make_data(2, D, seed=6), space="old")
+    keys = _engine_keys(sa, "e")
+    assert keys["p3"] == copied["p3"] and min(keys["a0"], keys["b0"]) >= N and len(keys) == N + 2
     b.create_collection("e2", "old", "Flat", backend="embedded")  # b's own, then a's of the same name
     a.create_collection("e2", "old", "Flat", backend="embedded")
     b.move_collection("e2", milvus)

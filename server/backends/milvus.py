@@ -9,7 +9,8 @@ through the collection's basis transform, if any: :meth:`MilvusCollection.to_bas
 and gRPC errors. Writes keep the embedded backend's semantics under the collection's write lock: a
 write takes its sequence number from the store (one durable transaction), reads the rows it
 touches, merges (an upsert in one space keeps the point's other vectors, and its payload when none
-is given) and upserts whole rows, at consistency level Strong, so the next search sees an
+is given; a new point takes the next dense key: ``milvus_table.py``, "Keys") and upserts whole rows,
+at consistency level Strong, so the next search sees an
 acknowledged write (read-your-writes). Searches return what the embedded backend returns: scores
 (IP for cosine and ip, squared L2 for l2), ids, "" and -inf (+inf for l2) padding. One front-end
 per Milvus collection: two front-ends writing the same points could interleave their
@@ -38,7 +39,7 @@ from ..pipeline import map_queries
 from ..store import SpaceRow
 from ..transforms import Transform
 from .milvus_schema import MAX_PAYLOAD_BYTES, MAX_VECTOR_FIELDS
-from .milvus_table import CHUNK, MilvusTable, as_vector, delete_ids, upsert_rows
+from .milvus_table import CHUNK, KEY_FIELD, MilvusTable, as_vector, flush, key_map, upsert_rows
 
 __all__ = ["RECOUNT_SECONDS", "MilvusCollection", "MilvusView"]
 
@@ -84,8 +85,8 @@ class MilvusCollection(MilvusTable):
         with self.lock, self.writing():
             self._check_live()
             self._ensure_counted()
-            old = self._rows(ids, ["id", "payload", "spaces", *fields.values()])
-            seq = self.store.stamp(self.row.cid)
+            old = self._rows(ids, self.key_out(["id", "payload", "spaces", *fields.values()]))
+            seq, key = self.stamp(len(ids) - len(old))
             rows, new_vectors = [], 0
             zeros = {fld: np.zeros(self.spaces[sp].dim, np.float32) for sp, fld in fields.items()}
             for i, pid in enumerate(ids):  # ids are unique in a request (validate.py)
@@ -94,6 +95,9 @@ class MilvusCollection(MilvusTable):
                 new_vectors += f not in have
                 have.add(f)
                 row: dict[str, Any] = {"id": pid, "seq": seq, "spaces": sorted(have)}
+                if self.keyed:  # an existing point keeps its key, a new one takes the next ("Keys")
+                    row[KEY_FIELD] = prev[KEY_FIELD] if prev else key
+                    key += prev is None
                 row["payload"] = payloads[i] if payloads[i] is not None else (prev["payload"] if prev else None)
                 for fld, zero in zeros.items():  # no vector in a space: zeros, and not in ``spaces``
                     row[fld] = x[i] if fld == f else (as_vector(prev[fld]) if prev and fld in have else zero)
@@ -102,6 +106,8 @@ class MilvusCollection(MilvusTable):
             if f != self.home_field and len(old) < len(ids):
                 self.may_lack_home = True  # new points without a home vector: searches filter from now
             try:
+                if self.keyed:
+                    self.map_keys([r for r in rows if r["id"] not in old])  # (before the rows: "Keys")
                 for i in range(0, len(rows), CHUNK):
                     chunk = rows[i : i + CHUNK]
                     self._call("upsert", functools.partial(upsert_rows, self.mname, chunk, self.engines.timeout))
@@ -131,8 +137,7 @@ class MilvusCollection(MilvusTable):
             present = list(old)
             try:
                 for i in range(0, len(present), CHUNK):
-                    chunk = present[i : i + CHUNK]
-                    self._call("delete", functools.partial(delete_ids, self.mname, chunk, self.engines.timeout))
+                    self.delete_rows(present[i : i + CHUNK])
             except BaseException:
                 self.forget_counts()
                 raise
@@ -340,7 +345,8 @@ class MilvusCollection(MilvusTable):
             n = self.unflushed
             try:
                 with self.flush_gate.exclusive():
-                    self._call("flush", lambda c: c.flush(self.mname, timeout=self.engines.timeout))
+                    for name in (self.mname, key_map(self.mname)) if self.keyed else (self.mname,):
+                        self._call("flush", functools.partial(flush, name, self.engines.timeout))
             except InterlinguaError as e:
                 log.warning("flush of milvus collection %s failed: %s", self.name, e.message)
                 return False

@@ -4,7 +4,9 @@ One Milvus collection per Interlingua collection, named by :func:`milvus_name` (
 ``[A-Za-z0-9_]`` only: the name is sanitized and a hash of the exact name appended, so two names that
 sanitize alike stay apart). Its fields:
 
-- ``id``: VARCHAR primary key, the point id (at most ``MAX_ID_CHARS``);
+- ``pk``: INT64 primary key, handed out densely by the front-end (``milvus_table.py``, "Keys"; a
+  collection created before it has ``id`` as its primary key, and is served as it is);
+- ``id``: VARCHAR, the point id (at most ``MAX_ID_CHARS``); reads, deletes and results use it;
 - ``payload``: VARCHAR, nullable: the JSON payload as the client sent it (at most 65,535 bytes);
 - ``seq``: INT64, the sequence number of the point's last write (``GetPoints``' ``sequence``);
 - ``spaces``: ARRAY of VARCHAR: the vector fields the point has a vector in;

@@ -15,6 +15,25 @@ query: on Milvus Lite a filtered count materializes every matching row (over 10 
 over-counted after concurrent overwrites. Counts assigned whole (a new collection's empty ones, a
 move's verified ones) are kept as given; a write whose engine call failed (it may have been applied
 in part) makes them counted again. Covered by ``tests/test_backends.py``.
+
+**Keys.** A collection's primary key is ``pk``, an INT64 the front-end hands out densely (0, 1, 2, ...);
+the point id is the VARCHAR field ``id`` beside it (``milvus_schema.py``). Milvus Lite passes over every
+row's primary key in Python on each search and query (a dict of each key's newest row), and that pass
+costs a third less over dense integers than over strings or hashed integers
+(``bench/milvus_lite_keys.py``: 100k x 64, nq 64, p50 77.9 ms against 103.2 with the point id as the
+key, 71.1 for a bare collection). Reads by point id go through a second Milvus collection, the key map
+(:func:`key_map`: the point id its VARCHAR primary key, the key beside it), because an engine finds rows
+by primary key directly and a filter on another field scans every row (Milvus Lite: in Python, and a
+200k-point load through the service ran at a quarter of its speed before the map). The key map is
+written before the collection (a new point's key) and deleted from after it, so a crash between the two
+leaves only a key map entry whose row is missing, which reads ignore and the next write of that id
+replaces. A write reads the rows it touches anyway, so an existing point keeps
+its key and a new one takes the next: from a counter in the store, taken in the write's sequence
+transaction (durable before the engine write, so a key is never handed out twice), or, on a front-end
+of a shared registry, from a block of keys reserved in etcd (``shared.py``). The first write after a
+start also checks that the engine holds no key at or above the counter (a store restored from an older
+copy) and moves the counter past it. Collections created before this (``id`` the VARCHAR primary key,
+:attr:`MilvusTable.keyed` False) are served as they are.
 """
 
 from __future__ import annotations
@@ -55,12 +74,16 @@ from .milvus_schema import (
 
 __all__ = [
     "CHUNK",
+    "KEY_FIELD",
     "MOVE_PROPERTY",
     "MilvusTable",
     "ReadWriteGate",
     "as_vector",
     "delete_ids",
+    "drop_if",
+    "flush",
     "is_lite",
+    "key_map",
     "lite_index_rows",
     "query_rows",
     "upsert_rows",
@@ -68,6 +91,8 @@ __all__ = [
 
 R = TypeVar("R")
 CHUNK = 4096  #: ids per query and rows per upsert or delete call
+KEY_FIELD = "pk"  #: the dense INT64 primary key of a collection (see "Keys")
+_MAP_VECTOR = [0.0, 0.0]  #: the key map's one vector (Milvus wants a vector field in every collection)
 COUNT_TIMEOUT = 600.0  #: seconds for the one count of a collection (Milvus Lite: seconds per 100k rows)
 MOVE_PROPERTY = "interlingua_move"  #: collection property marking a collection a move made (``move.py``)
 
@@ -147,6 +172,12 @@ class MilvusTable:
         self.index_field = self.prefix_field or self.full_field  #: the vector field with the collection's index
         self.extra_fields = bool(self.prefix_field) + bool(self.basis_field)  #: vector fields that are no space's
         self.fields: dict[str, str] | None = None  #: space -> vector field, read from the engine once
+        #: the primary key is :data:`KEY_FIELD` (dense keys); False: the point id (a collection created before)
+        self.keyed = True
+        #: a shared registry's keys (``shared.py``): n -> the first of n keys reserved for this front-end;
+        #: None: the store's counter
+        self.take_keys: Callable[[int], int] | None = None
+        self._keys_checked = False
         self.routes: Mapping[str, Route] = {}  #: replaced whole on every change (one reference swap)
         self.lock = threading.Lock()  #: serializes this front-end's writes (read-merge-write)
         #: taken inside :attr:`lock` by every write batch: a shared registry's write lock across front-ends
@@ -185,9 +216,12 @@ class MilvusTable:
         raise Unavailable(f"milvus collection {self.mname!r} at {self.uri} does not stay loaded; retry")
 
     def _load(self) -> None:
+        """Loads the collection, and its key map."""
         epoch = self.engines.epoch(self.uri)
-        with contextlib.suppress(NotLoaded):
-            self.engines.call(self.uri, "load", lambda c: c.load_collection(self.mname, timeout=self.engines.timeout))
+        names = [self.mname, key_map(self.mname)] if self._fields() and self.keyed else [self.mname]
+        for name in names:
+            with contextlib.suppress(NotLoaded):
+                self.engines.call(self.uri, "load", functools.partial(load, name, self.engines.timeout))
         self._loaded_epoch = epoch
 
     def create(self, spaces: Sequence[SpaceRow], marker: str = "") -> None:
@@ -201,7 +235,8 @@ class MilvusTable:
         dt = pymilvus.DataType
         schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description=marker)
         extra = {"properties": {MOVE_PROPERTY: marker}} if marker else {}
-        schema.add_field("id", dt.VARCHAR, is_primary=True, max_length=MAX_ID_CHARS)
+        schema.add_field(KEY_FIELD, dt.INT64, is_primary=True)
+        schema.add_field("id", dt.VARCHAR, max_length=MAX_ID_CHARS)
         schema.add_field("payload", dt.VARCHAR, max_length=MAX_PAYLOAD_BYTES, nullable=True)
         schema.add_field("seq", dt.INT64)
         schema.add_field("spaces", dt.ARRAY, element_type=dt.VARCHAR, max_capacity=len(spaces), max_length=32)
@@ -230,18 +265,29 @@ class MilvusTable:
                 index.add_index(f, index_type="FLAT", metric_type=METRIC[self.home.metric])
         t = self.engines.timeout
 
+        kmap, kschema = key_map(self.mname), pymilvus.MilvusClient.create_schema(auto_id=False, description=marker)
+        kschema.add_field("id", dt.VARCHAR, is_primary=True, max_length=MAX_ID_CHARS)
+        kschema.add_field("key", dt.INT64)
+        kschema.add_field("z", dt.FLOAT_VECTOR, dim=len(_MAP_VECTOR))
+        kindex = pymilvus.MilvusClient.prepare_index_params()
+        kindex.add_index("z", index_type="FLAT", metric_type="L2")
+
         def create(c: Any) -> None:
             if c.has_collection(self.mname, timeout=t):
                 raise FailedPrecondition(
                     f"milvus collection {self.mname!r} already exists at {self.uri} (another front-end or an earlier"
                     " data dir holds it); drop it there or choose another name"
                 )
+            if c.has_collection(kmap, timeout=t):  # left by a creation that failed half-way
+                c.drop_collection(kmap, timeout=t)
+            c.create_collection(kmap, schema=kschema, index_params=kindex, consistency_level="Strong", timeout=t)
             c.create_collection(
                 self.mname, schema=schema, index_params=index, consistency_level="Strong", timeout=t, **extra
             )
 
         self._call("create collection", create)
         self.fields = {sp.name: field_name(sp.name) for sp in spaces}
+        self.keyed = True
         self._loaded_epoch = self.engines.epoch(self.uri)
 
     def _fields(self) -> dict[str, str]:
@@ -252,19 +298,94 @@ class MilvusTable:
             have = {f["name"] for f in desc["fields"]}
             fields = {s: field_name(s) for s in spaces if field_name(s) in have}
             fields[self.home.name] = self.home_field
+            self.keyed = KEY_FIELD in have
             self.fields = fields
         return self.fields
 
+    def stamp(self, new: int) -> tuple[int, int]:
+        """A write's sequence number (one durable store transaction) and the first of ``new`` keys for the
+        points it adds (0 when it adds none, or the collection has no dense keys); the caller holds the
+        write lock and has read the rows it touches. See "Keys"."""
+        self._fields()  # (reads :attr:`keyed`)
+        if not self.keyed or not new:
+            return self.store.stamp(self.row.cid), 0
+        if self.take_keys is not None:
+            return self.store.stamp(self.row.cid), self.take_keys(new)
+        self.check_keys()
+        return self.store.stamp_keys(self.row.cid, new)
+
+    def reserve_keys(self, n: int) -> int:
+        """The first of ``n`` keys for rows written outside :meth:`stamp` (a move's copy)."""
+        self._fields()
+        if self.take_keys is not None:
+            return self.take_keys(n)
+        self.check_keys()
+        return self.store.reserve_keys(self.row.cid, n)
+
+    def check_keys(self) -> None:
+        """Once per start: moves the store's key counter past any key the engine holds at or above it."""
+        if self._keys_checked:
+            return
+        used = top = self.store.keys_used(self.row.cid)
+        while True:  # (at most CHUNK rows a query: again from past the largest)
+            query = functools.partial(past_keys, self.mname, top)
+            got = self._call("query", query)
+            if not got:
+                break
+            top = max(int(r[KEY_FIELD]) for r in got) + 1
+        if top > used:
+            self.store.reserve_keys(self.row.cid, 0, top)
+        self._keys_checked = True
+
+    def key_out(self, out: list[str]) -> list[str]:
+        """``out`` with the primary key, for a read whose rows are written back."""
+        return [*out, KEY_FIELD] if self.keyed else out
+
     def _rows(self, ids: Sequence[str], out: list[str]) -> dict[str, dict[str, Any]]:
-        """The engine's rows of ``ids`` that exist, with fields ``out``."""
+        """The engine's rows of ``ids`` that exist, with fields ``out`` (and the primary key): through the
+        key map by primary key, or by the point id where it is the primary key."""
         rows: dict[str, dict[str, Any]] = {}
+        t = self.engines.timeout
         with self.flush_gate.read():  # not while a flush runs (ReadWriteGate)
             for i in range(0, len(ids), CHUNK):
                 chunk = list(ids[i : i + CHUNK])
-                query = functools.partial(query_rows, self.mname, chunk, out, self.engines.timeout, "")
-                got = self._call("query", query)
-                rows.update((r["id"], r) for r in got)
+                if not self.keyed:
+                    got = self._call("query", functools.partial(query_rows, self.mname, chunk, out, t, ""))
+                    rows.update((r["id"], r) for r in got)
+                    continue
+                keys = self._keys_of(chunk)
+                if not keys:
+                    continue
+                flt = f"{KEY_FIELD} in [{', '.join(map(str, keys.values()))}]"
+                want = out if "*" in out or "id" in out else [*out, "id"]
+                got = self._call("query", functools.partial(query_rows, self.mname, None, want, t, flt))
+                rows.update((r["id"], r) for r in got if keys.get(r["id"]) == r[KEY_FIELD])
         return rows
+
+    def _keys_of(self, ids: list[str]) -> dict[str, int]:
+        """id -> key in the key map, for those of ``ids`` (at most CHUNK) it has."""
+        query = functools.partial(query_rows, key_map(self.mname), ids, ["key"], self.engines.timeout, "")
+        got = self._call("query", query)
+        return {str(r["id"]): int(r["key"]) for r in got}
+
+    def map_keys(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Writes the key map's entries of engine ``rows`` (new points), before the rows themselves."""
+        t = self.engines.timeout
+        entries = [{"id": r["id"], "key": r[KEY_FIELD], "z": _MAP_VECTOR} for r in rows]
+        for i in range(0, len(entries), CHUNK):
+            self._call("upsert", functools.partial(upsert_rows, key_map(self.mname), entries[i : i + CHUNK], t))
+
+    def delete_rows(self, ids: list[str]) -> None:
+        """Deletes the points ``ids`` (at most CHUNK) from the engine: the rows, then their key map entries."""
+        t = self.engines.timeout
+        if not self.keyed:
+            self._call("delete", functools.partial(delete_ids, self.mname, ids, t))
+            return
+        keys = self._keys_of(ids)
+        if keys:
+            flt = f"{KEY_FIELD} in [{', '.join(map(str, keys.values()))}]"
+            self._call("delete", lambda c: c.delete(self.mname, filter=flt, timeout=t))
+            self._call("delete", functools.partial(delete_ids, key_map(self.mname), list(keys), t))
 
     @property
     def counts(self) -> dict[str, int]:
@@ -342,8 +463,30 @@ class MilvusTable:
         self.metrics.collection_failed.labels(self.name).set(0)
 
     def drop_engine_side(self) -> None:
-        """Drops the Milvus collection only (a creation whose row could not be written)."""
-        self._call("drop collection", lambda c: c.drop_collection(self.mname, timeout=self.engines.timeout))
+        """Drops the Milvus collection and its key map only (a creation whose row could not be written)."""
+        t = self.engines.timeout
+        self._call("drop collection", functools.partial(drop_if, self.mname, t))
+        self._call("drop collection", functools.partial(drop_if, key_map(self.mname), t))
+
+
+def load(name: str, timeout: float, client: Any) -> None:
+    client.load_collection(name, timeout=timeout)
+
+
+def flush(name: str, timeout: float, client: Any) -> None:
+    client.flush(name, timeout=timeout)
+
+
+def drop_if(name: str, timeout: float, client: Any) -> None:
+    """Drops Milvus collection ``name`` if it exists."""
+    if client.has_collection(name, timeout=timeout):
+        client.drop_collection(name, timeout=timeout)
+
+
+def key_map(mname: str) -> str:
+    """The key map of Milvus collection ``mname``: point id -> primary key (module docstring, "Keys").
+    (``milvus_name`` ends in hex digits, so no collection's name is another's key map.)"""
+    return mname + "_keys"
 
 
 def is_lite(uri: str) -> bool:
@@ -384,6 +527,12 @@ def as_vector(v: Any) -> np.ndarray:
 def query_rows(name: str, ids: list[str] | None, out: list[str], timeout: float, flt: str, client: Any) -> Any:
     """The rows of ``ids`` (None: those matching ``flt``), with fields ``out``."""
     return client.query(name, filter=flt if ids is None else id_filter(ids), output_fields=out, timeout=timeout)
+
+
+def past_keys(name: str, key: int, client: Any) -> Any:
+    """At most :data:`CHUNK` rows whose primary key is ``key`` or above, with their key."""
+    return client.query(name, filter=f"{KEY_FIELD} >= {key}", output_fields=[KEY_FIELD], limit=CHUNK,
+                        timeout=COUNT_TIMEOUT)  # fmt: skip
 
 
 def upsert_rows(name: str, rows: list[dict[str, Any]], timeout: float, client: Any) -> Any:

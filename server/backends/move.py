@@ -63,7 +63,7 @@ from .milvus_schema import (
     parse_index,
     require_pymilvus,
 )
-from .milvus_table import CHUNK, MOVE_PROPERTY, delete_ids, query_rows, upsert_rows
+from .milvus_table import CHUNK, KEY_FIELD, MOVE_PROPERTY, drop_if, key_map, query_rows, upsert_rows
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -262,6 +262,7 @@ class _Move:
                 )
             log.warning("dropping %s at %s, left over by an earlier move of %s", mname, self.uri, self.col.name)
             c.drop_collection(mname, timeout=t)
+            drop_if(key_map(mname), t, c)
 
         self.table._call("check for a leftover collection", leftover)
         self.table.create(self.spaces, marker=mark)
@@ -281,8 +282,9 @@ class _Move:
         q = functools.partial(query_rows, self.table.mname, None, ["count(*)"], FLUSH_TIMEOUT, flt)
         return int(self.table._call("count", q)[0]["count(*)"])
 
-    def _rows(self, meta: Sequence[tuple[str, str | None, int]]) -> list[dict[str, Any]]:
-        """Engine rows of points ``meta`` ((id, payload, sequence) each), their vectors read from the store."""
+    def _rows(self, meta: Sequence[tuple[str, str | None, int]], again: bool = False) -> list[dict[str, Any]]:
+        """Engine rows of points ``meta`` ((id, payload, sequence) each), their vectors read from the store;
+        ``again``: points the copy may have copied already (the catch-up), whose keys are read."""
         vecs = self.store.vectors(self.cid, [m[0] for m in meta])
         rows = []
         for pid, payload, seq in meta:
@@ -315,7 +317,24 @@ class _Move:
             rows.append(row)
             self.vectors += len(v)
         self.table.derive_fields(rows)  # (zeros for a point without a home vector: not in ``spaces``)
+        self._keys(rows, again)
         return rows
+
+    def _keys(self, rows: list[dict[str, Any]], again: bool) -> None:
+        """Each row's primary key: the one its point has in the engine (copied before, written again
+        since), or the next of the table's keys (``milvus_table.py``, "Keys")."""
+        if not self.table.keyed or not rows:
+            return
+        have = self.table._rows([r["id"] for r in rows], ["id", KEY_FIELD]) if again else {}
+        new = [r for r in rows if r["id"] not in have]
+        key = self.table.reserve_keys(len(new)) if new else 0
+        for r in rows:
+            prev = have.get(r["id"])
+            if prev is not None:
+                r[KEY_FIELD] = prev[KEY_FIELD]
+            else:
+                r[KEY_FIELD], key = key, key + 1
+        self.table.map_keys(new)  # (before the rows are written)
 
     # -- copy, catch-up ----------------------------------------------------------------------------
 
@@ -345,14 +364,13 @@ class _Move:
         end = len(seen)
         gone = list(dict.fromkeys(seen[self._log_done : end]))
         for i in range(0, len(gone), CHUNK):
-            chunk = gone[i : i + CHUNK]
-            self.table._call("delete", functools.partial(delete_ids, self.table.mname, chunk, self.e.milvus.timeout))
+            self.table.delete_rows(gone[i : i + CHUNK])
         self._log_done = end
         self.deleted += len(gone)
         ids = self.store.points_since(self.cid, since)
         for i in range(0, len(ids), self.page):
             meta = self.store.points(self.cid, ids[i : i + self.page])
-            self._upsert(self._rows([(pid, p, s) for pid, (p, s) in meta.items()]))
+            self._upsert(self._rows([(pid, p, s) for pid, (p, s) in meta.items()], again=True))
         self.caught_up += len(ids)
         return len(ids), now
 
