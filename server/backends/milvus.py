@@ -39,7 +39,7 @@ from ..pipeline import map_queries
 from ..store import SpaceRow
 from ..transforms import Transform
 from .milvus_schema import MAX_PAYLOAD_BYTES, MAX_VECTOR_FIELDS
-from .milvus_table import CHUNK, KEY_FIELD, MilvusTable, as_vector, flush, key_map, upsert_rows
+from .milvus_table import CHUNK, KEY_FIELD, MilvusTable, as_vector, flush, key_map
 
 __all__ = ["RECOUNT_SECONDS", "MilvusCollection", "MilvusView"]
 
@@ -106,11 +106,7 @@ class MilvusCollection(MilvusTable):
             if f != self.home_field and len(old) < len(ids):
                 self.may_lack_home = True  # new points without a home vector: searches filter from now
             try:
-                if self.keyed:
-                    self.map_keys([r for r in rows if r["id"] not in old])  # (before the rows: "Keys")
-                for i in range(0, len(rows), CHUNK):
-                    chunk = rows[i : i + CHUNK]
-                    self._call("upsert", functools.partial(upsert_rows, self.mname, chunk, self.engines.timeout))
+                self.write_rows(rows, old)
             except BaseException:
                 self.forget_counts()  # the engine may hold part of it: count again when next needed
                 raise

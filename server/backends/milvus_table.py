@@ -82,6 +82,7 @@ __all__ = [
     "delete_ids",
     "drop_if",
     "flush",
+    "insert_rows",
     "is_lite",
     "key_map",
     "lite_index_rows",
@@ -368,6 +369,23 @@ class MilvusTable:
         got = self._call("query", query)
         return {str(r["id"]): int(r["key"]) for r in got}
 
+    def write_rows(self, rows: list[dict[str, Any]], old: Mapping[str, Any], page: int = CHUNK) -> None:
+        """Writes whole engine ``rows``; ``old``: the points among them the engine has. A new point's key map
+        entry goes first, and its row is inserted (its key is new to the engine: an upsert would look each
+        one up first); the others are upserted. ``page``: rows per engine call."""
+        t = self.engines.timeout
+        if not self.keyed:
+            fresh, again = [], rows
+        else:
+            fresh = [r for r in rows if r["id"] not in old]
+            again = [r for r in rows if r["id"] in old]
+            self.map_keys(fresh)
+        for call, part in (("insert", fresh), ("upsert", again)):
+            for i in range(0, len(part), page):
+                chunk = part[i : i + page]
+                fn = insert_rows if call == "insert" else upsert_rows
+                self._call(call, functools.partial(fn, self.mname, chunk, t))
+
     def map_keys(self, rows: Sequence[dict[str, Any]]) -> None:
         """Writes the key map's entries of engine ``rows`` (new points), before the rows themselves."""
         t = self.engines.timeout
@@ -533,6 +551,10 @@ def past_keys(name: str, key: int, client: Any) -> Any:
     """At most :data:`CHUNK` rows whose primary key is ``key`` or above, with their key."""
     return client.query(name, filter=f"{KEY_FIELD} >= {key}", output_fields=[KEY_FIELD], limit=CHUNK,
                         timeout=COUNT_TIMEOUT)  # fmt: skip
+
+
+def insert_rows(name: str, rows: list[dict[str, Any]], timeout: float, client: Any) -> Any:
+    return client.insert(name, rows, timeout=timeout)
 
 
 def upsert_rows(name: str, rows: list[dict[str, Any]], timeout: float, client: Any) -> Any:

@@ -63,7 +63,7 @@ from .milvus_schema import (
     parse_index,
     require_pymilvus,
 )
-from .milvus_table import CHUNK, KEY_FIELD, MOVE_PROPERTY, drop_if, key_map, query_rows, upsert_rows
+from .milvus_table import CHUNK, KEY_FIELD, MOVE_PROPERTY, drop_if, key_map, query_rows
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -267,10 +267,10 @@ class _Move:
         self.table._call("check for a leftover collection", leftover)
         self.table.create(self.spaces, marker=mark)
 
-    def _upsert(self, rows: list[dict[str, Any]]) -> None:
-        for i in range(0, len(rows), self.page):
-            chunk = rows[i : i + self.page]
-            self.table._call("upsert", functools.partial(upsert_rows, self.table.mname, chunk, self.e.milvus.timeout))
+    def _upsert(self, rows: list[dict[str, Any]], have: dict[str, Any]) -> None:
+        """Writes ``rows`` (:meth:`_rows`: their keys set; ``have``: those the engine has): new points' key
+        map entries, then the rows."""
+        self.table.write_rows(rows, have, self.page)
 
     def _flush(self) -> None:
         self.table._call(
@@ -282,9 +282,12 @@ class _Move:
         q = functools.partial(query_rows, self.table.mname, None, ["count(*)"], FLUSH_TIMEOUT, flt)
         return int(self.table._call("count", q)[0]["count(*)"])
 
-    def _rows(self, meta: Sequence[tuple[str, str | None, int]], again: bool = False) -> list[dict[str, Any]]:
+    def _rows(
+        self, meta: Sequence[tuple[str, str | None, int]], again: bool = False
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Engine rows of points ``meta`` ((id, payload, sequence) each), their vectors read from the store;
-        ``again``: points the copy may have copied already (the catch-up), whose keys are read."""
+        ``again``: points the copy may have copied already (the catch-up), whose keys are read. Returns the
+        rows and the engine's rows of those it has (:meth:`_keys`)."""
         vecs = self.store.vectors(self.cid, [m[0] for m in meta])
         rows = []
         for pid, payload, seq in meta:
@@ -317,14 +320,13 @@ class _Move:
             rows.append(row)
             self.vectors += len(v)
         self.table.derive_fields(rows)  # (zeros for a point without a home vector: not in ``spaces``)
-        self._keys(rows, again)
-        return rows
+        return rows, self._keys(rows, again)
 
-    def _keys(self, rows: list[dict[str, Any]], again: bool) -> None:
+    def _keys(self, rows: list[dict[str, Any]], again: bool) -> dict[str, Any]:
         """Each row's primary key: the one its point has in the engine (copied before, written again
         since), or the next of the table's keys (``milvus_table.py``, "Keys")."""
         if not self.table.keyed or not rows:
-            return
+            return {}
         have = self.table._rows([r["id"] for r in rows], ["id", KEY_FIELD]) if again else {}
         new = [r for r in rows if r["id"] not in have]
         key = self.table.reserve_keys(len(new)) if new else 0
@@ -334,7 +336,7 @@ class _Move:
                 r[KEY_FIELD] = prev[KEY_FIELD]
             else:
                 r[KEY_FIELD], key = key, key + 1
-        self.table.map_keys(new)  # (before the rows are written)
+        return have
 
     # -- copy, catch-up ----------------------------------------------------------------------------
 
@@ -345,8 +347,8 @@ class _Move:
             if not meta:
                 return
             after = meta[-1][0]
-            rows = self._rows(meta)
-            self._upsert(rows)
+            rows, have = self._rows(meta)
+            self._upsert(rows, have)
             self.copied += len(rows)
             for r in rows:  # a seeded reservoir of points with a home vector
                 if self.fields[home] in r["spaces"]:
@@ -370,7 +372,7 @@ class _Move:
         ids = self.store.points_since(self.cid, since)
         for i in range(0, len(ids), self.page):
             meta = self.store.points(self.cid, ids[i : i + self.page])
-            self._upsert(self._rows([(pid, p, s) for pid, (p, s) in meta.items()], again=True))
+            self._upsert(*self._rows([(pid, p, s) for pid, (p, s) in meta.items()], again=True))
         self.caught_up += len(ids)
         return len(ids), now
 
