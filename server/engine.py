@@ -167,7 +167,8 @@ class Engine(EngineLifecycle):
                     probe.drop_engine_side()
                     raise
             col = MilvusCollection(row, home, self.spaces, store, self.milvus, self.metrics, basis=basis)
-            col.fields, col.counts = probe.fields, {}
+            col.same_schema(probe)
+            col.counts = {}
             if self.shared is not None:
                 self.shared.hook(col)
             self.collections[spec.name] = col

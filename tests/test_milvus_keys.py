@@ -45,6 +45,10 @@ def test_keys_are_dense_kept_on_overwrite_and_never_reused(tmp_path: Path) -> No
             c.upsert("g", list(ids[100:]), xb[100:], space="s")  # 100 overwritten, 100 new
             keys = engine_rows(srv, "g")
             assert sorted(keys.values()) == list(range(N))  # dense, in write order
+            col = srv.engine.collections["g"]
+            desc = col._call("d", lambda m: m.describe_collection(col.mname))
+            assert "spaces" not in {f["name"] for f in desc["fields"]}  # one vector field: no ``spaces`` array
+            assert col.has_spaces is False
             assert keys["p150"] == 150 and keys["p250"] == 250  # the overwrite kept its key
             c.delete("g", ["p0", "p1"])
             c.upsert("g", ["p0"], xb[:1], space="s")  # deleted, then written again: a new key

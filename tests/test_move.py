@@ -398,7 +398,7 @@ def test_a_crashed_moves_leftover_is_dropped(tmp_path: Path) -> None:
         left = MilvusCollection(row, col.home, eng.spaces, eng.store, eng.milvus, eng.metrics)
         left.create([col.home], marker=move.marker(col.row))
         f = field_name("old@1")
-        junk = {"pk": 0, "id": "junk", "payload": None, "seq": 0, "spaces": [f], f: _unit(x[0])}
+        junk = {"pk": 0, "id": "junk", "payload": None, "seq": 0, f: _unit(x[0])}  # (one vector field: no spaces)
         left._call("upsert", functools.partial(upsert_rows, left.mname, [junk], 10.0))
         m = c.move_collection("g", uri)
         assert (m.points_copied, m.num_points) == (50, 50)

@@ -9,7 +9,9 @@ sanitize alike stay apart). Its fields:
 - ``id``: VARCHAR, the point id (at most ``MAX_ID_CHARS``); reads, deletes and results use it;
 - ``payload``: VARCHAR, nullable: the JSON payload as the client sent it (at most 65,535 bytes);
 - ``seq``: INT64, the sequence number of the point's last write (``GetPoints``' ``sequence``);
-- ``spaces``: ARRAY of VARCHAR: the vector fields the point has a vector in;
+- ``spaces``: ARRAY of VARCHAR: the vector fields the point has a vector in; only in a collection with
+  more than one vector field for spaces (with one, every point has its home vector: the front-end reads
+  ``spaces`` as [home field] and writes none, ``MilvusTable.has_spaces``);
 - one FLOAT_VECTOR field per space (:func:`field_name`), for the home space and the other spaces
   registered when the collection was created, oldest first, ``MAX_VECTOR_FIELDS`` in all with the
   prefix and basis fields below (Milvus' default cap on vector fields per collection). Milvus Lite

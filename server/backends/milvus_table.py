@@ -175,6 +175,11 @@ class MilvusTable:
         self.fields: dict[str, str] | None = None  #: space -> vector field, read from the engine once
         #: the primary key is :data:`KEY_FIELD` (dense keys); False: the point id (a collection created before)
         self.keyed = True
+        #: rows have the ``spaces`` array; False for a collection with one vector field for spaces, where every
+        #: point has its home vector: rows read get ``spaces`` = [home field], rows written lose it (Milvus Lite
+        #: builds every column of each winning row, and that array was most of what the service's rows cost
+        #: over a bare collection's at nq=64: ``bench/milvus_lite_columns.py``)
+        self.has_spaces = True
         #: a shared registry's keys (``shared.py``): n -> the first of n keys reserved for this front-end;
         #: None: the store's counter
         self.take_keys: Callable[[int], int] | None = None
@@ -240,7 +245,8 @@ class MilvusTable:
         schema.add_field("id", dt.VARCHAR, max_length=MAX_ID_CHARS)
         schema.add_field("payload", dt.VARCHAR, max_length=MAX_PAYLOAD_BYTES, nullable=True)
         schema.add_field("seq", dt.INT64)
-        schema.add_field("spaces", dt.ARRAY, element_type=dt.VARCHAR, max_capacity=len(spaces), max_length=32)
+        if len(spaces) > 1:  # (one vector field: every point has its home vector, see :attr:`has_spaces`)
+            schema.add_field("spaces", dt.ARRAY, element_type=dt.VARCHAR, max_capacity=len(spaces), max_length=32)
         index = pymilvus.MilvusClient.prepare_index_params()
         for sp in spaces:
             f = field_name(sp.name)
@@ -288,7 +294,7 @@ class MilvusTable:
 
         self._call("create collection", create)
         self.fields = {sp.name: field_name(sp.name) for sp in spaces}
-        self.keyed = True
+        self.keyed, self.has_spaces = True, len(spaces) > 1
         self._loaded_epoch = self.engines.epoch(self.uri)
 
     def _fields(self) -> dict[str, str]:
@@ -299,9 +305,15 @@ class MilvusTable:
             have = {f["name"] for f in desc["fields"]}
             fields = {s: field_name(s) for s in spaces if field_name(s) in have}
             fields[self.home.name] = self.home_field
-            self.keyed = KEY_FIELD in have
+            self.keyed, self.has_spaces = KEY_FIELD in have, "spaces" in have
             self.fields = fields
         return self.fields
+
+    def same_schema(self, other: MilvusTable) -> None:
+        """Takes what ``other`` (the same Milvus collection) read or made of its schema: its fields, whether
+        it is keyed, whether rows have ``spaces``; nothing when ``other`` has not read it yet."""
+        if other.fields is not None:
+            self.fields, self.keyed, self.has_spaces = dict(other.fields), other.keyed, other.has_spaces
 
     def stamp(self, new: int) -> tuple[int, int]:
         """A write's sequence number (one durable store transaction) and the first of ``new`` keys for the
@@ -347,6 +359,8 @@ class MilvusTable:
         key map by primary key, or by the point id where it is the primary key."""
         rows: dict[str, dict[str, Any]] = {}
         t = self.engines.timeout
+        if not self._fields() or not self.has_spaces:
+            out = [f for f in out if f != "spaces"]
         with self.flush_gate.read():  # not while a flush runs (ReadWriteGate)
             for i in range(0, len(ids), CHUNK):
                 chunk = list(ids[i : i + CHUNK])
@@ -361,6 +375,9 @@ class MilvusTable:
                 want = out if "*" in out or "id" in out else [*out, "id"]
                 got = self._call("query", functools.partial(query_rows, self.mname, None, want, t, flt))
                 rows.update((r["id"], r) for r in got if keys.get(r["id"]) == r[KEY_FIELD])
+        if not self.has_spaces:
+            for r in rows.values():
+                r["spaces"] = [self.home_field]
         return rows
 
     def _keys_of(self, ids: list[str]) -> dict[str, int]:
@@ -374,6 +391,8 @@ class MilvusTable:
         entry goes first, and its row is inserted (its key is new to the engine: an upsert would look each
         one up first); the others are upserted. ``page``: rows per engine call."""
         t = self.engines.timeout
+        if not self._fields() or not self.has_spaces:
+            rows = [{f: v for f, v in r.items() if f != "spaces"} for r in rows]
         if not self.keyed:
             fresh, again = [], rows
         else:

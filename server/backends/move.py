@@ -317,6 +317,11 @@ class _Move:
                     row[f] = np.frombuffer(b, dtype="<f4")
                     have.append(f)
             row["spaces"] = sorted(have)
+            if not have and not self.table.has_spaces:
+                raise FailedPrecondition(
+                    f"point {pid!r} has no vector in the home space {self.col.home.name!r}; the milvus collection"
+                    " has one vector field, which every point must have"
+                )
             rows.append(row)
             self.vectors += len(v)
         self.table.derive_fields(rows)  # (zeros for a point without a home vector: not in ``spaces``)
@@ -383,7 +388,9 @@ class _Move:
         want_points, want = self.store.point_count(self.cid), self.store.vector_counts(self.cid)
         got_points, got = self._count(""), {}
         for space, f in self.fields.items():  # as MilvusTable.vector_counts, with the flush's timeout
-            if n := self._count(f'array_contains(spaces, "{f}")'):
+            if not table.has_spaces:  # one vector field: every point has its home vector (_rows)
+                got = {space: got_points} if got_points else {}
+            elif n := self._count(f'array_contains(spaces, "{f}")'):
                 got[space] = n
         if (got_points, got) != (want_points, want):
             raise FailedPrecondition(

@@ -378,7 +378,7 @@ class Migrations:
         row = store.collection(col.name)
         assert row is not None
         fresh = MilvusCollection(row, new, e.spaces, store, e.milvus, e.metrics)
-        fresh.fields = dict(col.fields) if col.fields is not None else None  # (None: read from the engine when used)
+        fresh.same_schema(col)  # (not read yet: read from the engine when used)
         if e.shared is not None:
             e.shared.hook(fresh)
         col.retired = f"collection {col.name!r} was reopened with home space {new.name!r}; retry"
