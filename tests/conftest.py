@@ -137,6 +137,17 @@ def brute_force(xb: np.ndarray, xq: np.ndarray, k: int, metric: str = "cosine") 
     return np.take_along_axis(S, I, axis=1), I
 
 
+def milvus_keys(srv: Server, name: str) -> dict[str, int]:
+    """id -> primary key of every row a milvus collection ``name`` holds in its engine, asserting one row
+    per id and no key handed out twice (``server/backends/milvus_table.py``, "Keys")."""
+    col = srv.engine.collections[name]
+    got = col._call("q", lambda c: c.query(col.mname, filter="pk >= 0", output_fields=["pk", "id"], limit=16384))
+    rows = [(str(r["id"]), int(r["pk"])) for r in got]
+    assert len({pid for pid, _ in rows}) == len(rows), "an id has two rows"
+    assert len({pk for _, pk in rows}) == len(rows), "a key was handed out twice"
+    return dict(rows)
+
+
 def wait_for(cond: Callable[[], object], timeout: float = 5.0) -> None:
     """Polls ``cond`` every 20 ms until it is truthy; fails the test after ``timeout`` seconds."""
     end = time.monotonic() + timeout

@@ -9,11 +9,10 @@ from __future__ import annotations
 import importlib.util
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-from conftest import brute_force, make_data, start_server
+from conftest import brute_force, make_data, milvus_keys, start_server
 
 from interlingua.client import Client, NotFound
 from interlingua.server.backends.milvus_table import key_map
@@ -21,16 +20,6 @@ from interlingua.server.backends.milvus_table import key_map
 HAVE_MILVUS = all(importlib.util.find_spec(m) is not None for m in ("pymilvus", "milvus_lite"))
 pytestmark = pytest.mark.skipif(not HAVE_MILVUS, reason="needs the milvus extra: pip install 'interlingua[milvus]'")
 D, N = 16, 300
-
-
-def engine_rows(srv: Any, name: str) -> dict[str, int]:
-    """id -> primary key of every row the engine holds for collection ``name`` (one row per id asserted)."""
-    col = srv.engine.collections[name]
-    got = col._call("q", lambda c: c.query(col.mname, filter="pk >= 0", output_fields=["pk", "id"], limit=16384))
-    rows = [(str(r["id"]), int(r["pk"])) for r in got]
-    assert len({pid for pid, _ in rows}) == len(rows), "an id has two rows"
-    assert len({pk for _, pk in rows}) == len(rows), "a key was handed out twice"
-    return dict(rows)
 
 
 def test_keys_are_dense_kept_on_overwrite_and_never_reused(tmp_path: Path) -> None:
@@ -43,7 +32,7 @@ def test_keys_are_dense_kept_on_overwrite_and_never_reused(tmp_path: Path) -> No
             ids = np.array([f"p{i}" for i in range(N)])
             c.upsert("g", list(ids[:200]), xb[:200], space="s", payloads=[f'{{"i": {i}}}' for i in range(200)])
             c.upsert("g", list(ids[100:]), xb[100:], space="s")  # 100 overwritten, 100 new
-            keys = engine_rows(srv, "g")
+            keys = milvus_keys(srv, "g")
             assert sorted(keys.values()) == list(range(N))  # dense, in write order
             col = srv.engine.collections["g"]
             desc = col._call("d", lambda m: m.describe_collection(col.mname))
@@ -52,7 +41,7 @@ def test_keys_are_dense_kept_on_overwrite_and_never_reused(tmp_path: Path) -> No
             assert keys["p150"] == 150 and keys["p250"] == 250  # the overwrite kept its key
             c.delete("g", ["p0", "p1"])
             c.upsert("g", ["p0"], xb[:1], space="s")  # deleted, then written again: a new key
-            keys = engine_rows(srv, "g")
+            keys = milvus_keys(srv, "g")
             assert keys["p0"] == N and "p1" not in keys
             assert c.get("g", ["p50"], with_payload=True)[0].payload == {"i": 50}  # kept by the merge
             col = srv.engine.collections["g"]
@@ -64,7 +53,7 @@ def test_keys_are_dense_kept_on_overwrite_and_never_reused(tmp_path: Path) -> No
             with pytest.raises(NotFound):
                 c.get("g", ["ghost"])
             c.upsert("g", ["ghost"], xb[1:2], space="s")
-            keys = engine_rows(srv, "g")
+            keys = milvus_keys(srv, "g")
             assert keys["ghost"] == N + 1
             c.delete("g", ["ghost"])
             xq = make_data(10, D, seed=2)
@@ -81,7 +70,7 @@ def test_keys_are_dense_kept_on_overwrite_and_never_reused(tmp_path: Path) -> No
         with Client(f"127.0.0.1:{port}", timeout=60) as c:
             extra = make_data(3, D, seed=3)
             c.upsert("g", ["q0", "q1", "q2"], extra, space="s")
-            keys = engine_rows(srv, "g")  # (no key handed out twice)
+            keys = milvus_keys(srv, "g")  # (no key handed out twice)
             assert sorted(keys[p] for p in ("q0", "q1", "q2")) == [N + 1, N + 2, N + 3]  # past the engine's largest
             assert len(keys) == N - 1 + 3
             xq = make_data(10, D, seed=4)

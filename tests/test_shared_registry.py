@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import brute_force, make_data, start_server, wait_for
+from conftest import brute_force, make_data, milvus_keys, start_server, wait_for
 
 from interlingua.client import AlreadyExists, Client, FailedPrecondition, NotFound, Unavailable
 from interlingua.server import Server
@@ -294,15 +294,6 @@ def test_concurrent_activations_leave_one_table_everywhere(pair: Any, direct: Et
     wait_for(lambda: _live(a, "g") == _live(b, "g") == {"new": final}, 10)
 
 
-def _engine_keys(srv: Server, name: str) -> dict[str, int]:
-    """id -> primary key of every row the engine holds for ``name``; one row per id, no key twice."""
-    col = srv.engine.collections[name]
-    got = col._call("q", lambda c: c.query(col.mname, filter="pk >= 0", output_fields=["pk", "id"], limit=16384))
-    rows = {str(r["id"]): int(r["pk"]) for r in got}
-    assert len(rows) == len(got) and len(set(rows.values())) == len(rows)
-    return rows
-
-
 def test_writes_from_both_front_ends_merge_and_count(pair: Any, direct: Etcd) -> None:
     sa, a = pair("a")
     _, b = pair("b")
@@ -334,7 +325,7 @@ def test_writes_from_both_front_ends_merge_and_count(pair: Any, direct: Etcd) ->
     np.testing.assert_allclose(got.vectors["new"], w["new"][0] / np.linalg.norm(w["new"][0]), rtol=1e-5)
     a.delete("g", ["p0"])
     wait_for(lambda: b.get_collection("g").num_points == N - 1, 10)
-    keys = _engine_keys(sa, "g")  # each front-end's new points took keys from its own block
+    keys = milvus_keys(sa, "g")  # each front-end's new points took keys from its own block
     assert len(keys) == N - 1
     by_a = {keys[f"p{k}"] for k in range(1, half)}
     by_b = {keys[f"p{k}"] for k in range(half, N)}
@@ -472,11 +463,11 @@ def test_a_collection_moved_to_the_engine_is_shared(pair: Any, milvus: str) -> N
     _, ref = brute_force(xb, xq, 5)
     for c in (a, b):
         np.testing.assert_array_equal(c.search("e", xq, 5, space="old").ids, ids[ref])
-    copied = _engine_keys(sa, "e")
+    copied = milvus_keys(sa, "e")
     assert sorted(copied.values()) == list(range(N))  # the copy's keys: the registry goes on from there
     b.upsert("e", ["b0"], make_data(1, D, seed=5), space="old")
     a.upsert("e", ["a0", "p3"], make_data(2, D, seed=6), space="old")
-    keys = _engine_keys(sa, "e")
+    keys = milvus_keys(sa, "e")
     assert keys["p3"] == copied["p3"] and min(keys["a0"], keys["b0"]) >= N and len(keys) == N + 2
     b.create_collection("e2", "old", "Flat", backend="embedded")  # b's own, then a's of the same name
     a.create_collection("e2", "old", "Flat", backend="embedded")

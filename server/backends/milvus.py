@@ -95,14 +95,12 @@ class MilvusCollection(MilvusTable):
                 new_vectors += f not in have
                 have.add(f)
                 row: dict[str, Any] = {"id": pid, "seq": seq, "spaces": sorted(have)}
-                if self.keyed:  # an existing point keeps its key, a new one takes the next ("Keys")
-                    row[KEY_FIELD] = prev[KEY_FIELD] if prev else key
-                    key += prev is None
                 row["payload"] = payloads[i] if payloads[i] is not None else (prev["payload"] if prev else None)
                 for fld, zero in zeros.items():  # no vector in a space: zeros, and not in ``spaces``
                     row[fld] = x[i] if fld == f else (as_vector(prev[fld]) if prev and fld in have else zero)
                 rows.append(row)
             self.derive_fields(rows)
+            self.give_keys(rows, old, key)  # an existing point keeps its key, a new one takes the next ("Keys")
             if f != self.home_field and len(old) < len(ids):
                 self.may_lack_home = True  # new points without a home vector: searches filter from now
             try:
@@ -132,8 +130,9 @@ class MilvusCollection(MilvusTable):
             seq = self.store.stamp(self.row.cid)
             present = list(old)
             try:
+                keys = {pid: r[KEY_FIELD] for pid, r in old.items()} if self.keyed else None  # (read just now)
                 for i in range(0, len(present), CHUNK):
-                    self.delete_rows(present[i : i + CHUNK])
+                    self.delete_rows(present[i : i + CHUNK], keys)
             except BaseException:
                 self.forget_counts()
                 raise

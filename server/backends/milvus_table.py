@@ -84,6 +84,7 @@ __all__ = [
     "flush",
     "insert_rows",
     "is_lite",
+    "key_filter",
     "key_map",
     "lite_index_rows",
     "query_rows",
@@ -224,7 +225,8 @@ class MilvusTable:
     def _load(self) -> None:
         """Loads the collection, and its key map."""
         epoch = self.engines.epoch(self.uri)
-        names = [self.mname, key_map(self.mname)] if self._fields() and self.keyed else [self.mname]
+        self._fields()
+        names = [self.mname, key_map(self.mname)] if self.keyed else [self.mname]
         for name in names:
             with contextlib.suppress(NotLoaded):
                 self.engines.call(self.uri, "load", functools.partial(load, name, self.engines.timeout))
@@ -359,7 +361,8 @@ class MilvusTable:
         key map by primary key, or by the point id where it is the primary key."""
         rows: dict[str, dict[str, Any]] = {}
         t = self.engines.timeout
-        if not self._fields() or not self.has_spaces:
+        self._fields()  # (reads :attr:`keyed` and :attr:`has_spaces`)
+        if not self.has_spaces:
             out = [f for f in out if f != "spaces"]
         with self.flush_gate.read():  # not while a flush runs (ReadWriteGate)
             for i in range(0, len(ids), CHUNK):
@@ -371,9 +374,8 @@ class MilvusTable:
                 keys = self._keys_of(chunk)
                 if not keys:
                     continue
-                flt = f"{KEY_FIELD} in [{', '.join(map(str, keys.values()))}]"
                 want = out if "*" in out or "id" in out else [*out, "id"]
-                got = self._call("query", functools.partial(query_rows, self.mname, None, want, t, flt))
+                got = self._call("query", functools.partial(query_rows, self.mname, None, want, t, key_filter(keys)))
                 rows.update((r["id"], r) for r in got if keys.get(r["id"]) == r[KEY_FIELD])
         if not self.has_spaces:
             for r in rows.values():
@@ -391,7 +393,8 @@ class MilvusTable:
         entry goes first, and its row is inserted (its key is new to the engine: an upsert would look each
         one up first); the others are upserted. ``page``: rows per engine call."""
         t = self.engines.timeout
-        if not self._fields() or not self.has_spaces:
+        self._fields()
+        if not self.has_spaces:
             rows = [{f: v for f, v in r.items() if f != "spaces"} for r in rows]
         if not self.keyed:
             fresh, again = [], rows
@@ -399,11 +402,21 @@ class MilvusTable:
             fresh = [r for r in rows if r["id"] not in old]
             again = [r for r in rows if r["id"] in old]
             self.map_keys(fresh)
-        for call, part in (("insert", fresh), ("upsert", again)):
+        for call, fn, part in (("insert", insert_rows, fresh), ("upsert", upsert_rows, again)):
             for i in range(0, len(part), page):
-                chunk = part[i : i + page]
-                fn = insert_rows if call == "insert" else upsert_rows
-                self._call(call, functools.partial(fn, self.mname, chunk, t))
+                self._call(call, functools.partial(fn, self.mname, part[i : i + page], t))
+
+    def give_keys(self, rows: list[dict[str, Any]], old: Mapping[str, Any], first: int) -> None:
+        """Each of engine ``rows`` gets its primary key: a point among ``old`` (the engine's rows, read with
+        their key) keeps its own, a new one takes the next from ``first``, in order."""
+        if not self.keyed:
+            return
+        for r in rows:
+            prev = old.get(r["id"])
+            if prev is not None:
+                r[KEY_FIELD] = prev[KEY_FIELD]
+            else:
+                r[KEY_FIELD], first = first, first + 1
 
     def map_keys(self, rows: Sequence[dict[str, Any]]) -> None:
         """Writes the key map's entries of engine ``rows`` (new points), before the rows themselves."""
@@ -412,15 +425,16 @@ class MilvusTable:
         for i in range(0, len(entries), CHUNK):
             self._call("upsert", functools.partial(upsert_rows, key_map(self.mname), entries[i : i + CHUNK], t))
 
-    def delete_rows(self, ids: list[str]) -> None:
-        """Deletes the points ``ids`` (at most CHUNK) from the engine: the rows, then their key map entries."""
+    def delete_rows(self, ids: list[str], keys: Mapping[str, int] | None = None) -> None:
+        """Deletes the points ``ids`` (at most CHUNK) from the engine: the rows, then their key map entries.
+        ``keys``: id -> key of those the caller read already (None: read from the key map)."""
         t = self.engines.timeout
         if not self.keyed:
             self._call("delete", functools.partial(delete_ids, self.mname, ids, t))
             return
-        keys = self._keys_of(ids)
+        keys = self._keys_of(ids) if keys is None else {pid: keys[pid] for pid in ids if pid in keys}
         if keys:
-            flt = f"{KEY_FIELD} in [{', '.join(map(str, keys.values()))}]"
+            flt = key_filter(keys)
             self._call("delete", lambda c: c.delete(self.mname, filter=flt, timeout=t))
             self._call("delete", functools.partial(delete_ids, key_map(self.mname), list(keys), t))
 
@@ -518,6 +532,11 @@ def drop_if(name: str, timeout: float, client: Any) -> None:
     """Drops Milvus collection ``name`` if it exists."""
     if client.has_collection(name, timeout=timeout):
         client.drop_collection(name, timeout=timeout)
+
+
+def key_filter(keys: Mapping[str, int]) -> str:
+    """The expression selecting the rows of ``keys`` (id -> key) by primary key."""
+    return f"{KEY_FIELD} in [{', '.join(map(str, keys.values()))}]"
 
 
 def key_map(mname: str) -> str:

@@ -63,7 +63,7 @@ from .milvus_schema import (
     parse_index,
     require_pymilvus,
 )
-from .milvus_table import CHUNK, KEY_FIELD, MOVE_PROPERTY, drop_if, key_map, query_rows
+from .milvus_table import CHUNK, KEY_FIELD, MOVE_PROPERTY, query_rows
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -261,8 +261,7 @@ class _Move:
                     " to another engine"
                 )
             log.warning("dropping %s at %s, left over by an earlier move of %s", mname, self.uri, self.col.name)
-            c.drop_collection(mname, timeout=t)
-            drop_if(key_map(mname), t, c)
+            c.drop_collection(mname, timeout=t)  # (its key map: MilvusTable.create drops a leftover one)
 
         self.table._call("check for a leftover collection", leftover)
         self.table.create(self.spaces, marker=mark)
@@ -333,14 +332,8 @@ class _Move:
         if not self.table.keyed or not rows:
             return {}
         have = self.table._rows([r["id"] for r in rows], ["id", KEY_FIELD]) if again else {}
-        new = [r for r in rows if r["id"] not in have]
-        key = self.table.reserve_keys(len(new)) if new else 0
-        for r in rows:
-            prev = have.get(r["id"])
-            if prev is not None:
-                r[KEY_FIELD] = prev[KEY_FIELD]
-            else:
-                r[KEY_FIELD], key = key, key + 1
+        new = sum(r["id"] not in have for r in rows)
+        self.table.give_keys(rows, have, self.table.reserve_keys(new) if new else 0)
         return have
 
     # -- copy, catch-up ----------------------------------------------------------------------------
