@@ -315,6 +315,21 @@ class Store(RegistryTables, MigrationTables):
                 out.setdefault(pid, {})[space] = bytes(vec)
         return out
 
+    def point_rows(self, cid: int, ids: Sequence[str]) -> dict[str, tuple[str | None, int, dict[str, bytes]]]:
+        """id -> (payload, sequence, {space: packed float32 vector}) for the ids that exist, each point read in
+        one statement (a point written or deleted meanwhile is seen whole, before or after, never half)."""
+        out: dict[str, tuple[str | None, int, dict[str, bytes]]] = {}
+        for chunk in _chunks(ids):
+            q = (
+                "SELECT p.pid, p.payload, p.sequence, v.space, v.vec FROM points p LEFT JOIN vectors v"
+                f" ON v.cid=p.cid AND v.pid=p.pid WHERE p.cid=? AND p.pid IN ({','.join('?' * len(chunk))})"
+            )
+            for pid, payload, seq, space, vec in self._r.execute(q, (cid, *chunk)):
+                vecs = out.setdefault(pid, (payload, int(seq), {}))[2]
+                if space is not None:
+                    vecs[space] = bytes(vec)
+        return out
+
     def points_page(self, cid: int, after: str, limit: int) -> list[tuple[str, str | None, int]]:
         """(id, payload, sequence) of up to ``limit`` points with ids after ``after``, in id order."""
         rows = self._r.execute(

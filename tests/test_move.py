@@ -289,6 +289,44 @@ def test_writes_and_searches_during_a_move(tmp_path: Path, monkeypatch: pytest.M
         srv.stop(None)
 
 
+def test_a_point_deleted_between_listing_and_reading_is_left_to_the_catch_up(tmp_path: Path) -> None:
+    """The copy lists a page of points, then reads them: a point deleted in between (here deterministically,
+    by a delete sent from inside the listing) is not copied as a point without vectors (which a collection
+    with one vector field refuses), the move completes and the point stays deleted."""
+    srv, port = start_server(tmp_path / "data")
+    c = Client(f"127.0.0.1:{port}", timeout=120)
+    other = Client(f"127.0.0.1:{port}", timeout=120)
+    try:
+        c.register_space("old@1", D)
+        c.create_collection("g", "old@1")
+        x = make_data(40, D, seed=8)
+        c.upsert("g", _ids(40), x, space="old@1")
+        store = srv.engine.store
+        assert store is not None
+        listed = store.points_page
+        hit: list[int] = []
+
+        def list_then_delete(cid: int, after: str, limit: int) -> list[tuple[str, str | None, int]]:
+            meta = listed(cid, after, limit)
+            if meta and not hit:
+                hit.append(other.delete("g", ["p7"]))
+            return meta
+
+        store.points_page = list_then_delete  # type: ignore[method-assign]
+        m = c.move_collection("g", str(tmp_path / "engine.db"))
+        assert hit == [1]
+        assert (m.points_copied, m.num_points) == (39, 39)
+        assert m.deletes_caught_up == 1
+        with pytest.raises(NotFound):
+            c.get("g", ["p7"])
+        xq = _unit(x[[6, 8]])
+        assert c.search("g", xq, 1, space="old@1").ids[:, 0].tolist() == ["p6", "p8"]
+    finally:
+        other.close()
+        c.close()
+        srv.stop(None)
+
+
 def test_refusals_change_nothing(tmp_path: Path) -> None:
     """Each refusal: the precise status and message, the collection still embedded with its points, no
     collection left in the engine, and the server's health unchanged."""

@@ -281,15 +281,17 @@ class _Move:
         q = functools.partial(query_rows, self.table.mname, None, ["count(*)"], FLUSH_TIMEOUT, flt)
         return int(self.table._call("count", q)[0]["count(*)"])
 
-    def _rows(
-        self, meta: Sequence[tuple[str, str | None, int]], again: bool = False
-    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Engine rows of points ``meta`` ((id, payload, sequence) each), their vectors read from the store;
-        ``again``: points the copy may have copied already (the catch-up), whose keys are read. Returns the
-        rows and the engine's rows of those it has (:meth:`_keys`)."""
-        vecs = self.store.vectors(self.cid, [m[0] for m in meta])
+    def _rows(self, ids: Sequence[str], again: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Engine rows of points ``ids`` as the store has them, each read whole (one deleted since it was
+        listed is left out: the catch-up deletes it); ``again``: points the copy may have copied already
+        (the catch-up), whose keys are read. Returns the rows and the engine's rows of those it has
+        (:meth:`_keys`)."""
+        found = self.store.point_rows(self.cid, ids)
         rows = []
-        for pid, payload, seq in meta:
+        for pid in ids:
+            if pid not in found:
+                continue
+            payload, seq, v = found[pid]
             if len(pid.encode()) > MAX_ID_CHARS:
                 raise FailedPrecondition(
                     f"point id {pid[:40]!r}... is over {MAX_ID_CHARS} bytes, the milvus backend's limit"
@@ -299,7 +301,6 @@ class _Move:
                     f"point {pid!r} has a payload of {len(payload.encode())} bytes; the milvus backend holds at most"
                     f" {MAX_PAYLOAD_BYTES}"
                 )
-            v = vecs.get(pid, {})
             extra = sorted(set(v) - set(self.fields))
             if extra:
                 raise FailedPrecondition(
@@ -345,7 +346,7 @@ class _Move:
             if not meta:
                 return
             after = meta[-1][0]
-            rows, have = self._rows(meta)
+            rows, have = self._rows([m[0] for m in meta])
             self._upsert(rows, have)
             self.copied += len(rows)
             for r in rows:  # a seeded reservoir of points with a home vector
@@ -369,8 +370,7 @@ class _Move:
         self.deleted += len(gone)
         ids = self.store.points_since(self.cid, since)
         for i in range(0, len(ids), self.page):
-            meta = self.store.points(self.cid, ids[i : i + self.page])
-            self._upsert(*self._rows([(pid, p, s) for pid, (p, s) in meta.items()], again=True))
+            self._upsert(*self._rows(ids[i : i + self.page], again=True))
         self.caught_up += len(ids)
         return len(ids), now
 
