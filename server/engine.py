@@ -126,7 +126,7 @@ class Engine(EngineLifecycle):
         if spec.train_min_points:
             raise InvalidArgument("train_min_points applies to the embedded backend; Milvus trains its own indexes")
         uri = spec.backend_uri or self.config.milvus_uri or str(Path(self.config.data_dir) / "milvus.db")
-        return dataclasses.replace(spec, backend=backend, backend_uri=check_uri(uri))
+        return dataclasses.replace(spec, backend=backend, backend_uri=check_uri(uri, new=True))
 
     def _create_milvus(self, spec: CollectionSpec, home: SpaceRow, store: Store) -> MilvusCollection:
         """A ``milvus`` collection: the basis transform checked, the index spec mapped (INVALID_ARGUMENT),

@@ -13,6 +13,7 @@ UNAVAILABLE).
 from __future__ import annotations
 
 import importlib.util
+import json
 import socket
 import subprocess
 import sys
@@ -439,6 +440,100 @@ def test_milvus_refuses_what_it_does_not_do(tmp_path: Path) -> None:
             assert c.list_snapshots() == []
             info = c.get_collection("m")
             assert (info.num_points, info.vectors_per_space) == (50, {"old@1": 50})
+    finally:
+        srv.stop(None)
+
+
+@NEEDS_MILVUS
+def test_milvus_refuses_unusable_uris_and_ids_over_its_limit(tmp_path: Path) -> None:
+    """A Milvus Lite path that is no path (a NUL byte, ~ of a user with no home) or in a folder that does
+    not exist: INVALID_ARGUMENT for a creation and a move, nothing made. A server allowing longer ids than
+    the backend holds: INVALID_ARGUMENT naming the backend's limit, before the write takes a sequence."""
+    from interlingua.server.config import Limits
+
+    srv, port = start_server(tmp_path / "data", backend="milvus", limits=Limits(max_id_bytes=2048))
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            c.register_space("old@1", D)
+            c.create_collection("e", "old@1", backend="embedded")
+            c.upsert("e", _ids(5), make_data(5, D), space="old@1")
+            bad = {
+                "/tmp/x\x00y.db": "is not a usable path for a Milvus Lite file: embedded null byte",
+                # (the client makes a move's path absolute first: its folder then does not exist)
+                "~no_such_user_zz/a.db": "not a usable path for a Milvus Lite file|Milvus Lite file does not exist",
+                str(tmp_path / "nowhere" / "m.db"): f"the folder '{tmp_path / 'nowhere'}' of the Milvus Lite file",
+            }
+            for uri, msg in bad.items():
+                with pytest.raises(InvalidArgument, match=msg):
+                    c.create_collection("x", "old@1", backend_uri=uri)
+                with pytest.raises(InvalidArgument, match=msg):
+                    c.move_collection("e", uri)
+            assert [(i.name, i.backend) for i in c.list_collections()] == [("e", "embedded")]
+            assert not (tmp_path / "nowhere").exists()
+            c.create_collection("m", "old@1")
+            c.upsert("m", ["a"], make_data(1, D), space="old@1")
+            before = c.get_collection("m").last_sequence
+            for pid in ("y" * 513, "\N{SNOWMAN}" * 171):  # 513 bytes, as characters and as UTF-8 (3 bytes each)
+                with pytest.raises(InvalidArgument, match=r"ids\[1\] is 513 bytes of UTF-8; the milvus backend holds"
+                                   r" ids of at most 512 bytes"):  # fmt: skip
+                    c.upsert("m", ["b", pid], make_data(2, D), space="old@1")
+            c.upsert("m", ["b", "y" * 512], make_data(2, D), space="old@1")  # at the limit
+            info = c.get_collection("m")
+            assert (info.num_points, info.last_sequence) == (3, before + 1)  # the refusals took no sequence
+    finally:
+        srv.stop(None)
+
+
+@NEEDS_MILVUS
+def test_milvus_reads_and_writes_in_budgeted_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Milvus caps a message at 256 MiB, which 4096 rows with the longest payloads pass: reads and writes are
+    cut at ``MESSAGE_BUDGET`` (made small here), each payload taken at its longest for a read and at its
+    size for a write; a read without payloads does not read them. Upserts with payloads, an overwrite of
+    vectors only (which keeps the payloads), gets, searches with payloads and a move all answer whole."""
+    from interlingua.server.backends import milvus_table
+
+    calls: dict[str, list[int]] = {"query": [], "insert": [], "upsert": []}
+
+    def counted(name: str, fn: object) -> object:
+        def call(mname: str, rows: object, *a: object) -> object:
+            if not mname.endswith("_keys"):  # (the key map's own reads and writes are not the budget's)
+                calls[name].append(len(rows) if rows is not None else -1)
+            return fn(mname, rows, *a)  # type: ignore[operator]
+
+        return call
+
+    for name, fn in (("query", milvus_table.query_rows), ("insert", milvus_table.insert_rows),
+                     ("upsert", milvus_table.upsert_rows)):  # fmt: skip
+        monkeypatch.setattr(milvus_table, f"{name}_rows", counted(name, fn))
+    monkeypatch.setattr(milvus_table, "MESSAGE_BUDGET", 40_000)
+    n = 60
+    xb, x2 = make_data(n, D, seed=11), make_data(n, D, seed=12)
+    payloads = [f'{{"i": {i}, "text": "{"ab" * 1500}"}}' for i in range(n)]  # ~3 KB each
+    srv, port = start_server(tmp_path / "data", backend="milvus")
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            c.register_space("old@1", D)
+            c.create_collection("m", "old@1")
+            c.upsert("m", _ids(n), xb, space="old@1", payloads=payloads)
+            assert len(calls["insert"]) >= 5 and max(calls["insert"]) <= 12, calls  # ~3.3 KB a row, 40 KB a batch
+            calls["query"].clear()
+            c.upsert("m", _ids(n), x2, space="old@1")  # vectors only: the payloads are read to be kept
+            assert len(calls["query"]) == n, calls  # one row a query: a payload is taken at 64 KiB
+            calls["query"].clear()
+            c.get("m", _ids(n), with_vectors=True)  # no payloads: not read, 34 rows of 1 KiB + 4 * D a query
+            assert len(calls["query"]) == 2, calls
+            got = c.get("m", _ids(n), with_payload=True)
+            assert [p.payload for p in got] == [{"i": i, "text": "ab" * 1500} for i in range(n)]
+            res = c.search("m", x2[:3], 2, space="old@1", with_payload=True)
+            assert res.ids[:, 0].tolist() == ["p0", "p1", "p2"]
+            assert [p["i"] for p in res.payloads[0]] == [0, res.payloads[0][1]["i"]]
+            c.create_collection("e", "old@1", backend="embedded")
+            c.upsert("e", _ids(n), xb, space="old@1", payloads=payloads)
+            calls["insert"].clear()
+            m = c.move_collection("e", str(tmp_path / "moved.db"))
+            assert (m.points_copied, m.num_points) == (n, n)
+            assert len(calls["insert"]) >= 5, calls
+            assert [p.payload for p in c.get("e", _ids(n), with_payload=True)] == [json.loads(p) for p in payloads]
     finally:
         srv.stop(None)
 

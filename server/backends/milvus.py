@@ -38,7 +38,7 @@ from ..funnel import check_funnel, rerank, shrink
 from ..pipeline import map_queries
 from ..store import SpaceRow
 from ..transforms import Transform
-from .milvus_schema import MAX_PAYLOAD_BYTES, MAX_VECTOR_FIELDS
+from .milvus_schema import MAX_ID_CHARS, MAX_PAYLOAD_BYTES, MAX_VECTOR_FIELDS
 from .milvus_table import CHUNK, KEY_FIELD, MilvusTable, as_vector, flush, key_map
 
 __all__ = ["RECOUNT_SECONDS", "MilvusCollection", "MilvusView"]
@@ -79,13 +79,20 @@ class MilvusCollection(MilvusTable):
         f = fields.get(space.name)
         if f is None:
             raise FailedPrecondition(self._no_field_message(space.name, fields))
+        for i, pid in enumerate(ids):  # (a server may allow longer ids: limits.max_id_bytes)
+            if len(pid) * 4 > MAX_ID_CHARS and len(pid.encode()) > MAX_ID_CHARS:
+                raise InvalidArgument(
+                    f"ids[{i}] is {len(pid.encode())} bytes of UTF-8; the milvus backend holds ids of at most"
+                    f" {MAX_ID_CHARS} bytes"
+                )
         for i, p in enumerate(payloads):
             if p is not None and len(p.encode()) > MAX_PAYLOAD_BYTES:
                 raise InvalidArgument(f"payloads[{i}] is over {MAX_PAYLOAD_BYTES} bytes, the milvus backend's limit")
         with self.lock, self.writing():
             self._check_live()
             self._ensure_counted()
-            old = self._rows(ids, self.key_out(["id", "payload", "spaces", *fields.values()]))
+            keep = ["payload"] if any(p is None for p in payloads) else []  # (the old payload stays: read it)
+            old = self._rows(ids, self.key_out(["id", *keep, "spaces", *fields.values()]))
             seq, key = self.stamp(len(ids) - len(old))
             rows, new_vectors = [], 0
             zeros = {fld: np.zeros(self.spaces[sp].dim, np.float32) for sp, fld in fields.items()}
@@ -199,7 +206,7 @@ class MilvusCollection(MilvusTable):
         self._check_live()
         fields = self._fields()
         want = {f: s for s, f in fields.items() if not spaces or s in spaces} if with_vectors else {}
-        rows = self._rows(ids, ["id", "payload", "seq", "spaces", *want])
+        rows = self._rows(ids, ["id", *(["payload"] if with_payload else []), "seq", "spaces", *want])
         missing = [pid for pid in ids if pid not in rows]
         if missing:
             raise NotFound(_missing_message(self.name, missing))

@@ -91,13 +91,22 @@ def require_pymilvus() -> ModuleType:
         raise FailedPrecondition(INSTALL_HINT) from None
 
 
-def check_uri(uri: str) -> str:
+def check_uri(uri: str, new: bool = False) -> str:
     """A Milvus address (``http://``, ``https://``, ``tcp://``) as given, or a Milvus Lite file (``*.db``)
-    as an absolute path. INVALID_ARGUMENT for anything else."""
+    as an absolute path (relative to the server's working directory). INVALID_ARGUMENT for anything else,
+    and with ``new`` (a collection created or moved there) for a file whose folder does not exist."""
     if re.match(r"^(https?|tcp)://[^\s/]+(:\d+)?/?$", uri):
         return uri
     if uri.endswith(".db") and "://" not in uri:
-        return str(Path(uri).expanduser().resolve())
+        try:
+            path = Path(uri).expanduser().resolve()
+        except (ValueError, RuntimeError, OSError) as e:  # a NUL byte, ~user with no home, a path too long
+            raise InvalidArgument(f"milvus uri {uri!r} is not a usable path for a Milvus Lite file: {e}") from None
+        if new and not path.parent.is_dir():
+            raise InvalidArgument(
+                f"milvus uri {uri!r}: the folder {str(path.parent)!r} of the Milvus Lite file does not exist"
+            )
+        return str(path)
     raise InvalidArgument(
         f"milvus uri {uri!r} is neither a Milvus address (http://host:19530) nor a Milvus Lite file (*.db)"
     )

@@ -93,6 +93,9 @@ __all__ = [
 
 R = TypeVar("R")
 CHUNK = 4096  #: ids per query and rows per upsert or delete call
+#: bytes of rows a query may read or a write may send: Milvus caps a message at 256 MiB, and 4096 rows with
+#: the longest payloads (64 KiB each) are over it
+MESSAGE_BUDGET = 64 << 20
 KEY_FIELD = "pk"  #: the dense INT64 primary key of a collection (see "Keys")
 _MAP_VECTOR = [0.0, 0.0]  #: the key map's one vector (Milvus wants a vector field in every collection)
 COUNT_TIMEOUT = 600.0  #: seconds for the one count of a collection (Milvus Lite: seconds per 100k rows)
@@ -364,23 +367,36 @@ class MilvusTable:
         self._fields()  # (reads :attr:`keyed` and :attr:`has_spaces`)
         if not self.has_spaces:
             out = [f for f in out if f != "spaces"]
+        per = self._rows_per_query(out)
         with self.flush_gate.read():  # not while a flush runs (ReadWriteGate)
             for i in range(0, len(ids), CHUNK):
                 chunk = list(ids[i : i + CHUNK])
                 if not self.keyed:
-                    got = self._call("query", functools.partial(query_rows, self.mname, chunk, out, t, ""))
-                    rows.update((r["id"], r) for r in got)
+                    for j in range(0, len(chunk), per):
+                        q = functools.partial(query_rows, self.mname, chunk[j : j + per], out, t, "")
+                        rows.update((r["id"], r) for r in self._call("query", q))
                     continue
-                keys = self._keys_of(chunk)
-                if not keys:
-                    continue
+                found = list(self._keys_of(chunk).items())
                 want = out if "*" in out or "id" in out else [*out, "id"]
-                got = self._call("query", functools.partial(query_rows, self.mname, None, want, t, key_filter(keys)))
-                rows.update((r["id"], r) for r in got if keys.get(r["id"]) == r[KEY_FIELD])
+                for j in range(0, len(found), per):
+                    keys = dict(found[j : j + per])
+                    q = functools.partial(query_rows, self.mname, None, want, t, key_filter(keys))
+                    rows.update((r["id"], r) for r in self._call("query", q) if keys.get(r["id"]) == r[KEY_FIELD])
         if not self.has_spaces:
             for r in rows.values():
                 r["spaces"] = [self.home_field]
         return rows
+
+    def _rows_per_query(self, out: list[str]) -> int:
+        """Rows one query of fields ``out`` may read within :data:`MESSAGE_BUDGET` (each payload taken at
+        its longest)."""
+        dims = {f: self.spaces[s].dim for s, f in (self.fields or {}).items() if s in self.spaces}
+        dims.update({self.home_field: self.home.dim, self.basis_field: self.home.dim})
+        dims[self.prefix_field] = self.prefix_dims
+        every = "*" in out
+        row = 1024 + (MAX_PAYLOAD_BYTES if every or "payload" in out else 0)
+        row += 4 * sum(d for f, d in dims.items() if f and (every or f in out))
+        return max(1, min(CHUNK, MESSAGE_BUDGET // row))
 
     def _keys_of(self, ids: list[str]) -> dict[str, int]:
         """id -> key in the key map, for those of ``ids`` (at most CHUNK) it has."""
@@ -403,8 +419,8 @@ class MilvusTable:
             again = [r for r in rows if r["id"] in old]
             self.map_keys(fresh)
         for call, fn, part in (("insert", insert_rows, fresh), ("upsert", upsert_rows, again)):
-            for i in range(0, len(part), page):
-                self._call(call, functools.partial(fn, self.mname, part[i : i + page], t))
+            for batch in _batches(part, page):
+                self._call(call, functools.partial(fn, self.mname, batch, t))
 
     def give_keys(self, rows: list[dict[str, Any]], old: Mapping[str, Any], first: int) -> None:
         """Each of engine ``rows`` gets its primary key: a point among ``old`` (the engine's rows, read with
@@ -589,6 +605,27 @@ def past_keys(name: str, key: int, client: Any) -> Any:
     """At most :data:`CHUNK` rows whose primary key is ``key`` or above, with their key."""
     return client.query(name, filter=f"{KEY_FIELD} >= {key}", output_fields=[KEY_FIELD], limit=CHUNK,
                         timeout=COUNT_TIMEOUT)  # fmt: skip
+
+
+def _batches(rows: list[dict[str, Any]], page: int) -> Iterator[list[dict[str, Any]]]:
+    """``rows`` in batches of at most ``page`` rows and :data:`MESSAGE_BUDGET` bytes (a row's vectors,
+    payload and id; one row over it alone)."""
+    start, size = 0, 0
+    for i, r in enumerate(rows):
+        n = 256
+        for v in r.values():
+            if isinstance(v, np.ndarray):
+                n += v.nbytes
+            elif isinstance(v, str):
+                n += len(v) if v.isascii() else 4 * len(v)  # (UTF-8: at most 4 bytes a character)
+            elif isinstance(v, list):
+                n += 8 * len(v)
+        if i > start and (i - start == page or size + n > MESSAGE_BUDGET):
+            yield rows[start:i]
+            start, size = i, 0
+        size += n
+    if start < len(rows):
+        yield rows[start:]
 
 
 def insert_rows(name: str, rows: list[dict[str, Any]], timeout: float, client: Any) -> Any:

@@ -72,7 +72,8 @@ __all__ = ["MoveReport", "SpotCheck", "check_move", "move_collection", "spot_che
 
 log = logging.getLogger(__name__)
 
-COPY_BYTES = 16 << 20  #: vector and payload bytes per page read from the store and upserted
+COPY_BYTES = 16 << 20  #: vector and payload bytes per page read from the store (a payload taken as 1 KiB; the
+#: engine writes are cut again at milvus_table.MESSAGE_BUDGET by their actual bytes)
 CATCH_UP_PASSES = 3  #: catch-up passes without the write lock before the last one under it
 CATCH_UP_SMALL = 1000  #: a pass that re-copied fewer points is the last one without the lock
 VERIFY_QUERIES = 32  #: spot searches
@@ -183,7 +184,7 @@ def check_move(engine: Engine, name: str, backend: str, uri: str) -> tuple[Colle
         parse_index(spec.index_spec, spec.ef_construction)
     except InvalidArgument as e:
         raise FailedPrecondition(f"collection {name!r} cannot be moved: {e.message}") from None
-    uri = check_uri(uri or engine.config.milvus_uri or str(Path(engine.config.data_dir) / "milvus.db"))
+    uri = check_uri(uri or engine.config.milvus_uri or str(Path(engine.config.data_dir) / "milvus.db"), new=True)
     counts = store.vector_counts(col.row.cid)
     by_age = sorted((s for s in engine.spaces.values() if s.name != col.home.name), key=lambda s: s.created_at)
     used = [col.home, *(s for s in by_age if counts.get(s.name))]
