@@ -8,15 +8,22 @@ one way, live or shadow (``pipeline.py``)::
 
     validate -> resolve the route -> transform -> basis -> FAISS search -> labels to ids -> reply
 
-Covered by ``tests/test_service.py`` (every RPC over a real channel), ``tests/test_search.py``
-and ``tests/test_pipeline.py``.
+A reply must fit the gRPC send limit (``Limits.max_message_bytes``): its size is counted before it
+is built, and payloads are read a chunk of distinct hits at a time until it is known to fit
+(:func:`bounded_payloads`), else RESOURCE_EXHAUSTED; the embedded client's direct search gets the
+same answer. A prefix collection's batch is searched in row chunks (:func:`run_chunked`).
+
+Covered by ``tests/test_service.py`` (every RPC over a real channel), ``tests/test_search.py``,
+``tests/test_pipeline.py`` and ``tests/test_reply_limits.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +40,41 @@ from .collection import Collection, PointRecord
 from .collection_spec import CollectionSpec
 from .compat import TransformRecord
 from .config import BACKENDS, ServerConfig
-from .errors import AlreadyExists, FailedPrecondition, InterlinguaError, InvalidArgument, NotFound, Unavailable
+from .device import Device
+from .errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InterlinguaError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from .funnel import chunk_rows, clamp_funnel
 from .lifecycle import EngineLifecycle, Lifecycle, lower_priority
 from .metrics import FOLD_EVERY, Metrics
 from .migration.runtime import MigrationBase
 from .migration.search import search as migration_search
-from .pipeline import SearchParams, SearchResult
-from .routes import IDENTITY
+from .pipeline import Hits, Query, SearchParams, SearchResult
+from .routes import IDENTITY, Route
 from .store import CollectionRow, SpaceRow, Store
 
 #: Lifecycle and SearchResult: re-exported from lifecycle.py and pipeline.py
-__all__ = ["Engine", "Lifecycle", "SearchResult"]
+__all__ = [
+    "PAYLOAD_READ_CHUNK",
+    "Engine",
+    "Lifecycle",
+    "SearchResult",
+    "bounded_payloads",
+    "check_reply",
+    "clamp_shortlist",
+    "reply_bytes",
+    "run_chunked",
+]
+
+#: distinct hits whose payloads one read fetches while a reply is sized: at most this many payloads
+#: (``max_payload_bytes`` each) are read past the send limit before a search is refused
+PAYLOAD_READ_CHUNK = 256
 
 
 class Engine(EngineLifecycle):
@@ -392,25 +423,20 @@ class Engine(EngineLifecycle):
             t1 = t0
             hits, route = migration_search(mig, space, data, dim, params, self.limits, self.device)
         else:
-            q = pipeline.prepare(col, space, data, dim, params, self.limits)
+            q = clamp_shortlist(pipeline.prepare(col, space, data, dim, params, self.limits))
             t1 = time.perf_counter()
             route = q.route
-            hits = pipeline.run(q, route.fn, self.device)
+            hits = run_chunked(q, self.device)
             if route.shadow is not None and self.shadows is not None:
                 self.shadows.submit(q, hits.ids)
         if route.transform != IDENTITY:
             self._child(self.metrics.transform_seconds, route.transform).observe(hits.map_seconds)
+        base = check_reply(hits.ids, route, self.limits.max_message_bytes, self.limits.max_id_bytes, with_payload)
         payloads: list[str] | None = None
         fetch: float | None = None
         if with_payload:
             t3 = time.perf_counter()
-            if mig is not None:
-                with mig.reading():
-                    payloads = col.payloads(hits.ids)
-            else:
-                payloads = col.payloads(hits.ids)
-            if col.retired:  # moved meanwhile: its store rows may be gone, the new side has them
-                payloads = self.collection(collection).payloads(hits.ids)
+            payloads = self._payloads(col, collection, mig, hits.ids, base)
             fetch = time.perf_counter() - t3
         timers = col.stage_timers  # one append for the four stage timers (metrics.StageTimes)
         timers.append((t1 - t0, hits.transform_seconds, hits.index_seconds, fetch))
@@ -418,6 +444,19 @@ class Engine(EngineLifecycle):
             timers.fold()
         self._child(self.metrics.search_queries, col.name, query_space, route.transform).inc(len(hits.D))
         return SearchResult(hits.D, hits.ids, payloads, route, exact=hits.snapshot.sealed is None)
+
+    def _payloads(
+        self, col: AnyCollection, name: str, mig: MigrationBase | None, ids: np.ndarray, base: int
+    ) -> list[str]:
+        """The payloads of hits ``ids`` for a reply of ``base`` bytes without them, within the send limit
+        (:func:`bounded_payloads`), read under a migration's read lock; from the collection that
+        replaced ``col`` when a move retired it meanwhile (its store rows may be gone)."""
+        limit = self.limits.max_message_bytes
+        with mig.reading() if mig is not None else contextlib.nullcontext():
+            payloads = bounded_payloads(ids, col.payloads, base, limit)
+        if col.retired:
+            payloads = bounded_payloads(ids, self.collection(name).payloads, base, limit)
+        return payloads
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered: prometheus_client's lookup (checks, a lock) cost
@@ -427,3 +466,106 @@ class Engine(EngineLifecycle):
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+
+# -- search helpers: the funnel's working set and the reply's size -----------------------------
+
+
+def clamp_shortlist(q: Query) -> Query:
+    """``q`` with an embedded prefix collection's shortlist cut to the live labels its index holds
+    (:func:`~.funnel.clamp_funnel`: the same hits; labels a racing write adds after the count may
+    fall past the cut)."""
+    col = q.col
+    if not q.funnel[1] or not isinstance(col, Collection):
+        return q
+    s = col.segments.snapshot
+    funnel = clamp_funnel(q.funnel, q.params.k, s.nsealed - s.ndead_sealed + s.nfresh - s.ndead_fresh)
+    return q if funnel is q.funnel else dataclasses.replace(q, funnel=funnel)
+
+
+def run_chunked(q: Query, device: Device | None) -> Hits:
+    """``pipeline.run`` of ``q`` with its route's transform; a prefix collection's batch in row chunks
+    whose candidates fit ``funnel.CANDIDATE_BUDGET_BYTES`` (each query is searched alone: the hits
+    are those of one run; the snapshot reported is the last chunk's)."""
+    shortlist_k, stages = q.funnel
+    rows = chunk_rows(shortlist_k, q.col.home.dim)
+    nq = len(q.xq)
+    if not stages or nq <= rows:
+        return pipeline.run(q, q.route.fn, device)
+    parts = [
+        pipeline.run(dataclasses.replace(q, xq=q.xq[i : i + rows]), q.route.fn, device) for i in range(0, nq, rows)
+    ]
+    return Hits(
+        np.vstack([h.D for h in parts]),
+        np.vstack([h.ids for h in parts]),
+        parts[-1].snapshot,
+        sum(h.map_seconds for h in parts),
+        sum(h.transform_seconds for h in parts),
+        sum(h.index_seconds for h in parts),
+    )
+
+
+def _field_bytes(n: int) -> int:
+    """Bytes of a length-delimited protobuf field (numbers 1-15) with an n-byte value: tag, length varint, value."""
+    return 2 + n + (n >= 1 << 7) + (n >= 1 << 14) + (n >= 1 << 21) + (n >= 1 << 28)
+
+
+def _utf8_bytes(s: str) -> int:
+    return len(s) if s.isascii() else len(s.encode())
+
+
+def reply_bytes(ids: np.ndarray, route: Route, id_bytes: int | None = None) -> int:
+    """Serialized bytes of the SearchResponse of hits ``ids`` (nq, k) without payloads: the ids, the
+    scores (4 bytes a hit), the route, nq, k and exact; with ``id_bytes``, an upper bound that takes
+    every id at that length."""
+    n = ids.size
+    if id_bytes is None:
+        id_part = sum(_field_bytes(_utf8_bytes(p)) for p in ids.ravel().tolist())
+    else:
+        id_part = n * _field_bytes(id_bytes)
+    names = (route.query_space, route.home_space, route.transform)
+    route_part = _field_bytes(sum(_field_bytes(_utf8_bytes(s)) for s in names))
+    return id_part + _field_bytes(4 * n) + route_part + 14  # nq and k: 6 bytes each at most, exact: 2
+
+
+def _too_large(shape: tuple[int, ...], need: int, limit: int, with_payload: bool, partial: bool) -> ResourceExhausted:
+    nq, k = shape
+    what, hint = ("with payloads ", ", or search with with_payload=false") if with_payload else ("", "")
+    return ResourceExhausted(
+        f"the reply to nq={nq} queries with k={k} {what}needs {'at least ' if partial else ''}{need} bytes, over "
+        f"the server's send limit of {limit} bytes (max_message_bytes); ask for fewer queries or a smaller k{hint}"
+    )
+
+
+def check_reply(ids: np.ndarray, route: Route, limit: int, id_bytes: int, with_payload: bool) -> int:
+    """The bytes of the reply to hits ``ids`` (nq, k) without payloads (exact with ``with_payload``,
+    else an upper bound while that fits, which spares a pass over the ids); RESOURCE_EXHAUSTED when
+    it is over ``limit``, gRPC's send limit."""
+    if not with_payload:
+        bound = reply_bytes(ids, route, id_bytes)
+        if bound <= limit:
+            return bound
+    need = reply_bytes(ids, route)
+    if need > limit:
+        raise _too_large(ids.shape, need, limit, with_payload, partial=False)
+    return need
+
+
+def bounded_payloads(ids: np.ndarray, read: Callable[[np.ndarray], list[str]], base: int, limit: int) -> list[str]:
+    """Payloads aligned with hits ``ids`` (nq, k), flattened, "" for none; ``read`` gives them for an
+    array of ids. Distinct ids are read :data:`PAYLOAD_READ_CHUNK` at a time, each payload counted
+    once per hit (the reply copies it per hit), on top of the ``base`` bytes of the reply without
+    them: RESOURCE_EXHAUSTED as soon as the total passes ``limit``, and nothing more is read."""
+    flat = ids.ravel().tolist()
+    counts = Counter(flat)
+    need = base + _field_bytes(0) * counts.pop("", 0)  # an empty payload for each missing hit
+    distinct = list(counts)
+    found: dict[str, str] = {}
+    for i in range(0, len(distinct), PAYLOAD_READ_CHUNK):
+        chunk = distinct[i : i + PAYLOAD_READ_CHUNK]
+        for pid, payload in zip(chunk, read(np.array(chunk, dtype=object)), strict=True):
+            found[pid] = payload
+            need += counts[pid] * _field_bytes(_utf8_bytes(payload))
+        if need > limit:
+            raise _too_large(ids.shape, need, limit, True, partial=i + PAYLOAD_READ_CHUNK < len(distinct))
+    return [found[p] if p else "" for p in flat]

@@ -8,14 +8,16 @@
     ├── AlreadyExists                    ALREADY_EXISTS: the name is taken
     ├── FailedPrecondition               FAILED_PRECONDITION: valid, but not in this state
     │   └── NoRoute                      query space is neither home nor routed
-    ├── ResourceExhausted                RESOURCE_EXHAUSTED: over a configured cap
+    ├── ResourceExhausted                RESOURCE_EXHAUSTED: over a configured cap, or out of memory
     │   └── RateLimited                  over the key's rate limit; carries ``retry_after``
     ├── Unauthenticated                  UNAUTHENTICATED: missing or unknown API key
     ├── PermissionDenied                 PERMISSION_DENIED: a known key whose role is too low
     └── Unavailable                      UNAVAILABLE: the service is loading or draining
 
 The domain core raises these; the servicer layer turns them into a status with
-:func:`status_for`, so no bad input ever leaves as UNKNOWN or INTERNAL. A rejected
+:func:`status_for`, so no bad input ever leaves as UNKNOWN or INTERNAL. A MemoryError
+(numpy's ``_ArrayMemoryError`` too) in a handler is a request too large for the host's
+memory, not a bug: :func:`out_of_memory` gives its ResourceExhausted. A rejected
 request changes nothing: every check runs before the write transaction starts.
 Messages are capped at :data:`MAX_MESSAGE_CHARS` (a 20 KB name echoed whole once
 overflowed the error metadata); :func:`shown` quotes a value shortened.
@@ -39,6 +41,7 @@ __all__ = [
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
+    "out_of_memory",
     "shown",
     "status_for",
 ]
@@ -130,3 +133,11 @@ def status_for(exc: InterlinguaError) -> grpc.StatusCode:
         if code is not None:
             return code
     raise TypeError(f"no status code for {type(exc).__name__}")  # a bug, not bad input
+
+
+def out_of_memory(what: str) -> ResourceExhausted:
+    """The error of a MemoryError raised in ``what`` (a handler, a message's parsing)."""
+    return ResourceExhausted(
+        f"{what} ran out of memory on the server; retry with fewer queries, a smaller k or shortlist_k,"
+        " or a smaller batch"
+    )

@@ -8,6 +8,11 @@ the prefix index, then each funnel stage ``(dims, keep)`` rescores the survivors
 ``dims`` dimensions and keeps the best ``keep``; a last stage always rescores with all d dimensions
 and keeps k. With a large enough shortlist the result equals full-dimensional search
 (``tests/test_funnel.py``).
+
+A batch of queries is reranked in row chunks whose candidate vectors (nq x shortlist x d float32)
+fit :data:`CANDIDATE_BUDGET_BYTES`, and the engine searches a prefix collection in such chunks too,
+its shortlist first cut to the labels the collection holds (:func:`clamp_funnel`): each query is
+scored alone, so the results equal one pass (``tests/test_reply_limits.py``).
 """
 
 from __future__ import annotations
@@ -20,14 +25,30 @@ from .errors import InvalidArgument
 from .segments import best_k
 from .transforms.matryoshka import shrink
 
-__all__ = ["MAX_SHORTLIST", "check_funnel", "rerank", "shrink"]
+__all__ = [
+    "CANDIDATE_BUDGET_BYTES",
+    "MAX_SHORTLIST",
+    "Funnel",
+    "check_funnel",
+    "chunk_rows",
+    "clamp_funnel",
+    "rerank",
+    "shrink",
+]
 
 MAX_SHORTLIST = 16384  #: most candidates a request may ask the prefix index for
+#: bytes of candidates one chunk of queries holds: nq x shortlist_k x (d float32 dims + the
+#: ~``CANDIDATE_OVERHEAD`` bytes of FAISS's distance and label, their merge and the scores). At
+#: nq=1024, shortlist_k=16384, d=16 one pass once needed > 1 GiB (a MemoryError, INTERNAL then)
+CANDIDATE_BUDGET_BYTES = 256 << 20
+CANDIDATE_OVERHEAD = 64
+
+Funnel = tuple[int, list[tuple[int, int]]]  #: (shortlist_k, stages + the full stage), from check_funnel
 
 
 def check_funnel(
     d: int, prefix_dims: int, k: int, shortlist_k: int | None, stages: Sequence[tuple[int, int]]
-) -> tuple[int, list[tuple[int, int]]]:
+) -> Funnel:
     """Checks a request's funnel against a collection; returns (shortlist_k, stages + the full stage)."""
     if not prefix_dims:
         if shortlist_k is not None or stages:
@@ -51,6 +72,21 @@ def check_funnel(
     return sk, [*stages, (d, k)]
 
 
+def clamp_funnel(funnel: Funnel, k: int, nlive: int) -> Funnel:
+    """``funnel`` with its shortlist, and its stages' keeps, cut to max(k, nlive): an index holding
+    ``nlive`` live labels returns no more candidates (FAISS pads with -1), so the results are the same."""
+    sk, stages = funnel
+    cap = max(k, nlive)
+    if sk <= cap:
+        return funnel
+    return cap, [(dims, min(keep, cap)) for dims, keep in stages]
+
+
+def chunk_rows(c: int, d: int) -> int:
+    """Queries per chunk whose c candidates each, of d dims, fit :data:`CANDIDATE_BUDGET_BYTES` (at least 1)."""
+    return max(1, CANDIDATE_BUDGET_BYTES // max(1, c * (4 * d + CANDIDATE_OVERHEAD)))
+
+
 def rerank(
     xq: np.ndarray, full: np.ndarray, I: np.ndarray, stages: Sequence[tuple[int, int]], metric: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -59,7 +95,20 @@ def rerank(
     xq : (nq, d) full queries (normalized for cosine); full : (>= max label + 1, d) vectors by label;
     I : (nq, c) candidate labels, -1 for none. Returns D, I of shape (nq, keep of the last stage),
     sorted best first (inner product descending; squared L2 ascending), -1 / -inf (+inf) padding.
+    Queries go in chunks of :func:`chunk_rows`: the (nq, c, dims) candidate vectors stay within
+    :data:`CANDIDATE_BUDGET_BYTES`.
     """
+    rows = chunk_rows(I.shape[1], xq.shape[1])
+    if len(xq) <= rows:
+        return _rerank(xq, full, I, stages, metric)
+    parts = [_rerank(xq[i : i + rows], full, I[i : i + rows], stages, metric) for i in range(0, len(xq), rows)]
+    return np.vstack([p[0] for p in parts]), np.vstack([p[1] for p in parts])
+
+
+def _rerank(
+    xq: np.ndarray, full: np.ndarray, I: np.ndarray, stages: Sequence[tuple[int, int]], metric: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`rerank` of one chunk of queries."""
     largest = metric != "l2"
     worst = np.float32(-np.inf if largest else np.inf)
     d = xq.shape[1]

@@ -7,7 +7,8 @@ registers every handler with raw bytes and parses them itself, so undecodable
 protobuf bytes or invalid UTF-8 in a string field answer INVALID_ARGUMENT naming
 the message type, not grpc's INTERNAL "Exception deserializing request!". A domain
 error escaping a handler (e.g. from a request stream) leaves through
-:func:`abort_with`. Covered by ``tests/test_hardening.py``.
+:func:`abort_with`, a MemoryError as RESOURCE_EXHAUSTED (``errors.out_of_memory``).
+Covered by ``tests/test_hardening.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from .errors import InterlinguaError, InvalidArgument, RateLimited, status_for
+from .errors import InterlinguaError, InvalidArgument, RateLimited, out_of_memory, status_for
 
 __all__ = ["DecodeInterceptor", "abort_with", "wrap_rpc_behavior"]
 
@@ -73,6 +74,8 @@ def _decoder(parse: Callable[[bytes], Any]) -> Callable[[bytes, str], Any]:
     def decode(raw: bytes, where: str) -> Any:
         try:
             return parse(raw)
+        except MemoryError:
+            raise out_of_memory(f"parsing {where}") from None
         except Exception as e:  # DecodeError, invalid UTF-8 in a string field, ...
             raise InvalidArgument(f"{where} is not a valid {type_name} message: {e}") from None
 
@@ -112,6 +115,8 @@ class DecodeInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                     yield from it
                 except InterlinguaError as e:
                     abort_with(context, e)
+                except MemoryError:
+                    abort_with(context, out_of_memory("the stream"))
 
             def call(raw: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
                 try:
@@ -119,6 +124,8 @@ class DecodeInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                     result = behavior(request, context, *callback)
                 except InterlinguaError as e:
                     abort_with(context, e)
+                except MemoryError:
+                    abort_with(context, out_of_memory("the call"))
                 if resp_stream and not callback and result is not None:
                     return responses(result, context)
                 return result

@@ -1,8 +1,8 @@
 """Thin gRPC servicers: convert the request, call the :class:`~.engine.Engine`, build the reply.
 
 Domain errors leave through ``context.abort`` with the code from the one table
-in ``errors.py``; an unexpected exception (a bug) leaves as INTERNAL with a
-log line, never as UNKNOWN.
+in ``errors.py``, a MemoryError as RESOURCE_EXHAUSTED (``errors.out_of_memory``);
+an unexpected exception (a bug) leaves as INTERNAL with a log line, never as UNKNOWN.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .backends.base import AnyCollection
 from .backends.milvus import MilvusCollection
 from .collection_spec import CollectionSpec
 from .engine import Engine
-from .errors import InterlinguaError, InvalidArgument
+from .errors import InterlinguaError, InvalidArgument, out_of_memory
 from .pipeline import SearchParams
 from .rpcwrap import abort_with
 from .serial import search_one
@@ -51,11 +51,15 @@ STATE_TO_PB = {
 
 
 def rpc_call(fn: Callable[..., R], request: Any, context: grpc.ServicerContext, what: str) -> R:
-    """fn(request), with domain errors mapped to their status code and anything else to INTERNAL."""
+    """fn(request), with domain errors mapped to their status code, a MemoryError to RESOURCE_EXHAUSTED
+    and anything else to INTERNAL."""
     try:
         return fn(request)
     except InterlinguaError as e:
         abort_with(context, e)  # (a rate limit: with retry-after)
+    except MemoryError:
+        log.warning("out of memory in %s", what)
+        abort_with(context, out_of_memory(what))
     except Exception:
         log.exception("unexpected error in %s", what)
         context.abort(grpc.StatusCode.INTERNAL, f"internal error in {what}; see the server log")
@@ -73,6 +77,9 @@ def rpc(fn: F) -> F:
             return fn(self, request, context)
         except InterlinguaError as e:
             abort_with(context, e)  # (a rate limit: with retry-after)
+        except MemoryError:
+            log.warning("out of memory in %s", what)
+            abort_with(context, out_of_memory(what))
         except Exception:
             log.exception("unexpected error in %s", what)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error in {what}; see the server log")
