@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -223,7 +224,12 @@ def time_point(
     (nq, k), and the queries per second."""
     least = TIME_MIN_SECONDS if min_seconds is None else min_seconds
     p = search_params(
-        index, ef_search=params.get("ef_search"), nprobe=params.get("nprobe"), k_factor=params.get("k_factor"), sel=sel
+        index,
+        ef_search=params.get("ef_search"),
+        nprobe=params.get("nprobe"),
+        k_factor=params.get("k_factor"),
+        sel=sel,
+        k=k,
     )
     nq = len(xq)
     I = np.empty((nq, k), dtype=np.int64)
@@ -241,8 +247,14 @@ def time_point(
 
 
 def _build(spec: IndexSpec, xs: np.ndarray) -> tuple[Any, float]:
+    """The index of ``spec`` trained on and holding xs (n, d), and the seconds it took. A spec the
+    grammar accepted but FAISS's factory refuses is the request's: INVALID_ARGUMENT, not INTERNAL."""
     t0 = time.perf_counter()
-    index = spec.new_index()
+    try:
+        index = spec.new_index()
+    except RuntimeError as e:  # FAISS's message, after its source location
+        why = re.split(r"\.(?:cpp|h):[0-9]+: ", " ".join(str(e).split()))[-1] or "FAISS refused it"
+        raise InvalidArgument(f"index spec {spec.spec!r} is not valid for d={spec.d}: {why[:300]}") from None
     if spec.needs_training:
         index.train(xs)
     index.add(xs)

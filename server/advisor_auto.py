@@ -258,7 +258,12 @@ def tune_collection(
     def evaluate(primary: int, k_factor: int) -> float:
         knobs = _knobs(spec, primary, k_factor)
         p = search_params(
-            index, ef_search=knobs.get("ef_search"), nprobe=knobs.get("nprobe"), k_factor=knobs.get("k_factor"), sel=sel
+            index,
+            ef_search=knobs.get("ef_search"),
+            nprobe=knobs.get("nprobe"),
+            k_factor=knobs.get("k_factor"),
+            sel=sel,
+            k=kk,
         )
         I = np.empty((nq, kk), dtype=np.int64)
         for b in range(0, nq, BATCH):

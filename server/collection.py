@@ -46,11 +46,15 @@ class Collection(CollectionIndex):
         self, space: SpaceRow, ids: list[str], x: np.ndarray, payloads: Sequence[str | None], *, projected: bool = False
     ) -> int:
         """x : shape (n, d) float32, already normalized for cosine spaces. Returns the sequence.
-        ``projected``: the vectors are a migration's forward projections (``server/migration``)."""
+        ``projected``: the vectors are a migration's forward projections (``server/migration``).
+        Home vectors the index cannot hold (float16 codes: ``IndexSpec.check_vectors``) are
+        INVALID_ARGUMENT before anything is written."""
         home = space.name == self.home.name
         with self.lock:
             self._check_live()
+            xb = xi = x
             if home:
+                xb, xi = self.indexable(x)
                 first: int | None = self.next_label
                 dead = [lab for pid in ids if (lab := self.pids.get(pid, -1)) >= 0]
                 new_vectors = len(ids) - len(dead)
@@ -59,16 +63,15 @@ class Collection(CollectionIndex):
                 new_vectors = len(ids) - len(self.store.existing_vectors(self.row.cid, space.name, ids))
             seq = self.store.upsert(self.row.cid, space.name, ids, x, payloads, first, projected=projected)
             if first is not None:
-                x = self.to_basis(x)  # the store keeps the vectors as given; the index sees the basis
                 if self.row.spec.prefix_dims:  # full vectors first: a published label is always rerankable
                     epoch, old = self.full
                     full = old
                     if full.shape[0] < first + len(ids):
                         full = np.zeros((max(2 * full.shape[0], first + len(ids)), full.shape[1]), np.float32)
                         full[: old.shape[0]] = old
-                    full[first : first + len(ids)] = x
+                    full[first : first + len(ids)] = xb
                     self.full = (epoch, full)
-                self.segments.append(first, ids, self.index_view(x), dead, seq)
+                self.segments.append(first, ids, xi, dead, seq)
                 self.next_label += len(ids)
                 self.pids.update(zip(ids, range(first, first + len(ids)), strict=True))
             else:
@@ -80,6 +83,16 @@ class Collection(CollectionIndex):
         s = self.segments.snapshot
         self.dead_gauge.set(s.ndead_sealed + s.ndead_fresh)  # overwrites kill labels
         return seq
+
+    def indexable(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Home vectors x (n, d) in the collection's basis, and as its index holds them (their
+        Matryoshka prefix, or the same); INVALID_ARGUMENT naming the vector when the index cannot hold
+        one (float16 codes: ``IndexSpec.check_vectors``), before anything is written."""
+        xb = self.to_basis(x)  # the store keeps the vectors as given; the index sees the basis
+        xi = self.index_view(xb)
+        what = "vectors (in the collection's basis)" if self.basis is not None else "vectors"
+        self.segments.spec.check_vectors(xi, what=what)
+        return xb, xi
 
     def delete(self, ids: list[str], missing_ok: bool) -> tuple[int, int]:
         """Deletes points; returns (deleted, sequence)."""

@@ -27,18 +27,24 @@ index (``IndexRefine``: its search parameters carry the base index's, with their
 and ``k_factor``); a flat fast-scan PQ, like a flat PQ, takes no search parameters or selector, so
 its dead labels are dropped on the host (:attr:`IndexSpec.takes_params`); FAISS has no HNSW over
 fast-scan codes (its factory throws). :func:`search_params` builds the parameters of any accepted
-index from the index itself. ``tests/test_index_safety.py``
-builds, trains at the minimum, adds to twice and searches every form of the grammar at its
-boundary values in subprocesses, none of which may crash.
+index from the index itself, an HNSW's efSearch at least the labels asked of it. A spec is ASCII
+(``IVF\\u0663,Flat`` passed Python's ``\\d`` as IVF3, then failed every training). Float16 codes
+bound the vectors an index takes (:meth:`IndexSpec.check_vectors`; larger ones were encoded as
+inf). ``tests/test_index_safety.py`` builds, trains at the minimum, adds to twice and searches
+every form of the grammar at its boundary values in subprocesses, none of which may crash;
+``tests/test_index_robustness.py`` covers the ASCII rule, the train_min_points cap, the float16
+bounds and the efSearch floor.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import faiss
+import numpy as np
 
 from .device import inner_index
 from .errors import InvalidArgument
@@ -48,11 +54,15 @@ __all__ = [
     "DEFAULT_K_FACTOR",
     "DEFAULT_NPROBE",
     "FAISS_METRIC",
+    "FP16_MAX",
     "MAX_EF_CONSTRUCTION",
     "MAX_HNSW_M",
     "MAX_K_FACTOR",
+    "MAX_TRAIN_MIN_POINTS",
     "IndexSpec",
     "SearchDefaults",
+    "graph_codes",
+    "graph_k_limit",
     "search_params",
     "unwrap",
 ]
@@ -69,6 +79,10 @@ DEFAULT_EF_SEARCH = 64  #: HNSW efSearch when neither the request nor the collec
 DEFAULT_NPROBE = 16  #: IVF nprobe when neither the request nor the collection sets one (capped at nlist)
 DEFAULT_K_FACTOR = 4  #: refine stage: candidates re-ranked per result when the collection sets none
 MAX_K_FACTOR = 256  #: the largest k_factor a search may set
+#: largest train_min_points: more points than one collection holds (and within SQLite's INTEGER, where
+#: 2**63 and above failed the insert with INTERNAL)
+MAX_TRAIN_MIN_POINTS = 1 << 32
+FP16_MAX = 65504.0  #: largest finite float16: SQfp16 codes of larger components are inf (searches lost hits)
 SUPPORTED = (
     "Flat, PQm[xnbits], PQmx4fs, SQ4|SQ6|SQ8|SQfp16, HNSWM[_store], IVFn[_HNSWM],store|PQmx4fs"
     " (store: Flat, PQ or SQ), after any of PCA[W][R]k, OPQm[_k], RRk, then optionally RFlat or Refine(Flat|SQfp16|SQ8)"
@@ -76,14 +90,17 @@ SUPPORTED = (
 
 TRAIN_RULE = "nlist for IVF, 2**nbits for PQ, 256 for OPQ, k for PCAk"  #: minimum training points
 
-_PRE = re.compile(r"PCAW?R?(\d+)|OPQ(\d+)(?:_(\d+))?|RR(\d+)")
-_PQ = re.compile(r"PQ(\d+)(?:x(\d+))?")
-_FS = re.compile(r"PQ(\d+)x(\d+)fs")
-_REFINE = re.compile(r"RFlat|Refine\((\w+)\)")
+# ASCII only: Python's \d and \w also match other scripts' digits and letters, which int() reads but
+# FAISS's factory does not ('IVF\u0663,Flat' passed as IVF3, then every training of it failed)
+_PRE = re.compile(r"PCAW?R?([0-9]+)|OPQ([0-9]+)(?:_([0-9]+))?|RR([0-9]+)", re.ASCII)
+_PQ = re.compile(r"PQ([0-9]+)(?:x([0-9]+))?", re.ASCII)
+_FS = re.compile(r"PQ([0-9]+)x([0-9]+)fs", re.ASCII)
+_REFINE = re.compile(r"RFlat|Refine\(([A-Za-z0-9_]+)\)", re.ASCII)
 _REFINE_STORES = ("Flat", "SQfp16", "SQ8")
 _SQ = ("SQ4", "SQ6", "SQ8", "SQfp16")
-_HNSW = re.compile(r"HNSW(\d+)(?:_(\w+))?")
-_IVF = re.compile(r"IVF(\d+)(?:_HNSW(\d+))?")
+_HNSW = re.compile(r"HNSW([0-9]+)(?:_([A-Za-z0-9_]+))?", re.ASCII)
+_IVF = re.compile(r"IVF([0-9]+)(?:_HNSW([0-9]+))?", re.ASCII)
+_PQ_ANY = re.compile(r"PQ[0-9]", re.ASCII)
 
 
 def _show(spec: str) -> str:
@@ -103,6 +120,10 @@ class _Walk:
     graph_m: int = 0  #: M of an HNSW main index (0: none)
     fast_scan: bool = False
     refine: str = ""  #: storage of the refine stage ("": none)
+    #: bound on the norm of a pre-transform's output over that of its input (a PCA subtracts a mean, at
+    #: most doubling it; rotations keep it; whitening has none known before training: inf); 0: no pre-transform
+    growth: float = 0.0
+    fp16: str = ""  #: float16 codes of the main index: "vectors", "residuals" (IVF) or "" (none)
 
     def fail(self, what: str) -> InvalidArgument:
         return InvalidArgument(f"index spec {_show(self.spec)}: {what}")
@@ -118,7 +139,9 @@ class _Walk:
         if g is None:
             raise self.fail(f"component {tok!r} is not a pre-transform")
         d_in = self.d
+        self.growth = self.growth or 1.0
         if tok.startswith("PCA"):
+            self.growth *= math.inf if tok.startswith("PCAW") else 2.0
             k = self._dim(int(g.group(1)), tok)
             self.min_train = max(self.min_train, k)
             self.overhead += 8 * d_in * d_in + 4 * d_in * k
@@ -145,6 +168,8 @@ class _Walk:
         where ``fast_scan`` (IVF lists and flat indexes)."""
         if tok == "Flat" or tok in _SQ:
             self.overhead += 8 * self.d
+            if tok == "SQfp16":
+                self.fp16 = "residuals" if ivf else "vectors"  # FAISS's IVF scalar quantizers encode residuals
             return
         if (f := _FS.fullmatch(tok)) is not None:
             if not fast_scan:
@@ -236,6 +261,12 @@ class IndexSpec:
     refine: str = ""  #: storage of the refine stage ("Flat", "SQfp16", "SQ8"; "": none)
     graph_m: int = 0  #: HNSW M of the main index (0: not HNSW)
     fast_scan: bool = False  #: the codes are fast-scan PQ
+    #: largest |component| of a vector the index may hold (inf: any): float16 codes (SQfp16 storage,
+    #: Refine(SQfp16)) hold up to :data:`FP16_MAX`, an IVF's residuals up to twice a component
+    max_abs_component: float = math.inf
+    #: largest L2 norm of a vector the index may hold (inf: any): float16 codes after a pre-transform,
+    #: whose output norm is at most ``growth`` times its input's (see :meth:`check_vectors`)
+    max_norm: float = math.inf
 
     @classmethod
     def parse(
@@ -256,6 +287,12 @@ class IndexSpec:
         spec = spec.strip() or "Flat"
         if len(spec) > MAX_SPEC_CHARS:
             raise InvalidArgument(f"index spec {_show(spec)} is {len(spec)} characters; the limit is {MAX_SPEC_CHARS}")
+        if not spec.isascii():  # FAISS's factory reads ASCII digits and names only
+            at, c = next((i, c) for i, c in enumerate(spec) if not c.isascii())
+            raise InvalidArgument(
+                f"index spec {_show(spec)} holds {c!r} (U+{ord(c):04X}) at position {at}; index specs are ASCII"
+                " (digits 0-9)"
+            )
         if "IDMap" in spec or spec.startswith(("Refine", "RFlat")):
             raise InvalidArgument(
                 f"index spec {_show(spec)}: IDMap wrappers are managed by the service, and a refine stage comes last"
@@ -302,10 +339,11 @@ class IndexSpec:
                 f"ef_construction is {ef_construction}; it must be at most {MAX_EF_CONSTRUCTION} (0: the default, 40)"
             )
         min_train = w.min_train if needs else 0
+        max_abs, max_norm = _fp16_bounds(w)
         default_min = 0
         if needs:  # 39 points per list (FAISS's k-means warns below), 9984 with codes to train
             default_min = max(39 * w.nlist, 256, min_train)
-            if re.search(r"PQ\d", spec) or "SQ" in spec:
+            if _PQ_ANY.search(spec) or "SQ" in spec:
                 default_min = max(default_min, 9984)
         return cls(
             spec,
@@ -323,6 +361,8 @@ class IndexSpec:
             w.refine,
             w.graph_m,
             w.fast_scan,
+            max_abs,
+            max_norm,
         )
 
     @property
@@ -344,7 +384,36 @@ class IndexSpec:
                 f"train_min_points is {train_min_points}; index spec {_show(self.spec)} needs at least"
                 f" {self.min_train_points} training points ({TRAIN_RULE})"
             )
+        if train_min_points > MAX_TRAIN_MIN_POINTS:
+            raise InvalidArgument(
+                f"train_min_points is {train_min_points}; it must be at most {MAX_TRAIN_MIN_POINTS} (0: the default,"
+                f" {self.default_train_min} for index spec {_show(self.spec)})"
+            )
         return train_min_points
+
+    def check_vectors(self, x: np.ndarray, *, what: str) -> None:
+        """InvalidArgument when a row of x (shape (n, d), as the index receives it) holds a component or
+        has a norm the index's float16 codes cannot hold (:attr:`max_abs_component`, :attr:`max_norm`):
+        encoded as inf, such a vector made searches return inf or NaN scores and lose their hits.
+        A whitening PCA before float16 codes has no bound known before training and is not checked."""
+        if len(x) == 0 or (self.max_abs_component == math.inf and self.max_norm == math.inf):
+            return
+        big = max(float(x.max()), -float(x.min()))
+        if big > self.max_abs_component:
+            i, j = divmod(int(np.argmax(np.abs(x) > self.max_abs_component)), x.shape[1])
+            codes = "float16 codes of IVF residuals" if self.max_abs_component < FP16_MAX else "float16 codes"
+            raise InvalidArgument(
+                f"{what}: vector {i} has component {float(x[i, j]):.7g} at dimension {j}; the limit is"
+                f" {self.max_abs_component:g} for index spec {_show(self.spec)} (its {codes} hold at most {FP16_MAX:g})"
+            )
+        if big * math.sqrt(x.shape[1]) > self.max_norm:  # every norm is at most sqrt(d) * max|x|
+            norms = np.linalg.norm(x.astype(np.float64), axis=1)
+            i = int(np.argmax(norms))
+            if norms[i] > self.max_norm:
+                raise InvalidArgument(
+                    f"{what}: vector {i} has L2 norm {norms[i]:.7g}; the limit is {self.max_norm:g} for index spec"
+                    f" {_show(self.spec)} (its float16 codes after the pre-transform hold at most {FP16_MAX:g})"
+                )
 
     def new_index(self) -> Any:
         """An empty index of this spec. PQ codes skip polysemous training: it serves only Hamming
@@ -404,26 +473,33 @@ def search_params(
     k_factor: int | None = None,
     sel: Any = None,
     base: bool = True,
+    k: int = 0,
 ) -> Any:
     """FAISS SearchParameters for ``index`` (any index of the grammar, built from its own structure):
     a refine stage's carry ``k_factor`` (default :data:`DEFAULT_K_FACTOR`) and its base's (none when
     ``base`` is False: a flat PQ base takes none), a pre-transform's its inner index's; HNSW gets
-    ``ef_search``, IVF ``nprobe`` (capped at nlist), the innermost ones the selector ``sel``."""
+    ``ef_search``, IVF ``nprobe`` (capped at nlist), the innermost ones the selector ``sel``.
+
+    ``k``: the labels the search must return (0: any number). An HNSW's efSearch is at least the
+    labels asked of it, k, or k * k_factor under a refine stage (its base's candidates): FAISS's
+    graph search stops at efSearch candidates, and HNSW8 of 2000 points answered k=500 with 482 at
+    efSearch 64. An efSearch already at least that is kept, so are its results."""
     if isinstance(index, faiss.IndexRefine):
+        kf = float(k_factor or DEFAULT_K_FACTOR)
         inner = (
-            search_params(faiss.downcast_index(index.base_index), ef_search=ef_search, nprobe=nprobe, sel=sel)
+            search_params(
+                faiss.downcast_index(index.base_index), ef_search=ef_search, nprobe=nprobe, sel=sel, k=int(k * kf)
+            )
             if base
             else None
         )
-        return faiss.IndexRefineSearchParameters(  # type: ignore[call-arg]
-            k_factor=float(k_factor or DEFAULT_K_FACTOR), base_index_params=inner
-        )
+        return faiss.IndexRefineSearchParameters(k_factor=kf, base_index_params=inner)  # type: ignore[call-arg]
     if isinstance(index, faiss.IndexPreTransform):
-        inner = search_params(faiss.downcast_index(index.index), ef_search=ef_search, nprobe=nprobe, sel=sel)
+        inner = search_params(faiss.downcast_index(index.index), ef_search=ef_search, nprobe=nprobe, sel=sel, k=k)
         return faiss.SearchParametersPreTransform(index_params=inner)  # type: ignore[call-arg]
     p: Any
     if isinstance(index, faiss.IndexHNSW):
-        p = faiss.SearchParametersHNSW(efSearch=ef_search or DEFAULT_EF_SEARCH)  # type: ignore[attr-defined]
+        p = faiss.SearchParametersHNSW(efSearch=max(ef_search or DEFAULT_EF_SEARCH, k))  # type: ignore[attr-defined]
     elif isinstance(index, faiss.IndexIVF):
         p = faiss.SearchParametersIVF(nprobe=min(nprobe or DEFAULT_NPROBE, int(index.nlist)))  # type: ignore[call-arg]
     else:
@@ -431,6 +507,48 @@ def search_params(
     if sel is not None:
         p.sel = sel
     return p
+
+
+def graph_codes(index: Any) -> tuple[list[Any], Any]:
+    """What an exhaustive search of an HNSW index of the grammar reads: (the pre-transforms to apply
+    to the queries, in order; the index of every vector's codes, with its labels). Behind a refine
+    stage, its refine index (the vectors as given, whose codes the stage re-ranks by); else the HNSW's
+    storage (Flat, SQ or PQ codes) behind the pre-transforms."""
+    if isinstance(index, faiss.IndexRefine):
+        return [], faiss.downcast_index(index.refine_index)
+    chain: list[Any] = []
+    if isinstance(index, faiss.IndexPreTransform):
+        vts: Any = index.chain  # a std::vector of the transforms (typed as a list)
+        chain = [vts.at(i) for i in range(vts.size())]
+        index = faiss.downcast_index(index.index)
+    return chain, faiss.downcast_index(index.storage)
+
+
+def graph_k_limit(spec: IndexSpec, ef_search: int | None, k_factor: int | None) -> int:
+    """The largest k whose :func:`search_params` keep ``ef_search`` (or the default) as they are: the
+    efSearch, over k_factor under a refine stage; unbounded (2**62) for indexes without a graph."""
+    if not spec.is_hnsw:
+        return 1 << 62
+    ef = ef_search or DEFAULT_EF_SEARCH
+    return ef // (k_factor or DEFAULT_K_FACTOR) if spec.refine else ef
+
+
+def _fp16_bounds(w: _Walk) -> tuple[float, float]:
+    """(largest |component|, largest norm) of a vector entering an index whose walk is ``w``: a refine
+    stage's float16 copy holds the vectors as given; the main index's float16 codes hold them, their IVF
+    residuals (a centroid is a mean of vectors: a residual's component is at most twice theirs, its norm
+    twice theirs) or a pre-transform's output (norm at most ``w.growth`` times theirs)."""
+    comp = norm = math.inf
+    if w.refine == "SQfp16":
+        comp = FP16_MAX
+    if w.fp16:
+        residual = 2.0 if w.fp16 == "residuals" else 1.0
+        if w.growth:
+            norm = FP16_MAX / (residual * w.growth)  # 0.0 for a whitening PCA: inf growth, no bound
+            norm = norm or math.inf
+        else:
+            comp = min(comp, FP16_MAX / residual)
+    return comp, norm
 
 
 def _probe(spec: str, probe_spec: str, d: int, metric: str) -> Any:

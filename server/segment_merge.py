@@ -8,7 +8,8 @@ fresh rows added, or, untrained, a new index trained on a seeded sample of at mo
 reference swap, so searches never wait. :meth:`~SegmentMerges.renumbered` gives the snapshot
 after a merge that drops dead rows or a compaction (``compaction.py``), labels dense and in
 order. Covered by ``tests/test_segments.py`` (searches before and after a merge),
-``tests/test_compaction.py`` and ``tests/test_index_safety.py`` (degenerate training data).
+``tests/test_compaction.py``, ``tests/test_index_safety.py`` (degenerate training data) and
+``tests/test_index_robustness.py`` (vectors of the largest accepted norms).
 """
 
 from __future__ import annotations
@@ -34,10 +35,14 @@ REGRAPH_GROWTH = 2.0  #: ...once it holds this many times the vectors of its las
 def check_finds_itself(index: Any, xb: np.ndarray) -> None:
     """Raises RuntimeError when a newly trained index finds none of a sample of its own vectors:
     training on degenerate data (e.g. every vector the same) can leave NaNs in a PCA or a codebook,
-    and such an index answers every search with nothing instead of failing."""
+    and such an index answers every search with nothing (label -1) or with NaN scores (a fast-scan
+    PQ's labels came back with NaN distances) instead of failing. A hit is a label with a score that
+    is not NaN, whatever its size: vectors of the accepted norms (up to ``validate.MAX_NORM``, 1e18)
+    score up to ~1e36, and a lossy code (SQ4, PQ) of such vectors still finds them, if not exactly
+    (a bound of 1e30 here failed an ip IVF4,Flat of norms 5e15 and l2 SQ4 or PQ of norms 3e17)."""
     xq = np.ascontiguousarray(xb[:: max(1, len(xb) // 16)][:16], dtype=np.float32)
     D, I = index.search(xq, 1)
-    found = (I[:, 0] >= 0) & np.isfinite(D[:, 0]) & (np.abs(D[:, 0]) < 1e30)
+    found = (I[:, 0] >= 0) & ~np.isnan(D[:, 0])
     if not found.any():
         raise RuntimeError(
             f"the trained index finds none of {len(xq)} of its own vectors (degenerate training data, e.g. all"

@@ -27,9 +27,11 @@ checkpoints) beside its search copy ``sealed_search`` (the GPU clone, or the CPU
 index itself where the GPU cannot hold it). GPU indexes take no IDSelector, so
 there the sealed index is asked for ``k + ndead_sealed`` labels and the dead ones
 are dropped on the host (:func:`drop_dead`); past the GPU's k limit the CPU index
-answers with its selector. Covered by ``tests/test_segments.py`` (against brute force, ties
+answers with its selector. An HNSW search asks its graph for at least k candidates (more with dead
+labels), and one that still comes back short of the live labels is answered from every code
+(:meth:`Segments._search_codes`). Covered by ``tests/test_segments.py`` (against brute force, ties
 compared as FAISS does) and the search tests in ``tests/test_search.py``, ``tests/test_gpu.py``,
-``tests/test_compaction.py`` and ``tests/test_index_safety.py``.
+``tests/test_compaction.py``, ``tests/test_index_safety.py`` and ``tests/test_index_robustness.py``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,16 @@ import numpy as np
 
 from .device import GPU_MAX_K, Device
 from .errors import InvalidArgument
-from .index_spec import DEFAULT_EF_SEARCH, DEFAULT_NPROBE, MAX_K_FACTOR, IndexSpec, SearchDefaults, search_params
+from .index_spec import (
+    DEFAULT_EF_SEARCH,
+    DEFAULT_NPROBE,
+    MAX_K_FACTOR,
+    IndexSpec,
+    SearchDefaults,
+    graph_codes,
+    graph_k_limit,
+    search_params,
+)
 from .segment_merge import SegmentMerges
 from .segment_snapshot import Snapshot, best_k, bit_slice, drop_dead, grow, set_bits
 
@@ -75,18 +86,21 @@ class Segments(SegmentMerges):
         self.train_min_points = train_min_points if spec.needs_training else 0
         self.training = False
         self.graph_built_n = 0
-        #: (the sealed index they were built for, {(ef_search, nprobe): SearchParameters}) without a selector
-        self._param_cache: tuple[Any, dict[tuple[int | None, int | None, int | None], Any]] = (None, {})
+        #: (the sealed index they were built for, {(ef_search, nprobe, k_factor, graph k): SearchParameters})
+        #: without a selector; graph k is 0 where the efSearch needs no raising for k (:func:`graph_k_limit`)
+        self._param_cache: tuple[Any, dict[tuple[int | None, int | None, int | None, int], Any]] = (None, {})
         #: (sealed index, its snapshot's defaults, the spec requests are checked against, the request's
-        #: (ef_search, nprobe, k_factor) -> parameters) of single-query searches that took the
-        #: selector-free CPU path, after their checks: serial.py's hot path reuses them while the index,
-        #: the defaults (an advisor's tuning) and the spec stay the same
-        self._serial_params: tuple[Any, Any, Any, dict[tuple[int | None, int | None, int | None], Any]] = (
-            None,
-            None,
-            None,
-            {},
-        )
+        #: (ef_search, nprobe, k_factor) -> parameters, the same -> the largest k they serve unraised) of
+        #: single-query searches that took the selector-free CPU path, after their checks: serial.py's hot
+        #: path reuses them while the index, the defaults (an advisor's tuning) and the spec stay the same,
+        #: for a k up to that largest (past it a graph search needs a larger efSearch: the full path)
+        self._serial_params: tuple[
+            Any,
+            Any,
+            Any,
+            dict[tuple[int | None, int | None, int | None], Any],
+            dict[tuple[int | None, int | None, int | None], int],
+        ] = (None, None, None, {}, {})
         self._merge_lock = threading.Lock()
         self._swap_lock = threading.Lock()  # held only to publish a snapshot
         sealed = None if spec.needs_training else spec.new_index()
@@ -214,17 +228,32 @@ class Segments(SegmentMerges):
         return p
 
     def _params(
-        self, s: Snapshot, ef_search: int | None, nprobe: int | None, k_factor: int | None, selector: bool = True
+        self,
+        s: Snapshot,
+        ef_search: int | None,
+        nprobe: int | None,
+        k_factor: int | None,
+        k: int,
+        selector: bool = True,
     ) -> tuple[Any, Any]:
-        """FAISS SearchParameters for the sealed index (and the selector they reference): the
-        request's ef_search / nprobe / k_factor, else the snapshot's defaults. Without ``selector``,
-        or for a base index that takes no parameters (flat PQ), dead labels are left to the caller
-        (:func:`drop_dead`)."""
+        """FAISS SearchParameters for a search of k labels in the sealed index (and the selector they
+        reference): the request's ef_search / nprobe / k_factor, else the snapshot's defaults, an HNSW's
+        efSearch raised to the labels asked of it where smaller (:func:`~.index_spec.search_params`).
+        Without ``selector``, or for a base index that takes no parameters (flat PQ), dead labels are left
+        to the caller (:func:`drop_dead`). With the selector, the graph search must pass over the dead
+        labels too: it is asked for k / (live fraction of the sealed labels), at most the sealed labels
+        (HNSW8 of 2000 points with 1000 dead answered k=500 with 245 at efSearch 64, 500 at efSearch
+        1000; at a fifth live, efSearch k gave 396 of 500, k / 0.2 all)."""
         spec, dflt = self._spec(s), s.defaults
         base = spec.takes_params
         filtering = s.ndead_sealed and selector and base
+        ef, kf = ef_search or dflt.ef_search, k_factor or dflt.k_factor
+        if filtering and spec.is_hnsw:
+            live = s.nsealed - s.ndead_sealed
+            k = min(-(-k * s.nsealed // max(live, 1)), max(k, s.nsealed))
+        kg = k if k > graph_k_limit(spec, ef, kf) else 0  # 0: the efSearch needs no raising
         if not filtering:  # the common case: parameters built once per sealed index and setting (~5 µs a call)
-            key = (ef_search or dflt.ef_search, nprobe or dflt.nprobe, k_factor or dflt.k_factor)  # defaults change
+            key = (ef, nprobe or dflt.nprobe, kf, kg)  # defaults change
             owner, cache = self._param_cache
             if owner is not s.sealed:
                 owner, cache = s.sealed, {}
@@ -232,22 +261,11 @@ class Segments(SegmentMerges):
             hit = cache.get(key)
             if hit is None:
                 hit = cache[key] = search_params(
-                    s.sealed,
-                    ef_search=ef_search or dflt.ef_search,
-                    nprobe=nprobe or dflt.nprobe,
-                    k_factor=k_factor or dflt.k_factor,
-                    base=base,
+                    s.sealed, ef_search=ef, nprobe=nprobe or dflt.nprobe, k_factor=kf, base=base, k=kg
                 )
             return hit, None
         sel = faiss.IDSelectorBitmap(s.nsealed, faiss.swig_ptr(s.alive))
-        p = search_params(
-            s.sealed,
-            ef_search=ef_search or dflt.ef_search,
-            nprobe=nprobe or dflt.nprobe,
-            k_factor=k_factor or dflt.k_factor,
-            sel=sel,
-            base=base,
-        )
+        p = search_params(s.sealed, ef_search=ef, nprobe=nprobe or dflt.nprobe, k_factor=kf, sel=sel, base=base, k=kg)
         return p, sel
 
     def _nprobe(self, s: Snapshot, nprobe: int | None) -> int:
@@ -315,7 +333,27 @@ class Segments(SegmentMerges):
         worst: np.float32,
     ) -> tuple[np.ndarray, np.ndarray]:
         """D, I of shape (nq, k) from the sealed index, dead labels filtered: by an IDSelector on
-        the CPU, on the host (:func:`drop_dead` over k + ndead_sealed candidates) on a GPU."""
+        the CPU, on the host (:func:`drop_dead` over k + ndead_sealed candidates) on a GPU. An HNSW
+        search that found fewer than k live labels where more exist is answered from every code
+        (:meth:`_search_codes`)."""
+        D, I = self._search_index(s, xq, k, ef_search, nprobe, k_factor, worst)
+        if self._spec(s).is_hnsw and (I[:, -1] < 0).any():  # (FAISS pads the end of a row)
+            short = np.count_nonzero(I >= 0, axis=1) < min(k, s.nsealed - s.ndead_sealed)
+            if short.any():
+                D[short], I[short] = self._search_codes(s, np.ascontiguousarray(xq[short]), k, worst)
+        return D, I
+
+    def _search_index(
+        self,
+        s: Snapshot,
+        xq: np.ndarray,
+        k: int,
+        ef_search: int | None,
+        nprobe: int | None,
+        k_factor: int | None,
+        worst: np.float32,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_search_sealed` without its completion of a short HNSW answer."""
         sealed: Any = s.sealed
         search_copy: Any = s.sealed_search
         kk = min(s.nsealed, k + s.ndead_sealed)
@@ -325,18 +363,41 @@ class Segments(SegmentMerges):
             return drop_dead(D, I, s.alive, k, worst)
         # the CPU index (also past what a GPU index selects, k or nprobe > GPU_MAX_K)
         if self.host_filter or not spec.takes_params:  # flat PQ: no base parameters, no selector
-            params = self._params(s, ef_search, nprobe, k_factor, selector=False)[0]
+            params = self._params(s, ef_search, nprobe, k_factor, kk, selector=False)[0]
             if not spec.takes_params and not spec.refine:
                 params = None
             D, I = self.device.search_cpu(sealed, xq, kk, params)
             return drop_dead(D, I, s.alive, k, worst)
-        params, _sel = self._params(s, ef_search, nprobe, k_factor)
+        params, _sel = self._params(s, ef_search, nprobe, k_factor, k)
         if _sel is None and len(xq) == 1:  # what serial.search_one may reuse for this index
-            owner, dflt, spec, fast = self._serial_params
-            if owner is not sealed or dflt is not s.defaults or spec is not self.spec:
-                self._serial_params = owner, dflt, spec, fast = sealed, s.defaults, self.spec, {}
-            fast[(ef_search, nprobe, k_factor)] = params
+            limit = graph_k_limit(spec, ef_search or s.defaults.ef_search, k_factor or s.defaults.k_factor)
+            if k <= limit:  # parameters any k up to limit searches with (larger ones raise efSearch)
+                owner, dflt, spec_, fast, kmax = self._serial_params
+                if owner is not sealed or dflt is not s.defaults or spec_ is not self.spec:
+                    self._serial_params = owner, dflt, spec_, fast, kmax = sealed, s.defaults, self.spec, {}, {}
+                key = (ef_search, nprobe, k_factor)
+                kmax[key] = limit  # before the parameters: serial.py reads them in this order's reverse
+                fast[key] = params
         D, I = self.device.search_cpu(sealed, xq, k, params)
+        D[I < 0] = worst
+        return D, I
+
+    def _search_codes(self, s: Snapshot, xq: np.ndarray, k: int, worst: np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """D, I of shape (nq, k) from every code of the sealed HNSW index (:func:`graph_codes`), dead
+        labels filtered. A graph search cannot reach every node, whatever its efSearch: HNSW4 of 700
+        points answered k=1000 with 672, with 665 of them dead 34 of the 35 live."""
+        chain, codes = graph_codes(s.sealed)
+        x = xq
+        for vt in chain:
+            x = vt.apply(x)
+        if isinstance(codes, faiss.IndexPQ):  # takes no parameters: dead labels dropped on the host
+            D, I = self.device.search_cpu(codes, x, min(s.nsealed, k + s.ndead_sealed))
+            return drop_dead(D, I, s.alive, k, worst)
+        params = faiss.SearchParameters()
+        sel = faiss.IDSelectorBitmap(s.nsealed, faiss.swig_ptr(s.alive)) if s.ndead_sealed else None
+        if sel is not None:
+            params.sel = sel
+        D, I = self.device.search_cpu(codes, x, k, params)
         D[I < 0] = worst
         return D, I
 

@@ -17,7 +17,10 @@ compares them), and returns None for anything else, which then takes the full pi
 * 1 <= k <= max_k; the index parameters pass ``Segments.check_params``;
 * the snapshot holds only a sealed CPU index without dead labels, and the search parameters for
   this request were built by an earlier single-query search of the same index and defaults
-  (``Segments._serial_params``); no payloads asked.
+  (``Segments._serial_params``), for a k up to the largest they serve (an HNSW's efSearch is at
+  least k, k * k_factor under a refine stage: ``index_spec.search_params``); no payloads asked;
+* an HNSW search that found fewer than k labels where more exist is left to the full path, which
+  completes it (``Segments._search_sealed``).
 
 Its metrics are the full path's: the stage timers (validate, transform 0, index) and the queries
 counter.
@@ -85,10 +88,12 @@ def search_one(
         return None
     # the parameters an earlier pipeline search built for this index, defaults and request, after its
     # checks (check_search) passed: the same request passes them again (the spec is the index's)
-    owner, dflt, spec, fast = seg._serial_params
+    owner, dflt, spec, fast, kmax = seg._serial_params
     same = owner is sealed and dflt is s.defaults and spec is seg.spec
-    params = fast.get((ef_search, nprobe, k_factor)) if same else None
-    if params is None or col.index_dims != dim:  # (the sealed index's d: no basis, no prefix)
+    key = (ef_search, nprobe, k_factor)
+    params = fast.get(key) if same else None
+    # (the sealed index's d: no basis, no prefix); past kmax an HNSW needs a larger efSearch than these carry
+    if params is None or col.index_dims != dim or k > kmax.get(key, 0):
         return None
     ss = float(fvec_norm_L2sqr(swig_ptr(x), dim))  # NaN and inf fail the comparison
     if not 0.0 < ss <= FAST_MAX_NORM_SQ:  # validate.unpack_queries' bound
@@ -100,6 +105,8 @@ def search_one(
     sealed.search_c(1, swig_ptr(xq), k, swig_ptr(D), swig_ptr(I), params)
     if I[0, k - 1] >= 0:  # every hit found (FAISS pads at the end)
         ids = s.ids[I]
+    elif seg.spec.is_hnsw and np.count_nonzero(I >= 0) < min(k, s.nsealed):
+        return None  # a graph search short of hits: the full path completes it from every code
     else:
         D[I < 0] = -np.inf if seg.largest else np.inf
         ids = s.ids[np.maximum(I, 0)]

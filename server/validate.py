@@ -38,8 +38,9 @@ __all__ = [
 ]
 
 METRICS = ("cosine", "ip", "l2")
-_SPACE_NAME = re.compile(r"^[A-Za-z0-9._@:/-]{1,128}$")
-_COLLECTION_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+#: matched whole (fullmatch): ``$`` also matches before a final newline, which let "c\n" through
+_SPACE_NAME = re.compile(r"[A-Za-z0-9._@:/-]{1,128}")
+_COLLECTION_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 MAX_DIM = 65536
 #: Largest L2 norm of a vector: squared distances between two such vectors, (2 * 1e18)^2 = 4e36,
 #: and inner products stay finite in float32 (max 3.4e38); l2 vectors of 3e38 once gave NaN scores.
@@ -48,13 +49,13 @@ _SPECIAL = re.compile(r'["\\\[\]{}]')
 
 
 def check_space_name(name: str) -> str:
-    if not _SPACE_NAME.match(name):
+    if not _SPACE_NAME.fullmatch(name):
         raise InvalidArgument(f"space name {shown(name)} is invalid: use 1 to 128 characters from [A-Za-z0-9._@:/-]")
     return name
 
 
 def check_collection_name(name: str) -> str:
-    if not _COLLECTION_NAME.match(name):
+    if not _COLLECTION_NAME.fullmatch(name):
         raise InvalidArgument(f"collection name {shown(name)} is invalid: use 1 to 128 characters from [A-Za-z0-9._-]")
     return name
 
