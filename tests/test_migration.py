@@ -422,3 +422,33 @@ def test_suggest_backfill_order_bounds_its_candidates(env: Any, monkeypatch: pyt
     assert 100 <= len(order.ids) <= 200 and len(set(order.ids)) == len(order.ids)  # about 150 of 600
     assert set(order.ids) <= set(IDS) and np.all(np.diff(order.scores) <= 1e-6)
     assert client.suggest_backfill_order("c", N).ids == order.ids  # seeded: the same sample each time
+
+
+def test_backfill_vectors_the_companion_cannot_hold_are_refused_before_any_write(tmp_path: Path) -> None:
+    """A collection on float16 codes (SQfp16) in l2 spaces: a backfill vector with a component over
+    65504 is refused (INVALID_ARGUMENT naming it) before the collection stores it; nothing changed,
+    and a vector within the range is backfilled."""
+    srv, port = start_server(tmp_path / "data")
+    client = Client(f"127.0.0.1:{port}")
+    try:
+        w = world()
+        client.register_space("old", D_OLD, metric="l2")
+        client.register_space("new", D_NEW, metric="l2")
+        client.create_collection("c", "old", index_spec="SQfp16")
+        client.upsert("c", IDS, w["docs_old"], space="old")
+        docs, queries = (w["docs_new"], w["docs_old"]), (w["q_new"], w["q_old"])
+        client.fit_transform("t", "procrustes", source_space="new", target_space="old", doc_pairs=docs,
+                             query_pairs=queries)  # fmt: skip
+        client.start_migration("c", "new", "t")
+        big = w["docs_new"][:2].copy()
+        big[1, 3] = 1e5
+        with pytest.raises(ClientInvalidArgument, match="vector 1 has component 100000 at dimension 3; the limit is"):
+            client.upsert("c", IDS[:2], big, space="new")
+        assert all("new" not in p.vectors for p in client.get("c", IDS[:2], with_vectors=True))
+        assert client.get_collection("c").vectors_per_space == {"old": N}
+        client.upsert("c", IDS[:2], w["docs_new"][:2], space="new")
+        got = client.get("c", IDS[:2], with_vectors=True)
+        np.testing.assert_allclose(np.stack([p.vectors["new"] for p in got]), w["docs_new"][:2], rtol=1e-6)
+    finally:
+        client.close()
+        srv.stop(None)

@@ -233,6 +233,7 @@ class Migration(MigrationBase):
                     missing = [p for p in ids if p not in self.col.pids]
                     if missing:
                         raise self.not_backfillable(missing)
+                self.companion.indexable(x)  # what the companion's index cannot hold: refused before any write
                 seq = self.col.upsert(space, ids, x, payloads)  # the source of truth, as before the migration
                 self.companion.upsert(space, ids, x, [None] * len(ids))
                 self.projected.difference_update(ids)
@@ -241,10 +242,14 @@ class Migration(MigrationBase):
                     missing = [p for p in ids if p not in self.companion.pids]
                     if missing:
                         raise self.cut_over_refusal(missing)
-                seq = self.col.upsert(space, ids, x, payloads)
                 projecting = self.forward is not None and self.rec.forward.get("state") in ("running", "done")
-                if self.phase == "backfill" and projecting:
-                    self._project(ids, x)  # keep the projections of points not backfilled current
+                y = None
+                if self.phase == "backfill" and projecting:  # the projections, checked before any write
+                    y = self.project(x)
+                    self.companion.indexable(y)
+                seq = self.col.upsert(space, ids, x, payloads)
+                if y is not None:
+                    self._project(ids, x, y)  # keep the projections of points not backfilled current
             else:
                 seq = self.col.upsert(space, ids, x, payloads)
         self.publish()
@@ -258,14 +263,16 @@ class Migration(MigrationBase):
         self.publish()
         return out
 
-    def _project(self, ids: list[str], x: np.ndarray) -> int:
-        """Writes F(x) as projections for the ids that have no real new-space vector (under the lock)."""
+    def _project(self, ids: list[str], x: np.ndarray, y: np.ndarray | None = None) -> int:
+        """Writes F(x) (``y`` when given) as projections for the ids that have no real new-space vector
+        (under the lock)."""
         assert self.forward is not None
         keep = [i for i, p in enumerate(ids) if p in self.col.pids and not self.is_real(p)]
         if not keep:
             return 0
         kept = [ids[i] for i in keep]
-        self.companion.upsert(self.new, kept, self.project(x[keep]), [None] * len(kept), projected=True)
+        fx = self.project(x[keep]) if y is None else y[keep]
+        self.companion.upsert(self.new, kept, fx, [None] * len(kept), projected=True)
         self.projected.update(kept)
         return len(kept)
 
