@@ -1,6 +1,8 @@
 """The transform registry: fitted transforms, their fit jobs and their persistence.
 
-* **Fit** (:meth:`Compat.fit`): calibration pairs are checked on the request
+* **Fit** (:meth:`Compat.fit`): the config (every value, by building the kind's
+  config dataclass), the spaces, a chain's links and the calibration pairs (enough
+  for the kind once the held-out slices are set aside) are checked on the request
   thread (INVALID_ARGUMENT, nothing stored), then fitted and evaluated on a
   dedicated worker thread while the service keeps serving; the transform is
   ``fitting`` until it is ``ready`` (persisted with weights, config, report and
@@ -31,13 +33,13 @@ import numpy as np
 
 from .backends.base import AnyCollection
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from .fit_jobs import FitJobs, TransformRecord
+from .fit_jobs import DEFAULT_HOLDOUT, FitJobs, TransformRecord
 from .fit_limits import check_steps
 from .metrics import Metrics
 from .store import SpaceRow, Store, TransformRow
 from .transforms import Calibration, Transform, load_transform
 from .transforms.artefact import EvalData
-from .transforms.kinds import WIRE_KINDS
+from .transforms.kinds import REGISTRY, WIRE_KINDS
 
 __all__ = ["Compat", "TransformRecord"]
 
@@ -157,33 +159,19 @@ class Compat:
     ) -> TransformRecord:
         """Registers ``name`` as fitting and fits it in the background for at most ``max_seconds`` once
         started. Checks run here, first: a refused fit is neither registered nor queued."""
-        from .transforms.fit import validate_calibration, validate_config
-
         if not _NAME.match(name):
             raise InvalidArgument(f"transform name {name!r} is invalid: use 1 to 128 characters from [A-Za-z0-9._@:-]")
         if kind not in WIRE_KINDS:
             raise InvalidArgument(f"kind {kind!r} is not one of {', '.join(WIRE_KINDS)}")
         if not 0 <= holdout < 0.9:
             raise InvalidArgument(f"holdout is {holdout}; it must be in [0, 0.9)")
-        links = [self._link(n) for n in chain] if kind == "chain" else []
         if kind == "chain":
-            if not chain:
-                raise InvalidArgument("a chain transform needs `chain`: the names of its links")
-            first, last = self.get(chain[0]), self.get(chain[-1])
-            if (first.source, last.target) != (source.name, target.name):
-                raise InvalidArgument(
-                    f"chain maps {first.source!r} -> {last.target!r}, not {source.name!r} -> {target.name!r}"
-                )
+            links = self._check_chain(chain, source, target, config, cal, holdout)
         else:
-            try:
-                validate_config(kind, config)
-                check_steps(config)
-            except ValueError as e:
-                raise InvalidArgument(f"config: {e}") from None
-            try:
-                validate_calibration(cal, kind)
-            except ValueError as e:
-                raise InvalidArgument(f"calibration data: {e}") from None
+            if chain:
+                raise InvalidArgument(f"chain names the links of a chain transform; a {kind} transform takes none")
+            _check_fit(kind, source, target, config, cal, holdout or DEFAULT_HOLDOUT)
+            links = []
         with self.lock:
             old = self.transforms.get(name)
             if old is not None and old.state != "failed":  # a failed fit was never stored: its name is free
@@ -196,6 +184,44 @@ class Compat:
             self.jobs.submit(rec, target, cal, eval_set, holdout, links, max_seconds)  # queued, under the lock
             self.transforms[name] = rec
         return rec
+
+    def _check_chain(
+        self,
+        chain: list[str],
+        source: SpaceRow,
+        target: SpaceRow,
+        config: dict[str, Any],
+        cal: Calibration,
+        holdout: float,
+    ) -> list[Transform]:
+        """The ready links of a chain request, each reading the space the link before it writes, from
+        ``source`` into ``target``; InvalidArgument (NotFound for a link not ready) otherwise. A chain composes
+        fitted transforms: pairs, a config or a holdout would be ignored, so they are refused."""
+        if not chain:
+            raise InvalidArgument("a chain transform needs `chain`: the names of its links")
+        n_doc, n_query = len(cal.doc_new), len(cal.query_new)
+        if n_doc or n_query or config or holdout:
+            raise InvalidArgument(
+                "a chain transform composes fitted transforms; it takes no pairs/config (got "
+                f"{n_doc} doc pairs, {n_query} query pairs, config {config!r}, holdout {holdout:g}); "
+                "evaluation queries and eval_only gallery pairs are the only data it takes"
+            )
+        links = [self._link(n) for n in chain]  # NotFound unless every link exists and is ready
+        recs = [self.get(n) for n in chain]
+        for i in range(1, len(recs)):
+            prev, rec = recs[i - 1], recs[i]
+            if rec.source != prev.target:
+                raise InvalidArgument(
+                    f"chain link {i} ({rec.name!r}) maps {rec.source!r} -> {rec.target!r}, but link {i - 1} "
+                    f"({prev.name!r}) maps into {prev.target!r}: each link must read the space the link before it "
+                    "writes"
+                )
+        first, last = recs[0], recs[-1]
+        if (first.source, last.target) != (source.name, target.name):
+            raise InvalidArgument(
+                f"chain maps {first.source!r} -> {last.target!r}, not {source.name!r} -> {target.name!r}"
+            )
+        return links
 
     def cancel(self, name: str) -> TransformRecord:
         """Cancels the fit of ``name`` (:meth:`.FitJobs.cancel`): it is FAILED with error "cancelled"."""
@@ -236,3 +262,30 @@ class Compat:
             with contextlib.suppress(KeyError):
                 gauge.remove(name)
         return rec
+
+
+def _check_fit(
+    kind: str, source: SpaceRow, target: SpaceRow, config: dict[str, Any], cal: Calibration, holdout: float
+) -> None:
+    """InvalidArgument, before a fit of ``kind`` is queued, for what its fit would refuse: the config (keys,
+    step caps, then every value: :func:`~.transforms.fit.build_config`), a home -> home kind between two
+    spaces, and calibration pairs that are malformed or too few once ``holdout`` (the fit's, default applied)
+    and the kind's own held-out slice are set aside."""
+    from .transforms.fit import build_config, check_split, validate_calibration, validate_config
+
+    try:
+        validate_config(kind, config)
+        check_steps(config)
+        settings = build_config(kind, config, target.dim)
+    except ValueError as e:
+        raise InvalidArgument(f"config: {e}") from None
+    if REGISTRY[kind].home and source.name != target.name:
+        raise InvalidArgument(
+            f"{kind} maps a collection's home space to itself (a basis_transform): source_space and target_space "
+            f"must be the same space, got {source.name!r} -> {target.name!r}"
+        )
+    try:
+        validate_calibration(cal, kind)
+        check_split(cal, kind, config, settings, holdout)
+    except ValueError as e:
+        raise InvalidArgument(f"calibration data: {e}") from None

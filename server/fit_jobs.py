@@ -30,10 +30,11 @@ from .store import SpaceRow, Store, TransformRow
 from .transforms import Calibration, Transform
 from .transforms.artefact import EvalData, build_artefact
 
-__all__ = ["OUTCOMES", "FitJobs", "TransformRecord"]
+__all__ = ["DEFAULT_HOLDOUT", "OUTCOMES", "FitJobs", "TransformRecord"]
 
 log = logging.getLogger(__name__)
 OUTCOMES = ("ready", "failed", "cancelled", "timeout")  #: values of the ``outcome`` label of fits_total
+DEFAULT_HOLDOUT = 0.1  #: the held-out slice of a fit whose request gives holdout 0
 
 
 @dataclass
@@ -176,7 +177,7 @@ class FitJobs:
                 cal,
                 rec.config,
                 home_metric=target.metric,
-                holdout=holdout or 0.1,
+                holdout=holdout or DEFAULT_HOLDOUT,
                 eval_data=eval_set,
                 links=links,
                 progress=progress,

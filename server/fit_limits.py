@@ -6,8 +6,9 @@ passes its cap in :class:`~.config.Limits`: a 1.17 GB stream once took the serve
 the fit even started. :func:`check_steps` refuses step counts over their caps (``ValueError``, INVALID_ARGUMENT
 on the request thread): ``{"epochs": 10000000}`` once ran for hours and queued every other fit. Each
 kind's config dataclass checks the same bounds again (``TrainConfig``, ``ProcrustesConfig``, ``AffineConfig``,
-``MRLAdapterConfig``). The time budget of a running fit is :mod:`.fit_jobs`'. Covered by
-``tests/test_fit_limits.py``.
+``MRLAdapterConfig``), and every other value, when the request builds it (``transforms.fit.build_config``,
+right after :func:`check_steps`). The time budget of a running fit is :mod:`.fit_jobs`'. Covered by
+``tests/test_fit_limits.py`` and ``tests/test_fit_validation.py``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ STEP_KNOBS = {
 
 def check_steps(config: dict[str, Any]) -> None:
     """Raises ValueError naming the first step-count knob of ``config`` over its cap. Other bad values
-    (negative, not an integer) are the kind's fit function's to refuse, as before (the fit fails)."""
+    (negative, not an integer) are the kind's config dataclass's to refuse, built on the request next."""
     for key, (_, high) in STEP_KNOBS.items():
         value = config.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > high:

@@ -3,7 +3,8 @@
 Every message is counted against the fit caps (:class:`~.fit_limits.StreamBudget`) before it is decoded or
 kept, so an over-cap stream is refused (RESOURCE_EXHAUSTED) as soon as it passes a cap, not after it was
 buffered whole. Doc pairs with ids form the evaluation gallery (and carry training relevance); eval-only
-pairs are only gallery. Covered by ``tests/test_client_transforms.py`` and ``tests/test_fit_limits.py``.
+pairs are only gallery. Every evaluation query needs a relevant id (its recall is scored against them).
+Covered by ``tests/test_client_transforms.py``, ``tests/test_fit_limits.py`` and ``tests/test_fit_validation.py``.
 """
 
 from __future__ import annotations
@@ -96,6 +97,12 @@ class Assembler:
         xn, xh = self._pair(tpb.PairBatch(source=e.source, target=e.target), i)
         self.budget.add("eval_queries", len(xn), i)
         id_lists = _id_lists(e.relevant_ids, e.relevant_offsets, len(xn), i)
+        empty = [j for j, ids in enumerate(id_lists) if not ids]
+        if empty:  # the report scores recall against them (evaluate: "relevant[q] must be a non-empty array")
+            raise InvalidArgument(
+                f"message {i}: evaluation query {len(self.eval_ids) + empty[0]} has no relevant ids; each "
+                "evaluation query needs at least one (relevant_ids, cut by relevant_offsets)"
+            )
         if e.labels and len(e.labels) != len(xn):
             raise InvalidArgument(f"message {i}: {len(e.labels)} labels for {len(xn)} evaluation queries")
         self.eval_labels.extend(e.labels or [None] * len(xn))

@@ -5,18 +5,21 @@ Every search of a collection reads this one way, live or shadow::
     prepare: resolve the route (FAILED_PRECONDITION without one), check k, unpack the queries,
              check the index parameters and the funnel, L2-normalize for cosine query spaces
     run:     map through a transform into the home space (none for the identity route)
-             -> the collection's basis transform (if it has one) -> the index -> labels to ids
+             -> the collection's basis transform (if it has one) -> the index -> labels to ids;
+             a mapped query is checked as a query is (INVALID_ARGUMENT: not finite, or past MAX_NORM)
 
 :func:`prepare` gives a :class:`Query`, checked once; :func:`run` maps it with the transform it
 is given: the live search (``engine.search``) with the route's, the shadow (``shadow.py``) with
 the candidate's, so a candidate is scored on exactly the path the live transform serves.
 :class:`SearchParams` mirrors the proto's ``SearchRequest.k`` and ``SearchParams``. Covered by
 ``tests/test_pipeline.py`` (shadow of the live transform agrees on every id, with a basis too),
-``tests/test_search.py``, ``tests/test_funnel.py`` and ``tests/test_routes.py``.
+``tests/test_search.py``, ``tests/test_funnel.py``, ``tests/test_routes.py`` and ``tests/test_fit_validation.py``
+(a query its route maps past MAX_NORM).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,6 +28,7 @@ import numpy as np
 
 from . import validate as v
 from .config import Limits
+from .errors import InvalidArgument
 from .funnel import check_funnel
 from .routes import Route, resolve
 from .store import SpaceRow
@@ -35,7 +39,7 @@ if TYPE_CHECKING:
     from .device import Device
     from .segments import Snapshot
 
-__all__ = ["Hits", "Query", "SearchParams", "SearchResult", "map_queries", "prepare", "run"]
+__all__ = ["Hits", "Query", "SearchParams", "SearchResult", "check_mapped", "map_queries", "prepare", "run"]
 
 Funnel = tuple[int, list[tuple[int, int]]]  #: (shortlist_k, stages), from funnel.check_funnel
 
@@ -89,19 +93,51 @@ class Hits:
 
 
 def map_queries(
-    fn: Any, xq: np.ndarray, home_metric: str, home_dim: int, side: str = "query", device: Device | None = None
+    fn: Any,
+    xq: np.ndarray,
+    home_metric: str,
+    home_dim: int,
+    side: str = "query",
+    device: Device | None = None,
+    *,
+    label: str | None = None,
 ) -> np.ndarray:
     """Applies a transform to a batch (queries by default). A basis transform maps into (home + Δ)
     dims; against a gallery of old items indexed as [x_old, 0] only its first ``home_dim``
     coordinates score. On a GPU ``device`` a linear transform runs there (``Device.apply_affine``);
-    otherwise, and for non-linear kinds, ``fn.apply`` runs in numpy as on the CPU."""
+    otherwise, and for non-linear kinds, ``fn.apply`` runs in numpy as on the CPU.
+
+    Mapped queries are checked as queries sent in the home space are (:func:`check_mapped`, before
+    the cosine normalization, which would turn an overflow into a zero or NaN query): a transform
+    can take a query accepted in its own space past ``validate.MAX_NORM``. ``label`` names the
+    transform in that error (default: its kind). Documents (``side="doc"``) are not checked here:
+    ``Collection.upsert`` maps them after their write is stored."""
     y = device.apply_affine(fn, xq, side) if device is not None and device.is_gpu else None
     if y is None:
         y = fn.apply(xq, side)
     y = y[:, :home_dim]
+    if side == "query":
+        check_mapped(y, label or f"the {getattr(fn, 'kind', '?')} transform")
     if home_metric == "cosine":
         y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
     return np.ascontiguousarray(y, dtype=np.float32)
+
+
+def check_mapped(y: np.ndarray, label: str) -> None:
+    """InvalidArgument naming the first query of ``y`` (nq, d), mapped by ``label``, that is not finite
+    or has an L2 norm above ``validate.MAX_NORM``: such a query scores inf or NaN against every point
+    (an l2 index then returns arbitrary ids or none). One max/min pass over the batch when every norm is
+    bounded by sqrt(d) * max|y| (the common case); the norms, in float64, only otherwise."""
+    if not len(y) or max(float(y.max()), -float(y.min())) * math.sqrt(y.shape[1]) <= v.MAX_NORM:
+        return  # False for NaN: NaN goes on to the norms
+    norms = np.linalg.norm(np.asarray(y, dtype=np.float64), axis=1)
+    bad = np.flatnonzero(~(norms <= v.MAX_NORM))
+    if len(bad):
+        i = int(bad[0])
+        raise InvalidArgument(
+            f"queries: vector {i} is mapped by {label} to L2 norm {norms[i]:.3g}; the limit is {v.MAX_NORM:g} "
+            "(scores and squared distances must stay finite in float32)"
+        )
 
 
 def prepare(
@@ -137,15 +173,20 @@ def prepare(
 
 def run(q: Query, fn: Any, device: Device | None = None) -> Hits:
     """Searches ``q`` with queries mapped by ``fn`` (None: the identity route) into the home space,
-    then through the collection's basis. ``device`` runs the map (None: numpy on this thread)."""
+    then through the collection's basis. ``device`` runs the map (None: numpy on this thread).
+    InvalidArgument when a mapped query leaves the bounds of a query (:func:`check_mapped`)."""
     col, p = q.col, q.params
     t0 = time.perf_counter()
-    xh = q.xq if fn is None else map_queries(fn, q.xq, col.home.metric, col.home.dim, device=device)
+    if fn is None:
+        xh = q.xq
+    else:
+        label = f"transform {q.route.transform!r}" if fn is q.route.fn else None
+        xh = map_queries(fn, q.xq, col.home.metric, col.home.dim, device=device, label=label)
     t1 = time.perf_counter()
+    xb = col.to_basis(xh, "query")
     sample = getattr(col, "query_sample", None)  # an ``auto`` collection's recent queries (query_sample.py)
-    if sample is not None:
+    if sample is not None:  # offered once the basis took them too: the advisor maps them again
         sample.offer(xh)
-    xh = col.to_basis(xh, "query")
     t2 = time.perf_counter()
-    D, ids, snap = col.search(xh, p.k, p.ef_search, p.nprobe, q.funnel, k_factor=p.k_factor)
+    D, ids, snap = col.search(xb, p.k, p.ef_search, p.nprobe, q.funnel, k_factor=p.k_factor)
     return Hits(D, ids, snap, t1 - t0, t2 - t0, time.perf_counter() - t2)

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import faiss
 import numpy as np
 
+from .errors import InvalidArgument
 from .metrics import Metrics
 from .pipeline import Query, run
 
@@ -59,6 +60,8 @@ class ShadowRunner:
                 agreement = self.metrics.shadow_agreement.labels(col.name, route.query_space, sh.transform)
                 for o in overlap:
                     agreement.observe(o)
+            except InvalidArgument as e:  # the candidate maps a query past a query's bounds (pipeline.check_mapped)
+                log.warning("shadow search of %r through %r refused: %s", col.name, sh.transform, e.message)
             except Exception:
                 log.exception("shadow search failed")
             finally:

@@ -265,12 +265,24 @@ def test_fit_online_transforms_and_routes(target: str, tmp_path: Path, capsys: p
         assert c.wait_transform("t2", timeout=60).state == "ready"  # (not left fitting as the server stops)
 
 
-def test_fit_failure_and_usage_errors(target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fit_failure_and_usage_errors(
+    target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from interlingua.server.transforms import procrustes
+
     main(["spaces", "register", "old@1", "--dim", "16"])
     main(["spaces", "register", "new@1", "--dim", "16"])
     args = _fit_args(tmp_path)
-    code, _, err = run(capsys, *args, "--config", '{"refine_steps": -1}')
-    assert code == 1 and "fitting transform 't1' failed" in err and "refine_steps" in err
+    code, _, err = run(capsys, *args, "--config", '{"refine_steps": -1}')  # refused with the request
+    assert code == 1 and "INVALID_ARGUMENT" in err and "refine_steps" in err and "fitting" not in err
+
+    def diverged(*a: object, **kw: object) -> None:
+        raise ValueError("procrustes: the solve diverged (injected)")
+
+    with monkeypatch.context() as m:
+        m.setattr(procrustes, "fit_procrustes", diverged)  # (Kind.fitter looks it up at each fit)
+        code, _, err = run(capsys, *args)
+    assert code == 1 and "fitting transform 't1' failed" in err and "diverged" in err
     code, _, err = run(capsys, *args[:-1], "--config", "[1]")
     assert code == 2 and "--config must be a JSON object" in err
     code, _, err = run(capsys, *args[:11], "--eval-dir", str(tmp_path))  # no .npy files there

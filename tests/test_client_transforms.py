@@ -155,13 +155,20 @@ def test_rollback_of_the_only_route_removes_it(client: Client, pairs: Pairs) -> 
         client.set_shadow("g", "new@1", "t1")
 
 
-def test_fit_failed_in_the_background(client: Client, pairs: Pairs) -> None:
+def test_fit_failed_in_the_background(client: Client, pairs: Pairs, monkeypatch: pytest.MonkeyPatch) -> None:
+    from interlingua.server.transforms import procrustes
+
+    def diverged(*args: object, **kw: object) -> None:
+        raise ValueError("procrustes: the solve diverged (injected)")
+
+    monkeypatch.setattr(procrustes, "fit_procrustes", diverged)  # (Kind.fitter looks it up at each fit)
     with pytest.raises(FitFailed) as info:
-        _fit(client, pairs, "bad", config={"refine_steps": -1})  # passes the request checks, fails in the fit
+        _fit(client, pairs, "bad")  # passes the request checks, fails in the fit
+    monkeypatch.undo()
     err = info.value
     assert isinstance(err, InterlinguaError) and not err.retriable and not err.is_input_error
     assert FitFailed not in EXCEPTION_TABLE.values() and err.code == grpc.StatusCode.UNKNOWN  # no status maps to it
-    assert err.info.state == "failed" and "refine_steps" in err.info.error and "refine_steps" in err.message
+    assert err.info.state == "failed" and "diverged" in err.info.error and "diverged" in err.message
     assert client.get_transform("bad").state == "failed"
     _gallery(client, pairs)
     with pytest.raises(FailedPrecondition, match="failed"):

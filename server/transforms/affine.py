@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import AffineTransform, Calibration, FitResult, configure
+from .base import MAX_SEED, AffineTransform, Calibration, FitResult, check_int, check_threads, configure
 from .evaluate import split_calibration
 from .procrustes import (
     Progress,
@@ -90,10 +90,11 @@ class AffineConfig:
 
     def __post_init__(self) -> None:
         check_task_epochs(self.task_epochs)
+        check_threads(self.threads)
+        check_int("seed", self.seed, 0, MAX_SEED)
         if self.ridge is not None:
             _check_ridge("ridge", self.ridge)
-            return
-        ridges, holdout = self.ridges, self.holdout
+        ridges, holdout = self.ridges, self.holdout  # checked with a ridge given too: a request's values all are
         if isinstance(ridges, str) or not isinstance(ridges, Sequence) or len(ridges) == 0:
             raise ValueError(f"ridges must be a non-empty sequence, got {ridges!r}")
         for r in ridges:

@@ -31,6 +31,9 @@ __all__ = [
     "Calibration",
     "Transform",
     "apply_to_home",
+    "check_bool",
+    "check_int",
+    "check_threads",
     "checksum",
     "configure",
     "pad_home",
@@ -39,6 +42,30 @@ __all__ = [
 C = TypeVar("C")
 
 SIDES = ("query", "doc")
+MAX_SEED = 2**63 - 1  #: torch.manual_seed takes at most 2**64 - 1, numpy's default_rng no negative seed
+MAX_THREADS = 1024  #: torch threads of one fit
+
+
+def check_bool(name: str, value: Any) -> None:
+    """ValueError unless ``value`` is a bool (a config's JSON true or false; 1 and "yes" are not)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
+def check_int(name: str, value: Any, low: int, high: int) -> None:
+    """ValueError unless ``value`` is an integer (not a bool, not a float such as JSON's 1e9) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def check_threads(threads: Any) -> None:
+    """ValueError unless ``threads`` (torch threads of a fit) is None or an integer in [1, MAX_THREADS]."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:  # as train.torch_threads says it
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    if threads > MAX_THREADS:
+        raise ValueError(f"threads must be at most {MAX_THREADS}, got {threads!r}")
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from .affine import ridge_path
-from .base import SIDES, AffineTransform, Calibration, FitResult, configure, pad_home
+from .base import SIDES, AffineTransform, Calibration, FitResult, check_bool, configure, pad_home
 from .procrustes import Progress, biases, centred_pairs, orthogonality_error, relative_residual, side_means
 
 __all__ = ["BasisConfig", "BasisTransform", "clip_spectral", "complete_isometry", "fit_basis", "pad_home"]
@@ -120,6 +120,7 @@ class BasisConfig:
         ridge = self.ridge
         if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not math.isfinite(ridge) or ridge < 0:
             raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+        check_bool("center", self.center)
 
     def get_config_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -35,6 +35,7 @@ from .mining import FAISS_METRIC
 __all__ = [
     "METRICS",
     "evaluate",
+    "held_rows",
     "hits",
     "knn",
     "label_free_report",
@@ -49,12 +50,9 @@ METRICS = ("cosine", "ip", "l2")
 US_BATCH = 1024  #: queries per batch when timing ``us_per_query`` (the service maps a request's batch at once)
 
 
-def split_calibration(cal: Calibration, holdout: float, seed: int = 0) -> tuple[Calibration, Calibration]:
-    """(rest, held-out): round(holdout · n) seeded random pairs of each side go to the held-out slice.
-
-    With training relevance (``cal.query_relevant``) the queries are drawn first and the held-out docs are
-    exactly their relevant docs, so each held-out query finds its answers in the held-out slice and no
-    fitted query was trained towards a held-out doc (links that cross the split are dropped)."""
+def held_rows(cal: Calibration, holdout: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(doc rows, query rows), sorted: the pairs :func:`split_calibration` holds out, found without copying a
+    vector (a request checks its split sizes with it)."""
     rng = np.random.default_rng(seed)
     m, n = len(cal.query_new), len(cal.doc_new)
     q_perm = rng.permutation(m)
@@ -67,6 +65,17 @@ def split_calibration(cal: Calibration, holdout: float, seed: int = 0) -> tuple[
     else:
         d_perm = rng.permutation(n)
         d_held = np.sort(d_perm[: min(n, round(holdout * n))])
+    return d_held, q_held
+
+
+def split_calibration(cal: Calibration, holdout: float, seed: int = 0) -> tuple[Calibration, Calibration]:
+    """(rest, held-out): round(holdout · n) seeded random pairs of each side go to the held-out slice.
+
+    With training relevance (``cal.query_relevant``) the queries are drawn first and the held-out docs are
+    exactly their relevant docs, so each held-out query finds its answers in the held-out slice and no
+    fitted query was trained towards a held-out doc (links that cross the split are dropped)."""
+    m, n = len(cal.query_new), len(cal.doc_new)
+    d_held, q_held = held_rows(cal, holdout, seed)
     parts = {
         "doc": (np.setdiff1d(np.arange(n), d_held), d_held),
         "query": (np.setdiff1d(np.arange(m), q_held), q_held),

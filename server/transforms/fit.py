@@ -5,7 +5,9 @@
 query sides, NaN/Inf, missing pairs, or fewer pairs than d_new for the full-rank kinds
 (procrustes, affine, basis: XcᵀXc must be able to reach full rank). :func:`validate_config` checks
 the config keys against the kind's schema in the kind registry (:mod:`.kinds`, which ``KINDS`` and the
-kind sets here come from).
+kind sets here come from), :func:`build_config` every value (the kind's config dataclass, built), and
+:func:`check_split` that the pairs are enough for the kind once the held-out slices are set aside, so a
+request the fit would refuse for its config or its size is refused before it is queued.
 
 :func:`fit_transform` then sets aside a seeded ``holdout`` slice of each side's pairs
 (:func:`~.evaluate.split_calibration`), fits on the rest and returns the FitResult with the
@@ -29,8 +31,9 @@ import numpy as np
 
 from ..migration.calibration import fit_score_calibration
 from .base import Calibration, FitResult, apply_to_home
-from .evaluate import METRICS, _gallery, _prep, label_free_report, split_calibration
+from .evaluate import METRICS, _gallery, _prep, held_rows, label_free_report, split_calibration
 from .kinds import FULL_RANK_KINDS, HOME_KINDS, KINDS, PAIRED_KINDS, get_kind
+from .lambda_orthogonal import K as SWEEP_K
 from .mining import mining_knn
 from .offsets import choose_offsets, task_recall
 from .procrustes import Progress
@@ -40,6 +43,8 @@ __all__ = [
     "HOME_KINDS",
     "KINDS",
     "PAIRED_KINDS",
+    "build_config",
+    "check_split",
     "fit_transform",
     "fitter",
     "validate_calibration",
@@ -106,15 +111,114 @@ def validate_calibration(cal: Calibration, kind: str) -> None:
 
 
 def validate_config(kind: str, config: dict[str, Any]) -> None:
-    """Raises ValueError when ``config`` has keys outside ``kind``'s config schema (:attr:`.kinds.Kind.config`)."""
+    """Raises ValueError when ``config`` has keys outside ``kind``'s config schema (:attr:`.kinds.Kind.config`),
+    names another kind, or has a ``pseudo_relevance`` that is not a bool. The values of the schema's keys are
+    :func:`build_config`'s to check."""
     accepted = set(get_kind(kind).config)
     unknown = sorted(set(config) - accepted - {"kind"})
     if unknown:
         raise ValueError(
             f"unknown config key(s) for {kind}: {', '.join(unknown)}; accepted: {', '.join(sorted(accepted))}"
         )
+    if config.get("kind", kind) != kind:
+        raise ValueError(f"kind is {config['kind']!r} in the config but the transform is a {kind}")
     if not isinstance(config.get("pseudo_relevance", True), bool):
         raise ValueError(f"pseudo_relevance must be true or false, got {config['pseudo_relevance']!r}")
+
+
+_NOT_SETTINGS = ("kind", "pseudo_relevance")  #: config keys fit_transform reads itself
+
+
+def build_config(kind: str, config: dict[str, Any], d_home: int | None = None) -> Any:
+    """``kind``'s config dataclass (:attr:`.kinds.Kind.settings`) built from ``config``, whose keys
+    :func:`validate_config` checked: its ``__post_init__`` checks every value (type and range) with the
+    message the fit would give, so a request is refused before its fit is queued. With ``d_home``, the dim
+    of the vectors it maps into, also what needs the dim (``check_dim``: mrl_adapter's nesting dims).
+    ValueError naming the key, the value and what is allowed."""
+    settings = get_kind(kind).settings
+    if settings is None:
+        raise ValueError(f"{kind} has no config")
+    try:
+        cfg = settings(**{k: v for k, v in config.items() if k not in _NOT_SETTINGS})
+    except TypeError as e:  # a check compared a value of a type it did not expect: still the request's fault
+        raise ValueError(f"{kind} config {config!r} has a value of the wrong type: {e}") from None
+    check_dim = getattr(cfg, "check_dim", None)
+    if d_home is not None and check_dim is not None:
+        check_dim(d_home)
+    return cfg
+
+
+def _pseudo(kind: str, cal: Calibration, config: dict[str, Any]) -> bool:
+    """Whether :func:`fit_transform` trains ``kind`` on :func:`with_pseudo_relevance` of ``cal``."""
+    both_sides = len(cal.query_new) > 0 and len(cal.doc_new) > 0
+    return (
+        cal.query_relevant is None
+        and kind not in HOME_KINDS
+        and both_sides
+        and bool(config.get("pseudo_relevance", True))
+    )
+
+
+def _more(held: int) -> str:
+    return "give more pairs or a smaller holdout" if held else "give more pairs"
+
+
+def check_split(cal: Calibration, kind: str, config: dict[str, Any], settings: Any, holdout: float) -> None:
+    """Raises ValueError when the pairs of ``cal`` cannot be enough for ``kind`` once :func:`fit_transform`
+    sets its seeded ``holdout`` slice aside, and affine (without ``ridge``) or lambda_orthogonal (sweeping
+    ``lams``) a slice of the rest to choose on (``settings``: the kind's built config): the message says how
+    many are needed. No vector is copied (:func:`~.evaluate.held_rows`). Under pseudo relevance the held-out
+    docs are the top hits of the held-out queries, known only once searched: the check then counts the fewest
+    (one), so it refuses only what must fail."""
+    n, m = len(cal.doc_new), len(cal.query_new)
+    total = n + m
+    if kind in PAIRED_KINDS:  # one permutation of the pairs, both sides alike (_split_paired)
+        kept = n - min(n, round(holdout * n))
+        if kept < 2:
+            raise ValueError(
+                f"{kind} needs at least 2 positive pairs left to fit; holdout {holdout:g} sets {n - kept} of the {n} "
+                f"given aside, leaving {kept}: {_more(n - kept)}"
+            )
+        return
+    pseudo = _pseudo(kind, cal, config)
+    if pseudo:
+        q_held = min(m, round(holdout * m))
+        d_held = min(1, q_held)
+    else:
+        d_rows, q_rows = held_rows(cal, holdout)
+        d_held, q_held = len(d_rows), len(q_rows)
+    n_fit, m_fit = n - d_held, m - q_held
+    fitted = n_fit + m_fit
+    need, what = 1, "1 pair left to fit"
+    if kind in FULL_RANK_KINDS:
+        need, what = cal.d_new, f"d_new={cal.d_new} pairs left to fit (a full-rank fit)"
+    elif kind in HOME_KINDS:
+        need, what = 2, "2 vectors left to fit its axes"
+    if fitted < need:
+        raise ValueError(
+            f"{kind} needs at least {what}; holdout {holdout:g} sets {total - fitted} of the {total} given aside, "
+            f"leaving {fitted}: {_more(total - fitted)}"
+        )
+    relevance = pseudo or cal.query_relevant is not None
+    if kind == "affine" and settings.ridge is None:  # affine.fit_affine: split_calibration of the fitted pairs
+        h = settings.holdout
+        inner_q = min(m_fit, round(h * m_fit))
+        inner = inner_q if relevance else inner_q + min(n_fit, round(h * n_fit))  # relevance: docs follow queries
+        if inner == 0 or (not relevance and inner == fitted):
+            sides = f"{m_fit} fitted query pairs" if relevance else f"{fitted} fitted pairs"
+            raise ValueError(
+                f"affine chooses its ridge on a held-out slice (config holdout {h:g}) of the fitted pairs, and "
+                f"{sides} leave it or the rest empty: give more pairs, another config holdout or a ridge"
+            )
+    if kind == "lambda_orthogonal" and settings.lam is None and len(settings.lams) > 1 and not relevance:
+        h = settings.holdout  # lambda_orthogonal.identification scores a side with more than K held-out pairs
+        held_doc, held_query = min(n_fit, round(h * n_fit)), min(m_fit, round(h * m_fit))
+        if max(held_doc, held_query) <= SWEEP_K:
+            raise ValueError(
+                f"lambda_orthogonal sweeps lam on a held-out slice (config holdout {h:g}) of the fitted pairs "
+                f"that needs more than {SWEEP_K} pairs on a side; {n_fit} doc and {m_fit} query pairs give "
+                f"{held_doc} and {held_query}: give more pairs, another config holdout or a lam"
+            )
 
 
 def with_pseudo_relevance(cal: Calibration, home_metric: str) -> Calibration:
@@ -256,8 +360,7 @@ def fit_transform(
         if metric not in METRICS:
             raise ValueError(f"{name} must be one of {', '.join(METRICS)}, got {metric!r}")
     relevance = "given" if cal.query_relevant is not None else "none"
-    both_sides = len(cal.query_new) > 0 and len(cal.doc_new) > 0
-    if relevance == "none" and kind not in HOME_KINDS and both_sides and config.get("pseudo_relevance", True):
+    if _pseudo(kind, cal, config):
         cal, relevance = with_pseudo_relevance(cal, home_metric), "pseudo"
     if progress is not None:
         progress("split", 0.0)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import AffineTransform, Calibration, FitResult, configure
+from .base import AffineTransform, Calibration, FitResult, check_threads, configure
 from .evaluate import _prep, hits, knn, ranking_metrics, split_calibration
 from .offsets import task_recall
 from .procrustes import fit_procrustes
@@ -137,13 +137,17 @@ class LambdaOrthogonalConfig(TrainConfig):
         super().__post_init__()
         self.sweep_config()  # validates sweep_epochs as a TrainConfig's epochs
         LambdaOrthogonalityLoss(0.0, self.alpha)  # validates alpha before any work
-        grid = self.grid()
-        if not grid:
+        lams = self.lams
+        if isinstance(lams, str | bytes) or not isinstance(lams, Sequence):
+            raise ValueError(f"lams must be a sequence of numbers, got {lams!r}")
+        if not lams:
             raise ValueError("lams must not be empty")
-        for value in grid:
+        for value in (*lams, *([] if self.lam is None else [self.lam])):
             LambdaOrthogonalityLoss(value, self.alpha)
-        if self.lam is None and not (isinstance(self.holdout, int | float) and 0 < self.holdout < 1):
-            raise ValueError(f"holdout must be in (0, 1), got {self.holdout!r}")
+        holdout = self.holdout  # checked with a lam given too: a request's values all are
+        if isinstance(holdout, bool) or not isinstance(holdout, int | float) or not 0 < holdout < 1:
+            raise ValueError(f"holdout must be in (0, 1), got {holdout!r}")
+        check_threads(self.threads)
 
     def grid(self) -> list[float]:
         """The λ values to fit: ``[lam]``, or ``lams`` to sweep."""

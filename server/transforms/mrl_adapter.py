@@ -53,6 +53,7 @@ Covered by ``tests/test_matryoshka_transforms.py``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -61,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Calibration, FitResult, Transform, configure
+from .base import MAX_SEED, Calibration, FitResult, Transform, check_bool, check_int, check_threads, configure
 from .matryoshka import check_m
 from .pca_basis import principal_axes
 from .train_config import MAX_EPOCHS
@@ -87,6 +88,28 @@ def nesting_dims(d: int, dims: Sequence[int] | None = None) -> tuple[int, ...]:
     if isinstance(dims, str | bytes) or not len(dims):
         raise ValueError(f"dims must be a non-empty sequence of integers, got {dims!r}")
     return tuple(check_m(m, d)[0] for m in dims)
+
+
+def _number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int | float)
+
+
+def _check_dims_weights(dims: Any, weights: Any) -> None:
+    """What :class:`~.mrl_loss.MatryoshkaLoss` checks of ``dims`` and ``weights`` without d, with its messages."""
+    if dims is not None:
+        if isinstance(dims, str | bytes) or not isinstance(dims, Sequence) or not len(dims):
+            raise ValueError(f"dims must be a non-empty sequence of integers, got {dims!r}")
+        if any(isinstance(m, bool) or not isinstance(m, int | np.integer) or m < 1 for m in dims):
+            raise ValueError(f"dims must be integers >= 1, got {list(dims)}")
+        if any(b <= a for a, b in itertools.pairwise(dims)):
+            raise ValueError(f"dims must be strictly increasing, got {list(dims)}")
+    if weights is not None:
+        if isinstance(weights, str | bytes) or not isinstance(weights, Sequence):
+            raise ValueError(f"weights must be a sequence of numbers, got {weights!r}")
+        if dims is not None and len(weights) != len(dims):
+            raise ValueError(f"weights must have one entry per dim ({len(dims)}), got {len(weights)}")
+        if not all(_number(w) and w >= 0 and math.isfinite(w) for w in weights) or not any(w > 0 for w in weights):
+            raise ValueError(f"weights must be finite, >= 0 and not all 0, got {list(weights)}")
 
 
 def positive_pairs(cal_or_pairs: Calibration | tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -171,8 +194,9 @@ class MRLAdapterTransform(Transform):
 
 @dataclass(frozen=True)
 class MRLAdapterConfig:
-    """How :func:`fit_mrl_adapter` trains (module docstring). Validated on construction where the data is not
-    needed: ``dims`` and ``weights`` are checked against d when fitting, ``temperature`` by the loss."""
+    """How :func:`fit_mrl_adapter` trains (module docstring). Validated on construction, every field;
+    :meth:`check_dim` adds what needs the dim d (``dims`` <= d, one weight per nesting dim), which the fit
+    checks again (``nesting_dims``, ``MatryoshkaLoss``)."""
 
     dims: Sequence[int] | None = None
     weights: Sequence[float] | None = None
@@ -188,15 +212,33 @@ class MRLAdapterConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if not (self.distill >= 0 and math.isfinite(self.distill)):
-            raise ValueError(f"distill must be a finite number >= 0, got {self.distill}")
-        for name, v, least in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 2)):
+        _check_dims_weights(self.dims, self.weights)
+        for name, v, least in (("temperature", self.temperature, 0.0), ("lr", self.lr, 0.0)):
+            if not _number(v) or not (v > least and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if not _number(self.distill) or not (self.distill >= 0 and math.isfinite(self.distill)):
+            raise ValueError(f"distill must be a finite number >= 0, got {self.distill!r}")
+        check_bool("symmetric", self.symmetric)
+        check_bool("center_axes", self.center_axes)
+        # (least, most): the most as TrainConfig's batch and residual_mlp's width; epochs a request's cap
+        for name, v, least, most in (
+            ("epochs", self.epochs, 1, MAX_EPOCHS),
+            ("batch_size", self.batch_size, 2, 65536),
+            ("hidden", self.hidden, 0, 16384),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {v!r}")
-        if self.epochs > MAX_EPOCHS:
-            raise ValueError(f"epochs must be at most {MAX_EPOCHS}, got {self.epochs!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+            if v > most:
+                raise ValueError(f"{name} must be at most {most}, got {v!r}")
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_threads(self.threads)
+
+    def check_dim(self, d: int) -> None:
+        """ValueError unless the nesting dims fit vectors of dim ``d`` and ``weights`` has one entry per
+        nesting dim (:func:`nesting_dims`: ``dims``, or the defaults below d and d)."""
+        ms = nesting_dims(d, self.dims)
+        if self.weights is not None and len(self.weights) != len(ms):
+            raise ValueError(f"weights must have one entry per dim ({len(ms)}), got {len(self.weights)}")
 
     def get_config_dict(self) -> dict[str, Any]:
         """What the artefact keeps beside the loss's own config (dims, weights, temperature, symmetric)."""

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import SIDES, AffineTransform, Calibration, FitResult, configure
+from .base import SIDES, AffineTransform, Calibration, FitResult, check_bool, check_threads, configure
 
 __all__ = [
     "ProcrustesConfig",
@@ -205,7 +205,10 @@ class ProcrustesConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        check_bool("center", self.center)
+        check_bool("scale", self.scale)
         check_task_epochs(self.task_epochs)
+        check_threads(self.threads)
         steps = self.refine_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"refine_steps must be an integer >= 0, got {steps!r}")

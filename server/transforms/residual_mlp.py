@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .base import SIDES, Calibration, FitResult, Transform, configure
+from .base import SIDES, Calibration, FitResult, Transform, check_threads, configure
 from .train_config import TrainConfig
 
 if TYPE_CHECKING:
@@ -194,6 +194,7 @@ class ResidualMLPConfig(TrainConfig):
             raise ValueError(f"hidden must be an integer in [1, 16384], got {hidden!r}")
         super().__post_init__()
         LambdaOrthogonalityLoss(self.lam, self.alpha)
+        check_threads(self.threads)
 
 
 def fit_residual_mlp(

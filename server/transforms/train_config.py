@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .base import MAX_SEED, check_int
+
 __all__ = ["MAX_EPOCHS", "TrainConfig"]
 
 MAX_EPOCHS = 1000  #: a fit is a request: its epochs are capped
@@ -36,8 +38,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or not (0 < self.lr <= 1):
             raise ValueError(f"lr must be a number in (0, 1], got {self.lr!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        check_int("seed", self.seed, 0, MAX_SEED)  # numpy's default_rng takes no negative seed
 
     def train_config(self) -> TrainConfig:
         """The training fields alone, as a plain TrainConfig (what ``train_map`` reads)."""
