@@ -22,6 +22,7 @@ import numpy as np
 from .collection_index import SEARCH_STAGES, CollectionIndex
 from .errors import FailedPrecondition, NotFound, Unavailable
 from .funnel import check_funnel, rerank
+from .pipeline import check_mapped
 from .segments import Snapshot
 from .store import SpaceRow
 
@@ -89,6 +90,8 @@ class Collection(CollectionIndex):
         Matryoshka prefix, or the same); INVALID_ARGUMENT naming the vector when the index cannot hold
         one (float16 codes: ``IndexSpec.check_vectors``), before anything is written."""
         xb = self.to_basis(x)  # the store keeps the vectors as given; the index sees the basis
+        if self.basis is not None:  # a basis (an mrl_adapter's is not orthogonal) may take a vector out of bounds
+            check_mapped(xb, "the collection's basis transform", what="vectors")
         xi = self.index_view(xb)
         what = "vectors (in the collection's basis)" if self.basis is not None else "vectors"
         self.segments.spec.check_vectors(xi, what=what)

@@ -123,8 +123,8 @@ def map_queries(
     return np.ascontiguousarray(y, dtype=np.float32)
 
 
-def check_mapped(y: np.ndarray, label: str) -> None:
-    """InvalidArgument naming the first query of ``y`` (nq, d), mapped by ``label``, that is not finite
+def check_mapped(y: np.ndarray, label: str, what: str = "queries") -> None:
+    """InvalidArgument naming the first of ``y`` (n, d), ``what`` mapped by ``label``, that is not finite
     or has an L2 norm above ``validate.MAX_NORM``: such a query scores inf or NaN against every point
     (an l2 index then returns arbitrary ids or none). One max/min pass over the batch when every norm is
     bounded by sqrt(d) * max|y| (the common case); the norms, in float64, only otherwise."""
@@ -135,7 +135,7 @@ def check_mapped(y: np.ndarray, label: str) -> None:
     if len(bad):
         i = int(bad[0])
         raise InvalidArgument(
-            f"queries: vector {i} is mapped by {label} to L2 norm {norms[i]:.3g}; the limit is {v.MAX_NORM:g} "
+            f"{what}: vector {i} is mapped by {label} to L2 norm {norms[i]:.3g}; the limit is {v.MAX_NORM:g} "
             "(scores and squared distances must stay finite in float32)"
         )
 

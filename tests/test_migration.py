@@ -452,3 +452,27 @@ def test_backfill_vectors_the_companion_cannot_hold_are_refused_before_any_write
     finally:
         client.close()
         srv.stop(None)
+
+
+def test_forward_projections_out_of_bounds_are_refused_before_any_write(
+    env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An old-space write during a forward upgrade projects the point's vector; a projection the
+    forward transform takes out of a vector's bounds (here made to overflow) is INVALID_ARGUMENT naming
+    the transform, and the old-space vector is not written either (here the map overflows to inf)."""
+    srv, client, w = env
+    client.start_migration("c", "new", "t", strategy="shared_index")
+    client.forward_upgrade("c", "r")
+    assert client.wait_forward_upgrade("c", timeout=30).forward.state == "done"
+    mig = srv.engine.migrations.get("c")  # type: ignore[union-attr]
+    assert mig is not None and mig.forward is not None
+    plain = mig.forward.apply
+    monkeypatch.setattr(mig.forward, "apply", lambda x, side="doc": plain(x, side) * np.float32(np.inf))
+    x = w["docs_old"][7:8] + 1.0
+    with pytest.raises(ClientInvalidArgument, match="forward projections: vector 0 is mapped by the forward transform"):
+        client.upsert("c", [IDS[7]], x, space="old")
+    kept = client.get("c", [IDS[7]], with_vectors=True)[0].vectors["old"]
+    np.testing.assert_allclose(kept, unit(w["docs_old"][7:8])[0], rtol=1e-5)
+    monkeypatch.undo()
+    client.upsert("c", [IDS[7]], x, space="old")
+    np.testing.assert_allclose(client.get("c", [IDS[7]], with_vectors=True)[0].vectors["old"], unit(x)[0], rtol=1e-5)

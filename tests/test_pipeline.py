@@ -146,3 +146,34 @@ def test_prefix_collection_restarts_from_its_checkpoint(tmp_path: Path, caplog: 
     finally:
         s.channel.close()
         srv.stop(None)
+
+
+def test_vectors_a_basis_maps_out_of_bounds_are_refused_before_any_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A basis transform that takes a document past a vector's bounds (here a PCA basis made to scale by
+    1e17, as a non-orthogonal basis can): INVALID_ARGUMENT naming the vector, nothing stored."""
+    from interlingua.client import Client, InvalidArgument
+
+    srv, port = start_server(tmp_path / "data")
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            c.register_space("home", D_HOME, metric="l2")
+            xb = make_data(N, D_HOME, seed=8)
+            c.fit_transform("pca", "pca_basis", source_space="home", target_space="home", doc_pairs=(xb, xb))
+            c.create_collection("c", "home", basis_transform="pca")
+            ids = [f"p{i}" for i in range(N)]
+            c.upsert("c", ids[:100], xb[:100], space="home")
+            basis = srv.engine.collections["c"].basis
+            assert basis is not None
+            plain = basis.apply
+            monkeypatch.setattr(basis, "apply", lambda x, side="doc": plain(x, side) * np.float32(1e17))
+            with pytest.raises(InvalidArgument, match=r"vectors: vector 0 is mapped by the collection's basis "
+                               r"transform to L2 norm .*e\+18; the limit is 1e\+18"):  # fmt: skip
+                c.upsert("c", ids[100:110], xb[100:110] * 20, space="home")
+            assert c.get_collection("c").num_points == 100
+            monkeypatch.undo()
+            c.upsert("c", ids[100:110], xb[100:110], space="home")
+            assert c.search("c", xb[105:106], 1, space="home").ids[0, 0] == "p105"
+    finally:
+        srv.stop(None)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import FailedPrecondition, NotFound
+from ..pipeline import check_mapped
 from ..store import SpaceRow, Store
 from .calibration import ScoreCalibration
 
@@ -285,11 +286,14 @@ class Migration(MigrationBase):
         def unit(y: np.ndarray) -> np.ndarray:
             return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12) if cosine else y
 
-        y = unit(np.asarray(self.forward.apply(np.ascontiguousarray(x, dtype=np.float32), "doc"), dtype=np.float64))
-        if self.moments is not None:
-            mf, mn, ratio = self.moments
-            y = unit((y - mf) * ratio + mn)
-        return np.ascontiguousarray(y, dtype=np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):  # (a map that overflows: check_mapped says so)
+            y = unit(np.asarray(self.forward.apply(np.ascontiguousarray(x, dtype=np.float32), "doc"), np.float64))
+            if self.moments is not None:
+                mf, mn, ratio = self.moments
+                y = unit((y - mf) * ratio + mn)
+            y = np.ascontiguousarray(y, dtype=np.float32)
+        check_mapped(y, f"the forward transform {self.rec.forward.get('transform', '')!r}", what="forward projections")
+        return y
 
     # -- recovery --------------------------------------------------------------------------------
 
