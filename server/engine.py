@@ -488,9 +488,11 @@ def run_chunked(q: Query, device: Device | None) -> Hits:
     whose candidates fit ``funnel.CANDIDATE_BUDGET_BYTES`` (each query is searched alone: the hits
     are those of one run; the snapshot reported is the last chunk's)."""
     shortlist_k, stages = q.funnel
+    if not stages:
+        return pipeline.run(q, q.route.fn, device)
     rows = chunk_rows(shortlist_k, q.col.home.dim)
     nq = len(q.xq)
-    if not stages or nq <= rows:
+    if nq <= rows:
         return pipeline.run(q, q.route.fn, device)
     parts = [
         pipeline.run(dataclasses.replace(q, xq=q.xq[i : i + rows]), q.route.fn, device) for i in range(0, nq, rows)
@@ -541,8 +543,8 @@ def check_reply(ids: np.ndarray, route: Route, limit: int, id_bytes: int, with_p
     """The bytes of the reply to hits ``ids`` (nq, k) without payloads (exact with ``with_payload``,
     else an upper bound while that fits, which spares a pass over the ids); RESOURCE_EXHAUSTED when
     it is over ``limit``, gRPC's send limit."""
-    if not with_payload:
-        bound = reply_bytes(ids, route, id_bytes)
+    if not with_payload:  # ids at their longest, 4 bytes of score each, and 1 KiB for the route (three names of
+        bound = ids.size * (_field_bytes(id_bytes) + 4) + 1024  # at most 128 ASCII characters), nq, k and exact
         if bound <= limit:
             return bound
     need = reply_bytes(ids, route)

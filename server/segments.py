@@ -337,7 +337,7 @@ class Segments(SegmentMerges):
         search that found fewer than k live labels where more exist is answered from every code
         (:meth:`_search_codes`)."""
         D, I = self._search_index(s, xq, k, ef_search, nprobe, k_factor, worst)
-        if self._spec(s).is_hnsw and (I[:, -1] < 0).any():  # (FAISS pads the end of a row)
+        if (I[0, -1] < 0 if len(I) == 1 else (I[:, -1] < 0).any()) and self._spec(s).is_hnsw:  # (padded at the end)
             short = np.count_nonzero(I >= 0, axis=1) < min(k, s.nsealed - s.ndead_sealed)
             if short.any():
                 D[short], I[short] = self._search_codes(s, np.ascontiguousarray(xq[short]), k, worst)
