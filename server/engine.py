@@ -11,7 +11,7 @@ one way, live or shadow (``pipeline.py``)::
 A reply must fit the gRPC send limit (``Limits.max_message_bytes``): its size is counted before it
 is built, and payloads are read a chunk of distinct hits at a time until it is known to fit
 (:func:`bounded_payloads`), else RESOURCE_EXHAUSTED; the embedded client's direct search gets the
-same answer. A prefix collection's batch is searched in row chunks (:func:`run_chunked`).
+same answer. A prefix collection's shortlist is cut to its live labels (:func:`clamp_shortlist`).
 
 Covered by ``tests/test_service.py`` (every RPC over a real channel), ``tests/test_search.py``,
 ``tests/test_pipeline.py`` and ``tests/test_reply_limits.py``.
@@ -40,7 +40,6 @@ from .collection import Collection, PointRecord
 from .collection_spec import CollectionSpec
 from .compat import TransformRecord
 from .config import BACKENDS, ServerConfig
-from .device import Device
 from .errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -50,12 +49,12 @@ from .errors import (
     ResourceExhausted,
     Unavailable,
 )
-from .funnel import chunk_rows, clamp_funnel
+from .funnel import clamp_funnel
 from .lifecycle import EngineLifecycle, Lifecycle, lower_priority
 from .metrics import FOLD_EVERY, Metrics
 from .migration.runtime import MigrationBase
 from .migration.search import search as migration_search
-from .pipeline import Hits, Query, SearchParams, SearchResult
+from .pipeline import Query, SearchParams, SearchResult
 from .routes import IDENTITY, Route
 from .store import CollectionRow, SpaceRow, Store
 
@@ -69,7 +68,6 @@ __all__ = [
     "check_reply",
     "clamp_shortlist",
     "reply_bytes",
-    "run_chunked",
 ]
 
 #: distinct hits whose payloads one read fetches while a reply is sized: at most this many payloads
@@ -426,7 +424,7 @@ class Engine(EngineLifecycle):
             q = clamp_shortlist(pipeline.prepare(col, space, data, dim, params, self.limits))
             t1 = time.perf_counter()
             route = q.route
-            hits = run_chunked(q, self.device)
+            hits = pipeline.run(q, route.fn, self.device)
             if route.shadow is not None and self.shadows is not None:
                 self.shadows.submit(q, hits.ids)
         if route.transform != IDENTITY:
@@ -483,30 +481,6 @@ def clamp_shortlist(q: Query) -> Query:
     return q if funnel is q.funnel else dataclasses.replace(q, funnel=funnel)
 
 
-def run_chunked(q: Query, device: Device | None) -> Hits:
-    """``pipeline.run`` of ``q`` with its route's transform; a prefix collection's batch in row chunks
-    whose candidates fit ``funnel.CANDIDATE_BUDGET_BYTES`` (each query is searched alone: the hits
-    are those of one run; the snapshot reported is the last chunk's)."""
-    shortlist_k, stages = q.funnel
-    if not stages:
-        return pipeline.run(q, q.route.fn, device)
-    rows = chunk_rows(shortlist_k, q.col.home.dim)
-    nq = len(q.xq)
-    if nq <= rows:
-        return pipeline.run(q, q.route.fn, device)
-    parts = [
-        pipeline.run(dataclasses.replace(q, xq=q.xq[i : i + rows]), q.route.fn, device) for i in range(0, nq, rows)
-    ]
-    return Hits(
-        np.vstack([h.D for h in parts]),
-        np.vstack([h.ids for h in parts]),
-        parts[-1].snapshot,
-        sum(h.map_seconds for h in parts),
-        sum(h.transform_seconds for h in parts),
-        sum(h.index_seconds for h in parts),
-    )
-
-
 def _field_bytes(n: int) -> int:
     """Bytes of a length-delimited protobuf field (numbers 1-15) with an n-byte value: tag, length varint, value."""
     return 2 + n + (n >= 1 << 7) + (n >= 1 << 14) + (n >= 1 << 21) + (n >= 1 << 28)
@@ -516,15 +490,11 @@ def _utf8_bytes(s: str) -> int:
     return len(s) if s.isascii() else len(s.encode())
 
 
-def reply_bytes(ids: np.ndarray, route: Route, id_bytes: int | None = None) -> int:
+def reply_bytes(ids: np.ndarray, route: Route) -> int:
     """Serialized bytes of the SearchResponse of hits ``ids`` (nq, k) without payloads: the ids, the
-    scores (4 bytes a hit), the route, nq, k and exact; with ``id_bytes``, an upper bound that takes
-    every id at that length."""
+    scores (4 bytes a hit), the route, nq, k and exact."""
     n = ids.size
-    if id_bytes is None:
-        id_part = sum(_field_bytes(_utf8_bytes(p)) for p in ids.ravel().tolist())
-    else:
-        id_part = n * _field_bytes(id_bytes)
+    id_part = sum(_field_bytes(_utf8_bytes(p)) for p in ids.ravel().tolist())
     names = (route.query_space, route.home_space, route.transform)
     route_part = _field_bytes(sum(_field_bytes(_utf8_bytes(s)) for s in names))
     return id_part + _field_bytes(4 * n) + route_part + 14  # nq and k: 6 bytes each at most, exact: 2

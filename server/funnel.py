@@ -10,9 +10,10 @@ and keeps k. With a large enough shortlist the result equals full-dimensional se
 (``tests/test_funnel.py``).
 
 A batch of queries is reranked in row chunks whose candidate vectors (nq x shortlist x d float32)
-fit :data:`CANDIDATE_BUDGET_BYTES`, and the engine searches a prefix collection in such chunks too,
-its shortlist first cut to the labels the collection holds (:func:`clamp_funnel`): each query is
-scored alone, so the results equal one pass (``tests/test_reply_limits.py``).
+fit :data:`CANDIDATE_BUDGET_BYTES`, and every search of a prefix collection (``pipeline.run``: live,
+shadow, migration) goes in such chunks too, the engine's shortlist first cut to the labels the
+collection holds (:func:`clamp_funnel`): each query is scored alone, so the results equal one pass
+(``tests/test_reply_limits.py``).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ import numpy as np
 from . import validate as v
 from .config import Limits
 from .errors import InvalidArgument
-from .funnel import check_funnel
+from .funnel import Funnel, check_funnel, chunk_rows
 from .routes import Route, resolve
 from .store import SpaceRow
 
@@ -40,8 +40,6 @@ if TYPE_CHECKING:
     from .segments import Snapshot
 
 __all__ = ["Hits", "Query", "SearchParams", "SearchResult", "check_mapped", "map_queries", "prepare", "run"]
-
-Funnel = tuple[int, list[tuple[int, int]]]  #: (shortlist_k, stages), from funnel.check_funnel
 
 
 @dataclass(frozen=True)
@@ -188,5 +186,20 @@ def run(q: Query, fn: Any, device: Device | None = None) -> Hits:
     if sample is not None:  # offered once the basis took them too: the advisor maps them again
         sample.offer(xh)
     t2 = time.perf_counter()
-    D, ids, snap = col.search(xb, p.k, p.ef_search, p.nprobe, q.funnel, k_factor=p.k_factor)
+    D, ids, snap = _search(col, xb, p, q.funnel)
     return Hits(D, ids, snap, t1 - t0, t2 - t0, time.perf_counter() - t2)
+
+
+def _search(col: AnyCollection, xb: np.ndarray, p: SearchParams, funnel: Funnel) -> tuple[np.ndarray, np.ndarray, Any]:
+    """``col.search`` of queries xb (nq, d); a prefix collection's batch in row chunks whose candidates
+    fit ``funnel.CANDIDATE_BUDGET_BYTES`` (each query is searched alone: the hits are those of one
+    search; the snapshot returned is the last chunk's)."""
+    shortlist_k, stages = funnel
+    rows = chunk_rows(shortlist_k, col.home.dim) if stages else len(xb)
+    if len(xb) <= rows:
+        return col.search(xb, p.k, p.ef_search, p.nprobe, funnel, k_factor=p.k_factor)
+    parts = [
+        col.search(xb[i : i + rows], p.k, p.ef_search, p.nprobe, funnel, k_factor=p.k_factor)
+        for i in range(0, len(xb), rows)
+    ]
+    return np.vstack([h[0] for h in parts]), np.vstack([h[1] for h in parts]), parts[-1][2]

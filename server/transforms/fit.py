@@ -372,7 +372,7 @@ def fit_transform(
             f"of {n_train + n_held}"
         )
     fn, params = fitter(kind), get_kind(kind).params
-    kwargs = {k: v for k, v in config.items() if k not in ("kind", "pseudo_relevance")}
+    kwargs = {k: v for k, v in config.items() if k not in _NOT_SETTINGS}
     if "seed" in params and "seed" not in kwargs:
         kwargs["seed"] = seed
     if progress is not None:  # every fitter takes progress beside its config
