@@ -44,7 +44,7 @@ from .transforms.kinds import REGISTRY, WIRE_KINDS
 __all__ = ["Compat", "TransformRecord"]
 
 log = logging.getLogger(__name__)
-_NAME = re.compile(r"^[A-Za-z0-9._@:-]{1,128}$")
+_NAME = re.compile(r"[A-Za-z0-9._@:-]{1,128}")  #: matched whole: ``$`` passed a final newline
 
 
 class Compat:
@@ -159,7 +159,7 @@ class Compat:
     ) -> TransformRecord:
         """Registers ``name`` as fitting and fits it in the background for at most ``max_seconds`` once
         started. Checks run here, first: a refused fit is neither registered nor queued."""
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise InvalidArgument(f"transform name {name!r} is invalid: use 1 to 128 characters from [A-Za-z0-9._@:-]")
         if kind not in WIRE_KINDS:
             raise InvalidArgument(f"kind {kind!r} is not one of {', '.join(WIRE_KINDS)}")

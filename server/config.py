@@ -23,7 +23,7 @@ __all__ = ["BACKENDS", "ROLES", "ApiKey", "Limits", "RateLimit", "ServerConfig",
 ROLES = ("read", "write", "admin")
 #: storage and search backends of a collection (``server/backends``); the first is the default
 BACKENDS = ("embedded", "milvus")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class ApiKey:
     rate_per_second: float | None = None  #: this key's rate limit; None: the server's ``rate_limit``
 
     def __post_init__(self) -> None:
-        if not _HEX64.match(self.sha256):
+        if not _HEX64.fullmatch(self.sha256):
             raise ValueError(f"key {self.name!r}: sha256 must be 64 lowercase hex digits")
         if self.role not in ROLES:
             raise ValueError(f"key {self.name!r}: role must be one of {', '.join(ROLES)}, got {self.role!r}")

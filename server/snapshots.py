@@ -39,12 +39,12 @@ FORMAT_VERSION = 1
 DB_FILE = "interlingua.db"
 MANIFEST = "manifest.json"
 CHUNK_BYTES = 1 << 20  #: bytes per DownloadSnapshot message
-_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  #: matched whole: ``$`` passed a final newline
 
 
 def check_name(name: str) -> str:
     """``name`` if it is a valid snapshot name (a folder name that cannot escape the snapshots folder)."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InvalidArgument(
             f"snapshot name {shown(name)} is invalid: use 1 to 128 characters from [A-Za-z0-9._-],"
             " not starting with '.'"
@@ -230,7 +230,7 @@ class Snapshots:
         """Every snapshot with a readable manifest, by name (staging folders start with '.')."""
         out = []
         for path in sorted(self.root.glob("*/" + MANIFEST)) if self.root.is_dir() else []:
-            if _NAME.match(path.parent.name):
+            if _NAME.fullmatch(path.parent.name):
                 with contextlib.suppress(FailedPrecondition):
                     out.append(read_manifest(path.parent, repr(path.parent.name)))
         return out

@@ -747,6 +747,8 @@ def test_milvus_names_and_index_mapping() -> None:
         ("HNSW1", "HNSW M is 1"),
         ("IVF0,Flat", "IVF nlist is 0"),
         ("OPQ16,IVF256,PQ16", "it supports Flat, HNSW<M>"),
+        ("HNSW\u06632", "not supported by the milvus backend"),  # ASCII digits only, as the embedded grammar
+        ("IVF\u0663,Flat", "not supported by the milvus backend"),
     ):
         with pytest.raises(Invalid, match=msg):
             parse_index(spec, 0)

@@ -188,3 +188,30 @@ def test_search_errors(env: Stubs) -> None:
         env, INVALID, search, env, vec(q), 5, "hnsw", params=pb.SearchParams(nprobe=4), match="nprobe applies to IVF"
     )
     expect(env, INVALID, search, env, vec(q), 5, "hnsw", params=pb.SearchParams(ef_search=0), match="ef_search is 0")
+
+
+def test_names_with_a_final_newline_are_refused(tmp_path: Path) -> None:
+    """Names are matched whole: a regex ending in ``$`` also matches before a final newline, which let a
+    space, collection, transform or snapshot named "x\\n" through; an API key's sha256 likewise."""
+    from interlingua.client import Client, InvalidArgument
+    from interlingua.server.config import ApiKey
+
+    srv, port = start_server(tmp_path / "data")
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            with pytest.raises(InvalidArgument, match="space name"):
+                c.register_space("s\n", D)
+            c.register_space("s", D)
+            with pytest.raises(InvalidArgument, match="collection name"):
+                c.create_collection("c\n", "s")
+            xb = make_data(40, D, seed=1)
+            with pytest.raises(InvalidArgument, match="transform name"):
+                c.fit_transform("t\n", "procrustes", source_space="s", target_space="s", doc_pairs=(xb, xb))
+            with pytest.raises(InvalidArgument, match="snapshot name"):
+                c.create_snapshot("snap\n")
+            assert ([s.name for s in c.list_spaces()], c.list_collections(), c.list_snapshots()) == (["s"], [], [])
+            assert c.list_transforms() == []
+    finally:
+        srv.stop(None)
+    with pytest.raises(ValueError, match="sha256 must be 64 lowercase hex digits"):
+        ApiKey("k", "0" * 64 + "\n")

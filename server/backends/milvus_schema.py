@@ -79,8 +79,8 @@ MAX_ID_CHARS = 512
 MAX_VECTOR_FIELDS = 4
 DEFAULT_EF_CONSTRUCTION = 40  #: FAISS's default, so both backends build the same graph by default
 
-_HNSW = re.compile(r"^HNSW(\d+)$")
-_IVF = re.compile(r"^IVF(\d+),(Flat|SQ8)$")
+_HNSW = re.compile(r"HNSW([0-9]+)")  #: ASCII digits, matched whole (as index_spec.py)
+_IVF = re.compile(r"IVF([0-9]+),(Flat|SQ8)")
 
 
 def require_pymilvus() -> ModuleType:
@@ -200,11 +200,11 @@ class MilvusIndex:
 def parse_index(spec: str, ef_construction: int) -> MilvusIndex:
     """The Milvus index of a checked Interlingua ``spec``; INVALID_ARGUMENT naming the supported specs."""
     s = spec.strip()
-    if ef_construction and not _HNSW.match(s):
+    if ef_construction and not _HNSW.fullmatch(s):
         raise InvalidArgument(f"ef_construction applies to HNSW indexes; index spec is {spec!r}")
     if s == "Flat":
         return MilvusIndex(s, "FLAT")
-    if m := _HNSW.match(s):
+    if m := _HNSW.fullmatch(s):
         M = int(m.group(1))
         if not 2 <= M <= MAX_HNSW_M:
             raise InvalidArgument(f"HNSW M is {M}; it must be between 2 and {MAX_HNSW_M}")
@@ -212,7 +212,7 @@ def parse_index(spec: str, ef_construction: int) -> MilvusIndex:
         if efc > MAX_EF_CONSTRUCTION:
             raise InvalidArgument(f"ef_construction is {efc}; it must be at most {MAX_EF_CONSTRUCTION}")
         return MilvusIndex(s, "HNSW", {"M": M, "efConstruction": efc})
-    if m := _IVF.match(s):
+    if m := _IVF.fullmatch(s):
         nlist = int(m.group(1))
         if not 1 <= nlist <= 65536:
             raise InvalidArgument(f"IVF nlist is {nlist}; it must be between 1 and 65536")
