@@ -81,7 +81,7 @@ from ._types import (
     milvus_uri,
     serial_route,
 )
-from ._wire import PayloadArg, as_matrix, upsert_requests
+from ._wire import PayloadArg, as_matrix, search_head, search_params_pb, search_request_bytes, upsert_requests
 
 __all__ = ["TLS", "Client", "SearchStream"]
 
@@ -119,6 +119,13 @@ class Client:
         self._spaces = spaces_pb2_grpc.SpaceServiceStub(self._channel)
         self._collections = collections_pb2_grpc.CollectionServiceStub(self._channel)
         self._points = points_pb2_grpc.PointServiceStub(self._channel)
+        #: Search taking the request's serialized bytes (search_request_bytes), as the stub's Search otherwise
+        self._search_bytes: Any = cast(Any, self._channel).unary_unary(  # (the stubs lack _registered_method)
+            "/interlingua.v1.PointService/Search",
+            request_serializer=None,
+            response_deserializer=points_pb2.SearchResponse.FromString,
+            _registered_method=True,
+        )
         self._transforms = transforms_pb2_grpc.TransformServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._snapshots = snapshots_pb2_grpc.SnapshotServiceStub(self._channel)
@@ -146,6 +153,7 @@ class Client:
         client._spaces = cast(spaces_pb2_grpc.SpaceServiceStub, backend.spaces)
         client._collections = cast(collections_pb2_grpc.CollectionServiceStub, backend.collections)
         client._points = cast(points_pb2_grpc.PointServiceStub, backend.points)
+        client._search_bytes = None
         client._transforms = cast(transforms_pb2_grpc.TransformServiceStub, backend.transforms)
         client._health = cast(health_pb2_grpc.HealthStub, backend.health)
         client._snapshots = cast(snapshots_pb2_grpc.SnapshotServiceStub, backend.snapshots)
@@ -441,24 +449,19 @@ class Client:
                 r = res.route
                 route = (r.query_space, r.home_space, r.transform)
                 return SearchResult.from_arrays(res.D, res.ids, res.payloads, route, res.exact, with_payload)
-        if funnel or type(queries) is not np.ndarray:
-            req = search_request(
+        call: Any = self._points.Search
+        if funnel or type(queries) is not np.ndarray or self._search_bytes is None:
+            req: Any = search_request(
                 collection, queries, k, space, ef_search, nprobe, with_payload, shortlist_k, funnel, k_factor
             )
-        else:  # search_request's message, built here: fewer frames per call (each costs µs on cold caches)
+        else:  # search_request's message as bytes: its fields but the queries serialized once (_wire.search_head)
             x = queries
             if x.dtype != _F32 or x.ndim != 2 or not x.flags.c_contiguous:
                 x = query_matrix(queries)
-            req = points_pb2.SearchRequest(
-                collection=collection,
-                query_space=space,
-                k=k,
-                with_payload=with_payload,
-                queries=common_pb2.Vectors(data=x.tobytes(), dim=x.shape[1]),
-                params=search_params_pb(ef_search, nprobe, shortlist_k, k_factor),
-            )
+            head = search_head(collection, space, k, with_payload, ef_search, nprobe, shortlist_k, k_factor)
+            req, call = search_request_bytes(head, x), self._search_bytes
         try:  # (_call, inline)
-            resp: points_pb2.SearchResponse = self._points.Search(req, timeout=self.timeout, metadata=self._metadata)
+            resp: points_pb2.SearchResponse = call(req, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         return SearchResult.from_proto(resp, with_payload)
@@ -858,29 +861,6 @@ def query_matrix(queries: npt.ArrayLike) -> npt.NDArray[Any]:
     if xq.ndim != 2:
         xq = as_matrix(xq.reshape(1, -1) if xq.ndim == 1 else xq, "queries")
     return np.ascontiguousarray(xq, dtype="<f4")
-
-
-_PARAMS_PB: dict[tuple[Any, ...], common_pb2.SearchParams] = {}  #: search_params_pb's messages
-
-
-def search_params_pb(
-    ef_search: int | None, nprobe: int | None, shortlist_k: int | None, k_factor: int | None
-) -> common_pb2.SearchParams | None:
-    """The SearchParams message of these values (None when none is set: the server reads an absent
-    message as empty), one per distinct (typed) setting; a value a field refuses raises as the
-    constructor does (TypeError, ValueError)."""
-    if ef_search is None and nprobe is None and shortlist_k is None and k_factor is None:
-        return None
-    key = (type(ef_search), ef_search, type(nprobe), nprobe, type(shortlist_k), shortlist_k, type(k_factor), k_factor)
-    try:
-        msg = _PARAMS_PB.get(key)
-    except TypeError:  # an unhashable value: the constructor's own error
-        msg = None
-    if msg is None:
-        msg = common_pb2.SearchParams(ef_search=ef_search, nprobe=nprobe, shortlist_k=shortlist_k, k_factor=k_factor)
-        if len(_PARAMS_PB) < 1024:
-            _PARAMS_PB[key] = msg  # (reached with hashable values only: the constructor refuses the others)
-    return msg
 
 
 def search_request(
