@@ -22,7 +22,9 @@ larger messages and the client's build and parse; ``server_python_ms`` = server 
 stage (interceptors, servicer, checks, reply); ``server_index_slowdown_ms`` = the server's index stage
 - FAISS alone back to back in process (the same search, slower in a server); ``idle_gap_ms`` = FAISS
 after the slept gap - FAISS back to back; ``busy_gap_ms``, the same after the busy wait;
-``padded_echo_ms`` = padded echo - echo; ``embedded_over_faiss_ms``. ``over_echo_p50_ms`` is the peers key's
+``padded_echo_ms`` = padded echo - echo; ``server_check_ms``; ``embedded_over_faiss_ms``. The parts
+add up: ``over_echo_mean_ms`` = wire_and_client + server_python + server_index_slowdown -
+server_check - embedded_over_faiss. ``over_echo_p50_ms`` is the peers key's
 definition on these p50s; ``client_saves_ms`` = search_before - search. ``--pin`` puts
 the server on CPU 1 and this process on CPU 0.
 
@@ -115,7 +117,9 @@ def query_of(i: int, side: str | int, sides: dict[str, Any], nq: int) -> int:
     return (i + 397 * j) % nq
 
 
-def remote(folder: Path, name: str, space: str, xq: np.ndarray, calls: int, ef: int, pin: bool) -> dict[str, Any]:
+def remote(
+    folder: Path, name: str, space: str, xq: np.ndarray, calls: int, warmup: int, ef: int, pin: bool
+) -> dict[str, Any]:
     """Step 1: echo and unary search times (s) alternated, and the server's means between two scrapes."""
     port, mport = free_port(), free_port()
     cmd = [str(Path(sys.executable).with_name("interlingua")), "serve", "--data-dir", str(folder), "--port", str(port),
@@ -138,7 +142,7 @@ def remote(folder: Path, name: str, space: str, xq: np.ndarray, calls: int, ef: 
                 )
             ),
         }
-        for i in range(300):
+        for i in range(warmup):
             for f in sides.values():
                 f(i % len(xq))
         t: dict[str, list[float]] = {s: [] for s in sides}
@@ -162,9 +166,10 @@ def remote(folder: Path, name: str, space: str, xq: np.ndarray, calls: int, ef: 
 
 
 def local(
-    folder: Path, name: str, space: str, xq: np.ndarray, calls: int, ef: int, gap_s: float
+    folder: Path, name: str, space: str, xq: np.ndarray, calls: int, warmup: int, ef: int, gap_s: float
 ) -> dict[str, list[float]]:
-    """Step 2: the embedded client, FAISS alone on the same index, and FAISS alone after ``gap_s`` idle."""
+    """Step 2: the embedded client, FAISS alone on the same index, and FAISS alone after ``gap_s``
+    slept or spent in a busy wait."""
     faiss.omp_set_num_threads(1)
     with Client.embedded(folder) as client:
         index = client._embedded.engine.collections[name].segments.snapshot.sealed
@@ -186,7 +191,7 @@ def local(
             "embedded": lambda i: client.search(name, xq[i : i + 1], K, space=space, ef_search=ef),
             "faiss": lambda i: index.search(xn[i : i + 1], K, params=params),
         }
-        for i in range(300):
+        for i in range(warmup):
             for f in sides.values():
                 f(i % len(xq))
         t: dict[str, list[float]] = {s: [] for s in (*sides, "faiss_after_gap", "faiss_after_spin")}
@@ -205,6 +210,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None, help="a split folder (bench/_data.py); default: seeded vectors")
     ap.add_argument("--n", type=int, default=100_000, help="gallery vectors")
     ap.add_argument("--calls", type=int, default=3000, help="calls per side and step")
+    ap.add_argument("--warmup", type=int, default=300, help="untimed calls per side first")
     ap.add_argument("--ef-search", type=int, default=128)
     ap.add_argument("--keep", type=Path, default=None, help="data dir to build in and reuse (default: a temporary one)")
     ap.add_argument("--collection", default="c", help="the collection to measure (built if missing)")
@@ -222,9 +228,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp) / "data"
         space = build(folder, args.collection, xb)
-        r = remote(folder, args.collection, space, xq, args.calls, args.ef_search, args.pin)
+        r = remote(folder, args.collection, space, xq, args.calls, args.warmup, args.ef_search, args.pin)
         echo_s = float(np.median(r["times"]["echo"]))
-        loc = local(folder, args.collection, space, xq, args.calls, args.ef_search, echo_s)
+        loc = local(folder, args.collection, space, xq, args.calls, args.warmup, args.ef_search, echo_s)
     times = {**r["times"], **loc}
     p50 = {s: 1000 * float(np.median(v)) for s, v in times.items()}
     mean = {s: 1000 * float(np.mean(v)) for s, v in times.items()}
@@ -244,6 +250,7 @@ def main() -> None:
         "over_echo_mean_ms": mean["search"] - mean["echo"] - mean["embedded"],
         "wire_and_client_ms": (mean["search"] - mean["echo"]) - (r["server_search_ms"] - r["server_check_ms"]),
         "server_python_ms": r["server_search_ms"] - r["server_index_ms"],
+        "server_check_ms": r["server_check_ms"],
         "server_index_slowdown_ms": r["server_index_ms"] - mean["faiss"],
         "idle_gap_ms": mean["faiss_after_gap"] - mean["faiss"],
         "busy_gap_ms": mean["faiss_after_spin"] - mean["faiss"],
@@ -259,7 +266,7 @@ def main() -> None:
         ("the same FAISS search, slower in the server (server_index_slowdown_ms)", fig["server_index_slowdown_ms"]),
         ("  of which: FAISS in process after an idle gap as long as the echo (idle_gap_ms)", fig["idle_gap_ms"]),
         ("  the same gap spent in a busy wait instead (busy_gap_ms)", fig["busy_gap_ms"]),
-        ("minus the echo's own handler (server Check)", -r["server_check_ms"]),
+        ("minus the echo's own handler (server_check_ms)", -r["server_check_ms"]),
         ("minus the embedded client's own overhead (embedded_over_faiss_ms)", -fig["embedded_over_faiss_ms"]),
         ("= service - echo - embedded (over_echo_mean_ms)", fig["over_echo_mean_ms"]),
     ]
