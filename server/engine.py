@@ -338,13 +338,16 @@ class Engine(EngineLifecycle):
             faiss.omp_set_num_threads(c.omp_threads)
             lower_priority(c.maintenance_nice)
 
-        return advisor.run_in_worker(
+        rec = advisor.run_in_worker(
             lambda: advisor.recommend_collection(
                 col, target_recall, k, queries=queries, sample_size=sample_size, num_queries=num_queries,
                 candidates=specs,
             ),
             setup,
         )  # fmt: skip
+        if self.collections.get(collection) is not col or col.dropped:  # deleted (or replaced) meanwhile
+            raise NotFound(f"collection {collection!r} was deleted while RecommendIndex measured it")
+        return rec
 
     # -- points --------------------------------------------------------------------------------
 

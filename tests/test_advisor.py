@@ -169,6 +169,38 @@ def test_errors_have_precise_codes(stubs: Stubs) -> None:
     assert info.advisor_status.startswith("waiting") and info.state == cpb.INDEX_STATE_READY
 
 
+@pytest.mark.parametrize("recreate", [False, True])
+def test_a_collection_deleted_while_measured_answers_not_found(
+    stubs: Stubs, monkeypatch: pytest.MonkeyPatch, recreate: bool
+) -> None:
+    """A collection deleted (or deleted and created again under its name) while the advisor measures
+    it: RecommendIndex answers NOT_FOUND naming it, not a frontier of points that no longer exist;
+    the server serves on."""
+    stubs.register("s", D)
+    stubs.create("c", "s")
+    _fill(stubs, "c", make_data(1500, D, seed=21))
+    real = advisor.recommend_collection
+
+    def delete_meanwhile(*args: Any, **kw: Any) -> Any:
+        rec = real(*args, **kw)
+        stubs.collections.DeleteCollection(cpb.DeleteCollectionRequest(name="c"))
+        if recreate:
+            stubs.create("c", "s")
+        return rec
+
+    monkeypatch.setattr(advisor, "recommend_collection", delete_meanwhile)
+    code, msg = _code(lambda: _recommend(stubs, "c", 0.9, candidates=["HNSW16"]))
+    assert code == NOT_FOUND and msg == "collection 'c' was deleted while RecommendIndex measured it"
+    monkeypatch.setattr(advisor, "recommend_collection", real)
+    if recreate:
+        assert stubs.info("c").num_points == 0
+    else:
+        assert _code(lambda: stubs.info("c"))[0] == NOT_FOUND
+        stubs.create("c", "s")
+    _fill(stubs, "c", make_data(1500, D, seed=22))
+    assert _recommend(stubs, "c", 0.9, candidates=["HNSW16"]).chosen.index_spec == "HNSW16"
+
+
 #: spec -> least Recall@10 its collection reaches here (a flat 4-bit PQ of 8 sub-vectors is coarse)
 FORMS = {"HNSW16_SQ8,RFlat": 0.9, "IVF16,PQ8x4fs,RFlat": 0.7, "PQ8x4fs": 0.2, "PQ8x4,Refine(SQfp16)": 0.7}
 
