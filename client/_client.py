@@ -126,6 +126,13 @@ class Client:
             response_deserializer=points_pb2.SearchResponse.FromString,
             _registered_method=True,
         )
+        #: SearchStream taking serialized requests (SearchStream.search builds them as Search does)
+        self._search_stream_bytes: Any = cast(Any, self._channel).stream_stream(
+            "/interlingua.v1.PointService/SearchStream",
+            request_serializer=None,
+            response_deserializer=points_pb2.SearchResponse.FromString,
+            _registered_method=True,
+        )
         self._transforms = transforms_pb2_grpc.TransformServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._snapshots = snapshots_pb2_grpc.SnapshotServiceStub(self._channel)
@@ -153,7 +160,7 @@ class Client:
         client._spaces = cast(spaces_pb2_grpc.SpaceServiceStub, backend.spaces)
         client._collections = cast(collections_pb2_grpc.CollectionServiceStub, backend.collections)
         client._points = cast(points_pb2_grpc.PointServiceStub, backend.points)
-        client._search_bytes = None
+        client._search_bytes = client._search_stream_bytes = None
         client._transforms = cast(transforms_pb2_grpc.TransformServiceStub, backend.transforms)
         client._health = cast(health_pb2_grpc.HealthStub, backend.health)
         client._snapshots = cast(snapshots_pb2_grpc.SnapshotServiceStub, backend.snapshots)
@@ -470,7 +477,7 @@ class Client:
         """A :class:`SearchStream`: searches over one long-lived SearchStream RPC, for high rates of
         small batches (it saves the per-call cost of a unary RPC). Use it from one thread, as a
         context manager."""
-        return SearchStream(self._points, self._metadata)
+        return SearchStream(self._points, self._metadata, self._search_stream_bytes)
 
     # -- transforms and routes -----------------------------------------------------------------------
 
@@ -906,9 +913,16 @@ class SearchStream:
 
     _END = object()
 
-    def __init__(self, points: points_pb2_grpc.PointServiceStub, metadata: tuple[tuple[str, str], ...]) -> None:
+    def __init__(
+        self, points: points_pb2_grpc.PointServiceStub, metadata: tuple[tuple[str, str], ...], raw: Any = None
+    ) -> None:
+        """``raw``: a SearchStream callable taking serialized requests (a channel's), or None: ``points``'."""
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._replies = iter(points.SearchStream(iter(self._requests.get, self._END), metadata=metadata))
+        requests = iter(self._requests.get, self._END)
+        self._bytes = raw is not None
+        self._replies = iter(
+            points.SearchStream(requests, metadata=metadata) if raw is None else raw(requests, metadata=metadata)
+        )
         self._error: InterlinguaError | None = None
 
     def __enter__(self) -> SearchStream:
@@ -936,9 +950,20 @@ class SearchStream:
         """As :meth:`Client.search`, over the stream."""
         if self._error is not None:
             raise self._error
-        self._requests.put(
-            search_request(collection, queries, k, space, ef_search, nprobe, with_payload, k_factor=k_factor)
-        )
+        req: Any
+        if not self._bytes:
+            req = search_request(collection, queries, k, space, ef_search, nprobe, with_payload, k_factor=k_factor)
+        elif type(queries) is np.ndarray:  # as Client.search: the request's bytes (_wire.search_head)
+            x = queries
+            if x.dtype != _F32 or x.ndim != 2 or not x.flags.c_contiguous:
+                x = query_matrix(queries)
+            head = search_head(collection, space, k, with_payload, ef_search, nprobe, None, k_factor)
+            req = search_request_bytes(head, x)
+        else:
+            req = search_request(
+                collection, queries, k, space, ef_search, nprobe, with_payload, k_factor=k_factor
+            ).SerializeToString()
+        self._requests.put(req)
         try:
             resp: points_pb2.SearchResponse = next(self._replies)
         except grpc.RpcError as err:

@@ -195,3 +195,29 @@ def test_replies_read_into_their_own_arrays() -> None:
     ):
         with pytest.raises(ValueError, match="SearchResponse of nq="):
             SearchResult.from_proto(bad, False)
+
+
+def test_the_stream_sends_the_same_bytes(served: tuple[Client, Any, np.ndarray]) -> None:
+    """``SearchStream.search`` over gRPC sends the request's bytes as ``Client.search`` does: the same
+    answers for arrays, lists and single queries, with payloads; a refusal ends the stream with the
+    unary call's message, raised again on the next search."""
+    client, _, xb = served
+    xq = make_data(12, D, seed=5)
+    _, Iref = brute_force(xb, xq, 10)
+    with client.search_stream() as stream:
+        for i in range(len(xq)):
+            for q in (xq[i], xq[i : i + 1], xq[i].tolist()):
+                r = stream.search("c", q, 10, space="s")
+                assert r.ids[0].tolist() == [f"p{j}" for j in Iref[i]]
+        batch = stream.search("c", xq, 10, space="s")
+        unary = client.search("c", xq, 10, space="s")
+        assert batch.ids.tolist() == unary.ids.tolist() and batch.scores.tobytes() == unary.scores.tobytes()
+        p = stream.search("c", xq[:2], 3, space="s", with_payload=True)
+        assert p.payloads == [[{"i": int(j)} for j in row] for row in Iref[:2, :3]]
+        with pytest.raises(InvalidArgument) as unary_refusal:
+            client.search("c", xq[:1], 10, space="s", ef_search=32)
+        with pytest.raises(InvalidArgument) as refusal:
+            stream.search("c", xq[:1], 10, space="s", ef_search=32)
+        assert refusal.value.message.endswith(unary_refusal.value.message)
+        with pytest.raises(InvalidArgument):
+            stream.search("c", xq[:1], 10, space="s")
