@@ -420,10 +420,11 @@ class Client:
         refine stage, ``k_factor`` sets how many candidates (k * k_factor) the refine codes re-rank.
         """
         emb = self._embedded
-        if emb is not None and not funnel:  # in process: straight into the engine
-            x = queries
+        if not funnel:  # the queries as sent, for the engine in process or the request's bytes
+            x: Any = queries  # (query_matrix's own test, inline: a frame less per call on cold caches)
             if type(x) is not np.ndarray or x.dtype != _F32 or x.ndim != 2 or not x.flags.c_contiguous:
                 x = query_matrix(queries)
+        if emb is not None and not funnel:  # in process: straight into the engine
             if (
                 len(x) == 1
                 and type(k) is int
@@ -457,14 +458,11 @@ class Client:
                 route = (r.query_space, r.home_space, r.transform)
                 return SearchResult.from_arrays(res.D, res.ids, res.payloads, route, res.exact, with_payload)
         call: Any = self._points.Search
-        if funnel or type(queries) is not np.ndarray or self._search_bytes is None:
+        if funnel or self._search_bytes is None:
             req: Any = search_request(
                 collection, queries, k, space, ef_search, nprobe, with_payload, shortlist_k, funnel, k_factor
             )
         else:  # search_request's message as bytes: its fields but the queries serialized once (_wire.search_head)
-            x = queries
-            if x.dtype != _F32 or x.ndim != 2 or not x.flags.c_contiguous:
-                x = query_matrix(queries)
             head = search_head(collection, space, k, with_payload, ef_search, nprobe, shortlist_k, k_factor)
             req, call = search_request_bytes(head, x), self._search_bytes
         try:  # (_call, inline)
@@ -951,18 +949,13 @@ class SearchStream:
         if self._error is not None:
             raise self._error
         req: Any
-        if not self._bytes:
-            req = search_request(collection, queries, k, space, ef_search, nprobe, with_payload, k_factor=k_factor)
-        elif type(queries) is np.ndarray:  # as Client.search: the request's bytes (_wire.search_head)
-            x = queries
-            if x.dtype != _F32 or x.ndim != 2 or not x.flags.c_contiguous:
-                x = query_matrix(queries)
-            head = search_head(collection, space, k, with_payload, ef_search, nprobe, None, k_factor)
-            req = search_request_bytes(head, x)
+        if self._bytes:  # as Client.search: the request's bytes (_wire.search_head)
+            x = query_matrix(queries)
+            req = search_request_bytes(
+                search_head(collection, space, k, with_payload, ef_search, nprobe, None, k_factor), x
+            )
         else:
-            req = search_request(
-                collection, queries, k, space, ef_search, nprobe, with_payload, k_factor=k_factor
-            ).SerializeToString()
+            req = search_request(collection, queries, k, space, ef_search, nprobe, with_payload, k_factor=k_factor)
         self._requests.put(req)
         try:
             resp: points_pb2.SearchResponse = next(self._replies)

@@ -135,8 +135,8 @@ def test_searches_through_the_bytes_match_brute_force_and_the_message(served: tu
     client, stubs, xb = served
     xq = make_data(20, D, seed=4)
     Dref, Iref = brute_force(xb, xq, 10)
-    for i in range(len(xq)):  # single queries (the serial path on the server), as (d,), (1, d) and float64
-        for q in (xq[i], xq[i : i + 1], xq[i].astype(np.float64)):
+    for i in range(len(xq)):  # single queries (the serial path on the server): (d,), (1, d), float64, a list
+        for q in (xq[i], xq[i : i + 1], xq[i].astype(np.float64), xq[i].tolist()):
             r = client.search("c", q, 10, space="s")
             assert r.ids[0].tolist() == [f"p{j}" for j in Iref[i]]
             np.testing.assert_allclose(r.scores[0], Dref[i], rtol=1e-5, atol=1e-5)
